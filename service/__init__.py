@@ -1,0 +1,1 @@
+"""Sluice: a self-hosted, OpenAI-compatible Batch API service on Redis Streams."""

@@ -1,0 +1,447 @@
+"""HTTP handlers of the Files and Batches APIs (contract §1 and §4)."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import msgspec
+from aiohttp import BodyPartReader, web
+
+from . import keys, store
+from .config import Settings
+from .errors import APIError, bad_request, not_found
+from .publisher import Publisher
+from .storage import CHUNK, Storage
+from .validation import BOM, MAX_LINE_BYTES
+from .wire import (
+    BATCH_ENDPOINTS, FILE_PURPOSES, TERMINAL_STATUSES, UPLOAD_PURPOSES, Batch, FileDeleted, FileObject, Page,
+    json_encoder,
+)
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", store.Redis)
+STORAGE = web.AppKey("storage", Storage)
+PUBLISHER = web.AppKey("publisher", Publisher)
+OWNER = "sluice.owner"
+
+BATCH_FILE_TTL_S = 30 * 24 * 3600
+MAX_FORM_FIELD_BYTES = 4096
+MAX_JSON_BODY_BYTES = 1024 * 1024
+BATCH_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after")
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    """A JSON response encoded with msgspec."""
+    return web.Response(body=json_encoder.encode(obj), status=status, content_type="application/json")
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"Invalid '{name}': expected an integer, got '{raw[:64]}'.", param=name, code="invalid_type")
+    if not lo <= value <= hi:
+        raise bad_request(f"Invalid '{name}': {value}. It must be between {lo} and {hi}.", param=name, code="invalid_value")
+    return value
+
+
+def _query_after(request: web.Request, prefix: str) -> str | None:
+    after = request.query.get("after")
+    if after is None or after == "":
+        return None
+    if not store.valid_id(after, prefix):
+        raise bad_request(f"Invalid 'after': '{after[:64]}' is not a valid id.", param="after", code="invalid_value")
+    return after
+
+
+def _page(items: list[Any], has_more: bool) -> Page:
+    return Page(
+        data=items, has_more=has_more,
+        first_id=items[0].id if items else None, last_id=items[-1].id if items else None,
+    )
+
+
+# ----------------------------------------------------------------------------- files
+class _FirstLineCheck:
+    """Looks at the first non-blank line of an upload: a batch file must start with a JSON object.
+
+    Only the first line is checked here (as OpenAI does); every line is validated when a batch
+    is created, with line numbers in ``batch.errors``.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.started = False
+        self.verdict: str | None = None  # None until decided; "" when fine, else a message
+
+    def feed(self, chunk: bytes) -> None:
+        if self.verdict is not None:
+            return
+        if not self.started:
+            self.started = True
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
+        self.buf += chunk
+        while self.verdict is None:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > MAX_LINE_BYTES:
+                    self.verdict = f"The first line is longer than {MAX_LINE_BYTES} bytes."
+                return
+            line = bytes(self.buf[:nl])
+            del self.buf[: nl + 1]
+            if line.strip():
+                self.verdict = self._judge(line)
+
+    def finish(self) -> str:
+        """The verdict once the whole upload was fed: "" when acceptable."""
+        if self.verdict is None:
+            self.verdict = self._judge(bytes(self.buf)) if bytes(self.buf).strip() else "The file is empty."
+        return self.verdict
+
+    @staticmethod
+    def _judge(line: bytes) -> str:
+        try:
+            msgspec.json.decode(line.rstrip(b"\r"), type=dict)
+        except msgspec.DecodeError:
+            return "Invalid file format for Batch API. Must be .jsonl (the first line is not a JSON object)."
+        return ""
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_FORM_FIELD_BYTES):
+        data += chunk
+        if len(data) > MAX_FORM_FIELD_BYTES:
+            raise bad_request(f"Form field '{part.name}' is too long.", param=part.name)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise bad_request(f"Form field '{part.name}' is not valid UTF-8.", param=part.name) from None
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    """POST /files: a multipart upload streamed into storage."""
+    settings, r, storage = request.app[SETTINGS], request.app[REDIS], request.app[STORAGE]
+    if not request.content_type.startswith("multipart/form-data"):
+        raise bad_request("Uploads must be sent as multipart/form-data with 'file' and 'purpose' fields.")
+    fields: dict[str, str] = {}
+    stored: tuple[str, int, str, int, _FirstLineCheck] | None = None  # id, seq, filename, size, check
+    try:
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise bad_request("Nested multipart bodies are not supported.")
+                if part.name == "file":
+                    if stored is not None:
+                        raise bad_request("Only one 'file' may be uploaded per request.", param="file")
+                    stored = await _store_upload(r, storage, settings, part, fields.get("purpose"))
+                elif part.name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
+                    fields[part.name] = await _read_field(part)
+                else:
+                    raise bad_request(f"Unrecognized request argument supplied: {part.name}", param=part.name,
+                                      code="unknown_parameter")
+        except (ValueError, AssertionError) as e:
+            # aiohttp signals malformed multipart bodies with these.
+            raise bad_request(f"Malformed multipart body: {e}") from None
+        return json_response(await _finish_upload(r, settings, request[OWNER], fields, stored))
+    except BaseException:
+        if stored is not None:
+            await storage.delete(stored[0])
+        raise
+
+
+async def _store_upload(
+    r: store.Redis, storage: Storage, settings: Settings, part: BodyPartReader, purpose: str | None,
+) -> tuple[str, int, str, int, _FirstLineCheck]:
+    # Before 'purpose' is known only the general cap applies; the batch cap is checked after.
+    limit = settings.max_batch_file_bytes if purpose == "batch" else settings.max_file_bytes
+    file_id, seq = await store.new_id(r, "file-")
+    check = _FirstLineCheck()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        size = 0
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"File is too large: the limit is {limit} bytes.", param="file",
+                               code="file_too_large")
+            check.feed(chunk)
+            yield chunk
+
+    size = await storage.write(file_id, chunks())
+    filename = (part.filename or "upload").replace("/", "_").replace("\\", "_")[:255] or "upload"
+    return file_id, seq, filename, size, check
+
+
+async def _finish_upload(
+    r: store.Redis, settings: Settings, owner: str, fields: dict[str, str],
+    stored: tuple[str, int, str, int, _FirstLineCheck] | None,
+) -> FileObject:
+    purpose = fields.get("purpose")
+    if not purpose:
+        raise bad_request("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+    if purpose not in UPLOAD_PURPOSES:
+        raise bad_request(
+            f"Invalid value for 'purpose': '{purpose[:64]}'. Supported values are: {', '.join(UPLOAD_PURPOSES)}.",
+            param="purpose", code="invalid_value",
+        )
+    if stored is None:
+        raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    file_id, seq, filename, size, check = stored
+    created = store.now()
+    expires_at = created + BATCH_FILE_TTL_S if purpose == "batch" else None
+    if "expires_after[anchor]" in fields or "expires_after[seconds]" in fields:
+        expires_at = created + _expires_after_seconds(
+            fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"), "expires_after",
+        )
+    if purpose == "batch":
+        if size > settings.max_batch_file_bytes:
+            raise APIError(413, f"Batch input files are limited to {settings.max_batch_file_bytes} bytes.",
+                           param="file", code="file_too_large")
+        verdict = check.finish()
+        if verdict:
+            raise bad_request(verdict, param="file", code="invalid_file_format")
+    return await store.create_file(
+        r, owner=owner, file_id=file_id, seq=seq, filename=filename, purpose=purpose, size=size,
+        storage_key=file_id, expires_at=expires_at, created_at=created,
+    )
+
+
+def _expires_after_seconds(anchor: Any, seconds: Any, param: str) -> int:
+    if anchor != "created_at":
+        raise bad_request("Invalid value for 'anchor': only 'created_at' is supported.", param=f"{param}.anchor",
+                          code="invalid_value")
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        raise bad_request("'seconds' must be an integer.", param=f"{param}.seconds", code="invalid_type") from None
+    if isinstance(seconds, bool) or not 3600 <= value <= 2592000:
+        raise bad_request("'seconds' must be between 3600 and 2592000.", param=f"{param}.seconds",
+                          code="invalid_value")
+    return value
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """GET /files: the token's files, newest first unless order=asc."""
+    r = request.app[REDIS]
+    owner = request[OWNER]
+    purpose = request.query.get("purpose") or None
+    if purpose is not None and purpose not in FILE_PURPOSES:
+        raise bad_request(f"Invalid value for 'purpose': '{purpose[:64]}'.", param="purpose", code="invalid_value")
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request("Invalid value for 'order': must be 'asc' or 'desc'.", param="order", code="invalid_value")
+    limit = _query_int(request, "limit", 10000, 1, 10000)
+    after = _query_after(request, "file-")
+    ids, has_more = await store.page(r, keys.owner_files(owner, purpose), after=after, limit=limit,
+                                     desc=order == "desc")
+    pipe = r.pipeline(transaction=False)
+    for file_id in ids:
+        pipe.hgetall(keys.file(file_id))
+    records = [store._str(h) for h in await pipe.execute() if h]
+    return json_response(_page([store.file_from_record(h) for h in records], has_more))
+
+
+async def _owned_file(request: web.Request) -> dict[str, str]:
+    file_id = request.match_info["file_id"]
+    h = await store.get_file_record(request.app[REDIS], request[OWNER], file_id)
+    if h is None:
+        raise not_found("File", file_id, param="file_id")
+    return h
+
+
+async def retrieve_file(request: web.Request) -> web.Response:
+    """GET /files/{file_id}."""
+    return json_response(store.file_from_record(await _owned_file(request)))
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    """DELETE /files/{file_id}: the content stays while an unfinished batch still reads it."""
+    h = await _owned_file(request)
+    if await store.delete_file_record(request.app[REDIS], h):
+        await request.app[STORAGE].delete(h["storage_key"])
+    return json_response(FileDeleted(id=h["id"]))
+
+
+async def file_content(request: web.Request) -> web.StreamResponse:
+    """GET /files/{file_id}/content: the raw bytes, streamed from storage."""
+    h = await _owned_file(request)
+    chunks = request.app[STORAGE].read(h["storage_key"])
+    try:
+        first = await anext(chunks, b"")
+    except FileNotFoundError:
+        raise not_found("File", h["id"], param="file_id") from None
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="{h["filename"]}"',
+    })
+    response.content_length = int(h["bytes"])
+    await response.prepare(request)
+    await response.write(first)
+    async for chunk in chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+# ----------------------------------------------------------------------------- batches
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 that says what is wrong."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY_BYTES:
+        raise APIError(413, f"Request body is larger than {MAX_JSON_BODY_BYTES} bytes.", code="request_too_large")
+    body = await request.content.read(MAX_JSON_BODY_BYTES + 1)
+    if len(body) > MAX_JSON_BODY_BYTES:
+        raise APIError(413, f"Request body is larger than {MAX_JSON_BODY_BYTES} bytes.", code="request_too_large")
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise bad_request("We could not parse the JSON body of your request. The body must be a JSON object.",
+                          code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return value
+
+
+def _required_str(body: dict[str, Any], name: str) -> str:
+    if name not in body or body[name] is None:
+        raise bad_request(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad_request(f"Invalid type for '{name}': expected a string, but got {_json_type(value)} instead.",
+                          param=name, code="invalid_type")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string", type(None): "null"}.get(type(value), "a value")
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request(f"Invalid type for 'metadata': expected an object, but got {_json_type(value)} instead.",
+                          param="metadata", code="invalid_type")
+    if len(value) > 16:
+        raise bad_request("Invalid 'metadata': at most 16 key-value pairs are allowed.", param="metadata",
+                          code="invalid_value")
+    for k, v in value.items():
+        if len(k) > 64:
+            raise bad_request(f"Invalid 'metadata': key '{k[:64]}...' is longer than 64 characters.",
+                              param="metadata", code="invalid_value")
+        if not isinstance(v, str):
+            raise bad_request(
+                f"Invalid type for 'metadata.{k}': expected a string, but got {_json_type(v)} instead.",
+                param=f"metadata.{k}", code="invalid_type",
+            )
+        if len(v) > 512:
+            raise bad_request(f"Invalid 'metadata.{k}': values are limited to 512 characters.",
+                              param=f"metadata.{k}", code="invalid_value")
+    return value
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    """POST /batches: validate the parameters, record the batch and queue it for validation."""
+    settings, r = request.app[SETTINGS], request.app[REDIS]
+    owner = request[OWNER]
+    body = await read_json_object(request)
+    for name in body:
+        if name not in BATCH_CREATE_FIELDS:
+            raise bad_request(f"Unrecognized request argument supplied: {name[:64]}", param=name[:64],
+                              code="unknown_parameter")
+    input_file_id = _required_str(body, "input_file_id")
+    endpoint = _required_str(body, "endpoint")
+    if endpoint not in BATCH_ENDPOINTS:
+        raise bad_request(f"Invalid value: '{endpoint[:64]}'. Supported values are: {', '.join(BATCH_ENDPOINTS)}.",
+                          param="endpoint", code="invalid_value")
+    window = _required_str(body, "completion_window")
+    if window != "24h":
+        raise bad_request(f"Invalid value for 'completion_window': '{window[:64]}'. Supported values are: '24h'.",
+                          param="completion_window", code="invalid_value")
+    metadata = _metadata(body.get("metadata"))
+    output_expires_after = None
+    if body.get("output_expires_after") is not None:
+        oea = body["output_expires_after"]
+        if not isinstance(oea, dict):
+            raise bad_request("Invalid type for 'output_expires_after': expected an object.",
+                              param="output_expires_after", code="invalid_type")
+        output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
+    file = await store.get_file_record(r, owner, input_file_id)
+    if file is None:
+        raise not_found("File", input_file_id, param="input_file_id")
+    if file["purpose"] != "batch":
+        raise bad_request(f"File {input_file_id} has purpose '{file['purpose']}'; batch input files must have "
+                          "purpose 'batch'.", param="input_file_id", code="invalid_value")
+    batch_id, seq = await store.new_id(r, "batch_")
+    record = await store.create_batch(
+        r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint, input_file_id=input_file_id,
+        input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
+        metadata=metadata, output_expires_after=output_expires_after,
+    )
+    request.app[PUBLISHER].wake.set()
+    return json_response(store.batch_from_record(record))
+
+
+async def _owned_batch(request: web.Request) -> dict[str, str]:
+    batch_id = request.match_info["batch_id"]
+    h = await store.get_owned_batch(request.app[REDIS], request[OWNER], batch_id)
+    if h is None:
+        raise not_found("Batch", batch_id, param="batch_id")
+    return h
+
+
+async def retrieve_batch(request: web.Request) -> web.Response:
+    """GET /batches/{batch_id}."""
+    return json_response(store.batch_from_record(await _owned_batch(request)))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    """GET /batches: the token's batches, newest first."""
+    r = request.app[REDIS]
+    limit = _query_int(request, "limit", 20, 1, 100)
+    after = _query_after(request, "batch_")
+    ids, has_more = await store.page(r, keys.owner_batches(request[OWNER]), after=after, limit=limit, desc=True)
+    pipe = r.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.hgetall(keys.batch(batch_id))
+    batches: list[Batch] = [store.batch_from_record(store._str(h)) for h in await pipe.execute() if h]
+    return json_response(_page(batches, has_more))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    """POST /batches/{batch_id}/cancel: stop sending lines; the finalizer writes partial results."""
+    r = request.app[REDIS]
+    h = await _owned_batch(request)
+    applied, before = await store.transition(
+        r, h["id"], allowed=["validating", "in_progress"],
+        fields={"status": "cancelling", "cancelling_at": store.now(), "abort": "batch_cancelled"},
+        remove_from=[keys.ACTIVE_BATCHES],
+    )
+    if not applied and before not in ("cancelling", "cancelled"):
+        raise APIError(409, f"Cannot cancel a batch with status '{before}'.")
+    if applied and before == "validating":
+        request.app[PUBLISHER].wake.set()
+    return json_response(store.batch_from_record(await _owned_batch(request)))
+
+
+def add_routes(app: web.Application) -> None:
+    """The API under /v1 and on the bare paths."""
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/files", upload_file)
+        app.router.add_get(f"{prefix}/files", list_files)
+        app.router.add_get(f"{prefix}/files/{{file_id}}", retrieve_file)
+        app.router.add_delete(f"{prefix}/files/{{file_id}}", delete_file)
+        app.router.add_get(f"{prefix}/files/{{file_id}}/content", file_content)
+        app.router.add_post(f"{prefix}/batches", create_batch)
+        app.router.add_get(f"{prefix}/batches", list_batches)
+        app.router.add_get(f"{prefix}/batches/{{batch_id}}", retrieve_batch)
+        app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch)
+
+
+__all__ = ["add_routes", "SETTINGS", "REDIS", "STORAGE", "PUBLISHER", "OWNER", "TERMINAL_STATUSES"]

@@ -1,0 +1,84 @@
+"""The ``sluice`` command: one subcommand per process type, plus ``up`` for the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as e:
+        print(f"sluice: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _web(args: argparse.Namespace) -> None:
+    from .log import configure_logging
+    from .web import run
+
+    settings = _settings()
+    configure_logging(settings.log_level, process="web")
+    if not settings.api_tokens:
+        print("sluice: SLUICE_API_TOKENS is empty; set at least one API token", file=sys.stderr)
+        raise SystemExit(2)
+    run(settings)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from workers.worker import run
+
+    settings = _settings()
+    if not settings.upstream_url:
+        print("sluice: SLUICE_UPSTREAM_URL is empty; set the provider's base URL", file=sys.stderr)
+        raise SystemExit(2)
+    run(settings)
+
+
+def _finalizer(args: argparse.Namespace) -> None:
+    from workers.finalizer import run
+
+    run(_settings())
+
+
+def _mock_provider(args: argparse.Namespace) -> None:
+    from .mock_provider import run
+
+    run(args.port, host=args.host, latency_ms=args.latency_ms, error_rate=args.error_rate, seed=args.seed)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from .up import run
+
+    run(_settings())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sluice`` command."""
+    parser = argparse.ArgumentParser(prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("web", help="serve the Files and Batches APIs on $PORT").set_defaults(func=_web)
+    sub.add_parser("worker", help="call the provider for queued request lines").set_defaults(func=_worker)
+    sub.add_parser("finalizer", help="write result files and end batches").set_defaults(func=_finalizer)
+    sub.add_parser("up", help="run the whole stack locally (embedded Redis and mock provider)").set_defaults(func=_up)
+    mock = sub.add_parser("mock-provider", help="run a fake OpenAI-compatible upstream")
+    mock.add_argument("--port", type=int, default=8001)
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument("--error-rate", type=float, default=0.0)
+    mock.add_argument("--seed", type=int, default=None)
+    mock.set_defaults(func=_mock_provider)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sluice`` console script."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

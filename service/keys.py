@@ -1,0 +1,69 @@
+"""Every Redis key Sluice uses, in one place.
+
+Keys that belong to one batch carry the batch id in a hash tag (``{batch_...}``) so that the
+Lua scripts touching several of them stay within one cluster slot.
+"""
+
+PREFIX = "sluice"
+
+# Consumer group of the workers on every batch's lines stream.
+WORKER_GROUP = "workers"
+
+# Monotonic counter giving every file and batch a sort position (created_at has 1 s resolution).
+SEQ = f"{PREFIX}:seq"
+
+# Batch ids whose lines workers may read (in_progress and not aborting).
+ACTIVE_BATCHES = f"{PREFIX}:batches:active"
+# Batch ids the finalizer watches (every batch between validation and a terminal state).
+LIVE_BATCHES = f"{PREFIX}:batches:live"
+# Batch ids waiting for validation and publishing, scored by the time their lease ends.
+PENDING_VALIDATION = f"{PREFIX}:batches:validating"
+
+# Lock that makes one finalizer the active one.
+FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
+
+
+def file(file_id: str) -> str:
+    """Hash with a file's metadata."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_refs(file_id: str) -> str:
+    """Set of unfinished batches reading this file; its content outlives a delete until empty."""
+    return f"{PREFIX}:file:{file_id}:refs"
+
+
+def owner_files(owner: str, purpose: str | None = None) -> str:
+    """Sorted set of an owner's file ids (all, or of one purpose), scored by creation sequence."""
+    base = f"{PREFIX}:owner:{owner}:files"
+    return base if purpose is None else f"{base}:{purpose}"
+
+
+def owner_batches(owner: str) -> str:
+    """Sorted set of an owner's batch ids, scored by creation sequence."""
+    return f"{PREFIX}:owner:{owner}:batches"
+
+
+def batch(batch_id: str) -> str:
+    """Hash with a batch's state, timestamps and counters."""
+    return f"{PREFIX}:{{{batch_id}}}:batch"
+
+
+def lines(batch_id: str) -> str:
+    """Stream of the batch's request lines, read by the worker group."""
+    return f"{PREFIX}:{{{batch_id}}}:lines"
+
+
+def results(batch_id: str) -> str:
+    """Stream of recorded results, drained by the finalizer into the output and error files."""
+    return f"{PREFIX}:{{{batch_id}}}:results"
+
+
+def done(batch_id: str) -> str:
+    """Bitmap: bit i is set once line i has a recorded result (the exactly-once guard)."""
+    return f"{PREFIX}:{{{batch_id}}}:done"
+
+
+def work_keys(batch_id: str) -> tuple[str, ...]:
+    """The keys that only matter while a batch runs; deleted when it ends."""
+    return (lines(batch_id), results(batch_id), done(batch_id))

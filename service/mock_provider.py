@@ -1,0 +1,406 @@
+"""A fake OpenAI-compatible upstream for tests, the local demo and benchmarks.
+
+Every answer is derived deterministically from the request body (the same body
+always yields the same id, text, embedding and token counts), so tests can
+predict batch output without a real model.  Faults can be injected globally
+(``latency_ms``, ``error_rate``) or per request through extra body fields that
+a real provider would ignore:
+
+* ``"mock_status": <int>``: answer with that status and an OpenAI-style error
+  body (``code: "mock_error"``; 429 also carries ``Retry-After: 1``).  A value
+  of 200 forces success, bypassing the global ``error_rate``.
+* ``"mock_latency_ms": <number>``: sleep this long instead of the global latency.
+
+``GET /_mock/stats`` and ``POST /_mock/reset`` expose counters (requests,
+in-flight and peak concurrency, statuses, Authorization values, paths) so tests
+can observe what reached the upstream.
+
+Run standalone with ``sluice mock-provider --port 8001``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+import signal
+import struct
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+__all__ = ["create_app", "run"]
+
+_EMBEDDING_DIMS = 8
+_BASE_CREATED = 1_700_000_000
+
+# An answer before serialisation: status, JSON-able body, extra headers.
+_Answer = tuple[int, Any, dict[str, str]]
+_Builder = Callable[[dict[str, Any], str], Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _as_text(value: Any) -> str:
+    """Flatten any JSON value to a string so structured content still echoes deterministically."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return msgspec.json.encode(value).decode()
+
+
+def _tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def _created(digest: str) -> int:
+    # Varies per body but is stable, so ids and timestamps both repeat for repeated requests.
+    return _BASE_CREATED + int(digest[:8], 16) % 1_000_000
+
+
+def _error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    if status == 401:
+        return "authentication_error"
+    return "invalid_request_error"
+
+
+def _bad_request(message: str, param: str | None = None) -> _Answer:
+    return 400, _error_body(message, type="invalid_request_error", param=param, code=None), {}
+
+
+def _fault(status: int, message: str, code: str) -> _Answer:
+    headers = {"Retry-After": "1"} if status == 429 else {}
+    return status, _error_body(message, type=_error_type(status), code=code), headers
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; ``"mock_latency_ms": true`` is a caller bug, not 1 ms.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------- answers
+def _chat_completion(body: dict[str, Any], digest: str) -> dict[str, Any]:
+    messages = body.get("messages")
+    prompt = ""
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        prompt = _as_text(last.get("content") if isinstance(last, dict) else last)
+    text = "echo: " + prompt
+    prompt_tokens, completion_tokens = _tokens(prompt), _tokens(text)
+    return {
+        "id": f"chatcmpl-{digest[:16]}",
+        "object": "chat.completion",
+        "created": _created(digest),
+        "model": body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "system_fingerprint": None,
+    }
+
+
+def _completion(body: dict[str, Any], digest: str) -> dict[str, Any]:
+    prompt_value = body.get("prompt")
+    if isinstance(prompt_value, list) and all(isinstance(p, str) for p in prompt_value):
+        prompt = "\n".join(prompt_value)
+    else:
+        prompt = _as_text(prompt_value)
+    text = "echo: " + prompt
+    prompt_tokens, completion_tokens = _tokens(prompt), _tokens(text)
+    return {
+        "id": f"cmpl-{digest[:16]}",
+        "object": "text_completion",
+        "created": _created(digest),
+        "model": body["model"],
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "system_fingerprint": None,
+    }
+
+
+def _embedding_inputs(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        # As in the OpenAI API, a flat list of token ids is one input, not many.
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [value]
+        return list(value)
+    return [value]
+
+
+def _embedding_vector(item: Any) -> list[float]:
+    raw = item.encode() if isinstance(item, str) else msgspec.json.encode(item)
+    digest = hashlib.sha256(raw).digest()
+    words = struct.unpack(f">{_EMBEDDING_DIMS}I", digest[: 4 * _EMBEDDING_DIMS])
+    # Round-trip through float32 so the float and base64 encodings carry identical values.
+    vector = [w / 2**31 - 1.0 for w in words]
+    return list(struct.unpack(f"<{_EMBEDDING_DIMS}f", struct.pack(f"<{_EMBEDDING_DIMS}f", *vector)))
+
+
+def _embeddings(body: dict[str, Any], digest: str) -> dict[str, Any]:
+    items = _embedding_inputs(body.get("input"))
+    # The openai SDK asks for base64 by default and decodes it client-side.
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, item in enumerate(items):
+        vector = _embedding_vector(item)
+        embedding: Any = vector
+        if as_base64:
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    prompt_tokens = sum(len(i) if isinstance(i, list) else _tokens(_as_text(i)) for i in items)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def _content_text(content: Any) -> str:
+    # Responses input content is either a string or a list of typed parts with "text".
+    if isinstance(content, list) and content and all(isinstance(p, dict) and "text" in p for p in content):
+        return "".join(_as_text(p["text"]) for p in content)
+    return _as_text(content)
+
+
+def _response(body: dict[str, Any], digest: str) -> dict[str, Any]:
+    value = body.get("input")
+    if isinstance(value, list):
+        last = value[-1] if value else None
+        prompt = _content_text(last.get("content") if isinstance(last, dict) else last)
+    else:
+        prompt = _as_text(value)
+    text = "echo: " + prompt
+    input_tokens, output_tokens = _tokens(prompt), _tokens(text)
+    return {
+        "id": f"resp_{digest[:16]}",
+        "object": "response",
+        "created_at": _created(digest),
+        "status": "completed",
+        "model": body["model"],
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_{digest[16:32]}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "error": None,
+        "incomplete_details": None,
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }
+
+
+def _moderation(body: dict[str, Any], digest: str) -> dict[str, Any]:
+    value = body.get("input")
+    count = len(value) if isinstance(value, list) and value else 1
+    return {
+        "id": f"modr-{digest[:16]}",
+        "model": body["model"],
+        "results": [{"flagged": False, "categories": {}, "category_scores": {}} for _ in range(count)],
+    }
+
+
+_ENDPOINTS: dict[str, _Builder] = {
+    "/v1/chat/completions": _chat_completion,
+    "/v1/completions": _completion,
+    "/v1/embeddings": _embeddings,
+    "/v1/responses": _response,
+    "/v1/moderations": _moderation,
+}
+
+
+# ----------------------------------------------------------------------------- server
+class _MockProvider:
+    """Holds the fault settings and the counters behind /_mock/stats."""
+
+    def __init__(self, latency_ms: float, error_rate: float, seed: int | None) -> None:
+        self.latency_ms = latency_ms
+        self.error_rate = error_rate
+        self.rng = random.Random(seed)
+        self.in_flight = 0
+        self._zero()
+
+    def _zero(self) -> None:
+        self.requests = 0
+        self.max_in_flight = self.in_flight
+        self.by_status: Counter[str] = Counter()
+        self.authorization: set[str] = set()
+        self.paths: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "by_status": dict(self.by_status),
+            "authorization": sorted(self.authorization),
+            "paths": dict(self.paths),
+        }
+
+    def handler(self, build: _Builder) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.requests += 1
+            self.paths[request.path] += 1
+            auth = request.headers.get("Authorization")
+            if auth is not None:
+                self.authorization.add(auth)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                status, payload, headers = await self._answer(request, build)
+                self.by_status[str(status)] += 1
+                response = web.Response(
+                    status=status,
+                    body=msgspec.json.encode(payload),
+                    content_type="application/json",
+                    headers=headers,
+                )
+                response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+                # Count the request as in flight until its headers are ready, as the spec
+                # for /_mock/stats promises; aiohttp then sends the body after we return.
+                await response.prepare(request)
+                return response
+            finally:
+                self.in_flight -= 1
+
+        return handle
+
+    async def _answer(self, request: web.Request, build: _Builder) -> _Answer:
+        raw = await request.read()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            body = None
+
+        latency_ms: Any = self.latency_ms
+        if isinstance(body, dict) and "mock_latency_ms" in body:
+            latency_ms = body["mock_latency_ms"]
+            if not _is_number(latency_ms) or latency_ms < 0:
+                return _bad_request("mock_latency_ms must be a non-negative number", "mock_latency_ms")
+        if latency_ms > 0:
+            await asyncio.sleep(latency_ms / 1000)
+
+        if not isinstance(body, dict):
+            return _bad_request("The request body must be a JSON object.")
+
+        forced = body.get("mock_status")
+        if forced is not None:
+            if not isinstance(forced, int) or isinstance(forced, bool) or not (forced == 200 or 400 <= forced <= 599):
+                return _bad_request("mock_status must be 200 or an integer in 400..599", "mock_status")
+
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _bad_request("you must provide a model parameter", "model")
+
+        if forced is not None and forced != 200:
+            return _fault(forced, f"mock_status {forced} requested", "mock_error")
+        if forced is None and self.error_rate > 0:
+            # One draw per request keeps the fault sequence reproducible for a given seed.
+            draw = self.rng.random()
+            if draw < self.error_rate / 2:
+                return _fault(429, "Rate limit reached (injected by mock provider)", "rate_limit_exceeded")
+            if draw < self.error_rate:
+                return _fault(500, "The server had an error (injected by mock provider)", "mock_error")
+
+        digest = hashlib.sha256(raw).hexdigest()
+        return 200, build(body, digest), {}
+
+    async def stats_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats(), dumps=lambda o: msgspec.json.encode(o).decode())
+
+    async def reset_handler(self, request: web.Request) -> web.Response:
+        self._zero()
+        return await self.stats_handler(request)
+
+
+def create_app(*, latency_ms: float = 0.0, error_rate: float = 0.0, seed: int | None = None) -> web.Application:
+    """Build the mock provider application.
+
+    ``latency_ms`` delays every API answer (concurrently, via ``asyncio.sleep``);
+    ``error_rate`` is the probability that an API request fails, half of the
+    failures as 429 with ``Retry-After: 1`` and half as 500, drawn from
+    ``random.Random(seed)``.  Raises ``ValueError`` for out-of-range settings.
+    """
+    if latency_ms < 0:
+        raise ValueError("latency_ms must be >= 0")
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError("error_rate must be within [0, 1]")
+    provider = _MockProvider(latency_ms, error_rate, seed)
+    app = web.Application()
+    for path, build in _ENDPOINTS.items():
+        handle = provider.handler(build)
+        app.router.add_post(path, handle)
+        app.router.add_post(path.removeprefix("/v1"), handle)
+    for method in ("GET", "POST"):
+        app.router.add_route(method, "/_mock/stats", provider.stats_handler)
+        app.router.add_route(method, "/_mock/reset", provider.reset_handler)
+    return app
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, shutdown_timeout=2.0, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        # With port 0 the OS picks the port; report the real one so callers can connect.
+        bound_port = runner.addresses[0][1] if runner.addresses else port
+        print(f"mock provider listening on http://{host}:{bound_port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    latency_ms: float = 0.0,
+    error_rate: float = 0.0,
+    seed: int | None = None,
+) -> None:
+    """Serve the mock provider on ``host:port`` until SIGINT or SIGTERM, then return.
+
+    Prints ``mock provider listening on http://host:port`` (with the bound port
+    when ``port`` is 0) once the socket is accepting connections.
+    """
+    app = create_app(latency_ms=latency_ms, error_rate=error_rate, seed=seed)
+    asyncio.run(_serve(app, host, port))

@@ -1,0 +1,201 @@
+"""Validation and publishing of batches, run inside every web process.
+
+A new batch is queued in ``keys.PENDING_VALIDATION``. Any web process claims it with a lease,
+validates every line (nothing runs before the whole file is valid), moves it to
+``in_progress`` and publishes its lines into the batch's stream. Stream entry ids are
+``0-<line index + 1>``, so a process that takes over an expired lease resumes publishing where
+the previous one stopped without duplicating a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import structlog
+from redis.exceptions import ResponseError
+
+from . import keys, store
+from .config import Settings
+from .storage import Storage
+from .validation import check_line, duplicate_error, empty_error, iter_lines, too_many_error
+from .wire import TERMINAL_STATUSES, BatchError
+
+log = structlog.get_logger("sluice.publisher")
+
+PUBLISH_CHUNK = 500
+# Errors kept on a failed batch; a file with a million bad lines does not need a million entries.
+MAX_REPORTED_ERRORS = 1000
+
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #ids == 0 then return false end
+redis.call('ZADD', KEYS[1], ARGV[2], ids[1])
+return ids[1]
+"""
+
+
+class Publisher:
+    """Claims pending batches, validates them and publishes their lines."""
+
+    def __init__(self, r: store.Redis, storage: Storage, settings: Settings) -> None:
+        self.r = r
+        self.storage = storage
+        self.settings = settings
+        self.wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
+        while not stop.is_set():
+            try:
+                batch_id = await self._claim()
+                if batch_id is None:
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                await self.process(batch_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("publisher_error")
+                await asyncio.sleep(1.0)
+
+    async def _claim(self) -> str | None:
+        now = time.time()
+        got = await self.r.eval(_CLAIM, 1, keys.PENDING_VALIDATION, now, now + self.settings.lease_s)
+        return got.decode() if got else None
+
+    async def _renew(self, batch_id: str) -> None:
+        await self.r.zadd(keys.PENDING_VALIDATION, {batch_id: time.time() + self.settings.lease_s}, xx=True)
+
+    async def process(self, batch_id: str) -> None:
+        """Validate and publish one claimed batch, or resume publishing it."""
+        h = await store.get_batch_record(self.r, batch_id)
+        bound = log.bind(batch_id=batch_id)
+        if h is None or h["status"] in TERMINAL_STATUSES:
+            await self.r.zrem(keys.PENDING_VALIDATION, batch_id)
+            return
+        if h["status"] == "validating":
+            started = time.monotonic()
+            total, model, errors = await self._validate(h)
+            bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3))
+            if errors:
+                await self._fail(h, errors)
+                return
+            if not await self._start(h, total, model):
+                return
+        elif h["status"] == "cancelling" and not h.get("in_progress_at"):
+            await self._cancel_unstarted(h)
+            return
+        await self._publish(h)
+        await self.r.zrem(keys.PENDING_VALIDATION, batch_id)
+
+    async def _validate(self, h: dict[str, str]) -> tuple[int, str, list[BatchError]]:
+        limit = self.settings.max_batch_lines
+        errors: list[BatchError] = []
+        seen: set[str] = set()
+        total = 0
+        model = ""
+        try:
+            async for line in iter_lines(self.storage, h["input_key"]):
+                total += 1
+                if total > limit:
+                    errors.append(too_many_error(limit))
+                    break
+                result = check_line(line, h["endpoint"])
+                if isinstance(result, BatchError):
+                    errors.append(result)
+                elif result.custom_id in seen:
+                    errors.append(duplicate_error(line.number))
+                else:
+                    seen.add(result.custom_id)
+                    model = model or result.model
+                if total % 5000 == 0:
+                    await self._renew(h["id"])
+        except FileNotFoundError:
+            return 0, "", [BatchError(
+                code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
+            )]
+        if total == 0:
+            errors.append(empty_error())
+        return total, model, errors[:MAX_REPORTED_ERRORS]
+
+    async def _fail(self, h: dict[str, str], errors: list[BatchError]) -> None:
+        now = store.now()
+        encoded = msgspec.json.encode(errors).decode()
+        applied, before = await store.transition(
+            self.r, h["id"], allowed=["validating"],
+            fields={"status": "failed", "failed_at": now, "errors": encoded},
+        )
+        if not applied and before == "cancelling":
+            await self._cancel_unstarted(h)
+            return
+        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
+        await store.release_input(self.r, self.storage, h)
+
+    async def _cancel_unstarted(self, h: dict[str, str]) -> None:
+        # Cancelled before any line was published: nothing ran, so there is nothing to drain.
+        await store.transition(
+            self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
+        )
+        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
+        await store.release_input(self.r, self.storage, h)
+
+    async def _start(self, h: dict[str, str], total: int, model: str) -> bool:
+        batch_id = h["id"]
+        for stream, group in ((keys.lines(batch_id), keys.WORKER_GROUP), (keys.results(batch_id), "finalizer")):
+            try:
+                await self.r.xgroup_create(stream, group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        applied, before = await store.transition(
+            self.r, batch_id, allowed=["validating"],
+            fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model},
+            add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES],
+        )
+        if applied:
+            return True
+        if before == "cancelling":
+            await self.r.delete(*keys.work_keys(batch_id))
+            await self._cancel_unstarted(h)
+        return False
+
+    async def _publish(self, h: dict[str, str]) -> None:
+        batch_id = h["id"]
+        stream = keys.lines(batch_id)
+        try:
+            info = await self.r.xinfo_stream(stream)
+        except ResponseError:
+            return  # the stream is gone: the batch already ended
+        last = info["last-generated-id"]
+        published = int((last.decode() if isinstance(last, bytes) else last).split("-")[1])
+        index = 0
+        pipe = self.r.pipeline(transaction=False)
+        queued = 0
+        async for line in iter_lines(self.storage, h["input_key"]):
+            index += 1
+            if index <= published:
+                continue
+            request = check_line(line, h["endpoint"])
+            assert not isinstance(request, BatchError), "validated lines cannot turn invalid"
+            # NOMKSTREAM: a batch that ended meanwhile must not get its stream back.
+            pipe.xadd(stream, {"c": request.custom_id, "b": request.body}, id=f"0-{index}", nomkstream=True)
+            queued += 1
+            if queued >= PUBLISH_CHUNK:
+                if not await self._flush(pipe, batch_id):
+                    return
+                queued = 0
+        if queued:
+            await self._flush(pipe, batch_id)
+        log.info("published", batch_id=batch_id, lines=index)
+
+    async def _flush(self, pipe, batch_id: str) -> bool:
+        pipe.hget(keys.batch(batch_id), "status")
+        *_, status = await pipe.execute()
+        await self._renew(batch_id)
+        return status is not None and status.decode() not in TERMINAL_STATUSES

@@ -1,0 +1,51 @@
+"""Building the lines of output and error files (contract §6)."""
+
+from __future__ import annotations
+
+import secrets
+
+import msgspec
+
+from .wire import ResultError, ResultLine, ResultResponse, json_encoder
+
+ABORT_MESSAGES = {
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+
+def result_id() -> str:
+    """A fresh ``batch_req_`` id for one result line."""
+    return f"batch_req_{secrets.token_hex(12)}"
+
+
+def json_body(data: bytes) -> msgspec.Raw | None:
+    """``data`` as a single-line JSON value to embed verbatim, or None when it is not JSON."""
+    try:
+        msgspec.json.decode(data, type=msgspec.Raw)
+    except msgspec.DecodeError:
+        return None
+    if b"\n" in data or b"\r" in data:
+        # A pretty-printed answer would break the one-line-per-result format.
+        return msgspec.Raw(json_encoder.encode(msgspec.json.decode(data)))
+    return msgspec.Raw(data)
+
+
+def response_line(custom_id: str, status: int, request_id: str, body: msgspec.Raw) -> bytes:
+    """A result carrying the provider's HTTP answer."""
+    return json_encoder.encode(ResultLine(
+        id=result_id(), custom_id=custom_id,
+        response=ResultResponse(status_code=status, request_id=request_id, body=body), error=None,
+    ))
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """A result for a request that got no HTTP answer (transport failure, cancel, expiry)."""
+    return json_encoder.encode(ResultLine(
+        id=result_id(), custom_id=custom_id, response=None, error=ResultError(code=code, message=message),
+    ))
+
+
+def abort_line(custom_id: str, reason: str) -> bytes:
+    """The error-file line for a request that never ran because its batch was cancelled or expired."""
+    return error_line(custom_id, reason, ABORT_MESSAGES.get(reason, reason))

@@ -1,0 +1,289 @@
+"""File and batch metadata in Redis, and the atomic scripts that move batches between states.
+
+Metadata lives in Redis hashes so that every process (web, workers, finalizer, on any host)
+sees the same state; file *contents* live in ``storage``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from typing import Iterable
+
+import msgspec
+import redis.asyncio as aioredis
+
+from . import keys
+from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
+
+Redis = aioredis.Redis
+
+# Ids embed the creation sequence so that a deleted id still works as a list cursor.
+_ID = re.compile(r"^(file-|batch_)([0-9a-f]{12})([0-9a-f]{12})$")
+
+_TIMESTAMPS = (
+    "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
+    "expired_at", "cancelling_at", "cancelled_at",
+)
+
+
+def now() -> int:
+    """Unix time in whole seconds, as every ``*_at`` field carries it."""
+    return int(time.time())
+
+
+def owner_of(token: str) -> str:
+    """The owner id for an API token: a hash, so tokens are never stored."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+async def new_id(r: Redis, prefix: str) -> tuple[str, int]:
+    """A fresh ``file-``/``batch_`` id and its sequence number."""
+    seq = await r.incr(keys.SEQ)
+    return f"{prefix}{seq:012x}{secrets.token_hex(6)}", seq
+
+
+def seq_of(object_id: str) -> int | None:
+    """The sequence number inside an id Sluice generated, or None for anything else."""
+    m = _ID.match(object_id)
+    return int(m.group(2), 16) if m else None
+
+
+def valid_id(object_id: str, prefix: str) -> bool:
+    """True when ``object_id`` has the shape of a Sluice id with ``prefix``."""
+    m = _ID.match(object_id)
+    return bool(m) and m.group(1) == prefix
+
+
+def _str(h: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in h.items()}
+
+
+# ----------------------------------------------------------------------------- files
+async def create_file(
+    r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
+    size: int, storage_key: str, expires_at: int | None, created_at: int | None = None,
+    pipe: aioredis.client.Pipeline | None = None,
+) -> FileObject:
+    """Record a stored file's metadata and index it for its owner."""
+    created = created_at or now()
+    record = {
+        "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
+        "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "",
+    }
+    p = pipe if pipe is not None else r.pipeline(transaction=True)
+    p.hset(keys.file(file_id), mapping=record)
+    p.zadd(keys.owner_files(owner), {file_id: seq})
+    p.zadd(keys.owner_files(owner, purpose), {file_id: seq})
+    if pipe is None:
+        await p.execute()
+    return file_from_record(_str({k.encode(): str(v).encode() for k, v in record.items()}))
+
+
+def file_from_record(h: dict[str, str]) -> FileObject:
+    """The wire object for a file's metadata hash."""
+    return FileObject(
+        id=h["id"], bytes=int(h["bytes"]), created_at=int(h["created_at"]), filename=h["filename"],
+        purpose=h["purpose"], expires_at=int(h["expires_at"]) if h.get("expires_at") else None,
+    )
+
+
+async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] | None:
+    """The metadata hash of ``file_id`` if ``owner`` may see it."""
+    if not valid_id(file_id, "file-"):
+        return None
+    h = _str(await r.hgetall(keys.file(file_id)))
+    if not h or h.get("owner") != owner:
+        return None
+    return h
+
+
+async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
+    """Forget a file's metadata; return True when its content is no longer needed by any batch."""
+    p = r.pipeline(transaction=True)
+    p.delete(keys.file(h["id"]))
+    p.zrem(keys.owner_files(h["owner"]), h["id"])
+    p.zrem(keys.owner_files(h["owner"], h["purpose"]), h["id"])
+    p.scard(keys.file_refs(h["id"]))
+    *_, refs = await p.execute()
+    return refs == 0
+
+
+async def page(r: Redis, zkey: str, *, after: str | None, limit: int, desc: bool) -> tuple[list[str], bool]:
+    """One page of ids from an owner index, after the cursor id, and whether more follow."""
+    if after is None:
+        lo, hi = "-inf", "+inf"
+    else:
+        seq = seq_of(after)
+        lo, hi = (f"({seq}", "+inf") if not desc else ("-inf", f"({seq}")
+    if desc:
+        ids = await r.zrevrangebyscore(zkey, hi, lo, start=0, num=limit + 1)
+    else:
+        ids = await r.zrangebyscore(zkey, lo, hi, start=0, num=limit + 1)
+    ids = [i.decode() for i in ids]
+    return ids[:limit], len(ids) > limit
+
+
+# ----------------------------------------------------------------------------- batches
+async def create_batch(
+    r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
+    input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
+    output_expires_after: int | None,
+) -> dict[str, str]:
+    """Record a new batch in ``validating`` and queue it for validation."""
+    created = now()
+    record = {
+        "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
+        "input_key": input_key, "completion_window": completion_window, "status": "validating", "created_at": created,
+        "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
+        "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
+        "output_expires_after": output_expires_after or "",
+    }
+    p = r.pipeline(transaction=True)
+    p.hset(keys.batch(batch_id), mapping=record)
+    p.zadd(keys.owner_batches(owner), {batch_id: seq})
+    p.sadd(keys.file_refs(input_file_id), batch_id)
+    p.zadd(keys.PENDING_VALIDATION, {batch_id: 0})
+    await p.execute()
+    return {k: str(v) for k, v in record.items()}
+
+
+async def get_batch_record(r: Redis, batch_id: str) -> dict[str, str] | None:
+    """The state hash of a batch, or None."""
+    h = await r.hgetall(keys.batch(batch_id))
+    return _str(h) if h else None
+
+
+async def get_owned_batch(r: Redis, owner: str, batch_id: str) -> dict[str, str] | None:
+    """The state hash of ``batch_id`` if ``owner`` may see it."""
+    if not valid_id(batch_id, "batch_"):
+        return None
+    h = await get_batch_record(r, batch_id)
+    if not h or h.get("owner") != owner:
+        return None
+    return h
+
+
+def batch_from_record(h: dict[str, str]) -> Batch:
+    """The wire object for a batch's state hash."""
+    def ts(name: str) -> int | None:
+        v = h.get(name)
+        return int(v) if v else None
+
+    errors = None
+    if h.get("errors"):
+        errors = BatchErrors(data=msgspec.json.decode(h["errors"], type=list[BatchError]))
+    return Batch(
+        id=h["id"], endpoint=h["endpoint"], input_file_id=h["input_file_id"],
+        completion_window=h["completion_window"], status=h["status"],  # type: ignore[arg-type]
+        created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
+        output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
+        request_counts=RequestCounts(
+            total=int(h.get("total") or 0), completed=int(h.get("completed") or 0),
+            failed=int(h.get("failed") or 0),
+        ),
+        metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
+        **{name: ts(name) for name in _TIMESTAMPS},
+    )
+
+
+# Move a batch to a new state only if it is in one of the allowed states; optionally add it to
+# one set and remove it from others, all atomically.
+_TRANSITION = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {0, ''} end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == st then allowed = true end
+end
+if not allowed then return {0, st} end
+local n = tonumber(ARGV[4])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n)) end
+local adds = tonumber(ARGV[3])
+for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
+for i = 2 + adds, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+return {1, st}
+"""
+
+
+async def transition(
+    r: Redis, batch_id: str, *, allowed: Iterable[str], fields: dict[str, str | int],
+    add_to: Iterable[str] = (), remove_from: Iterable[str] = (),
+) -> tuple[bool, str]:
+    """Atomically apply ``fields`` if the batch's status is in ``allowed``.
+
+    Returns (applied, status before). ``add_to``/``remove_from`` are sets of batch ids
+    (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step.
+    """
+    flat: list[str | int] = []
+    for k, v in fields.items():
+        flat += [k, v]
+    add_to = list(add_to)
+    script_keys = [keys.batch(batch_id), *add_to, *remove_from]
+    applied, before = await r.eval(
+        _TRANSITION, len(script_keys), *script_keys,
+        batch_id, ",".join(allowed), len(add_to), len(flat), *flat,
+    )
+    return bool(applied), before.decode() if isinstance(before, bytes) else str(before)
+
+
+# Record results for lines of one batch, at most once per line: the done bitmap guards against
+# redelivery, the result goes to the results stream, the counter moves, the work entry is
+# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
+_RECORD = """
+local recorded = 0
+local alive = redis.call('EXISTS', KEYS[2]) == 1
+for i = 2, #ARGV, 4 do
+  local entry = ARGV[i + 1]
+  if entry ~= '' then
+    redis.call('XACK', KEYS[4], ARGV[1], entry)
+    redis.call('XDEL', KEYS[4], entry)
+  end
+  if alive and redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 then
+    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
+    redis.call('HINCRBY', KEYS[3], ARGV[i + 2], 1)
+    recorded = recorded + 1
+  end
+end
+return recorded
+"""
+
+
+class Outcome:
+    """Which counter a result moves (and which file it lands in)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+async def record_results(
+    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
+) -> int:
+    """Record ``(index, entry_id, outcome, result_json)`` tuples; return how many were new.
+
+    A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
+    batch whose work keys are gone (finished or deleted) records nothing.
+    """
+    argv: list[str | int | bytes] = [keys.WORKER_GROUP]
+    for index, entry_id, outcome, result in results:
+        argv += [index, entry_id, outcome, result]
+    if len(argv) == 1:
+        return 0
+    ks = [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)]
+    return int(await r.eval(_RECORD, len(ks), *ks, *argv))
+
+
+async def release_input(r: Redis, storage, h: dict[str, str]) -> None:
+    """A batch reached a terminal state: drop its claim on the input file's content.
+
+    The content of an input file deleted while the batch ran is removed with the last claim.
+    """
+    p = r.pipeline(transaction=True)
+    p.srem(keys.file_refs(h["input_file_id"]), h["id"])
+    p.scard(keys.file_refs(h["input_file_id"]))
+    p.exists(keys.file(h["input_file_id"]))
+    _, refs, exists = await p.execute()
+    if refs == 0 and not exists:
+        await storage.delete(h["input_key"])

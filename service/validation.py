@@ -1,0 +1,132 @@
+"""Reading JSONL from storage and validating batch request lines (contract §5).
+
+Codes follow what OpenAI returns where it is known; the rest are documented in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import msgspec
+
+from .storage import Storage
+from .wire import BatchError, InputBody, InputLine
+
+# Longest accepted line; a longer one is reported, never buffered whole.
+MAX_LINE_BYTES = 32 * 1024 * 1024
+BOM = b"\xef\xbb\xbf"
+
+_line_decoder = msgspec.json.Decoder(InputLine)
+_body_decoder = msgspec.json.Decoder(InputBody)
+
+
+@dataclass(frozen=True)
+class Line:
+    """A non-blank line of a JSONL file: its 1-based line number and its bytes (None if too long)."""
+
+    number: int
+    data: bytes | None
+
+
+async def iter_lines(storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES) -> AsyncIterator[Line]:
+    """Yield the non-blank lines of a stored file, tolerating a BOM, CRLF and a missing final newline.
+
+    A line longer than ``max_line`` is yielded with ``data=None`` and skipped without being held.
+    """
+    buf = bytearray()
+    number = 1
+    first = True
+    skipping = False
+    async for chunk in storage.read(key):
+        if first:
+            first = False
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                if not skipping:
+                    buf += chunk[start:]
+                    if len(buf) > max_line:
+                        buf.clear()
+                        skipping = True
+                break
+            if skipping:
+                skipping = False
+                yield Line(number, None)
+            else:
+                buf += chunk[start:nl]
+                if len(buf) > max_line:
+                    yield Line(number, None)
+                elif buf.strip():
+                    yield Line(number, bytes(buf).rstrip(b"\r"))
+            buf.clear()
+            number += 1
+            start = nl + 1
+    if skipping:
+        yield Line(number, None)
+    elif buf.strip():
+        yield Line(number, bytes(buf).rstrip(b"\r"))
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid request line, as workers need it."""
+
+    custom_id: str
+    body: bytes
+    model: str
+
+
+def _err(code: str, message: str, param: str | None, line: int | None) -> BatchError:
+    return BatchError(code=code, message=message, param=param, line=line)
+
+
+def check_line(line: Line, endpoint: str) -> Request | BatchError:
+    """Validate one line against the batch endpoint (custom_id uniqueness is the caller's)."""
+    n = line.number
+    if line.data is None:
+        return _err("line_too_long", f"This line is longer than {MAX_LINE_BYTES} bytes.", None, n)
+    try:
+        parsed = _line_decoder.decode(line.data)
+    except msgspec.DecodeError:
+        # ValidationError is a DecodeError: both mean "not a JSON object" here.
+        return _err("invalid_json_line", "This line is not parseable as a valid JSON object.", None, n)
+    for name in ("custom_id", "method", "url", "body"):
+        if getattr(parsed, name) is msgspec.UNSET:
+            return _err("missing_required_parameter", f"Missing required parameter: '{name}'.", name, n)
+    if not isinstance(parsed.custom_id, str) or not parsed.custom_id:
+        return _err("invalid_type", "'custom_id' must be a non-empty string.", "custom_id", n)
+    if parsed.method != "POST":
+        return _err("invalid_method", "Only the POST method is supported in the Batch API.", "method", n)
+    if parsed.url != endpoint:
+        return _err("invalid_url", "The URL provided for this request does not match the batch endpoint.", "url", n)
+    raw = bytes(parsed.body)
+    try:
+        body = _body_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return _err("invalid_type", "'body' must be a JSON object.", "body", n)
+    if body.model is msgspec.UNSET or body.model is None:
+        return _err("invalid_request", "Model parameter is required.", "body.model", n)
+    if not isinstance(body.model, str) or not body.model:
+        return _err("invalid_request", "Model parameter must be a non-empty string.", "body.model", n)
+    if body.stream is True:
+        return _err("streaming_unsupported", "Streaming is not supported in the Batch API.", "body.stream", n)
+    return Request(custom_id=parsed.custom_id, body=raw, model=body.model)
+
+
+def duplicate_error(line: int) -> BatchError:
+    """The error for a custom_id already used by an earlier line."""
+    return _err("duplicate_custom_id", "The custom_id for this request is a duplicate of another request.", "custom_id", line)
+
+
+def too_many_error(limit: int) -> BatchError:
+    """The error for a file with more request lines than a batch may hold."""
+    return _err("too_many_tasks", f"The batch input file has more than {limit} requests.", None, None)
+
+
+def empty_error() -> BatchError:
+    """The error for a file without a single request line."""
+    return _err("empty_file", "The batch input file is empty.", None, None)

@@ -1,0 +1,133 @@
+"""The aiohttp front end: app factory, auth and error middlewares, and ``sluice web``."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from . import api, store
+from .config import Settings
+from .connections import connect
+from .errors import APIError
+from .publisher import Publisher
+from .storage import Storage, open_storage
+
+log = structlog.get_logger("sluice.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _error(e: APIError) -> web.Response:
+    return web.Response(body=e.body(), status=e.status, content_type="application/json", headers=e.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an OpenAI-style error body; nothing leaks as a bare 500 page."""
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _error(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message, code = f"Invalid URL ({request.method} {request.path})", "unknown_url"
+        elif e.status == 405:
+            message, code = f"Method {request.method} is not allowed on {request.path}.", "method_not_allowed"
+        elif e.status == 413:
+            message, code = "Request body is too large.", "request_too_large"
+        else:
+            message, code = e.reason or "Request failed.", None
+        return _error(APIError(e.status, message, code=code))
+    except asyncio.CancelledError:
+        raise
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unhandled_error", method=request.method, path=request.path)
+        return _error(APIError(500, "The server had an error while processing your request.", type="server_error"))
+
+
+def auth_middleware(tokens: tuple[str, ...]) -> Callable:
+    """Bearer-token auth; the request gets the owner id of its token (never the token itself)."""
+    # Owner ids are token digests: comparing digests in constant time keeps tokens out of memory.
+    owners = [store.owner_of(t) for t in tokens]
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "You didn't provide an API key. Provide it in an Authorization header using "
+                                "Bearer auth (Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
+        presented = store.owner_of(token.strip())
+        owner = next((o for o in owners if hmac.compare_digest(o, presented)), None)
+        if owner is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        request[api.OWNER] = owner
+        return await handler(request)
+
+    return middleware
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive."""
+    return api.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Redis answers: the process can serve requests."""
+    try:
+        await request.app[api.REDIS].ping()
+    except Exception as e:
+        return api.json_response({"status": "unavailable", "redis": str(e)}, status=503)
+    return api.json_response({"status": "ok"})
+
+
+def create_app(settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None) -> web.Application:
+    """Build the web application; ``redis``/``storage`` may be injected (tests use fakeredis)."""
+    if not settings.api_tokens:
+        raise ValueError("SLUICE_API_TOKENS is empty: set at least one API token")
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(settings.api_tokens)],
+        client_max_size=api.MAX_JSON_BODY_BYTES,
+    )
+    app[api.SETTINGS] = settings
+    app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
+    app[api.REDIS] = redis if redis is not None else connect(settings)
+    app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings)
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(app[api.PUBLISHER].run(stop), name="publisher")
+        yield
+        stop.set()
+        app[api.PUBLISHER].wake.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if redis is None:
+            await app[api.REDIS].aclose()
+
+    app.cleanup_ctx.append(background)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    api.add_routes(app)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """``sluice web``: serve HTTP on ``$PORT`` until SIGTERM/SIGINT."""
+    app = create_app(settings)
+    log.info("web_listening", port=settings.port)
+    web.run_app(
+        app, host="0.0.0.0", port=settings.port, print=None, access_log=None,
+        shutdown_timeout=settings.shutdown_grace_s, handle_signals=True,
+    )

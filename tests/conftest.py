@@ -1,0 +1,881 @@
+"""Shared fixtures and helpers for the Sluice test suite.
+
+Integration tests start real processes (``redis-server`` and ``python -m service.cli ...``) and drive
+them with the official ``openai`` SDK in strict mode. Everything here is bounded in time: waits poll a
+condition with an explicit timeout, and processes get SIGTERM then SIGKILL at teardown.
+
+Fixtures
+--------
+``wait_until``         the :func:`wait_until` helper (poll a predicate, raise on timeout).
+``async_wait_until``   the :func:`async_wait_until` helper.
+``free_port``          the :func:`free_port` helper.
+``process_runner``     a :class:`ProcessRunner` whose processes die with the test.
+``redis_server``       a private ``redis-server`` (:class:`RedisServer`) for one test.
+``stack``              the session's default :class:`Stack` (redis, mock provider, web, 2 workers, finalizer).
+``stack_factory``      a :class:`StackFactory` whose stacks die with the test.
+``module_stack_factory`` the same, with stacks living for the whole test module.
+
+When a test fails, the tail of the logs of every process it used is attached to its report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = ("tok-a", "tok-b")
+UPSTREAM_API_KEY = "upstream-secret"
+CHAT_URL = "/v1/chat/completions"
+DEFAULT_MODEL = "gpt-4o-mini"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+LOG_TAIL_LINES = 60
+
+# Runners with processes still alive; the report hook attaches their logs to failing tests.
+_LIVE_RUNNERS: list["ProcessRunner"] = []
+
+
+# --------------------------------------------------------------------------------------------
+# Polling and ports
+
+
+class WaitTimeout(AssertionError):
+    """A polled condition did not become true in time."""
+
+
+def _describe(predicate: Callable[..., Any], message: str | Callable[[], str] | None) -> str:
+    if callable(message):
+        try:
+            return message()
+        except Exception as exc:  # the description must never hide the timeout itself
+            return f"<message callback failed: {exc!r}>"
+    if message:
+        return message
+    return getattr(predicate, "__name__", repr(predicate))
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    check: Callable[[], None] | None = None,
+) -> Any:
+    """Call ``predicate`` until it returns something truthy, and return that value.
+
+    ``ignore``: exception types raised by the predicate that count as "not yet" (any other exception
+    propagates at once). ``check``: called before every attempt; it raises to abort the wait early
+    (for instance when a process died). On timeout raises :class:`WaitTimeout` naming ``message``
+    (a string, or a callable evaluated then) and the last value or exception seen.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    last_exc: BaseException | None = None
+    while True:
+        if check is not None:
+            check()
+        try:
+            last = predicate()
+            last_exc = None
+            if last:
+                return last
+        except ignore as exc:
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            seen = f"last error {last_exc!r}" if last_exc is not None else f"last value {last!r}"
+            raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {_describe(predicate, message)} ({seen})")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    check: Callable[[], None] | None = None,
+) -> Any:
+    """Async twin of :func:`wait_until`; ``predicate`` may be sync or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    last_exc: BaseException | None = None
+    while True:
+        if check is not None:
+            check()
+        try:
+            last = predicate()
+            if inspect.isawaitable(last):
+                last = await last
+            last_exc = None
+            if last:
+                return last
+        except ignore as exc:
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            seen = f"last error {last_exc!r}" if last_exc is not None else f"last value {last!r}"
+            raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {_describe(predicate, message)} ({seen})")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Raw HTTP (for what the SDK cannot send: no token, malformed bodies, header checks)
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: Message
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "")
+
+
+def http_request(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    json_body: Any = None,
+    data: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 15.0,
+) -> HttpResult:
+    """Send one HTTP request and return status, headers and body, whatever the status."""
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs.setdefault("Authorization", f"Bearer {token}")
+    if json_body is not None:
+        data = json.dumps(json_body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    if data is None and method in ("POST", "PUT", "PATCH"):
+        data = b""
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return HttpResult(resp.status, resp.headers, resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return HttpResult(exc.code, exc.headers, exc.read())
+
+
+def assert_error_envelope(
+    result: Any,
+    status: int | None = None,
+    *,
+    param: Any = ...,
+    param_prefix: str | None = None,
+    code: Any = ...,
+) -> dict:
+    """Check an OpenAI error response and return its ``error`` object.
+
+    ``result`` is an :class:`HttpResult` or an ``openai.APIStatusError``. The envelope must be
+    ``{"error": {"message": str, "type": str, "param": str|null, "code": str|null}}`` served as JSON.
+    ``param``/``code`` (when given) must match exactly; ``param_prefix`` checks ``param`` starts with it.
+    """
+    import openai
+
+    if isinstance(result, openai.APIStatusError):
+        got_status = result.status_code
+        content_type = result.response.headers.get("content-type", "")
+        raw = result.response.content
+    else:
+        got_status, content_type, raw = result.status, result.content_type, result.body
+    if status is not None:
+        assert got_status == status, f"expected HTTP {status}, got {got_status}: {raw[:500]!r}"
+    assert "json" in content_type.split(";")[0], f"error content-type {content_type!r} is not JSON: {raw[:300]!r}"
+    body = json.loads(raw)
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), f"no error envelope: {body!r}"
+    err = body["error"]
+    for key in ("message", "type", "param", "code"):
+        assert key in err, f"error object lacks {key!r}: {err!r}"
+    assert isinstance(err["message"], str) and err["message"], f"empty error message: {err!r}"
+    assert isinstance(err["type"], str) and err["type"], f"bad error type: {err!r}"
+    assert err["param"] is None or isinstance(err["param"], str), f"bad error param: {err!r}"
+    assert err["code"] is None or isinstance(err["code"], str), f"bad error code: {err!r}"
+    if param is not ...:
+        assert err["param"] == param, f"expected param {param!r}, got {err!r}"
+    if param_prefix is not None:
+        assert isinstance(err["param"], str) and err["param"].startswith(param_prefix), (
+            f"expected param starting with {param_prefix!r}, got {err!r}"
+        )
+    if code is not ...:
+        assert err["code"] == code, f"expected code {code!r}, got {err!r}"
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# Batch input lines
+
+
+def chat_line(
+    custom_id: str,
+    content: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    url: str = CHAT_URL,
+    method: str = "POST",
+    **body_extra: Any,
+) -> dict:
+    """One chat-completions request line; ``body_extra`` goes into ``body`` (e.g. ``mock_status=404``)."""
+    body = {"model": model, "messages": [{"role": "user", "content": content}], **body_extra}
+    return {"custom_id": custom_id, "method": method, "url": url, "body": body}
+
+
+def to_jsonl(rows: Iterable[Any]) -> bytes:
+    """JSONL bytes: dicts (and other JSON values) are encoded, ``str`` items are written verbatim."""
+    out = []
+    for row in rows:
+        out.append(row if isinstance(row, str) else json.dumps(row, separators=(",", ":")))
+    return ("\n".join(out) + "\n").encode()
+
+
+def parse_jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class ProcessDied(AssertionError):
+    """A process we started exited while it should be running."""
+
+
+class ManagedProcess:
+    """A subprocess in its own process group, with stdout and stderr sent to one log file."""
+
+    def __init__(self, name: str, args: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path, stop_stage: int):
+        self.name = name
+        self.args = list(args)
+        self.log_path = log_path
+        self.stop_stage = stop_stage
+        self.stopping = False
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            self.args,
+            env=dict(env),
+            cwd=str(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def signal(self, sig: int) -> None:
+        """Signal the process group this process leads (its own children included)."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_bytes().decode(errors="replace")
+        except OSError as exc:
+            return f"<cannot read {self.log_path}: {exc}>"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def describe(self) -> str:
+        state = "running" if self.alive else f"exited with {self.returncode}"
+        return f"{self.name} (pid {self.pid}, {state}, log {self.log_path})"
+
+    def close_log(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+
+class ProcessRunner:
+    """Starts processes with logs under ``log_dir``; :meth:`close` stops them all.
+
+    Stopping is by stage, highest first (Sluice processes before the redis they use): SIGTERM to the
+    stage, up to ``STOP_GRACE_S`` for them to exit, then SIGKILL.
+    """
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[ManagedProcess] = []
+        self.closed = False
+        _LIVE_RUNNERS.append(self)
+
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+        stop_stage: int = 1,
+    ) -> ManagedProcess:
+        taken = {p.name for p in self.processes}
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        proc = ManagedProcess(
+            unique,
+            args,
+            env=os.environ if env is None else env,
+            cwd=cwd,
+            log_path=self.log_dir / f"{unique}.log",
+            stop_stage=stop_stage,
+        )
+        self.processes.append(proc)
+        return proc
+
+    def died(self) -> list[ManagedProcess]:
+        """Processes that exited although nobody asked them to."""
+        return [p for p in self.processes if not p.stopping and not p.alive]
+
+    def check_alive(self) -> None:
+        dead = self.died()
+        if dead:
+            raise ProcessDied(
+                "process(es) exited unexpectedly: "
+                + ", ".join(p.describe() for p in dead)
+                + "\n"
+                + self.tails(dead)
+            )
+
+    def tails(self, procs: Iterable[ManagedProcess] | None = None, lines: int = LOG_TAIL_LINES) -> str:
+        parts = []
+        for p in self.processes if procs is None else procs:
+            parts.append(f"----- {p.describe()} -----\n{p.tail(lines)}")
+        return "\n".join(parts)
+
+    def stop(self, procs: Iterable[ManagedProcess], *, grace: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> None:
+        procs = list(procs)
+        for p in procs:
+            p.stopping = True
+            if p.alive:
+                p.signal(sig)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.signal(signal.SIGKILL)
+                try:
+                    p.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            p.signal(signal.SIGKILL)  # stray children left in the group
+            p.close_log()
+
+    def close(self) -> list[ManagedProcess]:
+        """Stop everything; return the processes that had died before we asked them to stop."""
+        if self.closed:
+            return []
+        self.closed = True
+        died = self.died()
+        for stage in sorted({p.stop_stage for p in self.processes}, reverse=True):
+            self.stop([p for p in self.processes if p.stop_stage == stage])
+        if self in _LIVE_RUNNERS:
+            _LIVE_RUNNERS.remove(self)
+        return died
+
+
+def _fail_if_died(died: list[ManagedProcess], runner: ProcessRunner) -> None:
+    if died:
+        pytest.fail(
+            "process(es) exited before teardown: "
+            + ", ".join(p.describe() for p in died)
+            + "\n"
+            + runner.tails(died),
+            pytrace=False,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+
+
+@dataclass
+class RedisServer:
+    port: int
+    url: str
+    process: ManagedProcess
+
+    def client(self, **kwargs: Any):
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5, **kwargs)
+
+
+def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3) -> RedisServer:
+    """Start a private ``redis-server`` on a free port (never the shared 6379) and wait for PING."""
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH (make test installs it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    last_error: BaseException | None = None
+    for _ in range(attempts):
+        port = free_port()
+        proc = runner.start(
+            "redis",
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            stop_stage=0,
+        )
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            wait_until(
+                client.ping,
+                timeout=10,
+                message=f"redis-server on port {port} to answer PING",
+                ignore=(redis.ConnectionError, redis.TimeoutError, OSError),
+                check=lambda: _raise_if_exited(proc),
+            )
+            return RedisServer(port, f"redis://127.0.0.1:{port}/0", proc)
+        except ProcessDied as exc:  # most likely the port was taken in the meantime: retry
+            last_error = exc
+            proc.stopping = True
+        finally:
+            client.close()
+    raise AssertionError(f"could not start redis-server: {last_error}")
+
+
+def _raise_if_exited(proc: ManagedProcess) -> None:
+    if not proc.alive and not proc.stopping:
+        raise ProcessDied(f"{proc.describe()}\n{proc.tail()}")
+
+
+# --------------------------------------------------------------------------------------------
+# A Sluice stack
+
+
+_DEFAULT = object()
+
+
+@dataclass
+class Stack:
+    """Redis + mock provider + web + workers + finalizer, all real processes.
+
+    ``base_url`` is the web root (bare paths), ``api_url`` the same with ``/v1``.
+    """
+
+    name: str
+    runner: ProcessRunner
+    redis: RedisServer
+    port: int
+    mock_port: int
+    data_dir: Path
+    env: dict[str, str]
+    tokens: tuple[str, ...] = TOKENS
+    _clients: list[Any] = field(default_factory=list, repr=False)
+
+    # Pure helpers, reachable from tests through the fixture.
+    chat_line = staticmethod(chat_line)
+    to_jsonl = staticmethod(to_jsonl)
+    parse_jsonl = staticmethod(parse_jsonl)
+    assert_error = staticmethod(assert_error_envelope)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def mock_url(self) -> str:
+        return f"http://127.0.0.1:{self.mock_port}"
+
+    @property
+    def token(self) -> str:
+        return self.tokens[0]
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return self.runner.processes
+
+    def process(self, name: str) -> ManagedProcess:
+        for p in self.runner.processes:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def check_alive(self) -> None:
+        self.runner.check_alive()
+
+    # ---- SDK
+
+    def client(self, token: str | None = None, *, bare: bool = False, **kwargs: Any):
+        """A strict, non-retrying ``openai.OpenAI`` client (``bare``: base URL without ``/v1``)."""
+        import openai
+
+        options: dict[str, Any] = dict(
+            base_url=self.base_url if bare else self.api_url,
+            api_key=token or self.token,
+            _strict_response_validation=True,
+            max_retries=0,
+            timeout=30.0,
+        )
+        options.update(kwargs)
+        client = openai.OpenAI(**options)
+        self._clients.append(client)
+        return client
+
+    def upload_jsonl(
+        self,
+        rows: Iterable[Any] | bytes,
+        *,
+        client: Any = None,
+        filename: str = "batch_input.jsonl",
+        purpose: str = "batch",
+    ):
+        """Upload ``rows`` (dicts/strings, see :func:`to_jsonl`, or raw bytes); return the FileObject."""
+        client = client or self.client()
+        data = rows if isinstance(rows, bytes) else to_jsonl(rows)
+        return client.files.create(file=(filename, data), purpose=purpose)
+
+    def create_batch(self, input_file_id: str, *, client: Any = None, endpoint: str = CHAT_URL, **kwargs: Any):
+        client = client or self.client()
+        return client.batches.create(input_file_id=input_file_id, endpoint=endpoint, completion_window="24h", **kwargs)
+
+    def submit(self, rows: Iterable[Any] | bytes, *, client: Any = None, **kwargs: Any):
+        """Upload ``rows`` and create a batch from them; return ``(file, batch)``."""
+        client = client or self.client()
+        f = self.upload_jsonl(rows, client=client)
+        return f, self.create_batch(f.id, client=client, **kwargs)
+
+    def wait_for_batch(
+        self,
+        batch_id: str,
+        *,
+        client: Any = None,
+        timeout: float = 60.0,
+        statuses: Iterable[str] = TERMINAL_STATUSES,
+        interval: float = 0.1,
+    ):
+        """Poll ``batches.retrieve`` until the status is in ``statuses``; return the Batch."""
+        client = client or self.client()
+        wanted = frozenset(statuses)
+        last: list[Any] = [None]
+
+        def reached():
+            last[0] = client.batches.retrieve(batch_id)
+            return last[0] if last[0].status in wanted else None
+
+        return wait_until(
+            reached,
+            timeout=timeout,
+            interval=interval,
+            message=lambda: f"batch {batch_id} to reach {sorted(wanted)}; last state {_batch_summary(last[0])}",
+            check=self.check_alive,
+        )
+
+    def read_file(self, file_id: str, *, client: Any = None) -> list[dict]:
+        client = client or self.client()
+        return parse_jsonl(client.files.content(file_id).text)
+
+    def results(self, batch: Any, *, client: Any = None) -> tuple[list[dict], list[dict]]:
+        """``(output lines, error lines)`` of a finished batch (empty list when the file id is null)."""
+        client = client or self.client()
+        out = self.read_file(batch.output_file_id, client=client) if batch.output_file_id else []
+        err = self.read_file(batch.error_file_id, client=client) if batch.error_file_id else []
+        return out, err
+
+    # ---- raw HTTP
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: Any = _DEFAULT,
+        json_body: Any = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 15.0,
+    ) -> HttpResult:
+        """Raw request to the web process; ``token=None`` sends no Authorization header."""
+        if token is _DEFAULT:
+            token = self.token
+        return http_request(
+            method, self.base_url + path, token=token, json_body=json_body, data=data, headers=headers, timeout=timeout
+        )
+
+    # ---- mock provider
+
+    def mock_stats(self) -> dict:
+        res = http_request("GET", f"{self.mock_url}/_mock/stats", timeout=10)
+        assert res.status == 200, f"mock stats answered {res.status}: {res.body[:300]!r}"
+        return res.json()
+
+    def mock_reset(self) -> None:
+        res = http_request("POST", f"{self.mock_url}/_mock/reset", timeout=10)
+        assert res.status in (200, 204), f"mock reset answered {res.status}: {res.body[:300]!r}"
+
+    def close(self) -> list[ManagedProcess]:
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self._clients.clear()
+        return self.runner.close()
+
+
+def _batch_summary(batch: Any) -> str:
+    if batch is None:
+        return "none"
+    return (
+        f"status={batch.status} counts={batch.request_counts} errors={batch.errors} "
+        f"output={batch.output_file_id} error_file={batch.error_file_id}"
+    )
+
+
+def _sluice_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+def _base_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLUICE_", "OPENAI_")) and k not in ("REDIS_URL", "PORT")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class StackFactory:
+    """Starts :class:`Stack` s under ``base_dir``; :meth:`close` stops all of them."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.stacks: list[Stack] = []
+
+    def start(
+        self,
+        *,
+        name: str | None = None,
+        workers: int = 2,
+        worker_concurrency: int = 32,
+        mock_latency_ms: int | None = None,
+        mock_error_rate: float | None = None,
+        max_batch_lines: int | None = None,
+        tokens: tuple[str, ...] = TOKENS,
+        finalizer: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> Stack:
+        name = name or f"stack{len(self.stacks) + 1}"
+        root = self.base_dir / name
+        runner = ProcessRunner(root / "logs")
+        try:
+            redis_server = start_redis(runner, root / "redis")
+            data_dir = root / "data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            base_env = _base_env()
+
+            mock_port = free_port()
+            mock_args = _sluice_cmd("mock-provider", "--port", str(mock_port))
+            if mock_latency_ms is not None:
+                mock_args += ["--latency-ms", str(mock_latency_ms)]
+            if mock_error_rate is not None:
+                mock_args += ["--error-rate", str(mock_error_rate)]
+            runner.start("mock-provider", mock_args, env={**base_env, "SLUICE_LOG_LEVEL": "info"})
+
+            sluice_env = {
+                **base_env,
+                "REDIS_URL": redis_server.url,
+                "SLUICE_DATA_DIR": str(data_dir),
+                "SLUICE_API_TOKENS": ",".join(tokens),
+                "SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
+                "SLUICE_UPSTREAM_API_KEY": UPSTREAM_API_KEY,
+                "SLUICE_WORKER_CONCURRENCY": str(worker_concurrency),
+                "SLUICE_LOG_LEVEL": "info",
+                "SLUICE_SHUTDOWN_GRACE_S": "2",
+            }
+            if max_batch_lines is not None:
+                sluice_env["SLUICE_MAX_BATCH_LINES"] = str(max_batch_lines)
+            sluice_env.update(env or {})
+
+            web_port = free_port()
+            runner.start("web", _sluice_cmd("web"), env={**sluice_env, "PORT": str(web_port)})
+            for i in range(workers):
+                runner.start(f"worker-{i + 1}", _sluice_cmd("worker"), env=sluice_env)
+            if finalizer:
+                runner.start("finalizer", _sluice_cmd("finalizer"), env=sluice_env)
+
+            stack = Stack(
+                name=name,
+                runner=runner,
+                redis=redis_server,
+                port=web_port,
+                mock_port=mock_port,
+                data_dir=data_dir,
+                env=sluice_env,
+                tokens=tokens,
+            )
+            wait_until(
+                lambda: http_request("GET", f"{stack.mock_url}/_mock/stats", timeout=2).status == 200,
+                timeout=STARTUP_TIMEOUT_S,
+                interval=0.1,
+                message=f"mock provider on port {mock_port} to answer GET /_mock/stats",
+                ignore=(OSError,),
+                check=runner.check_alive,
+            )
+            wait_until(
+                lambda: http_request("GET", f"{stack.base_url}/healthz", timeout=2).status == 200,
+                timeout=STARTUP_TIMEOUT_S,
+                interval=0.1,
+                message=f"web on port {web_port} to answer GET /healthz with 200",
+                ignore=(OSError,),
+                check=runner.check_alive,
+            )
+            stack.mock_reset()
+            runner.check_alive()
+        except (WaitTimeout, ProcessDied, AssertionError, OSError) as exc:
+            tails = runner.tails()
+            runner.close()
+            raise AssertionError(f"stack {name!r} did not start: {exc}\n{tails}") from exc
+        except BaseException:
+            runner.close()
+            raise
+        self.stacks.append(stack)
+        return stack
+
+    def close(self) -> None:
+        problems = []
+        for stack in reversed(self.stacks):
+            died = stack.close()
+            if died:
+                problems.append((died, stack.runner))
+        self.stacks.clear()
+        for died, runner in problems:
+            _fail_if_died(died, runner)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture():
+    return wait_until
+
+
+@pytest.fixture(name="async_wait_until")
+def async_wait_until_fixture():
+    return async_wait_until
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    return free_port
+
+
+@pytest.fixture
+def process_runner(tmp_path):
+    runner = ProcessRunner(tmp_path / "logs")
+    yield runner
+    _fail_if_died(runner.close(), runner)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    runner = ProcessRunner(tmp_path / "redis-logs")
+    try:
+        server = start_redis(runner, tmp_path / "redis")
+        yield server
+    finally:
+        died = runner.close()
+    _fail_if_died(died, runner)
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    factory = StackFactory(tmp_path / "stacks")
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_stack_factory(tmp_path_factory, request):
+    factory = StackFactory(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The default stack, shared by the whole session: 2 workers, concurrency 32, no mock latency."""
+    factory = StackFactory(tmp_path_factory.mktemp("default-stack"))
+    yield factory.start(name="default")
+    factory.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Attach process logs to failing tests
+
+
+def _runners_of(item: pytest.Item) -> list[ProcessRunner]:
+    found: list[ProcessRunner] = []
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, ProcessRunner):
+            found.append(value)
+        elif isinstance(value, Stack):
+            found.append(value.runner)
+        elif isinstance(value, StackFactory):
+            found.extend(s.runner for s in value.stacks)
+        elif isinstance(value, RedisServer):
+            found.extend(r for r in _LIVE_RUNNERS if value.process in r.processes)
+    return [r for r in dict.fromkeys(found) if not r.closed]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        for runner in _runners_of(item):
+            for proc in runner.processes:
+                report.sections.append((f"log tail: {proc.describe()}", proc.tail()))

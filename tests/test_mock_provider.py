@@ -1,0 +1,388 @@
+"""Tests for the fake OpenAI-compatible upstream in service.mock_provider."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import signal
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from service.mock_provider import create_app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHAT = "/v1/chat/completions"
+
+
+async def post(client: Any, path: str, body: Any, **headers: str) -> tuple[int, Any, Any]:
+    """POST exact bytes (so tests can hash them) and return (status, decoded body, headers)."""
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json", **headers})
+    return resp.status, msgspec.json.decode(await resp.read()), resp.headers
+
+
+async def stats(client: Any) -> dict[str, Any]:
+    resp = await client.get("/_mock/stats")
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def wait_for_stats(client: Any, predicate: Any, timeout: float = 3.0) -> dict[str, Any]:
+    """Poll /_mock/stats until predicate holds; fail with the last stats on timeout."""
+    current: dict[str, Any] = {}
+
+    async def poll() -> dict[str, Any]:
+        nonlocal current
+        while True:
+            current = await stats(client)
+            if predicate(current):
+                return current
+            await asyncio.sleep(0.005)
+
+    try:
+        return await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        pytest.fail(f"condition not reached; last stats: {current}")
+
+
+def assert_openai_error(body: Any, *, param: str | None = None, code: str | None = None) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["param"] == param
+    assert body["error"]["code"] == code
+
+
+# ----------------------------------------------------------------------------- endpoints
+async def test_chat_completion_echoes_last_message(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+    }
+    raw = msgspec.json.encode(body)
+    status, answer, headers = await post(client, CHAT, raw)
+
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["x-request-id"].startswith("req_") and len(headers["x-request-id"]) > 4
+    assert answer["id"] == "chatcmpl-" + hashlib.sha256(raw).hexdigest()[:16]
+    assert answer["object"] == "chat.completion"
+    assert answer["model"] == "gpt-4o-mini"
+    assert isinstance(answer["created"], int) and answer["created"] >= 1_700_000_000
+    assert answer["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "echo: hello there"},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+    ]
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_chat_structured_content_is_stringified(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    parts = [{"type": "text", "text": "hi"}]
+    status, answer, _ = await post(client, CHAT, {"model": "m", "messages": [{"role": "user", "content": parts}]})
+    assert status == 200
+    assert answer["choices"][0]["message"]["content"] == "echo: " + msgspec.json.encode(parts).decode()
+
+
+async def test_same_body_gives_same_answer_on_both_path_forms(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    body = {"model": "m", "messages": [{"role": "user", "content": "same"}]}
+    _, first, h1 = await post(client, CHAT, body)
+    _, second, h2 = await post(client, CHAT, body)
+    _, unprefixed, _ = await post(client, "/chat/completions", body)
+    _, other, _ = await post(client, CHAT, {**body, "messages": [{"role": "user", "content": "different"}]})
+
+    assert first == second == unprefixed
+    assert other["id"] != first["id"]
+    assert other["choices"][0]["message"]["content"] == "echo: different"
+    # The body is deterministic; the request id identifies each individual request.
+    assert h1["x-request-id"] != h2["x-request-id"]
+
+
+async def test_completions_echo_prompt(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, headers = await post(client, "/v1/completions", {"model": "babbage-002", "prompt": "once"})
+    assert status == 200
+    assert headers["x-request-id"].startswith("req_")
+    assert answer["object"] == "text_completion"
+    assert answer["id"].startswith("cmpl-")
+    assert answer["model"] == "babbage-002"
+    assert answer["choices"][0]["text"] == "echo: once"
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+    _, listed, _ = await post(client, "/completions", {"model": "m", "prompt": ["upon", "a time"]})
+    text = listed["choices"][0]["text"]
+    assert text.startswith("echo: ") and "upon" in text and "a time" in text
+
+
+async def test_embeddings_are_deterministic_per_item(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, _ = await post(client, "/v1/embeddings", {"model": "emb", "input": ["a", "b", "a"]})
+    assert status == 200
+    assert answer["object"] == "list"
+    assert answer["model"] == "emb"
+    assert [d["index"] for d in answer["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in answer["data"])
+    vectors = [d["embedding"] for d in answer["data"]]
+    assert all(len(v) == 8 and all(isinstance(x, float) and -1.0 <= x < 1.0 for x in v) for v in vectors)
+    assert vectors[0] == vectors[2] != vectors[1]
+    assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
+
+    # An item's vector does not depend on its neighbours or on how the input is wrapped.
+    _, single, _ = await post(client, "/embeddings", {"model": "emb", "input": "a"})
+    assert [d["embedding"] for d in single["data"]] == [vectors[0]]
+
+
+async def test_embeddings_token_ids_and_base64(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    _, tokens, _ = await post(client, "/v1/embeddings", {"model": "emb", "input": [1, 2, 3]})
+    assert len(tokens["data"]) == 1  # a flat token list is one input, as in the OpenAI API
+    assert len(tokens["data"][0]["embedding"]) == 8
+
+    _, floats, _ = await post(client, "/v1/embeddings", {"model": "emb", "input": "x"})
+    _, packed, _ = await post(client, "/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "base64"})
+    decoded = list(struct.unpack("<8f", base64.b64decode(packed["data"][0]["embedding"])))
+    assert decoded == floats["data"][0]["embedding"]
+
+
+async def test_responses_echo_input(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, _ = await post(client, "/v1/responses", {"model": "gpt-4.1", "input": "plain"})
+    assert status == 200
+    assert answer["object"] == "response"
+    assert answer["id"].startswith("resp_")
+    assert answer["status"] == "completed"
+    assert answer["model"] == "gpt-4.1"
+    assert answer["output"][0]["role"] == "assistant"
+    assert answer["output"][0]["content"][0] == {"type": "output_text", "text": "echo: plain", "annotations": []}
+
+    items = [
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": [{"type": "input_text", "text": "last one"}]},
+    ]
+    _, listed, _ = await post(client, "/responses", {"model": "gpt-4.1", "input": items})
+    assert listed["output"][0]["content"][0]["text"] == "echo: last one"
+
+
+async def test_moderations_never_flag(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, headers = await post(client, "/v1/moderations", {"model": "omni-moderation-latest", "input": "x"})
+    assert status == 200
+    assert headers["x-request-id"].startswith("req_")
+    assert answer["id"].startswith("modr-")
+    assert answer["model"] == "omni-moderation-latest"
+    assert answer["results"] == [{"flagged": False, "categories": {}, "category_scores": {}}]
+
+
+# ----------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b"[1, 2]", None),
+        (b"not json", None),
+        (b"", None),
+        (b'{"messages": []}', "model"),
+        (b'{"model": 5}', "model"),
+    ],
+)
+async def test_invalid_bodies_get_openai_400(aiohttp_client: Any, raw: bytes, param: str | None) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, headers = await post(client, CHAT, raw)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    assert headers["x-request-id"].startswith("req_")
+    assert_openai_error(answer, param=param)
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert (await stats(client))["by_status"] == {"400": 1}
+
+
+# ----------------------------------------------------------------------------- fault injection
+async def test_mock_status_forces_error(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    status, answer, headers = await post(client, CHAT, {"model": "m", "mock_status": 503})
+    assert status == 503
+    assert_openai_error(answer, code="mock_error")
+    assert answer["error"]["type"] == "server_error"
+    assert "Retry-After" not in headers
+    assert headers["x-request-id"].startswith("req_")
+
+    status, answer, headers = await post(client, "/v1/embeddings", {"model": "m", "input": "x", "mock_status": 429})
+    assert status == 429
+    assert_openai_error(answer, code="mock_error")
+    assert headers["Retry-After"] == "1"
+
+    status, answer, _ = await post(client, CHAT, {"model": "m", "mock_status": 404})
+    assert status == 404
+    assert answer["error"]["type"] == "invalid_request_error"
+
+    status, answer, _ = await post(client, CHAT, {"model": "m", "mock_status": "boom"})
+    assert status == 400
+    assert_openai_error(answer, param="mock_status")
+
+    assert (await stats(client))["by_status"] == {"503": 1, "429": 1, "404": 1, "400": 1}
+
+
+async def test_error_rate_one_fails_every_request_with_429_or_500(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(error_rate=1.0, seed=3))
+    seen = []
+    for i in range(30):
+        status, answer, headers = await post(client, CHAT, {"model": "m", "messages": [{"content": str(i)}]})
+        seen.append(status)
+        assert "error" in answer
+        if status == 429:
+            assert headers["Retry-After"] == "1"
+    assert set(seen) == {429, 500}
+
+    # mock_status 200 is an explicit request for success and bypasses the error rate.
+    status, answer, _ = await post(client, CHAT, {"model": "m", "mock_status": 200})
+    assert status == 200
+    assert answer["object"] == "chat.completion"
+
+
+async def test_error_rate_sequence_is_reproducible_with_seed(aiohttp_client: Any) -> None:
+    async def statuses(seed: int) -> list[int]:
+        client = await aiohttp_client(create_app(error_rate=0.5, seed=seed))
+        return [(await post(client, CHAT, {"model": "m"}))[0] for _ in range(30)]
+
+    first, second = await statuses(11), await statuses(11)
+    assert first == second
+    assert {200, 429, 500} <= set(first)
+
+
+async def test_mock_latency_overrides_global_latency(aiohttp_client: Any) -> None:
+    # The global latency would outlast the test's timeout, so only the override lets it answer.
+    client = await aiohttp_client(create_app(latency_ms=60_000))
+    status, _, _ = await asyncio.wait_for(post(client, CHAT, {"model": "m", "mock_latency_ms": 0}), 2.0)
+    assert status == 200
+
+    status, answer, _ = await post(client, CHAT, {"model": "m", "mock_latency_ms": -1})
+    assert status == 400
+    assert_openai_error(answer, param="mock_latency_ms")
+
+
+def test_create_app_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        create_app(error_rate=1.5)
+    with pytest.raises(ValueError):
+        create_app(latency_ms=-1)
+
+
+# ----------------------------------------------------------------------------- observation
+async def test_in_flight_accounting_and_reset(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    body = {"model": "m", "mock_latency_ms": 400}
+    pending = [asyncio.create_task(post(client, CHAT, {**body, "n": i})) for i in range(5)]
+
+    during = await wait_for_stats(client, lambda s: s["in_flight"] == 5)
+    assert during["max_in_flight"] == 5
+    assert during["requests"] == 5
+    assert during["by_status"] == {}  # nothing has answered yet
+
+    # A reset while requests are in flight keeps the live gauge and restarts the peak from it.
+    resp = await client.post("/_mock/reset")
+    assert resp.status == 200
+    fresh = await resp.json()
+    assert fresh["requests"] == 0
+    assert fresh["in_flight"] == 5 and fresh["max_in_flight"] == 5
+    assert fresh["paths"] == {} and fresh["authorization"] == []
+
+    results = await asyncio.gather(*pending)
+    assert [status for status, _, _ in results] == [200] * 5
+
+    after = await stats(client)
+    assert after["in_flight"] == 0
+    assert after["max_in_flight"] == 5
+    assert after["requests"] == 0
+    assert after["by_status"] == {"200": 5}
+
+    cleared = await (await client.post("/_mock/reset")).json()
+    assert cleared == {
+        "requests": 0,
+        "in_flight": 0,
+        "max_in_flight": 0,
+        "by_status": {},
+        "authorization": [],
+        "paths": {},
+    }
+
+
+async def test_global_latency_keeps_requests_in_flight(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(latency_ms=300))
+    pending = [asyncio.create_task(post(client, "/v1/embeddings", {"model": "m", "input": str(i)})) for i in range(3)]
+    await wait_for_stats(client, lambda s: s["in_flight"] == 3)
+    results = await asyncio.gather(*pending)
+    assert [status for status, _, _ in results] == [200] * 3
+    final = await stats(client)
+    assert final["in_flight"] == 0 and final["max_in_flight"] == 3
+
+
+async def test_stats_record_authorization_and_paths(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    await post(client, CHAT, {"model": "m"}, Authorization="Bearer sk-b")
+    await post(client, CHAT, {"model": "m"}, Authorization="Bearer sk-a")
+    await post(client, "/chat/completions", {"model": "m"}, Authorization="Bearer sk-b")
+    await post(client, "/v1/moderations", {"model": "m", "input": "x"})
+    await post(client, "/v1/embeddings", b"nope", Authorization="Bearer sk-c")
+
+    current = await stats(client)
+    assert current["requests"] == 5
+    assert current["authorization"] == ["Bearer sk-a", "Bearer sk-b", "Bearer sk-c"]
+    assert current["paths"] == {
+        "/v1/chat/completions": 2,
+        "/chat/completions": 1,
+        "/v1/moderations": 1,
+        "/v1/embeddings": 1,
+    }
+    assert current["by_status"] == {"200": 4, "400": 1}
+    assert current["in_flight"] == 0 and current["max_in_flight"] == 1
+
+    # Observation endpoints are not API traffic and do not count themselves.
+    assert (await stats(client))["requests"] == 5
+
+
+# ----------------------------------------------------------------------------- run()
+async def test_run_serves_until_sigterm() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from service.mock_provider import run; run(0)",
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode().strip()
+        prefix = "mock provider listening on http://127.0.0.1:"
+        assert line.startswith(prefix), line
+        base_url = line.removeprefix("mock provider listening on ")
+        assert int(base_url.rsplit(":", 1)[1]) > 0
+
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base_url}/v1/chat/completions", json={"model": "m"}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["object"] == "chat.completion"
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

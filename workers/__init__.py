@@ -1,0 +1,1 @@
+"""Background processes: the consumer-group worker and the finalizer."""

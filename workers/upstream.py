@@ -1,0 +1,124 @@
+"""Calling the OpenAI-compatible provider for one request line, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from dataclasses import dataclass
+import time
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import msgspec
+import structlog
+
+from service.config import Settings
+from service.results import error_line, json_body, response_line
+from service.store import Outcome
+
+RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+MAX_RETRY_AFTER_S = 120.0
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What one request line ended with: the counter it moves and its result-file line."""
+
+    outcome: str
+    line: bytes
+    attempts: int
+
+
+def upstream_url(base: str, endpoint: str) -> str:
+    """Join the provider base URL and a batch endpoint (``/v1/...``) without doubling ``/v1``."""
+    base = base.rstrip("/")
+    if base.endswith("/v1") and endpoint.startswith("/v1/"):
+        return base + endpoint[3:]
+    return base + endpoint
+
+
+def _retry_after(headers: "aiohttp.typedefs.LooseHeaders") -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def backoff_s(attempt: int, retry_after: float | None) -> float:
+    """Wait before the next attempt: the provider's Retry-After, else exponential with full jitter."""
+    if retry_after is not None:
+        return min(retry_after, MAX_RETRY_AFTER_S)
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+class Upstream:
+    """One provider: its base URL, its key and a shared connection pool."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.session = session
+        self.headers = {"Content-Type": "application/json"}
+        if settings.upstream_api_key:
+            self.headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
+
+    async def call(self, endpoint: str, custom_id: str, body: bytes, log: structlog.BoundLogger) -> CallResult:
+        """Send one request; retry transient failures; return the final result line."""
+        url = upstream_url(self.settings.upstream_url, endpoint)
+        attempts = self.settings.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.session.post(url, data=body, headers=self.headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    request_id = resp.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+                    retry_after = _retry_after(resp.headers)
+            except asyncio.TimeoutError:
+                result = CallResult(Outcome.FAILED, error_line(
+                    custom_id, "request_timeout", f"The request to the provider timed out after "
+                    f"{self.settings.request_timeout_s:g} s."), attempt)
+                status, retry_after = None, None
+            except aiohttp.ClientError as e:
+                result = CallResult(Outcome.FAILED, error_line(
+                    custom_id, "upstream_connection_error", f"Could not reach the provider: {type(e).__name__}: {e}"),
+                    attempt)
+                status, retry_after = None, None
+            else:
+                result = self._answer(custom_id, status, request_id, data, attempt)
+                if status not in RETRYABLE_STATUS:
+                    return result
+            if attempt < attempts:
+                delay = backoff_s(attempt, retry_after)
+                log.info("upstream_retry", attempt=attempt, status=status, delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+        log.warning("upstream_gave_up", attempts=attempts, status=status)
+        return result
+
+    @staticmethod
+    def _answer(custom_id: str, status: int, request_id: str, data: bytes, attempt: int) -> CallResult:
+        body = json_body(data)
+        if body is None:
+            text = data[:2000].decode("utf-8", "replace")
+            body = msgspec.Raw(msgspec.json.encode({"error": {
+                "message": f"The provider answered with a body that is not JSON: {text}",
+                "type": "invalid_upstream_response", "param": None, "code": None,
+            }}))
+            ok = False
+        else:
+            ok = 200 <= status < 300
+        return CallResult(Outcome.COMPLETED if ok else Outcome.FAILED,
+                          response_line(custom_id, status, request_id, body), attempt)

@@ -1,0 +1,222 @@
+"""The consumer-group worker: pull request lines, call the provider, record each result.
+
+Loop, top to bottom:
+
+1. Wait for a free slot (at most ``SLUICE_WORKER_CONCURRENCY`` requests in flight).
+2. Read new lines with one XREADGROUP over the streams of the active batches, never more
+   entries than free slots (entries read but not started would sit where nobody can take them).
+   Streams are rotated between reads, so every batch gets its turn (round-robin fairness).
+3. Lines of a batch being cancelled or expired are recorded as such, without being sent.
+4. Every other line runs as its own task: provider call with retries, then one Lua script records
+   the result exactly once (done bitmap), bumps the batch counter and acks + deletes the entry.
+
+A background task renews the lease (XCLAIM ... IDLE 0 JUSTID) of the lines in flight, so a slow
+provider call is never taken for a dead worker's. On SIGTERM the worker stops reading, lets
+in-flight requests finish within the grace period and leaves the rest pending for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
+
+from service import keys, store
+from service.config import Settings
+from service.connections import BLOCK_MS, connect
+from service.log import configure_logging
+from service.results import abort_line
+from service.store import Outcome
+
+from .upstream import Upstream
+
+log = structlog.get_logger("sluice.worker")
+
+IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Line:
+    """One request line taken from a batch's stream."""
+
+    batch_id: str
+    entry_id: str
+    index: int
+    custom_id: str
+    body: bytes
+
+
+def consumer_name() -> str:
+    """Unique per process: a replacement may briefly share the host name and even the pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """One worker process's state: its Redis clients, its provider and its in-flight lines."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = consumer_name()
+        self.stop = asyncio.Event()
+        self.inflight: dict[asyncio.Task, Line] = {}
+        self.endpoints: dict[str, str] = {}
+        self.rotation = 0
+        self.log = log.bind(consumer=self.name)
+
+    async def run(self) -> None:
+        """Consume until ``stop`` is set, then drain within the grace period."""
+        self.redis = connect(self.settings)
+        connector = aiohttp.TCPConnector(limit=self.settings.worker_concurrency + 8, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            self.upstream = Upstream(self.settings, session)
+            renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+            self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
+            try:
+                await self._consume()
+            finally:
+                await self._drain()
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+                await self.redis.aclose()
+        self.log.info("worker_stopped")
+
+    # ------------------------------------------------------------------ the loop
+    async def _consume(self) -> None:
+        while not self.stop.is_set():
+            free = self.settings.worker_concurrency - len(self.inflight)
+            if free <= 0:
+                await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                streams = await self._pick_streams(free)
+                if not streams:
+                    await self._sleep(IDLE_WAIT_S)
+                    continue
+                lines = await self._read(streams, free)
+                if lines:
+                    await self._dispatch(lines)
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                self.log.warning("redis_unavailable", error=str(e))
+                await self._sleep(1.0)
+
+    async def _pick_streams(self, free: int) -> list[str]:
+        active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
+        if not active:
+            return []
+        self.rotation = (self.rotation + 1) % len(active)
+        rotated = active[self.rotation:] + active[: self.rotation]
+        return rotated[:free]
+
+    async def _read(self, batch_ids: list[str], free: int) -> list[Line]:
+        count = max(1, free // len(batch_ids))
+        try:
+            reply = await self.redis.xreadgroup(
+                keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids}, count=count, block=BLOCK_MS,
+            )
+        except ResponseError as e:
+            # NOGROUP / UNBLOCKED: a batch ended and its stream went away; the next read refreshes.
+            self.log.debug("read_skipped", error=str(e))
+            return []
+        lines = []
+        for stream, entries in reply or []:
+            batch_id = stream.decode().split("{", 1)[1].split("}", 1)[0]
+            for entry_id, fields in entries:
+                entry = entry_id.decode()
+                lines.append(Line(batch_id, entry, int(entry.split("-")[1]) - 1,
+                                  fields[b"c"].decode(), fields[b"b"]))
+        return lines
+
+    async def _dispatch(self, lines: list[Line]) -> None:
+        batch_ids = sorted({line.batch_id for line in lines})
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hmget(keys.batch(batch_id), "abort", "endpoint")
+        aborts: dict[str, str] = {}
+        for batch_id, (abort, endpoint) in zip(batch_ids, await pipe.execute()):
+            if abort:
+                aborts[batch_id] = abort.decode()
+            if endpoint:
+                self.endpoints[batch_id] = endpoint.decode()
+        for batch_id, reason in aborts.items():
+            skipped = [line for line in lines if line.batch_id == batch_id]
+            await store.record_results(self.redis, batch_id, [
+                (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
+            ])
+        for line in lines:
+            if line.batch_id not in aborts:
+                task = asyncio.create_task(self._process(line))
+                self.inflight[task] = line
+                task.add_done_callback(self.inflight.pop)
+
+    async def _process(self, line: Line) -> None:
+        bound = self.log.bind(batch_id=line.batch_id, custom_id=line.custom_id)
+        endpoint = self.endpoints.get(line.batch_id)
+        if endpoint is None:
+            return  # the batch is gone; nothing left to record into
+        result = await self.upstream.call(endpoint, line.custom_id, line.body, bound)
+        while True:
+            try:
+                await store.record_results(self.redis, line.batch_id, [
+                    (line.index, line.entry_id, result.outcome, result.line)])
+                break
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                # The provider was paid for this answer: keep it until Redis is back.
+                bound.warning("record_retry", error=str(e))
+                await asyncio.sleep(1.0)
+        bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
+
+    # ------------------------------------------------------------------ leases and shutdown
+    async def _renew_leases(self) -> None:
+        interval = self.settings.lease_s / 4
+        while True:
+            await asyncio.sleep(interval)
+            by_batch: dict[str, list[str]] = {}
+            for line in list(self.inflight.values()):
+                by_batch.setdefault(line.batch_id, []).append(line.entry_id)
+            for batch_id, entry_ids in by_batch.items():
+                try:
+                    await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
+                                            idle=0, justid=True)
+                except Exception as e:
+                    self.log.warning("lease_renewal_failed", batch_id=batch_id, error=str(e))
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        grace = self.settings.shutdown_grace_s
+        self.log.info("draining", in_flight=len(self.inflight), grace_s=grace)
+        done, pending = await asyncio.wait(list(self.inflight), timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            # Their entries stay pending in the group; another worker reclaims them.
+            self.log.warning("left_unfinished", lines=len(pending))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+
+def run(settings: Settings) -> None:
+    """``sluice worker``: run one worker process until SIGTERM/SIGINT."""
+    configure_logging(settings.log_level, process="worker")
+
+    async def main() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop.set)
+        await worker.run()
+
+    asyncio.run(main())
