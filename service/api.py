@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
+from urllib.parse import quote
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -174,7 +175,9 @@ async def _store_upload(
             yield chunk
 
     size = await storage.write(file_id, chunks())
-    filename = (part.filename or "upload").replace("/", "_").replace("\\", "_")[:255] or "upload"
+    # Only the base name is kept, without control characters: it is echoed in headers and lists.
+    raw_name = (part.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    filename = "".join(ch for ch in raw_name if ch.isprintable())[:255] or "upload"
     return file_id, seq, filename, size, check
 
 
@@ -273,30 +276,30 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     h = await _owned_file(request)
     chunks = request.app[STORAGE].read(h["storage_key"])
     try:
-        first = await anext(chunks, b"")
-    except FileNotFoundError:
-        raise not_found("File", h["id"], param="file_id") from None
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/octet-stream",
-        "Content-Disposition": f'attachment; filename="{h["filename"]}"',
-    })
-    response.content_length = int(h["bytes"])
-    await response.prepare(request)
-    await response.write(first)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+        try:
+            first = await anext(chunks, b"")
+        except FileNotFoundError:
+            raise not_found("File", h["id"], param="file_id") from None
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(h['filename'], safe='')}",
+        })
+        response.content_length = int(h["bytes"])
+        await response.prepare(request)
+        await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await chunks.aclose()
 
 
 # ----------------------------------------------------------------------------- batches
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 that says what is wrong."""
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY_BYTES:
-        raise APIError(413, f"Request body is larger than {MAX_JSON_BODY_BYTES} bytes.", code="request_too_large")
-    body = await request.content.read(MAX_JSON_BODY_BYTES + 1)
-    if len(body) > MAX_JSON_BODY_BYTES:
-        raise APIError(413, f"Request body is larger than {MAX_JSON_BODY_BYTES} bytes.", code="request_too_large")
+    # aiohttp enforces client_max_size here and answers 413 through the error middleware.
+    body = await request.read()
     try:
         value = msgspec.json.decode(body)
     except msgspec.DecodeError:
