@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
@@ -32,3 +35,32 @@ def connect(settings: Settings, *, max_connections: int = 64) -> aioredis.Redis:
         **kwargs,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+# What a lost or restarting Redis raises (BusyLoadingError while it replays its AOF is a
+# ConnectionError); every loop treats these as "wait and carry on".
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+class Outage:
+    """Logs a Redis outage once when it starts and once when it ends; paces reconnect attempts."""
+
+    def __init__(self, log: "structlog.typing.FilteringBoundLogger") -> None:
+        self.log = log
+        self.since: float | None = None
+        self.delay = 0.1
+
+    def failed(self, error: BaseException) -> float:
+        """Note a failure; return how long to wait before trying again (exponential, capped)."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self.log.warning("redis_unavailable", error=f"{type(error).__name__}: {error}")
+        delay, self.delay = self.delay, min(self.delay * 2, 5.0)
+        return delay
+
+    def ok(self) -> None:
+        """Note a success; logs the recovery after an outage."""
+        if self.since is not None:
+            self.log.info("redis_reconnected", down_s=round(time.monotonic() - self.since, 1))
+            self.since = None
+            self.delay = 0.1

@@ -64,6 +64,11 @@ def done(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:done"
 
 
+def batch_id_of(key: str) -> str:
+    """The batch id inside a per-batch key (the part between the braces)."""
+    return key.split("{", 1)[1].split("}", 1)[0]
+
+
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
     return (lines(batch_id), results(batch_id), done(batch_id))

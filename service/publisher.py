@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from . import keys, store
 from .config import Settings
+from .connections import REDIS_DOWN, Outage
 from .storage import Storage
 from .validation import check_line, duplicate_error, empty_error, iter_lines, too_many_error
 from .wire import TERMINAL_STATUSES, BatchError
@@ -47,9 +48,11 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
+        outage = Outage(log)
         while not stop.is_set():
             try:
                 batch_id = await self._claim()
+                outage.ok()
                 if batch_id is None:
                     self.wake.clear()
                     try:
@@ -60,6 +63,8 @@ class Publisher:
                 await self.process(batch_id)
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as e:
+                await asyncio.sleep(outage.failed(e))
             except Exception:
                 log.exception("publisher_error")
                 await asyncio.sleep(1.0)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import api, store
 from .config import Settings
-from .connections import connect
+from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
 from .publisher import Publisher
 from .storage import Storage, open_storage
@@ -20,6 +20,7 @@ log = structlog.get_logger("sluice.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+OUTAGE = web.AppKey("outage", Outage)
 
 
 def _error(e: APIError) -> web.Response:
@@ -30,7 +31,9 @@ def _error(e: APIError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes an OpenAI-style error body; nothing leaks as a bare 500 page."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        request.app[OUTAGE].ok()
+        return response
     except APIError as e:
         return _error(e)
     except web.HTTPException as e:
@@ -49,6 +52,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except ConnectionResetError:
         raise
+    except REDIS_DOWN as e:
+        request.app[OUTAGE].failed(e)
+        return _error(APIError(503, "The service is temporarily unavailable; please retry.", type="server_error",
+                               code="service_unavailable", headers={"Retry-After": "1"}))
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
         return _error(APIError(500, "The server had an error while processing your request.", type="server_error"))
@@ -101,6 +108,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
         client_max_size=api.MAX_JSON_BODY_BYTES,
     )
     app[api.SETTINGS] = settings
+    app[OUTAGE] = Outage(log)
     app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
     app[api.REDIS] = redis if redis is not None else connect(settings)
     app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings)

@@ -16,15 +16,16 @@ Each tick, for every live batch:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from service import keys, store
 from service.config import Settings
-from service.connections import connect
+from service.connections import REDIS_DOWN, Outage, connect
 from service.log import configure_logging
 from service.results import abort_line
 from service.storage import Storage, open_storage
@@ -74,20 +75,22 @@ class Finalizer:
         """Tick until ``stop`` is set."""
         self.redis = connect(self.settings, max_connections=8)
         log.info("finalizer_started", name=self.name)
+        outage = Outage(log)
         try:
             while not self.stop.is_set():
                 try:
                     if await self._hold_lock():
                         await self.tick()
-                except (RedisConnectionError, RedisTimeoutError) as e:
-                    log.warning("redis_unavailable", error=str(e))
-                    await self._sleep(1.0)
+                    outage.ok()
+                except REDIS_DOWN as e:
+                    await self._sleep(outage.failed(e))
                     continue
                 await self._sleep(TICK_S)
         finally:
             if self.active:
-                await self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
-                                      1, keys.FINALIZER_LOCK, self.name)
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
+                                          1, keys.FINALIZER_LOCK, self.name)
             await self.redis.aclose()
         log.info("finalizer_stopped")
 
@@ -104,7 +107,7 @@ class Finalizer:
             batch_id = raw.decode()
             try:
                 await self.advance(batch_id)
-            except (RedisConnectionError, RedisTimeoutError):
+            except REDIS_DOWN:
                 raise
             except Exception:
                 log.exception("finalize_failed", batch_id=batch_id)

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import aiohttp
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from service import keys, store
 from service.config import Settings
-from service.connections import BLOCK_MS, connect
+from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
 from service.log import configure_logging
-from service.results import abort_line
+from service.results import abort_line, error_line
 from service.store import Outcome
 
 from .upstream import Upstream
@@ -40,6 +40,7 @@ from .upstream import Upstream
 log = structlog.get_logger("sluice.worker")
 
 IDLE_WAIT_S = 0.5
+POISON_CODE = "poison_line"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ class Worker:
         self.inflight: dict[asyncio.Task, Line] = {}
         self.endpoints: dict[str, str] = {}
         self.rotation = 0
+        self.claim_cursors: dict[str, str] = {}
+        self.next_reclaim = 0.0
         self.log = log.bind(consumer=self.name)
+        self.outage = Outage(self.log)
 
     async def run(self) -> None:
         """Consume until ``stop`` is set, then drain within the grace period."""
@@ -97,15 +101,15 @@ class Worker:
                 continue
             try:
                 streams = await self._pick_streams(free)
+                self.outage.ok()
                 if not streams:
                     await self._sleep(IDLE_WAIT_S)
                     continue
-                lines = await self._read(streams, free)
+                lines = await self._reclaim(streams, free) or await self._read(streams, free)
                 if lines:
                     await self._dispatch(lines)
-            except (RedisConnectionError, RedisTimeoutError) as e:
-                self.log.warning("redis_unavailable", error=str(e))
-                await self._sleep(1.0)
+            except REDIS_DOWN as e:
+                await self._sleep(self.outage.failed(e))
 
     async def _pick_streams(self, free: int) -> list[str]:
         active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
@@ -127,12 +131,59 @@ class Worker:
             return []
         lines = []
         for stream, entries in reply or []:
-            batch_id = stream.decode().split("{", 1)[1].split("}", 1)[0]
-            for entry_id, fields in entries:
-                entry = entry_id.decode()
-                lines.append(Line(batch_id, entry, int(entry.split("-")[1]) - 1,
-                                  fields[b"c"].decode(), fields[b"b"]))
+            batch_id = keys.batch_id_of(stream.decode())
+            lines += [self._line(batch_id, entry_id, fields) for entry_id, fields in entries]
         return lines
+
+    async def _reclaim(self, batch_ids: list[str], free: int) -> list[Line]:
+        """Take over lines a dead worker left pending longer than a lease (a live one renews)."""
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now < self.next_reclaim:
+            return []
+        self.next_reclaim = loop_now + self.settings.lease_s / 4
+        lease_ms = int(self.settings.lease_s * 1000)
+        lines: list[Line] = []
+        for batch_id in batch_ids:
+            stream = keys.lines(batch_id)
+            try:
+                reply = await self.redis.xautoclaim(stream, keys.WORKER_GROUP, self.name, lease_ms,
+                                                    start_id=self.claim_cursors.get(batch_id, "0-0"), count=free)
+            except ResponseError:
+                continue
+            # The cursor must survive between calls, or entries past the first page are never seen.
+            cursor, entries = reply[0], reply[1]
+            self.claim_cursors[batch_id] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            claimed = [self._line(batch_id, entry_id, fields) for entry_id, fields in entries if fields]
+            if claimed:
+                self.log.warning("lines_reclaimed", batch_id=batch_id, lines=len(claimed))
+                lines += await self._drop_poison(batch_id, claimed)
+            free -= len(claimed)
+            if free <= 0:
+                break
+        return lines
+
+    async def _drop_poison(self, batch_id: str, lines: list[Line]) -> list[Line]:
+        """Record lines delivered too often (they keep killing workers) as errors; return the rest."""
+        details = await self.redis.xpending_range(
+            keys.lines(batch_id), keys.WORKER_GROUP, min=lines[0].entry_id, max=lines[-1].entry_id,
+            count=len(lines) * 2, consumername=self.name,
+        )
+        deliveries = {d["message_id"].decode(): d["times_delivered"] for d in details}
+        limit = self.settings.max_deliveries
+        poison = [line for line in lines if deliveries.get(line.entry_id, 0) > limit]
+        if poison:
+            self.log.error("poison_lines", batch_id=batch_id, custom_ids=[line.custom_id for line in poison])
+            message = f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
+            await store.record_results(self.redis, batch_id, [
+                (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
+                for line in poison
+            ])
+        return [line for line in lines if line not in poison]
+
+    @staticmethod
+    def _line(batch_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Line:
+        entry = entry_id.decode()
+        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"])
 
     async def _dispatch(self, lines: list[Line]) -> None:
         batch_ids = sorted({line.batch_id for line in lines})
@@ -167,10 +218,9 @@ class Worker:
                 await store.record_results(self.redis, line.batch_id, [
                     (line.index, line.entry_id, result.outcome, result.line)])
                 break
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except REDIS_DOWN as e:
                 # The provider was paid for this answer: keep it until Redis is back.
-                bound.warning("record_retry", error=str(e))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.outage.failed(e))
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
     # ------------------------------------------------------------------ leases and shutdown
