@@ -23,7 +23,7 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", store.Redis)
 STORAGE = web.AppKey("storage", Storage)
 PUBLISHER = web.AppKey("publisher", Publisher)
-OWNER = "sluice.owner"
+OWNER = web.RequestKey("owner", str)
 
 BATCH_FILE_TTL_S = 30 * 24 * 3600
 MAX_FORM_FIELD_BYTES = 4096
@@ -298,6 +298,11 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 # ----------------------------------------------------------------------------- batches
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 that says what is wrong."""
+    content_type = request.content_type
+    # No Content-Type at all is tolerated; a different one is a client mistake worth naming.
+    if request.headers.get("Content-Type") and not (content_type == "application/json" or content_type.endswith("+json")):
+        raise bad_request(f"Invalid Content-Type '{content_type}': send the body as application/json.",
+                          code="invalid_content_type")
     # aiohttp enforces client_max_size here and answers 413 through the error middleware.
     body = await request.read()
     try:

@@ -47,7 +47,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message, code = "Request body is too large.", "request_too_large"
         else:
             message, code = e.reason or "Request failed.", None
-        return _error(APIError(e.status, message, code=code))
+        # Keep what the exception says about the resource, e.g. Allow on a 405.
+        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+        return _error(APIError(e.status, message, code=code, headers=headers))
     except asyncio.CancelledError:
         raise
     except ConnectionResetError:
