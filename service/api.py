@@ -241,12 +241,8 @@ async def list_files(request: web.Request) -> web.Response:
         raise bad_request("Invalid value for 'order': must be 'asc' or 'desc'.", param="order", code="invalid_value")
     limit = _query_int(request, "limit", 10000, 1, 10000)
     after = _query_after(request, "file-")
-    ids, has_more = await store.page(r, keys.owner_files(owner, purpose), after=after, limit=limit,
-                                     desc=order == "desc")
-    pipe = r.pipeline(transaction=False)
-    for file_id in ids:
-        pipe.hgetall(keys.file(file_id))
-    records = [store._str(h) for h in await pipe.execute() if h]
+    records, has_more = await store.page(r, keys.owner_files(owner, purpose), keys.file, after=after, limit=limit,
+                                         desc=order == "desc")
     return json_response(_page([store.file_from_record(h) for h in records], has_more))
 
 
@@ -414,12 +410,9 @@ async def list_batches(request: web.Request) -> web.Response:
     r = request.app[REDIS]
     limit = _query_int(request, "limit", 20, 1, 100)
     after = _query_after(request, "batch_")
-    ids, has_more = await store.page(r, keys.owner_batches(request[OWNER]), after=after, limit=limit, desc=True)
-    pipe = r.pipeline(transaction=False)
-    for batch_id in ids:
-        pipe.hgetall(keys.batch(batch_id))
-    batches: list[Batch] = [store.batch_from_record(store._str(h)) for h in await pipe.execute() if h]
-    return json_response(_page(batches, has_more))
+    records, has_more = await store.page(r, keys.owner_batches(request[OWNER]), keys.batch, after=after, limit=limit,
+                                         desc=True)
+    return json_response(_page([store.batch_from_record(h) for h in records], has_more))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:

@@ -62,6 +62,7 @@ class Settings:
     shutdown_grace_s: float = 20.0
     lease_s: float = 60.0
     max_deliveries: int = 5
+    retention_s: int = 30 * 24 * 3600
     max_batch_file_bytes: int = 200 * MB
     max_file_bytes: int = 512 * MB
     max_batch_lines: int = 50_000
@@ -86,6 +87,7 @@ class Settings:
             shutdown_grace_s=_float(env, "SLUICE_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
             lease_s=_float(env, "SLUICE_LEASE_S", cls.lease_s, minimum=1.0),
             max_deliveries=_int(env, "SLUICE_MAX_DELIVERIES", cls.max_deliveries, minimum=1),
+            retention_s=_int(env, "SLUICE_RETENTION_S", cls.retention_s, minimum=60),
             max_batch_file_bytes=_int(env, "SLUICE_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes, minimum=1),
             max_file_bytes=_int(env, "SLUICE_MAX_FILE_BYTES", cls.max_file_bytes, minimum=1),
             max_batch_lines=_int(env, "SLUICE_MAX_BATCH_LINES", cls.max_batch_lines, minimum=1),

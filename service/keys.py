@@ -19,6 +19,9 @@ LIVE_BATCHES = f"{PREFIX}:batches:live"
 # Batch ids waiting for validation and publishing, scored by the time their lease ends.
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 
+# Files with an expiry, scored by expires_at: the finalizer removes their content when due.
+FILE_EXPIRY = f"{PREFIX}:files:expiry"
+
 # Lock that makes one finalizer the active one.
 FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
 

@@ -134,7 +134,7 @@ class Publisher:
         encoded = msgspec.json.encode(errors).decode()
         applied, before = await store.transition(
             self.r, h["id"], allowed=["validating"],
-            fields={"status": "failed", "failed_at": now, "errors": encoded},
+            fields={"status": "failed", "failed_at": now, "errors": encoded}, expire_s=self.settings.retention_s,
         )
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h)
@@ -146,6 +146,7 @@ class Publisher:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain.
         await store.transition(
             self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
+            expire_s=self.settings.retention_s,
         )
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release_input(self.r, self.storage, h)

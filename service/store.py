@@ -10,7 +10,7 @@ import hashlib
 import re
 import secrets
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -65,7 +65,6 @@ def _str(h: dict[bytes, bytes]) -> dict[str, str]:
 async def create_file(
     r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
     size: int, storage_key: str, expires_at: int | None, created_at: int | None = None,
-    pipe: aioredis.client.Pipeline | None = None,
 ) -> FileObject:
     """Record a stored file's metadata and index it for its owner."""
     created = created_at or now()
@@ -73,12 +72,14 @@ async def create_file(
         "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
         "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "",
     }
-    p = pipe if pipe is not None else r.pipeline(transaction=True)
+    p = r.pipeline(transaction=True)
     p.hset(keys.file(file_id), mapping=record)
     p.zadd(keys.owner_files(owner), {file_id: seq})
     p.zadd(keys.owner_files(owner, purpose), {file_id: seq})
-    if pipe is None:
-        await p.execute()
+    if expires_at:
+        p.expireat(keys.file(file_id), expires_at)
+        p.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key): expires_at})
+    await p.execute()
     return file_from_record(_str({k.encode(): str(v).encode() for k, v in record.items()}))
 
 
@@ -100,10 +101,16 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] 
     return h
 
 
+def expiry_member(file_id: str, storage_key: str) -> str:
+    """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove its content after expiry."""
+    return f"{file_id} {storage_key}"
+
+
 async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
     """Forget a file's metadata; return True when its content is no longer needed by any batch."""
     p = r.pipeline(transaction=True)
     p.delete(keys.file(h["id"]))
+    p.zrem(keys.FILE_EXPIRY, expiry_member(h["id"], h["storage_key"]))
     p.zrem(keys.owner_files(h["owner"]), h["id"])
     p.zrem(keys.owner_files(h["owner"], h["purpose"]), h["id"])
     p.scard(keys.file_refs(h["id"]))
@@ -111,19 +118,33 @@ async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
     return refs == 0
 
 
-async def page(r: Redis, zkey: str, *, after: str | None, limit: int, desc: bool) -> tuple[list[str], bool]:
-    """One page of ids from an owner index, after the cursor id, and whether more follow."""
+async def page(
+    r: Redis, zkey: str, record_key: Callable[[str], str], *, after: str | None, limit: int, desc: bool,
+) -> tuple[list[dict[str, str]], bool]:
+    """One page of records from an owner index, after the cursor id, and whether more follow.
+
+    Ids whose record has expired are pruned from the index on the way, so a page is never
+    short while more records follow (the SDK stops paging at the first empty page).
+    """
     if after is None:
         lo, hi = "-inf", "+inf"
     else:
         seq = seq_of(after)
         lo, hi = (f"({seq}", "+inf") if not desc else ("-inf", f"({seq}")
-    if desc:
-        ids = await r.zrevrangebyscore(zkey, hi, lo, start=0, num=limit + 1)
-    else:
-        ids = await r.zrangebyscore(zkey, lo, hi, start=0, num=limit + 1)
-    ids = [i.decode() for i in ids]
-    return ids[:limit], len(ids) > limit
+    while True:
+        if desc:
+            raw_ids = await r.zrevrangebyscore(zkey, hi, lo, start=0, num=limit + 1)
+        else:
+            raw_ids = await r.zrangebyscore(zkey, lo, hi, start=0, num=limit + 1)
+        ids = [i.decode() for i in raw_ids]
+        pipe = r.pipeline(transaction=False)
+        for object_id in ids[:limit]:
+            pipe.hgetall(record_key(object_id))
+        records = await pipe.execute()
+        gone = [object_id for object_id, h in zip(ids, records) if not h]
+        if not gone:
+            return [_str(h) for h in records], len(ids) > limit
+        await r.zrem(zkey, *gone)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -199,8 +220,9 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
   if s == st then allowed = true end
 end
 if not allowed then return {0, st} end
-local n = tonumber(ARGV[4])
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n)) end
+local n = tonumber(ARGV[5])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n)) end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 local adds = tonumber(ARGV[3])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
 for i = 2 + adds, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
@@ -210,12 +232,13 @@ return {1, st}
 
 async def transition(
     r: Redis, batch_id: str, *, allowed: Iterable[str], fields: dict[str, str | int],
-    add_to: Iterable[str] = (), remove_from: Iterable[str] = (),
+    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0,
 ) -> tuple[bool, str]:
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
     Returns (applied, status before). ``add_to``/``remove_from`` are sets of batch ids
-    (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step.
+    (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
+    ``expire_s`` > 0 gives the batch record its retention period (terminal states).
     """
     flat: list[str | int] = []
     for k, v in fields.items():
@@ -224,7 +247,7 @@ async def transition(
     script_keys = [keys.batch(batch_id), *add_to, *remove_from]
     applied, before = await r.eval(
         _TRANSITION, len(script_keys), *script_keys,
-        batch_id, ",".join(allowed), len(add_to), len(flat), *flat,
+        batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat,
     )
     return bool(applied), before.decode() if isinstance(before, bytes) else str(before)
 
@@ -287,3 +310,20 @@ async def release_input(r: Redis, storage, h: dict[str, str]) -> None:
     _, refs, exists = await p.execute()
     if refs == 0 and not exists:
         await storage.delete(h["input_key"])
+
+
+async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
+    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it)."""
+    now_s = now()
+    swept = 0
+    for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now_s, start=0, num=limit):
+        file_id, storage_key = member.decode().split(" ", 1)
+        h = _str(await r.hgetall(keys.file(file_id)))
+        if h and await delete_file_record(r, h) is False:
+            continue
+        if h == {} and await r.scard(keys.file_refs(file_id)):
+            continue  # metadata expired on its own; the content waits for its last batch
+        await storage.delete(storage_key)
+        await r.zrem(keys.FILE_EXPIRY, member)
+        swept += 1
+    return swept

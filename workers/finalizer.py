@@ -40,7 +40,7 @@ log = structlog.get_logger("sluice.finalizer")
 TICK_S = 0.2
 DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
-LOCK_TTL_MS = 10_000
+SWEEP_EVERY_S = 60.0
 OUTPUT_TTL_S = 30 * 24 * 3600
 
 _RENEW_LOCK = """
@@ -70,6 +70,9 @@ class Finalizer:
         self.name = consumer_name()
         self.stop = asyncio.Event()
         self.active = False
+        # Short enough that a replacement takes over quickly, long enough to ride out a pause.
+        self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
+        self.next_sweep = 0.0
 
     async def run(self) -> None:
         """Tick until ``stop`` is set."""
@@ -95,14 +98,18 @@ class Finalizer:
         log.info("finalizer_stopped")
 
     async def _hold_lock(self) -> bool:
-        held = bool(await self.redis.eval(_RENEW_LOCK, 1, keys.FINALIZER_LOCK, self.name, LOCK_TTL_MS))
+        held = bool(await self.redis.eval(_RENEW_LOCK, 1, keys.FINALIZER_LOCK, self.name, self.lock_ttl_ms))
         if held != self.active:
             log.info("finalizer_active" if held else "finalizer_standby")
             self.active = held
         return held
 
     async def tick(self) -> None:
-        """One pass over every live batch."""
+        """One pass over every live batch, and now and then over expired files."""
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + SWEEP_EVERY_S
+            if swept := await store.sweep_expired_files(self.redis, self.storage):
+                log.info("files_expired", files=swept)
         for raw in await self.redis.smembers(keys.LIVE_BATCHES):
             batch_id = raw.decode()
             try:
@@ -224,7 +231,7 @@ class Finalizer:
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
-            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES],
+            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES], expire_s=self.settings.retention_s,
         )
         if not applied:
             return

@@ -244,12 +244,26 @@ class Worker:
         grace = self.settings.shutdown_grace_s
         self.log.info("draining", in_flight=len(self.inflight), grace_s=grace)
         done, pending = await asyncio.wait(list(self.inflight), timeout=grace)
+        unfinished = [self.inflight[task] for task in pending if task in self.inflight]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        if pending:
-            # Their entries stay pending in the group; another worker reclaims them.
-            self.log.warning("left_unfinished", lines=len(pending))
+        if unfinished:
+            await self._hand_back(unfinished)
+
+    async def _hand_back(self, lines: list[Line]) -> None:
+        """Mark unfinished lines as idle past their lease, so live workers reclaim them at once."""
+        idle_ms = int(self.settings.lease_s * 1000) + 1
+        by_batch: dict[str, list[str]] = {}
+        for line in lines:
+            by_batch.setdefault(line.batch_id, []).append(line.entry_id)
+        for batch_id, entry_ids in by_batch.items():
+            try:
+                await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
+                                        idle=idle_ms, justid=True)
+            except Exception as e:
+                self.log.warning("hand_back_failed", batch_id=batch_id, error=str(e))
+        self.log.warning("left_unfinished", lines=len(lines))
 
     async def _sleep(self, seconds: float) -> None:
         try:
