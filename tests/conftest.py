@@ -278,7 +278,9 @@ class ProcessDied(AssertionError):
 class ManagedProcess:
     """A subprocess in its own process group, with stdout and stderr sent to one log file."""
 
-    def __init__(self, name: str, args: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path, stop_stage: int):
+    def __init__(
+        self, name: str, args: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path, stop_stage: int
+    ):
         self.name = name
         self.args = list(args)
         self.log_path = log_path
@@ -458,7 +460,8 @@ def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3) -> R
         port = free_port()
         proc = runner.start(
             "redis",
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            [exe, "--port", str(port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no", "--dir", str(workdir)],
             stop_stage=0,
         )
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
@@ -542,6 +545,26 @@ class Stack:
 
     def check_alive(self) -> None:
         self.runner.check_alive()
+
+    def spawn(self, role: str, name: str | None = None) -> ManagedProcess:
+        """Start one more Sluice process (``web``, ``worker`` or ``finalizer``) with this stack's env.
+
+        A new ``web`` reuses the stack's port, so start it only after the old one has exited.
+        """
+        env = dict(self.env)
+        if role == "web":
+            env["PORT"] = str(self.port)
+        return self.runner.start(name or role, _sluice_cmd(role), env=env)
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        wait_until(
+            lambda: http_request("GET", f"{self.base_url}/healthz", timeout=2).status == 200,
+            timeout=timeout,
+            interval=0.1,
+            message=f"web on port {self.port} to answer GET /healthz with 200",
+            ignore=(OSError,),
+            check=self.check_alive,
+        )
 
     # ---- SDK
 
@@ -704,8 +727,13 @@ class StackFactory:
         max_batch_lines: int | None = None,
         tokens: tuple[str, ...] = TOKENS,
         finalizer: bool = True,
+        upstream_suffix: str = "",
         env: Mapping[str, str] | None = None,
     ) -> Stack:
+        """Start a stack; ``env`` overrides the Sluice processes' environment last.
+
+        ``upstream_suffix`` is appended to the mock's URL in ``SLUICE_UPSTREAM_URL`` (e.g. ``/v1``).
+        """
         name = name or f"stack{len(self.stacks) + 1}"
         root = self.base_dir / name
         runner = ProcessRunner(root / "logs")
@@ -728,7 +756,7 @@ class StackFactory:
                 "REDIS_URL": redis_server.url,
                 "SLUICE_DATA_DIR": str(data_dir),
                 "SLUICE_API_TOKENS": ",".join(tokens),
-                "SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}",
+                "SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}{upstream_suffix}",
                 "SLUICE_UPSTREAM_API_KEY": UPSTREAM_API_KEY,
                 "SLUICE_WORKER_CONCURRENCY": str(worker_concurrency),
                 "SLUICE_LOG_LEVEL": "info",
@@ -763,14 +791,7 @@ class StackFactory:
                 ignore=(OSError,),
                 check=runner.check_alive,
             )
-            wait_until(
-                lambda: http_request("GET", f"{stack.base_url}/healthz", timeout=2).status == 200,
-                timeout=STARTUP_TIMEOUT_S,
-                interval=0.1,
-                message=f"web on port {web_port} to answer GET /healthz with 200",
-                ignore=(OSError,),
-                check=runner.check_alive,
-            )
+            stack.wait_healthy()
             stack.mock_reset()
             runner.check_alive()
         except (WaitTimeout, ProcessDied, AssertionError, OSError) as exc:

@@ -161,8 +161,11 @@ def test_upload_with_unknown_purpose_is_400(stack):
 
 def test_upload_without_file_part_is_400(stack):
     boundary = "sluiceboundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--{boundary}--\r\n').encode()
-    res = stack.http("POST", "/v1/files", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--{boundary}--\r\n'
+    ).encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    res = stack.http("POST", "/v1/files", data=body, headers=headers)
     stack.assert_error(res, 400)
 
 

@@ -57,9 +57,8 @@ def test_raw_http_on_bare_paths(stack):
     assert res.status == 200 and "json" in res.content_type
     assert res.json()["id"] == f.id
 
-    res = stack.http(
-        "POST", "/batches", json_body={"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
-    )
+    body = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    res = stack.http("POST", "/batches", json_body=body)
     assert res.status == 200, res.body[:500]
     batch_id = res.json()["id"]
     stack.wait_for_batch(batch_id)

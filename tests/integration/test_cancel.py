@@ -119,3 +119,28 @@ def test_cancel_failed_batch_is_409(cstack):
     batch = cstack.wait_for_batch(created.id)
     assert batch.status == "failed", batch
     _assert_409_not_retryable(cstack, batch.id, "failed")
+
+
+def test_cancel_right_after_create(cstack):
+    """Cancel while the batch is (most likely) still validating: whatever the timing, nothing is lost."""
+    client = cstack.client()
+    cstack.mock_reset()
+    run = uuid.uuid4().hex[:8]
+    rows = [cstack.chat_line(f"early-{run}-{i:04d}", f"early {i}", mock_latency_ms=LATENCY_MS) for i in range(3000)]
+    _, created = cstack.submit(rows, client=client)
+    resp = client.batches.cancel(created.id)
+    assert resp.status in ("cancelling", "cancelled"), resp
+    assert resp.cancelling_at is not None
+
+    batch = cstack.wait_for_batch(created.id, client=client, timeout=60)
+    assert batch.status == "cancelled", batch
+    assert batch.cancelled_at is not None and batch.completed_at is None
+    output, errors = cstack.results(batch, client=client)
+    assert batch.request_counts.total in (0, 3000), batch.request_counts
+    assert len(output) + len(errors) == batch.request_counts.total
+    assert batch.request_counts.completed == len(output) and batch.request_counts.failed == len(errors)
+    assert all(line["error"]["code"] == "batch_cancelled" and line["response"] is None for line in errors)
+    stats = cstack.mock_stats()
+    assert stats["in_flight"] == 0
+    assert stats["requests"] == len(output), (stats, len(output))
+    assert stats["requests"] <= 4, f"{stats['requests']} requests sent after an immediate cancel"

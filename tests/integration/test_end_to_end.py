@@ -151,3 +151,44 @@ def test_all_failing_batch_has_no_output_file(stack):
     errors = stack.read_file(batch.error_file_id, client=client)
     assert sorted(line["custom_id"] for line in errors) == sorted(r["custom_id"] for r in rows)
     assert all(line["response"]["status_code"] == 404 and line["error"] is None for line in errors), errors
+
+
+async def test_concurrent_batches_through_the_async_sdk(stack, async_wait_until):
+    import asyncio
+
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url=stack.api_url, api_key=stack.token, _strict_response_validation=True, max_retries=0, timeout=30
+    )
+    run = uuid.uuid4().hex[:8]
+    try:
+
+        async def one(k: int):
+            rows = [stack.chat_line(f"async-{run}-{k}-{i}", f"async {k}/{i}") for i in range(5)]
+            f = await client.files.create(file=(f"async{k}.jsonl", stack.to_jsonl(rows)), purpose="batch")
+            return await client.batches.create(
+                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": str(k)}
+            )
+
+        created = await asyncio.gather(*(one(k) for k in range(8)))
+        assert len({b.id for b in created}) == 8
+
+        async def all_done():
+            batches = await asyncio.gather(*(client.batches.retrieve(b.id) for b in created))
+            finished = all(b.status in ("completed", "failed", "cancelled", "expired") for b in batches)
+            return batches if finished else None
+
+        finished = await async_wait_until(all_done, timeout=60, interval=0.1, check=stack.check_alive)
+        for k, batch in enumerate(finished):
+            assert batch.status == "completed", batch
+            assert batch.metadata == {"k": str(k)}
+            assert batch.request_counts.completed == 5
+            text = (await client.files.content(batch.output_file_id)).text
+            got = {line["custom_id"]: line for line in stack.parse_jsonl(text)}
+            assert sorted(got) == sorted(f"async-{run}-{k}-{i}" for i in range(5))
+            for cid, line in got.items():
+                i = cid.rsplit("-", 1)[1]
+                assert line["response"]["body"]["choices"][0]["message"]["content"] == f"echo: async {k}/{i}"
+    finally:
+        await client.close()

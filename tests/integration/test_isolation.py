@@ -80,3 +80,29 @@ def test_token_b_cannot_see_or_touch_token_a_objects(stack):
     with pytest.raises(openai.NotFoundError):
         a.files.retrieve(a_file.id)
     assert a_file.id not in {f.id for f in a.files.list()}
+
+
+def test_tokens_never_reach_logs_or_upstream(stack_factory):
+    tokens = ("alpha-secret-7f3c9e", "beta-secret-2d8a41")
+    stack = stack_factory.start(name="secrets", tokens=tokens, env={"SLUICE_LOG_LEVEL": "debug"})
+    client = stack.client(token=tokens[0])
+    rows = [stack.chat_line(f"sec-{i}", "psst", mock_status=[200, 404][i % 2]) for i in range(4)]
+    _, created = stack.submit(rows, client=client)
+    assert stack.wait_for_batch(created.id, client=client).status == "completed"
+    stack.client(token=tokens[1]).files.list()
+    wrong = "gamma-wrong-5b6e0d"
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(token=wrong).batches.list()
+    assert stack.http("GET", "/v1/batches", token=None, headers={"Authorization": f"Bearer {wrong}"}).status == 401
+
+    assert stack.mock_stats()["authorization"] == ["Bearer upstream-secret"]
+    stack.runner.stop([p for p in stack.processes if p.name != "redis"])  # flush every log
+    scanned = 0
+    for proc in stack.processes:
+        if proc.name in ("redis", "mock-provider"):
+            continue
+        text = proc.log_path.read_text(errors="replace")
+        scanned += len(text)
+        for secret in (*tokens, wrong, "upstream-secret"):
+            assert secret not in text, f"{secret!r} appears in the log of {proc.name}"
+    assert scanned > 0, "the Sluice processes wrote no logs at all: nothing was checked"

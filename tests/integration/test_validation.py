@@ -15,12 +15,15 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MAX_LINES = 100
+MAX_FILE_BYTES = 100_000
 GOOD_LINES = 20
 
 
 @pytest.fixture(scope="module")
 def vstack(module_stack_factory):
-    return module_stack_factory.start(name="validation", max_batch_lines=MAX_LINES)
+    return module_stack_factory.start(
+        name="validation", max_batch_lines=MAX_LINES, env={"SLUICE_MAX_BATCH_FILE_BYTES": str(MAX_FILE_BYTES)}
+    )
 
 
 def good_rows(stack, run: str, n: int = GOOD_LINES) -> list[dict]:
@@ -82,6 +85,10 @@ BAD_LINE_CASES = {
     "wrong_url": (lambda row: {**row, "url": "/v1/embeddings"}, "invalid_url", "url"),
     "no_model": (lambda row: _with_body(row, model=None), "invalid_request", "body.model"),
     "stream_true": (lambda row: _with_body(row, stream=True), "streaming_unsupported", "body.stream"),
+    "custom_id_int": (lambda row: {**row, "custom_id": 7}, "invalid_type", "custom_id"),
+    "custom_id_empty": (lambda row: {**row, "custom_id": ""}, "invalid_type", "custom_id"),
+    "body_string": (lambda row: {**row, "body": "model=gpt"}, "invalid_type", "body"),
+    "model_int": (lambda row: _with_body(row, model=4), "invalid_request", "body.model"),
 }
 
 
@@ -176,3 +183,27 @@ def test_upload_rejects_non_jsonl_batch_files(vstack, content):
     with pytest.raises(openai.BadRequestError) as info:
         client.files.create(file=("input.jsonl", content), purpose="batch")
     vstack.assert_error(info.value, 400)
+
+
+def test_bom_and_crlf_are_accepted(vstack):
+    client = vstack.client()
+    run = f"crlf-{uuid.uuid4().hex[:6]}"
+    rows = good_rows(vstack, run, 5)
+    data = b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n"
+    f = vstack.upload_jsonl(data, client=client)
+    batch = vstack.wait_for_batch(vstack.create_batch(f.id, client=client).id, client=client)
+    assert batch.status == "completed", batch
+    output, errors = vstack.results(batch, client=client)
+    assert errors == [] and sorted(line["custom_id"] for line in output) == sorted(r["custom_id"] for r in rows)
+
+
+def test_upload_over_the_size_limit_is_413(vstack):
+    client = vstack.client()
+    row = json.dumps(vstack.chat_line("big", "x" * 1000))
+    data = "\n".join([row] * (MAX_FILE_BYTES // len(row) + 5)).encode()
+    assert len(data) > MAX_FILE_BYTES
+    with pytest.raises(openai.APIStatusError) as info:
+        client.files.create(file=("big.jsonl", data), purpose="batch")
+    vstack.assert_error(info.value, 413)
+    # Nothing was stored.
+    assert "big.jsonl" not in {f.filename for f in client.files.list()}

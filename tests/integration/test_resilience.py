@@ -1,0 +1,74 @@
+"""Process lifecycle: graceful SIGTERM, restarts, and a worker killed mid-batch."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+SLUICE_ROLES = ("web", "worker", "finalizer")
+
+
+def _assert_exactly_once(stack, batch, messages: dict[str, str]) -> None:
+    output, errors = stack.results(batch)
+    assert errors == [], errors[:3]
+    counts = Counter(line["custom_id"] for line in output)
+    assert set(counts) == set(messages), set(counts) ^ set(messages)
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+    for line in output:
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == "echo: " + messages[line["custom_id"]]
+    assert batch.request_counts.total == batch.request_counts.completed == len(messages)
+
+
+def test_sigterm_mid_batch_then_restart(stack_factory, wait_until):
+    stack = stack_factory.start(name="restart", workers=2, worker_concurrency=4)
+    run = uuid.uuid4().hex[:8]
+    messages = {f"rs-{run}-{i:02d}": f"restart {i}" for i in range(40)}
+    rows = [stack.chat_line(cid, msg, mock_latency_ms=300) for cid, msg in messages.items()]
+    _, created = stack.submit(rows)
+    wait_until(lambda: stack.mock_stats()["in_flight"] >= 1, timeout=30, check=stack.check_alive)
+
+    sluice = [p for p in stack.processes if p.name.split("-")[0] in SLUICE_ROLES]
+    assert len(sluice) == 4
+    for p in sluice:
+        p.stopping = True
+        p.signal(signal.SIGTERM)
+    # SLUICE_SHUTDOWN_GRACE_S is 2 in test stacks: every process must be gone well within 5 s, with 0.
+    wait_until(lambda: not any(p.alive for p in sluice), timeout=5, message=lambda: [p.describe() for p in sluice])
+    assert [p.returncode for p in sluice] == [0] * 4, [p.describe() for p in sluice]
+
+    stack.spawn("web")
+    stack.spawn("worker")
+    stack.spawn("worker")
+    stack.spawn("finalizer")
+    stack.wait_healthy()
+
+    batch = stack.wait_for_batch(created.id, timeout=60)
+    assert batch.status == "completed", batch
+    _assert_exactly_once(stack, batch, messages)
+    assert stack.mock_stats()["requests"] >= len(messages)
+
+
+def test_worker_killed_mid_batch_work_is_reclaimed(stack_factory, wait_until):
+    stack = stack_factory.start(name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"})
+    run = uuid.uuid4().hex[:8]
+    messages = {f"kill-{run}-{i:02d}": f"survive {i}" for i in range(40)}
+    rows = [stack.chat_line(cid, msg, mock_latency_ms=300) for cid, msg in messages.items()]
+    _, created = stack.submit(rows)
+    wait_until(lambda: stack.mock_stats()["in_flight"] >= 6, timeout=30, check=stack.check_alive)
+
+    victim = stack.process("worker-1")
+    victim.stopping = True
+    victim.signal(signal.SIGKILL)
+    victim.popen.wait(timeout=5)
+
+    batch = stack.wait_for_batch(created.id, timeout=60)
+    assert batch.status == "completed", batch
+    _assert_exactly_once(stack, batch, messages)
+    # The dead worker had requests in flight (both workers were busy): the survivor sent them again.
+    stats = stack.mock_stats()
+    assert stats["requests"] > len(messages), f"no request was redelivered after the kill: {stats}"
