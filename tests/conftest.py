@@ -440,17 +440,46 @@ class RedisServer:
     port: int
     url: str
     process: ManagedProcess
+    runner: ProcessRunner
 
     def client(self, **kwargs: Any):
         import redis
 
         return redis.Redis.from_url(self.url, socket_timeout=5, **kwargs)
 
+    def restart(self, *, sig: int = signal.SIGKILL) -> None:
+        """Stop redis-server with ``sig`` and start it again on the same port and data dir."""
+        old = self.process
+        old.stopping = True
+        old.signal(sig)
+        old.popen.wait(timeout=15)
+        old.close_log()
+        self.process = self.runner.start("redis", old.args, stop_stage=0)
+        _wait_for_ping(self.port, self.process)
 
-def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3) -> RedisServer:
-    """Start a private ``redis-server`` on a free port (never the shared 6379) and wait for PING."""
+
+def _wait_for_ping(port: int, proc: ManagedProcess) -> None:
     import redis
 
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        # BusyLoadingError (an AOF being replayed) is a ConnectionError: keep waiting through it.
+        wait_until(
+            client.ping,
+            timeout=20,
+            message=f"redis-server on port {port} to answer PING",
+            ignore=(redis.ConnectionError, redis.TimeoutError, OSError),
+            check=lambda: _raise_if_exited(proc),
+        )
+    finally:
+        client.close()
+
+
+def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3, appendonly: bool = False) -> RedisServer:
+    """Start a private ``redis-server`` on a free port (never the shared 6379) and wait for PING.
+
+    ``appendonly`` turns AOF persistence on, as a managed Redis has it, so a restart keeps data.
+    """
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not on PATH (make test installs it)")
@@ -461,24 +490,15 @@ def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3) -> R
         proc = runner.start(
             "redis",
             [exe, "--port", str(port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            + ["--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)],
             stop_stage=0,
         )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
         try:
-            wait_until(
-                client.ping,
-                timeout=10,
-                message=f"redis-server on port {port} to answer PING",
-                ignore=(redis.ConnectionError, redis.TimeoutError, OSError),
-                check=lambda: _raise_if_exited(proc),
-            )
-            return RedisServer(port, f"redis://127.0.0.1:{port}/0", proc)
+            _wait_for_ping(port, proc)
+            return RedisServer(port, f"redis://127.0.0.1:{port}/0", proc, runner)
         except ProcessDied as exc:  # most likely the port was taken in the meantime: retry
             last_error = exc
             proc.stopping = True
-        finally:
-            client.close()
     raise AssertionError(f"could not start redis-server: {last_error}")
 
 
@@ -728,6 +748,7 @@ class StackFactory:
         tokens: tuple[str, ...] = TOKENS,
         finalizer: bool = True,
         upstream_suffix: str = "",
+        redis_aof: bool = False,
         env: Mapping[str, str] | None = None,
     ) -> Stack:
         """Start a stack; ``env`` overrides the Sluice processes' environment last.
@@ -738,7 +759,7 @@ class StackFactory:
         root = self.base_dir / name
         runner = ProcessRunner(root / "logs")
         try:
-            redis_server = start_redis(runner, root / "redis")
+            redis_server = start_redis(runner, root / "redis", appendonly=redis_aof)
             data_dir = root / "data"
             data_dir.mkdir(parents=True, exist_ok=True)
             base_env = _base_env()

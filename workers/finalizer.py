@@ -123,6 +123,8 @@ class Finalizer:
         """Move one batch as far as it can go now."""
         h = await store.get_batch_record(self.redis, batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
+            # A finish interrupted after its transition: complete the clean-up.
+            await self.redis.delete(*keys.work_keys(batch_id))
             await self.redis.srem(keys.LIVE_BATCHES, batch_id)
             return
         if h["status"] == "in_progress" and not h.get("abort") and time.time() >= int(h["expires_at"]):
@@ -215,9 +217,10 @@ class Finalizer:
         batch_id = h["id"]
         now = store.now()
         if h["status"] == "in_progress" and not h.get("abort"):
-            applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                                fields={"status": "finalizing", "finalizing_at": now})
-            if not applied:
+            applied, before = await store.transition(self.redis, batch_id, allowed=["in_progress"],
+                                                     fields={"status": "finalizing", "finalizing_at": now})
+            # "finalizing" already: redis-py retried the script after a dropped connection.
+            if not applied and before != "finalizing":
                 return  # cancelled at the last moment: the next tick finishes it as cancelled
             h["status"] = "finalizing"
         if h["status"] == "finalizing":
@@ -233,7 +236,7 @@ class Finalizer:
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
             remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES], expire_s=self.settings.retention_s,
         )
-        if not applied:
+        if not applied and before != final:
             return
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)

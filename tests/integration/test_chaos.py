@@ -1,0 +1,106 @@
+"""Chaos: SIGKILL random Sluice processes and restart Redis while a batch runs.
+
+Whatever dies, the batch must end in a terminal state with every custom_id exactly once across
+the output and error files, counts equal to the files, and no per-batch Redis key left without
+an expiry. ``SLUICE_CHAOS_SEED`` replays one schedule; ``SLUICE_CHAOS_LINES`` resizes the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+
+import openai
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+LINES = int(os.environ.get("SLUICE_CHAOS_LINES", "5000"))
+KILLS = 6
+ROLES = ("web", "worker", "worker", "finalizer")
+# Keys that index many objects and so never expire; everything else must, once the batch ended.
+GLOBAL_KEYS = ("sluice:seq", "sluice:batches:", "sluice:owner:", "sluice:files:expiry")
+# What a line may legitimately end with in the error file under injected 429/500s and kills.
+ACCEPTED_ERROR_STATUSES = {429, 500}
+ACCEPTED_ERROR_CODES = {"poison_line"}
+
+
+def _progress(client, batch_id: str) -> int | None:
+    """Lines with a result so far, or None while the web process is down."""
+    try:
+        counts = client.batches.retrieve(batch_id).request_counts
+    except (openai.APIConnectionError, openai.InternalServerError):
+        return None
+    return counts.completed + counts.failed
+
+
+def _kill_and_replace(stack, role: str) -> None:
+    victims = [p for p in stack.processes if p.name.split("-")[0] == role and p.alive and not p.stopping]
+    victim = victims[0]
+    victim.stopping = True
+    victim.signal(signal.SIGKILL)
+    victim.popen.wait(timeout=10)
+    stack.spawn(role)
+    if role == "web":
+        stack.wait_healthy()
+
+
+def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
+    seed = int(os.environ.get("SLUICE_CHAOS_SEED", str(int(time.time() * 1000) % 1_000_000)))
+    rng = random.Random(seed)
+    print(f"chaos seed {seed}")
+    stack = stack_factory.start(
+        name="chaos", workers=2, worker_concurrency=16, mock_latency_ms=30, mock_error_rate=0.05, redis_aof=True,
+        env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_SHUTDOWN_GRACE_S": "2"},
+    )
+    client = stack.client(timeout=10)
+    run = uuid.uuid4().hex[:8]
+    messages = {f"chaos-{run}-{i:05d}": f"line {i} of {run}" for i in range(LINES)}
+    _, batch = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=client)
+
+    # The first victim is the web process while it validates and publishes the lines.
+    _kill_and_replace(stack, "web")
+    schedule = sorted(rng.uniform(0.05, 0.85) for _ in range(KILLS))
+    redis_at = rng.randrange(KILLS)
+    for i, fraction in enumerate(schedule):
+        target = int(fraction * LINES)
+        wait_until(lambda: (_progress(client, batch.id) or 0) >= target, timeout=90,
+                   message=f"batch {batch.id} to reach {target} results (seed {seed})", check=stack.check_alive)
+        if i == redis_at:
+            stack.redis.restart(sig=signal.SIGKILL)
+        _kill_and_replace(stack, rng.choice(ROLES))
+
+    done = wait_until(
+        lambda: (b := client.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled", "expired") and b,
+        timeout=120, ignore=(openai.APIConnectionError, openai.InternalServerError),
+        message=f"batch {batch.id} to finish (seed {seed})", check=stack.check_alive,
+    )
+    assert done.status == "completed", f"seed {seed}: {done}"
+
+    output, errors = stack.results(done, client=client)
+    seen = Counter(line["custom_id"] for line in output + errors)
+    assert set(seen) == set(messages), f"seed {seed}: missing {len(set(messages) - set(seen))}, extra {set(seen) - set(messages)}"
+    twice = {cid: n for cid, n in seen.items() if n != 1}
+    assert not twice, f"seed {seed}: lines recorded more than once: {list(twice.items())[:5]}"
+    for line in output:
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == "echo: " + messages[line["custom_id"]]
+    for line in errors:
+        if line["response"] is not None:
+            assert line["response"]["status_code"] in ACCEPTED_ERROR_STATUSES, line
+        else:
+            assert line["error"]["code"] in ACCEPTED_ERROR_CODES, line
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (LINES, len(output), len(errors)), f"seed {seed}: {counts}"
+
+    r = stack.redis.client()
+    try:
+        leftovers = [k.decode() for k in r.scan_iter("sluice:*")
+                     if r.ttl(k) == -1 and not k.decode().startswith(GLOBAL_KEYS)]
+        assert leftovers == [], f"seed {seed}: keys without expiry: {leftovers}"
+        assert not [k for k in r.scan_iter(f"*{batch.id}*") if r.ttl(k) == -1], f"seed {seed}"
+    finally:
+        r.close()
