@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import signal
 from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -21,6 +22,29 @@ log = structlog.get_logger("sluice.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 OUTAGE = web.AppKey("outage", Outage)
+
+
+class InFlight:
+    """Counts requests under way, so a stopping process can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self.idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self.idle.set()
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 def _error(e: APIError) -> web.Response:
@@ -105,10 +129,12 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     """Build the web application; ``redis``/``storage`` may be injected (tests use fakeredis)."""
     if not settings.api_tokens:
         raise ValueError("SLUICE_API_TOKENS is empty: set at least one API token")
+    in_flight = InFlight()
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(settings.api_tokens)],
+        middlewares=[in_flight.middleware, error_middleware, auth_middleware(settings.api_tokens)],
         client_max_size=api.MAX_JSON_BODY_BYTES,
     )
+    app[IN_FLIGHT] = in_flight
     app[api.SETTINGS] = settings
     app[OUTAGE] = Outage(log)
     app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
@@ -134,10 +160,29 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
 
 
 def run(settings: Settings) -> None:
-    """``sluice web``: serve HTTP on ``$PORT`` until SIGTERM/SIGINT."""
-    app = create_app(settings)
-    log.info("web_listening", port=settings.port)
-    web.run_app(
-        app, host="0.0.0.0", port=settings.port, print=None, access_log=None,
-        shutdown_timeout=settings.shutdown_grace_s, handle_signals=True,
-    )
+    """``sluice web``: serve HTTP on ``$PORT`` until SIGTERM/SIGINT, then drain requests under way."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        app = create_app(settings)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, host="0.0.0.0", port=settings.port)
+        await site.start()
+        log.info("web_listening", port=settings.port)
+        await stop.wait()
+        # Stop listening first and let requests under way (uploads still streaming in) finish:
+        # aiohttp's own shutdown stops reading request bodies at once.
+        await site.stop()
+        log.info("web_stopping", in_flight=app[IN_FLIGHT].count, grace_s=settings.shutdown_grace_s)
+        try:
+            await asyncio.wait_for(app[IN_FLIGHT].idle.wait(), timeout=settings.shutdown_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("web_requests_cut", in_flight=app[IN_FLIGHT].count)
+        await runner.cleanup()
+        log.info("web_stopped")
+
+    asyncio.run(main())

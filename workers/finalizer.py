@@ -69,7 +69,7 @@ class Finalizer:
         self.storage = storage
         self.name = consumer_name()
         self.stop = asyncio.Event()
-        self.active = False
+        self.active: bool | None = None  # unknown until the first attempt, so either outcome is logged
         # Short enough that a replacement takes over quickly, long enough to ride out a pause.
         self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
         self.next_sweep = 0.0

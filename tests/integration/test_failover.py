@@ -1,0 +1,103 @@
+"""Poison lines, finalizer standby and takeover, and a web process draining uploads on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _kill(proc) -> None:
+    proc.stopping = True
+    proc.signal(signal.SIGKILL)
+    proc.popen.wait(timeout=10)
+
+
+def test_a_line_that_keeps_killing_workers_ends_as_poison(stack_factory, wait_until):
+    stack = stack_factory.start(
+        name="poison", workers=1, worker_concurrency=4,
+        env={"SLUICE_LEASE_S": "1", "SLUICE_MAX_DELIVERIES": "2"},
+    )
+    cid = f"poison-{uuid.uuid4().hex[:8]}"
+    # The provider never answers this line in time: every worker holding it is killed.
+    _, batch = stack.submit([stack.chat_line(cid, "never answered", mock_latency_ms=60_000)])
+    for delivery in (1, 2):
+        wait_until(lambda: stack.mock_stats()["requests"] >= delivery, timeout=30,
+                   message=f"delivery {delivery} of the poison line to reach the provider", check=stack.check_alive)
+        _kill(next(p for p in stack.processes if p.name.startswith("worker") and not p.stopping))
+        stack.spawn("worker")
+
+    done = stack.wait_for_batch(batch.id, timeout=30)
+    assert done.status == "completed", done
+    _, errors = stack.results(done)
+    assert [(line["custom_id"], line["response"], line["error"]["code"]) for line in errors] == [
+        (cid, None, "poison_line")]
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
+    assert stack.mock_stats()["requests"] == 2
+
+
+def test_second_finalizer_waits_then_takes_over(stack_factory, wait_until):
+    stack = stack_factory.start(name="standby", workers=1, env={"SLUICE_LEASE_S": "2"})
+    first = stack.process("finalizer")
+    second = stack.spawn("finalizer")
+    wait_until(lambda: "finalizer_standby" in second.tail(50), timeout=20,
+               message="the second finalizer to report standby", check=stack.check_alive)
+    assert "finalizer_active" not in second.tail(50)
+
+    _kill(first)
+    wait_until(lambda: "finalizer_active" in second.tail(50), timeout=20,
+               message="the standby finalizer to take over", check=stack.check_alive)
+    messages = {f"fo-{i}": f"after takeover {i}" for i in range(20)}
+    _, batch = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()])
+    done = stack.wait_for_batch(batch.id, timeout=30)
+    assert done.status == "completed", done
+    output, _ = stack.results(done)
+    assert sorted(line["custom_id"] for line in output) == sorted(messages)
+
+
+def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
+    stack = stack_factory.start(name="drain-upload", workers=1)
+    boundary = "sluiceboundary"
+    line = stack.to_jsonl([stack.chat_line("slow-0", "hello")])
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    sent_head = threading.Event()
+    result: dict = {}
+
+    def body():
+        yield head
+        sent_head.set()
+        # The rest arrives after the web process was told to stop.
+        time.sleep(0.5)
+        yield line
+        yield tail
+
+    def upload():
+        request = urllib.request.Request(
+            f"{stack.api_url}/files", data=body(), method="POST",
+            headers={"Authorization": f"Bearer {stack.token}",
+                     "Content-Type": f"multipart/form-data; boundary={boundary}",
+                     "Transfer-Encoding": "chunked"},
+        )
+        with urllib.request.urlopen(request, timeout=20) as response:
+            result["status"] = response.status
+            result["body"] = response.read()
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert sent_head.wait(10)
+    web = stack.process("web")
+    web.stopping = True
+    web.signal(signal.SIGTERM)
+    uploader.join(20)
+    assert result.get("status") == 200, result
+    wait_until(lambda: not web.alive, timeout=10, message="web to exit after draining")
+    assert web.returncode == 0
