@@ -7,6 +7,8 @@ from collections import Counter
 
 import pytest
 
+from service import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MAX_ATTEMPTS = 3
@@ -140,3 +142,12 @@ def test_expiry(stack_factory):
     stats = stack.mock_stats()
     # Expired lines were not sent, apart from at most the 4 that were in flight when the window closed.
     assert len(output) <= stats["requests"] <= len(output) + 4, stats
+
+    # Once expired, nothing of the batch stays in Redis without an expiry.
+    r = stack.redis.client()
+    try:
+        unexpiring = [k.decode() for k in r.scan_iter(f"*{created.id}*") if r.ttl(k) == -1]
+        assert unexpiring == [], unexpiring
+        assert r.ttl(keys.batch(created.id)) > 0
+    finally:
+        r.close()
