@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import keys, store
 from .config import Settings
+from .crypto import seal
 from .errors import APIError, bad_request, not_found
 from .publisher import Publisher
 from .storage import CHUNK, Storage
 from .validation import BOM, MAX_LINE_BYTES
 from .wire import (
-    BATCH_ENDPOINTS, FILE_PURPOSES, TERMINAL_STATUSES, UPLOAD_PURPOSES, Batch, FileDeleted, FileObject, Page,
+    BATCH_ENDPOINTS, FILE_PURPOSES, JSON_ERRORS, TERMINAL_STATUSES, UPLOAD_PURPOSES, Batch, FileDeleted, FileObject, Page,
     json_encoder,
 )
 
@@ -107,7 +110,7 @@ class _FirstLineCheck:
     def _judge(line: bytes) -> str:
         try:
             msgspec.json.decode(line.rstrip(b"\r"), type=dict)
-        except msgspec.DecodeError:
+        except JSON_ERRORS:
             return "Invalid file format for Batch API. Must be .jsonl (the first line is not a JSON object)."
         return ""
 
@@ -124,6 +127,17 @@ async def _read_field(part: BodyPartReader) -> str:
         raise bad_request(f"Form field '{part.name}' is not valid UTF-8.", param=part.name) from None
 
 
+_DISPOSITION_NAME = re.compile(r'(?:^|;)\s*name="([^"]*)"')
+
+
+def _part_name(part: BodyPartReader) -> str | None:
+    """The form field name of a part, even where aiohttp's parser gives up (e.g. ';;' in a filename)."""
+    if part.name is not None:
+        return part.name
+    m = _DISPOSITION_NAME.search(part.headers.get("Content-Disposition", ""))
+    return m.group(1) if m else None
+
+
 async def upload_file(request: web.Request) -> web.Response:
     """POST /files: a multipart upload streamed into storage."""
     settings, r, storage = request.app[SETTINGS], request.app[REDIS], request.app[STORAGE]
@@ -137,17 +151,18 @@ async def upload_file(request: web.Request) -> web.Response:
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise bad_request("Nested multipart bodies are not supported.")
-                if part.name == "file":
+                name = _part_name(part)
+                if name == "file":
                     if stored is not None:
                         raise bad_request("Only one 'file' may be uploaded per request.", param="file")
                     stored = await _store_upload(r, storage, settings, part, fields.get("purpose"))
-                elif part.name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
-                    fields[part.name] = await _read_field(part)
+                elif name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
+                    fields[name] = await _read_field(part)
                 else:
-                    raise bad_request(f"Unrecognized request argument supplied: {part.name}", param=part.name,
+                    raise bad_request(f"Unrecognized request argument supplied: {name}", param=name,
                                       code="unknown_parameter")
-        except (ValueError, AssertionError) as e:
-            # aiohttp signals malformed multipart bodies with these.
+        except (ValueError, AssertionError, HttpProcessingError) as e:
+            # aiohttp signals malformed multipart bodies (and part headers) with these.
             raise bad_request(f"Malformed multipart body: {e}") from None
         return json_response(await _finish_upload(r, settings, request[OWNER], fields, stored))
     except BaseException:
@@ -303,7 +318,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     body = await request.read()
     try:
         value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         raise bad_request("We could not parse the JSON body of your request. The body must be a JSON object.",
                           code="invalid_json") from None
     if not isinstance(value, dict):
@@ -376,6 +391,7 @@ async def create_batch(request: web.Request) -> web.Response:
             raise bad_request("Invalid type for 'output_expires_after': expected an object.",
                               param="output_expires_after", code="invalid_type")
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
+    provider, sealed_key = _provider_choice(request, settings)
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
@@ -386,10 +402,31 @@ async def create_batch(request: web.Request) -> web.Response:
     record = await store.create_batch(
         r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint, input_file_id=input_file_id,
         input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
-        metadata=metadata, output_expires_after=output_expires_after,
+        metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
     )
     request.app[PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))
+
+
+PROVIDER_HEADER = "x-sluice-provider"
+PROVIDER_KEY_HEADER = "x-sluice-provider-key"
+
+
+def _provider_choice(request: web.Request, settings: Settings) -> tuple[str, str]:
+    """The provider a client picked for the whole batch, and its own key for it, sealed."""
+    name = request.headers.get(PROVIDER_HEADER, "").strip()
+    key = request.headers.get(PROVIDER_KEY_HEADER, "").strip()
+    if name and settings.provider(name) is None:
+        names = ", ".join(p.name for p in settings.providers) or "none"
+        raise bad_request(f"Unknown provider '{name[:64]}' in {PROVIDER_HEADER}. Configured providers: {names}.",
+                          param=PROVIDER_HEADER, code="invalid_value")
+    if key and not name:
+        raise bad_request(f"{PROVIDER_KEY_HEADER} needs {PROVIDER_HEADER}: name the provider the key is for.",
+                          param=PROVIDER_HEADER, code="missing_required_parameter")
+    if key and not settings.secret_key:
+        raise bad_request("This server cannot store provider keys: SLUICE_SECRET_KEY is not set.",
+                          param=PROVIDER_KEY_HEADER, code="byok_unavailable")
+    return name, seal(settings.secret_key, key) if key else ""
 
 
 async def _owned_batch(request: web.Request) -> dict[str, str]:

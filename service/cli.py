@@ -32,8 +32,8 @@ def _worker(args: argparse.Namespace) -> None:
     from workers.worker import run
 
     settings = _settings()
-    if not settings.upstream_url:
-        print("sluice: SLUICE_UPSTREAM_URL is empty; set the provider's base URL", file=sys.stderr)
+    if not settings.providers:
+        print("sluice: no provider configured; set SLUICE_UPSTREAM_URL or SLUICE_CONFIG", file=sys.stderr)
         raise SystemExit(2)
     run(settings)
 
@@ -47,7 +47,16 @@ def _finalizer(args: argparse.Namespace) -> None:
 def _mock_provider(args: argparse.Namespace) -> None:
     from .mock_provider import run
 
-    run(args.port, host=args.host, latency_ms=args.latency_ms, error_rate=args.error_rate, seed=args.seed)
+    run(
+        args.port,
+        host=args.host,
+        latency_ms=args.latency_ms,
+        error_rate=args.error_rate,
+        seed=args.seed,
+        max_concurrency=args.max_concurrency,
+        rpm=args.rpm,
+        window_s=args.window_s,
+    )
 
 
 def _up(args: argparse.Namespace) -> None:
@@ -70,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--latency-ms", type=float, default=0.0)
     mock.add_argument("--error-rate", type=float, default=0.0)
     mock.add_argument("--seed", type=int, default=None)
+    mock.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="answer 429 beyond N in flight")
+    mock.add_argument("--rpm", type=int, default=None, metavar="N", help="accepted requests per minute (sliding)")
+    mock.add_argument(
+        "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
+    )
     mock.set_defaults(func=_mock_provider)
     return parser
 

@@ -6,10 +6,14 @@ explicitly; nothing else in the code base reads ``os.environ``.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
+
+import msgspec
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,87 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return value
 
 
+class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One OpenAI-compatible upstream and the limits it imposes (global across all workers)."""
+
+    name: str = ""
+    base_url: str
+    api_key_env: str | None = None
+    api_key: str = ""
+    models: tuple[str, ...] = ("*",)
+    max_concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout_s: float = 600.0
+
+    def __repr__(self) -> str:
+        # Keys never reach a log line through a repr.
+        return f"Provider(name={self.name!r}, base_url={self.base_url!r}, models={self.models!r})"
+
+    def serves(self, model: str) -> bool:
+        """True when ``model`` is one of this provider's names or matches one of its patterns."""
+        return any(model == m or fnmatch.fnmatchcase(model, m) for m in self.models)
+
+
+class Quotas(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-token limits; tokens created with ``sluice tokens create`` may carry their own."""
+
+    max_active_batches: int = 100
+    max_stored_bytes: int = 50 * 1024 * MB
+    max_enqueued_lines: int = 2_000_000
+
+
+class _ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
+    providers: dict[str, Provider] = {}
+    quotas: Quotas = Quotas()
+
+
+def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas]:
+    """Providers and default quotas from ``$SLUICE_CONFIG`` (TOML) and the single-provider variables.
+
+    A provider's key comes from the environment variable its ``api_key_env`` names, never from
+    the file. ``SLUICE_UPSTREAM_URL`` adds a provider named ``default`` serving every model that
+    no configured provider serves.
+    """
+    providers: list[Provider] = []
+    quotas = Quotas()
+    path = env.get("SLUICE_CONFIG", "").strip()
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+            parsed = msgspec.convert(raw, type=_ConfigFile)
+        except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as e:
+            raise ConfigError(f"SLUICE_CONFIG {path}: {e}") from None
+        quotas = parsed.quotas
+        for name, p in parsed.providers.items():
+            key = ""
+            if p.api_key_env:
+                key = env.get(p.api_key_env, "")
+                if not key:
+                    raise ConfigError(f"provider {name!r}: environment variable {p.api_key_env} is empty")
+            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/")))
+    upstream = env.get("SLUICE_UPSTREAM_URL", "").strip().rstrip("/")
+    if upstream:
+        if any(p.name == "default" for p in providers):
+            raise ConfigError("SLUICE_UPSTREAM_URL adds a provider named 'default'; the config file has one too")
+        providers.append(Provider(
+            name="default", base_url=upstream, models=("*",), api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
+            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1),
+        ))
+    return tuple(providers), quotas
+
+
+def route(providers: tuple[Provider, ...], model: str) -> Provider | None:
+    """The provider that serves ``model``: an exact name wins over a pattern, earlier over later."""
+    for p in providers:
+        if model in p.models:
+            return p
+    for p in providers:
+        if p.serves(model):
+            return p
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a Sluice process needs to know about its environment."""
@@ -53,11 +138,8 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("./var/data")
     api_tokens: tuple[str, ...] = ()
-    upstream_url: str = ""
-    upstream_api_key: str = field(default="", repr=False)
     worker_concurrency: int = 32
     max_attempts: int = 5
-    request_timeout_s: float = 600.0
     completion_window_s: int = 24 * 3600
     shutdown_grace_s: float = 20.0
     lease_s: float = 60.0
@@ -67,22 +149,27 @@ class Settings:
     max_file_bytes: int = 512 * MB
     max_batch_lines: int = 50_000
     log_level: str = "info"
+    providers: tuple[Provider, ...] = ()
+    quotas: Quotas = Quotas()
+    secret_key: str = field(default="", repr=False)
+
+    def provider(self, name: str) -> Provider | None:
+        """The configured provider called ``name``."""
+        return next((p for p in self.providers if p.name == name), None)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Build settings from ``env`` (default: ``os.environ``); raise ConfigError on bad values."""
         env = os.environ if env is None else env
         tokens = tuple(t.strip() for t in env.get("SLUICE_API_TOKENS", "").split(",") if t.strip())
+        providers, quotas = load_providers(env)
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
             port=_int(env, "PORT", cls.port, minimum=0),
             data_dir=Path(env.get("SLUICE_DATA_DIR", "").strip() or cls.data_dir),
             api_tokens=tokens,
-            upstream_url=env.get("SLUICE_UPSTREAM_URL", "").strip().rstrip("/"),
-            upstream_api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
             worker_concurrency=_int(env, "SLUICE_WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1),
             max_attempts=_int(env, "SLUICE_MAX_ATTEMPTS", cls.max_attempts, minimum=1),
-            request_timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=0.1),
             completion_window_s=_int(env, "SLUICE_COMPLETION_WINDOW_S", cls.completion_window_s, minimum=1),
             shutdown_grace_s=_float(env, "SLUICE_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
             lease_s=_float(env, "SLUICE_LEASE_S", cls.lease_s, minimum=1.0),
@@ -92,4 +179,7 @@ class Settings:
             max_file_bytes=_int(env, "SLUICE_MAX_FILE_BYTES", cls.max_file_bytes, minimum=1),
             max_batch_lines=_int(env, "SLUICE_MAX_BATCH_LINES", cls.max_batch_lines, minimum=1),
             log_level=env.get("SLUICE_LOG_LEVEL", "").strip().lower() or cls.log_level,
+            providers=providers,
+            quotas=quotas,
+            secret_key=env.get("SLUICE_SECRET_KEY", "").strip(),
         )

@@ -72,6 +72,21 @@ def batch_id_of(key: str) -> str:
     return key.split("{", 1)[1].split("}", 1)[0]
 
 
+def provider_inflight(name: str) -> str:
+    """Sorted set of a provider's requests in flight (leases scored by expiry, ms)."""
+    return f"{PREFIX}:provider:{name}:inflight"
+
+
+def provider_bucket(name: str) -> str:
+    """Hash with a provider's RPM/TPM token buckets."""
+    return f"{PREFIX}:provider:{name}:bucket"
+
+
+def provider_pause(name: str) -> str:
+    """Until when (ms) a provider is paused after a 429; lives on through the ramp-up."""
+    return f"{PREFIX}:provider:{name}:paused"
+
+
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
     return (lines(batch_id), results(batch_id), done(batch_id))

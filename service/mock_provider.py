@@ -9,13 +9,42 @@ a real provider would ignore:
 * ``"mock_status": <int>``: answer with that status and an OpenAI-style error
   body (``code: "mock_error"``; 429 also carries ``Retry-After: 1``).  A value
   of 200 forces success, bypassing the global ``error_rate``.
+* ``"mock_fail_times": <int>``: with ``mock_status``, only the first N requests
+  carrying this exact body fail; later ones succeed (a transient fault).
 * ``"mock_latency_ms": <number>``: sleep this long instead of the global latency.
 
-``GET /_mock/stats`` and ``POST /_mock/reset`` expose counters (requests,
-in-flight and peak concurrency, statuses, Authorization values, paths) so tests
-can observe what reached the upstream.
+Provider-side limits let tests check that a client respects them.  They are
+decided as soon as a request arrives, before its body is read, before any
+latency sleep and before fault injection; a rejected request is answered at once
+with 429, an OpenAI-style error body (``type: "rate_limit_error"``) and a
+``Retry-After`` header, and it does not count as in flight:
 
-Run standalone with ``sluice mock-provider --port 8001``.
+* ``max_concurrency``: a request arriving while that many accepted requests are
+  in flight (from arrival, through their latency sleep, until their response
+  headers are ready) gets ``code: "concurrency_limit_exceeded"`` and
+  ``Retry-After: 1``.
+* ``rpm`` with ``window_s`` (default 60): at most
+  ``floor(rpm * window_s / 60)`` requests are accepted in any ``window_s``-second
+  sliding window (``rpm=120, window_s=2`` allows 4 per 2 s).  A request accepted
+  at monotonic time ``t`` occupies the window until ``t + window_s``; a request
+  beyond the allowance gets ``code: "rate_limit_exceeded"`` and a
+  ``Retry-After`` of the whole seconds (rounded up, at least 1) until the oldest
+  accepted request leaves the window.
+
+The concurrency limit is checked first.  Rejections never consume window slots.
+
+``GET /_mock/stats`` and ``POST /_mock/reset`` expose counters so tests can
+observe what reached the upstream: ``requests`` (every API request, rejected or
+not), ``accepted`` (those that passed the limits), ``rejected_429`` (limit
+rejections only; ``mock_status`` and ``error_rate`` 429s appear only in
+``by_status``), ``in_flight`` and its peak ``max_in_flight``, ``by_status``,
+``authorization`` values, ``paths``, and ``first_request_at`` /
+``last_request_at`` (``time.time()`` of the first and last accepted request, or
+null) for throughput.  A reset zeroes the counters and empties the rate window;
+requests still in flight stay counted in ``in_flight``.
+
+Run standalone with ``sluice mock-provider --port 8001`` (add ``--max-concurrency``,
+``--rpm`` and ``--window-s`` to enforce limits).
 """
 
 from __future__ import annotations
@@ -23,11 +52,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import math
 import random
 import signal
 import struct
+import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -244,18 +275,42 @@ _ENDPOINTS: dict[str, _Builder] = {
 
 
 # ----------------------------------------------------------------------------- server
-class _MockProvider:
-    """Holds the fault settings and the counters behind /_mock/stats."""
+def _window_allowance(rpm: int, window_s: float) -> int:
+    # The epsilon stops float rounding from costing a request (200 * 5.1 / 60 is 16.99...98).
+    return math.floor(rpm * window_s / 60 + 1e-9)
 
-    def __init__(self, latency_ms: float, error_rate: float, seed: int | None) -> None:
+
+class _MockProvider:
+    """Holds the fault and limit settings and the counters behind /_mock/stats."""
+
+    def __init__(
+        self,
+        latency_ms: float,
+        error_rate: float,
+        seed: int | None,
+        max_concurrency: int | None = None,
+        rpm: int | None = None,
+        window_s: float = 60.0,
+    ) -> None:
         self.latency_ms = latency_ms
         self.error_rate = error_rate
         self.rng = random.Random(seed)
+        self.max_concurrency = max_concurrency
+        self.window_s = window_s
+        self.window_allowance = None if rpm is None else _window_allowance(rpm, window_s)
+        # Monotonic arrival times of the accepted requests still inside the rpm window.
+        self.window: deque[float] = deque()
         self.in_flight = 0
         self._zero()
 
     def _zero(self) -> None:
+        self.failed_bodies: Counter[bytes] = Counter()
         self.requests = 0
+        self.accepted = 0
+        self.rejected_429 = 0
+        self.first_request_at: float | None = None
+        self.last_request_at: float | None = None
+        self.window.clear()
         self.max_in_flight = self.in_flight
         self.by_status: Counter[str] = Counter()
         self.authorization: set[str] = set()
@@ -264,12 +319,58 @@ class _MockProvider:
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "accepted": self.accepted,
+            "rejected_429": self.rejected_429,
+            "first_request_at": self.first_request_at,
+            "last_request_at": self.last_request_at,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "by_status": dict(self.by_status),
             "authorization": sorted(self.authorization),
             "paths": dict(self.paths),
         }
+
+    def _admit(self) -> _Answer | None:
+        """Accept the request (recording it) or return the 429 that rejects it."""
+        if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
+            message = f"Too many concurrent requests (limit {self.max_concurrency}); retry after 1 second."
+            return 429, _error_body(message, type="rate_limit_error", code="concurrency_limit_exceeded"), {
+                "Retry-After": "1"
+            }
+        now = time.monotonic()
+        if self.window_allowance is not None:
+            horizon = now - self.window_s
+            while self.window and self.window[0] <= horizon:
+                self.window.popleft()
+            if len(self.window) >= self.window_allowance:
+                retry_after = max(1, math.ceil(self.window[0] + self.window_s - now))
+                message = (
+                    f"Rate limit reached for requests: limit {self.window_allowance} per {self.window_s:g}s; "
+                    f"retry after {retry_after} seconds."
+                )
+                return 429, _error_body(message, type="rate_limit_error", code="rate_limit_exceeded"), {
+                    "Retry-After": str(retry_after)
+                }
+            self.window.append(now)
+        self.accepted += 1
+        wall = time.time()
+        if self.first_request_at is None:
+            self.first_request_at = wall
+        self.last_request_at = wall
+        return None
+
+    async def _respond(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+        status, payload, headers = answer
+        self.by_status[str(status)] += 1
+        response = web.Response(
+            status=status,
+            body=msgspec.json.encode(payload),
+            content_type="application/json",
+            headers=headers,
+        )
+        response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+        await response.prepare(request)
+        return response
 
     def handler(self, build: _Builder) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -278,22 +379,17 @@ class _MockProvider:
             auth = request.headers.get("Authorization")
             if auth is not None:
                 self.authorization.add(auth)
+            rejection = self._admit()
+            if rejection is not None:
+                self.rejected_429 += 1
+                return await self._respond(request, rejection)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                status, payload, headers = await self._answer(request, build)
-                self.by_status[str(status)] += 1
-                response = web.Response(
-                    status=status,
-                    body=msgspec.json.encode(payload),
-                    content_type="application/json",
-                    headers=headers,
-                )
-                response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+                answer = await self._answer(request, build)
                 # Count the request as in flight until its headers are ready, as the spec
                 # for /_mock/stats promises; aiohttp then sends the body after we return.
-                await response.prepare(request)
-                return response
+                return await self._respond(request, answer)
             finally:
                 self.in_flight -= 1
 
@@ -326,8 +422,15 @@ class _MockProvider:
         if not isinstance(model, str) or not model:
             return _bad_request("you must provide a model parameter", "model")
 
+        fail_times = body.get("mock_fail_times")
+        if fail_times is not None and (not isinstance(fail_times, int) or isinstance(fail_times, bool) or fail_times < 0):
+            return _bad_request("mock_fail_times must be a non-negative integer", "mock_fail_times")
         if forced is not None and forced != 200:
-            return _fault(forced, f"mock_status {forced} requested", "mock_error")
+            # With mock_fail_times, only the first N deliveries of this exact body fail: a transient fault.
+            seen = self.failed_bodies[hashlib.sha256(raw).digest()]
+            if fail_times is None or seen < fail_times:
+                self.failed_bodies[hashlib.sha256(raw).digest()] = seen + 1
+                return _fault(forced, f"mock_status {forced} requested", "mock_error")
         if forced is None and self.error_rate > 0:
             # One draw per request keeps the fault sequence reproducible for a given seed.
             draw = self.rng.random()
@@ -347,19 +450,41 @@ class _MockProvider:
         return await self.stats_handler(request)
 
 
-def create_app(*, latency_ms: float = 0.0, error_rate: float = 0.0, seed: int | None = None) -> web.Application:
+def create_app(
+    *,
+    latency_ms: float = 0.0,
+    error_rate: float = 0.0,
+    seed: int | None = None,
+    max_concurrency: int | None = None,
+    rpm: int | None = None,
+    window_s: float = 60.0,
+) -> web.Application:
     """Build the mock provider application.
 
     ``latency_ms`` delays every API answer (concurrently, via ``asyncio.sleep``);
     ``error_rate`` is the probability that an API request fails, half of the
     failures as 429 with ``Retry-After: 1`` and half as 500, drawn from
-    ``random.Random(seed)``.  Raises ``ValueError`` for out-of-range settings.
+    ``random.Random(seed)``.  ``max_concurrency`` caps the requests in flight and
+    ``rpm`` caps accepted requests to ``floor(rpm * window_s / 60)`` per sliding
+    ``window_s`` seconds; requests beyond either limit get an immediate 429 (see
+    the module docstring).  ``None`` disables a limit.  Raises ``ValueError`` for
+    out-of-range settings, including an ``rpm``/``window_s`` pair that would
+    allow no request at all.
     """
     if latency_ms < 0:
         raise ValueError("latency_ms must be >= 0")
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError("error_rate must be within [0, 1]")
-    provider = _MockProvider(latency_ms, error_rate, seed)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError("max_concurrency must be >= 1")
+    if not window_s > 0:
+        raise ValueError("window_s must be > 0")
+    if rpm is not None:
+        if rpm < 1:
+            raise ValueError("rpm must be >= 1")
+        if _window_allowance(rpm, window_s) < 1:
+            raise ValueError("rpm * window_s / 60 must be >= 1 (at least one request per window)")
+    provider = _MockProvider(latency_ms, error_rate, seed, max_concurrency, rpm, window_s)
     app = web.Application()
     for path, build in _ENDPOINTS.items():
         handle = provider.handler(build)
@@ -396,11 +521,22 @@ def run(
     latency_ms: float = 0.0,
     error_rate: float = 0.0,
     seed: int | None = None,
+    max_concurrency: int | None = None,
+    rpm: int | None = None,
+    window_s: float = 60.0,
 ) -> None:
     """Serve the mock provider on ``host:port`` until SIGINT or SIGTERM, then return.
 
     Prints ``mock provider listening on http://host:port`` (with the bound port
-    when ``port`` is 0) once the socket is accepting connections.
+    when ``port`` is 0) once the socket is accepting connections.  The settings
+    are those of :func:`create_app`.
     """
-    app = create_app(latency_ms=latency_ms, error_rate=error_rate, seed=seed)
+    app = create_app(
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        seed=seed,
+        max_concurrency=max_concurrency,
+        rpm=rpm,
+        window_s=window_s,
+    )
     asyncio.run(_serve(app, host, port))

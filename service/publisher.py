@@ -17,10 +17,12 @@ import structlog
 from redis.exceptions import ResponseError
 
 from . import keys, store
-from .config import Settings
+from .config import Provider, Settings, route
 from .connections import REDIS_DOWN, Outage
 from .storage import Storage
-from .validation import check_line, duplicate_error, empty_error, iter_lines, too_many_error
+from .validation import (
+    Request, check_line, duplicate_error, empty_error, iter_lines, model_error, too_many_error,
+)
 from .wire import TERMINAL_STATUSES, BatchError
 
 log = structlog.get_logger("sluice.publisher")
@@ -116,6 +118,8 @@ class Publisher:
                     errors.append(result)
                 elif result.custom_id in seen:
                     errors.append(duplicate_error(line.number))
+                elif self._provider_for(h, result) is None:
+                    errors.append(model_error(result.model, line.number))
                 else:
                     seen.add(result.custom_id)
                     model = model or result.model
@@ -190,7 +194,10 @@ class Publisher:
             request = check_line(line, h["endpoint"])
             assert not isinstance(request, BatchError), "validated lines cannot turn invalid"
             # NOMKSTREAM: a batch that ended meanwhile must not get its stream back.
-            pipe.xadd(stream, {"c": request.custom_id, "b": request.body}, id=f"0-{index}", nomkstream=True)
+            provider = self._provider_for(h, request)
+            assert provider is not None, "validated lines have a provider"
+            pipe.xadd(stream, {"c": request.custom_id, "b": request.body, "p": provider.name, "t": request.cost},
+                      id=f"0-{index}", nomkstream=True)
             queued += 1
             if queued >= PUBLISH_CHUNK:
                 if not await self._flush(pipe, batch_id):
@@ -199,6 +206,12 @@ class Publisher:
         if queued:
             await self._flush(pipe, batch_id)
         log.info("published", batch_id=batch_id, lines=index)
+
+    def _provider_for(self, h: dict[str, str], request: Request) -> Provider | None:
+        """The batch's chosen provider (x-sluice-provider), else the one serving the line's model."""
+        if h.get("provider"):
+            return self.settings.provider(h["provider"])
+        return route(self.settings.providers, request.model)
 
     async def _flush(self, pipe, batch_id: str) -> bool:
         pipe.hget(keys.batch(batch_id), "status")

@@ -6,7 +6,7 @@ import secrets
 
 import msgspec
 
-from .wire import ResultError, ResultLine, ResultResponse, json_encoder
+from .wire import JSON_ERRORS, ResultError, ResultLine, ResultResponse, json_encoder
 
 ABORT_MESSAGES = {
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
@@ -22,8 +22,9 @@ def result_id() -> str:
 def json_body(data: bytes) -> msgspec.Raw | None:
     """``data`` as a single-line JSON value to embed verbatim, or None when it is not JSON."""
     try:
+        data.decode()
         msgspec.json.decode(data, type=msgspec.Raw)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None
     if b"\n" in data or b"\r" in data:
         # A pretty-printed answer would break the one-line-per-result format.

@@ -151,7 +151,7 @@ async def page(
 async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
-    output_expires_after: int | None,
+    output_expires_after: int | None, provider: str = "", sealed_key: str = "",
 ) -> dict[str, str]:
     """Record a new batch in ``validating`` and queue it for validation."""
     created = now()
@@ -160,10 +160,12 @@ async def create_batch(
         "input_key": input_key, "completion_window": completion_window, "status": "validating", "created_at": created,
         "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
         "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
-        "output_expires_after": output_expires_after or "",
+        "output_expires_after": output_expires_after or "", "provider": provider,
     }
     p = r.pipeline(transaction=True)
     p.hset(keys.batch(batch_id), mapping=record)
+    if sealed_key:
+        p.hset(keys.batch(batch_id), "byok", sealed_key)
     p.zadd(keys.owner_batches(owner), {batch_id: seq})
     p.sadd(keys.file_refs(input_file_id), batch_id)
     p.zadd(keys.PENDING_VALIDATION, {batch_id: 0})
@@ -222,7 +224,11 @@ end
 if not allowed then return {0, st} end
 local n = tonumber(ARGV[5])
 if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n)) end
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  -- A terminal state: the client's provider key (BYOK) must not outlive the batch.
+  redis.call('HDEL', KEYS[1], 'byok')
+end
 local adds = tonumber(ARGV[3])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
 for i = 2 + adds, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end

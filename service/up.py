@@ -100,22 +100,21 @@ def run(settings: Settings) -> None:
         env = dict(os.environ)
         tokens = settings.api_tokens or (dev_token(data_dir),)
         redis_url = os.environ.get("REDIS_URL") or _start_redis(data_dir, children)
-        upstream = settings.upstream_url
-        if not upstream:
+        upstream = ", ".join(f"{p.name} ({p.base_url})" for p in settings.providers)
+        if not settings.providers:
             mock_port = free_port()
             children.append(_child(["mock-provider", "--port", str(mock_port), "--latency-ms", "50"], env))
-            upstream = f"http://127.0.0.1:{mock_port}"
+            upstream = f"mock provider at http://127.0.0.1:{mock_port}"
+            env.update({"SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}", "SLUICE_UPSTREAM_API_KEY": "mock-key"})
         env.update({
             "REDIS_URL": redis_url, "PORT": str(settings.port), "SLUICE_DATA_DIR": str(data_dir),
-            "SLUICE_API_TOKENS": ",".join(tokens), "SLUICE_UPSTREAM_URL": upstream,
-            "SLUICE_UPSTREAM_API_KEY": settings.upstream_api_key or "mock-key",
+            "SLUICE_API_TOKENS": ",".join(tokens),
         })
         for cmd in (["web"], ["worker"], ["finalizer"]):
             children.append(_child(cmd, env))
         if not _wait_for_port(settings.port):
             raise SystemExit(f"sluice up: the web process did not start on port {settings.port}")
-        print(_banner(dataclasses.replace(settings, upstream_url=upstream, redis_url=redis_url), tokens[0]),
-              flush=True)
+        print(_banner(dataclasses.replace(settings, redis_url=redis_url), tokens[0], upstream), flush=True)
         while not stopping.is_set():
             for child in children:
                 if child.poll() is not None:
@@ -142,14 +141,14 @@ def _stop(children: list[subprocess.Popen]) -> None:
                 child.wait()
 
 
-def _banner(settings: Settings, token: str) -> str:
+def _banner(settings: Settings, token: str, upstream: str) -> str:
     url = f"http://localhost:{settings.port}"
     return f"""
 Sluice is up.
   API:       {url}/v1   (also on the bare paths: {url}/files, {url}/batches)
   Token:     {token}
   Redis:     {settings.redis_url}
-  Upstream:  {settings.upstream_url}
+  Upstream:  {upstream}
   Data:      {settings.data_dir.resolve()}
 
 Try it:

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import msgspec
 
 from .storage import Storage
-from .wire import BatchError, InputBody, InputLine
+from .wire import JSON_ERRORS, BatchError, InputBody, InputLine
 
 # Longest accepted line; a longer one is reported, never buffered whole.
 MAX_LINE_BYTES = 32 * 1024 * 1024
@@ -78,6 +78,7 @@ class Request:
     custom_id: str
     body: bytes
     model: str
+    cost: int  # estimated tokens, for providers with a tokens-per-minute limit
 
 
 def _err(code: str, message: str, param: str | None, line: int | None) -> BatchError:
@@ -90,9 +91,10 @@ def check_line(line: Line, endpoint: str) -> Request | BatchError:
     if line.data is None:
         return _err("line_too_long", f"This line is longer than {MAX_LINE_BYTES} bytes.", None, n)
     try:
+        # The body is kept raw and forwarded as is: the whole line must be valid UTF-8.
+        line.data.decode()
         parsed = _line_decoder.decode(line.data)
-    except msgspec.DecodeError:
-        # ValidationError is a DecodeError: both mean "not a JSON object" here.
+    except JSON_ERRORS:
         return _err("invalid_json_line", "This line is not parseable as a valid JSON object.", None, n)
     for name in ("custom_id", "method", "url", "body"):
         if getattr(parsed, name) is msgspec.UNSET:
@@ -106,7 +108,7 @@ def check_line(line: Line, endpoint: str) -> Request | BatchError:
     raw = bytes(parsed.body)
     try:
         body = _body_decoder.decode(raw)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return _err("invalid_type", "'body' must be a JSON object.", "body", n)
     if body.model is msgspec.UNSET or body.model is None:
         return _err("invalid_request", "Model parameter is required.", "body.model", n)
@@ -114,7 +116,21 @@ def check_line(line: Line, endpoint: str) -> Request | BatchError:
         return _err("invalid_request", "Model parameter must be a non-empty string.", "body.model", n)
     if body.stream is True:
         return _err("streaming_unsupported", "Streaming is not supported in the Batch API.", "body.stream", n)
-    return Request(custom_id=parsed.custom_id, body=raw, model=body.model)
+    max_tokens = next((v for v in (body.max_tokens, body.max_completion_tokens, body.max_output_tokens)
+                       if isinstance(v, int) and not isinstance(v, bool)), 0)
+    return Request(custom_id=parsed.custom_id, body=raw, model=body.model,
+                   cost=estimate_tokens(len(raw), max_tokens))
+
+
+def estimate_tokens(body_len: int, max_tokens: int) -> int:
+    """Rough token cost of a request: about 4 bytes of prompt per token, plus the output cap."""
+    return body_len // 4 + 1 + max(0, max_tokens)
+
+
+def model_error(model: str, line: int) -> BatchError:
+    """The error for a model that no configured provider serves."""
+    return _err("model_not_found", f"The provided model '{model[:200]}' is not served by any provider.",
+                "body.model", line)
 
 
 def duplicate_error(line: int) -> BatchError:

@@ -133,6 +133,8 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app = web.Application(
         middlewares=[in_flight.middleware, error_middleware, auth_middleware(settings.api_tokens)],
         client_max_size=api.MAX_JSON_BODY_BYTES,
+        # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
+        handler_args={"max_line_size": 65536},
     )
     app[IN_FLIGHT] = in_flight
     app[api.SETTINGS] = settings

@@ -135,6 +135,9 @@ class InputBody(Struct):
 
     model: Any = UNSET
     stream: Any = UNSET
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    max_output_tokens: Any = None
 
 
 # ----------------------------------------------------------------------------- results
@@ -159,3 +162,7 @@ class ResultLine(Struct):
 
 
 json_encoder = msgspec.json.Encoder()
+
+# What decoding untrusted JSON can raise: malformed or mistyped input, invalid UTF-8 inside
+# strings, and nesting deeper than the decoder's recursion limit.
+JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)

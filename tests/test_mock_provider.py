@@ -9,6 +9,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,14 @@ def test_create_app_rejects_bad_settings() -> None:
         create_app(error_rate=1.5)
     with pytest.raises(ValueError):
         create_app(latency_ms=-1)
+    with pytest.raises(ValueError):
+        create_app(max_concurrency=0)
+    with pytest.raises(ValueError):
+        create_app(rpm=0)
+    with pytest.raises(ValueError):
+        create_app(rpm=10, window_s=0)
+    with pytest.raises(ValueError):
+        create_app(rpm=50, window_s=1)  # 50 * 1 / 60 < 1: no request could ever pass
 
 
 # ----------------------------------------------------------------------------- observation
@@ -313,6 +322,10 @@ async def test_in_flight_accounting_and_reset(aiohttp_client: Any) -> None:
     cleared = await (await client.post("/_mock/reset")).json()
     assert cleared == {
         "requests": 0,
+        "accepted": 0,
+        "rejected_429": 0,
+        "first_request_at": None,
+        "last_request_at": None,
         "in_flight": 0,
         "max_in_flight": 0,
         "by_status": {},
@@ -355,6 +368,134 @@ async def test_stats_record_authorization_and_paths(aiohttp_client: Any) -> None
     assert (await stats(client))["requests"] == 5
 
 
+# ----------------------------------------------------------------------------- provider limits
+async def test_concurrency_limit_rejects_at_once_and_not_in_flight(aiohttp_client: Any) -> None:
+    # An accepted request without mock_latency_ms would sleep a minute, so an answer to the
+    # extra request proves the rejection came before the latency sleep.
+    client = await aiohttp_client(create_app(latency_ms=60_000, max_concurrency=2))
+    holders = [asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": 400, "n": i})) for i in range(2)]
+    await wait_for_stats(client, lambda s: s["in_flight"] == 2)
+
+    status, answer, headers = await asyncio.wait_for(post(client, CHAT, {"model": "m"}, Authorization="Bearer x"), 3.0)
+    assert status == 429
+    assert_openai_error(answer, code="concurrency_limit_exceeded")
+    assert answer["error"]["type"] == "rate_limit_error"
+    assert headers["Retry-After"] == "1"
+    assert headers["x-request-id"].startswith("req_")
+
+    # The limit is checked before the body is read: even a malformed body gets the 429.
+    status, answer, _ = await post(client, CHAT, b"not json")
+    assert status == 429 and answer["error"]["code"] == "concurrency_limit_exceeded"
+
+    during = await stats(client)
+    assert during["in_flight"] == 2 and during["max_in_flight"] == 2
+    assert during["requests"] == 4 and during["accepted"] == 2 and during["rejected_429"] == 2
+    assert during["by_status"] == {"429": 2}
+    assert during["authorization"] == ["Bearer x"]  # rejected requests still reached the upstream
+
+    assert [status for status, _, _ in await asyncio.gather(*holders)] == [200, 200]
+    # With the slots free again a request is accepted.
+    status, _, _ = await post(client, CHAT, {"model": "m", "mock_latency_ms": 0})
+    assert status == 200
+    final = await stats(client)
+    assert final["max_in_flight"] == 2 and final["in_flight"] == 0
+    assert final["accepted"] == 3 and final["rejected_429"] == 2
+    assert final["by_status"] == {"200": 3, "429": 2}
+
+
+async def test_rpm_retry_after_counts_until_oldest_leaves_window(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(rpm=2))  # default 60 s window: 2 requests per minute
+    assert [(await post(client, CHAT, {"model": "m", "n": i}))[0] for i in range(2)] == [200, 200]
+    # Forcing success with mock_status does not get past a provider limit.
+    status, answer, headers = await post(client, CHAT, {"model": "m", "mock_status": 200})
+    assert status == 429
+    assert_openai_error(answer, code="rate_limit_exceeded")
+    assert answer["error"]["type"] == "rate_limit_error"
+    assert headers["Retry-After"] == "60"  # ceil of just under 60 s
+    assert headers["x-request-id"].startswith("req_")
+    current = await stats(client)
+    assert current["accepted"] == 2 and current["rejected_429"] == 1
+    assert current["by_status"] == {"200": 2, "429": 1}
+
+
+async def test_rpm_short_window_rejects_then_accepts_after_slide(aiohttp_client: Any) -> None:
+    window_s = 0.6
+    client = await aiohttp_client(create_app(rpm=300, window_s=window_s))  # floor(300 * 0.6 / 60) = 3
+    started = time.monotonic()
+    assert [(await post(client, CHAT, {"model": "m", "n": i}))[0] for i in range(3)] == [200] * 3
+
+    status, answer, headers = await post(client, CHAT, {"model": "m"})
+    assert status == 429
+    assert_openai_error(answer, code="rate_limit_exceeded")
+    assert headers["Retry-After"] == "1"  # under a second rounds up to the minimum of 1
+
+    # Retry (bounded) until the oldest request has left the window and a slot frees up.
+    async def retry_until_accepted() -> int:
+        attempts = 0
+        while True:
+            attempts += 1
+            if (await post(client, CHAT, {"model": "m"}))[0] == 200:
+                return attempts
+            await asyncio.sleep(0.02)
+
+    attempts = await asyncio.wait_for(retry_until_accepted(), 3.0)
+    # Nothing was accepted before the first request's window had fully passed.
+    assert time.monotonic() - started >= window_s
+
+    current = await stats(client)
+    assert current["accepted"] == 4
+    assert current["rejected_429"] == attempts  # the first 429 plus attempts - 1 retries
+    assert current["requests"] == 4 + attempts
+    assert current["by_status"] == {"200": 4, "429": attempts}
+    assert current["max_in_flight"] == 1 and current["in_flight"] == 0
+
+
+async def test_rpm_fractional_allowance_is_floored(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(rpm=90, window_s=1))  # 1.5 per second -> 1
+    assert (await post(client, CHAT, {"model": "m"}))[0] == 200
+    assert (await post(client, CHAT, {"model": "m"}))[0] == 429
+
+
+async def test_limits_stats_fields_and_reset(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(rpm=3))
+    fresh = await stats(client)
+    assert fresh["accepted"] == 0 and fresh["rejected_429"] == 0
+    assert fresh["first_request_at"] is None and fresh["last_request_at"] is None
+
+    before = time.time()
+    # An injected 429 and a 400 still passed the limits: accepted, not counted as rejections.
+    assert (await post(client, CHAT, {"model": "m", "mock_status": 429}))[0] == 429
+    assert (await post(client, CHAT, b"nope"))[0] == 400
+    assert (await post(client, CHAT, {"model": "m"}))[0] == 200
+    after = time.time()
+    assert (await post(client, CHAT, {"model": "m"}))[0] == 429  # fourth within the minute
+
+    current = await stats(client)
+    assert current["requests"] == 4 and current["accepted"] == 3 and current["rejected_429"] == 1
+    assert current["by_status"] == {"429": 2, "400": 1, "200": 1}
+    # The rejection did not move last_request_at.
+    assert before <= current["first_request_at"] <= current["last_request_at"] <= after
+
+    cleared = await (await client.post("/_mock/reset")).json()
+    assert cleared["requests"] == cleared["accepted"] == cleared["rejected_429"] == 0
+    assert cleared["first_request_at"] is None and cleared["last_request_at"] is None
+    assert cleared["by_status"] == {}
+
+    # The reset emptied the rate window, so the full allowance is available again.
+    assert [(await post(client, CHAT, {"model": "m", "n": i}))[0] for i in range(4)] == [200, 200, 200, 429]
+    refilled = await stats(client)
+    assert refilled["accepted"] == 3 and refilled["rejected_429"] == 1
+    assert refilled["first_request_at"] >= after
+
+
+async def test_no_limits_by_default(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app())
+    pending = [asyncio.create_task(post(client, CHAT, {"model": "m", "n": i})) for i in range(20)]
+    assert {status for status, _, _ in await asyncio.gather(*pending)} == {200}
+    current = await stats(client)
+    assert current["accepted"] == 20 and current["rejected_429"] == 0
+
+
 # ----------------------------------------------------------------------------- run()
 async def test_run_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -386,3 +527,16 @@ async def test_run_serves_until_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_mock_fail_times_makes_a_fault_transient(aiohttp_client):
+    client = await aiohttp_client(create_app())
+    body = {"model": "m", "messages": [{"role": "user", "content": "flaky"}], "mock_status": 503,
+            "mock_fail_times": 2}
+    statuses = []
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", json=body)
+        statuses.append(resp.status)
+    assert statuses == [503, 503, 200]
+    other = await client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]})
+    assert other.status == 503

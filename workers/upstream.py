@@ -13,9 +13,11 @@ import aiohttp
 import msgspec
 import structlog
 
-from service.config import Settings
+from service.config import Provider, Settings
 from service.results import error_line, json_body, response_line
 from service.store import Outcome
+
+from .limits import Limiter
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 BACKOFF_BASE_S = 0.5
@@ -67,45 +69,58 @@ def backoff_s(attempt: int, retry_after: float | None) -> float:
 
 
 class Upstream:
-    """One provider: its base URL, its key and a shared connection pool."""
+    """Sends request lines to their providers, through the limiter shared by all workers."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, limiter: Limiter) -> None:
         self.settings = settings
         self.session = session
-        self.headers = {"Content-Type": "application/json"}
-        if settings.upstream_api_key:
-            self.headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
+        self.limiter = limiter
 
-    async def call(self, endpoint: str, custom_id: str, body: bytes, log: structlog.BoundLogger) -> CallResult:
-        """Send one request; retry transient failures; return the final result line."""
-        url = upstream_url(self.settings.upstream_url, endpoint)
+    async def call(
+        self, provider: Provider, endpoint: str, custom_id: str, body: bytes, *,
+        api_key: str, holder: str, cost: int, log: structlog.BoundLogger,
+    ) -> CallResult:
+        """Send one request; retry transient failures; return the final result line.
+
+        ``api_key`` is the provider's key, or the client's own for a BYOK batch.
+        """
+        url = upstream_url(provider.base_url, endpoint)
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
-            try:
-                async with self.session.post(url, data=body, headers=self.headers) as resp:
-                    data = await resp.read()
-                    status = resp.status
-                    request_id = resp.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
-                    retry_after = _retry_after(resp.headers)
-            except asyncio.TimeoutError:
-                result = CallResult(Outcome.FAILED, error_line(
-                    custom_id, "request_timeout", f"The request to the provider timed out after "
-                    f"{self.settings.request_timeout_s:g} s."), attempt)
-                status, retry_after = None, None
-            except aiohttp.ClientError as e:
-                result = CallResult(Outcome.FAILED, error_line(
-                    custom_id, "upstream_connection_error", f"Could not reach the provider: {type(e).__name__}: {e}"),
-                    attempt)
-                status, retry_after = None, None
-            else:
-                result = self._answer(custom_id, status, request_id, data, attempt)
-                if status not in RETRYABLE_STATUS:
-                    return result
+            async with self.limiter.slot(provider, holder, cost):
+                try:
+                    async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
+                        data = await resp.read()
+                        status = resp.status
+                        request_id = resp.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+                        retry_after = _retry_after(resp.headers)
+                except asyncio.TimeoutError:
+                    result = CallResult(Outcome.FAILED, error_line(
+                        custom_id, "request_timeout",
+                        f"The request to the provider timed out after {provider.timeout_s:g} s."), attempt)
+                    status, retry_after = None, None
+                except aiohttp.ClientError as e:
+                    result = CallResult(Outcome.FAILED, error_line(
+                        custom_id, "upstream_connection_error",
+                        f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
+                    status, retry_after = None, None
+                else:
+                    result = self._answer(custom_id, status, request_id, data, attempt)
+                    if status not in RETRYABLE_STATUS:
+                        return result
+            if status == 429 and await self.limiter.pause(provider, retry_after or 1.0):
+                log.warning("provider_paused", provider=provider.name, seconds=retry_after or 1.0)
             if attempt < attempts:
-                delay = backoff_s(attempt, retry_after)
-                log.info("upstream_retry", attempt=attempt, status=status, delay_s=round(delay, 3))
+                # After a 429 the provider's pause holds every worker back: no extra sleep here.
+                delay = 0.0 if status == 429 else backoff_s(attempt, retry_after)
+                log.info("upstream_retry", provider=provider.name, attempt=attempt, status=status,
+                         delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
-        log.warning("upstream_gave_up", attempts=attempts, status=status)
+        log.warning("upstream_gave_up", provider=provider.name, attempts=attempts, status=status)
         return result
 
     @staticmethod

@@ -30,12 +30,14 @@ from redis.exceptions import ResponseError
 
 from service import keys, store
 from service.config import Settings
+from service.crypto import unseal
 from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
 from service.log import configure_logging
 from service.results import abort_line, error_line
 from service.store import Outcome
 
-from .upstream import Upstream
+from .limits import Limiter
+from .upstream import CallResult, Upstream
 
 log = structlog.get_logger("sluice.worker")
 
@@ -52,6 +54,22 @@ class Line:
     index: int
     custom_id: str
     body: bytes
+    provider: str
+    cost: int
+
+    @property
+    def holder(self) -> str:
+        """This line's name in a provider's concurrency leases."""
+        return f"{self.batch_id}/{self.entry_id}"
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a worker needs to know of a batch; fixed once the batch runs."""
+
+    owner: str
+    endpoint: str
+    sealed_key: str  # the client's own provider key (BYOK), encrypted; "" when none
 
 
 def consumer_name() -> str:
@@ -67,8 +85,9 @@ class Worker:
         self.name = consumer_name()
         self.stop = asyncio.Event()
         self.inflight: dict[asyncio.Task, Line] = {}
-        self.endpoints: dict[str, str] = {}
+        self.batches: dict[str, BatchInfo] = {}
         self.rotation = 0
+        self.owner_rotation: dict[str, int] = {}
         self.claim_cursors: dict[str, str] = {}
         self.next_reclaim = 0.0
         self.log = log.bind(consumer=self.name)
@@ -78,9 +97,10 @@ class Worker:
         """Consume until ``stop`` is set, then drain within the grace period."""
         self.redis = connect(self.settings)
         connector = aiohttp.TCPConnector(limit=self.settings.worker_concurrency + 8, limit_per_host=0)
-        timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            self.upstream = Upstream(self.settings, session)
+        # Timeouts are per provider, set on each request.
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self.limiter = Limiter(self.redis, self.settings.lease_s)
+            self.upstream = Upstream(self.settings, session, self.limiter)
             renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
             self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
             try:
@@ -112,12 +132,41 @@ class Worker:
                 await self._sleep(self.outage.failed(e))
 
     async def _pick_streams(self, free: int) -> list[str]:
+        """Up to ``free`` batches to read from: round-robin over tokens, then over each token's batches."""
         active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
         if not active:
             return []
-        self.rotation = (self.rotation + 1) % len(active)
-        rotated = active[self.rotation:] + active[: self.rotation]
-        return rotated[:free]
+        await self._load_batches(active)
+        by_owner: dict[str, list[str]] = {}
+        for batch_id in active:
+            if batch_id in self.batches:
+                by_owner.setdefault(self.batches[batch_id].owner, []).append(batch_id)
+        owners = sorted(by_owner)
+        if not owners:
+            return []
+        self.rotation = (self.rotation + 1) % len(owners)
+        picked: list[str] = []
+        for owner in owners[self.rotation:] + owners[: self.rotation]:
+            batches = by_owner[owner]
+            turn = self.owner_rotation[owner] = (self.owner_rotation.get(owner, -1) + 1) % len(batches)
+            picked.append(batches[turn])
+            if len(picked) >= free:
+                break
+        return picked
+
+    async def _load_batches(self, batch_ids: list[str]) -> None:
+        missing = [b for b in batch_ids if b not in self.batches]
+        if not missing:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in missing:
+            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok")
+        for batch_id, (owner, endpoint, sealed) in zip(missing, await pipe.execute()):
+            if owner and endpoint:
+                self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode())
+        # Forget batches that ended, so the cache stays as small as the active set.
+        for batch_id in set(self.batches) - set(batch_ids) - {line.batch_id for line in self.inflight.values()}:
+            del self.batches[batch_id]
 
     async def _read(self, batch_ids: list[str], free: int) -> list[Line]:
         count = max(1, free // len(batch_ids))
@@ -183,19 +232,18 @@ class Worker:
     @staticmethod
     def _line(batch_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Line:
         entry = entry_id.decode()
-        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"])
+        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"],
+                    fields[b"p"].decode(), int(fields[b"t"]))
 
     async def _dispatch(self, lines: list[Line]) -> None:
         batch_ids = sorted({line.batch_id for line in lines})
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in batch_ids:
-            pipe.hmget(keys.batch(batch_id), "abort", "endpoint")
+            pipe.hget(keys.batch(batch_id), "abort")
         aborts: dict[str, str] = {}
-        for batch_id, (abort, endpoint) in zip(batch_ids, await pipe.execute()):
+        for batch_id, abort in zip(batch_ids, await pipe.execute()):
             if abort:
                 aborts[batch_id] = abort.decode()
-            if endpoint:
-                self.endpoints[batch_id] = endpoint.decode()
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             await store.record_results(self.redis, batch_id, [
@@ -208,11 +256,26 @@ class Worker:
                 task.add_done_callback(self.inflight.pop)
 
     async def _process(self, line: Line) -> None:
-        bound = self.log.bind(batch_id=line.batch_id, custom_id=line.custom_id)
-        endpoint = self.endpoints.get(line.batch_id)
-        if endpoint is None:
+        bound = self.log.bind(batch_id=line.batch_id, custom_id=line.custom_id, provider=line.provider)
+        info = self.batches.get(line.batch_id)
+        if info is None:
             return  # the batch is gone; nothing left to record into
-        result = await self.upstream.call(endpoint, line.custom_id, line.body, bound)
+        while True:
+            try:
+                result = await self._call(line, info, bound)
+                break
+            except REDIS_DOWN as e:
+                # Only waiting for a provider slot touches Redis before the call: safe to redo.
+                await asyncio.sleep(self.outage.failed(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # A bug must end the line visibly, not leave it to be redelivered into the same bug.
+                bound.exception("line_failed")
+                result = CallResult(Outcome.FAILED, error_line(
+                    line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
+                    0)
+                break
         while True:
             try:
                 await store.record_results(self.redis, line.batch_id, [
@@ -223,20 +286,35 @@ class Worker:
                 await asyncio.sleep(self.outage.failed(e))
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
+    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
+        provider = self.settings.provider(line.provider)
+        if provider is None:
+            return CallResult(Outcome.FAILED, error_line(
+                line.custom_id, "provider_not_configured", f"This worker has no provider named '{line.provider}'."), 0)
+        api_key = unseal(self.settings.secret_key, info.sealed_key) if info.sealed_key else provider.api_key
+        return await self.upstream.call(
+            provider, info.endpoint, line.custom_id, line.body,
+            api_key=api_key, holder=line.holder, cost=line.cost, log=log,
+        )
+
     # ------------------------------------------------------------------ leases and shutdown
     async def _renew_leases(self) -> None:
         interval = self.settings.lease_s / 4
         while True:
             await asyncio.sleep(interval)
             by_batch: dict[str, list[str]] = {}
+            by_provider: dict[str, list[str]] = {}
             for line in list(self.inflight.values()):
                 by_batch.setdefault(line.batch_id, []).append(line.entry_id)
-            for batch_id, entry_ids in by_batch.items():
-                try:
+                by_provider.setdefault(line.provider, []).append(line.holder)
+            try:
+                for batch_id, entry_ids in by_batch.items():
                     await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
                                             idle=0, justid=True)
-                except Exception as e:
-                    self.log.warning("lease_renewal_failed", batch_id=batch_id, error=str(e))
+                for provider, holders in by_provider.items():
+                    await self.limiter.renew(provider, holders)
+            except Exception as e:
+                self.log.warning("lease_renewal_failed", error=str(e))
 
     async def _drain(self) -> None:
         if not self.inflight:

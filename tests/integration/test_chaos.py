@@ -24,8 +24,7 @@ KILLS = 6
 ROLES = ("web", "worker", "worker", "finalizer")
 # Keys that index many objects and so never expire; everything else must, once the batch ended.
 GLOBAL_KEYS = ("sluice:seq", "sluice:batches:", "sluice:owner:", "sluice:files:expiry")
-# What a line may legitimately end with in the error file under injected 429/500s and kills.
-ACCEPTED_ERROR_STATUSES = {429, 500}
+# What a line may legitimately end with in the error file under kills (transient faults retry).
 ACCEPTED_ERROR_CODES = {"poison_line"}
 
 
@@ -54,13 +53,18 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     rng = random.Random(seed)
     print(f"chaos seed {seed}")
     stack = stack_factory.start(
-        name="chaos", workers=2, worker_concurrency=16, mock_latency_ms=30, mock_error_rate=0.05, redis_aof=True,
+        name="chaos", workers=2, worker_concurrency=16, mock_latency_ms=30, redis_aof=True,
         env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_SHUTDOWN_GRACE_S": "2"},
     )
     client = stack.client(timeout=10)
     run = uuid.uuid4().hex[:8]
     messages = {f"chaos-{run}-{i:05d}": f"line {i} of {run}" for i in range(LINES)}
-    _, batch = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=client)
+    # Transient faults: some lines fail with a 500 twice, a few with a 429 once (each 429 pauses
+    # the provider for every worker, so they are kept few), then succeed.
+    faults = {cid: {"mock_status": 500, "mock_fail_times": 2} for cid in rng.sample(sorted(messages), LINES // 30)}
+    faults.update({cid: {"mock_status": 429, "mock_fail_times": 1} for cid in rng.sample(sorted(messages), 4)})
+    rows = [stack.chat_line(cid, msg, **faults.get(cid, {})) for cid, msg in messages.items()]
+    _, batch = stack.submit(rows, client=client)
 
     # The first victim is the web process while it validates and publishes the lines.
     _kill_and_replace(stack, "web")
@@ -89,10 +93,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     for line in output:
         assert line["response"]["body"]["choices"][0]["message"]["content"] == "echo: " + messages[line["custom_id"]]
     for line in errors:
-        if line["response"] is not None:
-            assert line["response"]["status_code"] in ACCEPTED_ERROR_STATUSES, line
-        else:
-            assert line["error"]["code"] in ACCEPTED_ERROR_CODES, line
+        assert line["response"] is None and line["error"]["code"] in ACCEPTED_ERROR_CODES, line
     counts = done.request_counts
     assert (counts.total, counts.completed, counts.failed) == (LINES, len(output), len(errors)), f"seed {seed}: {counts}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -64,7 +65,9 @@ def test_second_finalizer_waits_then_takes_over(stack_factory, wait_until):
 def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
     stack = stack_factory.start(name="drain-upload", workers=1)
     boundary = "sluiceboundary"
-    line = stack.to_jsonl([stack.chat_line("slow-0", "hello")])
+    # Enough content that the server is streaming the file part into storage when the pause comes.
+    first = stack.to_jsonl([stack.chat_line(f"slow-{i}", "hello") for i in range(2000)])
+    rest = stack.to_jsonl([stack.chat_line(f"slow-{i}", "hello") for i in range(2000, 2100)])
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()
@@ -73,12 +76,11 @@ def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
     result: dict = {}
 
     def body():
-        yield head
+        yield head + first
         sent_head.set()
-        # The rest arrives after the web process was told to stop.
+        # The end of the body arrives after the web process was told to stop.
         time.sleep(0.5)
-        yield line
-        yield tail
+        yield rest + tail
 
     def upload():
         request = urllib.request.Request(
@@ -94,10 +96,14 @@ def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
     uploader = threading.Thread(target=upload)
     uploader.start()
     assert sent_head.wait(10)
+    # The upload is under way once its content started streaming into storage.
+    wait_until(lambda: any((stack.data_dir / "tmp").glob("file-*")), timeout=10,
+               message="the upload to start streaming into storage")
     web = stack.process("web")
     web.stopping = True
     web.signal(signal.SIGTERM)
     uploader.join(20)
     assert result.get("status") == 200, result
+    assert json.loads(result["body"])["bytes"] == len(first) + len(rest)
     wait_until(lambda: not web.alive, timeout=10, message="web to exit after draining")
     assert web.returncode == 0

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import FormData
 from yarl import URL
 
-from service.config import Settings
+from service.config import Provider, Settings
 from service.storage import CHUNK, LocalStorage
 from service.web import create_app
 
@@ -36,6 +36,8 @@ MODEL = "gpt-4o-mini"
 # Small limits keep limit tests cheap.
 DEFAULT_SETTINGS = dict(
     api_tokens=(TOKEN_A, TOKEN_B),
+    # No worker runs in unit tests: the provider only has to exist for validation to route lines.
+    providers=(Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)),),
     max_batch_lines=5,
     max_batch_file_bytes=4096,
     max_file_bytes=8192,

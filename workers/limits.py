@@ -1,0 +1,152 @@
+"""Provider limits that hold across every worker process, kept in Redis.
+
+One Lua script decides, atomically, whether a request may go to a provider now:
+
+- a pause after a 429 (``Retry-After``) stops every worker; once it ends, the concurrency cap
+  ramps up again over ``RAMP_S`` instead of jumping back to full;
+- ``max_concurrency``: a sorted set of leases scored by their expiry, so the share of a worker
+  that died is released by expiry instead of leaking (live workers renew their leases);
+- ``rpm`` and ``tpm``: token buckets refilled continuously, started empty and kept small so
+  bursts stay well inside the provider's window; they run at ``SAFETY`` of the configured rate.
+
+The script answers how many milliseconds to wait, or 0 (go) / -1 (go, holding a lease). Inside one process, lines waiting
+for the same provider queue on an asyncio lock, so only one of them polls Redis at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from service import keys
+from service.config import Provider
+from service.connections import REDIS_DOWN
+from service.store import Redis
+
+RAMP_S = 5.0
+RAMP_START = 0.1  # fraction of the concurrency cap allowed right after a pause
+SAFETY = 0.95
+BURST_S = 0.25
+MAX_POLL_S = 1.0
+# Concurrency cap during the ramp of a provider configured without one.
+RAMP_DEFAULT_CONCURRENCY = 64
+
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+local lease_ms = tonumber(ARGV[2])
+local holder = ARGV[3]
+local maxc = tonumber(ARGV[4])
+local rpm = tonumber(ARGV[5])
+local tpm = tonumber(ARGV[6])
+local cost = tonumber(ARGV[7])
+local ramp_ms = tonumber(ARGV[8])
+
+local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
+if paused_until > now then return paused_until - now end
+if paused_until > 0 and now - paused_until < ramp_ms then
+  local cap = maxc
+  if cap == 0 then cap = tonumber(ARGV[9]) end
+  local start = tonumber(ARGV[11])
+  maxc = math.max(1, math.floor(cap * (start + (1 - start) * (now - paused_until) / ramp_ms)))
+end
+
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= maxc then return 25 end
+end
+
+if rpm > 0 or tpm > 0 then
+  local b = redis.call('HMGET', KEYS[2], 'r', 't', 'ts')
+  local ts = tonumber(b[3]) or now
+  local elapsed = math.max(0, now - ts)
+  local r, t = 0, 0
+  if rpm > 0 then
+    local cap_r = math.max(1, rpm / 60000 * tonumber(ARGV[10]))
+    r = math.min(cap_r, (tonumber(b[1]) or 0) + elapsed * rpm / 60000)
+    if r < 1 then
+      redis.call('HSET', KEYS[2], 'r', r, 't', b[2] or 0, 'ts', now)
+      return math.ceil((1 - r) * 60000 / rpm)
+    end
+  end
+  if tpm > 0 then
+    local cap_t = math.max(cost, tpm / 60000 * tonumber(ARGV[10]))
+    t = math.min(cap_t, (tonumber(b[2]) or 0) + elapsed * tpm / 60000)
+    if t < cost then
+      redis.call('HSET', KEYS[2], 'r', r, 't', t, 'ts', now)
+      return math.ceil((cost - t) * 60000 / tpm)
+    end
+  end
+  redis.call('HSET', KEYS[2], 'r', r - 1, 't', t - cost, 'ts', now)
+  redis.call('PEXPIRE', KEYS[2], 120000)
+end
+
+if maxc > 0 then
+  redis.call('ZADD', KEYS[1], now + lease_ms, holder)
+  redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+  return -1
+end
+return 0
+"""
+
+_PAUSE = """
+local pause_end = tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if pause_end > current then
+  redis.call('SET', KEYS[1], pause_end, 'PX', pause_end - tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  return 1
+end
+return 0
+"""
+
+
+class Limiter:
+    """Admission of requests to providers, shared through Redis by every worker."""
+
+    def __init__(self, redis: Redis, lease_s: float) -> None:
+        self.redis = redis
+        self.lease_ms = int(lease_s * 1000)
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    @asynccontextmanager
+    async def slot(self, provider: Provider, holder: str, cost: int) -> AsyncIterator[None]:
+        """Wait until ``provider`` may take one more request, hold the slot while it runs."""
+        async with self.locks.setdefault(provider.name, asyncio.Lock()):
+            while (answer := await self._try(provider, holder, cost)) > 0:
+                await asyncio.sleep(min(answer / 1000, MAX_POLL_S) + random.uniform(0, 0.005))
+        try:
+            yield
+        finally:
+            if answer < 0:
+                # Best effort: an unreleased lease expires by itself; the answer matters more.
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.redis.zrem(keys.provider_inflight(provider.name), holder)
+
+    async def _try(self, provider: Provider, holder: str, cost: int) -> int:
+        rpm = (provider.rpm or 0) * SAFETY
+        tpm = (provider.tpm or 0) * SAFETY
+        if tpm and cost > tpm:
+            cost = int(tpm)  # a request larger than a minute's budget still goes, alone
+        return int(await self.redis.eval(
+            _ACQUIRE, 3, keys.provider_inflight(provider.name), keys.provider_bucket(provider.name),
+            keys.provider_pause(provider.name),
+            int(time.time() * 1000), self.lease_ms, holder, provider.max_concurrency or 0, rpm, tpm, cost,
+            int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY, int(BURST_S * 1000), RAMP_START,
+        ))
+
+    async def renew(self, provider_name: str, holders: list[str]) -> None:
+        """Extend the concurrency leases of requests still running."""
+        until = int(time.time() * 1000) + self.lease_ms
+        await self.redis.zadd(keys.provider_inflight(provider_name), {h: until for h in holders}, xx=True)
+
+    async def pause(self, provider: Provider, seconds: float) -> bool:
+        """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""
+        now = int(time.time() * 1000)
+        with contextlib.suppress(*REDIS_DOWN):
+            return bool(await self.redis.eval(
+                _PAUSE, 1, keys.provider_pause(provider.name), now + int(seconds * 1000), now, int(RAMP_S * 1000),
+            ))
+        return False
