@@ -11,7 +11,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import keys, store
-from .config import Settings
+from .config import Quotas, Settings
 from .crypto import seal
 from .errors import APIError, bad_request, not_found
 from .publisher import Publisher
@@ -27,6 +27,7 @@ REDIS = web.AppKey("redis", store.Redis)
 STORAGE = web.AppKey("storage", Storage)
 PUBLISHER = web.AppKey("publisher", Publisher)
 OWNER = web.RequestKey("owner", str)
+QUOTAS = web.RequestKey("quotas", Quotas)
 
 BATCH_FILE_TTL_S = 30 * 24 * 3600
 MAX_FORM_FIELD_BYTES = 4096
@@ -80,8 +81,17 @@ class _FirstLineCheck:
         self.buf = bytearray()
         self.started = False
         self.verdict: str | None = None  # None until decided; "" when fine, else a message
+        self.newlines = 0
+        self.ends_open = False  # the last line has no newline
+
+    @property
+    def lines(self) -> int:
+        """Lines seen so far (blank ones included): what a batch of this file would enqueue, at most."""
+        return self.newlines + self.ends_open
 
     def feed(self, chunk: bytes) -> None:
+        self.newlines += chunk.count(b"\n")
+        self.ends_open = not chunk.endswith(b"\n")
         if self.verdict is not None:
             return
         if not self.started:
@@ -155,7 +165,8 @@ async def upload_file(request: web.Request) -> web.Response:
                 if name == "file":
                     if stored is not None:
                         raise bad_request("Only one 'file' may be uploaded per request.", param="file")
-                    stored = await _store_upload(r, storage, settings, part, fields.get("purpose"))
+                    stored = await _store_upload(r, storage, settings, part, fields.get("purpose"),
+                                                 request[OWNER], request[QUOTAS])
                 elif name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
                     fields[name] = await _read_field(part)
                 else:
@@ -164,18 +175,30 @@ async def upload_file(request: web.Request) -> web.Response:
         except (ValueError, AssertionError, HttpProcessingError) as e:
             # aiohttp signals malformed multipart bodies (and part headers) with these.
             raise bad_request(f"Malformed multipart body: {e}") from None
-        return json_response(await _finish_upload(r, settings, request[OWNER], fields, stored))
+        return json_response(await _finish_upload(r, settings, request[OWNER], request[QUOTAS], fields, stored))
     except BaseException:
         if stored is not None:
             await storage.delete(stored[0])
         raise
 
 
+def _storage_quota_error(quotas: Quotas) -> APIError:
+    return quota_error(f"Storing this file would exceed this token's storage quota of {quotas.max_stored_bytes} "
+                       "bytes. Delete files you no longer need.", "storage_quota_exceeded")
+
+
+def quota_error(message: str, code: str) -> APIError:
+    """A 429 for a per-token quota; retrying soon does not help, so the SDK is told not to."""
+    return APIError(429, message, type="insufficient_quota", code=code, headers={"x-should-retry": "false"})
+
+
 async def _store_upload(
     r: store.Redis, storage: Storage, settings: Settings, part: BodyPartReader, purpose: str | None,
+    owner: str, quotas: Quotas,
 ) -> tuple[str, int, str, int, _FirstLineCheck]:
     # Before 'purpose' is known only the general cap applies; the batch cap is checked after.
     limit = settings.max_batch_file_bytes if purpose == "batch" else settings.max_file_bytes
+    room = quotas.max_stored_bytes - await store.usage(r, owner, "stored_bytes")
     file_id, seq = await store.new_id(r, "file-")
     check = _FirstLineCheck()
 
@@ -186,6 +209,8 @@ async def _store_upload(
             if size > limit:
                 raise APIError(413, f"File is too large: the limit is {limit} bytes.", param="file",
                                code="file_too_large")
+            if size > room:
+                raise _storage_quota_error(quotas)
             check.feed(chunk)
             yield chunk
 
@@ -197,7 +222,7 @@ async def _store_upload(
 
 
 async def _finish_upload(
-    r: store.Redis, settings: Settings, owner: str, fields: dict[str, str],
+    r: store.Redis, settings: Settings, owner: str, quotas: Quotas, fields: dict[str, str],
     stored: tuple[str, int, str, int, _FirstLineCheck] | None,
 ) -> FileObject:
     purpose = fields.get("purpose")
@@ -224,10 +249,17 @@ async def _finish_upload(
         verdict = check.finish()
         if verdict:
             raise bad_request(verdict, param="file", code="invalid_file_format")
-    return await store.create_file(
-        r, owner=owner, file_id=file_id, seq=seq, filename=filename, purpose=purpose, size=size,
-        storage_key=file_id, expires_at=expires_at, created_at=created,
-    )
+    # The check while streaming saw usage as it was; this one counts concurrent uploads too.
+    if await store.reserve(r, owner, stored_bytes=(size, quotas.max_stored_bytes)):
+        raise _storage_quota_error(quotas)
+    try:
+        return await store.create_file(
+            r, owner=owner, file_id=file_id, seq=seq, filename=filename, purpose=purpose, size=size,
+            storage_key=file_id, expires_at=expires_at, created_at=created, lines=check.lines,
+        )
+    except BaseException:
+        await store.add_usage(r, owner, "stored_bytes", -size)
+        raise
 
 
 def _expires_after_seconds(anchor: Any, seconds: Any, param: str) -> int:
@@ -398,11 +430,23 @@ async def create_batch(request: web.Request) -> web.Response:
     if file["purpose"] != "batch":
         raise bad_request(f"File {input_file_id} has purpose '{file['purpose']}'; batch input files must have "
                           "purpose 'batch'.", param="input_file_id", code="invalid_value")
+    quotas = request[QUOTAS]
+    lines = int(file.get("lines") or 0)
+    over = await store.reserve(r, owner, active_batches=(1, quotas.max_active_batches),
+                               enqueued_lines=(lines, quotas.max_enqueued_lines))
+    if over == "active_batches":
+        raise quota_error(f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
+                          "Wait for one to end, or cancel one.", "active_batches_quota_exceeded")
+    if over == "enqueued_lines":
+        raise quota_error(f"This batch's {lines} lines would exceed this token's quota of "
+                          f"{quotas.max_enqueued_lines} enqueued lines. Wait for running batches to end.",
+                          "enqueued_lines_quota_exceeded")
     batch_id, seq = await store.new_id(r, "batch_")
     record = await store.create_batch(
         r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint, input_file_id=input_file_id,
         input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
         metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
+        reserved_lines=lines,
     )
     request.app[PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))

@@ -23,8 +23,8 @@ def _web(args: argparse.Namespace) -> None:
     settings = _settings()
     configure_logging(settings.log_level, process="web")
     if not settings.api_tokens:
-        print("sluice: SLUICE_API_TOKENS is empty; set at least one API token", file=sys.stderr)
-        raise SystemExit(2)
+        print("sluice: SLUICE_API_TOKENS is empty; only tokens made with `sluice tokens create` will work",
+              file=sys.stderr)
     run(settings)
 
 
@@ -65,6 +65,14 @@ def _up(args: argparse.Namespace) -> None:
     run(_settings())
 
 
+def _tokens(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .tokens import run_command
+
+    raise SystemExit(asyncio.run(run_command(args, _settings())))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sluice`` command."""
     parser = argparse.ArgumentParser(prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.")
@@ -73,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="call the provider for queued request lines").set_defaults(func=_worker)
     sub.add_parser("finalizer", help="write result files and end batches").set_defaults(func=_finalizer)
     sub.add_parser("up", help="run the whole stack locally (embedded Redis and mock provider)").set_defaults(func=_up)
+    tokens = sub.add_parser("tokens", help="manage API tokens stored (as digests) in Redis")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="create a token and print it once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--max-active-batches", type=int)
+    create.add_argument("--max-stored-bytes", type=int)
+    create.add_argument("--max-enqueued-lines", type=int)
+    tokens_sub.add_parser("list", help="list tokens (never the tokens themselves)").add_argument(
+        "--json", action="store_true")
+    tokens_sub.add_parser("revoke", help="revoke a token by name").add_argument("name")
+    tokens.set_defaults(func=_tokens)
     mock = sub.add_parser("mock-provider", help="run a fake OpenAI-compatible upstream")
     mock.add_argument("--port", type=int, default=8001)
     mock.add_argument("--host", default="127.0.0.1")

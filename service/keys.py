@@ -22,6 +22,10 @@ PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 # Files with an expiry, scored by expires_at: the finalizer removes their content when due.
 FILE_EXPIRY = f"{PREFIX}:files:expiry"
 
+# Managed API tokens: SHA-256 digest -> record, and name -> digest.
+TOKENS = f"{PREFIX}:tokens"
+TOKEN_NAMES = f"{PREFIX}:tokens:names"
+
 # Lock that makes one finalizer the active one.
 FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
 
@@ -40,6 +44,11 @@ def owner_files(owner: str, purpose: str | None = None) -> str:
     """Sorted set of an owner's file ids (all, or of one purpose), scored by creation sequence."""
     base = f"{PREFIX}:owner:{owner}:files"
     return base if purpose is None else f"{base}:{purpose}"
+
+
+def owner_usage(owner: str) -> str:
+    """Hash of an owner's usage counted against quotas: active_batches, stored_bytes, enqueued_lines."""
+    return f"{PREFIX}:owner:{owner}:usage"
 
 
 def owner_batches(owner: str) -> str:

@@ -144,7 +144,7 @@ class Publisher:
             await self._cancel_unstarted(h)
             return
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
-        await store.release_input(self.r, self.storage, h)
+        await store.release(self.r, self.storage, h)
 
     async def _cancel_unstarted(self, h: dict[str, str]) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain.
@@ -153,7 +153,7 @@ class Publisher:
             expire_s=self.settings.retention_s,
         )
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
-        await store.release_input(self.r, self.storage, h)
+        await store.release(self.r, self.storage, h)
 
     async def _start(self, h: dict[str, str], total: int, model: str) -> bool:
         batch_id = h["id"]

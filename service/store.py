@@ -64,13 +64,18 @@ def _str(h: dict[bytes, bytes]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- files
 async def create_file(
     r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
-    size: int, storage_key: str, expires_at: int | None, created_at: int | None = None,
+    size: int, storage_key: str, expires_at: int | None, created_at: int | None = None, lines: int = 0,
+    charge: bool = False,
 ) -> FileObject:
-    """Record a stored file's metadata and index it for its owner."""
+    """Record a stored file's metadata and index it for its owner.
+
+    ``charge`` counts its size in the owner's stored bytes, once however often this is
+    repeated (uploads reserve their bytes before they are recorded, result files do not).
+    """
     created = created_at or now()
     record = {
         "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
-        "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "",
+        "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "", "lines": lines,
     }
     p = r.pipeline(transaction=True)
     p.hset(keys.file(file_id), mapping=record)
@@ -78,7 +83,9 @@ async def create_file(
     p.zadd(keys.owner_files(owner, purpose), {file_id: seq})
     if expires_at:
         p.expireat(keys.file(file_id), expires_at)
-        p.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key): expires_at})
+        p.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key, owner, size): expires_at})
+    if charge:
+        p.eval(_CHARGE_ONCE, 2, keys.file(file_id), keys.owner_usage(owner), size)
     await p.execute()
     return file_from_record(_str({k.encode(): str(v).encode() for k, v in record.items()}))
 
@@ -101,16 +108,22 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] 
     return h
 
 
-def expiry_member(file_id: str, storage_key: str) -> str:
-    """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove its content after expiry."""
-    return f"{file_id} {storage_key}"
+_CHARGE_ONCE = """
+if redis.call('HSETNX', KEYS[1], 'charged', '1') == 1 then redis.call('HINCRBY', KEYS[2], 'stored_bytes', ARGV[1]) end
+"""
+
+
+def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
+    """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove it after its record expired."""
+    return f"{file_id} {storage_key} {owner} {size}"
 
 
 async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
     """Forget a file's metadata; return True when its content is no longer needed by any batch."""
     p = r.pipeline(transaction=True)
     p.delete(keys.file(h["id"]))
-    p.zrem(keys.FILE_EXPIRY, expiry_member(h["id"], h["storage_key"]))
+    p.zrem(keys.FILE_EXPIRY, expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]))
+    p.hincrby(keys.owner_usage(h["owner"]), "stored_bytes", -int(h["bytes"]))
     p.zrem(keys.owner_files(h["owner"]), h["id"])
     p.zrem(keys.owner_files(h["owner"], h["purpose"]), h["id"])
     p.scard(keys.file_refs(h["id"]))
@@ -151,7 +164,7 @@ async def page(
 async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
-    output_expires_after: int | None, provider: str = "", sealed_key: str = "",
+    output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
 ) -> dict[str, str]:
     """Record a new batch in ``validating`` and queue it for validation."""
     created = now()
@@ -160,7 +173,7 @@ async def create_batch(
         "input_key": input_key, "completion_window": completion_window, "status": "validating", "created_at": created,
         "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
         "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
-        "output_expires_after": output_expires_after or "", "provider": provider,
+        "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
     }
     p = r.pipeline(transaction=True)
     p.hset(keys.batch(batch_id), mapping=record)
@@ -304,11 +317,13 @@ async def record_results(
     return int(await r.eval(_RECORD, len(ks), *ks, *argv))
 
 
-async def release_input(r: Redis, storage, h: dict[str, str]) -> None:
-    """A batch reached a terminal state: drop its claim on the input file's content.
+async def release(r: Redis, storage, h: dict[str, str]) -> None:
+    """A batch reached a terminal state: give back its quota and its claim on the input file.
 
-    The content of an input file deleted while the batch ran is removed with the last claim.
+    Safe to repeat. The content of an input file deleted while the batch ran is removed with
+    the last claim.
     """
+    await r.eval(_RELEASE_BATCH, 2, keys.batch(h["id"]), keys.owner_usage(h["owner"]))
     p = r.pipeline(transaction=True)
     p.srem(keys.file_refs(h["input_file_id"]), h["id"])
     p.scard(keys.file_refs(h["input_file_id"]))
@@ -323,13 +338,55 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
     now_s = now()
     swept = 0
     for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now_s, start=0, num=limit):
-        file_id, storage_key = member.decode().split(" ", 1)
+        file_id, storage_key, owner, size = member.decode().split(" ")
         h = _str(await r.hgetall(keys.file(file_id)))
         if h and await delete_file_record(r, h) is False:
             continue
-        if h == {} and await r.scard(keys.file_refs(file_id)):
-            continue  # metadata expired on its own; the content waits for its last batch
+        if h == {}:
+            if await r.scard(keys.file_refs(file_id)):
+                continue  # metadata expired on its own; the content waits for its last batch
+            await add_usage(r, owner, "stored_bytes", -int(size))
         await storage.delete(storage_key)
         await r.zrem(keys.FILE_EXPIRY, member)
         swept += 1
     return swept
+
+
+# ----------------------------------------------------------------------------- quotas
+# Add every (field, amount, limit) to an owner's usage only if none would pass its limit.
+_RESERVE = """
+for i = 1, #ARGV, 3 do
+  local used = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if used + tonumber(ARGV[i + 1]) > tonumber(ARGV[i + 2]) then return ARGV[i] end
+end
+for i = 1, #ARGV, 3 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return ''
+"""
+
+
+async def reserve(r: Redis, owner: str, **wanted: tuple[int, int]) -> str | None:
+    """Count ``field=(amount, limit)`` against an owner's usage; the field over its limit, or None."""
+    argv: list[str | int] = []
+    for name, (amount, limit) in wanted.items():
+        argv += [name, amount, limit]
+    over = await r.eval(_RESERVE, 1, keys.owner_usage(owner), *argv)
+    over = over.decode() if isinstance(over, bytes) else over
+    return over or None
+
+
+async def usage(r: Redis, owner: str, name: str) -> int:
+    """One usage counter of an owner."""
+    return int(await r.hget(keys.owner_usage(owner), name) or 0)
+
+
+async def add_usage(r: Redis, owner: str, name: str, amount: int) -> None:
+    """Move a usage counter without a limit (results are always kept; deletes give back)."""
+    await r.hincrby(keys.owner_usage(owner), name, amount)
+
+
+_RELEASE_BATCH = """
+if redis.call('HSETNX', KEYS[1], 'released', '1') == 1 then
+  redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
+  redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
+end
+"""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import signal
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -16,6 +15,7 @@ from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
 from .publisher import Publisher
 from .storage import Storage, open_storage
+from .tokens import TokenAuth
 
 log = structlog.get_logger("sluice.web")
 
@@ -87,10 +87,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(APIError(500, "The server had an error while processing your request.", type="server_error"))
 
 
-def auth_middleware(tokens: tuple[str, ...]) -> Callable:
-    """Bearer-token auth; the request gets the owner id of its token (never the token itself)."""
-    # Owner ids are token digests: comparing digests in constant time keeps tokens out of memory.
-    owners = [store.owner_of(t) for t in tokens]
+def auth_middleware(auth: TokenAuth) -> Callable:
+    """Bearer-token auth; the request gets its token's owner id and quotas (never the token)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -101,11 +99,10 @@ def auth_middleware(tokens: tuple[str, ...]) -> Callable:
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(401, "You didn't provide an API key. Provide it in an Authorization header using "
                                 "Bearer auth (Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
-        presented = store.owner_of(token.strip())
-        owner = next((o for o in owners if hmac.compare_digest(o, presented)), None)
-        if owner is None:
+        resolved = await auth.resolve(token.strip())
+        if resolved is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        request[api.OWNER] = owner
+        request[api.OWNER], request[api.QUOTAS] = resolved
         return await handler(request)
 
     return middleware
@@ -127,11 +124,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None) -> web.Application:
     """Build the web application; ``redis``/``storage`` may be injected (tests use fakeredis)."""
-    if not settings.api_tokens:
-        raise ValueError("SLUICE_API_TOKENS is empty: set at least one API token")
     in_flight = InFlight()
+    r = redis if redis is not None else connect(settings)
     app = web.Application(
-        middlewares=[in_flight.middleware, error_middleware, auth_middleware(settings.api_tokens)],
+        middlewares=[in_flight.middleware, error_middleware, auth_middleware(TokenAuth(settings, r))],
         client_max_size=api.MAX_JSON_BODY_BYTES,
         # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
         handler_args={"max_line_size": 65536},
@@ -140,7 +136,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app[api.SETTINGS] = settings
     app[OUTAGE] = Outage(log)
     app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
-    app[api.REDIS] = redis if redis is not None else connect(settings)
+    app[api.REDIS] = r
     app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings)
 
     async def background(app: web.Application) -> AsyncIterator[None]:

@@ -240,7 +240,7 @@ class Finalizer:
             return
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
-        await store.release_input(self.redis, self.storage, h)
+        await store.release(self.redis, self.storage, h)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
                  failed=h.get("failed"), total=h.get("total"))
 
@@ -260,7 +260,7 @@ class Finalizer:
             self.redis, owner=h["owner"], file_id=file_id, seq=int(seq),
             filename=self._spool_key(h["id"], name), purpose="batch_output",
             size=int(h[f"fin_{name}_bytes"]), storage_key=self._spool_key(h["id"], name),
-            expires_at=created + ttl, created_at=created,
+            expires_at=created + ttl, created_at=created, charge=True,
         )
         return file_id
 
