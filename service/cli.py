@@ -17,11 +17,9 @@ def _settings() -> Settings:
 
 
 def _web(args: argparse.Namespace) -> None:
-    from .log import configure_logging
     from .web import run
 
     settings = _settings()
-    configure_logging(settings.log_level, process="web")
     if not settings.api_tokens:
         print("sluice: SLUICE_API_TOKENS is empty; only tokens made with `sluice tokens create` will work",
               file=sys.stderr)

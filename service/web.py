@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -13,6 +12,7 @@ from . import api, store
 from .config import Settings
 from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
+from .lifecycle import run_until_signal
 from .publisher import Publisher
 from .storage import Storage, open_storage
 from .tokens import TokenAuth
@@ -157,30 +157,35 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     return app
 
 
-def run(settings: Settings) -> None:
-    """``sluice web``: serve HTTP on ``$PORT`` until SIGTERM/SIGINT, then drain requests under way."""
+class WebServer:
+    """``sluice web`` as a process: serve until ``stop`` is set, then let requests under way finish."""
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve on ``$PORT``; after ``stop``, stop listening and drain within the grace period."""
+        grace = self.settings.shutdown_grace_s
+        app = create_app(self.settings)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
         await runner.setup()
-        site = web.TCPSite(runner, host="0.0.0.0", port=settings.port)
+        site = web.TCPSite(runner, host="0.0.0.0", port=self.settings.port)
         await site.start()
-        log.info("web_listening", port=settings.port)
-        await stop.wait()
+        log.info("web_listening", port=self.settings.port)
+        await self.stop.wait()
         # Stop listening first and let requests under way (uploads still streaming in) finish:
         # aiohttp's own shutdown stops reading request bodies at once.
         await site.stop()
-        log.info("web_stopping", in_flight=app[IN_FLIGHT].count, grace_s=settings.shutdown_grace_s)
+        log.info("web_stopping", in_flight=app[IN_FLIGHT].count, grace_s=grace)
         try:
-            await asyncio.wait_for(app[IN_FLIGHT].idle.wait(), timeout=settings.shutdown_grace_s)
+            await asyncio.wait_for(app[IN_FLIGHT].idle.wait(), timeout=grace)
         except asyncio.TimeoutError:
             log.warning("web_requests_cut", in_flight=app[IN_FLIGHT].count)
         await runner.cleanup()
         log.info("web_stopped")
 
-    asyncio.run(main())
+
+def run(settings: Settings) -> None:
+    """``sluice web``: serve HTTP on ``$PORT`` until SIGTERM/SIGINT."""
+    run_until_signal("web", settings, lambda: WebServer(settings))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 
 import structlog
@@ -26,7 +25,7 @@ from redis.exceptions import ResponseError
 from service import keys, store
 from service.config import Settings
 from service.connections import REDIS_DOWN, Outage, connect
-from service.log import configure_logging
+from service.lifecycle import run_until_signal, sleep_unless_stopped
 from service.results import abort_line
 from service.storage import Storage, open_storage
 from service.store import Outcome
@@ -265,21 +264,9 @@ class Finalizer:
         return file_id
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless_stopped(self.stop, seconds)
 
 
 def run(settings: Settings) -> None:
     """``sluice finalizer``: run the finalizer (or a standby) until SIGTERM/SIGINT."""
-    configure_logging(settings.log_level, process="finalizer")
-
-    async def main() -> None:
-        finalizer = Finalizer(settings, open_storage(settings.data_dir))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, finalizer.stop.set)
-        await finalizer.run()
-
-    asyncio.run(main())
+    run_until_signal("finalizer", settings, lambda: Finalizer(settings, open_storage(settings.data_dir)))

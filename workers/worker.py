@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from service import keys, store
 from service.config import Settings
 from service.crypto import unseal
 from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
-from service.log import configure_logging
+from service.lifecycle import run_until_signal, sleep_unless_stopped
 from service.results import abort_line, error_line
 from service.store import Outcome
 
@@ -344,21 +343,9 @@ class Worker:
         self.log.warning("left_unfinished", lines=len(lines))
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_unless_stopped(self.stop, seconds)
 
 
 def run(settings: Settings) -> None:
     """``sluice worker``: run one worker process until SIGTERM/SIGINT."""
-    configure_logging(settings.log_level, process="worker")
-
-    async def main() -> None:
-        worker = Worker(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop.set)
-        await worker.run()
-
-    asyncio.run(main())
+    run_until_signal("worker", settings, lambda: Worker(settings))

@@ -1,0 +1,38 @@
+"""What every long-running process shares: stop on a signal, sleep without missing the stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Awaitable, Callable, Protocol
+
+from .config import Settings
+from .log import configure_logging
+
+
+class Stoppable(Protocol):
+    stop: asyncio.Event
+
+    async def run(self) -> None: ...
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``, returning at once when ``stop`` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+def run_until_signal(process: str, settings: Settings, make: Callable[[], Stoppable]) -> None:
+    """Run ``make().run()``; SIGTERM/SIGINT only set its ``stop`` event, so it drains itself."""
+    configure_logging(settings.log_level, process=process)
+
+    async def main() -> None:
+        component = make()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, component.stop.set)
+        await component.run()
+
+    asyncio.run(main())
