@@ -15,6 +15,12 @@ Fixtures
 ``stack_factory``      a :class:`StackFactory` whose stacks die with the test.
 ``module_stack_factory`` the same, with stacks living for the whole test module.
 
+Multi-provider stacks: ``stack_factory.start(upstream=False, extra_mocks={"p1": {"record": True}},
+config_toml=...)`` starts more mock providers and writes ``config_toml`` (a :class:`string.Template`:
+``${mock_url}`` is the default mock, ``${p1_url}`` the mock called ``p1``) to a file named by
+``SLUICE_CONFIG``. ``upstream=False`` leaves ``SLUICE_UPSTREAM_URL`` unset. A mock with
+``record=True`` also keeps every API request it got (:meth:`MockServer.requests`).
+
 When a test fails, the tail of the logs of every process it used is attached to its report.
 """
 
@@ -27,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -447,6 +454,48 @@ class RedisServer:
 
         return redis.Redis.from_url(self.url, socket_timeout=5, **kwargs)
 
+    def find(self, needle: str | bytes) -> list[str]:
+        """Where ``needle`` occurs in this Redis: key names, and every value of every key (any type).
+
+        Returns descriptions such as ``"key 'x' (hash field 'f')"``; empty when it occurs nowhere.
+        """
+        import redis
+
+        needle_b = needle.encode() if isinstance(needle, str) else needle
+        found: list[str] = []
+        client = self.client()
+        try:
+            for key in client.scan_iter(count=1000):
+                name = key.decode(errors="replace")
+                if needle_b in key:
+                    found.append(f"key name {name!r}")
+                try:
+                    kind = client.type(key).decode()
+                    parts: list[tuple[str, bytes]] = []
+                    if kind == "string":
+                        parts = [("value", client.get(key) or b"")]
+                    elif kind == "hash":
+                        for f, v in client.hgetall(key).items():
+                            parts += [(f"hash field name {f!r}", f), (f"hash field {f!r}", v)]
+                    elif kind == "set":
+                        parts = [("set member", m) for m in client.smembers(key)]
+                    elif kind == "zset":
+                        parts = [("zset member", m) for m in client.zrange(key, 0, -1)]
+                    elif kind == "list":
+                        parts = [("list item", m) for m in client.lrange(key, 0, -1)]
+                    elif kind == "stream":
+                        for entry_id, fields in client.xrange(key):
+                            for f, v in fields.items():
+                                parts += [(f"stream entry {entry_id!r} field {f!r}", f + b"=" + v)]
+                except redis.ResponseError:
+                    continue  # the key changed type or vanished between SCAN and the read
+                for where, value in parts:
+                    if needle_b in value:
+                        found.append(f"key {name!r} ({where})")
+        finally:
+            client.close()
+        return found
+
     def restart(self, *, sig: int = signal.SIGKILL) -> None:
         """Stop redis-server with ``sig`` and start it again on the same port and data dir."""
         old = self.process
@@ -508,6 +557,101 @@ def _raise_if_exited(proc: ManagedProcess) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Mock providers
+
+RECORDING_MOCK = Path(__file__).resolve().parent / "recording_mock.py"
+
+
+@dataclass(frozen=True)
+class MockSpec:
+    """Options of one mock provider process (``None``: the mock's default).
+
+    ``max_concurrency``, ``rpm`` and ``window_s`` make the mock answer 429 beyond those limits;
+    ``record`` runs it through ``tests/recording_mock.py``, which also keeps every API request.
+    """
+
+    latency_ms: float | None = None
+    error_rate: float | None = None
+    max_concurrency: int | None = None
+    rpm: int | None = None
+    window_s: float | None = None
+    record: bool = False
+
+    def command(self, port: int) -> list[str]:
+        if self.record:
+            args = [sys.executable, str(RECORDING_MOCK), "--port", str(port)]
+        else:
+            args = _sluice_cmd("mock-provider", "--port", str(port))
+        for flag, value in (
+            ("--latency-ms", self.latency_ms),
+            ("--error-rate", self.error_rate),
+            ("--max-concurrency", self.max_concurrency),
+            ("--rpm", self.rpm),
+            ("--window-s", self.window_s),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+
+@dataclass
+class MockServer:
+    """A running mock provider: its URL, counters and (for a recording one) its requests."""
+
+    name: str
+    port: int
+    process: ManagedProcess
+    record: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        res = http_request("GET", f"{self.url}/_mock/stats", timeout=10)
+        assert res.status == 200, f"mock {self.name} stats answered {res.status}: {res.body[:300]!r}"
+        return res.json()
+
+    def reset(self) -> None:
+        res = http_request("POST", f"{self.url}/_mock/reset", timeout=10)
+        assert res.status in (200, 204), f"mock {self.name} reset answered {res.status}: {res.body[:300]!r}"
+
+    def requests(self) -> list[dict]:
+        """Every API request since the last reset, oldest first (recording mocks only).
+
+        Each is ``{"at", "path", "authorization", "model", "content", "status"}``; ``content`` is the
+        last chat message's content (or ``prompt`` / ``input``), ``at`` the ``time.time()`` of arrival.
+        """
+        assert self.record, f"mock {self.name} does not record requests (start it with MockSpec(record=True))"
+        res = http_request("GET", f"{self.url}/_mock/requests", timeout=10)
+        assert res.status == 200, f"mock {self.name} requests answered {res.status}: {res.body[:300]!r}"
+        return res.json()
+
+    def wait_ready(self, runner: "ProcessRunner") -> None:
+        wait_until(
+            lambda: http_request("GET", f"{self.url}/_mock/stats", timeout=2).status == 200,
+            timeout=STARTUP_TIMEOUT_S,
+            interval=0.1,
+            message=f"mock provider {self.name} on port {self.port} to answer GET /_mock/stats",
+            ignore=(OSError,),
+            check=runner.check_alive,
+        )
+
+
+def _mock_spec(spec: MockSpec | Mapping[str, Any]) -> MockSpec:
+    """A :class:`MockSpec` from itself or from its options as a dict (test modules need no import)."""
+    return MockSpec(**spec) if isinstance(spec, Mapping) else spec
+
+
+def start_mock(runner: "ProcessRunner", name: str, spec: MockSpec, *, env: Mapping[str, str]) -> MockServer:
+    """Start a mock provider on a free port (not waiting for it: see :meth:`MockServer.wait_ready`)."""
+    port = free_port()
+    proc_name = "mock-provider" if name == "default" else f"mock-{name}"
+    proc = runner.start(proc_name, spec.command(port), env={**env, "SLUICE_LOG_LEVEL": "info"})
+    return MockServer(name=name, port=port, process=proc, record=spec.record)
+
+
+# --------------------------------------------------------------------------------------------
 # A Sluice stack
 
 
@@ -529,6 +673,8 @@ class Stack:
     data_dir: Path
     env: dict[str, str]
     tokens: tuple[str, ...] = TOKENS
+    mocks: dict[str, MockServer] = field(default_factory=dict)
+    config_path: Path | None = None
     _clients: list[Any] = field(default_factory=list, repr=False)
 
     # Pure helpers, reachable from tests through the fixture.
@@ -695,6 +841,47 @@ class Stack:
         res = http_request("POST", f"{self.mock_url}/_mock/reset", timeout=10)
         assert res.status in (200, 204), f"mock reset answered {res.status}: {res.body[:300]!r}"
 
+    def mock(self, name: str = "default") -> MockServer:
+        """The mock provider called ``name`` (``default`` is the one at :attr:`mock_url`)."""
+        return self.mocks[name]
+
+    def reset_mocks(self) -> None:
+        for m in self.mocks.values():
+            m.reset()
+
+    # ---- the sluice command and logs
+
+    def sluice(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Run ``python -m service.cli ARGS`` with this stack's environment; capture text output."""
+        proc = subprocess.run(
+            _sluice_cmd(*args),
+            env={**self.env, **(env or {})},
+            cwd=str(ROOT),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check:
+            assert proc.returncode == 0, (
+                f"sluice {' '.join(args)} exited with {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def logs_containing(self, needle: str) -> list[str]:
+        """Names of this stack's processes whose log contains ``needle``."""
+        found = []
+        for proc in self.processes:
+            try:
+                text = proc.log_path.read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if needle in text:
+                found.append(proc.name)
+        return found
+
     def close(self) -> list[ManagedProcess]:
         for c in self._clients:
             try:
@@ -750,11 +937,30 @@ class StackFactory:
         upstream_suffix: str = "",
         redis_aof: bool = False,
         env: Mapping[str, str] | None = None,
+        mock: MockSpec | Mapping[str, Any] | None = None,
+        extra_mocks: Mapping[str, MockSpec | Mapping[str, Any]] | None = None,
+        upstream: bool = True,
+        config_toml: str | None = None,
     ) -> Stack:
         """Start a stack; ``env`` overrides the Sluice processes' environment last.
 
         ``upstream_suffix`` is appended to the mock's URL in ``SLUICE_UPSTREAM_URL`` (e.g. ``/v1``).
+        ``mock`` sets every option of the default mock (instead of ``mock_latency_ms`` and
+        ``mock_error_rate``); ``extra_mocks`` starts more mock providers, by name (see
+        :attr:`Stack.mocks`). ``upstream=False`` leaves ``SLUICE_UPSTREAM_URL`` and
+        ``SLUICE_UPSTREAM_API_KEY`` unset. ``config_toml`` is written to ``<stack>/sluice.toml``
+        and named by ``SLUICE_CONFIG``, after substituting ``${mock_url}`` (the default mock) and
+        ``${NAME_url}`` (the extra mock ``NAME``); provider keys go in through ``env``.
         """
+        if mock is None:
+            mock = MockSpec(latency_ms=mock_latency_ms, error_rate=mock_error_rate)
+        elif mock_latency_ms is not None or mock_error_rate is not None:
+            raise ValueError("give the default mock's options either as mock=MockSpec(...) or as mock_*, not both")
+        mock = _mock_spec(mock)
+        extra_mocks = {n: _mock_spec(spec) for n, spec in (extra_mocks or {}).items()}
+        for mock_name in extra_mocks:
+            if mock_name == "default" or not mock_name.isidentifier():
+                raise ValueError(f"bad extra mock name {mock_name!r}: an identifier other than 'default'")
         name = name or f"stack{len(self.stacks) + 1}"
         root = self.base_dir / name
         runner = ProcessRunner(root / "logs")
@@ -764,25 +970,29 @@ class StackFactory:
             data_dir.mkdir(parents=True, exist_ok=True)
             base_env = _base_env()
 
-            mock_port = free_port()
-            mock_args = _sluice_cmd("mock-provider", "--port", str(mock_port))
-            if mock_latency_ms is not None:
-                mock_args += ["--latency-ms", str(mock_latency_ms)]
-            if mock_error_rate is not None:
-                mock_args += ["--error-rate", str(mock_error_rate)]
-            runner.start("mock-provider", mock_args, env={**base_env, "SLUICE_LOG_LEVEL": "info"})
+            mocks = {"default": start_mock(runner, "default", mock, env=base_env)}
+            for mock_name, spec in extra_mocks.items():
+                mocks[mock_name] = start_mock(runner, mock_name, spec, env=base_env)
+            mock_port = mocks["default"].port
 
             sluice_env = {
                 **base_env,
                 "REDIS_URL": redis_server.url,
                 "SLUICE_DATA_DIR": str(data_dir),
                 "SLUICE_API_TOKENS": ",".join(tokens),
-                "SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}{upstream_suffix}",
-                "SLUICE_UPSTREAM_API_KEY": UPSTREAM_API_KEY,
                 "SLUICE_WORKER_CONCURRENCY": str(worker_concurrency),
                 "SLUICE_LOG_LEVEL": "info",
                 "SLUICE_SHUTDOWN_GRACE_S": "2",
             }
+            if upstream:
+                sluice_env["SLUICE_UPSTREAM_URL"] = f"http://127.0.0.1:{mock_port}{upstream_suffix}"
+                sluice_env["SLUICE_UPSTREAM_API_KEY"] = UPSTREAM_API_KEY
+            config_path = None
+            if config_toml is not None:
+                urls = {"mock_url": mocks["default"].url, **{f"{n}_url": m.url for n, m in mocks.items()}}
+                config_path = root / "sluice.toml"
+                config_path.write_text(string.Template(config_toml).substitute(urls))
+                sluice_env["SLUICE_CONFIG"] = str(config_path)
             if max_batch_lines is not None:
                 sluice_env["SLUICE_MAX_BATCH_LINES"] = str(max_batch_lines)
             sluice_env.update(env or {})
@@ -803,17 +1013,13 @@ class StackFactory:
                 data_dir=data_dir,
                 env=sluice_env,
                 tokens=tokens,
+                mocks=mocks,
+                config_path=config_path,
             )
-            wait_until(
-                lambda: http_request("GET", f"{stack.mock_url}/_mock/stats", timeout=2).status == 200,
-                timeout=STARTUP_TIMEOUT_S,
-                interval=0.1,
-                message=f"mock provider on port {mock_port} to answer GET /_mock/stats",
-                ignore=(OSError,),
-                check=runner.check_alive,
-            )
+            for m in mocks.values():
+                m.wait_ready(runner)
             stack.wait_healthy()
-            stack.mock_reset()
+            stack.reset_mocks()
             runner.check_alive()
         except (WaitTimeout, ProcessDied, AssertionError, OSError) as exc:
             tails = runner.tails()
