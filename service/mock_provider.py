@@ -65,7 +65,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-__all__ = ["create_app", "run"]
+__all__ = ["create_app", "run", "serve"]
 
 _EMBEDDING_DIMS = 8
 _BASE_CREATED = 1_700_000_000
@@ -496,7 +496,8 @@ def create_app(
     return app
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM; print the listening line once the socket accepts."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -539,4 +540,4 @@ def run(
         rpm=rpm,
         window_s=window_s,
     )
-    asyncio.run(_serve(app, host, port))
+    asyncio.run(serve(app, host, port))

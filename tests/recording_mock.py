@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.mock_provider import create_app  # noqa: E402
+from service.mock_provider import create_app, serve  # noqa: E402
 
 
 def _content(body: Any) -> Any:
@@ -80,21 +79,6 @@ def build(args: argparse.Namespace) -> web.Application:
 
     app.middlewares.append(record)
     return app
-
-
-async def serve(app: web.Application, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, shutdown_timeout=2.0, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        print(f"recording mock provider listening on http://{host}:{port}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
 
 
 def main() -> None:
