@@ -168,7 +168,7 @@ class Publisher:
             fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model},
             add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES],
         )
-        if applied or before == "in_progress":  # in_progress: a retried script, or a peer's work
+        if applied:
             return True
         if before == "cancelling":
             await self.r.delete(*keys.work_keys(batch_id))

@@ -255,7 +255,8 @@ async def transition(
 ) -> tuple[bool, str]:
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
-    Returns (applied, status before). ``add_to``/``remove_from`` are sets of batch ids
+    Returns (applied, status before); applied is also True when the batch already has the
+    target status. ``add_to``/``remove_from`` are sets of batch ids
     (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
     ``expire_s`` > 0 gives the batch record its retention period (terminal states).
     """
@@ -268,7 +269,12 @@ async def transition(
         _TRANSITION, len(script_keys), *script_keys,
         batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat,
     )
-    return bool(applied), before.decode() if isinstance(before, bytes) else str(before)
+    before = before.decode() if isinstance(before, bytes) else str(before)
+    # Already in the target state: redis-py retried the script after a dropped connection (its
+    # first run applied), or a peer got there first. Either way the transition has happened.
+    if not applied and before and before == fields.get("status"):
+        return True, before
+    return bool(applied), before
 
 
 # Record results for lines of one batch, at most once per line: the done bitmap guards against

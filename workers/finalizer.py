@@ -216,10 +216,9 @@ class Finalizer:
         batch_id = h["id"]
         now = store.now()
         if h["status"] == "in_progress" and not h.get("abort"):
-            applied, before = await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                                     fields={"status": "finalizing", "finalizing_at": now})
-            # "finalizing" already: redis-py retried the script after a dropped connection.
-            if not applied and before != "finalizing":
+            applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
+                                                fields={"status": "finalizing", "finalizing_at": now})
+            if not applied:
                 return  # cancelled at the last moment: the next tick finishes it as cancelled
             h["status"] = "finalizing"
         if h["status"] == "finalizing":
@@ -229,13 +228,13 @@ class Finalizer:
         else:
             final, stamp, allowed = "expired", "expired_at", ["in_progress"]
         file_ids = {name: await self._register_file(h, name) for name in ("out", "err")}
-        applied, before = await store.transition(
+        applied, _ = await store.transition(
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
             remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES], expire_s=self.settings.retention_s,
         )
-        if not applied and before != final:
+        if not applied:
             return
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
