@@ -301,19 +301,29 @@ class Worker:
         interval = self.settings.lease_s / 4
         while True:
             await asyncio.sleep(interval)
-            by_batch: dict[str, list[str]] = {}
+            lines = list(self.inflight.values())
+            await self._set_idle(lines, 0)
             by_provider: dict[str, list[str]] = {}
-            for line in list(self.inflight.values()):
-                by_batch.setdefault(line.batch_id, []).append(line.entry_id)
+            for line in lines:
                 by_provider.setdefault(line.provider, []).append(line.holder)
-            try:
-                for batch_id, entry_ids in by_batch.items():
-                    await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
-                                            idle=0, justid=True)
-                for provider, holders in by_provider.items():
+            for provider, holders in by_provider.items():
+                try:
                     await self.limiter.renew(provider, holders)
+                except Exception as e:
+                    self.log.warning("lease_renewal_failed", provider=provider, error=str(e))
+
+    async def _set_idle(self, lines: list[Line], idle_ms: int) -> None:
+        """Set how long the group believes these lines idle: 0 renews a lease, past it hands them back."""
+        by_batch: dict[str, list[str]] = {}
+        for line in lines:
+            by_batch.setdefault(line.batch_id, []).append(line.entry_id)
+        for batch_id, entry_ids in by_batch.items():
+            try:
+                # JUSTID leaves the delivery counter alone: it must count crashes, not renewals.
+                await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
+                                        idle=idle_ms, justid=True)
             except Exception as e:
-                self.log.warning("lease_renewal_failed", error=str(e))
+                self.log.warning("lease_update_failed", batch_id=batch_id, idle_ms=idle_ms, error=str(e))
 
     async def _drain(self) -> None:
         if not self.inflight:
@@ -330,16 +340,7 @@ class Worker:
 
     async def _hand_back(self, lines: list[Line]) -> None:
         """Mark unfinished lines as idle past their lease, so live workers reclaim them at once."""
-        idle_ms = int(self.settings.lease_s * 1000) + 1
-        by_batch: dict[str, list[str]] = {}
-        for line in lines:
-            by_batch.setdefault(line.batch_id, []).append(line.entry_id)
-        for batch_id, entry_ids in by_batch.items():
-            try:
-                await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
-                                        idle=idle_ms, justid=True)
-            except Exception as e:
-                self.log.warning("hand_back_failed", batch_id=batch_id, error=str(e))
+        await self._set_idle(lines, int(self.settings.lease_s * 1000) + 1)
         self.log.warning("left_unfinished", lines=len(lines))
 
     async def _sleep(self, seconds: float) -> None:
