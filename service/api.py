@@ -18,7 +18,7 @@ from .publisher import Publisher
 from .storage import CHUNK, Storage
 from .validation import BOM, MAX_LINE_BYTES
 from .wire import (
-    BATCH_ENDPOINTS, FILE_PURPOSES, JSON_ERRORS, TERMINAL_STATUSES, UPLOAD_PURPOSES, Batch, FileDeleted, FileObject, Page,
+    BATCH_ENDPOINTS, FILE_PURPOSES, JSON_ERRORS, TERMINAL_STATUSES, UPLOAD_PURPOSES, FileDeleted, FileObject, Page,
     json_encoder,
 )
 

@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
 
 MB = 1024 * 1024
+# Even huge lines get a window deep enough to keep a few workers busy.
+MIN_WINDOW_LINES = 64
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -148,6 +150,8 @@ class Settings:
     max_batch_file_bytes: int = 200 * MB
     max_file_bytes: int = 512 * MB
     max_batch_lines: int = 50_000
+    window_lines: int = 10_000
+    window_bytes: int = 16 * MB
     log_level: str = "info"
     providers: tuple[Provider, ...] = ()
     quotas: Quotas = Quotas()
@@ -156,6 +160,15 @@ class Settings:
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
         return next((p for p in self.providers if p.name == name), None)
+
+    def provider_for(self, model: str, chosen: str = "") -> Provider | None:
+        """The provider a line goes to: the batch's chosen one (x-sluice-provider), else by model."""
+        return self.provider(chosen) if chosen else route(self.providers, model)
+
+    def window(self, file_bytes: int, lines: int) -> int:
+        """How many lines of a batch Redis holds at a time: bounded in lines and in bytes."""
+        line_bytes = max(1, file_bytes // max(1, lines))
+        return max(MIN_WINDOW_LINES, min(self.window_lines, self.window_bytes // line_bytes))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -178,6 +191,8 @@ class Settings:
             max_batch_file_bytes=_int(env, "SLUICE_MAX_BATCH_FILE_BYTES", cls.max_batch_file_bytes, minimum=1),
             max_file_bytes=_int(env, "SLUICE_MAX_FILE_BYTES", cls.max_file_bytes, minimum=1),
             max_batch_lines=_int(env, "SLUICE_MAX_BATCH_LINES", cls.max_batch_lines, minimum=1),
+            window_lines=_int(env, "SLUICE_WINDOW_LINES", cls.window_lines, minimum=1),
+            window_bytes=_int(env, "SLUICE_WINDOW_BYTES", cls.window_bytes, minimum=1),
             log_level=env.get("SLUICE_LOG_LEVEL", "").strip().lower() or cls.log_level,
             providers=providers,
             quotas=quotas,

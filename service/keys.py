@@ -16,6 +16,8 @@ SEQ = f"{PREFIX}:seq"
 ACTIVE_BATCHES = f"{PREFIX}:batches:active"
 # Batch ids the finalizer watches (every batch between validation and a terminal state).
 LIVE_BATCHES = f"{PREFIX}:batches:live"
+# Batch ids whose lines a web process is still feeding into their stream, a window at a time.
+FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
 # Batch ids waiting for validation and publishing, scored by the time their lease ends.
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 
@@ -71,6 +73,11 @@ def results(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:results"
 
 
+def feeder(batch_id: str) -> str:
+    """Lease naming the web process that feeds this batch's stream (expires if it dies)."""
+    return f"{PREFIX}:{{{batch_id}}}:feeder"
+
+
 def done(batch_id: str) -> str:
     """Bitmap: bit i is set once line i has a recorded result (the exactly-once guard)."""
     return f"{PREFIX}:{{{batch_id}}}:done"
@@ -98,4 +105,4 @@ def provider_pause(name: str) -> str:
 
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
-    return (lines(batch_id), results(batch_id), done(batch_id))
+    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import signal
-from typing import Awaitable, Callable, Protocol
+import socket
+from typing import Callable, Protocol
 
 from .config import Settings
 from .log import configure_logging
@@ -14,6 +17,11 @@ class Stoppable(Protocol):
     stop: asyncio.Event
 
     async def run(self) -> None: ...
+
+
+def process_name() -> str:
+    """Unique per process: a replacement may briefly share the host name and even the pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:

@@ -1,10 +1,10 @@
-"""Validation and publishing of batches, run inside every web process.
+"""Validation of new batches, run inside every web process.
 
 A new batch is queued in ``keys.PENDING_VALIDATION``. Any web process claims it with a lease,
-validates every line (nothing runs before the whole file is valid), moves it to
-``in_progress`` and publishes its lines into the batch's stream. Stream entry ids are
-``0-<line index + 1>``, so a process that takes over an expired lease resumes publishing where
-the previous one stopped without duplicating a line.
+validates every line (nothing runs before the whole file is valid) and moves it to
+``in_progress``, in the same step handing it to the feeders (``keys.FEEDING_BATCHES``), which
+publish its lines a window at a time (``feeder.py``). A process that takes over an expired
+lease redoes the validation; the state change happens once.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import structlog
 from redis.exceptions import ResponseError
 
 from . import keys, store
-from .config import Provider, Settings, route
+from .config import Settings
 from .connections import REDIS_DOWN, Outage
 from .storage import Storage
 from .validation import (
-    Request, check_line, duplicate_error, empty_error, iter_lines, model_error, too_many_error,
+    check_line, duplicate_error, empty_error, iter_lines, model_error, too_many_error,
 )
 from .wire import TERMINAL_STATUSES, BatchError
 
 log = structlog.get_logger("sluice.publisher")
 
-PUBLISH_CHUNK = 500
 # Errors kept on a failed batch; a file with a million bad lines does not need a million entries.
 MAX_REPORTED_ERRORS = 1000
 
@@ -42,11 +41,12 @@ return ids[1]
 class Publisher:
     """Claims pending batches, validates them and publishes their lines."""
 
-    def __init__(self, r: store.Redis, storage: Storage, settings: Settings) -> None:
+    def __init__(self, r: store.Redis, storage: Storage, settings: Settings, feeder_wake: asyncio.Event) -> None:
         self.r = r
         self.storage = storage
         self.settings = settings
         self.wake = asyncio.Event()
+        self.feeder_wake = feeder_wake
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
@@ -80,7 +80,7 @@ class Publisher:
         await self.r.zadd(keys.PENDING_VALIDATION, {batch_id: time.time() + self.settings.lease_s}, xx=True)
 
     async def process(self, batch_id: str) -> None:
-        """Validate and publish one claimed batch, or resume publishing it."""
+        """Validate one claimed batch and start it (or fail or cancel it)."""
         h = await store.get_batch_record(self.r, batch_id)
         bound = log.bind(batch_id=batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
@@ -88,28 +88,30 @@ class Publisher:
             return
         if h["status"] == "validating":
             started = time.monotonic()
-            total, model, errors = await self._validate(h)
+            total, size, model, errors = await self._validate(h)
             bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3))
             if errors:
                 await self._fail(h, errors)
                 return
-            if not await self._start(h, total, model):
+            if not await self._start(h, total, model, self.settings.window(size, total)):
                 return
+            self.feeder_wake.set()
         elif h["status"] == "cancelling" and not h.get("in_progress_at"):
             await self._cancel_unstarted(h)
             return
-        await self._publish(h)
         await self.r.zrem(keys.PENDING_VALIDATION, batch_id)
 
-    async def _validate(self, h: dict[str, str]) -> tuple[int, str, list[BatchError]]:
+    async def _validate(self, h: dict[str, str]) -> tuple[int, int, str, list[BatchError]]:
+        """(request lines, bytes up to the last one, first model, errors) of the batch's input."""
         limit = self.settings.max_batch_lines
         errors: list[BatchError] = []
         seen: set[str] = set()
-        total = 0
+        total = size = 0
         model = ""
         try:
             async for line in iter_lines(self.storage, h["input_key"]):
                 total += 1
+                size = line.end
                 if total > limit:
                     errors.append(too_many_error(limit))
                     break
@@ -118,7 +120,7 @@ class Publisher:
                     errors.append(result)
                 elif result.custom_id in seen:
                     errors.append(duplicate_error(line.number))
-                elif self._provider_for(h, result) is None:
+                elif self.settings.provider_for(result.model, h.get("provider", "")) is None:
                     errors.append(model_error(result.model, line.number))
                 else:
                     seen.add(result.custom_id)
@@ -126,12 +128,12 @@ class Publisher:
                 if total % 5000 == 0:
                     await self._renew(h["id"])
         except FileNotFoundError:
-            return 0, "", [BatchError(
+            return 0, 0, "", [BatchError(
                 code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
             )]
         if total == 0:
             errors.append(empty_error())
-        return total, model, errors[:MAX_REPORTED_ERRORS]
+        return total, size, model, errors[:MAX_REPORTED_ERRORS]
 
     async def _fail(self, h: dict[str, str], errors: list[BatchError]) -> None:
         now = store.now()
@@ -155,7 +157,7 @@ class Publisher:
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
 
-    async def _start(self, h: dict[str, str], total: int, model: str) -> bool:
+    async def _start(self, h: dict[str, str], total: int, model: str, window: int) -> bool:
         batch_id = h["id"]
         for stream, group in ((keys.lines(batch_id), keys.WORKER_GROUP), (keys.results(batch_id), "finalizer")):
             try:
@@ -165,8 +167,9 @@ class Publisher:
                     raise
         applied, before = await store.transition(
             self.r, batch_id, allowed=["validating"],
-            fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model},
-            add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES],
+            fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model,
+                    "feed_index": 0, "feed_offset": 0, "feed_window": window},
+            add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
         )
         if applied:
             return True
@@ -174,47 +177,3 @@ class Publisher:
             await self.r.delete(*keys.work_keys(batch_id))
             await self._cancel_unstarted(h)
         return False
-
-    async def _publish(self, h: dict[str, str]) -> None:
-        batch_id = h["id"]
-        stream = keys.lines(batch_id)
-        try:
-            info = await self.r.xinfo_stream(stream)
-        except ResponseError:
-            return  # the stream is gone: the batch already ended
-        last = info["last-generated-id"]
-        published = int((last.decode() if isinstance(last, bytes) else last).split("-")[1])
-        index = 0
-        pipe = self.r.pipeline(transaction=False)
-        queued = 0
-        async for line in iter_lines(self.storage, h["input_key"]):
-            index += 1
-            if index <= published:
-                continue
-            request = check_line(line, h["endpoint"])
-            assert not isinstance(request, BatchError), "validated lines cannot turn invalid"
-            # NOMKSTREAM: a batch that ended meanwhile must not get its stream back.
-            provider = self._provider_for(h, request)
-            assert provider is not None, "validated lines have a provider"
-            pipe.xadd(stream, {"c": request.custom_id, "b": request.body, "p": provider.name, "t": request.cost},
-                      id=f"0-{index}", nomkstream=True)
-            queued += 1
-            if queued >= PUBLISH_CHUNK:
-                if not await self._flush(pipe, batch_id):
-                    return
-                queued = 0
-        if queued:
-            await self._flush(pipe, batch_id)
-        log.info("published", batch_id=batch_id, lines=index)
-
-    def _provider_for(self, h: dict[str, str], request: Request) -> Provider | None:
-        """The batch's chosen provider (x-sluice-provider), else the one serving the line's model."""
-        if h.get("provider"):
-            return self.settings.provider(h["provider"])
-        return route(self.settings.providers, request.model)
-
-    async def _flush(self, pipe, batch_id: str) -> bool:
-        pipe.hget(keys.batch(batch_id), "status")
-        *_, status = await pipe.execute()
-        await self._renew(batch_id)
-        return status is not None and status.decode() not in TERMINAL_STATUSES

@@ -35,8 +35,8 @@ class Storage(Protocol):
         finalizer's writes safe to redo after a crash.
         """
 
-    def read(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
-        """Yield the stored bytes of ``key`` in chunks; FileNotFoundError if absent."""
+    def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield the stored bytes of ``key`` from ``offset`` on, in chunks; FileNotFoundError if absent."""
 
     async def size(self, key: str) -> int | None:
         """Size in bytes, or None when nothing is stored under ``key``."""
@@ -94,8 +94,10 @@ class LocalStorage:
             await aiofiles.os.wrap(os.fsync)(fd)
         return offset + len(data)
 
-    async def read(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
         async with aiofiles.open(self._path(key), "rb") as f:
+            if offset:
+                await f.seek(offset)
             while chunk := await f.read(chunk_size):
                 yield chunk
 

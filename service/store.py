@@ -358,6 +358,27 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
     return swept
 
 
+# ----------------------------------------------------------------------------- leases
+_HOLD_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+_DROP_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end"
+
+
+async def hold_lease(r: Redis, key: str, holder: str, ttl_ms: int) -> bool:
+    """Take or renew the lease ``key`` for ``holder``; False while someone else holds it."""
+    return bool(await r.eval(_HOLD_LEASE, 1, key, holder, ttl_ms))
+
+
+async def drop_lease(r: Redis, key: str, holder: str) -> None:
+    """Give the lease up at once (a peer need not wait for it to expire), if ``holder`` has it."""
+    await r.eval(_DROP_LEASE, 1, key, holder)
+
+
 # ----------------------------------------------------------------------------- quotas
 # Add every (field, amount, limit) to an owner's usage only if none would pass its limit.
 _RESERVE = """

@@ -23,52 +23,62 @@ _body_decoder = msgspec.json.Decoder(InputBody)
 
 @dataclass(frozen=True)
 class Line:
-    """A non-blank line of a JSONL file: its 1-based line number and its bytes (None if too long)."""
+    """A non-blank line of a JSONL file.
+
+    ``number`` is its 1-based line number (counted from ``start`` when reading from an offset),
+    ``data`` its bytes (None if too long) and ``end`` the byte offset just past it, where a later
+    read can resume.
+    """
 
     number: int
     data: bytes | None
+    end: int = 0
 
 
-async def iter_lines(storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES) -> AsyncIterator[Line]:
+async def iter_lines(
+    storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0,
+) -> AsyncIterator[Line]:
     """Yield the non-blank lines of a stored file, tolerating a BOM, CRLF and a missing final newline.
 
     A line longer than ``max_line`` is yielded with ``data=None`` and skipped without being held.
+    ``start`` is a byte offset to resume from; it must be 0 or a previous line's ``end``.
     """
     buf = bytearray()
     number = 1
-    first = True
     skipping = False
-    async for chunk in storage.read(key):
-        if first:
-            first = False
-            if chunk.startswith(BOM):
-                chunk = chunk[len(BOM):]
-        start = 0
+    pos = start  # absolute offset of the chunk being scanned
+    async for chunk in storage.read(key, offset=start):
+        if pos == 0 and chunk.startswith(BOM):
+            chunk = chunk[len(BOM):]
+            pos = len(BOM)
+        begin = 0
         while True:
-            nl = chunk.find(b"\n", start)
+            nl = chunk.find(b"\n", begin)
             if nl < 0:
                 if not skipping:
-                    buf += chunk[start:]
+                    buf += chunk[begin:]
                     if len(buf) > max_line:
                         buf.clear()
                         skipping = True
                 break
+            end = pos + nl + 1
             if skipping:
                 skipping = False
-                yield Line(number, None)
+                yield Line(number, None, end)
             else:
-                buf += chunk[start:nl]
+                buf += chunk[begin:nl]
                 if len(buf) > max_line:
-                    yield Line(number, None)
+                    yield Line(number, None, end)
                 elif buf.strip():
-                    yield Line(number, bytes(buf).rstrip(b"\r"))
+                    yield Line(number, bytes(buf).rstrip(b"\r"), end)
             buf.clear()
             number += 1
-            start = nl + 1
+            begin = nl + 1
+        pos += len(chunk)
     if skipping:
-        yield Line(number, None)
+        yield Line(number, None, pos)
     elif buf.strip():
-        yield Line(number, bytes(buf).rstrip(b"\r"))
+        yield Line(number, bytes(buf).rstrip(b"\r"), pos)
 
 
 @dataclass(frozen=True)

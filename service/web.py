@@ -12,7 +12,8 @@ from . import api, store
 from .config import Settings
 from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
-from .lifecycle import run_until_signal
+from .feeder import Feeder
+from .lifecycle import process_name, run_until_signal
 from .publisher import Publisher
 from .storage import Storage, open_storage
 from .tokens import TokenAuth
@@ -137,16 +138,20 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app[OUTAGE] = Outage(log)
     app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
     app[api.REDIS] = r
-    app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings)
+    feeder = Feeder(app[api.REDIS], app[api.STORAGE], settings, process_name())
+    app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings, feeder.wake)
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        task = asyncio.create_task(app[api.PUBLISHER].run(stop), name="publisher")
+        tasks = [asyncio.create_task(app[api.PUBLISHER].run(stop), name="publisher"),
+                 asyncio.create_task(feeder.run(stop), name="feeder")]
         yield
         stop.set()
         app[api.PUBLISHER].wake.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        feeder.wake.set()
+        # The feeder gives its leases up on the way out; the publisher's claim simply expires.
+        tasks[0].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if redis is None:
             await app[api.REDIS].aclose()
 

@@ -25,14 +25,13 @@ from redis.exceptions import ResponseError
 from service import keys, store
 from service.config import Settings
 from service.connections import REDIS_DOWN, Outage, connect
-from service.lifecycle import run_until_signal, sleep_unless_stopped
+from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
 from service.results import abort_line
 from service.storage import Storage, open_storage
 from service.store import Outcome
 from service.validation import check_line, iter_lines
 from service.wire import TERMINAL_STATUSES
 
-from .worker import consumer_name
 
 log = structlog.get_logger("sluice.finalizer")
 
@@ -41,14 +40,6 @@ DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
 SWEEP_EVERY_S = 60.0
 OUTPUT_TTL_S = 30 * 24 * 3600
-
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
-"""
-
 
 def _bit(bitmap: bytes, index: int) -> bool:
     byte = index >> 3
@@ -66,7 +57,7 @@ class Finalizer:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
-        self.name = consumer_name()
+        self.name = process_name()
         self.stop = asyncio.Event()
         self.active: bool | None = None  # unknown until the first attempt, so either outcome is logged
         # Short enough that a replacement takes over quickly, long enough to ride out a pause.
@@ -91,13 +82,12 @@ class Finalizer:
         finally:
             if self.active:
                 with contextlib.suppress(*REDIS_DOWN):
-                    await self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
-                                          1, keys.FINALIZER_LOCK, self.name)
+                    await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
             await self.redis.aclose()
         log.info("finalizer_stopped")
 
     async def _hold_lock(self) -> bool:
-        held = bool(await self.redis.eval(_RENEW_LOCK, 1, keys.FINALIZER_LOCK, self.name, self.lock_ttl_ms))
+        held = await store.hold_lease(self.redis, keys.FINALIZER_LOCK, self.name, self.lock_ttl_ms)
         if held != self.active:
             log.info("finalizer_active" if held else "finalizer_standby")
             self.active = held
@@ -125,6 +115,7 @@ class Finalizer:
             # A finish interrupted after its transition: complete the clean-up.
             await self.redis.delete(*keys.work_keys(batch_id))
             await self.redis.srem(keys.LIVE_BATCHES, batch_id)
+            await self.redis.srem(keys.FEEDING_BATCHES, batch_id)
             return
         if h["status"] == "in_progress" and not h.get("abort") and time.time() >= int(h["expires_at"]):
             await store.transition(self.redis, batch_id, allowed=["in_progress"], fields={"abort": "batch_expired"},
@@ -232,7 +223,8 @@ class Finalizer:
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
-            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES], expire_s=self.settings.retention_s,
+            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            expire_s=self.settings.retention_s,
         )
         if not applied:
             return

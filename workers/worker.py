@@ -18,9 +18,6 @@ in-flight requests finish within the grace period and leaves the rest pending fo
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,7 +28,7 @@ from service import keys, store
 from service.config import Settings
 from service.crypto import unseal
 from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
-from service.lifecycle import run_until_signal, sleep_unless_stopped
+from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
 from service.results import abort_line, error_line
 from service.store import Outcome
 
@@ -71,17 +68,12 @@ class BatchInfo:
     sealed_key: str  # the client's own provider key (BYOK), encrypted; "" when none
 
 
-def consumer_name() -> str:
-    """Unique per process: a replacement may briefly share the host name and even the pid."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 class Worker:
     """One worker process's state: its Redis clients, its provider and its in-flight lines."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.name = consumer_name()
+        self.name = process_name()
         self.stop = asyncio.Event()
         self.inflight: dict[asyncio.Task, Line] = {}
         self.batches: dict[str, BatchInfo] = {}

@@ -108,11 +108,11 @@ class GatedStorage(LocalStorage):
         if self.gate is not None:
             self.gate.set()
 
-    async def read(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
         if self.gate is not None:
             self.reading.set()
             await self.gate.wait()
-        async for chunk in super().read(key, chunk_size):
+        async for chunk in super().read(key, chunk_size, offset):
             yield chunk
 
     def stored_files(self) -> list[str]:

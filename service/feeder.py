@@ -1,0 +1,192 @@
+"""Feeding running batches into Redis a bounded window at a time, inside every web process.
+
+Redis never holds a whole input file: it holds a *window* of each running batch's request lines
+(``Settings.window``: at most ``SLUICE_WINDOW_LINES`` lines and about ``SLUICE_WINDOW_BYTES``).
+Each tick, for every batch in ``keys.FEEDING_BATCHES`` whose lease this process holds, the
+feeder tops the stream up once fewer than half a window of lines is outstanding (published
+without a result yet), reading on from the input file in storage.
+
+Resuming is exact: the number of lines published (``feed_index``) and the byte offset of the
+next line (``feed_offset``) live in the batch hash and move in the same script that adds the
+lines, and that script refuses to run from a stale position. A process taking over a batch
+after a crash (its lease expired) continues where the last one stopped: no line twice, none
+skipped. Stream entry ids stay ``0-<line index + 1>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import structlog
+
+from . import keys, store
+from .config import Settings
+from .connections import REDIS_DOWN, Outage
+from .lifecycle import sleep_unless_stopped
+from .storage import Storage
+from .validation import Line, check_line, iter_lines
+from .wire import BatchError
+
+log = structlog.get_logger("sluice.feeder")
+
+TICK_S = 0.05
+LEASE_MS = 10_000
+# Lines per script call: one call holds Redis for a moment only, even with 4 KB lines.
+CHUNK = 500
+
+# KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line,
+# then (custom_id, body, provider, cost) per line. Returns the new feed_index, -1 when the
+# position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
+_FEED = """
+if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
+local index = tonumber(ARGV[1])
+for i = 3, #ARGV, 4 do
+  index = index + 1
+  redis.call('XADD', KEYS[2], '0-' .. index, 'c', ARGV[i], 'b', ARGV[i + 1], 'p', ARGV[i + 2], 't', ARGV[i + 3])
+end
+redis.call('HSET', KEYS[1], 'feed_index', index, 'feed_offset', ARGV[2])
+return index
+"""
+
+_FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
+           "input_key", "endpoint", "provider")
+
+
+@dataclass
+class _Cursor:
+    """An open read of a batch's input file, positioned at byte ``offset`` (the next line)."""
+
+    offset: int
+    lines: AsyncIterator[Line]
+
+
+class Feeder:
+    """Keeps the streams of the running batches this process leases topped up to their window."""
+
+    def __init__(self, r: store.Redis, storage: Storage, settings: Settings, name: str) -> None:
+        self.r = r
+        self.storage = storage
+        self.settings = settings
+        self.name = name
+        self.wake = asyncio.Event()
+        self.cursors: dict[str, _Cursor] = {}
+        self.renew_at: dict[str, float] = {}  # batch id -> when (monotonic) to renew its lease
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Feed until ``stop`` is set, then give up the leases so a peer takes over at once."""
+        outage = Outage(log)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                    outage.ok()
+                except asyncio.CancelledError:
+                    raise
+                except REDIS_DOWN as e:
+                    await sleep_unless_stopped(stop, outage.failed(e))
+                    continue
+                except Exception:
+                    log.exception("feeder_error")
+                    await sleep_unless_stopped(stop, 1.0)
+                self.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=TICK_S)
+        finally:
+            await self._let_go_all()
+
+    async def tick(self) -> None:
+        """One pass: top up every batch this process feeds (or can take over)."""
+        feeding = {b.decode() for b in await self.r.smembers(keys.FEEDING_BATCHES)}
+        for batch_id in set(self.renew_at) - feeding:
+            await self._forget(batch_id)
+        mine = [batch_id for batch_id in sorted(feeding) if await self._hold(batch_id)]
+        if not mine:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id in mine:
+            pipe.hmget(keys.batch(batch_id), *_FIELDS)
+        for batch_id, values in zip(mine, await pipe.execute()):
+            h = {k: v.decode() for k, v in zip(_FIELDS, values) if v is not None}
+            await self._top_up(batch_id, h)
+
+    async def _hold(self, batch_id: str) -> bool:
+        now = time.monotonic()
+        if now < self.renew_at.get(batch_id, 0.0):
+            return True
+        if await store.hold_lease(self.r, keys.feeder(batch_id), self.name, LEASE_MS):
+            self.renew_at[batch_id] = now + LEASE_MS / 4000
+            return True
+        await self._forget(batch_id)
+        return False
+
+    async def _top_up(self, batch_id: str, h: dict[str, str]) -> None:
+        if "feed_index" not in h:
+            return  # not started yet, or its record is gone
+        index, total = int(h["feed_index"]), int(h.get("total") or 0)
+        if h.get("status") != "in_progress" or h.get("abort") or index >= total:
+            # Fully fed, aborting or ended: the finalizer records whatever was never published.
+            await self.r.srem(keys.FEEDING_BATCHES, batch_id)
+            await self._let_go(batch_id)
+            return
+        window = int(h["feed_window"])
+        outstanding = index - int(h.get("completed") or 0) - int(h.get("failed") or 0)
+        if outstanding > window // 2:
+            return
+        cursor = await self._cursor(batch_id, h)
+        room = min(window - outstanding, total - index)
+        while room > 0:
+            argv: list[str | int | bytes] = []
+            end = cursor.offset
+            async for line in cursor.lines:
+                request = check_line(line, h["endpoint"])
+                provider = None if isinstance(request, BatchError) else self.settings.provider_for(
+                    request.model, h.get("provider", ""))
+                if provider is None:
+                    raise RuntimeError(f"batch {batch_id}: a validated line no longer validates (line at byte {end})")
+                argv += [request.custom_id, request.body, provider.name, request.cost]
+                end = line.end
+                if len(argv) >= 4 * min(room, CHUNK):
+                    break
+            if not argv:
+                raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
+            got = int(await self.r.eval(_FEED, 2, keys.batch(batch_id), keys.lines(batch_id), index, end, *argv))
+            if got < 0:
+                # A peer fed meanwhile, or the batch ended: start over from what Redis says.
+                await self._close(batch_id)
+                return
+            cursor.offset = end
+            room -= got - index
+            index = got
+
+    async def _cursor(self, batch_id: str, h: dict[str, str]) -> _Cursor:
+        offset = int(h.get("feed_offset") or 0)
+        cursor = self.cursors.get(batch_id)
+        if cursor is None or cursor.offset != offset:
+            await self._close(batch_id)
+            cursor = self.cursors[batch_id] = _Cursor(offset, iter_lines(self.storage, h["input_key"], start=offset))
+        return cursor
+
+    async def _close(self, batch_id: str) -> None:
+        cursor = self.cursors.pop(batch_id, None)
+        if cursor is not None:
+            await cursor.lines.aclose()
+
+    async def _forget(self, batch_id: str) -> None:
+        self.renew_at.pop(batch_id, None)
+        await self._close(batch_id)
+
+    async def _let_go(self, batch_id: str) -> None:
+        await self._forget(batch_id)
+        await store.drop_lease(self.r, keys.feeder(batch_id), self.name)
+
+    async def _let_go_all(self) -> None:
+        for batch_id in list(self.renew_at):
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._let_go(batch_id)
+        for batch_id in list(self.cursors):
+            await self._close(batch_id)
