@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from typing import Any, Sequence
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError, NoScriptError, TimeoutError as RedisTimeoutError
 
 from .config import Settings
 
@@ -35,6 +37,30 @@ def connect(settings: Settings, *, max_connections: int = 64) -> aioredis.Redis:
         **kwargs,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+class Script:
+    """A Lua script run by its SHA1 (EVALSHA), so Redis need not receive and hash it on every call."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, r: aioredis.Redis, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
+        """Run the script; the first call after Redis started sends its source once."""
+        try:
+            return await r.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # EVAL runs it and caches it under the same SHA for the next calls.
+            return await r.eval(self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any] = ()) -> None:
+        """Add a call to a pipeline; if it fails with NoScriptError, ``load`` and execute again."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def load(self, r: aioredis.Redis) -> None:
+        """Make sure Redis has the script (after a restart wiped its script cache)."""
+        await r.script_load(self.source)
 
 
 # What a lost or restarting Redis raises (BusyLoadingError while it replays its AOF is a

@@ -25,7 +25,7 @@ import structlog
 
 from . import keys, store
 from .config import Settings
-from .connections import REDIS_DOWN, Outage
+from .connections import REDIS_DOWN, Outage, Script
 from .lifecycle import sleep_unless_stopped
 from .storage import Storage
 from .validation import Line, check_line, iter_lines
@@ -41,7 +41,7 @@ CHUNK = 500
 # KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line,
 # then (custom_id, body, provider, cost) per line. Returns the new feed_index, -1 when the
 # position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
-_FEED = """
+_FEED = Script("""
 if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
 local index = tonumber(ARGV[1])
@@ -51,7 +51,7 @@ for i = 3, #ARGV, 4 do
 end
 redis.call('HSET', KEYS[1], 'feed_index', index, 'feed_offset', ARGV[2])
 return index
-"""
+""")
 
 _FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
            "input_key", "endpoint", "provider")
@@ -154,7 +154,7 @@ class Feeder:
                     break
             if not argv:
                 raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-            got = int(await self.r.eval(_FEED, 2, keys.batch(batch_id), keys.lines(batch_id), index, end, *argv))
+            got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)], [index, end, *argv]))
             if got < 0:
                 # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                 await self._close(batch_id)

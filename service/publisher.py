@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from . import keys, store
 from .config import Settings
-from .connections import REDIS_DOWN, Outage
+from .connections import REDIS_DOWN, Outage, Script
 from .storage import Storage
 from .validation import (
     check_line, duplicate_error, empty_error, iter_lines, model_error, too_many_error,
@@ -30,12 +30,12 @@ log = structlog.get_logger("sluice.publisher")
 # Errors kept on a failed batch; a file with a million bad lines does not need a million entries.
 MAX_REPORTED_ERRORS = 1000
 
-_CLAIM = """
+_CLAIM = Script("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
 if #ids == 0 then return false end
 redis.call('ZADD', KEYS[1], ARGV[2], ids[1])
 return ids[1]
-"""
+""")
 
 
 class Publisher:
@@ -73,7 +73,7 @@ class Publisher:
 
     async def _claim(self) -> str | None:
         now = time.time()
-        got = await self.r.eval(_CLAIM, 1, keys.PENDING_VALIDATION, now, now + self.settings.lease_s)
+        got = await _CLAIM(self.r, [keys.PENDING_VALIDATION], [now, now + self.settings.lease_s])
         return got.decode() if got else None
 
     async def _renew(self, batch_id: str) -> None:

@@ -14,8 +14,10 @@ from typing import Callable, Iterable
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from . import keys
+from .connections import Script
 from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
 
 Redis = aioredis.Redis
@@ -227,7 +229,7 @@ def batch_from_record(h: dict[str, str]) -> Batch:
 
 # Move a batch to a new state only if it is in one of the allowed states; optionally add it to
 # one set and remove it from others, all atomically.
-_TRANSITION = """
+_TRANSITION = Script("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, ''} end
 local allowed = false
@@ -246,7 +248,7 @@ local adds = tonumber(ARGV[3])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
 for i = 2 + adds, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
 return {1, st}
-"""
+""")
 
 
 async def transition(
@@ -265,9 +267,8 @@ async def transition(
         flat += [k, v]
     add_to = list(add_to)
     script_keys = [keys.batch(batch_id), *add_to, *remove_from]
-    applied, before = await r.eval(
-        _TRANSITION, len(script_keys), *script_keys,
-        batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat,
+    applied, before = await _TRANSITION(
+        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat],
     )
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
@@ -280,7 +281,7 @@ async def transition(
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
 # redelivery, the result goes to the results stream, the counter moves, the work entry is
 # acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
-_RECORD = """
+_RECORD = Script("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
 for i = 2, #ARGV, 4 do
@@ -296,7 +297,7 @@ for i = 2, #ARGV, 4 do
   end
 end
 return recorded
-"""
+""")
 
 
 class Outcome:
@@ -304,6 +305,13 @@ class Outcome:
 
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+def _record_call(batch_id: str, results: Iterable[tuple[int, str, str, bytes]]) -> tuple[list[str], list]:
+    argv: list[str | int | bytes] = [keys.WORKER_GROUP]
+    for index, entry_id, outcome, result in results:
+        argv += [index, entry_id, outcome, result]
+    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)], argv
 
 
 async def record_results(
@@ -314,13 +322,25 @@ async def record_results(
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
     batch whose work keys are gone (finished or deleted) records nothing.
     """
-    argv: list[str | int | bytes] = [keys.WORKER_GROUP]
-    for index, entry_id, outcome, result in results:
-        argv += [index, entry_id, outcome, result]
+    ks, argv = _record_call(batch_id, results)
     if len(argv) == 1:
         return 0
-    ks = [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)]
-    return int(await r.eval(_RECORD, len(ks), *ks, *argv))
+    return int(await _RECORD(r, ks, argv))
+
+
+async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:
+    """``record_results`` for several batches in one round trip."""
+    for attempt in (1, 2):
+        pipe = r.pipeline(transaction=False)
+        for batch_id, results in by_batch.items():
+            _RECORD.queue(pipe, *_record_call(batch_id, results))
+        try:
+            await pipe.execute()
+            return
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
 async def release(r: Redis, storage, h: dict[str, str]) -> None:
@@ -329,7 +349,7 @@ async def release(r: Redis, storage, h: dict[str, str]) -> None:
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
     the last claim.
     """
-    await r.eval(_RELEASE_BATCH, 2, keys.batch(h["id"]), keys.owner_usage(h["owner"]))
+    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])])
     p = r.pipeline(transaction=True)
     p.srem(keys.file_refs(h["input_file_id"]), h["id"])
     p.scard(keys.file_refs(h["input_file_id"]))
@@ -359,36 +379,36 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
 
 
 # ----------------------------------------------------------------------------- leases
-_HOLD_LEASE = """
+_HOLD_LEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
-"""
+""")
 
-_DROP_LEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end"
+_DROP_LEASE = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
 
 
 async def hold_lease(r: Redis, key: str, holder: str, ttl_ms: int) -> bool:
     """Take or renew the lease ``key`` for ``holder``; False while someone else holds it."""
-    return bool(await r.eval(_HOLD_LEASE, 1, key, holder, ttl_ms))
+    return bool(await _HOLD_LEASE(r, [key], [holder, ttl_ms]))
 
 
 async def drop_lease(r: Redis, key: str, holder: str) -> None:
     """Give the lease up at once (a peer need not wait for it to expire), if ``holder`` has it."""
-    await r.eval(_DROP_LEASE, 1, key, holder)
+    await _DROP_LEASE(r, [key], [holder])
 
 
 # ----------------------------------------------------------------------------- quotas
 # Add every (field, amount, limit) to an owner's usage only if none would pass its limit.
-_RESERVE = """
+_RESERVE = Script("""
 for i = 1, #ARGV, 3 do
   local used = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
   if used + tonumber(ARGV[i + 1]) > tonumber(ARGV[i + 2]) then return ARGV[i] end
 end
 for i = 1, #ARGV, 3 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return ''
-"""
+""")
 
 
 async def reserve(r: Redis, owner: str, **wanted: tuple[int, int]) -> str | None:
@@ -396,7 +416,7 @@ async def reserve(r: Redis, owner: str, **wanted: tuple[int, int]) -> str | None
     argv: list[str | int] = []
     for name, (amount, limit) in wanted.items():
         argv += [name, amount, limit]
-    over = await r.eval(_RESERVE, 1, keys.owner_usage(owner), *argv)
+    over = await _RESERVE(r, [keys.owner_usage(owner)], argv)
     over = over.decode() if isinstance(over, bytes) else over
     return over or None
 
@@ -411,9 +431,9 @@ async def add_usage(r: Redis, owner: str, name: str, amount: int) -> None:
     await r.hincrby(keys.owner_usage(owner), name, amount)
 
 
-_RELEASE_BATCH = """
+_RELEASE_BATCH = Script("""
 if redis.call('HSETNX', KEYS[1], 'released', '1') == 1 then
   redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
   redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
 end
-"""
+""")
