@@ -68,6 +68,11 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         # Keys never reach a log line through a repr.
         return f"Provider(name={self.name!r}, base_url={self.base_url!r}, models={self.models!r})"
 
+    @property
+    def limited(self) -> bool:
+        """True when requests to this provider count against limits shared by all workers."""
+        return bool(self.max_concurrency or self.rpm or self.tpm)
+
     def serves(self, model: str) -> bool:
         """True when ``model`` is one of this provider's names or matches one of its patterns."""
         return any(model == m or fnmatch.fnmatchcase(model, m) for m in self.models)

@@ -11,6 +11,8 @@ One Lua script decides, atomically, whether a request may go to a provider now:
 
 The script answers how many milliseconds to wait, or 0 (go) / -1 (go, holding a lease). Inside one process, lines waiting
 for the same provider queue on an asyncio lock, so only one of them polls Redis at a time.
+A provider with no limits configured skips the script unless a pause is on: a worker looks
+for one at most every ``PAUSE_CHECK_S``, so a request costs no Redis round trip of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import AsyncIterator
 
 from service import keys
 from service.config import Provider
-from service.connections import REDIS_DOWN
+from service.connections import REDIS_DOWN, Script
 from service.store import Redis
 
 RAMP_S = 5.0
@@ -32,10 +34,12 @@ RAMP_START = 0.1  # fraction of the concurrency cap allowed right after a pause
 SAFETY = 0.95
 BURST_S = 0.25
 MAX_POLL_S = 1.0
+# How stale a worker's view of a provider's pause may be (the ramp and every limit stay exact).
+PAUSE_CHECK_S = 0.25
 # Concurrency cap during the ramp of a provider configured without one.
 RAMP_DEFAULT_CONCURRENCY = 64
 
-_ACQUIRE = """
+_ACQUIRE = Script("""
 local now = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
 local holder = ARGV[3]
@@ -90,9 +94,9 @@ if maxc > 0 then
   return -1
 end
 return 0
-"""
+""")
 
-_PAUSE = """
+_PAUSE = Script("""
 local pause_end = tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if pause_end > current then
@@ -100,7 +104,7 @@ if pause_end > current then
   return 1
 end
 return 0
-"""
+""")
 
 
 class Limiter:
@@ -110,10 +114,16 @@ class Limiter:
         self.redis = redis
         self.lease_ms = int(lease_s * 1000)
         self.locks: dict[str, asyncio.Lock] = {}
+        self.pause_seen: dict[str, tuple[float, bool]] = {}  # provider -> (when looked up, pause key there)
 
     @asynccontextmanager
     async def slot(self, provider: Provider, holder: str, cost: int) -> AsyncIterator[None]:
         """Wait until ``provider`` may take one more request, hold the slot while it runs."""
+        if not provider.limited and not await self._pause_on(provider):
+            # Nothing to count: only a pause after a 429 (or its ramp) could hold the request back,
+            # and that needs no Redis round trip per request to notice.
+            yield
+            return
         async with self.locks.setdefault(provider.name, asyncio.Lock()):
             while (answer := await self._try(provider, holder, cost)) > 0:
                 await asyncio.sleep(min(answer / 1000, MAX_POLL_S) + random.uniform(0, 0.005))
@@ -125,16 +135,26 @@ class Limiter:
                 with contextlib.suppress(*REDIS_DOWN):
                     await self.redis.zrem(keys.provider_inflight(provider.name), holder)
 
+    async def _pause_on(self, provider: Provider) -> bool:
+        """Whether a pause or the ramp after it is on, looked up at most every ``PAUSE_CHECK_S``."""
+        now = time.monotonic()
+        checked, on = self.pause_seen.get(provider.name, (float("-inf"), False))
+        if now - checked >= PAUSE_CHECK_S:
+            self.pause_seen[provider.name] = (now, on)  # concurrent callers use the last answer meanwhile
+            on = bool(await self.redis.exists(keys.provider_pause(provider.name)))
+            self.pause_seen[provider.name] = (now, on)
+        return on
+
     async def _try(self, provider: Provider, holder: str, cost: int) -> int:
         rpm = (provider.rpm or 0) * SAFETY
         tpm = (provider.tpm or 0) * SAFETY
         if tpm and cost > tpm:
             cost = int(tpm)  # a request larger than a minute's budget still goes, alone
-        return int(await self.redis.eval(
-            _ACQUIRE, 3, keys.provider_inflight(provider.name), keys.provider_bucket(provider.name),
-            keys.provider_pause(provider.name),
-            int(time.time() * 1000), self.lease_ms, holder, provider.max_concurrency or 0, rpm, tpm, cost,
-            int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY, int(BURST_S * 1000), RAMP_START,
+        return int(await _ACQUIRE(
+            self.redis,
+            [keys.provider_inflight(provider.name), keys.provider_bucket(provider.name), keys.provider_pause(provider.name)],
+            [int(time.time() * 1000), self.lease_ms, holder, provider.max_concurrency or 0, rpm, tpm, cost,
+             int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY, int(BURST_S * 1000), RAMP_START],
         ))
 
     async def renew(self, provider_name: str, holders: list[str]) -> None:
@@ -145,8 +165,9 @@ class Limiter:
     async def pause(self, provider: Provider, seconds: float) -> bool:
         """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""
         now = int(time.time() * 1000)
+        self.pause_seen[provider.name] = (time.monotonic(), True)
         with contextlib.suppress(*REDIS_DOWN):
-            return bool(await self.redis.eval(
-                _PAUSE, 1, keys.provider_pause(provider.name), now + int(seconds * 1000), now, int(RAMP_S * 1000),
+            return bool(await _PAUSE(
+                self.redis, [keys.provider_pause(provider.name)], [now + int(seconds * 1000), now, int(RAMP_S * 1000)],
             ))
         return False

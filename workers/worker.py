@@ -8,7 +8,8 @@ Loop, top to bottom:
    Streams are rotated between reads, so every batch gets its turn (round-robin fairness).
 3. Lines of a batch being cancelled or expired are recorded as such, without being sent.
 4. Every other line runs as its own task: provider call with retries, then one Lua script records
-   the result exactly once (done bitmap), bumps the batch counter and acks + deletes the entry.
+   the result exactly once (done bitmap), bumps the batch counter and acks + deletes the entry;
+   results finishing together share one round trip (``recorder.py``).
 
 A background task renews the lease (XCLAIM ... IDLE 0 JUSTID) of the lines in flight, so a slow
 provider call is never taken for a dead worker's. On SIGTERM the worker stops reading, lets
@@ -33,11 +34,14 @@ from service.results import abort_line, error_line
 from service.store import Outcome
 
 from .limits import Limiter
+from .recorder import Recorder
 from .upstream import CallResult, Upstream
 
 log = structlog.get_logger("sluice.worker")
 
 IDLE_WAIT_S = 0.5
+# How stale the worker's view of the running batches may be; a cancel takes effect within it.
+ACTIVE_REFRESH_S = 0.1
 POISON_CODE = "poison_line"
 
 
@@ -80,6 +84,8 @@ class Worker:
         self.rotation = 0
         self.owner_rotation: dict[str, int] = {}
         self.claim_cursors: dict[str, str] = {}
+        self.active: list[str] = []
+        self.active_until = 0.0
         self.next_reclaim = 0.0
         self.log = log.bind(consumer=self.name)
         self.outage = Outage(self.log)
@@ -91,6 +97,7 @@ class Worker:
         # Timeouts are per provider, set on each request.
         async with aiohttp.ClientSession(connector=connector) as session:
             self.limiter = Limiter(self.redis, self.settings.lease_s)
+            self.recorder = Recorder(self.redis, self.outage)
             self.upstream = Upstream(self.settings, session, self.limiter)
             renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
             self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
@@ -124,7 +131,7 @@ class Worker:
 
     async def _pick_streams(self, free: int) -> list[str]:
         """Up to ``free`` batches to read from: round-robin over tokens, then over each token's batches."""
-        active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
+        active = await self._active()
         if not active:
             return []
         await self._load_batches(active)
@@ -144,6 +151,14 @@ class Worker:
             if len(picked) >= free:
                 break
         return picked
+
+    async def _active(self) -> list[str]:
+        """The running batches (``keys.ACTIVE_BATCHES``), looked up at most every ``ACTIVE_REFRESH_S``."""
+        now = asyncio.get_running_loop().time()
+        if now >= self.active_until:
+            self.active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
+            self.active_until = now + ACTIVE_REFRESH_S
+        return self.active
 
     async def _load_batches(self, batch_ids: list[str]) -> None:
         missing = [b for b in batch_ids if b not in self.batches]
@@ -227,14 +242,15 @@ class Worker:
                     fields[b"p"].decode(), int(fields[b"t"]))
 
     async def _dispatch(self, lines: list[Line]) -> None:
-        batch_ids = sorted({line.batch_id for line in lines})
-        pipe = self.redis.pipeline(transaction=False)
-        for batch_id in batch_ids:
-            pipe.hget(keys.batch(batch_id), "abort")
+        # A batch that left the active set while its lines were being read (the read may have
+        # blocked) is aborting if it has a reason: its lines are recorded as such, not sent.
+        gone = sorted({line.batch_id for line in lines} - set(await self._active()))
         aborts: dict[str, str] = {}
-        for batch_id, abort in zip(batch_ids, await pipe.execute()):
-            if abort:
-                aborts[batch_id] = abort.decode()
+        if gone:
+            pipe = self.redis.pipeline(transaction=False)
+            for batch_id in gone:
+                pipe.hget(keys.batch(batch_id), "abort")
+            aborts = {b: abort.decode() for b, abort in zip(gone, await pipe.execute()) if abort}
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             await store.record_results(self.redis, batch_id, [
@@ -267,14 +283,7 @@ class Worker:
                     line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
                     0)
                 break
-        while True:
-            try:
-                await store.record_results(self.redis, line.batch_id, [
-                    (line.index, line.entry_id, result.outcome, result.line)])
-                break
-            except REDIS_DOWN as e:
-                # The provider was paid for this answer: keep it until Redis is back.
-                await asyncio.sleep(self.outage.failed(e))
+        await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line))
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
     async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
