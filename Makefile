@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test install redis-server clean
+.PHONY: run test bench install redis-server clean
 
 run: $(STAMP)
 	$(BIN)/sluice up
@@ -12,12 +12,16 @@ run: $(STAMP)
 test: $(STAMP) redis-server
 	$(BIN)/pytest
 
+# Every benchmark scenario on a fresh local stack; BENCH_ARGS passes options (e.g. --smoke).
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,embedded]'
+	$(BIN)/python -m pip install --quiet -e '.[test,embedded,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -1,0 +1,1 @@
+"""Benchmark harness for Sluice: ``python -m bench.run`` (see :mod:`bench.run`)."""
