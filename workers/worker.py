@@ -39,7 +39,8 @@ from .upstream import CallResult, Upstream
 
 log = structlog.get_logger("sluice.worker")
 
-IDLE_WAIT_S = 0.5
+# Also how soon an idle worker notices a new batch.
+IDLE_WAIT_S = 0.1
 # How stale the worker's view of the running batches may be; a cancel takes effect within it.
 ACTIVE_REFRESH_S = 0.1
 POISON_CODE = "poison_line"

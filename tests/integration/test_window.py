@@ -43,6 +43,19 @@ def _feed_index(stack, batch_id: str) -> int:
     return int(stack.redis.client().hget(_batch_key(batch_id, "batch"), "feed_index") or 0)
 
 
+def _run_watched(stack, rows: list[dict]) -> tuple[object, list[int]]:
+    """Submit ``rows``, wait for the batch to end; return it and the sampled stream lengths."""
+    _, created = stack.submit(rows)
+    watcher = StreamWatcher(stack, created.id)
+    try:
+        batch = stack.wait_for_batch(created.id, timeout=120)
+    finally:
+        lengths = watcher.stop()
+    _assert_every_line_once(stack, batch, [r["custom_id"] for r in rows])
+    assert lengths, "no sample of the stream was taken"
+    return batch, lengths
+
+
 def _assert_every_line_once(stack, batch, custom_ids: list[str]) -> None:
     assert batch.status == "completed", batch
     output, errors = stack.results(batch)
@@ -57,16 +70,9 @@ def test_stream_never_holds_more_than_the_window(stack_factory, wait_until):
                                 env={"SLUICE_WINDOW_LINES": str(WINDOW)})
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"w-{run}-{i:04d}", f"window {i}") for i in range(2000)]
-    _, created = stack.submit(rows)
-    watcher = StreamWatcher(stack, created.id)
-    try:
-        batch = stack.wait_for_batch(created.id, timeout=120)
-    finally:
-        lengths = watcher.stop()
-
-    _assert_every_line_once(stack, batch, [r["custom_id"] for r in rows])
+    _, lengths = _run_watched(stack, rows)
     assert stack.mock_stats()["requests"] == 2000
-    assert lengths and max(lengths) <= WINDOW, max(lengths)
+    assert max(lengths) <= WINDOW, max(lengths)
     # The stream was refilled many times, not filled once.
     assert sum(1 for a, b in zip(lengths, lengths[1:]) if b > a) >= 10, lengths[:50]
 
@@ -77,14 +83,8 @@ def test_byte_bound_shrinks_the_window_for_big_lines(stack_factory):
                                 env={"SLUICE_WINDOW_BYTES": str(64 * 1024)})
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"wb-{run}-{i:03d}", f"{i} " + "x" * 2000) for i in range(300)]
-    _, created = stack.submit(rows)
-    watcher = StreamWatcher(stack, created.id)
-    try:
-        batch = stack.wait_for_batch(created.id, timeout=120)
-    finally:
-        lengths = watcher.stop()
-    _assert_every_line_once(stack, batch, [r["custom_id"] for r in rows])
-    assert lengths and max(lengths) <= 64, max(lengths)
+    _, lengths = _run_watched(stack, rows)
+    assert max(lengths) <= 64, max(lengths)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
