@@ -34,9 +34,11 @@ from .wire import BatchError
 log = structlog.get_logger("sluice.feeder")
 
 TICK_S = 0.05
-LEASE_MS = 10_000
 # Lines per script call: one call holds Redis for a moment only, even with 4 KB lines.
 CHUNK = 500
+# A batch whose feeding failed (say, its input file is damaged) is left alone this long, so
+# its error neither floods the log nor holds up the other batches.
+REST_S = 5.0
 
 # KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line,
 # then (custom_id, body, provider, cost) per line. Returns the new feed_index, -1 when the
@@ -76,6 +78,9 @@ class Feeder:
         self.wake = asyncio.Event()
         self.cursors: dict[str, _Cursor] = {}
         self.renew_at: dict[str, float] = {}  # batch id -> when (monotonic) to renew its lease
+        self.resting: dict[str, float] = {}  # batch id -> until when (monotonic) not to touch it
+        # Short enough that a peer takes over soon after a crash, long enough to ride out a pause.
+        self.lease_ms = int(min(10.0, settings.lease_s) * 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Feed until ``stop`` is set, then give up the leases so a peer takes over at once."""
@@ -104,7 +109,9 @@ class Feeder:
         feeding = {b.decode() for b in await self.r.smembers(keys.FEEDING_BATCHES)}
         for batch_id in set(self.renew_at) - feeding:
             await self._forget(batch_id)
-        mine = [batch_id for batch_id in sorted(feeding) if await self._hold(batch_id)]
+        now = time.monotonic()
+        self.resting = {b: until for b, until in self.resting.items() if until > now}
+        mine = [b for b in sorted(feeding - set(self.resting)) if await self._hold(b)]
         if not mine:
             return
         pipe = self.r.pipeline(transaction=False)
@@ -112,14 +119,21 @@ class Feeder:
             pipe.hmget(keys.batch(batch_id), *_FIELDS)
         for batch_id, values in zip(mine, await pipe.execute()):
             h = {k: v.decode() for k, v in zip(_FIELDS, values) if v is not None}
-            await self._top_up(batch_id, h)
+            try:
+                await self._top_up(batch_id, h)
+            except REDIS_DOWN:
+                raise
+            except Exception:
+                log.exception("feed_failed", batch_id=batch_id)
+                self.resting[batch_id] = time.monotonic() + REST_S
+                await self._let_go(batch_id)
 
     async def _hold(self, batch_id: str) -> bool:
         now = time.monotonic()
         if now < self.renew_at.get(batch_id, 0.0):
             return True
-        if await store.hold_lease(self.r, keys.feeder(batch_id), self.name, LEASE_MS):
-            self.renew_at[batch_id] = now + LEASE_MS / 4000
+        if await store.hold_lease(self.r, keys.feeder(batch_id), self.name, self.lease_ms):
+            self.renew_at[batch_id] = now + self.lease_ms / 4000
             return True
         await self._forget(batch_id)
         return False
@@ -139,29 +153,41 @@ class Feeder:
             return
         cursor = await self._cursor(batch_id, h)
         room = min(window - outstanding, total - index)
-        while room > 0:
-            argv: list[str | int | bytes] = []
-            end = cursor.offset
-            async for line in cursor.lines:
-                request = check_line(line, h["endpoint"])
-                provider = None if isinstance(request, BatchError) else self.settings.provider_for(
-                    request.model, h.get("provider", ""))
-                if provider is None:
-                    raise RuntimeError(f"batch {batch_id}: a validated line no longer validates (line at byte {end})")
-                argv += [request.custom_id, request.body, provider.name, request.cost]
-                end = line.end
-                if len(argv) >= 4 * min(room, CHUNK):
-                    break
-            if not argv:
-                raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-            got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)], [index, end, *argv]))
-            if got < 0:
-                # A peer fed meanwhile, or the batch ended: start over from what Redis says.
-                await self._close(batch_id)
-                return
-            cursor.offset = end
-            room -= got - index
-            index = got
+        try:
+            while room > 0:
+                argv, end = await self._next_lines(cursor, h, min(room, CHUNK))
+                if not argv:
+                    raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
+                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)], [index, end, *argv]))
+                if got < 0:
+                    # A peer fed meanwhile, or the batch ended: start over from what Redis says.
+                    await self._close(batch_id)
+                    return
+                cursor.offset = end
+                room -= got - index
+                index = got
+        except BaseException:
+            # The reader may be past lines that were never published: reopen at the recorded offset.
+            await self._close(batch_id)
+            raise
+
+    async def _next_lines(self, cursor: _Cursor, h: dict[str, str], count: int) -> tuple[list, int]:
+        """Script arguments for up to ``count`` more lines, and the offset just past the last one."""
+        argv: list[str | int | bytes] = []
+        end = cursor.offset
+        async for line in cursor.lines:
+            request = check_line(line, h["endpoint"])
+            if isinstance(request, BatchError):
+                raise RuntimeError(f"the validated line at byte {end} no longer validates: {request.message}")
+            provider = self.settings.provider_for(request.model, h.get("provider", ""))
+            # A provider dropped from the configuration since validation: the worker records the
+            # line as failed (provider_not_configured) instead of the batch stalling here.
+            name = provider.name if provider else h.get("provider") or f"(none serves {request.model[:100]})"
+            argv += [request.custom_id, request.body, name, request.cost]
+            end = line.end
+            if len(argv) >= 4 * count:
+                break
+        return argv, end
 
     async def _cursor(self, batch_id: str, h: dict[str, str]) -> _Cursor:
         offset = int(h.get("feed_offset") or 0)
@@ -177,6 +203,7 @@ class Feeder:
             await cursor.lines.aclose()
 
     async def _forget(self, batch_id: str) -> None:
+        """Stop feeding ``batch_id`` here (its lease stays until it expires or is dropped)."""
         self.renew_at.pop(batch_id, None)
         await self._close(batch_id)
 

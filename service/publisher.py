@@ -176,4 +176,8 @@ class Publisher:
         if before == "cancelling":
             await self.r.delete(*keys.work_keys(batch_id))
             await self._cancel_unstarted(h)
+        elif before in TERMINAL_STATUSES or not before:
+            # A peer whose lease had run out started and finished it meanwhile: the streams
+            # created above would outlive the batch.
+            await self.r.delete(*keys.work_keys(batch_id))
         return False

@@ -32,6 +32,11 @@ class Recorder:
             self.writer = asyncio.create_task(self._write(), name="recorder")
         await written
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until everything queued so far has been written."""
+        if self.writer is not None:
+            await asyncio.wait({self.writer}, timeout=timeout)
+
     async def _write(self) -> None:
         while self.queued:
             results, self.queued = self.queued, {}

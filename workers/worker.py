@@ -41,8 +41,10 @@ log = structlog.get_logger("sluice.worker")
 
 # Also how soon an idle worker notices a new batch.
 IDLE_WAIT_S = 0.1
-# How stale the worker's view of the running batches may be; a cancel takes effect within it.
+# How stale the worker's view of the running batches may be (new batches are noticed within it).
 ACTIVE_REFRESH_S = 0.1
+# How long a stopping worker waits for its last results to reach Redis.
+RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
 
 
@@ -243,15 +245,14 @@ class Worker:
                     fields[b"p"].decode(), int(fields[b"t"]))
 
     async def _dispatch(self, lines: list[Line]) -> None:
-        # A batch that left the active set while its lines were being read (the read may have
-        # blocked) is aborting if it has a reason: its lines are recorded as such, not sent.
-        gone = sorted({line.batch_id for line in lines} - set(await self._active()))
-        aborts: dict[str, str] = {}
-        if gone:
-            pipe = self.redis.pipeline(transaction=False)
-            for batch_id in gone:
-                pipe.hget(keys.batch(batch_id), "abort")
-            aborts = {b: abort.decode() for b, abort in zip(gone, await pipe.execute()) if abort}
+        # Looked up after the read, never from the cached active set: the finalizer sets the
+        # abort reason before it checks for pending lines, so a line read before the abort is
+        # pending when it looks (and it waits), and one read after it is recorded here, unsent.
+        batch_ids = sorted({line.batch_id for line in lines})
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hget(keys.batch(batch_id), "abort")
+        aborts = {b: abort.decode() for b, abort in zip(batch_ids, await pipe.execute()) if abort}
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             await store.record_results(self.redis, batch_id, [
@@ -284,7 +285,12 @@ class Worker:
                     line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
                     0)
                 break
-        await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line))
+        try:
+            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line))
+        except Exception:
+            # Left pending: the line is delivered again after its lease.
+            bound.exception("record_failed")
+            return
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
     async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
@@ -337,6 +343,8 @@ class Worker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        # Results already answered are still being written: handing their lines back would send them again.
+        await self.recorder.settle(timeout=RECORD_SETTLE_S)
         if unfinished:
             await self._hand_back(unfinished)
 

@@ -54,7 +54,9 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     print(f"chaos seed {seed}")
     stack = stack_factory.start(
         name="chaos", workers=2, worker_concurrency=16, mock_latency_ms=30, redis_aof=True,
-        env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_SHUTDOWN_GRACE_S": "2"},
+        # A small window: the web process is killed while it feeds, not only while it validates.
+        env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_SHUTDOWN_GRACE_S": "2",
+             "SLUICE_WINDOW_LINES": "300"},
     )
     client = stack.client(timeout=10)
     run = uuid.uuid4().hex[:8]
@@ -66,7 +68,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     rows = [stack.chat_line(cid, msg, **faults.get(cid, {})) for cid, msg in messages.items()]
     _, batch = stack.submit(rows, client=client)
 
-    # The first victim is the web process while it validates and publishes the lines.
+    # The first victim is the web process while it validates and feeds the lines.
     _kill_and_replace(stack, "web")
     schedule = sorted(rng.uniform(0.05, 0.85) for _ in range(KILLS))
     redis_at = rng.randrange(KILLS)
