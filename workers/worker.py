@@ -126,9 +126,12 @@ class Worker:
                 if not streams:
                     await self._sleep(IDLE_WAIT_S)
                     continue
-                lines = await self._reclaim(streams, free) or await self._read(streams, free)
+                lines = await self._reclaim(streams, free)
+                aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
+                if not lines:
+                    lines, aborts = await self._read(streams, free)
                 if lines:
-                    await self._dispatch(lines)
+                    await self._dispatch(lines, aborts)
             except REDIS_DOWN as e:
                 await self._sleep(self.outage.failed(e))
 
@@ -177,21 +180,40 @@ class Worker:
         for batch_id in set(self.batches) - set(batch_ids) - {line.batch_id for line in self.inflight.values()}:
             del self.batches[batch_id]
 
-    async def _read(self, batch_ids: list[str], free: int) -> list[Line]:
+    async def _read(self, batch_ids: list[str], free: int) -> tuple[list[Line], dict[str, str]]:
+        """New lines for this worker, and the abort reason of every batch read that has one.
+
+        The abort reasons come in the same round trip, looked up after the read (Redis runs a
+        pipeline in order, even behind a blocking read). The finalizer sets a reason before it
+        checks for pending lines, so a line read before an abort is pending when it looks (and
+        it waits), and one read after it is seen here as aborted and never sent.
+        """
         count = max(1, free // len(batch_ids))
-        try:
-            reply = await self.redis.xreadgroup(
-                keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids}, count=count, block=BLOCK_MS,
-            )
-        except ResponseError as e:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xreadgroup(keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids},
+                        count=count, block=BLOCK_MS)
+        for batch_id in batch_ids:
+            pipe.hget(keys.batch(batch_id), "abort")
+        reply, *reasons = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, ResponseError):
             # NOGROUP / UNBLOCKED: a batch ended and its stream went away; the next read refreshes.
-            self.log.debug("read_skipped", error=str(e))
-            return []
+            self.log.debug("read_skipped", error=str(reply))
+            return [], {}
+        if isinstance(reply, Exception):
+            raise reply
         lines = []
         for stream, entries in reply or []:
             batch_id = keys.batch_id_of(stream.decode())
             lines += [self._line(batch_id, entry_id, fields) for entry_id, fields in entries]
-        return lines
+        return lines, {b: r.decode() for b, r in zip(batch_ids, reasons) if isinstance(r, bytes)}
+
+    async def _aborts(self, batch_ids: set[str]) -> dict[str, str]:
+        """The abort reason of each of these batches that has one."""
+        ordered = sorted(batch_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ordered:
+            pipe.hget(keys.batch(batch_id), "abort")
+        return {b: r.decode() for b, r in zip(ordered, await pipe.execute()) if r}
 
     async def _reclaim(self, batch_ids: list[str], free: int) -> list[Line]:
         """Take over lines a dead worker left pending longer than a lease (a live one renews)."""
@@ -244,20 +266,14 @@ class Worker:
         return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"],
                     fields[b"p"].decode(), int(fields[b"t"]))
 
-    async def _dispatch(self, lines: list[Line]) -> None:
-        # Looked up after the read, never from the cached active set: the finalizer sets the
-        # abort reason before it checks for pending lines, so a line read before the abort is
-        # pending when it looks (and it waits), and one read after it is recorded here, unsent.
-        batch_ids = sorted({line.batch_id for line in lines})
-        pipe = self.redis.pipeline(transaction=False)
-        for batch_id in batch_ids:
-            pipe.hget(keys.batch(batch_id), "abort")
-        aborts = {b: abort.decode() for b, abort in zip(batch_ids, await pipe.execute()) if abort}
+    async def _dispatch(self, lines: list[Line], aborts: dict[str, str]) -> None:
+        """Record the lines of aborting batches as such, unsent; start a task for every other line."""
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
-            await store.record_results(self.redis, batch_id, [
-                (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
-            ])
+            if skipped:
+                await store.record_results(self.redis, batch_id, [
+                    (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
+                ])
         for line in lines:
             if line.batch_id not in aborts:
                 task = asyncio.create_task(self._process(line))
