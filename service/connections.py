@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from typing import Any, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 import structlog
@@ -19,12 +20,28 @@ SOCKET_TIMEOUT_S = 30.0
 BLOCK_MS = 1000
 
 
+def tls_options(url: str) -> dict[str, Any]:
+    """Extra client options for ``url``: a ``rediss://`` URL is not verified unless it asks to be.
+
+    Managed Redis on Heroku-like platforms presents a self-signed certificate that no CA vouches
+    for, so by default the connection is encrypted but the server's certificate is not checked
+    (``ssl_cert_reqs=none``). A URL that sets ``ssl_cert_reqs`` itself keeps its choice, e.g.
+    ``rediss://host:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/redis/ca.pem`` verifies the
+    certificate against that CA (and the host name, unless ``ssl_check_hostname=false``).
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return {}
+    return {"ssl_cert_reqs": "none"}
+
+
 def connect(settings: Settings, *, max_connections: int = 64) -> aioredis.Redis:
-    """A client whose pool waits for a free connection instead of raising when exhausted."""
-    kwargs = {}
-    if settings.redis_url.startswith("rediss://"):
-        # Managed Redis on Heroku-like platforms presents a self-signed certificate.
-        kwargs["ssl_cert_reqs"] = "none"
+    """A client whose pool waits for a free connection instead of raising when exhausted.
+
+    Every Sluice process (and ``sluice tokens``) builds its clients here, so ``rediss://``
+    works the same everywhere (see :func:`tls_options`).
+    """
+    kwargs = tls_options(settings.redis_url)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,

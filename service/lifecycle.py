@@ -10,7 +10,7 @@ import socket
 from typing import Callable, Protocol
 
 from .config import Settings
-from .log import configure_logging
+from .log import configure_logging, settings_secrets
 
 
 class Stoppable(Protocol):
@@ -34,7 +34,7 @@ async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
 
 def run_until_signal(process: str, settings: Settings, make: Callable[[], Stoppable]) -> None:
     """Run ``make().run()``; SIGTERM/SIGINT only set its ``stop`` event, so it drains itself."""
-    configure_logging(settings.log_level, process=process)
+    configure_logging(settings.log_level, process=process, secrets=settings_secrets(settings))
 
     async def main() -> None:
         component = make()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .config import Settings
+from .log import redact_url
 
 STOP_TIMEOUT_S = 25.0
 
@@ -147,7 +148,7 @@ def _banner(settings: Settings, token: str, upstream: str) -> str:
 Sluice is up.
   API:       {url}/v1   (also on the bare paths: {url}/files, {url}/batches)
   Token:     {token}
-  Redis:     {settings.redis_url}
+  Redis:     {redact_url(settings.redis_url)}
   Upstream:  {upstream}
   Data:      {settings.data_dir.resolve()}
 
