@@ -71,6 +71,17 @@ def _tokens(args: argparse.Namespace) -> None:
     raise SystemExit(asyncio.run(run_command(args, _settings())))
 
 
+def _status(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .status import run
+
+    try:
+        raise SystemExit(asyncio.run(run(_settings(), watch=args.watch)))
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sluice`` command."""
     parser = argparse.ArgumentParser(prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.")
@@ -79,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="call the provider for queued request lines").set_defaults(func=_worker)
     sub.add_parser("finalizer", help="write result files and end batches").set_defaults(func=_finalizer)
     sub.add_parser("up", help="run the whole stack locally (embedded Redis and mock provider)").set_defaults(func=_up)
+    status = sub.add_parser("status", help="show live workers, running batches and provider state")
+    status.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    status.set_defaults(func=_status)
     tokens = sub.add_parser("tokens", help="manage API tokens stored (as digests) in Redis")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="create a token and print it once")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,50 @@ def route(providers: tuple[Provider, ...], model: str) -> Provider | None:
     return None
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where file contents live in an S3-compatible object store (``SLUICE_STORAGE_URL=s3://...``).
+
+    Credentials are not kept here: botocore reads them itself (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, profiles, instance roles).
+    """
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str = ""  # empty: AWS S3 itself
+    region: str = ""  # empty: botocore's default
+
+
+def parse_storage(env: Mapping[str, str]) -> S3Location | None:
+    """The object store ``SLUICE_STORAGE_URL`` names, or None for a local directory (the default)."""
+    raw = env.get("SLUICE_STORAGE_URL", "").strip()
+    if not raw:
+        return None
+    # A URL with credentials in it must not be echoed into a log line.
+    shown = repr(raw) if "@" not in raw else "(a URL with credentials in it)"
+    usage = "SLUICE_STORAGE_URL must be empty (files in SLUICE_DATA_DIR) or s3://BUCKET[/PREFIX]"
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() != "s3":
+        raise ConfigError(f"{usage}, got {shown}")
+    if "@" in rest or "?" in rest or "#" in rest:
+        raise ConfigError(f"{usage} (credentials go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, options in "
+                          f"their own variables), got {shown}")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError(f"{usage}: {bucket!r} is not a valid bucket name (3 to 63 lowercase letters, digits, "
+                          f"dots and hyphens)")
+    prefix = "/".join(seg for seg in prefix.split("/") if seg)
+    endpoint = next((env[n].strip() for n in ("SLUICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+                     if env.get(n, "").strip()), "")
+    if endpoint and not endpoint.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"the S3 endpoint must be an http:// or https:// URL, got {endpoint!r}")
+    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
+    return S3Location(bucket=bucket, prefix=prefix, endpoint_url=endpoint.rstrip("/"), region=region)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a Sluice process needs to know about its environment."""
@@ -161,6 +206,8 @@ class Settings:
     providers: tuple[Provider, ...] = ()
     quotas: Quotas = Quotas()
     secret_key: str = field(default="", repr=False)
+    metrics_token: str = field(default="", repr=False)
+    s3: S3Location | None = None  # None: file contents in data_dir
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -202,4 +249,6 @@ class Settings:
             providers=providers,
             quotas=quotas,
             secret_key=env.get("SLUICE_SECRET_KEY", "").strip(),
+            metrics_token=env.get("SLUICE_METRICS_TOKEN", "").strip(),
+            s3=parse_storage(env),
         )

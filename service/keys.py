@@ -31,6 +31,22 @@ TOKEN_NAMES = f"{PREFIX}:tokens:names"
 # Lock that makes one finalizer the active one.
 FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
 
+# Heartbeats: names of the workers and finalizers, scored by their last beat (Redis time, s).
+# These keys and the counters below expire unless heartbeats keep them (service/heartbeat.py).
+PROCESSES = f"{PREFIX}:processes"
+
+# Cluster-wide counters, folded in by every process's heartbeat (HINCRBY): lines by outcome;
+# upstream retries, 429s and pauses ("retries|<provider>", ...); upstream latency histogram
+# buckets ("<provider>|<status>|<le>", "...|sum", "...|count").
+METRICS_LINES = f"{PREFIX}:metrics:lines"
+METRICS_UPSTREAM = f"{PREFIX}:metrics:upstream"
+METRICS_LATENCY = f"{PREFIX}:metrics:latency"
+
+
+def process(name: str) -> str:
+    """Hash a worker or finalizer publishes with each heartbeat (role, host, pid, in-flight, ...)."""
+    return f"{PREFIX}:process:{name}"
+
 
 def file(file_id: str) -> str:
     """Hash with a file's metadata."""

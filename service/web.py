@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from . import api, store
+from . import api, metrics, store
 from .config import Settings
 from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
@@ -21,7 +23,10 @@ from .tokens import TokenAuth
 log = structlog.get_logger("sluice.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# /metrics takes no API token; SLUICE_METRICS_TOKEN, when set, guards it (service/metrics.py).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# How long /readyz waits for Redis and for the storage probe.
+READY_TIMEOUT_S = 3.0
 OUTAGE = web.AppKey("outage", Outage)
 
 
@@ -114,13 +119,40 @@ async def healthz(request: web.Request) -> web.Response:
     return api.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Redis answers: the process can serve requests."""
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _probe_storage(storage: Storage) -> None:
+    """Write and delete a tiny object: storage takes writes (only write/delete, any backend)."""
+    key = f"readyz-probe-{secrets.token_hex(6)}"
     try:
-        await request.app[api.REDIS].ping()
-    except Exception as e:
-        return api.json_response({"status": "unavailable", "redis": str(e)}, status=503)
-    return api.json_response({"status": "ok"})
+        await storage.write(key, _one_chunk(b"ok\n"))
+    finally:
+        with contextlib.suppress(Exception):
+            await storage.delete(key)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Redis answers and storage takes writes: the process can serve requests."""
+    checks: dict[str, str] = {}
+    for name, probe in (("redis", lambda: request.app[api.REDIS].ping()),
+                        ("storage", lambda: _probe_storage(request.app[api.STORAGE]))):
+        try:
+            await asyncio.wait_for(probe(), timeout=READY_TIMEOUT_S)
+            checks[name] = "ok"
+        except asyncio.TimeoutError:
+            checks[name] = f"no answer within {READY_TIMEOUT_S:g} s"
+        except Exception as e:
+            checks[name] = f"{type(e).__name__}: {e}"
+    if all(v == "ok" for v in checks.values()):
+        return api.json_response({"status": "ok"})
+    return api.json_response({"status": "unavailable", **checks}, status=503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus metrics of the whole cluster (service/metrics.py)."""
+    return await metrics.handler(request, request.app[api.REDIS], request.app[api.SETTINGS])
 
 
 def create_app(settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None) -> web.Application:
@@ -136,7 +168,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app[IN_FLIGHT] = in_flight
     app[api.SETTINGS] = settings
     app[OUTAGE] = Outage(log)
-    app[api.STORAGE] = storage if storage is not None else open_storage(settings.data_dir)
+    app[api.STORAGE] = storage if storage is not None else open_storage(settings)
     app[api.REDIS] = r
     feeder = Feeder(app[api.REDIS], app[api.STORAGE], settings, process_name())
     app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings, feeder.wake)
@@ -154,10 +186,13 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
         await asyncio.gather(*tasks, return_exceptions=True)
         if redis is None:
             await app[api.REDIS].aclose()
+        if storage is None:
+            await app[api.STORAGE].aclose()
 
     app.cleanup_ctx.append(background)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     api.add_routes(app)
     return app
 

@@ -14,6 +14,13 @@ Fixtures
 ``stack``              the session's default :class:`Stack` (redis, mock provider, web, 2 workers, finalizer).
 ``stack_factory``      a :class:`StackFactory` whose stacks die with the test.
 ``module_stack_factory`` the same, with stacks living for the whole test module.
+``moto_server``        a session-wide S3-compatible server (moto's server mode, :class:`MotoServer`) on loopback.
+``s3_bucket``          a fresh, empty bucket on it for one test (:class:`S3Bucket`); ``s3_bucket.env`` is the
+                       environment that points Sluice processes at it.
+
+Multi-host stacks: ``stack_factory.start(separate_data_dirs=True, env=s3_bucket.env)`` gives every Sluice
+process (and every one :meth:`Stack.spawn` starts) its own ``SLUICE_DATA_DIR`` under the stack's data dir,
+as separate hosts would have: they share only Redis and the object store.
 
 Multi-provider stacks: ``stack_factory.start(upstream=False, extra_mocks={"p1": {"record": True}},
 config_toml=...)`` starts more mock providers and writes ``config_toml`` (a :class:`string.Template`:
@@ -652,6 +659,73 @@ def start_mock(runner: "ProcessRunner", name: str, spec: MockSpec, *, env: Mappi
 
 
 # --------------------------------------------------------------------------------------------
+# An S3-compatible object store (moto's server mode)
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass
+class MotoServer:
+    """``python -m moto.server`` on a free loopback port; it keeps everything in memory."""
+
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        """A boto3 S3 client for it (synchronous: for set-up and checks)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def start_moto(runner: ProcessRunner, *, attempts: int = 3) -> MotoServer:
+    """Start moto's server on a free port of 127.0.0.1 and wait until it answers."""
+    last_error: BaseException | None = None
+    for _ in range(attempts):
+        port = free_port()
+        proc = runner.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**_base_env(), **S3_CREDENTIALS}, stop_stage=0)
+        server = MotoServer(port, proc)
+        try:
+            wait_until(lambda: http_request("GET", f"{server.url}/moto-api/", timeout=2).status < 500,
+                       timeout=STARTUP_TIMEOUT_S, interval=0.1, message=f"moto server on port {port} to answer",
+                       ignore=(OSError,), check=lambda: _raise_if_exited(proc))
+            return server
+        except ProcessDied as exc:  # most likely the port was taken in the meantime: retry
+            last_error = exc
+            proc.stopping = True
+    raise AssertionError(f"could not start moto server: {last_error}")
+
+
+@dataclass
+class S3Bucket:
+    """One bucket on a :class:`MotoServer`, with the prefix Sluice stores under."""
+
+    server: MotoServer
+    name: str
+    prefix: str = "sluice"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment that makes a Sluice process store file contents here."""
+        return {**S3_CREDENTIALS, "SLUICE_STORAGE_URL": f"s3://{self.name}/{self.prefix}",
+                "SLUICE_S3_ENDPOINT_URL": self.server.url}
+
+    def keys(self) -> list[str]:
+        """Every object name in the bucket."""
+        client = self.server.client()
+        found = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.name):
+            found += [obj["Key"] for obj in page.get("Contents", ())]
+        return found
+
+
+# --------------------------------------------------------------------------------------------
 # A Sluice stack
 
 
@@ -675,6 +749,7 @@ class Stack:
     tokens: tuple[str, ...] = TOKENS
     mocks: dict[str, MockServer] = field(default_factory=dict)
     config_path: Path | None = None
+    separate_data_dirs: bool = False
     _clients: list[Any] = field(default_factory=list, repr=False)
 
     # Pure helpers, reachable from tests through the fixture.
@@ -720,6 +795,8 @@ class Stack:
         env = dict(self.env)
         if role == "web":
             env["PORT"] = str(self.port)
+        if self.separate_data_dirs:
+            env["SLUICE_DATA_DIR"] = str(_own_data_dir(self.data_dir, f"{name or role}-{len(self.processes) + 1}"))
         return self.runner.start(name or role, _sluice_cmd(role), env=env)
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -901,6 +978,13 @@ def _batch_summary(batch: Any) -> str:
     )
 
 
+def _own_data_dir(parent: Path, name: str) -> Path:
+    """A data dir of one process only (as on a host of its own)."""
+    path = parent / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _sluice_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
@@ -941,6 +1025,7 @@ class StackFactory:
         extra_mocks: Mapping[str, MockSpec | Mapping[str, Any]] | None = None,
         upstream: bool = True,
         config_toml: str | None = None,
+        separate_data_dirs: bool = False,
     ) -> Stack:
         """Start a stack; ``env`` overrides the Sluice processes' environment last.
 
@@ -951,6 +1036,8 @@ class StackFactory:
         ``SLUICE_UPSTREAM_API_KEY`` unset. ``config_toml`` is written to ``<stack>/sluice.toml``
         and named by ``SLUICE_CONFIG``, after substituting ``${mock_url}`` (the default mock) and
         ``${NAME_url}`` (the extra mock ``NAME``); provider keys go in through ``env``.
+        ``separate_data_dirs`` gives each Sluice process its own ``SLUICE_DATA_DIR`` (``<data>/<process>``),
+        so that they share only Redis and whatever ``env`` names (an object store, say).
         """
         if mock is None:
             mock = MockSpec(latency_ms=mock_latency_ms, error_rate=mock_error_rate)
@@ -997,12 +1084,17 @@ class StackFactory:
                 sluice_env["SLUICE_MAX_BATCH_LINES"] = str(max_batch_lines)
             sluice_env.update(env or {})
 
+            def own(proc_name: str) -> dict[str, str]:
+                if not separate_data_dirs:
+                    return sluice_env
+                return {**sluice_env, "SLUICE_DATA_DIR": str(_own_data_dir(data_dir, proc_name))}
+
             web_port = free_port()
-            runner.start("web", _sluice_cmd("web"), env={**sluice_env, "PORT": str(web_port)})
+            runner.start("web", _sluice_cmd("web"), env={**own("web"), "PORT": str(web_port)})
             for i in range(workers):
-                runner.start(f"worker-{i + 1}", _sluice_cmd("worker"), env=sluice_env)
+                runner.start(f"worker-{i + 1}", _sluice_cmd("worker"), env=own(f"worker-{i + 1}"))
             if finalizer:
-                runner.start("finalizer", _sluice_cmd("finalizer"), env=sluice_env)
+                runner.start("finalizer", _sluice_cmd("finalizer"), env=own("finalizer"))
 
             stack = Stack(
                 name=name,
@@ -1015,6 +1107,7 @@ class StackFactory:
                 tokens=tokens,
                 mocks=mocks,
                 config_path=config_path,
+                separate_data_dirs=separate_data_dirs,
             )
             for m in mocks.values():
                 m.wait_ready(runner)
@@ -1091,6 +1184,27 @@ def module_stack_factory(tmp_path_factory, request):
     factory = StackFactory(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    runner = ProcessRunner(tmp_path_factory.mktemp("moto") / "logs")
+    try:
+        yield start_moto(runner)
+    finally:
+        died = runner.close()
+    _fail_if_died(died, runner)
+
+
+_buckets = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def s3_bucket(moto_server):
+    """A new empty bucket on the session's moto server (moto keeps it in memory until the session ends)."""
+    bucket = S3Bucket(moto_server, f"sluice-test-{os.getpid()}-{next(_buckets)}")
+    moto_server.client().create_bucket(Bucket=bucket.name)
+    return bucket
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from service import keys, store
 from service.config import Settings
 from service.connections import REDIS_DOWN, Outage, connect
+from service.heartbeat import Heartbeat, Tally
 from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
 from service.results import abort_line
 from service.storage import Storage, open_storage
@@ -63,17 +64,28 @@ class Finalizer:
         # Short enough that a replacement takes over quickly, long enough to ride out a pause.
         self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
         self.next_sweep = 0.0
+        self.tally = Tally()
+        self.ticked_at = time.monotonic()  # end of the last complete tick
+        self.live = 0
+
+    def _beat_fields(self) -> dict[str, str | int | float]:
+        """What the finalizer's heartbeat says (see ``service.heartbeat``)."""
+        return {"state": "active" if self.active else "standby", "live_batches": self.live,
+                "since_tick_s": round(time.monotonic() - self.ticked_at, 3)}
 
     async def run(self) -> None:
         """Tick until ``stop`` is set."""
         self.redis = connect(self.settings, max_connections=8)
         log.info("finalizer_started", name=self.name)
         outage = Outage(log)
+        heartbeat = Heartbeat(self.redis, self.name, "finalizer", tally=self.tally, fields=self._beat_fields)
+        heartbeat.start()
         try:
             while not self.stop.is_set():
                 try:
                     if await self._hold_lock():
                         await self.tick()
+                    self.ticked_at = time.monotonic()
                     outage.ok()
                 except REDIS_DOWN as e:
                     await self._sleep(outage.failed(e))
@@ -83,7 +95,10 @@ class Finalizer:
             if self.active:
                 with contextlib.suppress(*REDIS_DOWN):
                     await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
+            self.active = False
+            await heartbeat.close()
             await self.redis.aclose()
+            await self.storage.aclose()
         log.info("finalizer_stopped")
 
     async def _hold_lock(self) -> bool:
@@ -99,7 +114,9 @@ class Finalizer:
             self.next_sweep = time.monotonic() + SWEEP_EVERY_S
             if swept := await store.sweep_expired_files(self.redis, self.storage):
                 log.info("files_expired", files=swept)
-        for raw in await self.redis.smembers(keys.LIVE_BATCHES):
+        live = await self.redis.smembers(keys.LIVE_BATCHES)
+        self.live = len(live)
+        for raw in live:
             batch_id = raw.decode()
             try:
                 await self.advance(batch_id)
@@ -149,9 +166,9 @@ class Finalizer:
             custom_id = getattr(request, "custom_id", "")
             pending.append((index, "", Outcome.FAILED, abort_line(custom_id, reason)))
             if len(pending) >= ABORT_CHUNK:
-                await store.record_results(self.redis, batch_id, pending)
+                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
                 pending = []
-        await store.record_results(self.redis, batch_id, pending)
+        self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
         log.info("batch_aborted", batch_id=batch_id, reason=reason)
 
     async def _in_flight_settled(self, batch_id: str) -> bool:
@@ -260,4 +277,4 @@ class Finalizer:
 
 def run(settings: Settings) -> None:
     """``sluice finalizer``: run the finalizer (or a standby) until SIGTERM/SIGINT."""
-    run_until_signal("finalizer", settings, lambda: Finalizer(settings, open_storage(settings.data_dir)))
+    run_until_signal("finalizer", settings, lambda: Finalizer(settings, open_storage(settings)))

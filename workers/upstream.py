@@ -14,6 +14,7 @@ import msgspec
 import structlog
 
 from service.config import Provider, Settings
+from service.heartbeat import Tally
 from service.results import error_line, json_body, response_line
 from service.store import Outcome
 
@@ -71,10 +72,13 @@ def backoff_s(attempt: int, retry_after: float | None) -> float:
 class Upstream:
     """Sends request lines to their providers, through the limiter shared by all workers."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, limiter: Limiter) -> None:
+    def __init__(
+        self, settings: Settings, session: aiohttp.ClientSession, limiter: Limiter, tally: Tally | None = None,
+    ) -> None:
         self.settings = settings
         self.session = session
         self.limiter = limiter
+        self.tally = tally if tally is not None else Tally()
 
     async def call(
         self, provider: Provider, endpoint: str, custom_id: str, body: bytes, *,
@@ -90,20 +94,27 @@ class Upstream:
             headers["Authorization"] = f"Bearer {api_key}"
         timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
         attempts = self.settings.max_attempts
+        tally = self.tally
         for attempt in range(1, attempts + 1):
             async with self.limiter.slot(provider, holder, cost):
+                tally.started(provider.name)
+                started = time.perf_counter()
+                label = "aborted"  # cancelled at shutdown, or a bug
                 try:
                     async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
                         data = await resp.read()
                         status = resp.status
+                        label = str(status)
                         request_id = resp.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
                         retry_after = _retry_after(resp.headers)
                 except asyncio.TimeoutError:
+                    label = "timeout"
                     result = CallResult(Outcome.FAILED, error_line(
                         custom_id, "request_timeout",
                         f"The request to the provider timed out after {provider.timeout_s:g} s."), attempt)
                     status, retry_after = None, None
                 except aiohttp.ClientError as e:
+                    label = "connection_error"
                     result = CallResult(Outcome.FAILED, error_line(
                         custom_id, "upstream_connection_error",
                         f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
@@ -112,15 +123,22 @@ class Upstream:
                     result = self._answer(custom_id, status, request_id, data, attempt)
                     if status not in RETRYABLE_STATUS:
                         return result
+                finally:
+                    tally.ended(provider.name)
+                    tally.request(provider.name, label, time.perf_counter() - started)
+            if status == 429:
+                tally.count("rate_limited", provider.name)
             if status == 429 and await self.limiter.pause(provider, retry_after or 1.0):
-                log.warning("provider_paused", provider=provider.name, seconds=retry_after or 1.0)
+                tally.count("pauses", provider.name)
+                log.warning("provider_paused", provider=provider.name, attempt=attempt, seconds=retry_after or 1.0)
             if attempt < attempts:
+                tally.count("retries", provider.name)
                 # After a 429 the provider's pause holds every worker back: no extra sleep here.
                 delay = 0.0 if status == 429 else backoff_s(attempt, retry_after)
                 log.info("upstream_retry", provider=provider.name, attempt=attempt, status=status,
                          delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
-        log.warning("upstream_gave_up", provider=provider.name, attempts=attempts, status=status)
+        log.warning("upstream_gave_up", provider=provider.name, attempt=attempt, attempts=attempts, status=status)
         return result
 
     @staticmethod

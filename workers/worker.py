@@ -27,8 +27,9 @@ from redis.exceptions import ResponseError
 
 from service import keys, store
 from service.config import Settings
-from service.crypto import unseal
 from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
+from service.crypto import unseal
+from service.heartbeat import Heartbeat, Tally
 from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
 from service.results import abort_line, error_line
 from service.store import Outcome
@@ -92,6 +93,8 @@ class Worker:
         self.next_reclaim = 0.0
         self.log = log.bind(consumer=self.name)
         self.outage = Outage(self.log)
+        self.tally = Tally()
+        self.draining = False
 
     async def run(self) -> None:
         """Consume until ``stop`` is set, then drain within the grace period."""
@@ -101,17 +104,26 @@ class Worker:
         async with aiohttp.ClientSession(connector=connector) as session:
             self.limiter = Limiter(self.redis, self.settings.lease_s)
             self.recorder = Recorder(self.redis, self.outage)
-            self.upstream = Upstream(self.settings, session, self.limiter)
+            self.upstream = Upstream(self.settings, session, self.limiter, self.tally)
             renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+            heartbeat = Heartbeat(self.redis, self.name, "worker", tally=self.tally, fields=self._beat_fields)
+            heartbeat.start()
             self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
             try:
                 await self._consume()
             finally:
+                self.draining = True
                 await self._drain()
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
+                await heartbeat.close()
                 await self.redis.aclose()
         self.log.info("worker_stopped")
+
+    def _beat_fields(self) -> dict[str, str | int]:
+        """What this worker's heartbeat says besides the counters (see ``service.heartbeat``)."""
+        return {"state": "draining" if self.draining else "running", "in_flight": len(self.inflight),
+                "concurrency": self.settings.worker_concurrency, "batches": len(self.batches)}
 
     # ------------------------------------------------------------------ the loop
     async def _consume(self) -> None:
@@ -254,10 +266,10 @@ class Worker:
         if poison:
             self.log.error("poison_lines", batch_id=batch_id, custom_ids=[line.custom_id for line in poison])
             message = f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
-            await store.record_results(self.redis, batch_id, [
+            self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
                 (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
                 for line in poison
-            ])
+            ]))
         return [line for line in lines if line not in poison]
 
     @staticmethod
@@ -271,9 +283,9 @@ class Worker:
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             if skipped:
-                await store.record_results(self.redis, batch_id, [
+                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
                     (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
-                ])
+                ]))
         for line in lines:
             if line.batch_id not in aborts:
                 task = asyncio.create_task(self._process(line))
@@ -307,6 +319,7 @@ class Worker:
             # Left pending: the line is delivered again after its lease.
             bound.exception("record_failed")
             return
+        self.tally.line(result.outcome)
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
     async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:

@@ -1,0 +1,379 @@
+"""Cluster-wide metrics: one snapshot of Redis, shown as Prometheus text (``GET /metrics``) or
+as a terminal table (``sluice status``, ``service/status.py``).
+
+Nothing here is process-local: counters are the totals every worker and the finalizer fold into
+Redis with their heartbeats (``service/heartbeat.py``), and gauges are read from the cluster's
+state (heartbeats, live batches, their streams, provider pauses and leases) at scrape time, in
+two pipelined round trips whatever the number of batches. Any web process answers for the
+whole cluster, so scrape one of them (or all: they agree).
+
+Label cardinality stays bounded: ``provider`` comes from the configuration, ``status`` is an
+HTTP status or ``timeout``/``connection_error``/``aborted``, ``process`` names only processes
+that beat in the last ``PRUNE_AFTER_S``, and ``batch_id`` only batches still running.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.utils import floatToGoString
+
+from . import keys
+from .config import Settings, route
+from .heartbeat import LATENCY_BUCKETS, STALE_AFTER_S
+from .store import Redis
+
+RAMP_S = 5.0  # workers/limits.py: how long concurrency ramps back after a pause
+
+
+@dataclass
+class ProcessState:
+    """One worker or finalizer, as its last heartbeat described it."""
+
+    name: str
+    role: str
+    host: str
+    pid: str
+    started_at: float
+    age_s: float  # since its last beat, by Redis's clock
+    fields: dict[str, str]
+
+    @property
+    def live(self) -> bool:
+        return self.age_s <= STALE_AFTER_S
+
+    def int(self, name: str) -> int:
+        try:
+            return int(float(self.fields.get(name) or 0))
+        except ValueError:
+            return 0
+
+
+@dataclass
+class BatchState:
+    """A batch between validation and its terminal state."""
+
+    id: str
+    owner: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    provider: str  # the provider its lines go to ("" when it cannot be told)
+    in_progress_at: int
+    aborting: str
+    pending: int  # lines handed to a worker and not acknowledged (XPENDING)
+    undrained: int  # results recorded that the finalizer has not written yet
+    oldest_undrained_s: float
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.total - self.completed - self.failed) if self.status != "validating" else 0
+
+
+@dataclass
+class ProviderState:
+    """A configured provider's shared state in Redis."""
+
+    name: str
+    paused_for_s: float
+    ramping: bool
+    leases: int
+    max_concurrency: int | None
+    requests_in_flight: int  # summed over live workers' heartbeats
+
+
+@dataclass
+class Snapshot:
+    """Everything ``/metrics`` and ``sluice status`` show, read at one moment (Redis time ``now``)."""
+
+    now: float
+    processes: list[ProcessState] = field(default_factory=list)
+    batches: list[BatchState] = field(default_factory=list)
+    providers: list[ProviderState] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)
+    upstream: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, str] = field(default_factory=dict)
+    finalizer_lock: str = ""
+
+
+def _s(v: bytes | None) -> str:
+    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
+
+
+def _i(v: bytes | str | None) -> int:
+    try:
+        return int(float(_s(v) or 0)) if not isinstance(v, int) else v
+    except ValueError:
+        return 0
+
+
+_BATCH_FIELDS = ("owner", "status", "total", "completed", "failed", "provider", "model", "in_progress_at", "abort")
+
+
+async def snapshot(r: Redis, settings: Settings) -> Snapshot:
+    """Read the cluster's state in two pipelined round trips."""
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
+    pipe.smembers(keys.LIVE_BATCHES)
+    pipe.hgetall(keys.METRICS_LINES)
+    pipe.hgetall(keys.METRICS_UPSTREAM)
+    pipe.hgetall(keys.METRICS_LATENCY)
+    pipe.get(keys.FINALIZER_LOCK)
+    (sec, usec), procs, live, lines, upstream, latency, lock = await pipe.execute()
+    now = sec + usec / 1e6
+    now_ms = int(now * 1000)
+    names = [(_s(n), float(score)) for n, score in procs]
+    batch_ids = sorted(_s(b) for b in live)
+
+    pipe = r.pipeline(transaction=False)
+    for name, _ in names:
+        pipe.hgetall(keys.process(name))
+    for b in batch_ids:
+        pipe.hmget(keys.batch(b), *_BATCH_FIELDS)
+        pipe.xpending(keys.lines(b), keys.WORKER_GROUP)
+        pipe.xlen(keys.results(b))
+        pipe.xrange(keys.results(b), count=1)
+    for p in settings.providers:
+        pipe.get(keys.provider_pause(p.name))
+        pipe.zcount(keys.provider_inflight(p.name), now_ms, "+inf")
+    replies = iter(await pipe.execute(raise_on_error=False))
+
+    snap = Snapshot(now=now, finalizer_lock=_s(lock))
+    for name, seen in names:
+        h = next(replies)
+        if not isinstance(h, dict) or not h:
+            continue  # expired: the zset entry goes with the next heartbeat's prune
+        f = {_s(k): _s(v) for k, v in h.items()}
+        snap.processes.append(ProcessState(
+            name=name, role=f.get("role", "?"), host=f.get("host", ""), pid=f.get("pid", ""),
+            started_at=float(f.get("started_at") or 0), age_s=max(0.0, now - seen), fields=f,
+        ))
+    for b in batch_ids:
+        values, pending, undrained, first = next(replies), next(replies), next(replies), next(replies)
+        if isinstance(values, Exception) or not values or values[1] is None:
+            continue
+        h = dict(zip(_BATCH_FIELDS, (_s(v) for v in values)))
+        provider = h["provider"]
+        if not provider and h["model"]:
+            chosen = route(settings.providers, h["model"])
+            provider = chosen.name if chosen else ""
+        oldest = 0.0
+        if isinstance(first, list) and first:
+            oldest = max(0.0, now - int(_s(first[0][0]).split("-")[0]) / 1000)
+        snap.batches.append(BatchState(
+            id=b, owner=h["owner"], status=h["status"], total=_i(h["total"]), completed=_i(h["completed"]),
+            failed=_i(h["failed"]), provider=provider, in_progress_at=_i(h["in_progress_at"]), aborting=h["abort"],
+            pending=pending["pending"] if isinstance(pending, dict) else 0,
+            undrained=undrained if isinstance(undrained, int) else 0, oldest_undrained_s=oldest,
+        ))
+    live_workers = [p for p in snap.processes if p.live and p.role == "worker"]
+    for p in settings.providers:
+        pause, leases = next(replies), next(replies)
+        pause_end = _i(pause) if not isinstance(pause, Exception) else 0
+        snap.providers.append(ProviderState(
+            name=p.name, paused_for_s=max(0.0, (pause_end - now_ms) / 1000),
+            ramping=bool(pause_end) and 0 <= now_ms - pause_end < RAMP_S * 1000,
+            leases=leases if isinstance(leases, int) else 0, max_concurrency=p.max_concurrency,
+            requests_in_flight=sum(w.int(f"requests:{p.name}") for w in live_workers),
+        ))
+    snap.lines = {_s(k): _i(v) for k, v in lines.items()}
+    snap.upstream = {_s(k): _i(v) for k, v in upstream.items()}
+    snap.latency = {_s(k): _s(v) for k, v in latency.items()}
+    return snap
+
+
+# ------------------------------------------------------------------------------ Prometheus
+
+
+class ClusterCollector:
+    """A prometheus_client collector over one :class:`Snapshot`."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self):
+        snap = self.snap
+        lines = CounterMetricFamily("sluice_lines", "Request lines recorded, by outcome (cluster total).",
+                                    labels=["outcome"])
+        for outcome in sorted({"completed", "failed", *snap.lines}):
+            lines.add_metric([outcome], snap.lines.get(outcome, 0))
+        yield lines
+
+        # Latency histogram and request counts, from "<provider>|<status>|<le|sum|count>" fields.
+        series: dict[tuple[str, str], dict[str, str]] = {}
+        for f, v in snap.latency.items():
+            try:
+                provider, status, part = f.rsplit("|", 2)
+            except ValueError:
+                continue
+            series.setdefault((provider, status), {})[part] = v
+        hist = HistogramMetricFamily("sluice_upstream_request_duration_seconds",
+                                     "Time of one upstream request, by provider and answer status.",
+                                     labels=["provider", "status"])
+        requests = CounterMetricFamily("sluice_upstream_requests", "Upstream requests, by provider and answer "
+                                       "status (an HTTP status, timeout, connection_error or aborted).",
+                                       labels=["provider", "status"])
+        for (provider, status), parts in sorted(series.items()):
+            count = _i(parts.get("count"))
+            # Every series gets every bound (sums over series need the same buckets), stored or not.
+            stored = {float(le): _i(v) for le, v in parts.items() if le not in ("sum", "count")}
+            buckets, running = [], 0
+            for le in sorted(set(LATENCY_BUCKETS) | set(stored)):
+                running += stored.get(le, 0)
+                buckets.append((floatToGoString(le), running))
+            buckets.append(("+Inf", count))
+            hist.add_metric([provider, status], buckets, float(parts.get("sum") or 0.0))
+            requests.add_metric([provider, status], count)
+        yield hist
+        yield requests
+
+        for what, name, doc in (
+            ("retries", "sluice_upstream_retries", "Upstream requests retried after a transient failure."),
+            ("rate_limited", "sluice_upstream_rate_limited", "Upstream answers with status 429."),
+            ("pauses", "sluice_provider_pauses", "Pauses of a provider for every worker after a 429."),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["provider"])
+            totals: dict[str, int] = {p.name: 0 for p in snap.providers}
+            for f, v in snap.upstream.items():
+                kind, _, provider = f.partition("|")
+                if kind == what:
+                    totals[provider] = totals.get(provider, 0) + v
+            for provider, v in sorted(totals.items()):
+                fam.add_metric([provider], v)
+            yield fam
+
+        # Processes (heartbeats).
+        procs = GaugeMetricFamily("sluice_processes", "Workers and finalizers: live (beating) or stale "
+                                  f"(no heartbeat for {STALE_AFTER_S:g} s; listed for 10 min).",
+                                  labels=["role", "state"])
+        counts = {(role, state): 0 for role in ("worker", "finalizer") for state in ("live", "stale")}
+        for p in snap.processes:
+            key = (p.role, "live" if p.live else "stale")
+            counts[key] = counts.get(key, 0) + 1
+        for (role, state), n in sorted(counts.items()):
+            procs.add_metric([role, state], n)
+        yield procs
+        age = GaugeMetricFamily("sluice_process_heartbeat_age_seconds", "Seconds since a process's last heartbeat.",
+                                labels=["role", "process", "host"])
+        up = GaugeMetricFamily("sluice_process_up", "1 while a process heart-beats, 0 once it is stale.",
+                               labels=["role", "process", "host"])
+        held = GaugeMetricFamily("sluice_worker_lines_in_flight", "Lines a live worker holds (calling, waiting for a "
+                                 "provider slot or recording).", labels=["process"])
+        for p in snap.processes:
+            age.add_metric([p.role, p.name, p.host], round(p.age_s, 3))
+            up.add_metric([p.role, p.name, p.host], 1 if p.live else 0)
+            if p.role == "worker" and p.live:
+                held.add_metric([p.name], p.int("in_flight"))
+        yield age
+        yield up
+        yield held
+
+        # Providers.
+        inflight = GaugeMetricFamily("sluice_upstream_requests_in_flight", "Requests at a provider now (live workers).",
+                                     labels=["provider"])
+        paused = GaugeMetricFamily("sluice_provider_paused_seconds", "Seconds left of a provider's pause after a 429.",
+                                   labels=["provider"])
+        ramping = GaugeMetricFamily("sluice_provider_ramping", "1 while a provider's concurrency ramps back after a "
+                                    "pause.", labels=["provider"])
+        leases = GaugeMetricFamily("sluice_provider_leases", "Concurrency leases held at a provider with limits.",
+                                   labels=["provider"])
+        for p in snap.providers:
+            inflight.add_metric([p.name], p.requests_in_flight)
+            paused.add_metric([p.name], round(p.paused_for_s, 3))
+            ramping.add_metric([p.name], 1 if p.ramping else 0)
+            leases.add_metric([p.name], p.leases)
+        yield inflight
+        yield paused
+        yield ramping
+        yield leases
+
+        # Batches.
+        by_status = GaugeMetricFamily("sluice_batches", "Batches not yet finished, by status.", labels=["status"])
+        statuses = {s: 0 for s in ("validating", "in_progress", "finalizing", "cancelling")}
+        for b in snap.batches:
+            statuses[b.status] = statuses.get(b.status, 0) + 1
+        for s, n in sorted(statuses.items()):
+            by_status.add_metric([s], n)
+        yield by_status
+        waiting = GaugeMetricFamily("sluice_batch_lines_waiting", "Lines of a running batch without a result yet.",
+                                    labels=["batch_id"])
+        pending = GaugeMetricFamily("sluice_batch_lines_pending", "Lines of a running batch claimed by a worker and "
+                                    "not acknowledged yet (XPENDING).", labels=["batch_id"])
+        per_provider: dict[str, int] = {p.name: 0 for p in snap.providers}
+        for b in snap.batches:
+            if b.status == "validating":
+                continue
+            waiting.add_metric([b.id], b.waiting)
+            pending.add_metric([b.id], b.pending)
+            per_provider[b.provider or "unknown"] = per_provider.get(b.provider or "unknown", 0) + b.waiting
+        yield waiting
+        yield pending
+        by_provider = GaugeMetricFamily("sluice_provider_lines_waiting", "Lines without a result yet, by the provider "
+                                        "of their batch (a batch mixing models counts under its first line's).",
+                                        labels=["provider"])
+        for provider, n in sorted(per_provider.items()):
+            by_provider.add_metric([provider], n)
+        yield by_provider
+        yield GaugeMetricFamily("sluice_lines_pending", "Lines claimed by workers and not acknowledged, all batches.",
+                                value=sum(b.pending for b in snap.batches))
+
+        # Finalizer.
+        yield GaugeMetricFamily("sluice_finalizer_lag_lines", "Results recorded and not yet written to result files.",
+                                value=sum(b.undrained for b in snap.batches))
+        yield GaugeMetricFamily("sluice_finalizer_lag_seconds", "Age of the oldest result not yet written.",
+                                value=round(max((b.oldest_undrained_s for b in snap.batches if b.undrained),
+                                                default=0.0), 3))
+        active = next((p for p in snap.processes if p.name == snap.finalizer_lock), None)
+        yield GaugeMetricFamily("sluice_finalizer_active", "1 when a live finalizer holds the lock.",
+                                value=1 if active is not None and active.live else 0)
+        tick = GaugeMetricFamily("sluice_finalizer_last_tick_age_seconds",
+                                 "Seconds since the active finalizer finished a pass over the live batches.")
+        if active is not None:
+            try:
+                since = float(active.fields.get("since_tick_s") or 0)
+            except ValueError:
+                since = 0.0
+            tick.add_metric([], round(since + active.age_s, 3))
+        yield tick
+
+
+def exposition(snap: Snapshot) -> bytes:
+    """The Prometheus text exposition of a snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(snap))
+    return generate_latest(registry)
+
+
+def authorized(settings: Settings, header: str) -> bool:
+    """Whether a scrape may read /metrics: always without ``SLUICE_METRICS_TOKEN``, else with it as bearer."""
+    if not settings.metrics_token:
+        return True
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.metrics_token.encode())
+
+
+async def handler(request: web.Request, r: Redis, settings: Settings) -> web.Response:
+    """``GET /metrics``."""
+    if not authorized(settings, request.headers.get("Authorization", "")):
+        return web.Response(status=401, text="metrics need the bearer token SLUICE_METRICS_TOKEN\n",
+                            headers={"WWW-Authenticate": "Bearer"})
+    started = time.perf_counter()
+    snap = await snapshot(r, settings)
+    body = exposition(snap)
+    body += (f"# HELP sluice_scrape_duration_seconds Time this web process took to read the cluster's state.\n"
+             f"# TYPE sluice_scrape_duration_seconds gauge\n"
+             f"sluice_scrape_duration_seconds {time.perf_counter() - started:.6f}\n").encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

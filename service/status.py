@@ -1,0 +1,116 @@
+"""``sluice status``: the cluster at a glance, in the terminal (read from Redis, like /metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from .config import Settings
+from .connections import REDIS_DOWN, connect
+from .metrics import Snapshot, snapshot
+
+WATCH_S = 2.0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
+
+
+def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
+    """The three tables; with ``previous`` (``--watch``), lines/s over the last interval."""
+    out: list[str] = []
+    live = [p for p in snap.processes if p.live]
+    workers = [p for p in live if p.role == "worker"]
+    out.append(f"sluice status  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.now))}  "
+               f"workers live: {len(workers)}  stale: {sum(1 for p in snap.processes if not p.live)}  "
+               f"lines in flight: {sum(p.int('in_flight') for p in workers)}")
+    out.append("")
+    out.append("PROCESSES")
+    rows = []
+    for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
+        in_flight = f"{p.int('in_flight')}/{p.int('concurrency')}" if p.role == "worker" else "-"
+        state = p.fields.get("state", "") + (" (lock)" if p.name == snap.finalizer_lock else "")
+        rows.append([p.role, p.name, p.host, p.pid, in_flight, state, _age(p.age_s), "LIVE" if p.live else "STALE"])
+    out += _table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
+        if rows else ["  (no worker or finalizer has beaten in the last 10 minutes)"]
+    out.append("")
+    out.append("BATCHES")
+    rows = []
+    before = {b.id: b.completed + b.failed for b in previous.batches} if previous else {}
+    for b in sorted(snap.batches, key=lambda b: b.id):
+        done = b.completed + b.failed
+        if previous is not None and b.id in before and snap.now > previous.now:
+            rate = (done - before[b.id]) / (snap.now - previous.now)
+        elif b.in_progress_at and snap.now > b.in_progress_at:
+            rate = done / (snap.now - b.in_progress_at)
+        else:
+            rate = 0.0
+        pct = f"{100 * done / b.total:.0f}%" if b.total else "-"
+        status = b.status + (f" ({b.aborting})" if b.aborting else "")
+        rows.append([b.id, b.owner[:8], status, f"{done}/{b.total}", pct, str(b.failed), str(b.pending),
+                     b.provider or "-", f"{rate:.1f}", str(b.undrained)])
+    out += _table(["BATCH", "OWNER", "STATUS", "DONE/TOTAL", "%", "FAILED", "PENDING", "PROVIDER", "LINES/S",
+                   "UNWRITTEN"], rows) if rows else ["  (no running batch)"]
+    out.append("")
+    out.append("PROVIDERS")
+    rows = []
+    for p in snap.providers:
+        if p.paused_for_s > 0:
+            state = f"paused {p.paused_for_s:.1f}s"
+        elif p.ramping:
+            state = "ramping up"
+        else:
+            state = "ok"
+        cap = str(p.max_concurrency) if p.max_concurrency else "-"
+        counts: dict[str, int] = {}
+        for k, v in snap.upstream.items():
+            kind, _, name = k.partition("|")
+            if name == p.name:
+                counts[kind] = counts.get(kind, 0) + v
+        rows.append([p.name, state, str(p.requests_in_flight), f"{p.leases}/{cap}",
+                     str(counts.get("rate_limited", 0)), str(counts.get("retries", 0))])
+    out += _table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "429s", "RETRIES"], rows) \
+        if rows else ["  (no provider configured here)"]
+    lines = snap.lines
+    out.append("")
+    out.append(f"lines recorded since the counters started: completed {lines.get('completed', 0)}, "
+               f"failed {lines.get('failed', 0)}")
+    return "\n".join(out)
+
+
+async def run(settings: Settings, *, watch: bool = False) -> int:
+    """Print the status once, or every ``WATCH_S`` until interrupted; 1 when Redis does not answer."""
+    r = connect(settings, max_connections=4)
+    previous: Snapshot | None = None
+    try:
+        while True:
+            try:
+                snap = await snapshot(r, settings)
+            except REDIS_DOWN as e:
+                print(f"sluice: Redis at {settings.redis_url.split('@')[-1]} does not answer: {e}", file=sys.stderr)
+                if not watch:
+                    return 1
+                await asyncio.sleep(WATCH_S)
+                continue
+            text = render(snap, previous)
+            if watch:
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+                sys.stdout.flush()
+                previous = snap
+                await asyncio.sleep(WATCH_S)
+            else:
+                print(text)
+                return 0
+    finally:
+        await r.aclose()

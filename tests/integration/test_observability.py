@@ -1,0 +1,155 @@
+"""Observability of the whole cluster: ``GET /metrics``, heartbeats, ``sluice status``, ``/readyz``.
+
+One stack (2 workers, the finalizer) runs a batch with forced final failures, a transient 500
+and a 429; the metrics any web process serves must then match the batch, show both workers and
+the finalizer live, and show a SIGKILLed worker as stale, in /metrics and in ``sluice status``.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+H = "sluice_upstream_request_duration_seconds"
+
+
+def _scrape(stack, **kw) -> dict[str, list]:
+    res = stack.http("GET", "/metrics", token=None, **kw)
+    assert res.status == 200, res.body[:500]
+    assert res.content_type.startswith("text/plain"), res.content_type
+    return {f.name: f.samples for f in text_string_to_metric_families(res.body.decode())}
+
+
+def _get(fams: dict[str, list], family: str, sample: str | None = None, **labels) -> float:
+    """The value of one sample (0 when absent)."""
+    for s in fams.get(family, []):
+        if s.name == (sample or family) and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return 0.0
+
+
+def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
+    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8)
+    run = uuid.uuid4().hex[:8]
+    rows = [stack.chat_line(f"ok-{run}-{i:02d}", f"fine {i}") for i in range(20)]
+    rows += [stack.chat_line(f"bad-{run}-{i}", f"bad {i}", mock_status=400) for i in range(3)]
+    rows.append(stack.chat_line(f"flaky-{run}", "flaky", mock_status=500, mock_fail_times=1))
+    rows.append(stack.chat_line(f"throttled-{run}", "throttled", mock_status=429, mock_fail_times=1))
+    _, created = stack.submit(rows)
+    batch = stack.wait_for_batch(created.id, timeout=60)
+    assert batch.status == "completed", batch
+    counts = batch.request_counts
+    assert (counts.completed, counts.failed) == (22, 3), counts
+
+    # Counters reach Redis with the next heartbeat (every 2 s).
+    def settled():
+        fams = _scrape(stack)
+        got = (_get(fams, "sluice_lines", "sluice_lines_total", outcome="completed"),
+               _get(fams, "sluice_lines", "sluice_lines_total", outcome="failed"))
+        return fams if got == (counts.completed, counts.failed) else None
+
+    fams = wait_until(settled, timeout=15, interval=0.25, message="sluice_lines_total to match the batch's counts",
+                      check=stack.check_alive)
+    for status, n in (("200", 22), ("400", 3), ("500", 1), ("429", 1)):
+        assert _get(fams, H, H + "_count", provider="default", status=status) == n, (status, fams[H])
+        assert _get(fams, H, H + "_bucket", provider="default", status=status, le="+Inf") == n
+        assert _get(fams, "sluice_upstream_requests", "sluice_upstream_requests_total",
+                    provider="default", status=status) == n
+    assert _get(fams, H, H + "_sum", provider="default", status="200") > 0
+    assert _get(fams, "sluice_upstream_retries", "sluice_upstream_retries_total", provider="default") == 2
+    assert _get(fams, "sluice_upstream_rate_limited", "sluice_upstream_rate_limited_total", provider="default") == 1
+    assert _get(fams, "sluice_provider_pauses", "sluice_provider_pauses_total", provider="default") == 1
+    assert _get(fams, "sluice_processes", role="worker", state="live") == 2
+    assert _get(fams, "sluice_processes", role="worker", state="stale") == 0
+    assert _get(fams, "sluice_processes", role="finalizer", state="live") == 1
+    assert _get(fams, "sluice_finalizer_active") == 1
+    assert _get(fams, "sluice_finalizer_lag_lines") == 0
+    assert _get(fams, "sluice_lines_pending") == 0
+    # The finished batch has no series left (batch_id labels only for running batches).
+    assert not [s for s in fams.get("sluice_batch_lines_waiting", []) if s.labels.get("batch_id") == created.id]
+
+    # A running batch shows its waiting and pending lines.
+    slow = [stack.chat_line(f"slow-{run}-{i:02d}", f"slow {i}", mock_latency_ms=10_000) for i in range(40)]
+    _, running = stack.submit(slow)
+
+    def running_visible():
+        f = _scrape(stack)
+        waiting = _get(f, "sluice_batch_lines_waiting", batch_id=running.id)
+        pending = _get(f, "sluice_batch_lines_pending", batch_id=running.id)
+        busy = sum(s.value for s in f.get("sluice_worker_lines_in_flight", []))
+        return f if waiting == 40 and pending > 0 and busy > 0 else None
+
+    fams = wait_until(running_visible, timeout=20, interval=0.25, message="the running batch in /metrics",
+                      check=stack.check_alive)
+    assert _get(fams, "sluice_provider_lines_waiting", provider="default") >= 40
+    status = stack.sluice("status", check=True).stdout
+    assert running.id in status and "/40" in status, status
+    assert status.count("LIVE") == 3, status
+
+    # SIGKILL one worker: it stops heart-beating and shows as stale (and stays listed).
+    victim = stack.process("worker-1")
+    victim.stopping = True
+    victim.signal(signal.SIGKILL)
+    victim.popen.wait(timeout=5)
+
+    def stale():
+        f = _scrape(stack)
+        ok = (_get(f, "sluice_processes", role="worker", state="stale") == 1
+              and _get(f, "sluice_processes", role="worker", state="live") == 1)
+        return f if ok else None
+
+    fams = wait_until(stale, timeout=20, interval=0.5, message="the killed worker to show as stale",
+                      check=stack.check_alive)
+    dead = [s for s in fams["sluice_process_up"] if s.value == 0]
+    assert len(dead) == 1 and dead[0].labels["role"] == "worker", fams["sluice_process_up"]
+    assert dead[0].labels["process"].split("-")[-2] == str(victim.pid), dead
+    status = stack.sluice("status", check=True).stdout
+    stale_rows = [line for line in status.splitlines() if line.rstrip().endswith("STALE")]
+    assert len(stale_rows) == 1 and str(victim.pid) in stale_rows[0], status
+    stack.client().batches.cancel(running.id)
+
+    # /readyz: 200; 503 when storage takes no writes; 503 when Redis does not answer.
+    assert stack.http("GET", "/readyz", token=None).status == 200
+    tmp = stack.data_dir / "tmp"
+    assert tmp.is_dir(), "the local storage layout changed: adapt this test"
+    aside = stack.data_dir / "tmp-aside"
+    tmp.rename(aside)
+    tmp.write_bytes(b"not a directory")  # root ignores permissions, not file types
+    try:
+        res = stack.http("GET", "/readyz", token=None)
+        assert res.status == 503, res.body
+        assert res.json()["redis"] == "ok" and res.json()["storage"] != "ok", res.json()
+    finally:
+        tmp.unlink()
+        aside.rename(tmp)
+    assert stack.http("GET", "/readyz", token=None).status == 200
+
+    stack.redis.process.signal(signal.SIGSTOP)
+    try:
+        res = stack.http("GET", "/readyz", token=None, timeout=20)
+        assert res.status == 503, res.body
+        assert res.json()["redis"] != "ok", res.json()
+    finally:
+        stack.redis.process.signal(signal.SIGCONT)
+    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=20, interval=0.25,
+               check=stack.check_alive)
+    assert stack.http("GET", "/healthz", token=None).status == 200
+
+
+def test_metrics_token(stack_factory):
+    stack = stack_factory.start(name="metrics-token", workers=1, env={"SLUICE_METRICS_TOKEN": "scrape-secret"})
+    assert stack.http("GET", "/metrics", token=None).status == 401
+    assert stack.http("GET", "/metrics").status == 401  # an API token is not the metrics token
+    fams = _scrape_with(stack, "scrape-secret")
+    assert "sluice_processes" in fams and "sluice_lines" in fams
+
+
+def _scrape_with(stack, token: str) -> dict[str, list]:
+    res = stack.http("GET", "/metrics", token=token)
+    assert res.status == 200, res.body[:300]
+    return {f.name: f.samples for f in text_string_to_metric_families(res.body.decode())}

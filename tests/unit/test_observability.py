@@ -1,0 +1,195 @@
+"""Heartbeats, the cluster metrics collector, /metrics auth and /readyz, on fakeredis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service import keys, metrics, status
+from service.config import Provider, Settings
+from service.heartbeat import Heartbeat, Tally
+from service.storage import LocalStorage
+from service.web import create_app
+
+PROVIDERS = (Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
+             Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)))
+
+
+def _dead_redis() -> aioredis.Redis:
+    """A client of a port where nothing listens, giving up at once."""
+    return aioredis.Redis(host="127.0.0.1", port=9, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+
+
+def _settings(**kw) -> Settings:
+    return Settings(api_tokens=("tok-a",), providers=PROVIDERS, **kw)
+
+
+def _families(text: str) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _value(samples, name: str, **labels) -> float:
+    found = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, f"{name} {labels}: {found} in {samples}"
+    return found[0]
+
+
+@pytest.fixture
+def redis():
+    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+
+
+async def test_tally_folds_into_cluster_counters(redis):
+    a, b = Tally(), Tally()
+    a.line("completed", 3)
+    a.line("failed")
+    b.line("completed", 2)
+    a.request("default", "200", 0.03)
+    a.request("default", "200", 0.7)
+    b.request("default", "429", 0.01)
+    b.count("rate_limited", "default")
+    b.count("retries", "default")
+    b.count("pauses", "default")
+    a.started("default")
+    beat_a = Heartbeat(redis, "w-a", "worker", tally=a, fields=lambda: {"in_flight": 1, "concurrency": 8})
+    beat_b = Heartbeat(redis, "w-b", "worker", tally=b, fields=lambda: {"in_flight": 0, "concurrency": 8})
+    assert await beat_a.beat() and await beat_b.beat()
+    # A second beat adds nothing: the tally was taken.
+    assert await beat_a.beat()
+    for key in (keys.PROCESSES, keys.process("w-a"), keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY):
+        assert await redis.ttl(key) > 0, f"{key} must expire unless heartbeats keep it"
+
+    snap = await metrics.snapshot(redis, _settings())
+    fams = _families(metrics.exposition(snap).decode())
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 5
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 1
+    hist = fams["sluice_upstream_request_duration_seconds"]
+    name = "sluice_upstream_request_duration_seconds"
+    assert _value(hist, name + "_count", provider="default", status="200") == 2
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="0.05") == 1
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="1.0") == 2
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="+Inf") == 2
+    assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.73)
+    assert _value(hist, name + "_count", provider="default", status="429") == 1
+    assert _value(fams["sluice_upstream_requests"], "sluice_upstream_requests_total",
+                  provider="default", status="429") == 1
+    assert _value(fams["sluice_upstream_rate_limited"], "sluice_upstream_rate_limited_total", provider="default") == 1
+    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 1
+    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="limited") == 0
+    assert _value(fams["sluice_provider_pauses"], "sluice_provider_pauses_total", provider="default") == 1
+    assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 2
+    assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 0
+    assert _value(fams["sluice_worker_lines_in_flight"], "sluice_worker_lines_in_flight", process="w-a") == 1
+    assert _value(fams["sluice_upstream_requests_in_flight"], "sluice_upstream_requests_in_flight",
+                  provider="default") == 1
+
+    # A clean stop flushes and leaves the list; a process that stops beating turns stale.
+    a.line("completed")
+    await beat_a.close()
+    await redis.zadd(keys.PROCESSES, {"w-b": (await redis.time())[0] - 60})
+    snap = await metrics.snapshot(redis, _settings())
+    fams = _families(metrics.exposition(snap).decode())
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 6
+    assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 0
+    assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 1
+    assert _value(fams["sluice_process_up"], "sluice_process_up", process="w-b") == 0
+    assert "STALE" in status.render(snap) and "w-a" not in status.render(snap)
+
+
+async def test_failed_beat_keeps_its_counters():
+    dead = _dead_redis()
+    tally = Tally()
+    tally.line("completed", 2)
+    tally.request("p|x", "200", 0.2)
+    beat = Heartbeat(dead, "w", "worker", tally=tally)
+    assert not await beat.beat()
+    assert tally.lines == {"completed": 2}
+    assert tally.latency[("p|x", "200")].count == 1
+    await dead.aclose()
+
+
+async def test_batch_provider_and_finalizer_gauges(redis):
+    now_ms = int((await redis.time())[0] * 1000)
+    for batch_id, st, total, done, model in (("batch_a", "in_progress", 10, 4, "gpt-4o"),
+                                              ("batch_b", "in_progress", 5, 0, "x-small")):
+        await redis.hset(keys.batch(batch_id), mapping={"owner": "o" * 32, "status": st, "total": total,
+                                                        "completed": done, "failed": 0, "model": model,
+                                                        "provider": "", "in_progress_at": now_ms // 1000 - 10})
+        await redis.sadd(keys.LIVE_BATCHES, batch_id)
+    await redis.xadd(keys.lines("batch_a"), {"c": "x"}, id="0-1")
+    await redis.xgroup_create(keys.lines("batch_a"), keys.WORKER_GROUP, id="0")
+    await redis.xreadgroup(keys.WORKER_GROUP, "w", {keys.lines("batch_a"): ">"})
+    await redis.xadd(keys.results("batch_a"), {"r": "{}", "o": "completed"})
+    await redis.xadd(keys.results("batch_a"), {"r": "{}", "o": "completed"})
+    await redis.set(keys.provider_pause("default"), now_ms + 30_000)
+    await redis.zadd(keys.provider_inflight("limited"), {"h1": now_ms + 60_000, "h2": now_ms + 60_000})
+
+    snap = await metrics.snapshot(redis, _settings())
+    fams = _families(metrics.exposition(snap).decode())
+    assert _value(fams["sluice_batch_lines_waiting"], "sluice_batch_lines_waiting", batch_id="batch_a") == 6
+    assert _value(fams["sluice_batch_lines_waiting"], "sluice_batch_lines_waiting", batch_id="batch_b") == 5
+    assert _value(fams["sluice_provider_lines_waiting"], "sluice_provider_lines_waiting", provider="default") == 6
+    assert _value(fams["sluice_provider_lines_waiting"], "sluice_provider_lines_waiting", provider="limited") == 5
+    assert _value(fams["sluice_batch_lines_pending"], "sluice_batch_lines_pending", batch_id="batch_a") == 1
+    assert _value(fams["sluice_batch_lines_pending"], "sluice_batch_lines_pending", batch_id="batch_b") == 0
+    assert _value(fams["sluice_finalizer_lag_lines"], "sluice_finalizer_lag_lines") == 2
+    assert _value(fams["sluice_finalizer_lag_seconds"], "sluice_finalizer_lag_seconds") >= 0
+    assert 25 < _value(fams["sluice_provider_paused_seconds"], "sluice_provider_paused_seconds",
+                       provider="default") <= 30
+    assert _value(fams["sluice_provider_leases"], "sluice_provider_leases", provider="limited") == 2
+    assert _value(fams["sluice_batches"], "sluice_batches", status="in_progress") == 2
+    text = status.render(snap)
+    assert "batch_a" in text and "4/10" in text and "paused" in text
+
+
+class FailingStorage(LocalStorage):
+    async def write(self, key: str, chunks: AsyncIterable[bytes]) -> int:
+        raise PermissionError("read-only file system")
+
+
+async def _client(aiohttp_client, tmp_path: Path, *, redis=None, storage=None, **kw):
+    r = redis if redis is not None else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    app = create_app(_settings(**kw), redis=r, storage=storage or LocalStorage(tmp_path))
+    return await aiohttp_client(app)
+
+
+async def test_readyz(aiohttp_client, tmp_path):
+    ok = await _client(aiohttp_client, tmp_path / "ok")
+    res = await ok.get("/readyz")
+    assert res.status == 200, await res.text()
+    assert await res.json() == {"status": "ok"}
+    assert not list((tmp_path / "ok" / "files").iterdir()), "the storage probe must delete its object"
+
+    broken = await _client(aiohttp_client, tmp_path / "broken", storage=FailingStorage(tmp_path / "broken"))
+    res = await broken.get("/readyz")
+    assert res.status == 503
+    body = await res.json()
+    assert body["redis"] == "ok" and "read-only" in body["storage"], body
+
+    dead = _dead_redis()
+    down = await _client(aiohttp_client, tmp_path / "down", redis=dead)
+    res = await down.get("/readyz")
+    assert res.status == 503
+    assert json.loads(await res.text())["storage"] == "ok"
+    await dead.aclose()
+
+
+async def test_metrics_token(aiohttp_client, tmp_path):
+    open_ = await _client(aiohttp_client, tmp_path / "open")
+    res = await open_.get("/metrics")
+    assert res.status == 200 and res.headers["Content-Type"].startswith("text/plain")
+    assert "sluice_lines_total" in await res.text()
+
+    guarded = await _client(aiohttp_client, tmp_path / "guarded", metrics_token="scrape-me")
+    assert (await guarded.get("/metrics")).status == 401
+    assert (await guarded.get("/metrics", headers={"Authorization": "Bearer tok-a"})).status == 401
+    res = await guarded.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert res.status == 200
