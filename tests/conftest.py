@@ -910,13 +910,10 @@ class Stack:
     # ---- mock provider
 
     def mock_stats(self) -> dict:
-        res = http_request("GET", f"{self.mock_url}/_mock/stats", timeout=10)
-        assert res.status == 200, f"mock stats answered {res.status}: {res.body[:300]!r}"
-        return res.json()
+        return self.mock().stats()
 
     def mock_reset(self) -> None:
-        res = http_request("POST", f"{self.mock_url}/_mock/reset", timeout=10)
-        assert res.status in (200, 204), f"mock reset answered {res.status}: {res.body[:300]!r}"
+        self.mock().reset()
 
     def mock(self, name: str = "default") -> MockServer:
         """The mock provider called ``name`` (``default`` is the one at :attr:`mock_url`)."""
