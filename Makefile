@@ -4,12 +4,12 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench install redis-server clean
+.PHONY: run test bench install redis-server chromium clean
 
 run: $(STAMP)
 	$(BIN)/sluice up
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server chromium
 	$(BIN)/pytest
 
 # Every benchmark scenario on a fresh local stack; BENCH_ARGS passes options (e.g. --smoke).
@@ -32,6 +32,16 @@ redis-server:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 		else \
 			echo "redis-server is missing: install it (e.g. sudo apt-get install redis-server)" >&2; exit 1; \
+		fi; }
+
+# The dashboard's browser test drives Debian's Chromium (Playwright's own browser download cannot
+# work offline); install it where it is missing and we can, else that test skips and says why.
+chromium:
+	@test -x /usr/bin/chromium || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium is missing (sudo apt-get install chromium): the dashboard browser test will skip" >&2; \
 		fi; }
 
 clean:

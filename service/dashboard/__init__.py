@@ -1,0 +1,94 @@
+"""The web dashboard: static page at ``/dashboard`` and the cluster JSON it shows (``/v1/sluice/cluster``).
+
+The page (``index.html``, ``app.js``, ``style.css`` beside this file; no build step, nothing from
+a CDN) is public like ``/healthz``: it holds no data. It asks for an API token, keeps it in the
+tab's ``sessionStorage`` and calls the JSON API with ``Authorization: Bearer``, so it sees exactly
+what that token sees through the API.
+
+``GET /v1/sluice/cluster`` (and ``/sluice/cluster``) needs a valid token, any token: it shows the
+workers' and finalizer's heartbeats, the providers' state and cluster-wide line counters, the same
+facts ``sluice status`` and ``/metrics`` show, but never another token's batches (only how many
+batches are running in all, and the caller's own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from .. import api, metrics
+
+HERE = Path(__file__).resolve().parent
+ASSETS = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+# Served without a token (web.py's auth middleware lets them through).
+PUBLIC_PATHS = frozenset({"/dashboard", "/dashboard/", *(f"/dashboard/{name}" for name in ASSETS)})
+# The page runs only its own script and talks only to its own origin.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def _redirect(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/dashboard/")
+
+
+async def _asset(request: web.Request) -> web.StreamResponse:
+    name = request.match_info.get("name") or "index.html"
+    if name not in ASSETS:
+        raise web.HTTPNotFound()
+    return web.Response(body=(HERE / name).read_bytes(), content_type=ASSETS[name], charset="utf-8",
+                        headers=SECURITY_HEADERS)
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """GET /v1/sluice/cluster: processes, providers and counters of the whole cluster, as JSON."""
+    snap = await metrics.snapshot(request.app[api.REDIS], request.app[api.SETTINGS])
+    owner = request[api.OWNER]
+    processes = []
+    for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
+        processes.append({
+            "name": p.name, "role": p.role, "host": p.host, "pid": p.pid,
+            "live": p.live, "last_beat_s": round(p.age_s, 1), "started_at": p.started_at,
+            "state": p.fields.get("state", ""), "holds_finalizer_lock": p.name == snap.finalizer_lock,
+            "in_flight": p.int("in_flight") if p.role == "worker" else None,
+            "concurrency": p.int("concurrency") if p.role == "worker" else None,
+        })
+    providers = []
+    for p in snap.providers:
+        counts: dict[str, int] = {}
+        for k, v in snap.upstream.items():
+            kind, _, name = k.partition("|")
+            if name == p.name:
+                counts[kind] = counts.get(kind, 0) + v
+        state = f"paused {p.paused_for_s:.1f}s" if p.paused_for_s > 0 else "ramping up" if p.ramping else "ok"
+        providers.append({
+            "name": p.name, "state": state, "paused_for_s": round(p.paused_for_s, 1),
+            "requests_in_flight": p.requests_in_flight, "leases": p.leases, "max_concurrency": p.max_concurrency,
+            "rate_limited": counts.get("rate_limited", 0), "retries": counts.get("retries", 0),
+        })
+    return api.json_response({
+        "object": "sluice.cluster",
+        "now": snap.now,
+        "processes": processes,
+        "providers": providers,
+        "lines": {"completed": snap.lines.get("completed", 0), "failed": snap.lines.get("failed", 0)},
+        "running_batches": {"total": len(snap.batches), "yours": sum(1 for b in snap.batches if b.owner == owner)},
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    """The page and its assets, and the cluster endpoint (under /v1 and bare, like the API)."""
+    app.router.add_get("/dashboard", _redirect)
+    app.router.add_get("/dashboard/", _asset)
+    app.router.add_get("/dashboard/{name}", _asset)
+    for prefix in ("/v1", ""):
+        app.router.add_get(f"{prefix}/sluice/cluster", cluster)
