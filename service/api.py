@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import keys, store
+from . import keys, store, webhooks
 from .config import Quotas, Settings
 from .crypto import seal
 from .errors import APIError, bad_request, not_found
@@ -424,6 +424,7 @@ async def create_batch(request: web.Request) -> web.Response:
                               param="output_expires_after", code="invalid_type")
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
     provider, sealed_key = _provider_choice(request, settings)
+    webhook_url = webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
@@ -446,7 +447,7 @@ async def create_batch(request: web.Request) -> web.Response:
         r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint, input_file_id=input_file_id,
         input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
         metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
-        reserved_lines=lines,
+        reserved_lines=lines, webhook_url=webhook_url,
     )
     request.app[PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))

@@ -6,7 +6,10 @@ explicitly; nothing else in the code base reads ``os.environ``.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import hashlib
+import hmac
 import os
 import re
 import tomllib
@@ -182,6 +185,33 @@ def parse_storage(env: Mapping[str, str]) -> S3Location | None:
     return S3Location(bucket=bucket, prefix=prefix, endpoint_url=endpoint.rstrip("/"), region=region)
 
 
+def derive_webhook_secret(secret_key: str) -> str:
+    """The webhook signing secret derived from ``SLUICE_SECRET_KEY`` (``whsec_`` + base64 of 32 bytes)."""
+    digest = hmac.new(secret_key.encode(), b"sluice webhook signing secret v1", hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(digest).decode()
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: a ``whsec_<base64>`` secret is decoded, any other is its UTF-8 bytes."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret[len("whsec_"):], validate=True)
+    return secret.encode()
+
+
+def webhook_secret(env: Mapping[str, str]) -> str:
+    """``SLUICE_WEBHOOK_SECRET``, else one derived from ``SLUICE_SECRET_KEY``, else empty (no webhooks)."""
+    secret = env.get("SLUICE_WEBHOOK_SECRET", "").strip()
+    if secret:
+        try:
+            if not webhook_key(secret):
+                raise ValueError
+        except ValueError:
+            raise ConfigError("SLUICE_WEBHOOK_SECRET: a whsec_ secret must be followed by non-empty base64") from None
+        return secret
+    key = env.get("SLUICE_SECRET_KEY", "").strip()
+    return derive_webhook_secret(key) if key else ""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a Sluice process needs to know about its environment."""
@@ -208,6 +238,12 @@ class Settings:
     secret_key: str = field(default="", repr=False)
     metrics_token: str = field(default="", repr=False)
     s3: S3Location | None = None  # None: file contents in data_dir
+    # Completion webhooks (service/webhooks.py): the signing secret (SLUICE_WEBHOOK_SECRET, else
+    # derived from SLUICE_SECRET_KEY; empty: webhooks are refused), and the retry policy.
+    webhook_secret: str = field(default="", repr=False)
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 30.0
+    webhook_timeout_s: float = 10.0
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -251,4 +287,8 @@ class Settings:
             secret_key=env.get("SLUICE_SECRET_KEY", "").strip(),
             metrics_token=env.get("SLUICE_METRICS_TOKEN", "").strip(),
             s3=parse_storage(env),
+            webhook_secret=webhook_secret(env),
+            webhook_max_attempts=_int(env, "SLUICE_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, minimum=1),
+            webhook_backoff_s=_float(env, "SLUICE_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s, minimum=0.01),
+            webhook_timeout_s=_float(env, "SLUICE_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s, minimum=0.1),
         )

@@ -21,6 +21,11 @@ FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
 # Batch ids waiting for validation and publishing, scored by the time their lease ends.
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 
+# Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
+# with a webhook URL is added by the script that moves it to a terminal state (store.transition);
+# the active finalizer sends what is due (service/webhooks.py) and removes it once answered.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+
 # Files with an expiry, scored by expires_at: the finalizer removes their content when due.
 FILE_EXPIRY = f"{PREFIX}:files:expiry"
 

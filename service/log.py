@@ -49,6 +49,7 @@ def redact_url(url: str) -> str:
 def settings_secrets(settings: Settings) -> tuple[str, ...]:
     """Every secret a process configured with ``settings`` knows, for :func:`configure_logging`."""
     found = [*settings.api_tokens, settings.secret_key, getattr(settings, "metrics_token", ""),
+             getattr(settings, "webhook_secret", ""),
              *(p.api_key for p in settings.providers)]
     try:
         password = urlsplit(settings.redis_url).password

@@ -167,6 +167,7 @@ async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
+    webhook_url: str = "",
 ) -> dict[str, str]:
     """Record a new batch in ``validating`` and queue it for validation."""
     created = now()
@@ -181,6 +182,8 @@ async def create_batch(
     p.hset(keys.batch(batch_id), mapping=record)
     if sealed_key:
         p.hset(keys.batch(batch_id), "byok", sealed_key)
+    if webhook_url:
+        p.hset(keys.batch(batch_id), "webhook_url", webhook_url)
     p.zadd(keys.owner_batches(owner), {batch_id: seq})
     p.sadd(keys.file_refs(input_file_id), batch_id)
     p.zadd(keys.PENDING_VALIDATION, {batch_id: 0})
@@ -243,10 +246,14 @@ if tonumber(ARGV[4]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   -- A terminal state: the client's provider key (BYOK) must not outlive the batch.
   redis.call('HDEL', KEYS[1], 'byok')
+  -- ... and its completion webhook is due now (once: this branch runs for one transition only).
+  if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
+    redis.call('ZADD', KEYS[#KEYS], 'NX', 0, ARGV[1])
+  end
 end
 local adds = tonumber(ARGV[3])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
-for i = 2 + adds, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = 2 + adds, #KEYS - 1 do redis.call('SREM', KEYS[i], ARGV[1]) end
 return {1, st}
 """)
 
@@ -260,13 +267,14 @@ async def transition(
     Returns (applied, status before); applied is also True when the batch already has the
     target status. ``add_to``/``remove_from`` are sets of batch ids
     (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
-    ``expire_s`` > 0 gives the batch record its retention period (terminal states).
+    ``expire_s`` > 0 gives the batch record its retention period (terminal states), and queues
+    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``.
     """
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
     add_to = list(add_to)
-    script_keys = [keys.batch(batch_id), *add_to, *remove_from]
+    script_keys = [keys.batch(batch_id), *add_to, *remove_from, keys.WEBHOOKS_DUE]
     applied, before = await _TRANSITION(
         r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat],
     )

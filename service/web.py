@@ -10,7 +10,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from . import api, metrics, store
+from . import api, dashboard, events, metrics, store
 from .config import Settings
 from .connections import REDIS_DOWN, Outage, connect
 from .errors import APIError
@@ -24,7 +24,8 @@ log = structlog.get_logger("sluice.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # /metrics takes no API token; SLUICE_METRICS_TOKEN, when set, guards it (service/metrics.py).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The dashboard's static page holds no data: it asks for a token and calls the API with it.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *dashboard.PUBLIC_PATHS})
 # How long /readyz waits for Redis and for the storage probe.
 READY_TIMEOUT_S = 3.0
 OUTAGE = web.AppKey("outage", Outage)
@@ -194,6 +195,8 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     api.add_routes(app)
+    events.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 
@@ -217,6 +220,7 @@ class WebServer:
         # Stop listening first and let requests under way (uploads still streaming in) finish:
         # aiohttp's own shutdown stops reading request bodies at once.
         await site.stop()
+        app[events.STOP].set()  # event streams end now: they would hold the shutdown for the whole grace
         log.info("web_stopping", in_flight=app[IN_FLIGHT].count, grace_s=grace)
         try:
             await asyncio.wait_for(app[IN_FLIGHT].idle.wait(), timeout=grace)

@@ -11,6 +11,8 @@ Each tick, for every live batch:
    mid-write redoes the same append and no line appears twice or goes missing.
 4. Once every line has a result, the files are registered and the batch reaches its terminal
    state (``completed``, ``cancelled`` or ``expired``); its work keys are deleted.
+
+After each pass it starts sending the completion webhooks that are due (service/webhooks.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from service.results import abort_line
 from service.storage import Storage, open_storage
 from service.store import Outcome
 from service.validation import check_line, iter_lines
+from service.webhooks import WebhookSender
 from service.wire import TERMINAL_STATUSES
 
 
@@ -80,11 +83,13 @@ class Finalizer:
         outage = Outage(log)
         heartbeat = Heartbeat(self.redis, self.name, "finalizer", tally=self.tally, fields=self._beat_fields)
         heartbeat.start()
+        webhooks = WebhookSender(self.redis, self.settings)
         try:
             while not self.stop.is_set():
                 try:
                     if await self._hold_lock():
                         await self.tick()
+                        webhooks.start_pass()  # in a task of its own: never holds finalization up
                     self.ticked_at = time.monotonic()
                     outage.ok()
                 except REDIS_DOWN as e:
@@ -96,6 +101,7 @@ class Finalizer:
                 with contextlib.suppress(*REDIS_DOWN):
                     await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
             self.active = False
+            await webhooks.aclose()
             await heartbeat.close()
             await self.redis.aclose()
             await self.storage.aclose()
