@@ -1,4 +1,4 @@
-"""The ``sluice`` command: one subcommand per process type, plus ``up`` for the local stack."""
+"""The ``sluice`` command: one subcommand per process type, ``up`` for the local stack, and a client of the API."""
 
 from __future__ import annotations
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
     )
     mock.set_defaults(func=_mock_provider)
+    from .client import add_client_commands  # submit, batches, files: an HTTP client of the API
+
+    add_client_commands(sub)
     return parser
 
 
