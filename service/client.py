@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from .textfmt import text_table
 from .wire import BATCH_ENDPOINTS, TERMINAL_STATUSES, UPLOAD_PURPOSES
 
 DEFAULT_URL = "http://localhost:8000"
@@ -238,12 +239,6 @@ def human_time(ts: int | None) -> str:
     if not ts:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def table(rows: list[list[str]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
 
 
 def print_fields(rows: list[tuple[str, Any]], out: TextIO) -> None:
@@ -717,7 +712,7 @@ async def _list(
     if not page["data"]:
         print(f"no {kind}")
         return EXIT_OK
-    table([header] + [row(item) for item in page["data"]], sys.stdout)
+    print("\n".join(text_table(header, [row(item) for item in page["data"]])))
     if page.get("has_more"):
         print(f"(more: sluice {kind} list --after {page['last_id']})", file=sys.stderr)
     return EXIT_OK

@@ -9,6 +9,7 @@ import time
 from .config import Settings
 from .connections import REDIS_DOWN, connect
 from .metrics import Snapshot, snapshot
+from .textfmt import text_table
 
 WATCH_S = 2.0
 
@@ -19,12 +20,6 @@ def _age(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f}m"
     return f"{seconds / 3600:.1f}h"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
 
 
 def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
@@ -42,7 +37,7 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
         in_flight = f"{p.int('in_flight')}/{p.int('concurrency')}" if p.role == "worker" else "-"
         state = p.fields.get("state", "") + (" (lock)" if p.name == snap.finalizer_lock else "")
         rows.append([p.role, p.name, p.host, p.pid, in_flight, state, _age(p.age_s), "LIVE" if p.live else "STALE"])
-    out += _table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
+    out += text_table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
         if rows else ["  (no worker or finalizer has beaten in the last 10 minutes)"]
     out.append("")
     out.append("BATCHES")
@@ -60,7 +55,7 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
         status = b.status + (f" ({b.aborting})" if b.aborting else "")
         rows.append([b.id, b.owner[:8], status, f"{done}/{b.total}", pct, str(b.failed), str(b.pending),
                      b.provider or "-", f"{rate:.1f}", str(b.undrained)])
-    out += _table(["BATCH", "OWNER", "STATUS", "DONE/TOTAL", "%", "FAILED", "PENDING", "PROVIDER", "LINES/S",
+    out += text_table(["BATCH", "OWNER", "STATUS", "DONE/TOTAL", "%", "FAILED", "PENDING", "PROVIDER", "LINES/S",
                    "UNWRITTEN"], rows) if rows else ["  (no running batch)"]
     out.append("")
     out.append("PROVIDERS")
@@ -80,7 +75,7 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
                 counts[kind] = counts.get(kind, 0) + v
         rows.append([p.name, state, str(p.requests_in_flight), f"{p.leases}/{cap}",
                      str(counts.get("rate_limited", 0)), str(counts.get("retries", 0))])
-    out += _table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "429s", "RETRIES"], rows) \
+    out += text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "429s", "RETRIES"], rows) \
         if rows else ["  (no provider configured here)"]
     lines = snap.lines
     out.append("")
