@@ -1,4 +1,4 @@
-"""The mock provider of ``service.mock_provider``, plus a record of every API request it got.
+"""The mock provider of ``service.devtools.mock_provider``, plus a record of every API request it got.
 
 Used by integration tests that must know which upstream (and which key) saw which request line,
 which the mock's aggregated ``/_mock/stats`` cannot tell. Run as::
@@ -26,7 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.mock_provider import create_app, serve  # noqa: E402
+from service.devtools.mock_provider import create_app, serve  # noqa: E402
 
 
 def _content(body: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Tests for the fake OpenAI-compatible upstream in service.mock_provider."""
+"""Tests for the fake OpenAI-compatible upstream in service.devtools.mock_provider."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from service.mock_provider import create_app
+from service.devtools.mock_provider import create_app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -502,7 +502,7 @@ async def test_run_serves_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "from service.mock_provider import run; run(0)",
+        "from service.devtools.mock_provider import run; run(0)",
         cwd=REPO_ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,

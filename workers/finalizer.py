@@ -12,7 +12,7 @@ Each tick, for every live batch:
 4. Once every line has a result, the files are registered and the batch reaches its terminal
    state (``completed``, ``cancelled`` or ``expired``); its work keys are deleted.
 
-After each pass it starts sending the completion webhooks that are due (service/webhooks.py).
+After each pass it starts sending the completion webhooks that are due (service/core/webhooks.py).
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import time
 import structlog
 from redis.exceptions import ResponseError
 
-from service import keys, store
-from service.config import Settings
-from service.connections import REDIS_DOWN, Outage, connect
-from service.heartbeat import Heartbeat, Tally
-from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
-from service.results import abort_line
-from service.storage import Storage, open_storage
-from service.store import Outcome
-from service.validation import check_line, iter_lines
-from service.webhooks import WebhookSender
-from service.wire import TERMINAL_STATUSES
-
+from service.core import keys, store
+from service.core.config import Settings
+from service.core.connections import REDIS_DOWN, Outage, connect
+from service.core.heartbeat import Heartbeat, Tally
+from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.results import abort_line
+from service.core.storage import Storage, open_storage
+from service.core.store import Outcome
+from service.core.validation import check_line, iter_lines
+from service.core.webhooks import WebhookSender
+from service.core.wire import TERMINAL_STATUSES
 
 log = structlog.get_logger("sluice.finalizer")
 

@@ -24,12 +24,11 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from service import keys
-from service.config import Provider
-from service.connections import REDIS_DOWN, Script
-from service.store import Redis
+from service.core import keys
+from service.core.config import RAMP_S, Provider
+from service.core.connections import REDIS_DOWN, Script
+from service.core.store import Redis
 
-RAMP_S = 5.0
 RAMP_START = 0.1  # fraction of the concurrency cap allowed right after a pause
 SAFETY = 0.95
 BURST_S = 0.25

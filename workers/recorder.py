@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from service import store
-from service.connections import REDIS_DOWN, Outage
+from service.core import store
+from service.core.connections import REDIS_DOWN, Outage
 
 
 class Recorder:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 import msgspec
 import structlog
 
-from service.config import Provider, Settings
-from service.heartbeat import Tally
-from service.results import error_line, json_body, response_line
-from service.store import Outcome
+from service.core.config import Provider, Settings
+from service.core.heartbeat import Tally
+from service.core.results import error_line, json_body, response_line
+from service.core.store import Outcome
 
 from .limits import Limiter
 

@@ -25,14 +25,14 @@ import aiohttp
 import structlog
 from redis.exceptions import ResponseError
 
-from service import keys, store
-from service.config import Settings
-from service.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
-from service.crypto import unseal
-from service.heartbeat import Heartbeat, Tally
-from service.lifecycle import process_name, run_until_signal, sleep_unless_stopped
-from service.results import abort_line, error_line
-from service.store import Outcome
+from service.core import keys, store
+from service.core.config import Settings
+from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
+from service.core.crypto import unseal
+from service.core.heartbeat import Heartbeat, Tally
+from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.results import abort_line, error_line
+from service.core.store import Outcome
 
 from .limits import Limiter
 from .recorder import Recorder

@@ -379,7 +379,7 @@ def test_deploy_files_name_only_variables_sluice_reads():
 def test_deploy_defaults_are_valid_settings():
     from honcho.environ import parse
 
-    from service.config import Settings
+    from service.core.config import Settings
 
     example = parse((DEPLOY / "sluice.env.example").read_text())
     assert not any(v.startswith((" ", "\t")) or " #" in v for v in example.values()), example

@@ -322,7 +322,7 @@ BYOK_SECRET = "server-secret-for-byok-tests-1f0c"
 
 
 def _byok_field(stack, batch_id: str):
-    from service import keys
+    from service.core import keys
 
     r = stack.redis.client()
     try:

@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from service import keys
-from service.storage import S3Storage
+from service.core import keys
+from service.core.storage import S3Storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

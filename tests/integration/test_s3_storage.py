@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from service.config import ConfigError, S3Location, Settings
-from service.storage import MiB, LocalStorage, S3Storage, open_storage
+from service.core.config import ConfigError, S3Location, Settings
+from service.core.storage import LocalStorage, MiB, S3Storage, open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -17,9 +17,17 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from conftest import (
-    MockSpec, ProcessDied, ProcessRunner, RedisServer, Stack, _base_env, _sluice_cmd, free_port, start_mock, wait_until,
+    MockSpec,
+    ProcessDied,
+    ProcessRunner,
+    RedisServer,
+    Stack,
+    _base_env,
+    _sluice_cmd,
+    free_port,
+    start_mock,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -195,8 +203,8 @@ def test_tokens_command_over_rediss(tls):
 
 
 def _ping(url: str) -> bool:
-    from service.config import Settings
-    from service.connections import connect
+    from service.core.config import Settings
+    from service.core.connections import connect
 
     async def go() -> bool:
         r = connect(Settings(redis_url=url), max_connections=1)

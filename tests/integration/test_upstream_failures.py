@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from service import keys
+from service.core import keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

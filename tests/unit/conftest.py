@@ -24,9 +24,9 @@ import pytest
 from aiohttp import FormData
 from yarl import URL
 
-from service.config import Provider, Settings
-from service.storage import CHUNK, LocalStorage
-from service.web import create_app
+from service.core.config import Provider, Settings
+from service.core.storage import CHUNK, LocalStorage
+from service.web.app import create_app
 
 TOKEN_A = "tok-a"
 TOKEN_B = "tok-b"

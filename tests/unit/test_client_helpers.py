@@ -1,4 +1,4 @@
-"""Pure helpers of the command-line client (service/client.py): no server involved."""
+"""Pure helpers of the command-line client (service/cli/http.py, display.py, commands.py): no server involved."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from service import client
-from service.cli import build_parser
+from service.cli import commands, display, http
+from service.cli.main import build_parser
 
 
 @pytest.mark.parametrize("raw, url", [
@@ -19,61 +19,61 @@ from service.cli import build_parser
     ("localhost:8000", "http://localhost:8000"),
 ])
 def test_normalize_url(raw, url):
-    assert client.normalize_url(raw) == url
+    assert http.normalize_url(raw) == url
 
 
 def test_target_from_flags_then_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SLUICE_URL", "http://env:1/v1")
     monkeypatch.setenv("SLUICE_TOKEN", "env-tok")
     ns = argparse.Namespace()
-    assert client.resolve_target(ns) == client.Target("http://env:1", "env-tok")
+    assert http.resolve_target(ns) == http.Target("http://env:1", "env-tok")
     ns = argparse.Namespace(url="http://flag:2", token="flag-tok")
-    assert client.resolve_target(ns) == client.Target("http://flag:2", "flag-tok")
+    assert http.resolve_target(ns) == http.Target("http://flag:2", "flag-tok")
     monkeypatch.delenv("SLUICE_URL")
     monkeypatch.delenv("SLUICE_TOKEN")
     monkeypatch.setenv("SLUICE_DATA_DIR", str(tmp_path))
-    with pytest.raises(client.ClientError) as e:
-        client.resolve_target(argparse.Namespace())
+    with pytest.raises(http.ClientError) as e:
+        http.resolve_target(argparse.Namespace())
     assert e.value.code == 2 and "SLUICE_TOKEN" in e.value.message
     (tmp_path / "dev-token").write_text("sk-sluice-dev-x\n")
-    assert client.resolve_target(argparse.Namespace()) == client.Target(client.DEFAULT_URL, "sk-sluice-dev-x")
+    assert http.resolve_target(argparse.Namespace()) == http.Target(http.DEFAULT_URL, "sk-sluice-dev-x")
 
 
 def test_check_jsonl(tmp_path):
     good = tmp_path / "g.jsonl"
     good.write_bytes(b'\xef\xbb\xbf\n{"custom_id": "a", "url": "/v1/embeddings"}\r\n{"b": 1}\n')
-    assert client.check_jsonl(good) == "/v1/embeddings"
+    assert commands.check_jsonl(good) == "/v1/embeddings"
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"a": 1}\n{"a": 2}\nnot json at all\n')
-    with pytest.raises(client.ClientError) as e:
-        client.check_jsonl(bad)
+    with pytest.raises(http.ClientError) as e:
+        commands.check_jsonl(bad)
     assert "line 3 is not valid JSON" in e.value.message and "3: not json at all" in e.value.message
-    with pytest.raises(client.ClientError) as e:
-        client.check_jsonl(tmp_path / "missing")
+    with pytest.raises(http.ClientError) as e:
+        commands.check_jsonl(tmp_path / "missing")
     assert e.value.code == 2
 
 
 def test_read_lines_counts_physical_lines(tmp_path):
     f = tmp_path / "f.jsonl"
     f.write_text("one\n\nthree\n" + "x" * 1000 + "\n")
-    got = client.read_lines(f, {1, 3, 4})
+    got = commands.read_lines(f, {1, 3, 4})
     assert got[1] == "one" and got[3] == "three"
-    assert got[4].startswith("x" * client.LINE_PREVIEW) and got[4].endswith("chars)")
+    assert got[4].startswith("x" * commands.LINE_PREVIEW) and got[4].endswith("chars)")
 
 
 def test_rate_and_progress_text():
-    rate = client.Rate(window=10)
+    rate = display.Rate(window=10)
     assert rate.add(0.0, 0) is None
     assert rate.add(2.0, 20) == pytest.approx(10.0)
     batch = {"id": "batch_1", "status": "in_progress", "request_counts": {"total": 100, "completed": 18, "failed": 2}}
-    assert client.progress_text(batch, 10.0) == (
+    assert display.progress_text(batch, 10.0) == (
         "batch_1 in_progress: 20/100 (20%), 18 completed, 2 failed, 10.0 req/s, ETA 0:08")
-    assert client.progress_text({"id": "b", "status": "validating", "request_counts": {}}, None) == "b validating"
+    assert display.progress_text({"id": "b", "status": "validating", "request_counts": {}}, None) == "b validating"
 
 
 def test_upload_progress_plain_lines():
     out = io.StringIO()
-    p = client.Progress("uploading f", 3_000_000, out, interval=0)
+    p = display.Progress("uploading f", 3_000_000, out, interval=0)
     p.advance(1_000_000)
     p.advance(2_000_000)
     p.finish()
@@ -91,7 +91,7 @@ def test_print_batch_errors_with_local_lines(tmp_path):
         {"code": "too_many_tasks", "message": "Too many.", "param": None, "line": None},
     ]}}
     out = io.StringIO()
-    client.print_batch_errors(batch, f, out)
+    commands.print_batch_errors(batch, f, out)
     assert out.getvalue().splitlines() == [
         f"2 invalid lines in {f} (nothing was sent upstream):",
         "  line 2: missing_required_parameter [method]: Missing required parameter: 'method'.",

@@ -19,7 +19,7 @@ async def test_page_and_assets_need_no_token(api):
 
 async def test_unknown_dashboard_paths_are_not_public(api):
     # Only the known assets are public: anything else under /dashboard/ wants a token, then is a 404.
-    (await api.request("GET", "/dashboard/../service/api.py", token=NO_AUTH)).error(401, code="invalid_api_key")
+    (await api.request("GET", "/dashboard/../service/web/api.py", token=NO_AUTH)).error(401, code="invalid_api_key")
     (await api.request("GET", "/dashboard/secret.txt", token=NO_AUTH)).error(401, code="invalid_api_key")
     (await api.request("GET", "/dashboard/secret.txt")).error(404, code="unknown_url")
 

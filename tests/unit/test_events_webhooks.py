@@ -16,10 +16,16 @@ import time
 import pytest
 from aiohttp import web
 
-from service import events, keys, store
-from service.api import REDIS
-from service.config import ConfigError, Settings, derive_webhook_secret, webhook_secret
-from service.webhooks import HEADER, WebhookSender, sign
+from service.core import keys, store
+from service.core.config import (
+    ConfigError,
+    Settings,
+    derive_webhook_secret,
+    webhook_secret,
+)
+from service.core.webhooks import HEADER, WebhookSender, sign
+from service.web import appkeys, events
+from service.web.appkeys import REDIS
 
 from .conftest import NO_AUTH, TOKEN_B, poll
 
@@ -143,7 +149,7 @@ async def test_events_keepalive_and_shutdown(api, monkeypatch):
         assert (await sse.next())[0] == "batch"
         await poll(lambda: asyncio.sleep(0, "ping" in sse.comments), message="a keep-alive comment")
         # A stopping web process ends its streams at once.
-        api.client.app[events.STOP].set()
+        api.client.app[appkeys.EVENTS_STOP].set()
         assert await sse.next() is None
 
 

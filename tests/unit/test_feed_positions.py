@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import MB, MIN_WINDOW_LINES, Settings
-from service.storage import LocalStorage
-from service.validation import iter_lines
+from service.core.config import MB, MIN_WINDOW_LINES, Settings
+from service.core.storage import LocalStorage
+from service.core.validation import iter_lines
 
 CONTENT = b"\xef\xbb\xbf" + b'{"a": 1}\r\n\n  \n{"b": 2}\n' + b'{"c": ' + b"3" * 70_000 + b"}\n" + b'{"d": 4}'
 

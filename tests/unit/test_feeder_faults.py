@@ -12,9 +12,10 @@ import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import feeder, keys
-from service.config import Settings
-from service.storage import LocalStorage
+from service.core import keys
+from service.core.config import Settings
+from service.core.storage import LocalStorage
+from service.web import feeder
 
 CHAT = "/v1/chat/completions"
 

@@ -34,10 +34,20 @@ from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from service.config import Settings
-from service.web import create_app
+from service.core.config import Settings
+from service.web.app import create_app
 
-from .conftest import BATCH_FIELDS, CHAT, DEFAULT_SETTINGS, FILE_FIELDS, MODEL, Api, GatedStorage, Response, line
+from .conftest import (
+    BATCH_FIELDS,
+    CHAT,
+    DEFAULT_SETTINGS,
+    FILE_FIELDS,
+    MODEL,
+    Api,
+    GatedStorage,
+    Response,
+    line,
+)
 
 # --------------------------------------------------------------------------------------------
 # Limits and bounds
@@ -84,7 +94,7 @@ def _routing_defaults() -> dict[str, Any]:
     """
     if "providers" not in {f.name for f in dataclasses.fields(Settings)} or "providers" in DEFAULT_SETTINGS:
         return {}
-    from service.config import Provider  # only where the settings have providers
+    from service.core.config import Provider  # only where the settings have providers
 
     return {"providers": (Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)),)}
 

@@ -15,8 +15,8 @@ import logging
 import pytest
 import structlog
 
-from service.config import Provider, Settings
-from service.log import REDACTED, Redactor, configure_logging, settings_secrets
+from service.core.config import Provider, Settings
+from service.core.log import REDACTED, Redactor, configure_logging, settings_secrets
 
 API_TOKEN = "tok-unit-3c9d1e"
 MANAGED_TOKEN = "sk-sluice-Zm9vYmFyYmF6cXV4cXV1eA"
@@ -216,7 +216,7 @@ def test_every_process_configures_logging_with_its_secrets(capsys):
     """``run_until_signal`` (web, worker, finalizer) hands the settings' secrets to the redactor."""
     import asyncio
 
-    from service.lifecycle import run_until_signal
+    from service.core.lifecycle import run_until_signal
 
     class Component:
         def __init__(self) -> None:

@@ -13,11 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from service import keys, metrics, status
-from service.config import Provider, Settings
-from service.heartbeat import Heartbeat, Tally
-from service.storage import LocalStorage
-from service.web import create_app
+from service.cli import status
+from service.core import cluster, keys
+from service.core.config import Provider, Settings
+from service.core.heartbeat import Heartbeat, Tally
+from service.core.storage import LocalStorage
+from service.web import metrics
+from service.web.app import create_app
 
 PROVIDERS = (Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
              Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)))
@@ -67,7 +69,7 @@ async def test_tally_folds_into_cluster_counters(redis):
     for key in (keys.PROCESSES, keys.process("w-a"), keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY):
         assert await redis.ttl(key) > 0, f"{key} must expire unless heartbeats keep it"
 
-    snap = await metrics.snapshot(redis, _settings())
+    snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
     assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 5
     assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 1
@@ -95,7 +97,7 @@ async def test_tally_folds_into_cluster_counters(redis):
     a.line("completed")
     await beat_a.close()
     await redis.zadd(keys.PROCESSES, {"w-b": (await redis.time())[0] - 60})
-    snap = await metrics.snapshot(redis, _settings())
+    snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
     assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 6
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 0
@@ -132,7 +134,7 @@ async def test_batch_provider_and_finalizer_gauges(redis):
     await redis.set(keys.provider_pause("default"), now_ms + 30_000)
     await redis.zadd(keys.provider_inflight("limited"), {"h1": now_ms + 60_000, "h2": now_ms + 60_000})
 
-    snap = await metrics.snapshot(redis, _settings())
+    snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
     assert _value(fams["sluice_batch_lines_waiting"], "sluice_batch_lines_waiting", batch_id="batch_a") == 6
     assert _value(fams["sluice_batch_lines_waiting"], "sluice_batch_lines_waiting", batch_id="batch_b") == 5

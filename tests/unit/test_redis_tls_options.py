@@ -6,8 +6,8 @@ import ssl
 
 import pytest
 
-from service.config import Settings
-from service.connections import connect, tls_options
+from service.core.config import Settings
+from service.core.connections import connect, tls_options
 
 
 @pytest.mark.parametrize("url, expected", [

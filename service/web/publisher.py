@@ -16,14 +16,19 @@ import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
-from . import keys, store
-from .config import Settings
-from .connections import REDIS_DOWN, Outage, Script
-from .storage import Storage
-from .validation import (
-    check_line, duplicate_error, empty_error, iter_lines, model_error, too_many_error,
+from service.core import keys, store
+from service.core.config import Settings
+from service.core.connections import REDIS_DOWN, Outage, Script
+from service.core.storage import Storage
+from service.core.validation import (
+    check_line,
+    duplicate_error,
+    empty_error,
+    iter_lines,
+    model_error,
+    too_many_error,
 )
-from .wire import TERMINAL_STATUSES, BatchError
+from service.core.wire import TERMINAL_STATUSES, BatchError
 
 log = structlog.get_logger("sluice.publisher")
 

@@ -10,25 +10,26 @@ from typing import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from . import api, dashboard, events, metrics, store
-from .config import Settings
-from .connections import REDIS_DOWN, Outage, connect
-from .errors import APIError
+from service.core import store
+from service.core.config import Settings
+from service.core.connections import REDIS_DOWN, Outage, connect
+from service.core.errors import APIError
+from service.core.lifecycle import process_name, run_until_signal
+from service.core.storage import Storage, open_storage
+from service.core.tokens import TokenAuth
+
+from . import api, appkeys, dashboard, events, metrics
 from .feeder import Feeder
-from .lifecycle import process_name, run_until_signal
 from .publisher import Publisher
-from .storage import Storage, open_storage
-from .tokens import TokenAuth
 
 log = structlog.get_logger("sluice.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# /metrics takes no API token; SLUICE_METRICS_TOKEN, when set, guards it (service/metrics.py).
+# /metrics takes no API token; SLUICE_METRICS_TOKEN, when set, guards it (service/web/metrics.py).
 # The dashboard's static page holds no data: it asks for a token and calls the API with it.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *dashboard.PUBLIC_PATHS})
 # How long /readyz waits for Redis and for the storage probe.
 READY_TIMEOUT_S = 3.0
-OUTAGE = web.AppKey("outage", Outage)
 
 
 class InFlight:
@@ -51,9 +52,6 @@ class InFlight:
                 self.idle.set()
 
 
-IN_FLIGHT = web.AppKey("in_flight", InFlight)
-
-
 def _error(e: APIError) -> web.Response:
     return web.Response(body=e.body(), status=e.status, content_type="application/json", headers=e.headers)
 
@@ -63,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure becomes an OpenAI-style error body; nothing leaks as a bare 500 page."""
     try:
         response = await handler(request)
-        request.app[OUTAGE].ok()
+        request.app[appkeys.OUTAGE].ok()
         return response
     except APIError as e:
         return _error(e)
@@ -86,7 +84,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:
         raise
     except REDIS_DOWN as e:
-        request.app[OUTAGE].failed(e)
+        request.app[appkeys.OUTAGE].failed(e)
         return _error(APIError(503, "The service is temporarily unavailable; please retry.", type="server_error",
                                code="service_unavailable", headers={"Retry-After": "1"}))
     except Exception:
@@ -109,7 +107,7 @@ def auth_middleware(auth: TokenAuth) -> Callable:
         resolved = await auth.resolve(token.strip())
         if resolved is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        request[api.OWNER], request[api.QUOTAS] = resolved
+        request[appkeys.OWNER], request[appkeys.QUOTAS] = resolved
         return await handler(request)
 
     return middleware
@@ -137,8 +135,8 @@ async def _probe_storage(storage: Storage) -> None:
 async def readyz(request: web.Request) -> web.Response:
     """Redis answers and storage takes writes: the process can serve requests."""
     checks: dict[str, str] = {}
-    for name, probe in (("redis", lambda: request.app[api.REDIS].ping()),
-                        ("storage", lambda: _probe_storage(request.app[api.STORAGE]))):
+    for name, probe in (("redis", lambda: request.app[appkeys.REDIS].ping()),
+                        ("storage", lambda: _probe_storage(request.app[appkeys.STORAGE]))):
         try:
             await asyncio.wait_for(probe(), timeout=READY_TIMEOUT_S)
             checks[name] = "ok"
@@ -152,8 +150,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus metrics of the whole cluster (service/metrics.py)."""
-    return await metrics.handler(request, request.app[api.REDIS], request.app[api.SETTINGS])
+    """Prometheus metrics of the whole cluster (service/web/metrics.py)."""
+    return await metrics.handler(request, request.app[appkeys.REDIS], request.app[appkeys.SETTINGS])
 
 
 def create_app(settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None) -> web.Application:
@@ -166,29 +164,29 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
         # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
         handler_args={"max_line_size": 65536},
     )
-    app[IN_FLIGHT] = in_flight
-    app[api.SETTINGS] = settings
-    app[OUTAGE] = Outage(log)
-    app[api.STORAGE] = storage if storage is not None else open_storage(settings)
-    app[api.REDIS] = r
-    feeder = Feeder(app[api.REDIS], app[api.STORAGE], settings, process_name())
-    app[api.PUBLISHER] = Publisher(app[api.REDIS], app[api.STORAGE], settings, feeder.wake)
+    app[appkeys.IN_FLIGHT] = in_flight
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.OUTAGE] = Outage(log)
+    app[appkeys.STORAGE] = storage if storage is not None else open_storage(settings)
+    app[appkeys.REDIS] = r
+    feeder = Feeder(app[appkeys.REDIS], app[appkeys.STORAGE], settings, process_name())
+    app[appkeys.PUBLISHER] = Publisher(app[appkeys.REDIS], app[appkeys.STORAGE], settings, feeder.wake)
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(app[api.PUBLISHER].run(stop), name="publisher"),
+        tasks = [asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
                  asyncio.create_task(feeder.run(stop), name="feeder")]
         yield
         stop.set()
-        app[api.PUBLISHER].wake.set()
+        app[appkeys.PUBLISHER].wake.set()
         feeder.wake.set()
         # The feeder gives its leases up on the way out; the publisher's claim simply expires.
         tasks[0].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if redis is None:
-            await app[api.REDIS].aclose()
+            await app[appkeys.REDIS].aclose()
         if storage is None:
-            await app[api.STORAGE].aclose()
+            await app[appkeys.STORAGE].aclose()
 
     app.cleanup_ctx.append(background)
     app.router.add_get("/healthz", healthz)
@@ -220,12 +218,12 @@ class WebServer:
         # Stop listening first and let requests under way (uploads still streaming in) finish:
         # aiohttp's own shutdown stops reading request bodies at once.
         await site.stop()
-        app[events.STOP].set()  # event streams end now: they would hold the shutdown for the whole grace
-        log.info("web_stopping", in_flight=app[IN_FLIGHT].count, grace_s=grace)
+        app[appkeys.EVENTS_STOP].set()  # event streams end now: they would hold the shutdown for the whole grace
+        log.info("web_stopping", in_flight=app[appkeys.IN_FLIGHT].count, grace_s=grace)
         try:
-            await asyncio.wait_for(app[IN_FLIGHT].idle.wait(), timeout=grace)
+            await asyncio.wait_for(app[appkeys.IN_FLIGHT].idle.wait(), timeout=grace)
         except asyncio.TimeoutError:
-            log.warning("web_requests_cut", in_flight=app[IN_FLIGHT].count)
+            log.warning("web_requests_cut", in_flight=app[appkeys.IN_FLIGHT].count)
         await runner.cleanup()
         log.info("web_stopped")
 

@@ -1,4 +1,4 @@
-"""The command-line client: ``sluice submit``, ``sluice batches ...`` and ``sluice files ...``.
+"""The API client's commands: ``sluice submit``, ``sluice batches ...`` and ``sluice files ...``.
 
 An HTTP client of Sluice's public API only (aiohttp), for people and scripts: human-readable
 output by default, the API objects with ``--json``. Progress and messages go to stderr, results
@@ -18,307 +18,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
-import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 
-from .textfmt import text_table
-from .wire import BATCH_ENDPOINTS, TERMINAL_STATUSES, UPLOAD_PURPOSES
+from service.core.wire import BATCH_ENDPOINTS, TERMINAL_STATUSES, UPLOAD_PURPOSES
 
-DEFAULT_URL = "http://localhost:8000"
+from .display import (
+    Progress,
+    Rate,
+    human_bytes,
+    human_duration,
+    human_time,
+    print_fields,
+    print_json,
+    progress_text,
+    text_table,
+)
+from .http import (
+    CONNECTION_GRACE_S,
+    DEFAULT_URL,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    APIStatusError,
+    Client,
+    ClientError,
+    Target,
+    resolve_target,
+)
+
 DEFAULT_ENDPOINT = "/v1/chat/completions"
-UPLOAD_CHUNK = 1024 * 1024
 BIG_FILE_BYTES = 1024 * 1024  # uploads at least this big get a progress display
 CHECK_LINES = 5  # lines parsed locally before an upload
 MAX_CHECK_LINE_BYTES = 32 * 1024 * 1024
 SHOWN_ERRORS = 20
 LINE_PREVIEW = 160
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-CONNECTION_GRACE_S = 60.0  # how long --wait rides out an unreachable server
-
-
-class ClientError(Exception):
-    """A mistake or failure to report in one message, with the exit code it ends with."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class APIStatusError(ClientError):
-    """Sluice answered with an error status."""
-
-    def __init__(self, message: str, status: int, body: dict[str, Any] | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body or {}
-
-
-# ----------------------------------------------------------------------------- connection settings
-@dataclass(frozen=True)
-class Target:
-    url: str  # the web root, without /v1
-    token: str
-
-    @property
-    def api(self) -> str:
-        return self.url + "/v1"
-
-
-def normalize_url(raw: str) -> str:
-    """The web root of a Sluice URL given with or without ``/v1`` (and a scheme)."""
-    url = raw.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    url = url.removesuffix("/v1")
-    return url
-
-
-def _dev_token() -> str | None:
-    path = Path(os.environ.get("SLUICE_DATA_DIR", "").strip() or "./var/data") / "dev-token"
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def resolve_target(args: argparse.Namespace) -> Target:
-    """URL and token from the flags, else the environment, else the local development defaults."""
-    url = getattr(args, "url", None) or os.environ.get("SLUICE_URL", "").strip() or DEFAULT_URL
-    token = getattr(args, "token", None) or os.environ.get("SLUICE_TOKEN", "").strip() or _dev_token()
-    if not token:
-        raise ClientError("no token: pass --token TOKEN or set SLUICE_TOKEN (the token `sluice up` printed, "
-                          "or one of SLUICE_API_TOKENS)", EXIT_USAGE)
-    return Target(normalize_url(url), token)
-
-
-# ----------------------------------------------------------------------------- HTTP
-class Client:
-    """The few calls of the Files and Batches APIs the commands need."""
-
-    def __init__(self, target: Target, *, timeout: float = 60.0) -> None:
-        self.target = target
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Client:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout,
-            headers={"Authorization": f"Bearer {self.target.token}", "User-Agent": "sluice-cli"},
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._session is not None
-        await self._session.close()
-
-    def _unreachable(self, exc: BaseException) -> ClientError:
-        reason = str(exc) or type(exc).__name__
-        return ClientError(f"cannot reach Sluice at {self.target.url}: {reason}\n"
-                           "Check --url or SLUICE_URL (is `sluice web` or `sluice up` running there?)")
-
-    async def _error_from(self, resp: aiohttp.ClientResponse) -> APIStatusError:
-        raw = await resp.read()
-        body: dict[str, Any] | None = None
-        try:
-            parsed = json.loads(raw)
-            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-                body = parsed["error"]
-        except ValueError:
-            pass
-        if body is None:
-            return APIStatusError(
-                f"{self.target.url} did not answer like Sluice (HTTP {resp.status} for {resp.method} {resp.url.path}, "
-                f"{resp.content_type or 'no content type'}); check --url or SLUICE_URL",
-                resp.status, None,
-            )
-        message = str(body.get("message") or "")
-        if resp.status == 401:
-            return APIStatusError(f"the token was refused by Sluice at {self.target.url} ({message.rstrip('.')}); "
-                                  "check --token or SLUICE_TOKEN", 401, body)
-        details = ", ".join(f"{k} {body[k]}" for k in ("code", "param") if body.get(k))
-        return APIStatusError(f"{message}" + (f" ({details})" if details else "") + f" [HTTP {resp.status}]",
-                              resp.status, body)
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One API call; the decoded JSON answer, or a ClientError saying what went wrong."""
-        assert self._session is not None
-        try:
-            async with self._session.request(method, self.target.api + path, **kwargs) as resp:
-                if resp.status >= 400:
-                    raise await self._error_from(resp)
-                raw = await resp.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise ClientError(f"{self.target.url} did not answer like Sluice (not JSON from "
-                                      f"{method} {resp.url.path}); check --url or SLUICE_URL") from None
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.InvalidURL, OSError) as exc:
-            raise self._unreachable(exc) from None
-
-    async def upload(self, path: Path, purpose: str, progress: Progress | None) -> dict[str, Any]:
-        """POST /files as multipart/form-data, streaming the file (and counting what was sent)."""
-        boundary = f"sluice-{uuid.uuid4().hex}"
-        name = path.name.replace('"', "'").replace("\r", "").replace("\n", "")
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-                f"Content-Type: application/jsonl\r\n\r\n").encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-        size = path.stat().st_size
-
-        async def body() -> AsyncIterator[bytes]:
-            yield head
-            with open(path, "rb") as f:
-                while chunk := f.read(UPLOAD_CHUNK):
-                    yield chunk
-                    if progress is not None:
-                        progress.advance(len(chunk))
-            yield tail
-
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
-                   "Content-Length": str(len(head) + size + len(tail))}
-        return await self.request("POST", "/files", data=body(), headers=headers)
-
-    async def download(self, file_id: str, dest: Path | None) -> int:
-        """GET /files/{id}/content into ``dest`` (written whole, then renamed) or stdout; the bytes."""
-        assert self._session is not None
-        written = 0
-        try:
-            async with self._session.get(f"{self.target.api}/files/{file_id}/content") as resp:
-                if resp.status >= 400:
-                    raise await self._error_from(resp)
-                if dest is None:
-                    out = sys.stdout.buffer
-                    async for chunk in resp.content.iter_chunked(UPLOAD_CHUNK):
-                        out.write(chunk)
-                        written += len(chunk)
-                    out.flush()
-                    return written
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                part = dest.with_name(dest.name + ".part")
-                try:
-                    with open(part, "wb") as f:
-                        async for chunk in resp.content.iter_chunked(UPLOAD_CHUNK):
-                            f.write(chunk)
-                            written += len(chunk)
-                    os.replace(part, dest)
-                finally:
-                    part.unlink(missing_ok=True)
-                return written
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.InvalidURL) as exc:
-            raise self._unreachable(exc) from None
-
-
-# ----------------------------------------------------------------------------- display helpers
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = round(max(0.0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def human_time(ts: int | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def print_fields(rows: list[tuple[str, Any]], out: TextIO) -> None:
-    """``name: value`` lines, the values aligned; a missing value shows as ``-``."""
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k + ':':<{width + 1}} {v if v is not None else '-'}", file=out)
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-class Progress:
-    """Upload progress on stderr: a bar redrawn in place on a terminal, a plain line now and then elsewhere."""
-
-    def __init__(self, label: str, total: int, stream: TextIO, *, interval: float | None = None) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.tty = stream.isatty()
-        self.interval = interval if interval is not None else (0.1 if self.tty else 2.0)
-        self.done = 0
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= self.interval or self.done >= self.total:
-            self._last = now
-            self._render(now)
-
-    def _render(self, now: float) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        rate = self.done / max(now - self.started, 1e-6)
-        text = f"{human_bytes(self.done)} of {human_bytes(self.total)}, {human_bytes(rate)}/s"
-        if self.tty:
-            width = 30
-            fill = int(frac * width)
-            self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac:4.0%} {text}\x1b[K")
-        else:
-            self.stream.write(f"{self.label}: {frac:.0%} ({text})\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class Rate:
-    """Requests finished per second over the last ``window`` seconds."""
-
-    def __init__(self, window: float = 30.0) -> None:
-        self.window = window
-        self.samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, finished: int) -> float | None:
-        self.samples.append((now, finished))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
-            self.samples.popleft()
-        t0, n0 = self.samples[0]
-        if now - t0 < 0.5 or finished < n0:
-            return None
-        return (finished - n0) / (now - t0)
-
-
-def progress_text(batch: dict[str, Any], rate: float | None) -> str:
-    counts = batch.get("request_counts") or {}
-    total, completed, failed = counts.get("total", 0), counts.get("completed", 0), counts.get("failed", 0)
-    text = f"{batch['id']} {batch['status']}"
-    if total:
-        done = completed + failed
-        text += f": {done}/{total} ({done / total:.0%}), {completed} completed, {failed} failed"
-        if rate is not None and batch["status"] == "in_progress":
-            text += f", {rate:.1f} req/s"
-            if rate > 0 and done < total:
-                text += f", ETA {human_duration((total - done) / rate)}"
-    return text
-
-
 # ----------------------------------------------------------------------------- local checks
 def check_jsonl(path: Path) -> str | None:
     """The first request line's ``url``; a ClientError when the file does not look like JSONL."""

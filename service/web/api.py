@@ -10,24 +10,24 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import keys, store, webhooks
-from .config import Quotas, Settings
-from .crypto import seal
-from .errors import APIError, bad_request, not_found
-from .publisher import Publisher
-from .storage import CHUNK, Storage
-from .validation import BOM, MAX_LINE_BYTES
-from .wire import (
-    BATCH_ENDPOINTS, FILE_PURPOSES, JSON_ERRORS, TERMINAL_STATUSES, UPLOAD_PURPOSES, FileDeleted, FileObject, Page,
+from service.core import keys, store, webhooks
+from service.core.config import Quotas, Settings
+from service.core.crypto import seal
+from service.core.errors import APIError, bad_request, not_found
+from service.core.storage import CHUNK, Storage
+from service.core.validation import BOM, MAX_LINE_BYTES
+from service.core.wire import (
+    BATCH_ENDPOINTS,
+    FILE_PURPOSES,
+    JSON_ERRORS,
+    UPLOAD_PURPOSES,
+    FileDeleted,
+    FileObject,
+    Page,
     json_encoder,
 )
 
-SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", store.Redis)
-STORAGE = web.AppKey("storage", Storage)
-PUBLISHER = web.AppKey("publisher", Publisher)
-OWNER = web.RequestKey("owner", str)
-QUOTAS = web.RequestKey("quotas", Quotas)
+from . import appkeys
 
 BATCH_FILE_TTL_S = 30 * 24 * 3600
 MAX_FORM_FIELD_BYTES = 4096
@@ -150,7 +150,7 @@ def _part_name(part: BodyPartReader) -> str | None:
 
 async def upload_file(request: web.Request) -> web.Response:
     """POST /files: a multipart upload streamed into storage."""
-    settings, r, storage = request.app[SETTINGS], request.app[REDIS], request.app[STORAGE]
+    settings, r, storage = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS], request.app[appkeys.STORAGE]
     if not request.content_type.startswith("multipart/form-data"):
         raise bad_request("Uploads must be sent as multipart/form-data with 'file' and 'purpose' fields.")
     fields: dict[str, str] = {}
@@ -166,7 +166,7 @@ async def upload_file(request: web.Request) -> web.Response:
                     if stored is not None:
                         raise bad_request("Only one 'file' may be uploaded per request.", param="file")
                     stored = await _store_upload(r, storage, settings, part, fields.get("purpose"),
-                                                 request[OWNER], request[QUOTAS])
+                                                 request[appkeys.OWNER], request[appkeys.QUOTAS])
                 elif name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
                     fields[name] = await _read_field(part)
                 else:
@@ -175,7 +175,7 @@ async def upload_file(request: web.Request) -> web.Response:
         except (ValueError, AssertionError, HttpProcessingError) as e:
             # aiohttp signals malformed multipart bodies (and part headers) with these.
             raise bad_request(f"Malformed multipart body: {e}") from None
-        return json_response(await _finish_upload(r, settings, request[OWNER], request[QUOTAS], fields, stored))
+        return json_response(await _finish_upload(r, settings, request[appkeys.OWNER], request[appkeys.QUOTAS], fields, stored))
     except BaseException:
         if stored is not None:
             await storage.delete(stored[0])
@@ -278,8 +278,8 @@ def _expires_after_seconds(anchor: Any, seconds: Any, param: str) -> int:
 
 async def list_files(request: web.Request) -> web.Response:
     """GET /files: the token's files, newest first unless order=asc."""
-    r = request.app[REDIS]
-    owner = request[OWNER]
+    r = request.app[appkeys.REDIS]
+    owner = request[appkeys.OWNER]
     purpose = request.query.get("purpose") or None
     if purpose is not None and purpose not in FILE_PURPOSES:
         raise bad_request(f"Invalid value for 'purpose': '{purpose[:64]}'.", param="purpose", code="invalid_value")
@@ -295,7 +295,7 @@ async def list_files(request: web.Request) -> web.Response:
 
 async def _owned_file(request: web.Request) -> dict[str, str]:
     file_id = request.match_info["file_id"]
-    h = await store.get_file_record(request.app[REDIS], request[OWNER], file_id)
+    h = await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id)
     if h is None:
         raise not_found("File", file_id, param="file_id")
     return h
@@ -309,15 +309,15 @@ async def retrieve_file(request: web.Request) -> web.Response:
 async def delete_file(request: web.Request) -> web.Response:
     """DELETE /files/{file_id}: the content stays while an unfinished batch still reads it."""
     h = await _owned_file(request)
-    if await store.delete_file_record(request.app[REDIS], h):
-        await request.app[STORAGE].delete(h["storage_key"])
+    if await store.delete_file_record(request.app[appkeys.REDIS], h):
+        await request.app[appkeys.STORAGE].delete(h["storage_key"])
     return json_response(FileDeleted(id=h["id"]))
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
     """GET /files/{file_id}/content: the raw bytes, streamed from storage."""
     h = await _owned_file(request)
-    chunks = request.app[STORAGE].read(h["storage_key"])
+    chunks = request.app[appkeys.STORAGE].read(h["storage_key"])
     try:
         try:
             first = await anext(chunks, b"")
@@ -399,8 +399,8 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 async def create_batch(request: web.Request) -> web.Response:
     """POST /batches: validate the parameters, record the batch and queue it for validation."""
-    settings, r = request.app[SETTINGS], request.app[REDIS]
-    owner = request[OWNER]
+    settings, r = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS]
+    owner = request[appkeys.OWNER]
     body = await read_json_object(request)
     for name in body:
         if name not in BATCH_CREATE_FIELDS:
@@ -431,7 +431,7 @@ async def create_batch(request: web.Request) -> web.Response:
     if file["purpose"] != "batch":
         raise bad_request(f"File {input_file_id} has purpose '{file['purpose']}'; batch input files must have "
                           "purpose 'batch'.", param="input_file_id", code="invalid_value")
-    quotas = request[QUOTAS]
+    quotas = request[appkeys.QUOTAS]
     lines = int(file.get("lines") or 0)
     over = await store.reserve(r, owner, active_batches=(1, quotas.max_active_batches),
                                enqueued_lines=(lines, quotas.max_enqueued_lines))
@@ -449,7 +449,7 @@ async def create_batch(request: web.Request) -> web.Response:
         metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
         reserved_lines=lines, webhook_url=webhook_url,
     )
-    request.app[PUBLISHER].wake.set()
+    request.app[appkeys.PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))
 
 
@@ -474,9 +474,9 @@ def _provider_choice(request: web.Request, settings: Settings) -> tuple[str, str
     return name, seal(settings.secret_key, key) if key else ""
 
 
-async def _owned_batch(request: web.Request) -> dict[str, str]:
+async def owned_batch(request: web.Request) -> dict[str, str]:
     batch_id = request.match_info["batch_id"]
-    h = await store.get_owned_batch(request.app[REDIS], request[OWNER], batch_id)
+    h = await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id)
     if h is None:
         raise not_found("Batch", batch_id, param="batch_id")
     return h
@@ -484,23 +484,23 @@ async def _owned_batch(request: web.Request) -> dict[str, str]:
 
 async def retrieve_batch(request: web.Request) -> web.Response:
     """GET /batches/{batch_id}."""
-    return json_response(store.batch_from_record(await _owned_batch(request)))
+    return json_response(store.batch_from_record(await owned_batch(request)))
 
 
 async def list_batches(request: web.Request) -> web.Response:
     """GET /batches: the token's batches, newest first."""
-    r = request.app[REDIS]
+    r = request.app[appkeys.REDIS]
     limit = _query_int(request, "limit", 20, 1, 100)
     after = _query_after(request, "batch_")
-    records, has_more = await store.page(r, keys.owner_batches(request[OWNER]), keys.batch, after=after, limit=limit,
+    records, has_more = await store.page(r, keys.owner_batches(request[appkeys.OWNER]), keys.batch, after=after, limit=limit,
                                          desc=True)
     return json_response(_page([store.batch_from_record(h) for h in records], has_more))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
     """POST /batches/{batch_id}/cancel: stop sending lines; the finalizer writes partial results."""
-    r = request.app[REDIS]
-    h = await _owned_batch(request)
+    r = request.app[appkeys.REDIS]
+    h = await owned_batch(request)
     applied, before = await store.transition(
         r, h["id"], allowed=["validating", "in_progress"],
         fields={"status": "cancelling", "cancelling_at": store.now(), "abort": "batch_cancelled"},
@@ -509,8 +509,8 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if not applied and before not in ("cancelling", "cancelled"):
         raise APIError(409, f"Cannot cancel a batch with status '{before}'.")
     if applied and before == "validating":
-        request.app[PUBLISHER].wake.set()
-    return json_response(store.batch_from_record(await _owned_batch(request)))
+        request.app[appkeys.PUBLISHER].wake.set()
+    return json_response(store.batch_from_record(await owned_batch(request)))
 
 
 def add_routes(app: web.Application) -> None:
@@ -527,4 +527,3 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch)
 
 
-__all__ = ["add_routes", "SETTINGS", "REDIS", "STORAGE", "PUBLISHER", "OWNER", "TERMINAL_STATUSES"]

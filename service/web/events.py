@@ -6,7 +6,7 @@ comment line (``: ping``) after 15 s without an event, and ends after the termin
 event ``done``. Progress is found by polling a few fields of the batch hash twice a second; the
 whole object is only built when they changed.
 
-A stopping web process ends its streams at once (``STOP``) instead of holding its shutdown for
+A stopping web process ends its streams at once (``appkeys.EVENTS_STOP``) instead of holding its shutdown for
 the grace period: the client reconnects, to another web process, and gets the current state.
 """
 
@@ -17,14 +17,15 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from . import api, keys, store
-from .connections import REDIS_DOWN
-from .lifecycle import sleep_unless_stopped
-from .wire import TERMINAL_STATUSES, json_encoder
+from service.core import keys, store
+from service.core.connections import REDIS_DOWN
+from service.core.lifecycle import sleep_unless_stopped
+from service.core.wire import TERMINAL_STATUSES, json_encoder
+
+from . import api, appkeys
 
 log = structlog.get_logger("sluice.events")
 
-STOP = web.AppKey("events_stop", asyncio.Event)
 POLL_S = 0.5
 KEEPALIVE_S = 15.0
 # Fields whose change is worth an event (everything else changes only along with the status).
@@ -43,9 +44,9 @@ def _event(name: str, data: bytes) -> bytes:
 
 async def batch_events(request: web.Request) -> web.StreamResponse:
     """GET /batches/{batch_id}/events: the batch's progress until it ends."""
-    r = request.app[api.REDIS]
-    stop = request.app[STOP]
-    h: dict[str, str] | None = await api._owned_batch(request)  # 404 for unknown and foreign ids
+    r = request.app[appkeys.REDIS]
+    stop = request.app[appkeys.EVENTS_STOP]
+    h: dict[str, str] | None = await api.owned_batch(request)  # 404 for unknown and foreign ids
     assert h is not None
     batch_id = h["id"]
     response = web.StreamResponse(headers={
@@ -90,11 +91,11 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    """The events route under /v1 and on the bare path; ``STOP`` is set when the app shuts down."""
-    app[STOP] = asyncio.Event()
+    """The events route under /v1 and on the bare path; ``appkeys.EVENTS_STOP`` is set when the app shuts down."""
+    app[appkeys.EVENTS_STOP] = asyncio.Event()
 
     async def on_shutdown(app: web.Application) -> None:
-        app[STOP].set()
+        app[appkeys.EVENTS_STOP].set()
 
     app.on_shutdown.append(on_shutdown)
     for prefix in ("/v1", ""):

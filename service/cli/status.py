@@ -6,10 +6,11 @@ import asyncio
 import sys
 import time
 
-from .config import Settings
-from .connections import REDIS_DOWN, connect
-from .metrics import Snapshot, snapshot
-from .textfmt import text_table
+from service.core.cluster import Snapshot, snapshot
+from service.core.config import Settings
+from service.core.connections import REDIS_DOWN, connect
+
+from .display import text_table
 
 WATCH_S = 2.0
 

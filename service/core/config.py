@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 MB = 1024 * 1024
 # Even huge lines get a window deep enough to keep a few workers busy.
 MIN_WINDOW_LINES = 64
+# How long a provider's concurrency ramps back up after a 429 pause (workers/limits.py); the
+# cluster view (core/cluster.py) reports a provider as ramping for as long.
+RAMP_S = 5.0
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -238,7 +241,7 @@ class Settings:
     secret_key: str = field(default="", repr=False)
     metrics_token: str = field(default="", repr=False)
     s3: S3Location | None = None  # None: file contents in data_dir
-    # Completion webhooks (service/webhooks.py): the signing secret (SLUICE_WEBHOOK_SECRET, else
+    # Completion webhooks (service/core/webhooks.py): the signing secret (SLUICE_WEBHOOK_SECRET, else
     # derived from SLUICE_SECRET_KEY; empty: webhooks are refused), and the retry policy.
     webhook_secret: str = field(default="", repr=False)
     webhook_max_attempts: int = 8

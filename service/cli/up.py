@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import Settings
-from .log import redact_url
+from service.core.config import Settings
+from service.core.log import redact_url
 
 STOP_TIMEOUT_S = 25.0
 

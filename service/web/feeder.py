@@ -23,13 +23,13 @@ from typing import AsyncIterator
 
 import structlog
 
-from . import keys, store
-from .config import Settings
-from .connections import REDIS_DOWN, Outage, Script
-from .lifecycle import sleep_unless_stopped
-from .storage import Storage
-from .validation import Line, check_line, iter_lines
-from .wire import BatchError
+from service.core import keys, store
+from service.core.config import Settings
+from service.core.connections import REDIS_DOWN, Outage, Script
+from service.core.lifecycle import sleep_unless_stopped
+from service.core.storage import Storage
+from service.core.validation import Line, check_line, iter_lines
+from service.core.wire import BatchError
 
 log = structlog.get_logger("sluice.feeder")
 

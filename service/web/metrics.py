@@ -1,22 +1,12 @@
-"""Cluster-wide metrics: one snapshot of Redis, shown as Prometheus text (``GET /metrics``) or
-as a terminal table (``sluice status``, ``service/status.py``).
+"""``GET /metrics``: the cluster's snapshot (service/core/cluster.py) as Prometheus text.
 
-Nothing here is process-local: counters are the totals every worker and the finalizer fold into
-Redis with their heartbeats (``service/heartbeat.py``), and gauges are read from the cluster's
-state (heartbeats, live batches, their streams, provider pauses and leases) at scrape time, in
-two pipelined round trips whatever the number of batches. Any web process answers for the
-whole cluster, so scrape one of them (or all: they agree).
-
-Label cardinality stays bounded: ``provider`` comes from the configuration, ``status`` is an
-HTTP status or ``timeout``/``connection_error``/``aborted``, ``process`` names only processes
-that beat in the last ``PRUNE_AFTER_S``, and ``batch_id`` only batches still running.
+Any web process answers for the whole cluster, so scrape one of them (or all: they agree).
 """
 
 from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,171 +19,10 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 
-from . import keys
-from .config import Settings, route
-from .heartbeat import LATENCY_BUCKETS, STALE_AFTER_S
-from .store import Redis
-
-RAMP_S = 5.0  # workers/limits.py: how long concurrency ramps back after a pause
-
-
-@dataclass
-class ProcessState:
-    """One worker or finalizer, as its last heartbeat described it."""
-
-    name: str
-    role: str
-    host: str
-    pid: str
-    started_at: float
-    age_s: float  # since its last beat, by Redis's clock
-    fields: dict[str, str]
-
-    @property
-    def live(self) -> bool:
-        return self.age_s <= STALE_AFTER_S
-
-    def int(self, name: str) -> int:
-        try:
-            return int(float(self.fields.get(name) or 0))
-        except ValueError:
-            return 0
-
-
-@dataclass
-class BatchState:
-    """A batch between validation and its terminal state."""
-
-    id: str
-    owner: str
-    status: str
-    total: int
-    completed: int
-    failed: int
-    provider: str  # the provider its lines go to ("" when it cannot be told)
-    in_progress_at: int
-    aborting: str
-    pending: int  # lines handed to a worker and not acknowledged (XPENDING)
-    undrained: int  # results recorded that the finalizer has not written yet
-    oldest_undrained_s: float
-
-    @property
-    def waiting(self) -> int:
-        return max(0, self.total - self.completed - self.failed) if self.status != "validating" else 0
-
-
-@dataclass
-class ProviderState:
-    """A configured provider's shared state in Redis."""
-
-    name: str
-    paused_for_s: float
-    ramping: bool
-    leases: int
-    max_concurrency: int | None
-    requests_in_flight: int  # summed over live workers' heartbeats
-
-
-@dataclass
-class Snapshot:
-    """Everything ``/metrics`` and ``sluice status`` show, read at one moment (Redis time ``now``)."""
-
-    now: float
-    processes: list[ProcessState] = field(default_factory=list)
-    batches: list[BatchState] = field(default_factory=list)
-    providers: list[ProviderState] = field(default_factory=list)
-    lines: dict[str, int] = field(default_factory=dict)
-    upstream: dict[str, int] = field(default_factory=dict)
-    latency: dict[str, str] = field(default_factory=dict)
-    finalizer_lock: str = ""
-
-
-def _s(v: bytes | None) -> str:
-    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
-
-
-def _i(v: bytes | str | None) -> int:
-    try:
-        return int(float(_s(v) or 0)) if not isinstance(v, int) else v
-    except ValueError:
-        return 0
-
-
-_BATCH_FIELDS = ("owner", "status", "total", "completed", "failed", "provider", "model", "in_progress_at", "abort")
-
-
-async def snapshot(r: Redis, settings: Settings) -> Snapshot:
-    """Read the cluster's state in two pipelined round trips."""
-    pipe = r.pipeline(transaction=False)
-    pipe.time()
-    pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
-    pipe.smembers(keys.LIVE_BATCHES)
-    pipe.hgetall(keys.METRICS_LINES)
-    pipe.hgetall(keys.METRICS_UPSTREAM)
-    pipe.hgetall(keys.METRICS_LATENCY)
-    pipe.get(keys.FINALIZER_LOCK)
-    (sec, usec), procs, live, lines, upstream, latency, lock = await pipe.execute()
-    now = sec + usec / 1e6
-    now_ms = int(now * 1000)
-    names = [(_s(n), float(score)) for n, score in procs]
-    batch_ids = sorted(_s(b) for b in live)
-
-    pipe = r.pipeline(transaction=False)
-    for name, _ in names:
-        pipe.hgetall(keys.process(name))
-    for b in batch_ids:
-        pipe.hmget(keys.batch(b), *_BATCH_FIELDS)
-        pipe.xpending(keys.lines(b), keys.WORKER_GROUP)
-        pipe.xlen(keys.results(b))
-        pipe.xrange(keys.results(b), count=1)
-    for p in settings.providers:
-        pipe.get(keys.provider_pause(p.name))
-        pipe.zcount(keys.provider_inflight(p.name), now_ms, "+inf")
-    replies = iter(await pipe.execute(raise_on_error=False))
-
-    snap = Snapshot(now=now, finalizer_lock=_s(lock))
-    for name, seen in names:
-        h = next(replies)
-        if not isinstance(h, dict) or not h:
-            continue  # expired: the zset entry goes with the next heartbeat's prune
-        f = {_s(k): _s(v) for k, v in h.items()}
-        snap.processes.append(ProcessState(
-            name=name, role=f.get("role", "?"), host=f.get("host", ""), pid=f.get("pid", ""),
-            started_at=float(f.get("started_at") or 0), age_s=max(0.0, now - seen), fields=f,
-        ))
-    for b in batch_ids:
-        values, pending, undrained, first = next(replies), next(replies), next(replies), next(replies)
-        if isinstance(values, Exception) or not values or values[1] is None:
-            continue
-        h = dict(zip(_BATCH_FIELDS, (_s(v) for v in values)))
-        provider = h["provider"]
-        if not provider and h["model"]:
-            chosen = route(settings.providers, h["model"])
-            provider = chosen.name if chosen else ""
-        oldest = 0.0
-        if isinstance(first, list) and first:
-            oldest = max(0.0, now - int(_s(first[0][0]).split("-")[0]) / 1000)
-        snap.batches.append(BatchState(
-            id=b, owner=h["owner"], status=h["status"], total=_i(h["total"]), completed=_i(h["completed"]),
-            failed=_i(h["failed"]), provider=provider, in_progress_at=_i(h["in_progress_at"]), aborting=h["abort"],
-            pending=pending["pending"] if isinstance(pending, dict) else 0,
-            undrained=undrained if isinstance(undrained, int) else 0, oldest_undrained_s=oldest,
-        ))
-    live_workers = [p for p in snap.processes if p.live and p.role == "worker"]
-    for p in settings.providers:
-        pause, leases = next(replies), next(replies)
-        pause_end = _i(pause) if not isinstance(pause, Exception) else 0
-        snap.providers.append(ProviderState(
-            name=p.name, paused_for_s=max(0.0, (pause_end - now_ms) / 1000),
-            ramping=bool(pause_end) and 0 <= now_ms - pause_end < RAMP_S * 1000,
-            leases=leases if isinstance(leases, int) else 0, max_concurrency=p.max_concurrency,
-            requests_in_flight=sum(w.int(f"requests:{p.name}") for w in live_workers),
-        ))
-    snap.lines = {_s(k): _i(v) for k, v in lines.items()}
-    snap.upstream = {_s(k): _i(v) for k, v in upstream.items()}
-    snap.latency = {_s(k): _s(v) for k, v in latency.items()}
-    return snap
-
+from service.core.cluster import Snapshot, as_int, snapshot
+from service.core.config import Settings
+from service.core.heartbeat import LATENCY_BUCKETS, STALE_AFTER_S
+from service.core.store import Redis
 
 # ------------------------------------------------------------------------------ Prometheus
 
@@ -227,9 +56,9 @@ class ClusterCollector:
                                        "status (an HTTP status, timeout, connection_error or aborted).",
                                        labels=["provider", "status"])
         for (provider, status), parts in sorted(series.items()):
-            count = _i(parts.get("count"))
+            count = as_int(parts.get("count"))
             # Every series gets every bound (sums over series need the same buckets), stored or not.
-            stored = {float(le): _i(v) for le, v in parts.items() if le not in ("sum", "count")}
+            stored = {float(le): as_int(v) for le, v in parts.items() if le not in ("sum", "count")}
             buckets, running = [], 0
             for le in sorted(set(LATENCY_BUCKETS) | set(stored)):
                 running += stored.get(le, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, Settings
+from service.core.config import ConfigError, Settings
 
 
 def _settings() -> Settings:
@@ -17,7 +17,7 @@ def _settings() -> Settings:
 
 
 def _web(args: argparse.Namespace) -> None:
-    from .web import run
+    from service.web.app import run
 
     settings = _settings()
     if not settings.api_tokens:
@@ -43,7 +43,7 @@ def _finalizer(args: argparse.Namespace) -> None:
 
 
 def _mock_provider(args: argparse.Namespace) -> None:
-    from .mock_provider import run
+    from service.devtools.mock_provider import run
 
     run(
         args.port,
@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
     )
     mock.set_defaults(func=_mock_provider)
-    from .client import add_client_commands  # submit, batches, files: an HTTP client of the API
+    from .commands import (
+        add_client_commands,  # submit, batches, files: an HTTP client of the API
+    )
 
     add_client_commands(sub)
     return parser

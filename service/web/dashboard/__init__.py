@@ -17,7 +17,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .. import api, metrics
+from service.core.cluster import snapshot
+
+from .. import api, appkeys
 
 HERE = Path(__file__).resolve().parent
 ASSETS = {
@@ -51,8 +53,8 @@ async def _asset(request: web.Request) -> web.StreamResponse:
 
 async def cluster(request: web.Request) -> web.Response:
     """GET /v1/sluice/cluster: processes, providers and counters of the whole cluster, as JSON."""
-    snap = await metrics.snapshot(request.app[api.REDIS], request.app[api.SETTINGS])
-    owner = request[api.OWNER]
+    snap = await snapshot(request.app[appkeys.REDIS], request.app[appkeys.SETTINGS])
+    owner = request[appkeys.OWNER]
     processes = []
     for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
         processes.append({

@@ -23,7 +23,7 @@ PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 
 # Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
 # with a webhook URL is added by the script that moves it to a terminal state (store.transition);
-# the active finalizer sends what is due (service/webhooks.py) and removes it once answered.
+# the active finalizer sends what is due (service/core/webhooks.py) and removes it once answered.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 # Files with an expiry, scored by expires_at: the finalizer removes their content when due.
@@ -37,7 +37,7 @@ TOKEN_NAMES = f"{PREFIX}:tokens:names"
 FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
 
 # Heartbeats: names of the workers and finalizers, scored by their last beat (Redis time, s).
-# These keys and the counters below expire unless heartbeats keep them (service/heartbeat.py).
+# These keys and the counters below expire unless heartbeats keep them (service/core/heartbeat.py).
 PROCESSES = f"{PREFIX}:processes"
 
 # Cluster-wide counters, folded in by every process's heartbeat (HINCRBY): lines by outcome;

@@ -1,0 +1,32 @@
+"""The typed keys of what the web app and its requests carry (aiohttp ``AppKey``/``RequestKey``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from service.core.config import Quotas, Settings
+from service.core.connections import Outage
+from service.core.storage import Storage
+from service.core.store import Redis
+
+from .publisher import Publisher
+
+if TYPE_CHECKING:
+    from .app import InFlight
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+STORAGE = web.AppKey("storage", Storage)
+PUBLISHER = web.AppKey("publisher", Publisher)
+OUTAGE = web.AppKey("outage", Outage)
+# Requests under way, so that a stopping process can wait for them (service/web/app.py).
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
+# Set when the app shuts down: event streams end at once instead of holding the shutdown.
+EVENTS_STOP = web.AppKey("events_stop", asyncio.Event)
+
+# Who is calling, set by the auth middleware for every authenticated request.
+OWNER = web.RequestKey("owner", str)
+QUOTAS = web.RequestKey("quotas", Quotas)
