@@ -29,7 +29,7 @@ from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, connect
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
-from service.core.results import abort_line
+from service.core.results import abort_line, result_filename
 from service.core.storage import Storage, open_storage
 from service.core.store import Outcome
 from service.core.validation import check_line, iter_lines
@@ -223,7 +223,7 @@ class Finalizer:
 
     @staticmethod
     def _spool_key(batch_id: str, name: str) -> str:
-        return f"{batch_id}_{'output' if name == 'out' else 'error'}.jsonl"
+        return result_filename(batch_id, "output" if name == "out" else "error")
 
     async def _finish(self, h: dict[str, str]) -> None:
         batch_id = h["id"]

@@ -215,13 +215,50 @@ def webhook_secret(env: Mapping[str, str]) -> str:
     return derive_webhook_secret(key) if key else ""
 
 
+DEFAULT_DATA_DIR = Path("./var/data")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the command-line tools (the API client, ``status``, ``tokens``, ``up``) read from the environment.
+
+    An empty string means "not set": the tools then fall back to the connection file of the
+    ``sluice up`` stack (service/cli/localstack.py), and only then to the defaults, so they
+    must know whether a value was given rather than get a default here.
+    """
+
+    url: str = ""  # SLUICE_URL: the API's web root, with or without /v1
+    token: str = field(default="", repr=False)  # SLUICE_TOKEN
+    redis_url: str = ""  # REDIS_URL
+    data_dir: Path = DEFAULT_DATA_DIR  # SLUICE_DATA_DIR, where `sluice up` keeps its files
+    data_dir_set: bool = False  # SLUICE_DATA_DIR was given (else the checkout's var/data is looked at too)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ClientSettings":
+        """Read the client-side variables from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        data_dir = env.get("SLUICE_DATA_DIR", "").strip()
+        return cls(
+            url=env.get("SLUICE_URL", "").strip(),
+            token=env.get("SLUICE_TOKEN", "").strip(),
+            redis_url=env.get("REDIS_URL", "").strip(),
+            data_dir=Path(data_dir) if data_dir else DEFAULT_DATA_DIR,
+            data_dir_set=bool(data_dir),
+        )
+
+
+def child_environment() -> dict[str, str]:
+    """A copy of this process's environment, for ``sluice up`` to hand its children (plus its own settings)."""
+    return dict(os.environ)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a Sluice process needs to know about its environment."""
 
     redis_url: str = "redis://localhost:6379/0"
     port: int = 8000
-    data_dir: Path = Path("./var/data")
+    data_dir: Path = DEFAULT_DATA_DIR
     api_tokens: tuple[str, ...] = ()
     worker_concurrency: int = 32
     max_attempts: int = 5

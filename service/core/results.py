@@ -14,6 +14,20 @@ ABORT_MESSAGES = {
 }
 
 
+RESULT_KINDS = ("output", "error")
+
+
+def result_filename(owner_id: str, kind: str) -> str:
+    """The name of a result file: ``<id>_output.jsonl`` or ``<id>_error.jsonl``.
+
+    The finalizer names a batch's files (and their storage keys) so, and the CLI saves what it
+    downloads under the same names, a job of several batches under its job id.
+    """
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"a result file is 'output' or 'error', not {kind!r}")
+    return f"{owner_id}_{kind}.jsonl"
+
+
 def result_id() -> str:
     """A fresh ``batch_req_`` id for one result line."""
     return f"batch_req_{secrets.token_hex(12)}"

@@ -53,7 +53,8 @@ async def _asset(request: web.Request) -> web.StreamResponse:
 
 async def cluster(request: web.Request) -> web.Response:
     """GET /v1/sluice/cluster: processes, providers and counters of the whole cluster, as JSON."""
-    snap = await snapshot(request.app[appkeys.REDIS], request.app[appkeys.SETTINGS])
+    settings = request.app[appkeys.SETTINGS]
+    snap = await snapshot(request.app[appkeys.REDIS], settings)
     owner = request[appkeys.OWNER]
     processes = []
     for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
@@ -84,6 +85,9 @@ async def cluster(request: web.Request) -> web.Response:
         "providers": providers,
         "lines": {"completed": snap.lines.get("completed", 0), "failed": snap.lines.get("failed", 0)},
         "running_batches": {"total": len(snap.batches), "yours": sum(1 for b in snap.batches if b.owner == owner)},
+        # What one batch may hold here: `sluice submit` splits bigger jobs into batches that fit.
+        "limits": {"max_batch_lines": settings.max_batch_lines, "max_batch_file_bytes": settings.max_batch_file_bytes,
+                   "max_file_bytes": settings.max_file_bytes},
     })
 
 
