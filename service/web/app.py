@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -30,6 +31,49 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *dashboard.PUBLIC_PATHS})
 # How long /readyz waits for Redis and for the storage probe.
 READY_TIMEOUT_S = 3.0
+
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID = 200
+
+
+def request_id(given: str | None) -> str:
+    """The client's ``x-request-id`` when it is printable ASCII of at most 200 characters, else a new ``req_`` id."""
+    if given and len(given) <= MAX_REQUEST_ID and all(" " <= ch <= "~" for ch in given):
+        return given
+    return f"req_{secrets.token_hex(16)}"
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id: echoed in ``x-request-id`` and carried by every log line of the request.
+
+    The header is added as the response is prepared (``_send_request_id``), so streamed answers,
+    errors and unknown routes carry it too; one ``http_request`` line per request is logged (at
+    debug for successful reads, which the dashboard makes every 2 s).
+    """
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[appkeys.REQUEST_ID] = rid
+    started = time.monotonic()
+    status: int | None = None
+    with structlog.contextvars.bound_contextvars(request_id=rid):
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            level = "debug" if request.method in ("GET", "HEAD") and status is not None and status < 400 else "info"
+            getattr(log, level)("http_request", method=request.method, path=request.path, status=status,
+                                ms=round((time.monotonic() - started) * 1000, 1))
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get(appkeys.REQUEST_ID)
+    if rid:
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 class InFlight:
@@ -159,11 +203,13 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     in_flight = InFlight()
     r = redis if redis is not None else connect(settings)
     app = web.Application(
-        middlewares=[in_flight.middleware, error_middleware, auth_middleware(TokenAuth(settings, r))],
+        middlewares=[request_id_middleware, in_flight.middleware, error_middleware,
+                     auth_middleware(TokenAuth(settings, r))],
         client_max_size=api.MAX_JSON_BODY_BYTES,
         # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
         handler_args={"max_line_size": 65536},
     )
+    app.on_response_prepare.append(_send_request_id)
     app[appkeys.IN_FLIGHT] = in_flight
     app[appkeys.SETTINGS] = settings
     app[appkeys.OUTAGE] = Outage(log)

@@ -27,6 +27,8 @@ IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 # Set when the app shuts down: event streams end at once instead of holding the shutdown.
 EVENTS_STOP = web.AppKey("events_stop", asyncio.Event)
 
+# The request's id (x-request-id), set by the outermost middleware for every request (service/web/app.py).
+REQUEST_ID = web.RequestKey("request_id", str)
 # Who is calling, set by the auth middleware for every authenticated request.
 OWNER = web.RequestKey("owner", str)
 QUOTAS = web.RequestKey("quotas", Quotas)
