@@ -3,9 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+import textwrap
 
-from service.core.config import ConfigError, Settings
+from service.core.config import ClientSettings, ConfigError, Settings, load_providers
+from service.core.log import redact_url
+
+from . import localstack
+
+DOCS = "docs/configuration.md"
+
+# What each command reads from the environment, shown by its --help.
+WEB_ENV = f"""\
+environment (every variable: {DOCS}):
+  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
+  PORT                        the HTTP port (default 8000)
+  SLUICE_API_TOKENS           comma-separated API tokens (tokens made by `sluice tokens create` work too)
+  SLUICE_DATA_DIR             where file contents live (default ./var/data) ...
+  SLUICE_STORAGE_URL          ... unless this names an object store: s3://BUCKET[/PREFIX] (+ AWS_* variables)
+  SLUICE_CONFIG               a TOML file of providers and quotas; or SLUICE_UPSTREAM_URL for one provider
+  SLUICE_MAX_BATCH_LINES      request lines per batch (default 50000)
+  SLUICE_MAX_BATCH_FILE_BYTES, SLUICE_MAX_FILE_BYTES   upload limits (200 MB for batch files, 512 MB)
+  SLUICE_WINDOW_LINES, SLUICE_WINDOW_BYTES   how much of a running batch Redis holds
+  SLUICE_SHUTDOWN_GRACE_S     how long a stop waits for requests under way (default 20)
+  SLUICE_SECRET_KEY, SLUICE_WEBHOOK_SECRET, SLUICE_METRICS_TOKEN, SLUICE_LOG_LEVEL
+"""
+WORKER_ENV = f"""\
+environment (every variable: {DOCS}):
+  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
+  SLUICE_UPSTREAM_URL, SLUICE_UPSTREAM_API_KEY   one provider; or SLUICE_CONFIG, a TOML file of several
+                              (one of them is required)
+  SLUICE_WORKER_CONCURRENCY   upstream requests in flight in this process (default 32)
+  SLUICE_MAX_ATTEMPTS         attempts per line for transient failures (default 5)
+  SLUICE_REQUEST_TIMEOUT_S    timeout of one request to the default provider (default 600)
+  SLUICE_LEASE_S, SLUICE_MAX_DELIVERIES   when a dead worker's lines are taken over, and given up
+  SLUICE_SHUTDOWN_GRACE_S     how long a stopping worker lets requests in flight finish (default 20)
+  SLUICE_SECRET_KEY           decrypts clients' own provider keys; SLUICE_LOG_LEVEL
+"""
+FINALIZER_ENV = f"""\
+environment (every variable: {DOCS}):
+  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
+  SLUICE_DATA_DIR, SLUICE_STORAGE_URL   where result files are written (as for `sluice web`)
+  SLUICE_RETENTION_S          how long a finished batch's record is kept (default 30 days)
+  SLUICE_WEBHOOK_SECRET or SLUICE_SECRET_KEY   signs completion webhooks
+  SLUICE_WEBHOOK_MAX_ATTEMPTS, SLUICE_WEBHOOK_BACKOFF_S, SLUICE_WEBHOOK_TIMEOUT_S, SLUICE_LOG_LEVEL
+"""
+UP_ENV = f"""\
+environment (every other variable is handed to the processes it starts; {DOCS}):
+  PORT                        the API's port (default 8000)
+  SLUICE_DATA_DIR             where it keeps Redis's data, files, the dev token and stack.json (default ./var/data)
+  REDIS_URL                   use this Redis instead of starting one
+  SLUICE_API_TOKENS           the API tokens (default: a development token kept in $SLUICE_DATA_DIR/dev-token)
+  SLUICE_UPSTREAM_URL, SLUICE_CONFIG   the provider(s) (default: a mock provider it starts)
+  SLUICE_SHUTDOWN_GRACE_S     how long each process may take to stop (default 20)
+"""
+STATUS_ENV = """\
+environment:
+  REDIS_URL                   the cluster's Redis; when not set, the Redis of the `sluice up` stack described
+                              in $SLUICE_DATA_DIR/stack.json (default ./var/data, or this checkout's var/data),
+                              else redis://localhost:6379/0. A line on stderr says which one is used.
+  SLUICE_CONFIG, SLUICE_UPSTREAM_URL   the providers to show (under `sluice up`: its mock provider)
+"""
+TOKENS_ENV = """\
+environment:
+  REDIS_URL                   where tokens are kept; when not set, the Redis of the `sluice up` stack
+                              ($SLUICE_DATA_DIR/stack.json), else redis://localhost:6379/0 (said on stderr)
+  SLUICE_CONFIG               its [quotas] are the defaults a new token's quotas start from
+"""
+MOCK_ENV = """\
+It reads no environment variable. A request line's body may carry "mock_status": 404 or
+"mock_latency_ms": 300 to force an answer; GET /_mock/stats shows what reached it.
+"""
 
 
 def _settings() -> Settings:
@@ -14,6 +84,29 @@ def _settings() -> Settings:
     except ConfigError as e:
         print(f"sluice: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _client_settings() -> ClientSettings:
+    return ClientSettings.from_env()
+
+
+def _admin_settings() -> Settings:
+    """Settings of ``status`` and ``tokens``: REDIS_URL, else the `sluice up` stack's Redis, else the default."""
+    settings = _settings()
+    client = _client_settings()
+    if client.redis_url:
+        return settings
+    stack = localstack.find(client)
+    if stack is None:
+        localstack.announce(f"REDIS_URL is not set and no `sluice up` stack runs here; "
+                            f"using {redact_url(settings.redis_url)}")
+        return settings
+    localstack.announce(f"using Redis {redact_url(stack.redis_url)} of {stack.describe()}")
+    settings = dataclasses.replace(settings, redis_url=stack.redis_url)
+    if not settings.providers and stack.upstream_url:
+        providers, _ = load_providers({"SLUICE_UPSTREAM_URL": stack.upstream_url})
+        settings = dataclasses.replace(settings, providers=providers)
+    return settings
 
 
 def _web(args: argparse.Namespace) -> None:
@@ -60,7 +153,7 @@ def _mock_provider(args: argparse.Namespace) -> None:
 def _up(args: argparse.Namespace) -> None:
     from .up import run
 
-    run(_settings())
+    run(_settings(), _client_settings())
 
 
 def _tokens(args: argparse.Namespace) -> None:
@@ -68,7 +161,7 @@ def _tokens(args: argparse.Namespace) -> None:
 
     from .tokens import run_command
 
-    raise SystemExit(asyncio.run(run_command(args, _settings())))
+    raise SystemExit(asyncio.run(run_command(args, _admin_settings())))
 
 
 def _status(args: argparse.Namespace) -> None:
@@ -77,39 +170,70 @@ def _status(args: argparse.Namespace) -> None:
     from .status import run
 
     try:
-        raise SystemExit(asyncio.run(run(_settings(), watch=args.watch)))
+        raise SystemExit(asyncio.run(run(_admin_settings(), watch=args.watch)))
     except KeyboardInterrupt:
         raise SystemExit(0) from None
 
 
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+             epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 78), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sluice`` command."""
-    parser = argparse.ArgumentParser(prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("web", help="serve the Files and Batches APIs on $PORT").set_defaults(func=_web)
-    sub.add_parser("worker", help="call the provider for queued request lines").set_defaults(func=_worker)
-    sub.add_parser("finalizer", help="write result files and end batches").set_defaults(func=_finalizer)
-    sub.add_parser("up", help="run the whole stack locally (embedded Redis and mock provider)").set_defaults(func=_up)
-    status = sub.add_parser("status", help="show live workers, running batches and provider state")
+    parser = argparse.ArgumentParser(
+        prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.",
+        epilog="`sluice COMMAND --help` tells what a command does and which environment variables it reads.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _command(sub, "web", "serve the Files and Batches APIs on $PORT",
+             "Serve the Files and Batches APIs, validate new batches and feed their lines to the workers. "
+             "Stops on SIGTERM or Ctrl-C, letting requests under way finish.", WEB_ENV).set_defaults(func=_web)
+    _command(sub, "worker", "call the provider for queued request lines",
+             "Read request lines from Redis, call the provider, record each result once. Stops on SIGTERM or "
+             "Ctrl-C, letting requests in flight finish and handing the rest back.", WORKER_ENV
+             ).set_defaults(func=_worker)
+    _command(sub, "finalizer", "write result files and end batches",
+             "Write the output and error files of running batches and move them to their final state "
+             "(one works at a time; another waits as a standby).", FINALIZER_ENV).set_defaults(func=_finalizer)
+    _command(sub, "up", "run the whole stack locally (its own Redis, mock provider unless configured)",
+             "Run Redis, the web, one worker, the finalizer and a mock provider on this machine, print how to use "
+             "them, and write their connection details to $SLUICE_DATA_DIR/stack.json for the other commands. "
+             "Ctrl-C stops them in order: the web, the worker (drained), the finalizer, Redis last; a second "
+             "Ctrl-C kills them.", UP_ENV).set_defaults(func=_up)
+    status = _command(sub, "status", "show live workers, running batches and provider state",
+                      "The cluster at a glance, read from Redis: processes and their heartbeats, running batches, "
+                      "providers. Exits with 1 when Redis does not answer.", STATUS_ENV)
     status.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     status.set_defaults(func=_status)
-    tokens = sub.add_parser("tokens", help="manage API tokens stored (as digests) in Redis")
-    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
-    create = tokens_sub.add_parser("create", help="create a token and print it once")
-    create.add_argument("--name", required=True)
-    create.add_argument("--max-active-batches", type=int)
-    create.add_argument("--max-stored-bytes", type=int)
-    create.add_argument("--max-enqueued-lines", type=int)
-    tokens_sub.add_parser("list", help="list tokens (never the tokens themselves)").add_argument(
-        "--json", action="store_true")
-    tokens_sub.add_parser("revoke", help="revoke a token by name").add_argument("name")
+    tokens = _command(sub, "tokens", "manage API tokens stored (as digests) in Redis",
+                      "Create, list and revoke API tokens kept in Redis (only as SHA-256 digests), besides the "
+                      "static SLUICE_API_TOKENS.", TOKENS_ENV)
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="{create,list,revoke}")
+    create = _command(tokens_sub, "create", "create a token and print it once",
+                      "Create a token and print it on stdout, once: it is stored only as a digest. Quotas not "
+                      "given are the defaults ([quotas] of SLUICE_CONFIG).", TOKENS_ENV)
+    create.add_argument("--name", required=True, help="a unique name, to list and revoke it by")
+    create.add_argument("--max-active-batches", type=int, metavar="N", help="unfinished batches at a time")
+    create.add_argument("--max-stored-bytes", type=int, metavar="N", help="bytes of files kept (uploads and results)")
+    create.add_argument("--max-enqueued-lines", type=int, metavar="N", help="lines of unfinished batches")
+    _command(tokens_sub, "list", "list tokens (never the tokens themselves)",
+             "List the managed tokens: name, id (a digest prefix), creation time, quotas.", TOKENS_ENV
+             ).add_argument("--json", action="store_true", help="print a JSON array")
+    _command(tokens_sub, "revoke", "revoke a token by name",
+             "Revoke a token: every web process refuses it within 5 s.", TOKENS_ENV
+             ).add_argument("name", help="the name given at creation")
     tokens.set_defaults(func=_tokens)
-    mock = sub.add_parser("mock-provider", help="run a fake OpenAI-compatible upstream")
-    mock.add_argument("--port", type=int, default=8001)
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--latency-ms", type=float, default=0.0)
-    mock.add_argument("--error-rate", type=float, default=0.0)
-    mock.add_argument("--seed", type=int, default=None)
+    mock = _command(sub, "mock-provider", "run a fake OpenAI-compatible upstream (development)",
+                    "A deterministic fake upstream: chat completions, completions, embeddings, responses and "
+                    "moderations.", MOCK_ENV)
+    mock.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001; 0: any free port)")
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mock.add_argument("--latency-ms", type=float, default=0.0, metavar="MS", help="delay before each answer")
+    mock.add_argument("--error-rate", type=float, default=0.0, metavar="R",
+                      help="share of requests failed, half with 429 and half with 500 (0..1)")
+    mock.add_argument("--seed", type=int, default=None, help="seed of the random errors")
     mock.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="answer 429 beyond N in flight")
     mock.add_argument("--rpm", type=int, default=None, metavar="N", help="accepted requests per minute (sliding)")
     mock.add_argument(
@@ -124,10 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    # The reader went away (`| head`): further writes, and the flush at exit, must not fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sluice`` console script."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise SystemExit(1) from None
+    except SystemExit:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+            raise SystemExit(1) from None
+        raise
 
 
 if __name__ == "__main__":
