@@ -5,9 +5,12 @@ output by default, the API objects with ``--json``. Progress and messages go to 
 to stdout.
 
 Server URL and token come from ``--url`` / ``--token`` (the OpenAI CLI's ``--api-base`` /
-``--api-key`` are accepted too), else ``SLUICE_URL`` / ``SLUICE_TOKEN``, else
-``http://localhost:8000`` and the development token ``sluice up`` keeps in
-``$SLUICE_DATA_DIR/dev-token``.
+``--api-key`` are accepted too), else ``SLUICE_URL`` / ``SLUICE_TOKEN``, else the running
+``sluice up`` stack (its ``stack.json``), else ``http://localhost:8000`` and the development
+token ``sluice up`` keeps in ``$SLUICE_DATA_DIR/dev-token``.
+
+``submit --wait`` runs a job (service/cli/jobs.py): the file is checked locally first
+(service/cli/scan.py), split into batches that fit the server's limits, and their results merged.
 
 Exit codes: 0 success (a batch that completed), 1 a batch that failed, expired or was cancelled,
 or an error, 2 a usage mistake, 130 interrupted.
@@ -18,30 +21,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
-import time
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
+from service.core.config import Settings
+from service.core.wire import BATCH_ENDPOINTS, UPLOAD_PURPOSES
 
-from service.core.wire import BATCH_ENDPOINTS, TERMINAL_STATUSES, UPLOAD_PURPOSES
-
+from . import jobs, scan
 from .display import (
+    LINE_PREVIEW,
+    SHOWN_ERRORS,
     Progress,
-    Rate,
+    describe_failure,
     human_bytes,
-    human_duration,
     human_time,
+    preview,
+    print_batch_errors,
     print_fields,
     print_json,
-    progress_text,
+    read_lines,
     text_table,
 )
 from .http import (
-    CONNECTION_GRACE_S,
     DEFAULT_URL,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -51,15 +55,17 @@ from .http import (
     Client,
     ClientError,
     Target,
+    normalize_url,
     resolve_target,
 )
 
+__all__ = ["LINE_PREVIEW", "SHOWN_ERRORS", "check_jsonl", "describe_failure", "preview", "print_batch_errors",
+           "read_lines", "add_client_commands"]
+
 DEFAULT_ENDPOINT = "/v1/chat/completions"
-BIG_FILE_BYTES = 1024 * 1024  # uploads at least this big get a progress display
-CHECK_LINES = 5  # lines parsed locally before an upload
+CHECK_LINES = 5  # lines parsed quickly before anything else, for a clear message about a file that is not JSONL
 MAX_CHECK_LINE_BYTES = 32 * 1024 * 1024
-SHOWN_ERRORS = 20
-LINE_PREVIEW = 160
+SCAN_PROGRESS_BYTES = 50 * 1024 * 1024  # files at least this big show progress while every line is checked
 # ----------------------------------------------------------------------------- local checks
 def check_jsonl(path: Path) -> str | None:
     """The first request line's ``url``; a ClientError when the file does not look like JSONL."""
@@ -106,88 +112,132 @@ def check_jsonl(path: Path) -> str | None:
     return first_url
 
 
-def preview(line: bytes | str, limit: int = LINE_PREVIEW) -> str:
-    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-    text = text.rstrip("\r\n")
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
-
-
-def read_lines(path: Path, numbers: set[int]) -> dict[int, str]:
-    """The given 1-based physical lines of a local file, previewed (as validation numbers them)."""
-    found: dict[int, str] = {}
-    if not numbers:
-        return found
-    last = max(numbers)
-    try:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if n in numbers:
-                    if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]
-                    found[n] = preview(raw[: LINE_PREVIEW * 4])
-                if n >= last:
-                    break
-    except OSError:
-        pass
-    return found
-
-
-def print_batch_errors(batch: dict[str, Any], local: Path | None, out: TextIO) -> None:
-    data = ((batch.get("errors") or {}).get("data")) or []
-    if not data:
-        return
-    where = f" in {local}" if local is not None else ""
-    print(f"{len(data)} invalid line{'s' if len(data) != 1 else ''}{where} (nothing was sent upstream):", file=out)
-    shown = data[:SHOWN_ERRORS]
-    lines = read_lines(local, {e["line"] for e in shown if e.get("line")}) if local is not None else {}
-    for e in shown:
-        at = f"line {e['line']}" if e.get("line") else "file"
-        param = f" [{e['param']}]" if e.get("param") else ""
-        print(f"  {at}: {e.get('code')}{param}: {e.get('message')}", file=out)
-        if e.get("line") in lines:
-            print(f"    > {lines[e['line']]}", file=out)
-    if len(data) > len(shown):
-        print(f"  ... and {len(data) - len(shown)} more (sluice batches get {batch['id']} --json)", file=out)
-
-
 # ----------------------------------------------------------------------------- commands
 def _status_exit(batch: dict[str, Any]) -> int:
     return EXIT_OK if batch["status"] == "completed" else EXIT_FAILED
 
 
+async def discover_limits(client: Client) -> tuple[int, int]:
+    """What one batch may hold on this server (requests, bytes): from ``GET /v1/sluice/cluster``, else the defaults."""
+    defaults = Settings()
+    try:
+        info = await client.request("GET", "/sluice/cluster")
+    except APIStatusError as exc:
+        if exc.status == 401:
+            raise
+        info = {}  # not a Sluice of this version: its defaults, and the server will say if a batch is too big
+    limits = info.get("limits") if isinstance(info, dict) else None
+    limits = limits if isinstance(limits, dict) else {}
+    lines = limits.get("max_batch_lines")
+    size = limits.get("max_batch_file_bytes")
+    return (lines if isinstance(lines, int) and lines > 0 else defaults.max_batch_lines,
+            size if isinstance(size, int) and size > 0 else defaults.max_batch_file_bytes)
+
+
 async def cmd_submit(args: argparse.Namespace, target: Target) -> int:
+    out_dir = Path(args.out)
+    if args.resume:
+        return await _resume(args, target, out_dir)
+    if not args.file:
+        raise ClientError("submit needs the JSONL FILE of requests (or --resume to go on with an interrupted one)",
+                          EXIT_USAGE)
     path = Path(args.file)
     first_url = check_jsonl(path)
     endpoint = args.endpoint or (first_url if first_url in BATCH_ENDPOINTS else DEFAULT_ENDPOINT)
     if endpoint not in BATCH_ENDPOINTS:
         raise ClientError(f"unknown endpoint {endpoint!r}; one of: {', '.join(BATCH_ENDPOINTS)}", EXIT_USAGE)
     metadata = _metadata(args.metadata)
+    if args.wait:
+        same = [job for _, job in jobs.unfinished(out_dir) if Path(job.input) == path.resolve()]
+        if same:
+            raise ClientError(f"an unfinished submit of {path} is in {out_dir} ({same[0].job_id}): go on with it "
+                              f"with `sluice submit {path} --resume --out {out_dir}`, or delete "
+                              f"{jobs.state_path(out_dir, same[0].job_id)} to start over", EXIT_USAGE)
     err = sys.stderr
     async with Client(target) as client:
+        max_lines, max_bytes = await discover_limits(client)
+        if args.max_batch_lines:
+            max_lines = min(max_lines, args.max_batch_lines)
         size = path.stat().st_size
         progress = None
-        if size >= BIG_FILE_BYTES and not args.quiet:
-            progress = Progress(f"uploading {path.name}", size, err)
-        uploaded = await client.upload(path, "batch", progress)
+        if size >= SCAN_PROGRESS_BYTES and not args.quiet:
+            progress = Progress(f"checking {path.name}", size, err)
+        found = scan.scan(path, endpoint, max_lines=max_lines, max_bytes=max_bytes, progress=progress)
         if progress is not None:
             progress.finish()
-        if not args.quiet:
-            print(f"uploaded {path} ({human_bytes(uploaded['bytes'])}) as {uploaded['id']}", file=err)
-        body: dict[str, Any] = {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
-        if metadata:
-            body["metadata"] = metadata
-        batch = await client.request("POST", "/batches", json=body)
+        if found.error_count:
+            raise scan.refuse(path, found, read_lines(path, {e.line for e in found.errors if e.line}))
         if not args.wait:
-            if args.json:
-                print_json(batch)
-            else:
-                print(f"{batch['id']} {batch['status']} (input {uploaded['id']}, endpoint {endpoint})")
-                print(f"follow it with: sluice batches get {batch['id']}", file=err)
-            return EXIT_OK
-        if not args.quiet:
-            print(f"created batch {batch['id']} (endpoint {endpoint}); waiting for it to end, Ctrl-C to stop",
-                  file=err)
-        return await wait_and_collect(client, batch, args, local=path)
+            if len(found.spans) > 1:
+                raise ClientError(
+                    f"{path} holds {found.lines} requests, more than one batch may on this server ({max_lines} "
+                    f"requests, {human_bytes(max_bytes)}): add --wait --out DIR to run it as {len(found.spans)} "
+                    "batches and merge their results", EXIT_USAGE)
+            return await _submit_one(client, args, path, endpoint, metadata)
+        job_id = jobs.new_job_id()
+        state = jobs.new_state(job_id, path, found.spans, endpoint, metadata, target.url, found.lines)
+        state_file = jobs.state_path(out_dir, job_id)
+        jobs.save(state_file, state)
+        if len(found.spans) > 1 and not args.quiet:
+            print(f"{path} holds {found.lines} requests, more than one batch may on this server ({max_lines} "
+                  f"requests, {human_bytes(max_bytes)}): job {job_id} runs it as {len(found.spans)} batches, "
+                  f"{min(args.parallel, len(found.spans))} at a time (state in {state_file})", file=err)
+        return await jobs.Job(client, state, state_file, args, parallel=args.parallel).run()
+
+
+async def _submit_one(client: Client, args: argparse.Namespace, path: Path, endpoint: str,
+                      metadata: dict[str, str]) -> int:
+    """Upload the file and create its batch, without waiting for it."""
+    err = sys.stderr
+    size = path.stat().st_size
+    progress = None
+    if size >= jobs.BIG_FILE_BYTES and not args.quiet:
+        progress = Progress(f"uploading {path.name}", size, err)
+    uploaded = await client.upload(path, "batch", progress)
+    if progress is not None:
+        progress.finish()
+    if not args.quiet:
+        print(f"uploaded {path} ({human_bytes(uploaded['bytes'])}) as {uploaded['id']}", file=err)
+    body: dict[str, Any] = {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
+    if metadata:
+        body["metadata"] = metadata
+    batch = await jobs.create_batch(client, body, uploaded["id"])
+    if args.json:
+        print_json(batch)
+    else:
+        print(f"{batch['id']} {batch['status']} (input {uploaded['id']}, endpoint {endpoint})")
+        print(f"follow it with: sluice batches get {batch['id']}", file=err)
+    return EXIT_OK
+
+
+async def _resume(args: argparse.Namespace, target: Target, out_dir: Path) -> int:
+    """``sluice submit [FILE] --resume --out DIR``: go on with the unfinished submit kept in DIR."""
+    found = jobs.unfinished(out_dir)
+    if args.file:
+        found = [(p, s) for p, s in found if Path(s.input) == Path(args.file).resolve()]
+    of = f" of {args.file}" if args.file else ""
+    if not found:
+        raise ClientError(f"nothing to resume in {out_dir}: no unfinished submit{of} there (a submit that finished "
+                          f"leaves no *{jobs.STATE_SUFFIX} file)", EXIT_USAGE)
+    if len(found) > 1:
+        names = ", ".join(f"{s.job_id} ({s.input})" for _, s in found)
+        raise ClientError(f"several unfinished submits in {out_dir}: {names}; name the input file: "
+                          f"sluice submit FILE --resume --out {out_dir}", EXIT_USAGE)
+    state_file, state = found[0]
+    local = Path(state.input)
+    if not local.is_file():
+        raise ClientError(f"{local}, the input of {state.job_id}, is gone: it is needed to resume")
+    if jobs.file_signature(local) != (state.input_size, state.input_mtime_ns):
+        raise ClientError(f"{local} changed since {state.job_id} started: its parts would not match the batches "
+                          f"already made; delete {state_file} to start over")
+    if normalize_url(state.url) != target.url:
+        raise ClientError(f"{state.job_id} runs on {state.url}, not {target.url}: point --url or SLUICE_URL there",
+                          EXIT_USAGE)
+    if not args.quiet:
+        merged = sum(1 for p in state.parts if p.merged)
+        print(f"resuming {state.job_id} ({local}): {merged} of {len(state.parts)} batches done", file=sys.stderr)
+    async with Client(target) as client:
+        return await jobs.Job(client, state, state_file, args, parallel=args.parallel).run()
 
 
 def _metadata(pairs: list[str] | None) -> dict[str, str]:
@@ -198,213 +248,6 @@ def _metadata(pairs: list[str] | None) -> dict[str, str]:
             raise ClientError(f"--metadata expects KEY=VALUE, got {pair!r}", EXIT_USAGE)
         metadata[key] = value
     return metadata
-
-
-class _Interrupts:
-    """Turns SIGINT into a flag and a wake-up while waiting, so the wait can ask what to do."""
-
-    def __init__(self, wake: asyncio.Event) -> None:
-        self.wake = wake
-        self.hit = False
-        self._loop = asyncio.get_running_loop()
-        self._installed = False
-
-    def _on_sigint(self) -> None:
-        self.hit = True
-        self.wake.set()
-
-    def install(self) -> None:
-        try:
-            self._loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-            self._installed = True
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            pass
-
-    def remove(self) -> None:
-        if self._installed:
-            self._loop.remove_signal_handler(signal.SIGINT)
-            self._installed = False
-
-
-def _interactive() -> bool:
-    return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
-
-
-def _ask_cancel(batch_id: str) -> bool:
-    """Ask on the terminal; Ctrl-C or end of input at the prompt count as no."""
-    # The prompt goes to stderr (stdout may be redirected to a file), the answer comes from the terminal.
-    sys.stderr.write(f"Cancel batch {batch_id}? [y/N] ")
-    sys.stderr.flush()
-    try:
-        answer = sys.stdin.readline()
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
-async def follow_events(client: Client, batch_id: str, state: dict[str, Any], wake: asyncio.Event) -> bool:
-    """Keep ``state["batch"]`` current from ``GET /batches/{id}/events`` (Server-Sent Events).
-
-    Returns True once the stream said the batch ended, False when there is no such stream here
-    (an older server) or it broke off: the caller then polls instead. Never raises.
-    """
-    assert client._session is not None
-    url = f"{client.target.api}/batches/{batch_id}/events"
-    try:
-        async with client._session.get(url, headers={"Accept": "text/event-stream"},
-                                       timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)) as resp:
-            if resp.status != 200 or resp.content_type != "text/event-stream":
-                return False
-            event, data = "", []
-            async for raw in resp.content:  # one line at a time
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line:
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].removeprefix(" "))
-                    continue
-                if event == "batch" and data:
-                    value = json.loads("\n".join(data))
-                    if isinstance(value, dict) and value.get("id") == batch_id:
-                        state["batch"] = value
-                        wake.set()
-                elif event == "done":
-                    return True
-                event, data = "", []
-    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
-        pass
-    return False
-
-
-async def wait_and_collect(client: Client, batch: dict[str, Any], args: argparse.Namespace, *,
-                           local: Path | None) -> int:
-    """Follow a batch until it ends, download its result files into ``args.out``, print a summary."""
-    err = sys.stderr
-    tty = err.isatty() and not args.quiet
-    interval = max(0.05, args.poll_interval)
-    started = time.monotonic()
-    rate = Rate()
-    wake = asyncio.Event()
-    interrupts = _Interrupts(wake)
-    interrupts.install()
-    state = {"batch": batch}
-    events: asyncio.Task[bool] | None = None
-    if not args.poll:
-        events = asyncio.create_task(follow_events(client, batch["id"], state, wake))
-    cancelled_by_us = False
-    last_line, last_print = "", 0.0
-    open_line = False  # a progress line drawn in place, not yet ended
-    unreachable_since: float | None = None
-    batch_id = batch["id"]
-    try:
-        while True:
-            batch = state["batch"]
-            now = time.monotonic()
-            counts = batch.get("request_counts") or {}
-            r = rate.add(now, counts.get("completed", 0) + counts.get("failed", 0))
-            if not args.quiet:
-                line = progress_text(batch, r)
-                if tty:
-                    err.write(f"\r{line}\x1b[K")
-                    err.flush()
-                    open_line = True
-                elif line != last_line and (now - last_print >= 2.0 or batch["status"] in TERMINAL_STATUSES
-                                            or line.split(":")[0] != last_line.split(":")[0]):
-                    print(line, file=err, flush=True)
-                    last_line, last_print = line, now
-            if batch["status"] in TERMINAL_STATUSES:
-                break
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=interval)
-            except TimeoutError:
-                pass
-            wake.clear()
-            if interrupts.hit:
-                interrupts.hit = False
-                if open_line:
-                    err.write("\n")
-                    open_line = False
-                if cancelled_by_us or not _interactive():
-                    _print_detach_hint(batch_id, cancelled_by_us)
-                    return EXIT_INTERRUPTED
-                interrupts.remove()
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                try:
-                    cancel = _ask_cancel(batch_id)
-                finally:
-                    interrupts.install()
-                if not cancel:
-                    _print_detach_hint(batch_id, False)
-                    return EXIT_INTERRUPTED
-                try:
-                    state["batch"] = await client.request("POST", f"/batches/{batch_id}/cancel")
-                except APIStatusError as exc:
-                    if exc.status != 409:
-                        raise
-                    print(f"too late to cancel: {exc.body.get('message')}", file=err)
-                else:
-                    cancelled_by_us = True
-                    print(f"cancelling {batch_id}; waiting for its partial results (Ctrl-C again to stop waiting)",
-                          file=err)
-                continue
-            if events is not None and not events.done():
-                continue  # the event stream keeps state["batch"] current
-            try:
-                state["batch"] = await client.request("GET", f"/batches/{batch_id}")
-                unreachable_since = None
-            except APIStatusError as exc:
-                if exc.status < 500 and exc.status != 429:
-                    raise
-                # A restarting web process: keep following.
-            except ClientError as exc:
-                unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > CONNECTION_GRACE_S:
-                    raise ClientError(f"{exc.message}\nbatch {batch_id} may still be running; "
-                                      f"`sluice batches get {batch_id}` shows it") from None
-    finally:
-        interrupts.remove()
-        if events is not None and not events.done():
-            events.cancel()
-            try:
-                await events
-            except asyncio.CancelledError:
-                pass
-        if open_line:
-            err.write("\n")
-            err.flush()
-
-    if batch.get("errors") and (batch["errors"].get("data")):
-        print_batch_errors(batch, local, err)
-    out_dir = Path(args.out)
-    written: list[str] = []
-    for kind, key in (("output", "output_file_id"), ("errors", "error_file_id")):
-        file_id = batch.get(key)
-        if file_id:
-            dest = out_dir / f"{batch_id}_{kind}.jsonl"
-            await client.download(file_id, dest)
-            written.append(f"{kind} {dest}")
-    if args.json:
-        print_json(batch)
-    else:
-        counts = batch.get("request_counts") or {}
-        files = "; ".join(written) if written else "no result files"
-        invalid = len(((batch.get("errors") or {}).get("data")) or [])
-        if batch["status"] == "failed" and invalid:
-            print(f"{batch_id} failed: {invalid} invalid line{'s' if invalid != 1 else ''}, nothing was sent upstream;"
-                  f" {files}")
-            return _status_exit(batch)
-        print(f"{batch_id} {batch['status']}: {counts.get('completed', 0)} completed, {counts.get('failed', 0)} "
-              f"failed of {counts.get('total', 0)} in {human_duration(time.monotonic() - started)}; {files}")
-    return _status_exit(batch)
-
-
-def _print_detach_hint(batch_id: str, cancelling: bool) -> None:
-    state = "is being cancelled" if cancelling else "keeps running"
-    print(f"stopped waiting; batch {batch_id} {state} on the server.\n"
-          f"  follow it: sluice batches get {batch_id}\n"
-          f"  cancel it: sluice batches cancel {batch_id}", file=sys.stderr, flush=True)
 
 
 # -- batches
@@ -455,7 +298,7 @@ async def _list(
         return EXIT_OK
     print("\n".join(text_table(header, [row(item) for item in page["data"]])))
     if page.get("has_more"):
-        print(f"(more: sluice {kind} list --after {page['last_id']})", file=sys.stderr)
+        print(f"(more: sluice {kind} --after {page['last_id']})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -519,7 +362,7 @@ async def cmd_files(args: argparse.Namespace, target: Target) -> int:
             dest = Path(args.output) if args.output else Path(_safe_name(f.get("filename") or "", f["id"]))
             if dest.is_dir():
                 dest = dest / _safe_name(f.get("filename") or "", f["id"])
-            n = await client.download(args.id, dest)
+            n = await client.download(args.id, dest, overwrite=args.force)
             return _done(args, f, f"saved {f['id']} to {dest} ({human_bytes(n)})")
         if action == "delete":
             d = await client.request("DELETE", f"/files/{args.id}")
@@ -528,66 +371,112 @@ async def cmd_files(args: argparse.Namespace, target: Target) -> int:
 
 
 # ----------------------------------------------------------------------------- argparse wiring
+CLIENT_ENV = """\
+environment:
+  SLUICE_URL      Sluice's URL, with or without /v1 (--url wins)
+  SLUICE_TOKEN    the API token (--token wins)
+  When neither is set, the `sluice up` stack running here is used: its $SLUICE_DATA_DIR/stack.json
+  (SLUICE_DATA_DIR defaults to ./var/data; this checkout's var/data is looked at too), and a line
+  on stderr says so. Otherwise http://localhost:8000 and the token in $SLUICE_DATA_DIR/dev-token.
+  The client never reads OPENAI_API_KEY.
+"""
+SUBMIT_MORE = """\
+With --wait, FILE is checked line by line first (nothing is uploaded when a line is invalid or a
+custom_id appears twice), then run as one batch, or as several when it holds more requests or
+bytes than one batch may on the server, at most --parallel at a time. Their results are merged
+into DIR/<id>_output.jsonl and DIR/<id>_error.jsonl (<id>: the batch's id, or the job's when
+there are several batches). DIR/<job id>.submit.json keeps the job's state until it ends:
+after a Ctrl-C, a crash or a reboot, `sluice submit --resume --out DIR` goes on where it
+stopped, without running any batch twice.
+
+""" + CLIENT_ENV
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     """Connection and output options, accepted at every level (``sluice batches --json list`` or after)."""
     g = parser.add_argument_group("connection")
     g.add_argument("--url", "--api-base", "-b", dest="url", default=argparse.SUPPRESS, metavar="URL",
-                   help=f"Sluice's URL, with or without /v1 (default: $SLUICE_URL, else {DEFAULT_URL})")
+                   help=f"Sluice's URL, with or without /v1 (default: $SLUICE_URL, else the `sluice up` stack, "
+                        f"else {DEFAULT_URL})")
     g.add_argument("--token", "--api-key", "-k", dest="token", default=argparse.SUPPRESS, metavar="TOKEN",
-                   help="API token (default: $SLUICE_TOKEN, else the dev token of `sluice up`)")
+                   help="API token (default: $SLUICE_TOKEN, else the `sluice up` stack's)")
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the API objects as JSON (for scripts)")
 
 
+def _list_options(parser: argparse.ArgumentParser, kind: str, limit: str) -> None:
+    # SUPPRESS: an option given before the subcommand (`sluice batches --limit 2 list`) is not
+    # overwritten by the subcommand's default; the defaults are set once, on `batches` / `files`.
+    if kind == "files":
+        parser.add_argument("--purpose", choices=sorted(set(UPLOAD_PURPOSES) | {"batch_output"}),
+                            default=argparse.SUPPRESS, help="only files of this purpose")
+    parser.add_argument("--limit", type=int, default=argparse.SUPPRESS, metavar="N", help=f"how many ({limit})")
+    parser.add_argument("--after", default=argparse.SUPPRESS, metavar="ID", help="the page after this id")
+
+
+def _parser(sub: Any, name: str, summary: str, description: str, epilog: str = CLIENT_ENV) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 78), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_client_commands(sub: Any) -> None:
     """Add ``submit``, ``batches`` and ``files`` to the ``sluice`` subparsers."""
-    submit = sub.add_parser("submit", help="upload a JSONL file and create a batch (--wait: follow it, get results)",
-                            description="Upload a batch input file and create a batch from it.")
-    submit.add_argument("file", help="the JSONL file of requests")
+    submit = _parser(sub, "submit", "upload a JSONL file and create a batch (--wait: follow it, get results)",
+                     "Upload a batch input file and create a batch from it; with --wait, follow it to its end and "
+                     "save its results.", SUBMIT_MORE)
+    submit.add_argument("file", nargs="?", help="the JSONL file of requests")
     submit.add_argument("--endpoint", "-e", choices=BATCH_ENDPOINTS, metavar="ENDPOINT",
                         help="the batch endpoint (default: the first line's url, else /v1/chat/completions)")
     submit.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE", help="batch metadata (repeatable)")
     submit.add_argument("--wait", "-w", action="store_true",
-                        help="follow the batch until it ends, then download its result files")
+                        help="follow the batch (or batches) until it ends, then save the results")
     submit.add_argument("--out", "-o", default=".", metavar="DIR",
-                        help="with --wait: where the output and error files go (default: .)")
+                        help="with --wait or --resume: where the result files and the job's state go (default: .)")
+    submit.add_argument("--resume", action="store_true",
+                        help="go on with the interrupted submit --wait kept in DIR (FILE may name which)")
+    submit.add_argument("--parallel", type=int, default=jobs.DEFAULT_PARALLEL, metavar="N",
+                        help=f"batches of one job running at a time (default {jobs.DEFAULT_PARALLEL})")
+    submit.add_argument("--max-batch-lines", type=int, default=None, metavar="N",
+                        help="at most N requests per batch (default: the server's limit)")
     submit.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
     submit.add_argument("--poll", action="store_true", help=argparse.SUPPRESS)  # no event stream, poll only
     submit.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     _common(submit)
     submit.set_defaults(func=_run(cmd_submit))
 
-    batches = sub.add_parser("batches", help="list, show or cancel batches", description="List, show or cancel batches.")
+    batches = _parser(sub, "batches", "list, show or cancel batches",
+                      "List the newest batches (the default: `sluice batches --limit 5`), show one or cancel one.")
     _common(batches)
+    _list_options(batches, "batches", "1..100, default 20")
     bsub = batches.add_subparsers(dest="batches_command", metavar="{list,get,cancel}")
-    bl = bsub.add_parser("list", help="the newest batches")
-    bl.add_argument("--limit", type=int, default=20, help="how many (1..100, default 20)")
-    bl.add_argument("--after", metavar="BATCH_ID", help="the page after this id")
+    bl = _parser(bsub, "list", "the newest batches (the default action)", "The newest batches, newest first.")
+    _list_options(bl, "batches", "1..100, default 20")
+    _common(bl)
     for name, text in (("get", "one batch, with its counts and errors"), ("cancel", "cancel a batch")):
-        p = bsub.add_parser(name, help=text)
+        p = _parser(bsub, name, text, text[0].upper() + text[1:] + ".")
         p.add_argument("id", metavar="BATCH_ID")
         _common(p)
-    _common(bl)
     batches.set_defaults(func=_run(cmd_batches), limit=20, after=None)
 
-    files = sub.add_parser("files", help="list, show, download or delete files",
-                           description="List, show, download or delete files.")
+    files = _parser(sub, "files", "list, show, download or delete files",
+                    "List the newest files (the default: `sluice files --purpose batch --limit 5`), show, download "
+                    "or delete one.")
     _common(files)
+    _list_options(files, "files", "1..10000, default 100")
     fsub = files.add_subparsers(dest="files_command", metavar="{list,get,download,delete}")
-    fl = fsub.add_parser("list", help="the newest files")
-    fl.add_argument("--purpose", choices=sorted(set(UPLOAD_PURPOSES) | {"batch_output"}))
-    fl.add_argument("--limit", type=int, default=100, help="how many (1..10000, default 100)")
-    fl.add_argument("--after", metavar="FILE_ID", help="the page after this id")
+    fl = _parser(fsub, "list", "the newest files (the default action)", "The newest files, newest first.")
+    _list_options(fl, "files", "1..10000, default 100")
     _common(fl)
     for name, text in (("get", "one file's details"), ("download", "save a file's content"),
                        ("delete", "delete a file")):
-        p = fsub.add_parser(name, help=text)
+        p = _parser(fsub, name, text, text[0].upper() + text[1:] + ".")
         p.add_argument("id", metavar="FILE_ID")
         if name == "download":
             p.add_argument("--output", "-o", metavar="PATH",
                            help="where to save it: a path, a directory, or - for stdout (default: its filename)")
+            p.add_argument("--force", "-f", action="store_true", help="replace a file that exists already")
         _common(p)
-    files.set_defaults(func=_run(cmd_files), limit=100, after=None, purpose=None, output=None)
+    files.set_defaults(func=_run(cmd_files), limit=100, after=None, purpose=None, output=None, force=False)
 
 
 def _run(command: Callable[[argparse.Namespace, Target], Any]) -> Callable[[argparse.Namespace], None]:

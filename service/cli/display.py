@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, TextIO
+
+LINE_PREVIEW = 160  # characters of a request line shown beside its error
+SHOWN_ERRORS = 20
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -116,3 +120,77 @@ def progress_text(batch: dict[str, Any], rate: float | None) -> str:
     return text
 
 
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    """``[#########...............]``: the share of ``total`` done, for a line redrawn on a terminal."""
+    fill = min(width, int(width * done / total)) if total else 0
+    return f"[{'#' * fill}{'.' * (width - fill)}]"
+
+
+# ----------------------------------------------------------------------------- validation errors
+def preview(line: bytes | str, limit: int = LINE_PREVIEW) -> str:
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    text = text.rstrip("\r\n")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def read_lines(path: Path, numbers: set[int]) -> dict[int, str]:
+    """The given 1-based physical lines of a local file, previewed (as validation numbers them)."""
+    found: dict[int, str] = {}
+    if not numbers:
+        return found
+    last = max(numbers)
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if n in numbers:
+                    if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]
+                    found[n] = preview(raw[: LINE_PREVIEW * 4])
+                if n >= last:
+                    break
+    except OSError:
+        pass
+    return found
+
+
+def print_batch_errors(batch: dict[str, Any], local: Path | None, out: TextIO, *, line_offset: int = 0) -> None:
+    """A failed batch's validation errors: its invalid lines (with the local line when known), then whole-file ones.
+
+    ``line_offset``: where the batch's file starts in ``local`` (a part of a bigger job), in lines.
+    """
+    data = ((batch.get("errors") or {}).get("data")) or []
+    lines_errors = [e for e in data if e.get("line")]
+    file_errors = [e for e in data if not e.get("line")]
+    if lines_errors:
+        n = len(lines_errors)
+        where = f" in {local}" if local is not None else ""
+        print(f"{n} invalid line{'s' if n != 1 else ''}{where} (nothing was sent upstream):", file=out)
+        shown = lines_errors[:SHOWN_ERRORS]
+        lines = read_lines(local, {e["line"] + line_offset for e in shown}) if local is not None else {}
+        for e in shown:
+            number = e["line"] + line_offset
+            param = f" [{e['param']}]" if e.get("param") else ""
+            print(f"  line {number}: {e.get('code')}{param}: {e.get('message')}", file=out)
+            if number in lines:
+                print(f"    > {lines[number]}", file=out)
+        if n > len(shown):
+            print(f"  ... and {n - len(shown)} more (sluice batches get {batch['id']} --json)", file=out)
+    for e in file_errors:
+        print(f"the file as a whole (nothing was sent upstream): {e.get('code')}: {e.get('message')}", file=out)
+        if e.get("code") == "too_many_tasks":
+            print("  `sluice submit FILE --wait --out DIR` runs a file over the server's limits as several batches",
+                  file=out)
+
+
+def describe_failure(batch: dict[str, Any]) -> str:
+    """Why a batch failed validation, in a few words: ``2 invalid lines``, ``too many requests for one batch``."""
+    data = ((batch.get("errors") or {}).get("data")) or []
+    n = sum(1 for e in data if e.get("line"))
+    reasons = [f"{n} invalid line{'s' if n != 1 else ''}"] if n else []
+    for e in data:
+        if not e.get("line"):
+            reasons.append("too many requests for one batch" if e.get("code") == "too_many_tasks"
+                           else f"{e.get('code')}")
+    return " and ".join(reasons)

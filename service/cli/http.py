@@ -16,10 +16,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 
+from service.core.config import ClientSettings
+
+from . import localstack
 from .display import Progress
 
 DEFAULT_URL = "http://localhost:8000"
@@ -66,18 +69,30 @@ def normalize_url(raw: str) -> str:
     return url
 
 
-def _dev_token() -> str | None:
-    path = Path(os.environ.get("SLUICE_DATA_DIR", "").strip() or "./var/data") / "dev-token"
+def _dev_token(client: ClientSettings) -> str | None:
     try:
-        return path.read_text().strip() or None
+        return (client.data_dir / "dev-token").read_text().strip() or None
     except OSError:
         return None
 
 
-def resolve_target(args: argparse.Namespace) -> Target:
-    """URL and token from the flags, else the environment, else the local development defaults."""
-    url = getattr(args, "url", None) or os.environ.get("SLUICE_URL", "").strip() or DEFAULT_URL
-    token = getattr(args, "token", None) or os.environ.get("SLUICE_TOKEN", "").strip() or _dev_token()
+def resolve_target(args: argparse.Namespace, client: ClientSettings | None = None) -> Target:
+    """URL and token from the flags, else the environment, else the running `sluice up` stack, else the defaults.
+
+    When the stack's connection file is used, one line on stderr says so (unless ``--quiet``).
+    """
+    client = client or ClientSettings.from_env()
+    url = getattr(args, "url", None) or client.url
+    token = getattr(args, "token", None) or client.token
+    if not url or not token:
+        stack = localstack.find(client)
+        if stack is not None and (not url or normalize_url(url) == normalize_url(stack.api_url)):
+            if not getattr(args, "quiet", False):
+                localstack.announce(f"using {stack.api_url} of {stack.describe()}")
+            url = url or stack.api_url
+            token = token or stack.token
+    url = url or DEFAULT_URL
+    token = token or _dev_token(client)
     if not token:
         raise ClientError("no token: pass --token TOKEN or set SLUICE_TOKEN (the token `sluice up` printed, "
                           "or one of SLUICE_API_TOKENS)", EXIT_USAGE)
@@ -148,20 +163,25 @@ class Client:
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.InvalidURL, OSError) as exc:
             raise self._unreachable(exc) from None
 
-    async def upload(self, path: Path, purpose: str, progress: Progress | None) -> dict[str, Any]:
-        """POST /files as multipart/form-data, streaming the file (and counting what was sent)."""
+    async def upload(self, path: Path, purpose: str, progress: Progress | None, *, start: int = 0,
+                     end: int | None = None, filename: str | None = None) -> dict[str, Any]:
+        """POST /files as multipart/form-data, streaming the file (or its bytes ``start:end``) and counting them."""
         boundary = f"sluice-{uuid.uuid4().hex}"
-        name = path.name.replace('"', "'").replace("\r", "").replace("\n", "")
+        name = (filename or path.name).replace('"', "'").replace("\r", "").replace("\n", "")
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
                 f"Content-Type: application/jsonl\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
-        size = path.stat().st_size
+        end = path.stat().st_size if end is None else end
+        size = end - start
 
         async def body() -> AsyncIterator[bytes]:
             yield head
             with open(path, "rb") as f:
-                while chunk := f.read(UPLOAD_CHUNK):
+                f.seek(start)
+                left = size
+                while left > 0 and (chunk := f.read(min(UPLOAD_CHUNK, left))):
+                    left -= len(chunk)
                     yield chunk
                     if progress is not None:
                         progress.advance(len(chunk))
@@ -171,33 +191,53 @@ class Client:
                    "Content-Length": str(len(head) + size + len(tail))}
         return await self.request("POST", "/files", data=body(), headers=headers)
 
-    async def download(self, file_id: str, dest: Path | None) -> int:
-        """GET /files/{id}/content into ``dest`` (written whole, then renamed) or stdout; the bytes."""
+    async def download(self, file_id: str, dest: Path | None, *, overwrite: bool = False) -> int:
+        """GET /files/{id}/content into ``dest`` (written whole, then renamed) or stdout; the bytes.
+
+        An existing ``dest`` is never replaced unless ``overwrite``: a ClientError says so instead.
+        """
+        if dest is not None and not overwrite and dest.exists():
+            raise refuse_overwrite(dest)
+        written = 0
+        if dest is None:
+            return await self.copy_content(file_id, sys.stdout.buffer)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        try:
+            with open(part, "wb") as f:
+                written = await self.copy_content(file_id, f)
+            if overwrite:
+                os.replace(part, dest)
+            else:
+                try:
+                    # link() fails when dest appeared meanwhile, where rename() would replace it.
+                    os.link(part, dest)
+                except FileExistsError:
+                    raise refuse_overwrite(dest) from None
+                except OSError:
+                    os.replace(part, dest)  # a file system without hard links
+        finally:
+            part.unlink(missing_ok=True)
+        return written
+
+    async def copy_content(self, file_id: str, out: BinaryIO) -> int:
+        """Write GET /files/{id}/content to ``out`` as it arrives; the bytes written."""
         assert self._session is not None
         written = 0
         try:
             async with self._session.get(f"{self.target.api}/files/{file_id}/content") as resp:
                 if resp.status >= 400:
                     raise await self._error_from(resp)
-                if dest is None:
-                    out = sys.stdout.buffer
-                    async for chunk in resp.content.iter_chunked(UPLOAD_CHUNK):
-                        out.write(chunk)
-                        written += len(chunk)
-                    out.flush()
-                    return written
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                part = dest.with_name(dest.name + ".part")
-                try:
-                    with open(part, "wb") as f:
-                        async for chunk in resp.content.iter_chunked(UPLOAD_CHUNK):
-                            f.write(chunk)
-                            written += len(chunk)
-                    os.replace(part, dest)
-                finally:
-                    part.unlink(missing_ok=True)
+                async for chunk in resp.content.iter_chunked(UPLOAD_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+                out.flush()
                 return written
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.InvalidURL) as exc:
             raise self._unreachable(exc) from None
 
 
+def refuse_overwrite(dest: Path) -> ClientError:
+    """The error for a download that would replace a file the user has."""
+    return ClientError(f"{dest} exists already; not overwriting it (pass --force to replace it, "
+                       "or -o to save elsewhere)")
