@@ -92,12 +92,72 @@ def test_print_batch_errors_with_local_lines(tmp_path):
     ]}}
     out = io.StringIO()
     commands.print_batch_errors(batch, f, out)
+    # A whole-file error is no "invalid line" (issue 13: a file with too many lines read "1 invalid line").
     assert out.getvalue().splitlines() == [
-        f"2 invalid lines in {f} (nothing was sent upstream):",
+        f"1 invalid line in {f} (nothing was sent upstream):",
         "  line 2: missing_required_parameter [method]: Missing required parameter: 'method'.",
         '    > {"custom_id": "x"}',
-        "  file: too_many_tasks: Too many.",
+        "the file as a whole (nothing was sent upstream): too_many_tasks: Too many.",
+        "  `sluice submit FILE --wait --out DIR` runs a file over the server's limits as several batches",
     ]
+    assert commands.describe_failure(batch) == "1 invalid line and too many requests for one batch"
+
+
+def test_too_many_lines_alone_is_not_an_invalid_line():
+    batch = {"id": "batch_1", "errors": {"data": [
+        {"code": "too_many_tasks", "message": "The batch input file has more than 5 requests.", "param": None,
+         "line": None}]}}
+    out = io.StringIO()
+    commands.print_batch_errors(batch, None, out)
+    assert "invalid line" not in out.getvalue()
+    assert out.getvalue().startswith("the file as a whole (nothing was sent upstream): too_many_tasks: The batch "
+                                     "input file has more than 5 requests.")
+    assert commands.describe_failure(batch) == "too many requests for one batch"
+
+
+def test_print_batch_errors_of_a_part_shows_the_lines_of_the_whole_file(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(f'{{"n": {i}}}\n' for i in range(1, 11)))
+    batch = {"id": "batch_1", "errors": {"data": [{"code": "invalid_request", "message": "M.", "param": None,
+                                                   "line": 2}]}}
+    out = io.StringIO()
+    commands.print_batch_errors(batch, f, out, line_offset=6)  # the part starts at line 7
+    assert out.getvalue().splitlines()[1:] == ["  line 8: invalid_request: M.", '    > {"n": 8}']
+
+
+def test_list_options_without_the_word_list():
+    parser = build_parser()
+    a = parser.parse_args(["batches", "--limit", "2"])
+    assert (a.batches_command, a.limit, a.after) == (None, 2, None)
+    a = parser.parse_args(["batches", "--limit", "2", "list"])
+    assert (a.batches_command, a.limit) == ("list", 2), "the subcommand's default must not win"
+    a = parser.parse_args(["batches", "list", "--after", "batch_1"])
+    assert (a.limit, a.after) == (20, "batch_1")
+    a = parser.parse_args(["files", "--purpose", "batch", "--limit", "5"])
+    assert (a.files_command, a.purpose, a.limit) == (None, "batch", 5)
+    a = parser.parse_args(["files"])
+    assert (a.purpose, a.limit, a.after) == (None, 100, None)
+    a = parser.parse_args(["files", "download", "file-1", "--force"])
+    assert (a.files_command, a.force) == ("download", True)
+
+
+def test_every_command_names_the_environment_it_reads():
+    import contextlib
+
+    for argv, names in [
+        (["web"], ["REDIS_URL", "PORT", "SLUICE_API_TOKENS"]), (["worker"], ["SLUICE_UPSTREAM_URL"]),
+        (["finalizer"], ["SLUICE_STORAGE_URL"]), (["up"], ["PORT", "SLUICE_DATA_DIR", "REDIS_URL"]),
+        (["mock-provider"], ["reads no environment variable"]), (["status"], ["REDIS_URL", "stack.json"]),
+        (["tokens"], ["REDIS_URL"]), (["tokens", "create"], ["REDIS_URL", "SLUICE_CONFIG"]),
+        (["tokens", "list"], ["REDIS_URL"]), (["tokens", "revoke"], ["REDIS_URL"]),
+        (["submit"], ["SLUICE_URL", "SLUICE_TOKEN", "--resume"]), (["batches"], ["SLUICE_URL", "SLUICE_TOKEN"]),
+        (["files"], ["SLUICE_URL", "SLUICE_TOKEN"]),
+    ]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        for name in names:
+            assert name in out.getvalue(), f"sluice {' '.join(argv)} --help does not mention {name}"
 
 
 def test_parser_accepts_options_at_any_level():
