@@ -1,6 +1,6 @@
 """Reading JSONL from storage and validating batch request lines (contract §5).
 
-Codes follow what OpenAI returns where it is known; the rest are documented in the README.
+Codes follow what OpenAI returns where it is known; the rest are documented in docs/api.md.
 """
 
 from __future__ import annotations

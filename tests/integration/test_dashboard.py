@@ -5,7 +5,7 @@ from the page, cancel a slow batch with the page's button, and look at the clust
 
 Needs /usr/bin/chromium (``make test`` installs Debian's ``chromium`` when it runs as root) and the
 ``playwright`` Python package (the ``test`` extra); Playwright's own browser download is never used.
-Set ``SLUICE_SCREENSHOTS=docs/screenshots`` to write the README's screenshots.
+Set ``SLUICE_SCREENSHOTS=docs/screenshots`` to write the screenshots of docs/operating.md.
 """
 
 from __future__ import annotations
