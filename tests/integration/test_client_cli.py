@@ -76,8 +76,13 @@ def test_submit_wait_downloads_every_result_once(cstack, tmp_path):
     assert m, summary
     batch_id, status, completed, failed, total = m.group(1), m.group(2), *map(int, m.group(3, 4, 5))
     assert (status, completed, failed, total) == ("completed", 25, 1, 26), summary
-    output, errors = out / f"{batch_id}_output.jsonl", out / f"{batch_id}_errors.jsonl"
+    output, errors = out / f"{batch_id}_output.jsonl", out / f"{batch_id}_error.jsonl"
     assert str(output) in summary and str(errors) in summary
+    # The client names result files as the server does (issue 13: it saved "_errors.jsonl").
+    batch = cstack.client().batches.retrieve(batch_id)
+    assert cstack.client().files.retrieve(batch.error_file_id).filename == errors.name
+    assert cstack.client().files.retrieve(batch.output_file_id).filename == output.name
+    assert sorted(p.name for p in out.iterdir()) == sorted([output.name, errors.name]), "no state file is left"
     got = custom_ids(output) + custom_ids(errors)
     assert sorted(got) == sorted(r["custom_id"] for r in rows), "every custom_id exactly once"
     assert custom_ids(errors) == [f"{tag}-bad"]
@@ -103,7 +108,7 @@ def test_submit_without_wait_and_json(cstack, tmp_path):
     assert batch["object"] == "batch" and batch["status"] == "completed", batch
     assert batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert sorted(custom_ids(tmp_path / "o" / f"{batch['id']}_output.jsonl")) == [f"{tag}-{i:03d}" for i in range(3)]
-    assert not (tmp_path / "o" / f"{batch['id']}_errors.jsonl").exists()
+    assert not (tmp_path / "o" / f"{batch['id']}_error.jsonl").exists()
 
 
 def test_big_upload_reports_progress(cstack, tmp_path):
@@ -117,21 +122,23 @@ def test_big_upload_reports_progress(cstack, tmp_path):
     assert batch.status == "completed" and batch.request_counts.completed == 800
 
 
-def test_validation_failure_shows_the_offending_line(cstack, tmp_path):
+def test_validation_failure_shows_the_offending_line_before_anything_is_uploaded(cstack, tmp_path):
     tag = f"vf-{uuid.uuid4().hex[:6]}"
     good = rows_of(cstack, tag, 3)
     bad = {"custom_id": f"{tag}-nomodel", "method": "POST", "url": "/v1/chat/completions",
            "body": {"messages": [{"role": "user", "content": "z" * 500}]}}
     src = write_rows(tmp_path / "v.jsonl", [good[0], good[1], "", bad, good[2], good[0]])
+    before = cli(cstack, "files", "list", "--json").stdout
     res = cli(cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2")
     assert res.returncode == 1, res
-    assert "2 invalid lines in" in res.stderr, res.stderr
+    assert "2 invalid lines in" in res.stderr and "(nothing was uploaded)" in res.stderr, res.stderr
     assert "line 4: invalid_request [body.model]: Model parameter is required." in res.stderr, res.stderr
     assert f'    > {{"custom_id": "{tag}-nomodel"' in res.stderr, res.stderr
     assert "... (" in res.stderr, "a long line is truncated"
     assert "line 6: duplicate_custom_id [custom_id]" in res.stderr, res.stderr
-    summary = res.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"batch_\w+ failed: 2 invalid lines, nothing was sent upstream; no result files", summary), summary
+    assert res.stdout == ""
+    assert cli(cstack, "files", "list", "--json").stdout == before, "nothing was uploaded"
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
 def test_not_jsonl_is_refused_before_upload(cstack, tmp_path):
@@ -348,7 +355,7 @@ def test_ctrl_c_on_a_terminal_offers_to_cancel(cstack, tmp_path, wait_until):
         assert proc.returncode == 1, text
         assert re.search(rf"{batch_id} cancelled: \d+ completed, \d+ failed of 30", text), text
         assert cstack.client().batches.retrieve(batch_id).status == "cancelled"
-        errors = tmp_path / "o" / f"{batch_id}_errors.jsonl"
+        errors = tmp_path / "o" / f"{batch_id}_error.jsonl"
         assert errors.exists() and len(custom_ids(errors)) + (
             len(custom_ids(tmp_path / "o" / f"{batch_id}_output.jsonl"))
             if (tmp_path / "o" / f"{batch_id}_output.jsonl").exists() else 0
@@ -373,3 +380,223 @@ def test_wait_follows_the_event_stream_when_the_server_has_one(cstack, tmp_path)
     m = SUMMARY.match(res.stdout.strip().splitlines()[-1])
     assert m and m.group(2) == "completed" and m.group(3) == "5", res.stdout
     assert sorted(custom_ids(tmp_path / "o" / f"{m.group(1)}_output.jsonl")) == [f"{tag}-{i:03d}" for i in range(5)]
+
+
+# --------------------------------------------------------------------------------------------
+# A newcomer's stumbles (issue 13), each as it looks from the shell
+
+
+def test_list_options_need_no_word_list(cstack, tmp_path):
+    token = cstack.tokens[1]
+    for i in range(3):
+        src = write_rows(tmp_path / f"l{i}.jsonl", rows_of(cstack, f"lo{i}-{uuid.uuid4().hex[:6]}", 1))
+        assert cli(cstack, "submit", str(src), "--json", token=token).returncode == 0
+    res = cli(cstack, "batches", "--limit", "2", token=token)
+    assert res.returncode == 0, res
+    assert len(res.stdout.splitlines()) == 3, res.stdout  # header + 2
+    assert "(more: sluice batches --after batch_" in res.stderr, res.stderr
+    res = cli(cstack, "files", "--purpose", "batch", "--limit", "1", "--json", token=token)
+    assert res.returncode == 0, res
+    page = json.loads(res.stdout)
+    assert len(page["data"]) == 1 and page["data"][0]["purpose"] == "batch" and page["has_more"]
+
+
+def test_download_never_overwrites_without_force(cstack, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    tag = f"ow-{uuid.uuid4().hex[:6]}"
+    mine = write_rows(work / "requests.jsonl", rows_of(cstack, tag, 2))
+    uploaded = mine.read_bytes()
+    file_id = json.loads(cli(cstack, "submit", str(mine), "--json").stdout)["input_file_id"]
+    mine.write_text("my own edits\n")  # the server's copy has the same name
+    res = cli(cstack, "files", "download", file_id, cwd=work)
+    assert res.returncode == 1, res
+    assert res.stderr.strip() == ("sluice: requests.jsonl exists already; not overwriting it (pass --force to "
+                                  "replace it, or -o to save elsewhere)"), res.stderr
+    assert mine.read_text() == "my own edits\n"
+    assert not list(work.glob("*.part"))
+    res = cli(cstack, "files", "download", file_id, "--force", cwd=work)
+    assert res.returncode == 0 and mine.read_bytes() == uploaded, res
+
+
+def test_closed_pipe_exits_quietly(cstack, tmp_path):
+    src = write_rows(tmp_path / "p.jsonl", rows_of(cstack, f"cp-{uuid.uuid4().hex[:6]}", 1))
+    file_id = json.loads(cli(cstack, "submit", str(src), "--json").stdout)["input_file_id"]
+    for args in (["batches", "--limit", "5"], ["files", "download", file_id, "-o", "-"], ["batches", "get", "--json",
+                 json.loads(cli(cstack, "batches", "--limit", "1", "--json").stdout)["data"][0]["id"]]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # like `| head` that has already gone
+        try:
+            proc = subprocess.run([sys.executable, "-m", "service.cli", *args], env=client_env(cstack), cwd=str(ROOT),
+                                  stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                  timeout=60)
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, (args, proc.stderr)
+
+
+def test_unreachable_redis_and_server_are_one_line(cstack, tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**client_env(cstack), "REDIS_URL": dead}
+    for args in (["tokens", "list"], ["tokens", "create", "--name", "x"], ["status"]):
+        proc = subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, cwd=str(tmp_path),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, (args, proc)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        assert f"127.0.0.1:{dead.split(':')[2].split('/')[0]}" in proc.stderr, proc.stderr
+    res = cli(cstack, "batches", url=f"http://127.0.0.1:{free_port()}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "cannot reach Sluice" in res.stderr, res
+
+
+def test_a_batch_refused_by_a_quota_leaves_no_file_behind(cstack, tmp_path):
+    name = f"q-{uuid.uuid4().hex[:6]}"
+    created = cstack.sluice("tokens", "create", "--name", name, "--max-enqueued-lines", "2", check=True)
+    token = created.stdout.strip()
+    src = write_rows(tmp_path / "q.jsonl", rows_of(cstack, name, 3))
+    for extra in ([], ["--wait", "--out", str(tmp_path / "o")]):
+        res = cli(cstack, "submit", str(src), *extra, token=token)
+        assert res.returncode == 1, res
+        assert "the batch was refused" in res.stderr and "enqueued_lines_quota_exceeded" in res.stderr, res.stderr
+        assert re.search(r"deleted the uploaded file file-\w+: nothing is left on the server", res.stderr), res.stderr
+        assert json.loads(cli(cstack, "files", "--json", token=token).stdout)["data"] == [], "the upload is gone"
+    assert not list((tmp_path / "o").glob("*")), "a job that never ran leaves no state file"
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs bigger than one batch: split, merged, resumable
+
+SMALL_LINES = 40  # requests per batch on the small stack
+SMALL_BYTES = 20_000  # bytes per batch file on the small stack
+
+
+@pytest.fixture(scope="module")
+def small(module_stack_factory):
+    return module_stack_factory.start(name="small-batches", workers=1, worker_concurrency=16,
+                                      max_batch_lines=SMALL_LINES,
+                                      env={"SLUICE_MAX_BATCH_FILE_BYTES": str(SMALL_BYTES)})
+
+
+def job_batches(stack, job_id: str) -> list[dict]:
+    found, after = [], None
+    while True:
+        page = stack.http("GET", "/v1/batches?limit=100" + (f"&after={after}" if after else "")).json()
+        found += [b for b in page["data"] if (b.get("metadata") or {}).get("sluice_job") == job_id]
+        if not page["has_more"]:
+            return found
+        after = page["last_id"]
+
+
+JOB_SUMMARY = re.compile(r"^(job_\w+) (\w+): (\d+) completed, (\d+) failed of (\d+) in [\d:]+ \((\d+) batches\); (.*)$")
+
+
+def test_a_job_bigger_than_one_batch_is_split_and_merged_exactly_once(small, tmp_path):
+    tag = f"sp-{uuid.uuid4().hex[:6]}"
+    rows = rows_of(small, tag, 130) + [small.chat_line(f"{tag}-bad{i}", "x", mock_status=404) for i in range(3)]
+    src = write_rows(tmp_path / "big.jsonl", rows)
+    out = tmp_path / "out"
+    res = cli(small, "submit", str(src), "--wait", "--out", str(out), "--poll-interval", "0.2", timeout=120)
+    assert res.returncode == 0, res
+    m = JOB_SUMMARY.match(res.stdout.strip().splitlines()[-1])
+    assert m, res.stdout
+    job_id = m.group(1)
+    assert m.group(2, 3, 4, 5, 6) == ("completed", "130", "3", "133", "4"), res.stdout
+    assert "runs it as 4 batches" in res.stderr, res.stderr
+    output, errors = out / f"{job_id}_output.jsonl", out / f"{job_id}_error.jsonl"
+    got = custom_ids(output) + custom_ids(errors)
+    assert sorted(got) == sorted(r["custom_id"] for r in rows), "every custom_id exactly once"
+    assert sorted(custom_ids(errors)) == [f"{tag}-bad{i}" for i in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([output.name, errors.name]), "the state file is gone"
+    parts = job_batches(small, job_id)
+    assert len(parts) == 4 and all(b["status"] == "completed" for b in parts)
+    assert sorted(b["metadata"]["sluice_part"] for b in parts) == ["1/4", "2/4", "3/4", "4/4"]
+    assert max(b["request_counts"]["total"] for b in parts) <= SMALL_LINES
+
+
+def test_a_job_is_split_by_bytes_too(small, tmp_path):
+    tag = f"sb-{uuid.uuid4().hex[:6]}"
+    rows = [small.chat_line(f"{tag}-{i}", "y" * 900) for i in range(30)]  # about 1 KB each: 30 KB in all
+    src = write_rows(tmp_path / "wide.jsonl", rows)
+    res = cli(small, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2", "--json",
+              timeout=120)
+    assert res.returncode == 0, res
+    job = json.loads(res.stdout)
+    assert job["object"] == "sluice.job" and job["status"] == "completed" and len(job["batches"]) >= 2, job
+    assert job["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+    sizes = [small.client().files.retrieve(b["input_file_id"]).bytes for b in job_batches(small, job["id"])]
+    assert len(sizes) == len(job["batches"]) and max(sizes) <= SMALL_BYTES and sum(sizes) == src.stat().st_size
+    assert sorted(custom_ids(Path(job["output_file"]))) == sorted(r["custom_id"] for r in rows)
+
+
+def test_duplicate_custom_ids_across_parts_are_refused_before_upload(small, tmp_path):
+    tag = f"du-{uuid.uuid4().hex[:6]}"
+    rows = rows_of(small, tag, 100)
+    rows[90] = rows[5]  # in another part than its first use
+    src = write_rows(tmp_path / "dup.jsonl", rows)
+    before = cli(small, "files", "--json").stdout
+    res = cli(small, "submit", str(src), "--wait", "--out", str(tmp_path / "o"))
+    assert res.returncode == 1, res
+    assert "1 invalid line in" in res.stderr and "(nothing was uploaded)" in res.stderr, res.stderr
+    assert "line 91: duplicate_custom_id [custom_id]" in res.stderr, res.stderr
+    assert f'> {{"custom_id": "{tag}-005"' in res.stderr, res.stderr
+    assert cli(small, "files", "--json").stdout == before, "nothing was uploaded"
+
+
+def test_too_many_lines_without_wait_says_how_to_split(small, tmp_path):
+    src = write_rows(tmp_path / "many.jsonl", rows_of(small, f"tm-{uuid.uuid4().hex[:6]}", SMALL_LINES + 1))
+    res = cli(small, "submit", str(src))
+    assert res.returncode == 2, res
+    assert f"holds {SMALL_LINES + 1} requests, more than one batch may on this server ({SMALL_LINES} requests" in \
+        res.stderr and "--wait --out DIR" in res.stderr, res.stderr
+
+
+def test_a_file_with_too_many_lines_is_reported_as_such(small, tmp_path):
+    # Created through the SDK, as the server refuses it: the CLI shows why, not "1 invalid line".
+    f, batch = small.submit([small.chat_line(f"tl-{i}", "x") for i in range(SMALL_LINES + 5)])
+    small.wait_for_batch(batch.id)
+    res = cli(small, "batches", "get", batch.id)
+    assert res.returncode == 0, res
+    assert "invalid line" not in res.stdout, res.stdout
+    assert (f"the file as a whole (nothing was sent upstream): too_many_tasks: The batch input file has more than "
+            f"{SMALL_LINES} requests.") in res.stdout, res.stdout
+
+
+def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path, wait_until):
+    tag = f"rs-{uuid.uuid4().hex[:6]}"
+    rows = rows_of(small, tag, 5 * SMALL_LINES, mock_latency_ms=300)
+    src = write_rows(tmp_path / "r.jsonl", rows)
+    out = tmp_path / "out"
+    small.mock_reset()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(out), "--parallel", "2",
+         "--poll-interval", "0.2"], env=client_env(small), cwd=str(ROOT), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def some_merged_some_not():
+            states = list(out.glob("job_*.submit.json"))
+            if not states:
+                return None
+            parts = json.loads(states[0].read_text())["parts"]
+            merged = sum(p["merged"] for p in parts)
+            return states[0] if 0 < merged < len(parts) else None
+        state_file = wait_until(some_merged_some_not, timeout=90, interval=0.05,
+                                message="a job with some parts merged and some not")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    job_id = state_file.name.split(".")[0]
+    res = cli(small, "submit", "--resume", "--out", str(out), "--poll-interval", "0.2", timeout=120)
+    assert res.returncode == 0, res
+    assert f"resuming {job_id}" in res.stderr, res.stderr
+    m = JOB_SUMMARY.match(res.stdout.strip().splitlines()[-1])
+    assert m and m.group(1) == job_id and m.group(2, 3, 4, 5, 6) == ("completed", "200", "0", "200", "5"), res.stdout
+    assert sorted(custom_ids(out / f"{job_id}_output.jsonl")) == sorted(r["custom_id"] for r in rows), \
+        "every custom_id exactly once"
+    assert len(job_batches(small, job_id)) == 5, "no part ran twice"
+    assert small.mock_stats()["requests"] == 200, "no request was sent twice"
+    assert not state_file.exists()
+    res = cli(small, "submit", "--resume", "--out", str(out))
+    assert res.returncode == 2 and "nothing to resume" in res.stderr, res
