@@ -47,7 +47,6 @@ from .display import (
 )
 from .http import (
     DEFAULT_URL,
-    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
@@ -113,10 +112,6 @@ def check_jsonl(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- commands
-def _status_exit(batch: dict[str, Any]) -> int:
-    return EXIT_OK if batch["status"] == "completed" else EXIT_FAILED
-
-
 async def discover_limits(client: Client) -> tuple[int, int]:
     """What one batch may hold on this server (requests, bytes): from ``GET /v1/sluice/cluster``, else the defaults."""
     defaults = Settings()

@@ -1,9 +1,9 @@
 """The API client's HTTP side: where Sluice is (URL and token), and requests, uploads and downloads.
 
 Server URL and token come from ``--url`` / ``--token`` (the OpenAI CLI's ``--api-base`` /
-``--api-key`` are accepted too), else ``SLUICE_URL`` / ``SLUICE_TOKEN``, else
-``http://localhost:8000`` and the development token ``sluice up`` keeps in
-``$SLUICE_DATA_DIR/dev-token``.
+``--api-key`` are accepted too), else ``SLUICE_URL`` / ``SLUICE_TOKEN``, else the running
+``sluice up`` stack (service/cli/localstack.py), else ``http://localhost:8000`` and the
+development token ``sluice up`` keeps in ``$SLUICE_DATA_DIR/dev-token``.
 """
 
 from __future__ import annotations

@@ -241,15 +241,20 @@ async def create_batch(client: Client, body: dict[str, Any], file_id: str) -> di
     try:
         return await client.request("POST", "/batches", json=body)
     except APIStatusError as exc:
-        if exc.status >= 500:
-            raise ClientError(f"{exc.message}\nthe uploaded file {file_id} stays on the server "
-                              f"(`sluice files delete {file_id}` deletes it)") from None
-        try:
-            await client.request("DELETE", f"/files/{file_id}")
-            left = f"deleted the uploaded file {file_id}: nothing is left on the server"
-        except ClientError:
-            left = f"the uploaded file {file_id} stays on the server (`sluice files delete {file_id}` deletes it)"
-        raise APIStatusError(f"the batch was refused: {exc.message}\n{left}", exc.status, exc.body) from None
+        raise await refused(client, exc, file_id) from None
+
+
+async def refused(client: Client, exc: APIStatusError, file_id: str) -> ClientError:
+    """The error for a refused batch, after deleting the file uploaded for it (a 5xx may hide a batch: kept)."""
+    if exc.status >= 500:
+        return ClientError(f"{exc.message}\nthe uploaded file {file_id} stays on the server "
+                           f"(`sluice files delete {file_id}` deletes it)")
+    try:
+        await client.request("DELETE", f"/files/{file_id}")
+        left = f"deleted the uploaded file {file_id}: nothing is left on the server"
+    except ClientError:
+        left = f"the uploaded file {file_id} stays on the server (`sluice files delete {file_id}` deletes it)"
+    return APIStatusError(f"the batch was refused: {exc.message}\n{left}", exc.status, exc.body)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -380,7 +385,7 @@ class Job:
                     self.note(f"part {part.index + 1} waits for a batch of this job to end ({self.quota_note})")
                 return None
             assert part.file_id is not None
-            return await create_batch(self.client, body, part.file_id)
+            raise await refused(self.client, exc, part.file_id) from None
 
     async def upload(self, part: PartState) -> None:
         size = part.end - part.start

@@ -600,3 +600,19 @@ def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path
     assert not state_file.exists()
     res = cli(small, "submit", "--resume", "--out", str(out))
     assert res.returncode == 2 and "nothing to resume" in res.stderr, res
+
+
+def test_a_job_waits_for_its_own_batches_when_a_quota_is_full(small, tmp_path):
+    name = f"qj-{uuid.uuid4().hex[:6]}"
+    token = small.sluice("tokens", "create", "--name", name, "--max-active-batches", "1", check=True).stdout.strip()
+    rows = rows_of(small, name, 3 * SMALL_LINES)
+    src = write_rows(tmp_path / "q.jsonl", rows)
+    res = cli(small, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2",
+              token=token, timeout=120)
+    assert res.returncode == 0, res
+    assert "waits for a batch of this job to end (active_batches_quota_exceeded)" in res.stderr, res.stderr
+    m = JOB_SUMMARY.match(res.stdout.strip().splitlines()[-1])
+    assert m and m.group(2, 5, 6) == ("completed", str(3 * SMALL_LINES), "3"), res.stdout
+    assert sorted(custom_ids(tmp_path / "o" / f"{m.group(1)}_output.jsonl")) == sorted(r["custom_id"] for r in rows)
+    files = json.loads(cli(small, "files", "--purpose", "batch", "--json", token=token).stdout)["data"]
+    assert len(files) == 3, "each part uploaded once"
