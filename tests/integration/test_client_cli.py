@@ -616,3 +616,58 @@ def test_a_job_waits_for_its_own_batches_when_a_quota_is_full(small, tmp_path):
     assert sorted(custom_ids(tmp_path / "o" / f"{m.group(1)}_output.jsonl")) == sorted(r["custom_id"] for r in rows)
     files = json.loads(cli(small, "files", "--purpose", "batch", "--json", token=token).stdout)["data"]
     assert len(files) == 3, "each part uploaded once"
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_cancelling_a_job_on_a_terminal_accounts_for_every_line(small, tmp_path, wait_until):
+    import select
+
+    tag = f"cj-{uuid.uuid4().hex[:6]}"
+    rows = rows_of(small, tag, 3 * SMALL_LINES, mock_latency_ms=2000)
+    src = write_rows(tmp_path / "c.jsonl", rows)
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(tmp_path / "o"),
+         "--parallel", "1", "--poll-interval", "0.2"],
+        env=client_env(small), cwd=str(ROOT), start_new_session=True, stdin=secondary, stdout=secondary,
+        stderr=secondary)
+    os.close(secondary)
+    seen = bytearray()
+
+    def read_some() -> str:
+        while select.select([primary], [], [], 0)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen.extend(chunk)
+        return seen.decode(errors="replace")
+
+    try:
+        wait_until(lambda: re.search(r"job_\w+ in_progress: [1-9]", read_some()), timeout=60,
+                   message=lambda: f"the job under way: {seen[-2000:]!r}")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "running batches, 2 not started)? [y/N]" in read_some(), timeout=15,
+                   message=lambda: f"the prompt: {seen[-2000:]!r}")
+        os.write(primary, b"y\n")
+        wait_until(lambda: proc.poll() is not None and (read_some() or True), timeout=90,
+                   message=lambda: f"the client to end: {seen[-2000:]!r}")
+        read_some()
+        text = seen.decode(errors="replace")
+        assert proc.returncode == 1, text
+        m = re.search(r"(job_\w+) cancelled: (\d+) completed, (\d+) failed of (\d+)", text)
+        assert m and int(m.group(2)) + int(m.group(3)) == int(m.group(4)) == len(rows), text
+        out = tmp_path / "o" / f"{m.group(1)}_output.jsonl"
+        errors = tmp_path / "o" / f"{m.group(1)}_error.jsonl"
+        got = (custom_ids(out) if out.exists() else []) + custom_ids(errors)
+        assert sorted(got) == sorted(r["custom_id"] for r in rows), "every custom_id exactly once"
+        codes = [json.loads(line)["error"]["code"] for line in errors.read_text().splitlines()]
+        assert codes.count("batch_cancelled") >= 2 * SMALL_LINES, "the parts that never ran are accounted for"
+        assert len(job_batches(small, m.group(1))) == 1, "no part started after the cancel"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
