@@ -18,59 +18,63 @@ DOCS = "docs/configuration.md"
 # What each command reads from the environment, shown by its --help.
 WEB_ENV = f"""\
 environment (every variable: {DOCS}):
-  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
-  PORT                        the HTTP port (default 8000)
-  SLUICE_API_TOKENS           comma-separated API tokens (tokens made by `sluice tokens create` work too)
-  SLUICE_DATA_DIR             where file contents live (default ./var/data) ...
-  SLUICE_STORAGE_URL          ... unless this names an object store: s3://BUCKET[/PREFIX] (+ AWS_* variables)
-  SLUICE_CONFIG               a TOML file of providers and quotas; or SLUICE_UPSTREAM_URL for one provider
-  SLUICE_MAX_BATCH_LINES      request lines per batch (default 50000)
-  SLUICE_MAX_BATCH_FILE_BYTES, SLUICE_MAX_FILE_BYTES   upload limits (200 MB for batch files, 512 MB)
+  REDIS_URL              Redis holding metadata and queues (default redis://localhost:6379/0)
+  PORT                   the HTTP port (default 8000)
+  SLUICE_API_TOKENS      comma-separated API tokens (those of `sluice tokens create` work too)
+  SLUICE_DATA_DIR        where file contents live (default ./var/data), unless
+  SLUICE_STORAGE_URL     names an object store: s3://BUCKET[/PREFIX] (with the AWS_* variables)
+  SLUICE_CONFIG          a TOML file of providers and quotas (or SLUICE_UPSTREAM_URL: one provider)
+  SLUICE_MAX_BATCH_LINES request lines per batch (default 50000)
+  SLUICE_MAX_BATCH_FILE_BYTES, SLUICE_MAX_FILE_BYTES   upload limits (default 200 MB, 512 MB)
   SLUICE_WINDOW_LINES, SLUICE_WINDOW_BYTES   how much of a running batch Redis holds
-  SLUICE_SHUTDOWN_GRACE_S     how long a stop waits for requests under way (default 20)
+  SLUICE_SHUTDOWN_GRACE_S   how long a stop waits for requests under way (default 20)
   SLUICE_SECRET_KEY, SLUICE_WEBHOOK_SECRET, SLUICE_METRICS_TOKEN, SLUICE_LOG_LEVEL
 """
 WORKER_ENV = f"""\
 environment (every variable: {DOCS}):
-  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
-  SLUICE_UPSTREAM_URL, SLUICE_UPSTREAM_API_KEY   one provider; or SLUICE_CONFIG, a TOML file of several
-                              (one of them is required)
+  REDIS_URL              Redis holding metadata and queues (default redis://localhost:6379/0)
+  SLUICE_UPSTREAM_URL, SLUICE_UPSTREAM_API_KEY   one provider; or SLUICE_CONFIG, a TOML
+                         file of several (one of the two is required)
   SLUICE_WORKER_CONCURRENCY   upstream requests in flight in this process (default 32)
-  SLUICE_MAX_ATTEMPTS         attempts per line for transient failures (default 5)
-  SLUICE_REQUEST_TIMEOUT_S    timeout of one request to the default provider (default 600)
-  SLUICE_LEASE_S, SLUICE_MAX_DELIVERIES   when a dead worker's lines are taken over, and given up
-  SLUICE_SHUTDOWN_GRACE_S     how long a stopping worker lets requests in flight finish (default 20)
-  SLUICE_SECRET_KEY           decrypts clients' own provider keys; SLUICE_LOG_LEVEL
+  SLUICE_MAX_ATTEMPTS    attempts per line for transient failures (default 5)
+  SLUICE_REQUEST_TIMEOUT_S   timeout of one request to the default provider (default 600)
+  SLUICE_LEASE_S, SLUICE_MAX_DELIVERIES   when a dead worker's lines are taken over, given up
+  SLUICE_SHUTDOWN_GRACE_S   how long a stop lets requests in flight finish (default 20)
+  SLUICE_SECRET_KEY      decrypts clients' own provider keys; SLUICE_LOG_LEVEL
 """
 FINALIZER_ENV = f"""\
 environment (every variable: {DOCS}):
-  REDIS_URL                   Redis holding metadata and queues (default redis://localhost:6379/0)
+  REDIS_URL              Redis holding metadata and queues (default redis://localhost:6379/0)
   SLUICE_DATA_DIR, SLUICE_STORAGE_URL   where result files are written (as for `sluice web`)
-  SLUICE_RETENTION_S          how long a finished batch's record is kept (default 30 days)
+  SLUICE_RETENTION_S     how long a finished batch's record is kept (default 30 days)
   SLUICE_WEBHOOK_SECRET or SLUICE_SECRET_KEY   signs completion webhooks
   SLUICE_WEBHOOK_MAX_ATTEMPTS, SLUICE_WEBHOOK_BACKOFF_S, SLUICE_WEBHOOK_TIMEOUT_S, SLUICE_LOG_LEVEL
 """
 UP_ENV = f"""\
-environment (every other variable is handed to the processes it starts; {DOCS}):
-  PORT                        the API's port (default 8000)
-  SLUICE_DATA_DIR             where it keeps Redis's data, files, the dev token and stack.json (default ./var/data)
-  REDIS_URL                   use this Redis instead of starting one
-  SLUICE_API_TOKENS           the API tokens (default: a development token kept in $SLUICE_DATA_DIR/dev-token)
+environment (every other variable goes to the processes it starts; {DOCS}):
+  PORT                   the API's port (default 8000)
+  SLUICE_DATA_DIR        where it keeps Redis's data, files, the dev token and stack.json
+                         (default ./var/data)
+  REDIS_URL              use this Redis instead of starting one
+  SLUICE_API_TOKENS      the API tokens (default: a development token, kept in
+                         $SLUICE_DATA_DIR/dev-token)
   SLUICE_UPSTREAM_URL, SLUICE_CONFIG   the provider(s) (default: a mock provider it starts)
-  SLUICE_SHUTDOWN_GRACE_S     how long each process may take to stop (default 20)
+  SLUICE_SHUTDOWN_GRACE_S   how long each process may take to stop (default 20)
 """
 STATUS_ENV = """\
 environment:
-  REDIS_URL                   the cluster's Redis; when not set, the Redis of the `sluice up` stack described
-                              in $SLUICE_DATA_DIR/stack.json (default ./var/data, or this checkout's var/data),
-                              else redis://localhost:6379/0. A line on stderr says which one is used.
-  SLUICE_CONFIG, SLUICE_UPSTREAM_URL   the providers to show (under `sluice up`: its mock provider)
+  REDIS_URL              the cluster's Redis. When it is not set: the Redis of the `sluice up`
+                         stack in $SLUICE_DATA_DIR/stack.json (SLUICE_DATA_DIR: default ./var/data,
+                         or this checkout's var/data), else redis://localhost:6379/0. A line on
+                         stderr says which.
+  SLUICE_CONFIG, SLUICE_UPSTREAM_URL   the providers shown (under `sluice up`: its mock provider)
 """
 TOKENS_ENV = """\
 environment:
-  REDIS_URL                   where tokens are kept; when not set, the Redis of the `sluice up` stack
-                              ($SLUICE_DATA_DIR/stack.json), else redis://localhost:6379/0 (said on stderr)
-  SLUICE_CONFIG               its [quotas] are the defaults a new token's quotas start from
+  REDIS_URL              where tokens are kept. When it is not set: the Redis of the `sluice up`
+                         stack ($SLUICE_DATA_DIR/stack.json), else redis://localhost:6379/0. A line
+                         on stderr says which.
+  SLUICE_CONFIG          its [quotas] are the defaults a new token's quotas start from
 """
 MOCK_ENV = """\
 It reads no environment variable. A request line's body may carry "mock_status": 404 or
