@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 import msgspec
+import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -28,6 +29,8 @@ from service.core.wire import (
 )
 
 from . import appkeys
+
+log = structlog.get_logger("sluice.web")
 
 BATCH_FILE_TTL_S = 30 * 24 * 3600
 MAX_FORM_FIELD_BYTES = 4096
@@ -307,10 +310,19 @@ async def retrieve_file(request: web.Request) -> web.Response:
 
 
 async def delete_file(request: web.Request) -> web.Response:
-    """DELETE /files/{file_id}: the content stays while an unfinished batch still reads it."""
+    """DELETE /files/{file_id}: exactly one of racing deletes answers 200; the content stays while a batch reads it."""
+    r = request.app[appkeys.REDIS]
     h = await _owned_file(request)
-    if await store.delete_file_record(request.app[appkeys.REDIS], h):
-        await request.app[appkeys.STORAGE].delete(h["storage_key"])
+    deleted, content_free = await store.delete_file(r, h, store.new_op_id())
+    if not deleted:
+        raise not_found("File", h["id"], param="file_id")  # a concurrent delete (or the expiry sweep) won
+    if content_free:
+        try:
+            await request.app[appkeys.STORAGE].delete(h["storage_key"])
+        except Exception as e:
+            # The file is deleted for the client either way; the expiry sweep retries the content.
+            log.warning("file_content_delete_failed", file_id=h["id"], error=f"{type(e).__name__}: {e}")
+            await store.retry_content_delete(r, h["id"], h["storage_key"], h["owner"])
     return json_response(FileDeleted(id=h["id"]))
 
 
