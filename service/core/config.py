@@ -65,6 +65,21 @@ def _float(
     return value
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+
+
 class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One OpenAI-compatible upstream and the limits it imposes (global across all workers)."""
 
@@ -254,6 +269,9 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 30.0
     webhook_timeout_s: float = 10.0
+    # Webhook URLs may point at loopback, private, link-local, ... addresses (development and tests
+    # only: otherwise a client could make the finalizer POST to internal services).
+    webhook_allow_private: bool = False
     # The HTTP edge (service/web/edge.py): form fields accepted in one upload; how long a connection
     # may take to send a complete request head (from connecting, or from the previous response on a
     # keep-alive connection); how long a request body may stall before the request is aborted.
@@ -307,6 +325,7 @@ class Settings:
             webhook_max_attempts=_int(env, "SLUICE_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, minimum=1),
             webhook_backoff_s=_float(env, "SLUICE_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s, minimum=0.01),
             webhook_timeout_s=_float(env, "SLUICE_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s, minimum=0.1),
+            webhook_allow_private=_bool(env, "SLUICE_WEBHOOK_ALLOW_PRIVATE", cls.webhook_allow_private),
             # 4: file, purpose and the two expires_after[...] fields of a complete upload form.
             max_form_fields=_int(env, "SLUICE_MAX_FORM_FIELDS", cls.max_form_fields, minimum=4, maximum=1000),
             header_timeout_s=_float(env, "SLUICE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.1,

@@ -493,7 +493,7 @@ async def create_batch(request: web.Request) -> web.Response:
                               param="output_expires_after", code="invalid_type")
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
     provider, sealed_key = _provider_choice(request, settings)
-    webhook_url = webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
+    webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
