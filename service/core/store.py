@@ -132,9 +132,12 @@ FILE_TOMBSTONE_S = 600
 # tombstone names the operation that did it, so that a re-sent call (same op id) answers
 # "forgotten" again while every other one answers "not found". A record that has already expired
 # (its TTL) is forgotten through its expiry entry, which still carries its owner and size: whoever
-# removes that entry gives the bytes back.
+# removes that entry gives the bytes back. When no batch reads the content any more, a marker
+# (an expiry entry of size 0, due after the tombstone) is left for the expiry sweep: the caller
+# removes the content and then the marker, and if it dies in between the sweep does it.
 # KEYS: record, tombstone, usage, FILE_EXPIRY, refs, then the owner's indexes to drop the id from.
-# ARGV: owner, op id, tombstone ttl, expiry member ('' if none), size (for the expired case), file id.
+# ARGV: owner, op id, tombstone ttl, expiry member ('' if none), size (for the expired case), file id,
+#       content marker, when the marker is due.
 # Returns {forgotten (0/1), batches still reading the content}.
 _FORGET_FILE = Script("""
 local tomb = redis.call('GET', KEYS[2])
@@ -157,19 +160,28 @@ end
 redis.call('HINCRBY', KEYS[3], 'stored_bytes', -tonumber(size))
 for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[6]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return {1, redis.call('SCARD', KEYS[5])}
+local refs = redis.call('SCARD', KEYS[5])
+if refs == 0 then redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7]) end
+return {1, refs}
 """)
 
 
 async def _forget_file(
-    r: Redis, *, file_id: str, owner: str, op_id: str, member: str, size: int | str, indexes: list[str],
-) -> tuple[bool, bool]:
+    r: Redis, *, file_id: str, storage_key: str, owner: str, op_id: str, member: str, size: int | str,
+    indexes: list[str],
+) -> tuple[bool, str | None]:
+    marker = content_marker(file_id, storage_key, owner)
     forgotten, refs = await _FORGET_FILE(
         r, [keys.file(file_id), keys.file_tombstone(file_id), keys.owner_usage(owner), keys.FILE_EXPIRY,
             keys.file_refs(file_id), *indexes],
-        [owner, op_id, FILE_TOMBSTONE_S, member, size, file_id],
+        [owner, op_id, FILE_TOMBSTONE_S, member, size, file_id, marker, now() + FILE_TOMBSTONE_S + 60],
     )
-    return bool(forgotten), bool(forgotten) and int(refs) == 0
+    return bool(forgotten), marker if forgotten and int(refs) == 0 else None
+
+
+def content_marker(file_id: str, storage_key: str, owner: str) -> str:
+    """The expiry entry that has the sweep remove a forgotten file's content (its bytes already given back)."""
+    return expiry_member(file_id, storage_key, owner, 0)
 
 
 def new_op_id() -> str:
@@ -177,28 +189,26 @@ def new_op_id() -> str:
     return secrets.token_hex(12)
 
 
-async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, bool]:
+async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, str | None]:
     """Delete the file whose metadata is ``h`` for its owner, as operation ``op_id``, in one atomic step.
 
-    Returns ``(deleted, content_free)``. Of any number of concurrent deletes of one file (and the
-    expiry sweep) exactly one gets ``deleted`` and gives the bytes back; running the same
-    ``op_id`` again (redis-py re-sending it after a lost reply) answers ``deleted`` again and
-    changes nothing. ``content_free``: no unfinished batch reads the content any more, so the
-    caller removes it; otherwise the last batch to end removes it (``release``).
+    Returns ``(deleted, marker)``. Of any number of concurrent deletes of one file (and the expiry
+    sweep) exactly one gets ``deleted`` and gives the bytes back; running the same ``op_id``
+    again (redis-py re-sending it after a lost reply) answers ``deleted`` again and changes
+    nothing. ``marker`` is set when no unfinished batch reads the content any more: the caller
+    removes the content, then calls ``content_removed(marker)``; should it fail or die first, the
+    expiry sweep removes the content later. Otherwise the last batch to end removes it (``release``).
     """
     member = expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]) if h.get("expires_at") else ""
     return await _forget_file(
-        r, file_id=h["id"], owner=h["owner"], op_id=op_id, member=member, size=h["bytes"],
-        indexes=[keys.owner_files(h["owner"]), keys.owner_files(h["owner"], h["purpose"])],
+        r, file_id=h["id"], storage_key=h["storage_key"], owner=h["owner"], op_id=op_id, member=member,
+        size=h["bytes"], indexes=[keys.owner_files(h["owner"]), keys.owner_files(h["owner"], h["purpose"])],
     )
 
 
-async def retry_content_delete(r: Redis, file_id: str, storage_key: str, owner: str) -> None:
-    """Have the expiry sweep remove a forgotten file's content (removing it failed just now).
-
-    The entry carries size 0: the bytes were given back already, whoever sweeps it gives back nothing.
-    """
-    await r.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key, owner, 0): now()})
+async def content_removed(r: Redis, marker: str) -> None:
+    """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
+    await r.zrem(keys.FILE_EXPIRY, marker)
 
 
 async def page(
@@ -439,7 +449,8 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
     """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
-    record's own TTL) gives the bytes back once.
+    record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
+    removal failed or was cut short (their marker is due) is removed too.
     """
     swept = 0
     for raw in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now(), start=0, num=limit):
@@ -449,19 +460,20 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
         purpose = await r.hget(keys.file(file_id), "purpose")  # None once the record expired on its own
         if purpose:
             indexes.append(keys.owner_files(owner, purpose.decode()))
-        forgotten, content_free = await _forget_file(
-            r, file_id=file_id, owner=owner, op_id=f"expiry-{new_op_id()}", member=member, size=size,
-            indexes=indexes,
+        forgotten, marker = await _forget_file(
+            r, file_id=file_id, storage_key=storage_key, owner=owner, op_id=f"expiry-{new_op_id()}",
+            member=member, size=size, indexes=indexes,
         )
         if not forgotten:
             continue  # a DELETE got there first and takes care of the content
         swept += 1
-        if content_free:
+        if marker:
             try:
                 await storage.delete(storage_key)
             except Exception as e:
                 log.warning("file_content_delete_failed", file_id=file_id, error=f"{type(e).__name__}: {e}")
-                await retry_content_delete(r, file_id, storage_key, owner)
+                continue  # the marker stays: a later sweep tries again
+            await content_removed(r, marker)
     return swept
 
 

@@ -360,16 +360,17 @@ async def delete_file(request: web.Request) -> web.Response:
     """DELETE /files/{file_id}: exactly one of racing deletes answers 200; the content stays while a batch reads it."""
     r = request.app[appkeys.REDIS]
     h = await _owned_file(request)
-    deleted, content_free = await store.delete_file(r, h, store.new_op_id())
+    deleted, marker = await store.delete_file(r, h, store.new_op_id())
     if not deleted:
         raise not_found("File", h["id"], param="file_id")  # a concurrent delete (or the expiry sweep) won
-    if content_free:
+    if marker:
+        # The file is deleted for the client either way: whatever fails from here on is left to
+        # the expiry sweep, which the marker points at the content.
         try:
             await request.app[appkeys.STORAGE].delete(h["storage_key"])
+            await store.content_removed(r, marker)
         except Exception as e:
-            # The file is deleted for the client either way; the expiry sweep retries the content.
-            log.warning("file_content_delete_failed", file_id=h["id"], error=f"{type(e).__name__}: {e}")
-            await store.retry_content_delete(r, h["id"], h["storage_key"], h["owner"])
+            log.warning("file_content_cleanup_deferred", file_id=h["id"], error=f"{type(e).__name__}: {e}")
     return json_response(FileDeleted(id=h["id"]))
 
 

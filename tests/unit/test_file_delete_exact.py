@@ -32,17 +32,20 @@ async def test_lost_reply_rerun_of_the_delete_answers_deleted_again(api):
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
     r = redis_of(api)
+    marker = store.content_marker(f["id"], h["storage_key"], OWNER_A)
     # redis-py re-sends the same call (same op id) when the reply of the first run was lost.
-    assert await store.delete_file(r, h, "op-1") == (True, True)
-    assert await store.delete_file(r, h, "op-1") == (True, True)
+    assert await store.delete_file(r, h, "op-1") == (True, marker)
+    assert await store.delete_file(r, h, "op-1") == (True, marker)
     assert await _stored_bytes(api) == before - f["bytes"]
     # Any other delete of the same file finds it gone.
-    assert (await store.delete_file(r, h, "op-2"))[0] is False
+    assert await store.delete_file(r, h, "op-2") == (False, None)
     assert await _stored_bytes(api) == before - f["bytes"]
     assert await r.exists(keys.file(f["id"])) == 0
     assert await r.zscore(keys.owner_files(OWNER_A), f["id"]) is None
     assert await r.zscore(keys.owner_files(OWNER_A, "batch"), f["id"]) is None
-    assert await r.zcard(keys.FILE_EXPIRY) == 0
+    # Its expiry entry is gone; only the marker of its content is left, due after the tombstone.
+    assert await r.zrange(keys.FILE_EXPIRY, 0, -1) == [marker.encode()]
+    assert await r.zscore(keys.FILE_EXPIRY, marker) > store.now() + store.FILE_TOMBSTONE_S
     # The tombstone that makes the re-run exact is short-lived.
     assert 0 < await r.ttl(keys.file_tombstone(f["id"])) <= store.FILE_TOMBSTONE_S
 
@@ -104,9 +107,10 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]): 1})
     await r.delete(keys.file(f["id"]))  # what its TTL does at expires_at
     async def delete_like_the_handler():
-        deleted, content_free = await store.delete_file(r, h, "op-racing")
-        if deleted and content_free:
+        deleted, marker = await store.delete_file(r, h, "op-racing")
+        if marker:
             await api.storage.delete(h["storage_key"])
+            await store.content_removed(r, marker)
         return int(deleted)
 
     # The sweep and a DELETE that had read the record just before it expired race for it.
@@ -115,6 +119,15 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     assert sum(results) == 1, results
     assert await _stored_bytes(api) == before - f["bytes"]
     assert api.storage.stored_files() == []
+    assert await r.zcard(keys.FILE_EXPIRY) == 0
+
+
+async def _time_passes(r, file_id: str) -> None:
+    """What FILE_TOMBSTONE_S and more do: the tombstone expires and the content marker comes due."""
+    await r.delete(keys.file_tombstone(file_id))
+    for member in await r.zrange(keys.FILE_EXPIRY, 0, -1):
+        if member.decode().startswith(file_id + " "):
+            await r.zadd(keys.FILE_EXPIRY, {member: 1})
 
 
 async def test_failed_content_delete_is_retried_by_the_sweep(api, monkeypatch):
@@ -129,8 +142,37 @@ async def test_failed_content_delete_is_retried_by_the_sweep(api, monkeypatch):
     monkeypatch.setattr(api.storage, "delete", failing_delete)
     assert (await api.request("DELETE", f"/v1/files/{f['id']}")).ok()["deleted"] is True
     assert api.storage.stored_files() == [f["id"]]
+    assert await store.sweep_expired_files(r, api.storage) == 0  # not due yet
+    await _time_passes(r, f["id"])
+    assert await store.sweep_expired_files(r, api.storage) == 1  # fails again: kept for later
+    assert api.storage.stored_files() == [f["id"]]
     monkeypatch.setattr(api.storage, "delete", real_delete)
-    await r.delete(keys.file_tombstone(f["id"]))  # as after its ttl
+    await _time_passes(r, f["id"])
     assert await store.sweep_expired_files(r, api.storage) == 1
     assert api.storage.stored_files() == []
+    assert await r.zcard(keys.FILE_EXPIRY) == 0
     assert await _stored_bytes(api) == before - f["bytes"]  # given back once, by the DELETE
+
+
+async def test_content_of_a_delete_cut_short_is_removed_by_the_sweep(api):
+    # The web process dies right after the script ran: the content is still stored.
+    r = redis_of(api)
+    f = await api.upload_ok(good_jsonl(2))
+    before = await _stored_bytes(api)
+    deleted, marker = await store.delete_file(r, await _record(api, f["id"]), "op-killed")
+    assert deleted and marker
+    assert api.storage.stored_files() == [f["id"]]
+    await _time_passes(r, f["id"])
+    assert await store.sweep_expired_files(r, api.storage) == 1
+    assert api.storage.stored_files() == []
+    assert await r.zcard(keys.FILE_EXPIRY) == 0
+    assert await _stored_bytes(api) == before - f["bytes"]
+
+
+async def test_content_read_by_a_batch_gets_no_marker(api):
+    r = redis_of(api)
+    f = await api.upload_ok(good_jsonl(2))
+    await r.sadd(keys.file_refs(f["id"]), "batch_000000000001aaaaaaaaaaaa")  # an unfinished batch reads it
+    assert await store.delete_file(r, await _record(api, f["id"]), "op-read") == (True, None)
+    assert await r.zcard(keys.FILE_EXPIRY) == 0  # the batch's release removes the content
+    assert api.storage.stored_files() == [f["id"]]
