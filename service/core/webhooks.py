@@ -331,6 +331,7 @@ class WebhookSender:
         self.r = r
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        self.resolver: PublicOnlyResolver | None = None
         self.task: asyncio.Task | None = None
 
     def start_pass(self) -> None:
@@ -348,6 +349,8 @@ class WebhookSender:
             await asyncio.gather(self.task, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
+        if self.resolver is not None:
+            await self.resolver.close()  # the connector does not close a resolver it was given
 
     async def run_pass(self) -> int:
         """Send every webhook due now; return how many were attempted."""
@@ -365,7 +368,8 @@ class WebhookSender:
         if self.session is None:
             connector = None
             if not self.settings.webhook_allow_private:
-                connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), socket_factory=public_socket)
+                self.resolver = PublicOnlyResolver()
+                connector = aiohttp.TCPConnector(resolver=self.resolver, socket_factory=public_socket)
             self.session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s),
