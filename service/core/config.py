@@ -32,7 +32,7 @@ MIN_WINDOW_LINES = 64
 RAMP_S = 5.0
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -42,10 +42,14 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None,
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -53,9 +57,27 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    # NaN compares false with everything, so it would slip through the bounds: refuse it.
+    if value != value or value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -284,6 +306,15 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 30.0
     webhook_timeout_s: float = 10.0
+    # Webhook URLs may point at loopback, private, link-local, ... addresses (development and tests
+    # only: otherwise a client could make the finalizer POST to internal services).
+    webhook_allow_private: bool = False
+    # The HTTP edge (service/web/edge.py): form fields accepted in one upload; how long a connection
+    # may take to send a complete request head (from connecting, or from the previous response on a
+    # keep-alive connection); how long a request body may stall before the request is aborted.
+    max_form_fields: int = 16
+    header_timeout_s: float = 10.0
+    body_idle_timeout_s: float = 30.0
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -331,4 +362,11 @@ class Settings:
             webhook_max_attempts=_int(env, "SLUICE_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, minimum=1),
             webhook_backoff_s=_float(env, "SLUICE_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s, minimum=0.01),
             webhook_timeout_s=_float(env, "SLUICE_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s, minimum=0.1),
+            webhook_allow_private=_bool(env, "SLUICE_WEBHOOK_ALLOW_PRIVATE", cls.webhook_allow_private),
+            # 4: file, purpose and the two expires_after[...] fields of a complete upload form.
+            max_form_fields=_int(env, "SLUICE_MAX_FORM_FIELDS", cls.max_form_fields, minimum=4, maximum=1000),
+            header_timeout_s=_float(env, "SLUICE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.1,
+                                    maximum=3600.0),
+            body_idle_timeout_s=_float(env, "SLUICE_BODY_IDLE_TIMEOUT_S", cls.body_idle_timeout_s, minimum=0.1,
+                                       maximum=3600.0),
         )

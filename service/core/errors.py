@@ -17,9 +17,13 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
+        # The request body was left unread (refused early, or stalled): the connection cannot be
+        # reused for another request and is closed after the answer.
+        self.close = close
         self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
         self.headers = dict(headers or {})
         # The SDK retries 408/409/429/5xx; a deterministic answer must tell it not to.

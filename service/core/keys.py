@@ -63,6 +63,15 @@ def file_refs(file_id: str) -> str:
     return f"{PREFIX}:file:{file_id}:refs"
 
 
+def file_tombstone(file_id: str) -> str:
+    """Short-lived marker of a deleted file naming the operation that deleted it (store.forget_file).
+
+    A delete that redis-py re-sends after a lost reply finds its own operation id here and still
+    answers "deleted"; any other delete of the same file answers "not found".
+    """
+    return f"{PREFIX}:file:{file_id}:deleted"
+
+
 def owner_files(owner: str, purpose: str | None = None) -> str:
     """Sorted set of an owner's file ids (all, or of one purpose), scored by creation sequence."""
     base = f"{PREFIX}:owner:{owner}:files"

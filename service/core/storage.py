@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import secrets
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Protocol
 
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
 
 CHUNK = 256 * 1024
 MiB = 1024 * 1024
+# Multipart uploads older than this are taken for orphans (S3Storage.remove_orphans): far longer
+# than an upload of the largest file at a slow client's pace.
+ORPHAN_UPLOAD_AGE_S = 24 * 3600
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -50,6 +56,14 @@ class Storage(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are fine."""
+
+    async def remove_orphans(self, idle_s: float) -> int:
+        """Remove what writes that died half-way (a process killed mid-upload) left behind; return how many.
+
+        Only leftovers no live write can still own are removed: untouched for ``idle_s`` seconds,
+        which the caller makes longer than any live upload stays silent (several processes may
+        share the storage).
+        """
 
     async def aclose(self) -> None:
         """Release connections; the storage is not used afterwards."""
@@ -82,6 +96,10 @@ class LocalStorage:
             async with aiofiles.open(tmp, "wb") as f:
                 async for chunk in chunks:
                     await f.write(chunk)
+                    if len(chunk) < io.DEFAULT_BUFFER_SIZE:
+                        # A trickle would otherwise sit in the write buffer: the file's mtime must
+                        # move whenever data arrives, or remove_orphans could take it for dead.
+                        await f.flush()
                     total += len(chunk)
             await aiofiles.os.replace(tmp, final)
         except BaseException:
@@ -123,6 +141,22 @@ class LocalStorage:
         except FileNotFoundError:
             pass
 
+    async def remove_orphans(self, idle_s: float) -> int:
+        """Remove files under ``tmp/`` not written to for ``idle_s`` seconds (by their mtime)."""
+        return await asyncio.to_thread(self._remove_orphans, time.time() - idle_s)
+
+    def _remove_orphans(self, cutoff: float) -> int:
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.remove(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass  # renamed into place, or removed by a peer, meanwhile
+        return removed
+
     async def aclose(self) -> None:
         pass
 
@@ -151,6 +185,7 @@ class S3Storage:
     def __init__(
         self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
         part_size: int = 8 * MiB, read_window: int = 1 * MiB, merge_below: int = 1 * MiB, max_connections: int = 64,
+        orphan_upload_age_s: float = ORPHAN_UPLOAD_AGE_S,
     ) -> None:
         if part_size < 5 * MiB:
             raise ValueError("S3 multipart parts must be at least 5 MiB")
@@ -162,6 +197,8 @@ class S3Storage:
         self.read_window = read_window
         self.merge_below = merge_below
         self.max_connections = max_connections
+        self.orphan_upload_age_s = orphan_upload_age_s
+        self._live_uploads: set[str | None] = set()  # this process's own, never taken for orphans
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
@@ -211,6 +248,7 @@ class S3Storage:
             nonlocal upload_id, buf
             if upload_id is None:
                 upload_id = (await s3.create_multipart_upload(Bucket=self.bucket, Key=name))["UploadId"]
+                self._live_uploads.add(upload_id)
             body, buf = bytes(buf), bytearray()
             number = len(parts) + 1
             answer = await s3.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number,
@@ -236,6 +274,8 @@ class S3Storage:
                 with contextlib.suppress(Exception):
                     await s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
             raise
+        finally:
+            self._live_uploads.discard(upload_id)
         return total
 
     async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
@@ -315,6 +355,32 @@ class S3Storage:
         for i in range(0, len(stale), 1000):
             await s3.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": part} for _, _, part in stale[i:i + 1000]], "Quiet": True})
+
+    async def remove_orphans(self, idle_s: float) -> int:
+        """Abort multipart uploads under the prefix started more than ``orphan_upload_age_s`` ago (at least ``idle_s``).
+
+        S3 tells when an upload started, not when it last received a part (a slow client may take
+        hours to fill one part), so only uploads older than any live one can be are aborted, and
+        never one this process is still writing. A bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) does the same without this.
+        """
+        from botocore.exceptions import ClientError
+
+        s3 = await self._s3()
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=max(idle_s, self.orphan_upload_age_s))
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        aborted = 0
+        async for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", ()):
+                if upload["Initiated"] >= cutoff or upload["UploadId"] in self._live_uploads:
+                    continue
+                try:
+                    await s3.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
+                except ClientError as e:
+                    if _code(e) not in ("NoSuchUpload", "404"):  # a peer aborted it meanwhile
+                        raise
+        return aborted
 
     # ---- files built by append
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import msgspec
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import NoScriptError
 
 from . import keys
@@ -21,6 +22,7 @@ from .connections import Script
 from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
 
 Redis = aioredis.Redis
+log = structlog.get_logger("sluice.store")
 
 # Ids embed the creation sequence so that a deleted id still works as a list cursor.
 _ID = re.compile(r"^(file-|batch_)([0-9a-f]{12})([0-9a-f]{12})$")
@@ -120,17 +122,93 @@ def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -
     return f"{file_id} {storage_key} {owner} {size}"
 
 
-async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
-    """Forget a file's metadata; return True when its content is no longer needed by any batch."""
-    p = r.pipeline(transaction=True)
-    p.delete(keys.file(h["id"]))
-    p.zrem(keys.FILE_EXPIRY, expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]))
-    p.hincrby(keys.owner_usage(h["owner"]), "stored_bytes", -int(h["bytes"]))
-    p.zrem(keys.owner_files(h["owner"]), h["id"])
-    p.zrem(keys.owner_files(h["owner"], h["purpose"]), h["id"])
-    p.scard(keys.file_refs(h["id"]))
-    *_, refs = await p.execute()
-    return refs == 0
+# How long a deleted file's tombstone (keys.file_tombstone) lasts: far longer than redis-py takes
+# to re-send a command whose reply was lost (a few retries within a minute), short enough to cost
+# nothing.
+FILE_TOMBSTONE_S = 600
+
+# Forget a file, exactly once however often the call is repeated or raced: the record must belong
+# to the owner; it is deleted with its index and expiry entries, its bytes are given back, and a
+# tombstone names the operation that did it, so that a re-sent call (same op id) answers
+# "forgotten" again while every other one answers "not found". A record that has already expired
+# (its TTL) is forgotten through its expiry entry, which still carries its owner and size: whoever
+# removes that entry gives the bytes back. When no batch reads the content any more, a marker
+# (an expiry entry of size 0, due after the tombstone) is left for the expiry sweep: the caller
+# removes the content and then the marker, and if it dies in between the sweep does it.
+# KEYS: record, tombstone, usage, FILE_EXPIRY, refs, then the owner's indexes to drop the id from.
+# ARGV: owner, op id, tombstone ttl, expiry member ('' if none), size (for the expired case), file id,
+#       content marker, when the marker is due.
+# Returns {forgotten (0/1), batches still reading the content}.
+_FORGET_FILE = Script("""
+local tomb = redis.call('GET', KEYS[2])
+if tomb then
+  if tomb == ARGV[2] then return {1, redis.call('SCARD', KEYS[5])} end
+  return {0, 0}
+end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local size
+if owner then
+  if owner ~= ARGV[1] then return {0, 0} end
+  size = redis.call('HGET', KEYS[1], 'bytes')
+  redis.call('DEL', KEYS[1])
+  if ARGV[4] ~= '' then redis.call('ZREM', KEYS[4], ARGV[4]) end
+elseif ARGV[4] ~= '' and redis.call('ZREM', KEYS[4], ARGV[4]) == 1 then
+  size = ARGV[5]
+else
+  return {0, 0}
+end
+redis.call('HINCRBY', KEYS[3], 'stored_bytes', -tonumber(size))
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[6]) end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+local refs = redis.call('SCARD', KEYS[5])
+if refs == 0 then redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7]) end
+return {1, refs}
+""")
+
+
+async def _forget_file(
+    r: Redis, *, file_id: str, storage_key: str, owner: str, op_id: str, member: str, size: int | str,
+    indexes: list[str],
+) -> tuple[bool, str | None]:
+    marker = content_marker(file_id, storage_key, owner)
+    forgotten, refs = await _FORGET_FILE(
+        r, [keys.file(file_id), keys.file_tombstone(file_id), keys.owner_usage(owner), keys.FILE_EXPIRY,
+            keys.file_refs(file_id), *indexes],
+        [owner, op_id, FILE_TOMBSTONE_S, member, size, file_id, marker, now() + FILE_TOMBSTONE_S + 60],
+    )
+    return bool(forgotten), marker if forgotten and int(refs) == 0 else None
+
+
+def content_marker(file_id: str, storage_key: str, owner: str) -> str:
+    """The expiry entry that has the sweep remove a forgotten file's content (its bytes already given back)."""
+    return expiry_member(file_id, storage_key, owner, 0)
+
+
+def new_op_id() -> str:
+    """An id for one mutation, recorded by the script that applies it (see ``delete_file``)."""
+    return secrets.token_hex(12)
+
+
+async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, str | None]:
+    """Delete the file whose metadata is ``h`` for its owner, as operation ``op_id``, in one atomic step.
+
+    Returns ``(deleted, marker)``. Of any number of concurrent deletes of one file (and the expiry
+    sweep) exactly one gets ``deleted`` and gives the bytes back; running the same ``op_id``
+    again (redis-py re-sending it after a lost reply) answers ``deleted`` again and changes
+    nothing. ``marker`` is set when no unfinished batch reads the content any more: the caller
+    removes the content, then calls ``content_removed(marker)``; should it fail or die first, the
+    expiry sweep removes the content later. Otherwise the last batch to end removes it (``release``).
+    """
+    member = expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]) if h.get("expires_at") else ""
+    return await _forget_file(
+        r, file_id=h["id"], storage_key=h["storage_key"], owner=h["owner"], op_id=op_id, member=member,
+        size=h["bytes"], indexes=[keys.owner_files(h["owner"]), keys.owner_files(h["owner"], h["purpose"])],
+    )
+
+
+async def content_removed(r: Redis, marker: str) -> None:
+    """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
+    await r.zrem(keys.FILE_EXPIRY, marker)
 
 
 async def page(
@@ -368,21 +446,34 @@ async def release(r: Redis, storage, h: dict[str, str]) -> None:
 
 
 async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
-    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it)."""
-    now_s = now()
+    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
+
+    Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
+    record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
+    removal failed or was cut short (their marker is due) is removed too.
+    """
     swept = 0
-    for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now_s, start=0, num=limit):
-        file_id, storage_key, owner, size = member.decode().split(" ")
-        h = _str(await r.hgetall(keys.file(file_id)))
-        if h and await delete_file_record(r, h) is False:
-            continue
-        if h == {}:
-            if await r.scard(keys.file_refs(file_id)):
-                continue  # metadata expired on its own; the content waits for its last batch
-            await add_usage(r, owner, "stored_bytes", -int(size))
-        await storage.delete(storage_key)
-        await r.zrem(keys.FILE_EXPIRY, member)
+    for raw in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now(), start=0, num=limit):
+        member = raw.decode()
+        file_id, storage_key, owner, size = member.split(" ")
+        indexes = [keys.owner_files(owner)]
+        purpose = await r.hget(keys.file(file_id), "purpose")  # None once the record expired on its own
+        if purpose:
+            indexes.append(keys.owner_files(owner, purpose.decode()))
+        forgotten, marker = await _forget_file(
+            r, file_id=file_id, storage_key=storage_key, owner=owner, op_id=f"expiry-{new_op_id()}",
+            member=member, size=size, indexes=indexes,
+        )
+        if not forgotten:
+            continue  # a DELETE got there first and takes care of the content
         swept += 1
+        if marker:
+            try:
+                await storage.delete(storage_key)
+            except Exception as e:
+                log.warning("file_content_delete_failed", file_id=file_id, error=f"{type(e).__name__}: {e}")
+                continue  # the marker stays: a later sweep tries again
+            await content_removed(r, marker)
     return swept
 
 

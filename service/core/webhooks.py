@@ -9,6 +9,13 @@ Failures (network errors, timeouts, any other status) are retried with exponenti
 ``webhook_backoff_s`` × 2^(attempt-1), up to ``webhook_max_attempts`` attempts: delivery is at
 least once, so receivers deduplicate on ``webhook-id``.
 
+Targets must be public: unless ``SLUICE_WEBHOOK_ALLOW_PRIVATE`` is set, a URL whose host is (or
+resolves to) a loopback, private, link-local, unique-local, shared (CGNAT), multicast, unspecified
+or otherwise non-public address, or a cloud metadata service, is refused at batch creation
+(:func:`url_from_header`), and the sender's connections are checked again after DNS resolution
+(:class:`PublicOnlyResolver`, :func:`public_socket`), so a name that later resolves elsewhere (DNS
+rebinding) reaches nothing internal either.
+
 Signing follows the Standard Webhooks specification (the scheme OpenAI's webhooks use):
 ``webhook-signature: v1,<base64 HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>")>``.
 """
@@ -19,11 +26,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
+import socket
 import time
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from . import keys, store
@@ -39,6 +50,136 @@ MAX_URL_LENGTH = 2048
 # Deliveries sent at once by one finalizer pass.
 BATCH_SIZE = 32
 USER_AGENT = "Sluice-Webhooks/1"
+# How long batch creation waits for the webhook host's name to resolve. A name that does not resolve
+# in time is accepted: the check when connecting still applies.
+RESOLVE_TIMEOUT_S = 2.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Names of cloud metadata services that need not resolve outside their cloud to be refused.
+METADATA_HOSTS = frozenset({"metadata.google.internal"})
+METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+
+_net = ipaddress.ip_network
+# Checked in order: the first match names the reason.
+_FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple((_net(net), why) for net, why in (
+    ("0.0.0.0/8", "an unspecified address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("10.0.0.0/8", "a private (RFC 1918) address"),
+    ("172.16.0.0/12", "a private (RFC 1918) address"),
+    ("192.168.0.0/16", "a private (RFC 1918) address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("100.64.0.0/10", "a shared (CGNAT) address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("240.0.0.0/4", "a reserved address"),
+    # Python before 3.12 counts this one as global; Oracle Cloud's metadata service is in it.
+    ("192.0.0.0/24", "a reserved (IETF protocol assignment) address"),
+))
+_FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple((_net(net), why) for net, why in (
+    ("::/128", "an unspecified address"),
+    ("::1/128", "a loopback address"),
+    ("fe80::/10", "a link-local address"),
+    ("fc00::/7", "a unique-local address"),
+    ("ff00::/8", "a multicast address"),
+))
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
+_EMBEDS_V4 = (_net("64:ff9b::/96"), _net("::/96"))
+
+
+def forbidden_reason(ip: IPAddress) -> str | None:
+    """What makes ``ip`` an address webhooks must not reach (e.g. "a loopback address"), or None if public."""
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata service address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        for net, why in _FORBIDDEN_V6:
+            if ip in net:
+                return why
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and any(ip in net for net in _EMBEDS_V4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = forbidden_reason(embedded)
+            return f"{inner} inside an IPv6 address" if inner else None
+        return None if ip.is_global else "a non-public address"
+    for net, why in _FORBIDDEN_V4:
+        if ip in net:
+            return why
+    return None if ip.is_global else "a non-public address"
+
+
+def _ipv4_part(label: str) -> int:
+    if label[:2].lower() == "0x":
+        return int(label[2:] or "0", 16)
+    if len(label) > 1 and label.startswith("0"):
+        return int(label, 8)
+    return int(label, 10)
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL host spells out, in any form a resolver accepts, or None for a name.
+
+    IPv4 is read as inet_aton and browsers read it: one to four parts, each decimal, octal
+    (leading 0) or hex (0x), the last one filling the remaining bytes (``127.1``, ``2130706433``,
+    ``0x7f000001``, ``0177.0.0.1``). A host whose last label is a number but that is no valid
+    address raises ValueError.
+    """
+    if ":" in host:
+        return ipaddress.IPv6Address(host.split("%", 1)[0])
+    labels = host.split(".")
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()  # the root's trailing dot
+    last = labels[-1].lower()
+    if not (last.isdigit() or (last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:]))):
+        return None
+    if len(labels) > 4:
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+    try:
+        parts = [_ipv4_part(label) for label in labels]
+    except ValueError:
+        raise ValueError(f"{host!r} is not a valid IPv4 address") from None
+    if any(part > 255 for part in parts[:-1]) or parts[-1] >= 256 ** (5 - len(parts)):
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+    value = parts[-1]
+    for i, part in enumerate(parts[:-1]):
+        value += part << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def _address(text: str) -> IPAddress:
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The addresses ``host`` resolves to (the system resolver); socket.gaierror when it does not."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [_address(info[4][0]) for info in infos]
+
+
+async def target_problem(raw: str) -> str | None:
+    """Why webhooks must not be sent to the (well-formed) URL ``raw``, or None when its host is public."""
+    url = URL(raw)
+    host = (url.host or "").lower()
+    if host.rstrip(".") in METADATA_HOSTS:
+        return f"its host {host} is a cloud metadata service"
+    try:
+        ip = literal_address(host)
+    except ValueError as e:
+        return str(e)
+    if ip is not None:
+        why = forbidden_reason(ip)
+        spelled = "" if host == str(ip) else f" ({ip})"
+        return f"its host {host}{spelled} is {why}" if why else None
+    try:
+        addresses = await asyncio.wait_for(resolve(host, url.port or 0), RESOLVE_TIMEOUT_S)
+    except (asyncio.TimeoutError, OSError):
+        # Not resolvable now (a slow or missing DNS, a name not created yet): what it resolves to
+        # when a delivery connects is checked then.
+        return None
+    for ip in addresses:
+        why = forbidden_reason(ip)
+        if why:
+            return f"its host {host} resolves to {ip}, {why}"
+    return None
 
 
 def check_url(raw: str) -> str | None:
@@ -60,8 +201,12 @@ def check_url(raw: str) -> str | None:
     return None
 
 
-def url_from_header(value: str | None, settings: Settings) -> str:
-    """The webhook URL a create request asked for in ``x-sluice-webhook-url`` ("" for none), or a 400."""
+async def url_from_header(value: str | None, settings: Settings) -> str:
+    """The webhook URL a create request asked for in ``x-sluice-webhook-url`` ("" for none), or a 400.
+
+    Unless ``settings.webhook_allow_private``, a URL whose host is or resolves to a non-public
+    address is refused, saying which address and why.
+    """
     raw = (value or "").strip()
     if not raw:
         return ""
@@ -71,7 +216,63 @@ def url_from_header(value: str | None, settings: Settings) -> str:
     if not settings.webhook_secret:
         raise bad_request("This server cannot sign webhooks: set SLUICE_WEBHOOK_SECRET or SLUICE_SECRET_KEY.",
                           param=HEADER, code="webhooks_unavailable")
+    if not settings.webhook_allow_private and (problem := await target_problem(raw)):
+        raise bad_request(f"Invalid {HEADER}: {problem}. Webhooks are only sent to public addresses.",
+                          param=HEADER, code="webhook_target_forbidden")
     return raw
+
+
+class ForbiddenTarget(OSError):
+    """A webhook connection refused because the address it would reach is not public."""
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """aiohttp's resolver, keeping only the public addresses a name resolves to.
+
+    It runs when the sender connects, after the name was checked at batch creation: a name that
+    resolves to an internal address by then (DNS rebinding) is refused here.
+    """
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
+    ) -> list[ResolveResult]:
+        """The resolved addresses of ``host`` that are public; ForbiddenTarget if none is."""
+        found = await self._inner.resolve(host, port, family)
+        public = [r for r in found if not forbidden_reason(_address(r["host"]))]
+        if not public:
+            refused = ", ".join(f"{r['host']} ({forbidden_reason(_address(r['host']))})" for r in found)
+            raise ForbiddenTarget(f"{host} resolves only to addresses webhooks must not reach: {refused}")
+        return public
+
+    async def close(self) -> None:
+        """Release the wrapped resolver."""
+        await self._inner.close()
+
+
+def public_socket(addr_info: tuple) -> socket.socket:
+    """The socket for one connection attempt of the sender; ForbiddenTarget for a non-public address.
+
+    The last check, on the very address about to be connected to: it also covers hosts given as
+    IP addresses, which aiohttp connects to without asking the resolver.
+    """
+    family, type_, proto, _, sockaddr = addr_info
+    why = forbidden_reason(_address(sockaddr[0]))
+    if why:
+        raise ForbiddenTarget(f"{sockaddr[0]} is {why}")
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
+def _forbidden(error: BaseException) -> ForbiddenTarget | None:
+    """The ForbiddenTarget behind an aiohttp connection error, if that is what it was."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ForbiddenTarget):
+            return seen
+        seen = getattr(seen, "os_error", None) or seen.__cause__
+    return None
 
 
 def where(url: str) -> str:
@@ -130,6 +331,7 @@ class WebhookSender:
         self.r = r
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        self.resolver: PublicOnlyResolver | None = None
         self.task: asyncio.Task | None = None
 
     def start_pass(self) -> None:
@@ -147,6 +349,8 @@ class WebhookSender:
             await asyncio.gather(self.task, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
+        if self.resolver is not None:
+            await self.resolver.close()  # the connector does not close a resolver it was given
 
     async def run_pass(self) -> int:
         """Send every webhook due now; return how many were attempted."""
@@ -162,7 +366,12 @@ class WebhookSender:
             pipe.zadd(keys.WEBHOOKS_DUE, {batch_id: lease}, xx=True)
         await pipe.execute()
         if self.session is None:
+            connector = None
+            if not self.settings.webhook_allow_private:
+                self.resolver = PublicOnlyResolver()
+                connector = aiohttp.TCPConnector(resolver=self.resolver, socket_factory=public_socket)
             self.session = aiohttp.ClientSession(
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s),
                 headers={"User-Agent": USER_AGENT},
             )
@@ -206,6 +415,12 @@ class WebhookSender:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
             ok, outcome = False, {"error": type(e).__name__}
+            if refused := _forbidden(e):
+                # Not retried: the target is internal (its name now resolves there, or the URL came
+                # from before targets were checked).
+                await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "refused"])
+                bound.warning("webhook_refused", reason=str(refused))
+                return
         outcome["seconds"] = round(time.monotonic() - started, 3)
         if ok:
             await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "delivered"])

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import quote
 
 import msgspec
+import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -27,17 +28,57 @@ from service.core.wire import (
     json_encoder,
 )
 
-from . import appkeys
+from . import appkeys, edge
+
+log = structlog.get_logger("sluice.web")
 
 BATCH_FILE_TTL_S = 30 * 24 * 3600
 MAX_FORM_FIELD_BYTES = 4096
 MAX_JSON_BODY_BYTES = 1024 * 1024
+# Room an upload's multipart envelope may take per form field besides the field's value: its
+# boundary line and part headers (a few hundred bytes from any real client).
+FORM_PART_OVERHEAD_BYTES = 4096
 BATCH_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after")
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
     """A JSON response encoded with msgspec."""
     return web.Response(body=json_encoder.encode(obj), status=status, content_type="application/json")
+
+
+def upload_body_limit(settings: Settings) -> int:
+    """The largest upload request body: the largest file plus its multipart envelope and form fields."""
+    largest = max(settings.max_file_bytes, settings.max_batch_file_bytes)
+    return largest + settings.max_form_fields * (MAX_FORM_FIELD_BYTES + FORM_PART_OVERHEAD_BYTES)
+
+
+def check_declared_length(request: web.Request) -> None:
+    """A 413 when the request declares (Content-Length) a body larger than its route takes.
+
+    Runs before any of the body is read; bodies without a Content-Length (chunked) are held to
+    the same limits while they are read.
+    """
+    declared = request.content_length
+    if declared is None:
+        return
+    if request.match_info.handler is upload_file:
+        settings = request.app[appkeys.SETTINGS]
+        if declared > upload_body_limit(settings):
+            raise APIError(413, f"Request body is too large: {declared} bytes declared, and uploads are limited to "
+                                f"{max(settings.max_file_bytes, settings.max_batch_file_bytes)} bytes per file.",
+                           param="file", code="file_too_large", close=True)
+    elif declared > MAX_JSON_BODY_BYTES:
+        raise APIError(413, f"Request body is too large: {declared} bytes declared, the limit is "
+                            f"{MAX_JSON_BODY_BYTES} bytes.", code="request_too_large", close=True)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: a body declared too large is refused before the client sends it."""
+    try:
+        check_declared_length(request)
+    except APIError as e:
+        return edge.error_response(e)
+    return await edge.expect_continue(request)
 
 
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -125,9 +166,9 @@ class _FirstLineCheck:
         return ""
 
 
-async def _read_field(part: BodyPartReader) -> str:
+async def _read_field(part: BodyPartReader, idle_s: float) -> str:
     data = bytearray()
-    while chunk := await part.read_chunk(MAX_FORM_FIELD_BYTES):
+    while chunk := await edge.within_idle(part.read_chunk(MAX_FORM_FIELD_BYTES), idle_s):
         data += chunk
         if len(data) > MAX_FORM_FIELD_BYTES:
             raise bad_request(f"Form field '{part.name}' is too long.", param=part.name)
@@ -155,10 +196,18 @@ async def upload_file(request: web.Request) -> web.Response:
         raise bad_request("Uploads must be sent as multipart/form-data with 'file' and 'purpose' fields.")
     fields: dict[str, str] = {}
     stored: tuple[str, int, str, int, _FirstLineCheck] | None = None  # id, seq, filename, size, check
+    idle_s = settings.body_idle_timeout_s
     try:
         try:
             reader = await request.multipart()
-            while (part := await reader.next()) is not None:
+            parts = 0
+            while (part := await edge.within_idle(reader.next(), idle_s)) is not None:
+                parts += 1
+                if parts > settings.max_form_fields:
+                    # Refused before parsing more: each part costs CPU, and the form needs only four.
+                    raise APIError(400, f"Too many form fields: an upload takes at most {settings.max_form_fields} "
+                                        "('file', 'purpose', 'expires_after[anchor]', 'expires_after[seconds]').",
+                                   code="too_many_fields", close=True)
                 if not isinstance(part, BodyPartReader):
                     raise bad_request("Nested multipart bodies are not supported.")
                 name = _part_name(part)
@@ -168,7 +217,7 @@ async def upload_file(request: web.Request) -> web.Response:
                     stored = await _store_upload(r, storage, settings, part, fields.get("purpose"),
                                                  request[appkeys.OWNER], request[appkeys.QUOTAS])
                 elif name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
-                    fields[name] = await _read_field(part)
+                    fields[name] = await _read_field(part, idle_s)
                 else:
                     raise bad_request(f"Unrecognized request argument supplied: {name}", param=name,
                                       code="unknown_parameter")
@@ -204,7 +253,8 @@ async def _store_upload(
 
     async def chunks() -> AsyncIterator[bytes]:
         size = 0
-        while chunk := await part.read_chunk(CHUNK):
+        # A stalled upload is aborted: storage.write then removes what it had written.
+        while chunk := await edge.within_idle(part.read_chunk(CHUNK), settings.body_idle_timeout_s):
             size += len(chunk)
             if size > limit:
                 raise APIError(413, f"File is too large: the limit is {limit} bytes.", param="file",
@@ -307,10 +357,20 @@ async def retrieve_file(request: web.Request) -> web.Response:
 
 
 async def delete_file(request: web.Request) -> web.Response:
-    """DELETE /files/{file_id}: the content stays while an unfinished batch still reads it."""
+    """DELETE /files/{file_id}: exactly one of racing deletes answers 200; the content stays while a batch reads it."""
+    r = request.app[appkeys.REDIS]
     h = await _owned_file(request)
-    if await store.delete_file_record(request.app[appkeys.REDIS], h):
-        await request.app[appkeys.STORAGE].delete(h["storage_key"])
+    deleted, marker = await store.delete_file(r, h, store.new_op_id())
+    if not deleted:
+        raise not_found("File", h["id"], param="file_id")  # a concurrent delete (or the expiry sweep) won
+    if marker:
+        # The file is deleted for the client either way: whatever fails from here on is left to
+        # the expiry sweep, which the marker points at the content.
+        try:
+            await request.app[appkeys.STORAGE].delete(h["storage_key"])
+            await store.content_removed(r, marker)
+        except Exception as e:
+            log.warning("file_content_cleanup_deferred", file_id=h["id"], error=f"{type(e).__name__}: {e}")
     return json_response(FileDeleted(id=h["id"]))
 
 
@@ -346,8 +406,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.headers.get("Content-Type") and not (content_type == "application/json" or content_type.endswith("+json")):
         raise bad_request(f"Invalid Content-Type '{content_type}': send the body as application/json.",
                           code="invalid_content_type")
-    # aiohttp enforces client_max_size here and answers 413 through the error middleware.
-    body = await request.read()
+    body = await _read_body(request, MAX_JSON_BODY_BYTES, request.app[appkeys.SETTINGS].body_idle_timeout_s)
     try:
         value = msgspec.json.decode(body)
     except JSON_ERRORS:
@@ -356,6 +415,17 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return value
+
+
+async def _read_body(request: web.Request, limit: int, idle_s: float) -> bytes:
+    """The whole request body, at most ``limit`` bytes (else 413), aborted if it stalls for ``idle_s``."""
+    body = bytearray()
+    while chunk := await edge.within_idle(request.content.readany(), idle_s):
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"Request body is too large: the limit is {limit} bytes.", code="request_too_large",
+                           close=True)
+    return bytes(body)
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:
@@ -424,7 +494,7 @@ async def create_batch(request: web.Request) -> web.Response:
                               param="output_expires_after", code="invalid_type")
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
     provider, sealed_key = _provider_choice(request, settings)
-    webhook_url = webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
+    webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
@@ -516,14 +586,14 @@ async def cancel_batch(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """The API under /v1 and on the bare paths."""
     for prefix in ("/v1", ""):
-        app.router.add_post(f"{prefix}/files", upload_file)
+        app.router.add_post(f"{prefix}/files", upload_file, expect_handler=expect_handler)
         app.router.add_get(f"{prefix}/files", list_files)
         app.router.add_get(f"{prefix}/files/{{file_id}}", retrieve_file)
         app.router.add_delete(f"{prefix}/files/{{file_id}}", delete_file)
         app.router.add_get(f"{prefix}/files/{{file_id}}/content", file_content)
-        app.router.add_post(f"{prefix}/batches", create_batch)
+        app.router.add_post(f"{prefix}/batches", create_batch, expect_handler=expect_handler)
         app.router.add_get(f"{prefix}/batches", list_batches)
         app.router.add_get(f"{prefix}/batches/{{batch_id}}", retrieve_batch)
-        app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch)
+        app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch, expect_handler=expect_handler)
 
 

@@ -19,7 +19,7 @@ from service.core.lifecycle import process_name, run_until_signal
 from service.core.storage import Storage, open_storage
 from service.core.tokens import TokenAuth
 
-from . import api, appkeys, dashboard, events, metrics
+from . import api, appkeys, dashboard, edge, events, metrics
 from .feeder import Feeder
 from .publisher import Publisher
 
@@ -96,10 +96,6 @@ class InFlight:
                 self.idle.set()
 
 
-def _error(e: APIError) -> web.Response:
-    return web.Response(body=e.body(), status=e.status, content_type="application/json", headers=e.headers)
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes an OpenAI-style error body; nothing leaks as a bare 500 page."""
@@ -108,7 +104,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request.app[appkeys.OUTAGE].ok()
         return response
     except APIError as e:
-        return _error(e)
+        return edge.error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -122,18 +118,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message, code = e.reason or "Request failed.", None
         # Keep what the exception says about the resource, e.g. Allow on a 405.
         headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
-        return _error(APIError(e.status, message, code=code, headers=headers))
+        return edge.error_response(APIError(e.status, message, code=code, headers=headers))
     except asyncio.CancelledError:
         raise
     except ConnectionResetError:
         raise
     except REDIS_DOWN as e:
         request.app[appkeys.OUTAGE].failed(e)
-        return _error(APIError(503, "The service is temporarily unavailable; please retry.", type="server_error",
-                               code="service_unavailable", headers={"Retry-After": "1"}))
+        return edge.error_response(APIError(503, "The service is temporarily unavailable; please retry.",
+                                            type="server_error", code="service_unavailable",
+                                            headers={"Retry-After": "1"}))
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
-        return _error(APIError(500, "The server had an error while processing your request.", type="server_error"))
+        return edge.error_response(APIError(500, "The server had an error while processing your request.",
+                                            type="server_error"))
+
+
+@web.middleware
+async def declared_length_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A 413 for a body declared larger than the route takes, before any of it is read (and before auth)."""
+    api.check_declared_length(request)
+    return await handler(request)
 
 
 def auth_middleware(auth: TokenAuth) -> Callable:
@@ -203,7 +208,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     in_flight = InFlight()
     r = redis if redis is not None else connect(settings)
     app = web.Application(
-        middlewares=[request_id_middleware, in_flight.middleware, error_middleware,
+        middlewares=[request_id_middleware, in_flight.middleware, error_middleware, declared_length_middleware,
                      auth_middleware(TokenAuth(settings, r))],
         client_max_size=api.MAX_JSON_BODY_BYTES,
         # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
@@ -221,7 +226,8 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
-                 asyncio.create_task(feeder.run(stop), name="feeder")]
+                 asyncio.create_task(feeder.run(stop), name="feeder"),
+                 asyncio.create_task(edge.sweep_orphans(app[appkeys.STORAGE], settings, stop), name="orphans")]
         yield
         stop.set()
         app[appkeys.PUBLISHER].wake.set()
@@ -255,7 +261,8 @@ class WebServer:
         """Serve on ``$PORT``; after ``stop``, stop listening and drain within the grace period."""
         grace = self.settings.shutdown_grace_s
         app = create_app(self.settings)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
+        runner = edge.EdgeRunner(app, head_timeout=self.settings.header_timeout_s, access_log=None,
+                                 shutdown_timeout=grace)
         await runner.setup()
         site = web.TCPSite(runner, host="0.0.0.0", port=self.settings.port)
         await site.start()

@@ -76,7 +76,9 @@ class Receiver:
 def wstack(module_stack_factory):
     return module_stack_factory.start(
         name="events", workers=1, worker_concurrency=2,
-        env={"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.3", "SLUICE_WEBHOOK_MAX_ATTEMPTS": "6"},
+        # The receiver listens on loopback, which only SLUICE_WEBHOOK_ALLOW_PRIVATE lets webhooks reach.
+        env={"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.3", "SLUICE_WEBHOOK_MAX_ATTEMPTS": "6",
+             "SLUICE_WEBHOOK_ALLOW_PRIVATE": "1"},
     )
 
 

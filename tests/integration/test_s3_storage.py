@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 
+from service.core import storage as storage_module
 from service.core.config import ConfigError, S3Location, Settings
 from service.core.storage import LocalStorage, MiB, S3Storage, open_storage
 
@@ -173,6 +176,36 @@ async def test_delete_removes_every_part(s3, s3_bucket):
     await s3.delete("batch_4_output.jsonl")
     assert await s3.size("batch_4_output.jsonl") is None
     assert s3_bucket.keys() == [f"{s3_bucket.prefix}/file-keep"]
+
+
+async def test_remove_orphans_aborts_only_old_multipart_uploads(s3, s3_bucket, monkeypatch):
+    client = await s3._s3()
+    # An upload whose writer died (it never completes nor aborts), and one outside the prefix.
+    dead = await client.create_multipart_upload(Bucket=s3_bucket.name, Key=f"{s3_bucket.prefix}/file-dead")
+    await client.upload_part(Bucket=s3_bucket.name, Key=f"{s3_bucket.prefix}/file-dead", UploadId=dead["UploadId"],
+                             PartNumber=1, Body=b"x" * 100)
+    await client.create_multipart_upload(Bucket=s3_bucket.name, Key="elsewhere/file-other")
+
+    async def in_progress() -> dict[str, datetime]:
+        page = await client.list_multipart_uploads(Bucket=s3_bucket.name)
+        return {u["Key"]: u["Initiated"] for u in page.get("Uploads", ())}
+
+    # moto reports a fixed start time for every upload: the clock is set just after it, so the
+    # upload is younger than the orphan age (a day by default) and may be live: it is kept.
+    started = (await in_progress())[f"{s3_bucket.prefix}/file-dead"]
+
+    class SoonAfter(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return started + timedelta(minutes=5)
+
+    monkeypatch.setattr(storage_module, "datetime", SoonAfter)
+    assert await s3.remove_orphans(idle_s=60) == 0
+    assert f"{s3_bucket.prefix}/file-dead" in await in_progress()
+    monkeypatch.setattr(storage_module, "datetime", datetime)
+    assert await s3.remove_orphans(idle_s=60) == 1  # now years old
+    assert set(await in_progress()) == {"elsewhere/file-other"}
+    assert await s3.remove_orphans(idle_s=60) == 0
 
 
 async def test_default_storage_is_local_and_s3_is_selected_by_url(tmp_path):

@@ -228,7 +228,9 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
     app = web.Application()
     app.router.add_post("/hook", receive)
     server = await aiohttp_server(app)
-    api = await make_api(webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_max_attempts=4)
+    # The receiver listens on loopback, which only SLUICE_WEBHOOK_ALLOW_PRIVATE lets webhooks reach.
+    api = await make_api(webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_max_attempts=4,
+                         webhook_allow_private=True)
     url = str(server.make_url("/hook"))
     f = await api.upload_ok()
     created = (await api.request("POST", "/v1/batches", headers={HEADER: url},
@@ -264,7 +266,7 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
 
 async def test_webhook_given_up_after_max_attempts(make_api):
     api = await make_api(webhook_secret=SECRET, webhook_backoff_s=0.01, webhook_max_attempts=2,
-                         webhook_timeout_s=1.0)
+                         webhook_timeout_s=1.0, webhook_allow_private=True)
     f = await api.upload_ok()
     created = (await api.request("POST", "/v1/batches", headers={HEADER: "http://127.0.0.1:9/hook"},
                                  json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
