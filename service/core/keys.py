@@ -20,6 +20,8 @@ LIVE_BATCHES = f"{PREFIX}:batches:live"
 FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
 # Batch ids waiting for validation and publishing, scored by the time their lease ends.
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
+# Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
+DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
 
 # Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
 # with a webhook URL is added by the script that moves it to a terminal state (store.transition);
@@ -104,6 +106,16 @@ def done(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:done"
 
 
+def delegation(batch_id: str) -> str:
+    """Hash of the batch's provider batches ("parts"): ``n``, then ``<part>:<field>`` (plan, state, ids, fence)."""
+    return f"{PREFIX}:{{{batch_id}}}:deleg"
+
+
+def part_lease(batch_id: str, part: int) -> str:
+    """Lease naming the finalizer process working on one provider batch of a batch right now."""
+    return f"{PREFIX}:{{{batch_id}}}:deleg:{part}:lease"
+
+
 def batch_id_of(key: str) -> str:
     """The batch id inside a per-batch key (the part between the braces)."""
     return key.split("{", 1)[1].split("}", 1)[0]
@@ -126,4 +138,4 @@ def provider_pause(name: str) -> str:
 
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
-    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id))
+    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id), delegation(batch_id))
