@@ -635,7 +635,7 @@ class MockServer:
     def requests(self) -> list[dict]:
         """Every API request since the last reset, oldest first (recording mocks only).
 
-        Each is ``{"at", "path", "authorization", "model", "content", "status"}``; ``content`` is the
+        Each is ``{"at", "method", "path", "authorization", "model", "content", "status"}``; ``content`` is the
         last chat message's content (or ``prompt`` / ``input``), ``at`` the ``time.time()`` of arrival.
         """
         assert self.record, f"mock {self.name} does not record requests (start it with MockSpec(record=True))"

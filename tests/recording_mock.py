@@ -8,7 +8,8 @@ which the mock's aggregated ``/_mock/stats`` cannot tell. Run as::
                                    [--batch-cancel-ms MS] [--batch-window-ms MS]
 
 ``GET /_mock/requests`` answers the list of requests since the last ``POST /_mock/reset``, oldest
-first, each ``{"at", "path", "authorization", "model", "content", "status"}``. The body is read
+first, each ``{"at", "method", "path", "authorization", "model", "content", "status"}`` (``status`` is
+null until the answer is ready, so a request under way can be seen). The body is read
 before the mock's own handler runs, so provider-side limits are decided a moment later than in the
 plain mock; tests measuring limits use the plain mock. Nothing here is ever printed or logged.
 """
@@ -73,6 +74,7 @@ def build(args: argparse.Namespace) -> web.Application:
                 pass
         entry = {
             "at": time.time(),
+            "method": request.method,
             "path": request.path,
             "authorization": request.headers.get("Authorization"),
             "model": body.get("model") if isinstance(body, dict) else None,

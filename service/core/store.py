@@ -221,13 +221,19 @@ def batch_from_record(h: dict[str, str]) -> Batch:
         completion_window=h["completion_window"], status=h["status"],  # type: ignore[arg-type]
         created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
         output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
-        request_counts=RequestCounts(
-            total=int(h.get("total") or 0), completed=int(h.get("completed") or 0),
-            failed=int(h.get("failed") or 0),
-        ),
+        request_counts=_counts(h),
         metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
         **{name: ts(name) for name in _TIMESTAMPS},
     )
+
+
+def _counts(h: dict[str, str]) -> RequestCounts:
+    total, completed, failed = (int(h.get(name) or 0) for name in ("total", "completed", "failed"))
+    # Lines a provider's own Batch API reports done that Sluice has not downloaded yet
+    # (workers/delegate.py keeps these up to date), within what is left.
+    shown_completed = min(max(0, int(h.get("deleg_completed") or 0)), max(0, total - completed - failed))
+    shown_failed = min(max(0, int(h.get("deleg_failed") or 0)), max(0, total - completed - failed - shown_completed))
+    return RequestCounts(total=total, completed=completed + shown_completed, failed=failed + shown_failed)
 
 
 # Move a batch to a new state only if it is in one of the allowed states; optionally add it to
