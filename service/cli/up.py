@@ -4,6 +4,11 @@ Starts a Redis of its own (a ``redis-server`` child on a free port, data under
 ``$SLUICE_DATA_DIR/redis``; fakeredis's TCP server in-process where no binary exists), the mock
 provider unless ``SLUICE_UPSTREAM_URL`` is set, then the web front end, one worker and the
 finalizer as child processes. Ctrl-C (or SIGTERM) stops every child.
+
+The mock serves twice: as provider ``default`` (every model; each line is one real-time request)
+and as provider ``mock-batch``, which hands whole batches to the mock's own Batch API
+(``batch_api = "delegate"``). A batch created with the header ``x-sluice-provider: mock-batch``
+shows the delegation lifecycle.
 """
 
 from __future__ import annotations
@@ -81,6 +86,22 @@ def _start_redis(data_dir: Path, children: list[subprocess.Popen]) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
+def _mock_batch_config(data_dir: Path, mock_port: int) -> Path:
+    """A providers file adding ``mock-batch``: the mock's own Batch API, chosen with x-sluice-provider."""
+    path = data_dir / "sluice-up.toml"
+    path.write_text(f"""# Written by `sluice up`: the mock provider's own Batch API, for batches created with
+# the header x-sluice-provider: mock-batch (no model routes here by itself).
+[providers.mock-batch]
+base_url = "http://127.0.0.1:{mock_port}"
+api_key_env = "SLUICE_UPSTREAM_API_KEY"
+models = []
+batch_api = "delegate"
+batch_poll_s = 1.0
+batch_poll_max_s = 5.0
+""")
+    return path
+
+
 def _child(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "service.cli", *cmd], env=env)
 
@@ -104,9 +125,13 @@ def run(settings: Settings) -> None:
         upstream = ", ".join(f"{p.name} ({p.base_url})" for p in settings.providers)
         if not settings.providers:
             mock_port = free_port()
-            children.append(_child(["mock-provider", "--port", str(mock_port), "--latency-ms", "50"], env))
+            children.append(_child(["mock-provider", "--port", str(mock_port), "--latency-ms", "50",
+                                    "--batch-start-ms", "1000", "--batch-line-ms", "20"], env))
             upstream = f"mock provider at http://127.0.0.1:{mock_port}"
             env.update({"SLUICE_UPSTREAM_URL": f"http://127.0.0.1:{mock_port}", "SLUICE_UPSTREAM_API_KEY": "mock-key"})
+            if not env.get("SLUICE_CONFIG"):
+                env["SLUICE_CONFIG"] = str(_mock_batch_config(data_dir, mock_port))
+                upstream += ("\n             (x-sluice-provider: mock-batch delegates a batch to its own Batch API)")
         env.update({
             "REDIS_URL": redis_url, "PORT": str(settings.port), "SLUICE_DATA_DIR": str(data_dir),
             "SLUICE_API_TOKENS": ",".join(tokens),
