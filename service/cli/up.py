@@ -180,6 +180,7 @@ Sluice is up.
 Try it:
   export SLUICE_TOKEN={token}
   curl -s {url}/v1/batches -H "Authorization: Bearer $SLUICE_TOKEN"
+  sluice usage     # tokens used, by day, provider and model
 
 Ctrl-C stops everything.
 """

@@ -48,11 +48,21 @@ PROCESSES = f"{PREFIX}:processes"
 METRICS_LINES = f"{PREFIX}:metrics:lines"
 METRICS_UPSTREAM = f"{PREFIX}:metrics:upstream"
 METRICS_LATENCY = f"{PREFIX}:metrics:latency"
+# Tokens of successful lines, cluster-wide, by "<provider>|<model>|<kind>" (kind: requests, input,
+# cached, output, reasoning); counted exactly once per line by the script that records it.
+METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
+# How long a day of per-token usage (usage_day) is kept.
+USAGE_RETENTION_DAYS = 400
 
 
 def process(name: str) -> str:
     """Hash a worker or finalizer publishes with each heartbeat (role, host, pid, in-flight, ...)."""
     return f"{PREFIX}:process:{name}"
+
+
+def usage_day(day: str) -> str:
+    """Hash of one UTC day's (``YYYY-MM-DD``) usage: ``<owner>|<provider>|<model>|<kind>`` -> count."""
+    return f"{PREFIX}:usage:{day}"
 
 
 def file(file_id: str) -> str:

@@ -18,7 +18,16 @@ from redis.exceptions import NoScriptError
 
 from . import keys
 from .connections import Script
-from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
+from .wire import (
+    Batch,
+    BatchError,
+    BatchErrors,
+    BatchUsage,
+    FileObject,
+    InputTokensDetails,
+    OutputTokensDetails,
+    RequestCounts,
+)
 
 Redis = aioredis.Redis
 
@@ -221,10 +230,18 @@ def batch_from_record(h: dict[str, str]) -> Batch:
         completion_window=h["completion_window"], status=h["status"],  # type: ignore[arg-type]
         created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
         output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
-        request_counts=_counts(h),
+        request_counts=_counts(h), usage=batch_usage(h),
         metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
         **{name: ts(name) for name in _TIMESTAMPS},
     )
+
+
+def batch_usage(h: dict[str, str]) -> BatchUsage:
+    """The batch's token usage so far (``usage_*`` fields, counted as each line is recorded)."""
+    n = {kind: int(h.get(f"usage_{kind}") or 0) for kind in ("input", "cached", "output", "reasoning")}
+    return BatchUsage(input_tokens=n["input"], input_tokens_details=InputTokensDetails(cached_tokens=n["cached"]),
+                      output_tokens=n["output"], output_tokens_details=OutputTokensDetails(reasoning_tokens=n["reasoning"]),
+                      total_tokens=n["input"] + n["output"])
 
 
 def _counts(h: dict[str, str]) -> RequestCounts:
