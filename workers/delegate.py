@@ -47,6 +47,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import msgspec
 import structlog
+from redis.exceptions import NoScriptError
 
 from service.core import keys, store
 from service.core.config import Provider, Settings
@@ -468,18 +469,23 @@ class Delegator:
         shown: tuple[int, int] | None = None, **fields: str | int,
     ) -> None:
         """Write the part's state if this step still holds it (else raise :class:`Stale`)."""
+        result = await _WRITE(self.r, *self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        if result == 1 or (result == -1 and settle):
+            return
+        raise Stale
+
+    @staticmethod
+    def _write_call(
+        step: _Step, *, delay_s: float | None = None, settle: bool = False,
+        shown: tuple[int, int] | None = None, **fields: str | int,
+    ) -> tuple[list[str], list[str | int]]:
         flat: list[str | int] = []
         for k, v in fields.items():
             flat += [k, v]
             step.f[k] = str(v)
-        result = await _WRITE(
-            self.r, [keys.delegation(step.batch_id), keys.batch(step.batch_id), keys.DELEGATED_BATCHES],
-            [step.part_no, step.token, step.batch_id, "" if delay_s is None else int(delay_s * 1000),
-             "1" if settle else "", *(shown if shown is not None else ("", "")), *flat],
-        )
-        if result == 1 or (result == -1 and settle):
-            return
-        raise Stale
+        return ([keys.delegation(step.batch_id), keys.batch(step.batch_id), keys.DELEGATED_BATCHES],
+                [step.part_no, step.token, step.batch_id, "" if delay_s is None else int(delay_s * 1000),
+                 "1" if settle else "", *(shown if shown is not None else ("", "")), *flat])
 
     def _poll_s(self, step: _Step) -> float:
         return step.provider.batch_poll_s if step.provider else 10.0
@@ -506,6 +512,8 @@ class Delegator:
         step.api = ProviderAPI(self.session, step.provider, api_key)
         if f.get("state") == "planned":
             if abort:
+                if f.get("upload_at"):  # an upload may have finished unrecorded: no copy is left behind
+                    await self._delete_files(step, [await self._find_file(step, _filename(step))])
                 await self._fill_and_settle(step, abort, ABORT_MESSAGES.get(abort, abort))
                 return
             await self._upload(step)
@@ -524,7 +532,7 @@ class Delegator:
     async def _upload(self, step: _Step) -> None:
         api, plan = step.api, step.plan
         assert api is not None
-        filename = f"sluice_{step.batch_id}_part{step.part_no}.jsonl"
+        filename = _filename(step)
         if step.f.get("upload_at"):
             # An upload began before: it may have finished at the provider without its id being recorded.
             found = await self._find_file(step, filename)
@@ -723,10 +731,12 @@ class Delegator:
                             step.log.warning("delegate_unexpected_line", line=line[:200].decode("utf-8", "replace"))
                             continue
                         recorded.add(index)
-                        seen[got[1] == Outcome.FAILED] += 1
                         results.append((index, "", got[1], got[2]))
                     for i in range(0, len(results), RECORD_CHUNK):
-                        await self._record(step, results[i:i + RECORD_CHUNK], done, seen)
+                        chunk = results[i:i + RECORD_CHUNK]
+                        for result in chunk:
+                            seen[result[2] == Outcome.FAILED] += 1
+                        await self._record(step, chunk, done, seen)
             except ProviderError as e:
                 if not e.permanent:
                     raise
@@ -745,9 +755,20 @@ class Delegator:
 
     async def _record(self, step: _Step, results: list[tuple[int, str, str, bytes]], done: tuple[int, int],
                       seen: list[int]) -> None:
-        # The shown counts drop first, then the results land: the batch never shows a line twice.
-        await self._write(step, shown=(max(0, done[0] - seen[0]), max(0, done[1] - seen[1])))
-        await store.record_results(self.r, step.batch_id, results)
+        # The part's shown counts drop as its results land, in one transaction: the batch's
+        # request_counts neither count a line twice nor dip while results are downloaded.
+        shown = (max(0, done[0] - seen[0]), max(0, done[1] - seen[1]))
+        pipe = self.r.pipeline(transaction=True)
+        _WRITE.queue(pipe, *self._write_call(step, shown=shown))
+        store.queue_record(pipe, step.batch_id, results)
+        try:
+            written, _ = await pipe.execute()
+        except NoScriptError:  # Redis restarted and forgot its scripts: the plain calls load them
+            await self._write(step, shown=shown)
+            await store.record_results(self.r, step.batch_id, results)
+            return
+        if written != 1:
+            raise Stale
 
     def _missing_reason(self, step: _Step, pbatch: dict[str, Any], status: str) -> tuple[str, str]:
         abort = step.h.get("abort")
@@ -791,6 +812,11 @@ class Delegator:
                     await step.api.delete_file(str(file_id))
                 except ProviderError as e:
                     step.log.warning("delegate_file_not_deleted", file=file_id, error=str(e))
+
+
+def _filename(step: _Step) -> str:
+    """The name of a part's input file at the provider: how a retry finds an upload it did not see end."""
+    return f"sluice_{step.batch_id}_part{step.part_no}.jsonl"
 
 
 def _int(value: Any) -> int:

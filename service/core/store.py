@@ -359,6 +359,11 @@ async def record_results(
     return int(await _RECORD(r, ks, argv))
 
 
+def queue_record(pipe, batch_id: str, results: Iterable[tuple]) -> None:
+    """Queue ``record_results`` on a pipeline, e.g. to record atomically with another write (MULTI)."""
+    _RECORD.queue(pipe, *_record_call(batch_id, results))
+
+
 async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:
     """``record_results`` for several batches in one round trip."""
     for attempt in (1, 2):

@@ -145,6 +145,25 @@ def test_cancel_mid_run_cancels_the_provider_batch_and_keeps_partial_results(dst
     assert pbatch["status"] == "cancelled"
 
 
+def test_cancel_right_after_create_leaves_nothing_running_at_the_provider(dstack, wait_until):
+    """Cancelled while validating, uploading or creating: whatever the timing, nothing is lost or left behind."""
+    client = dstack.client()
+    run = uuid.uuid4().hex[:8]
+    rows = _rows(dstack, run, 10, mock_latency_ms=300)
+    _, created = dstack.submit(list(rows.values()), client=client)
+    client.batches.cancel(created.id)
+    batch = dstack.wait_for_batch(created.id, client=client, timeout=60)
+    assert batch.status == "cancelled", batch
+    output, errors = dstack.results(batch, client=client)
+    assert batch.request_counts.total in (0, 10)
+    if batch.request_counts.total:
+        _once(output, errors, rows)
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors)
+    assert all(p["status"] in ("cancelled", "completed") for p in _provider_batches(dstack, batch.id))
+    files = http_request("GET", f"{dstack.mock_url}/v1/files").json()["data"]
+    assert not [f for f in files if batch.id in f["filename"]], "a copy of the input was left at the provider"
+
+
 def test_provider_expiry_expires_the_batch(dstack):
     client = dstack.client()
     run = uuid.uuid4().hex[:8]
@@ -178,13 +197,21 @@ def test_a_failed_provider_batch_fails_each_of_its_lines(dstack):
     assert (batch.request_counts.completed, batch.request_counts.failed) == (0, 6)
 
 
-def test_a_big_batch_is_split_into_provider_batches(dstack):
+def test_a_big_batch_is_split_into_provider_batches(dstack, wait_until):
     client = dstack.client()
     run = uuid.uuid4().hex[:8]
-    rows = _rows(dstack, run, 2 * PART_LINES + 10)
+    rows = _rows(dstack, run, 2 * PART_LINES + 10, mock_latency_ms=20)
     _, created = dstack.submit(list(rows.values()), client=client)
-    batch = dstack.wait_for_batch(created.id, client=client, timeout=90)
+    shown: list[int] = []
+
+    def finished():
+        b = client.batches.retrieve(created.id)
+        shown.append(b.request_counts.completed)
+        return b if b.status in ("completed", "failed", "expired", "cancelled") else None
+
+    batch = wait_until(finished, timeout=90, message="the batch to finish", check=dstack.check_alive)
     assert batch.status == "completed", batch
+    assert shown == sorted(shown), f"request_counts went back while the parts were downloaded: {shown}"
     output, errors = dstack.results(batch, client=client)
     _once(output, errors, rows)
     _check_echo(output, rows)
