@@ -49,7 +49,7 @@ import msgspec
 import structlog
 from redis.exceptions import NoScriptError
 
-from service.core import keys, store
+from service.core import keys, store, usage
 from service.core.config import Provider, Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.crypto import unseal
@@ -723,7 +723,7 @@ class Delegator:
                 continue
             try:
                 async for lines in api.lines(str(file_id)):
-                    results: list[tuple[int, str, str, bytes]] = []
+                    results: list[tuple[int, str, str, bytes, str]] = []
                     for line in lines:
                         got = classify(line)
                         index = index_of.get(got[0]) if got else None
@@ -731,7 +731,8 @@ class Delegator:
                             step.log.warning("delegate_unexpected_line", line=line[:200].decode("utf-8", "replace"))
                             continue
                         recorded.add(index)
-                        results.append((index, "", got[1], got[2]))
+                        tokens = usage.from_result_line(step.plan.provider, got[2]) if got[1] == Outcome.COMPLETED else ""
+                        results.append((index, "", got[1], got[2], tokens))
                     for i in range(0, len(results), RECORD_CHUNK):
                         chunk = results[i:i + RECORD_CHUNK]
                         for result in chunk:
@@ -753,7 +754,7 @@ class Delegator:
         await self._write(step, settle=True, pstatus=status)
         step.log.info("delegate_settled", status=status, completed=seen[0], failed=seen[1])
 
-    async def _record(self, step: _Step, results: list[tuple[int, str, str, bytes]], done: tuple[int, int],
+    async def _record(self, step: _Step, results: list[tuple[int, str, str, bytes, str]], done: tuple[int, int],
                       seen: list[int]) -> None:
         # The part's shown counts drop as its results land, in one transaction: the batch's
         # request_counts neither count a line twice nor dip while results are downloaded.

@@ -311,11 +311,14 @@ async def transition(
 
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
 # redelivery, the result goes to the results stream, the counter moves, the work entry is
-# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
+# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result, usage) per line;
+# usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>" (service/core/usage.py),
+# counted into the batch, the day's usage (KEYS[5]) and the token counters (KEYS[6]) with the line.
 _RECORD = Script("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
-for i = 2, #ARGV, 4 do
+local owner
+for i = 2, #ARGV, 5 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
     redis.call('XACK', KEYS[4], ARGV[1], entry)
@@ -325,10 +328,24 @@ for i = 2, #ARGV, 4 do
     redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
     redis.call('HINCRBY', KEYS[3], ARGV[i + 2], 1)
     recorded = recorded + 1
+    local u = {string.match(ARGV[i + 4], '^(%d+) (%d+) (%d+) (%d+) (.+)$')}
+    if u[5] then
+      owner = owner or redis.call('HGET', KEYS[3], 'owner') or ''
+      for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
+        local n = k < 5 and tonumber(u[k]) or 1
+        if n > 0 then
+          if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
+          redis.call('HINCRBY', KEYS[5], owner .. '|' .. u[5] .. '|' .. kind, n)
+          redis.call('HINCRBY', KEYS[6], u[5] .. '|' .. kind, n)
+        end
+      end
+      redis.call('EXPIRE', KEYS[5], USAGE_TTL_S)
+      redis.call('EXPIRE', KEYS[6], USAGE_TTL_S)
+    end
   end
 end
 return recorded
-""")
+""".replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
 
 
 class Outcome:
@@ -338,17 +355,19 @@ class Outcome:
     FAILED = "failed"
 
 
-def _record_call(batch_id: str, results: Iterable[tuple[int, str, str, bytes]]) -> tuple[list[str], list]:
+def _record_call(batch_id: str, results: Iterable[tuple]) -> tuple[list[str], list]:
     argv: list[str | int | bytes] = [keys.WORKER_GROUP]
-    for index, entry_id, outcome, result in results:
-        argv += [index, entry_id, outcome, result]
-    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)], argv
+    for index, entry_id, outcome, result, *usage in results:
+        argv += [index, entry_id, outcome, result, usage[0] if usage else ""]
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
+            keys.usage_day(day), keys.METRICS_TOKENS], argv
 
 
 async def record_results(
     r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
 ) -> int:
-    """Record ``(index, entry_id, outcome, result_json)`` tuples; return how many were new.
+    """Record ``(index, entry_id, outcome, result_json[, usage])`` tuples; return how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
     batch whose work keys are gone (finished or deleted) records nothing.

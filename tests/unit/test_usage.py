@@ -46,3 +46,34 @@ async def test_usage_endpoint_answers_an_empty_report_and_checks_days(api):
     (await api.request("GET", "/v1/sluice/usage", params={"days": "0"})).error(400, param="days", code="invalid_value")
     (await api.request("GET", "/v1/sluice/usage", params={"days": "x"})).error(400, param="days", code="invalid_type")
     (await api.request("GET", "/v1/sluice/usage", token=NO_AUTH)).error(401, code="invalid_api_key")
+
+
+async def test_a_line_recorded_twice_counts_its_tokens_once():
+    import fakeredis
+
+    from service.core import keys, store
+
+    r = fakeredis.FakeAsyncRedis()
+    await r.hset(keys.batch("batch_u"), mapping={"owner": "owner1", "completed": 0, "failed": 0})
+    await r.xgroup_create(keys.results("batch_u"), "finalizer", id="0", mkstream=True)
+    first = [(0, "", "completed", b'{"custom_id": "a"}', "10 2 5 1 prov|model-x"),
+             (1, "", "failed", b'{"custom_id": "b"}', "")]
+    assert await store.record_results(r, "batch_u", first) == 2
+    # A redelivery of line 0 (with its usage) and a new line 2 in one call: only line 2 counts.
+    again = [first[0], (2, "", "completed", b'{"custom_id": "c"}', "1 0 1 0 prov|model-x")]
+    assert await store.record_results(r, "batch_u", again) == 1
+    b = store.batch_from_record({k.decode(): v.decode() for k, v in (await r.hgetall(keys.batch("batch_u"))).items()
+                                } | {"id": "batch_u", "endpoint": "/v1/chat/completions", "input_file_id": "f",
+                                     "completion_window": "24h", "status": "in_progress", "created_at": "1"})
+    assert (b.usage.input_tokens, b.usage.input_tokens_details.cached_tokens, b.usage.output_tokens,
+            b.usage.output_tokens_details.reasoning_tokens, b.usage.total_tokens) == (11, 2, 6, 1, 17)
+    day_keys = [k.decode() for k in await r.keys("sluice:usage:*")]
+    assert len(day_keys) == 1
+    day = {k.decode(): int(v) for k, v in (await r.hgetall(day_keys[0])).items()}
+    assert day == {"owner1|prov|model-x|input": 11, "owner1|prov|model-x|cached": 2, "owner1|prov|model-x|output": 6,
+                   "owner1|prov|model-x|reasoning": 1, "owner1|prov|model-x|requests": 2}
+    tokens = {k.decode(): int(v) for k, v in (await r.hgetall(keys.METRICS_TOKENS)).items()}
+    assert tokens["prov|model-x|input"] == 11 and tokens["prov|model-x|requests"] == 2
+    assert await r.ttl(day_keys[0]) > 0 and await r.ttl(keys.METRICS_TOKENS) > 0
+    # The old four-field results (abort lines, poison lines) still record, without usage.
+    assert await store.record_results(r, "batch_u", [(3, "", "failed", b'{"custom_id": "d"}')]) == 1
