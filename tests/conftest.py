@@ -574,6 +574,7 @@ class MockSpec:
     """Options of one mock provider process (``None``: the mock's default).
 
     ``max_concurrency``, ``rpm`` and ``window_s`` make the mock answer 429 beyond those limits;
+    ``batch_*`` pace its Batch API (see service/devtools/mock_provider.py);
     ``record`` runs it through ``tests/recording_mock.py``, which also keeps every API request.
     """
 
@@ -582,6 +583,10 @@ class MockSpec:
     max_concurrency: int | None = None
     rpm: int | None = None
     window_s: float | None = None
+    batch_line_ms: float | None = None
+    batch_start_ms: float | None = None
+    batch_cancel_ms: float | None = None
+    batch_window_ms: float | None = None
     record: bool = False
 
     def command(self, port: int) -> list[str]:
@@ -595,6 +600,10 @@ class MockSpec:
             ("--max-concurrency", self.max_concurrency),
             ("--rpm", self.rpm),
             ("--window-s", self.window_s),
+            ("--batch-line-ms", self.batch_line_ms),
+            ("--batch-start-ms", self.batch_start_ms),
+            ("--batch-cancel-ms", self.batch_cancel_ms),
+            ("--batch-window-ms", self.batch_window_ms),
         ):
             if value is not None:
                 args += [flag, str(value)]
@@ -626,7 +635,7 @@ class MockServer:
     def requests(self) -> list[dict]:
         """Every API request since the last reset, oldest first (recording mocks only).
 
-        Each is ``{"at", "path", "authorization", "model", "content", "status"}``; ``content`` is the
+        Each is ``{"at", "method", "path", "authorization", "model", "content", "status"}``; ``content`` is the
         last chat message's content (or ``prompt`` / ``input``), ``at`` the ``time.time()`` of arrival.
         """
         assert self.record, f"mock {self.name} does not record requests (start it with MockSpec(record=True))"

@@ -4,10 +4,12 @@ Used by integration tests that must know which upstream (and which key) saw whic
 which the mock's aggregated ``/_mock/stats`` cannot tell. Run as::
 
     python tests/recording_mock.py --port N [--latency-ms L] [--error-rate R] [--max-concurrency N]
-                                   [--rpm N] [--window-s S]
+                                   [--rpm N] [--window-s S] [--batch-line-ms MS] [--batch-start-ms MS]
+                                   [--batch-cancel-ms MS] [--batch-window-ms MS]
 
 ``GET /_mock/requests`` answers the list of requests since the last ``POST /_mock/reset``, oldest
-first, each ``{"at", "path", "authorization", "model", "content", "status"}``. The body is read
+first, each ``{"at", "method", "path", "authorization", "model", "content", "status"}`` (``status`` is
+null until the answer is ready, so a request under way can be seen). The body is read
 before the mock's own handler runs, so provider-side limits are decided a moment later than in the
 plain mock; tests measuring limits use the plain mock. Nothing here is ever printed or logged.
 """
@@ -48,6 +50,10 @@ def build(args: argparse.Namespace) -> web.Application:
         max_concurrency=args.max_concurrency,
         rpm=args.rpm,
         window_s=args.window_s,
+        batch_line_ms=args.batch_line_ms,
+        batch_start_ms=args.batch_start_ms,
+        batch_cancel_ms=args.batch_cancel_ms,
+        batch_window_ms=args.batch_window_ms,
     )
     recorded: list[dict[str, Any]] = []
 
@@ -59,13 +65,16 @@ def build(args: argparse.Namespace) -> web.Application:
             if request.path == "/_mock/reset":
                 recorded.clear()
             return await handler(request)
-        raw = await request.read()  # aiohttp keeps it: the handler reads the same bytes
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
+        body = None
+        if not request.content_type.startswith("multipart/"):  # an upload's parts are read by the handler
+            raw = await request.read()  # aiohttp keeps it: the handler reads the same bytes
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                pass
         entry = {
             "at": time.time(),
+            "method": request.method,
             "path": request.path,
             "authorization": request.headers.get("Authorization"),
             "model": body.get("model") if isinstance(body, dict) else None,
@@ -90,6 +99,10 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--rpm", type=int, default=None)
     parser.add_argument("--window-s", type=float, default=60.0)
+    parser.add_argument("--batch-line-ms", type=float, default=0.0)
+    parser.add_argument("--batch-start-ms", type=float, default=0.0)
+    parser.add_argument("--batch-cancel-ms", type=float, default=0.0)
+    parser.add_argument("--batch-window-ms", type=float, default=None)
     args = parser.parse_args()
     asyncio.run(serve(build(args), args.host, args.port))
 

@@ -322,6 +322,7 @@ async def test_in_flight_accounting_and_reset(aiohttp_client: Any) -> None:
     cleared = await (await client.post("/_mock/reset")).json()
     assert cleared == {
         "requests": 0,
+        "batch_requests": 0,
         "accepted": 0,
         "rejected_429": 0,
         "first_request_at": None,

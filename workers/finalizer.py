@@ -36,6 +36,8 @@ from service.core.validation import check_line, iter_lines
 from service.core.webhooks import WebhookSender
 from service.core.wire import TERMINAL_STATUSES
 
+from .delegate import Delegator
+
 log = structlog.get_logger("sluice.finalizer")
 
 TICK_S = 0.2
@@ -83,6 +85,8 @@ class Finalizer:
         heartbeat = Heartbeat(self.redis, self.name, "finalizer", tally=self.tally, fields=self._beat_fields)
         heartbeat.start()
         webhooks = WebhookSender(self.redis, self.settings)
+        delegator = Delegator(self.settings, self.storage, self.name)  # every finalizer, standby or not
+        delegator.start()
         try:
             while not self.stop.is_set():
                 try:
@@ -100,6 +104,7 @@ class Finalizer:
                 with contextlib.suppress(*REDIS_DOWN):
                     await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
             self.active = False
+            await delegator.aclose()
             await webhooks.aclose()
             await heartbeat.close()
             await self.redis.aclose()
@@ -144,10 +149,13 @@ class Finalizer:
                                    remove_from=[keys.ACTIVE_BATCHES])
             log.info("batch_expiring", batch_id=batch_id)
             h = await store.get_batch_record(self.redis, batch_id) or h
-        if h.get("abort") and not self._all_done(h):
+        # Lines on a provider's own Batch API are settled by workers/delegate.py first.
+        delegating = int(h.get("deleg_open") or 0) > 0
+        if h.get("abort") and not self._all_done(h) and not delegating:
             await self._abort_remaining(h)
         h = await self._drain(h)
-        if self._all_done(h) and int(h.get("fin_out_lines", 0)) + int(h.get("fin_err_lines", 0)) == int(h["total"]):
+        if (self._all_done(h) and not delegating
+                and int(h.get("fin_out_lines", 0)) + int(h.get("fin_err_lines", 0)) == int(h["total"])):
             await self._finish(h)
 
     @staticmethod

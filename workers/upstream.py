@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from service.core import usage
 from service.core.config import Provider, Settings
 from service.core.heartbeat import Tally
 from service.core.results import error_line, json_body, response_line
@@ -33,6 +34,7 @@ class CallResult:
     outcome: str
     line: bytes
     attempts: int
+    usage: str = ""  # tokens of a successful answer (service/core/usage.py)
 
 
 def upstream_url(base: str, endpoint: str) -> str:
@@ -120,7 +122,7 @@ class Upstream:
                         f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
                     status, retry_after = None, None
                 else:
-                    result = self._answer(custom_id, status, request_id, data, attempt)
+                    result = self._answer(custom_id, status, request_id, data, attempt, provider.name)
                     if status not in RETRYABLE_STATUS:
                         return result
                 finally:
@@ -142,7 +144,7 @@ class Upstream:
         return result
 
     @staticmethod
-    def _answer(custom_id: str, status: int, request_id: str, data: bytes, attempt: int) -> CallResult:
+    def _answer(custom_id: str, status: int, request_id: str, data: bytes, attempt: int, provider: str) -> CallResult:
         body = json_body(data)
         if body is None:
             text = data[:2000].decode("utf-8", "replace")
@@ -154,4 +156,5 @@ class Upstream:
         else:
             ok = 200 <= status < 300
         return CallResult(Outcome.COMPLETED if ok else Outcome.FAILED,
-                          response_line(custom_id, status, request_id, body), attempt)
+                          response_line(custom_id, status, request_id, body), attempt,
+                          usage.from_body(provider, data) if ok else "")

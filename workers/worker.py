@@ -314,7 +314,8 @@ class Worker:
                     0)
                 break
         try:
-            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line))
+            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line,
+                                                       result.usage))
         except Exception:
             # Left pending: the line is delivered again after its lease.
             bound.exception("record_failed")

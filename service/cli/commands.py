@@ -1,4 +1,4 @@
-"""The API client's commands: ``sluice submit``, ``sluice batches ...`` and ``sluice files ...``.
+"""The API client's commands: ``sluice submit``, ``sluice batches ...``, ``sluice files ...`` and ``sluice usage``.
 
 An HTTP client of Sluice's public API only (aiohttp), for people and scripts: human-readable
 output by default, the API objects with ``--json``. Progress and messages go to stderr, results
@@ -256,6 +256,10 @@ def describe_batch(b: dict[str, Any], out: TextIO) -> None:
                      f"{counts.get('failed', 0)} failed"),
         ("created", human_time(b.get("created_at"))),
     ]
+    u = b.get("usage")
+    if u and u.get("total_tokens"):
+        rows.append(("tokens", f"{u['input_tokens']} in ({u['input_tokens_details']['cached_tokens']} cached), "
+                               f"{u['output_tokens']} out ({u['output_tokens_details']['reasoning_tokens']} reasoning)"))
     for field in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
                   "cancelled_at", "expires_at"):
         if b.get(field):
@@ -365,6 +369,30 @@ async def cmd_files(args: argparse.Namespace, target: Target) -> int:
     raise ClientError(f"unknown action {action!r}", EXIT_USAGE)
 
 
+# -- usage
+async def cmd_usage(args: argparse.Namespace, target: Target) -> int:
+    """``sluice usage``: this token's tokens by day, provider and model (``GET /v1/sluice/usage``)."""
+    if not 1 <= args.days <= 400:
+        raise ClientError("--days must be between 1 and 400", EXIT_USAGE)
+    async with Client(target) as client:
+        report = await client.request("GET", "/sluice/usage", params={"days": str(args.days)})
+    if args.json:
+        print_json(report)
+        return EXIT_OK
+    rows = report.get("data") or []
+    if not rows:
+        print(f"no usage from {report.get('start_date')} to {report.get('end_date')}")
+        return EXIT_OK
+    table = [[r["date"], r["provider"], r["model"], str(r["requests"]), str(r["input_tokens"]),
+              str(r["input_tokens_details"]["cached_tokens"]), str(r["output_tokens"]),
+              str(r["output_tokens_details"]["reasoning_tokens"]), str(r["total_tokens"])] for r in rows]
+    total = [sum(int(row[i]) for row in table) for i in range(3, 9)]
+    table.append(["total", "", "", *map(str, total)])
+    print("\n".join(text_table(["DATE", "PROVIDER", "MODEL", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "REASONING",
+                                "TOTAL"], table)))
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- argparse wiring
 CLIENT_ENV = """\
 environment:
@@ -415,7 +443,7 @@ def _parser(sub: Any, name: str, summary: str, description: str, epilog: str = C
 
 
 def add_client_commands(sub: Any) -> None:
-    """Add ``submit``, ``batches`` and ``files`` to the ``sluice`` subparsers."""
+    """Add ``submit``, ``batches``, ``files`` and ``usage`` to the ``sluice`` subparsers."""
     submit = _parser(sub, "submit", "upload a JSONL file and create a batch (--wait: follow it, get results)",
                      "Upload a batch input file and create a batch from it; with --wait, follow it to its end and "
                      "save its results.", SUBMIT_MORE)
@@ -472,6 +500,12 @@ def add_client_commands(sub: Any) -> None:
             p.add_argument("--force", "-f", action="store_true", help="replace a file that exists already")
         _common(p)
     files.set_defaults(func=_run(cmd_files), limit=100, after=None, purpose=None, output=None, force=False)
+
+    usage = sub.add_parser("usage", help="tokens used by this token, by day, provider and model",
+                           description="Tokens used by the API token, by UTC day, provider and model.")
+    usage.add_argument("--days", type=int, default=7, help="how many days back, today included (1..400, default 7)")
+    _common(usage)
+    usage.set_defaults(func=_run(cmd_usage))
 
 
 def _run(command: Callable[[argparse.Namespace, Target], Any]) -> Callable[[argparse.Namespace], None]:

@@ -151,6 +151,10 @@ def _mock_provider(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         rpm=args.rpm,
         window_s=args.window_s,
+        batch_line_ms=args.batch_line_ms,
+        batch_start_ms=args.batch_start_ms,
+        batch_cancel_ms=args.batch_cancel_ms,
+        batch_window_ms=args.batch_window_ms,
     )
 
 
@@ -243,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument(
         "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
     )
+    batch = mock.add_argument_group("its Batch API (delegated batches)")
+    batch.add_argument("--batch-line-ms", type=float, default=0.0, metavar="MS", help="time each batch line takes")
+    batch.add_argument("--batch-start-ms", type=float, default=0.0, metavar="MS", help="time a batch validates")
+    batch.add_argument("--batch-cancel-ms", type=float, default=0.0, metavar="MS", help="time a batch cancels")
+    batch.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
+                       help="a batch still running this long after creation expires")
     mock.set_defaults(func=_mock_provider)
     from .commands import (
         add_client_commands,  # submit, batches, files: an HTTP client of the API

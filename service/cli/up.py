@@ -10,6 +10,11 @@ Every child runs in its own session, so a Ctrl-C at the terminal reaches ``sluic
 which then stops the children one role at a time: the web stops taking requests, the worker
 drains into Redis, the finalizer finishes its pass, the mock provider, and Redis last. A second
 Ctrl-C kills whatever still runs.
+
+The mock serves twice: as provider ``default`` (every model; each line is one real-time request)
+and as provider ``mock-batch``, which hands whole batches to the mock's own Batch API
+(``batch_api = "delegate"``). A batch created with the header ``x-sluice-provider: mock-batch``
+shows the delegation lifecycle.
 """
 
 from __future__ import annotations
@@ -113,6 +118,22 @@ class Child:
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+
+def _mock_batch_config(data_dir: Path, mock_port: int) -> Path:
+    """A providers file adding ``mock-batch``: the mock's own Batch API, chosen with x-sluice-provider."""
+    path = data_dir / "sluice-up.toml"
+    path.write_text(f"""# Written by `sluice up`: the mock provider's own Batch API, for batches created with
+# the header x-sluice-provider: mock-batch (no model routes here by itself).
+[providers.mock-batch]
+base_url = "http://127.0.0.1:{mock_port}"
+api_key_env = "SLUICE_UPSTREAM_API_KEY"
+models = []
+batch_api = "delegate"
+batch_poll_s = 1.0
+batch_poll_max_s = 5.0
+""")
+    return path
 
 
 class Stack:
@@ -226,10 +247,14 @@ def run(settings: Settings, client: ClientSettings) -> None:
         mock_url = ""
         if not settings.providers:
             mock_port = free_port()
-            stack.sluice("mock-provider", ["mock-provider", "--port", str(mock_port), "--latency-ms", "50"], env)
+            stack.sluice("mock-provider", ["mock-provider", "--port", str(mock_port), "--latency-ms", "50",
+                                           "--batch-start-ms", "1000", "--batch-line-ms", "20"], env)
             mock_url = f"http://127.0.0.1:{mock_port}"
             upstream = f"mock provider at {mock_url}"
             env.update({"SLUICE_UPSTREAM_URL": mock_url, "SLUICE_UPSTREAM_API_KEY": "mock-key"})
+            if not env.get("SLUICE_CONFIG"):
+                env["SLUICE_CONFIG"] = str(_mock_batch_config(data_dir, mock_port))
+                upstream += ("\n             (x-sluice-provider: mock-batch delegates a batch to its own Batch API)")
         env.update({
             "REDIS_URL": redis_url, "PORT": str(settings.port), "SLUICE_DATA_DIR": str(data_dir),
             "SLUICE_API_TOKENS": ",".join(tokens),
@@ -294,6 +319,7 @@ In another terminal:
   {cli} status
   export SLUICE_TOKEN={token}   # for curl and the OpenAI SDKs
   curl -s {api}/v1/batches -H "Authorization: Bearer $SLUICE_TOKEN"
+  {cli} usage     # tokens used, by day, provider and model
 
 Ctrl-C stops everything: the web first, then the worker drains, the finalizer, Redis last.
 """

@@ -90,6 +90,7 @@ class Snapshot:
     lines: dict[str, int] = field(default_factory=dict)
     upstream: dict[str, int] = field(default_factory=dict)
     latency: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)  # "<provider>|<model>|<kind>" -> count
     finalizer_lock: str = ""
 
 
@@ -118,7 +119,8 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     pipe.hgetall(keys.METRICS_UPSTREAM)
     pipe.hgetall(keys.METRICS_LATENCY)
     pipe.get(keys.FINALIZER_LOCK)
-    (sec, usec), procs, live, lines, upstream, latency, lock = await pipe.execute()
+    pipe.hgetall(keys.METRICS_TOKENS)
+    (sec, usec), procs, live, lines, upstream, latency, lock, tokens = await pipe.execute()
     now = sec + usec / 1e6
     now_ms = int(now * 1000)
     names = [(_s(n), float(score)) for n, score in procs]
@@ -178,4 +180,5 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     snap.lines = {_s(k): as_int(v) for k, v in lines.items()}
     snap.upstream = {_s(k): as_int(v) for k, v in upstream.items()}
     snap.latency = {_s(k): _s(v) for k, v in latency.items()}
+    snap.tokens = {_s(k): as_int(v) for k, v in tokens.items()}
     return snap

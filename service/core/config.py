@@ -15,9 +15,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated, Literal, Mapping
 
 import msgspec
+from msgspec import Meta
 
 
 class ConfigError(ValueError):
@@ -80,8 +81,21 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
 
 
+# What a provider's own Batch API takes in one batch, unless its configuration says otherwise.
+PROVIDER_BATCH_LINES = 50_000
+PROVIDER_BATCH_BYTES = 200 * MB
+# The only completion window Sluice (and OpenAI) offer; a provider batch runs within it.
+DAY_S = 24 * 3600
+
+
 class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One OpenAI-compatible upstream and the limits it imposes (global across all workers)."""
+    """One OpenAI-compatible upstream and the limits it imposes (global across all workers).
+
+    ``batch_api`` says how Sluice runs the lines routed here: ``execute`` (one real-time request
+    per line, by the workers), ``delegate`` (uploaded to the provider's own Files and Batches API,
+    by the finalizers: workers/delegate.py) or ``auto`` (delegate when ``has_batch_api`` and the
+    batch's completion window fits the provider's 24 h, else execute).
+    """
 
     name: str = ""
     base_url: str
@@ -92,6 +106,15 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rpm: int | None = None
     tpm: int | None = None
     timeout_s: float = 600.0
+    batch_api: Literal["execute", "delegate", "auto"] = "execute"
+    has_batch_api: bool = False
+    batch_max_lines: Annotated[int, Meta(ge=1)] = PROVIDER_BATCH_LINES
+    batch_max_bytes: Annotated[int, Meta(ge=1024)] = PROVIDER_BATCH_BYTES
+    # Polling a provider batch: the first wait, doubled while nothing changes, up to the second.
+    batch_poll_s: Annotated[float, Meta(ge=0.05)] = 10.0
+    batch_poll_max_s: Annotated[float, Meta(ge=0.05)] = 120.0
+    # Delete the provider's copies (input, output and error files) once the results are merged.
+    batch_delete_files: bool = True
 
     def __repr__(self) -> str:
         # Keys never reach a log line through a repr.
@@ -105,6 +128,17 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def serves(self, model: str) -> bool:
         """True when ``model`` is one of this provider's names or matches one of its patterns."""
         return any(model == m or fnmatch.fnmatchcase(model, m) for m in self.models)
+
+    def delegates(self, completion_window: str, window_s: int) -> bool:
+        """Whether a batch with this completion window hands its lines here to the provider's Batch API.
+
+        ``window_s`` is Sluice's own window (``SLUICE_COMPLETION_WINDOW_S``): ``auto`` only delegates
+        when the provider's 24 h fit in it, so Sluice does not expire a batch the provider may
+        still legitimately be running.
+        """
+        if self.batch_api == "delegate":
+            return True
+        return self.batch_api == "auto" and self.has_batch_api and completion_window == "24h" and window_s >= DAY_S
 
 
 class Quotas(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +172,9 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
             raise ConfigError(f"SLUICE_CONFIG {path}: {e}") from None
         quotas = parsed.quotas
         for name, p in parsed.providers.items():
+            if p.batch_poll_max_s < p.batch_poll_s:
+                raise ConfigError(f"SLUICE_CONFIG {path}: provider {name!r}: batch_poll_max_s ({p.batch_poll_max_s:g}) "
+                                  f"is below batch_poll_s ({p.batch_poll_s:g})")
             key = ""
             if p.api_key_env:
                 key = env.get(p.api_key_env, "")

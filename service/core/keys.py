@@ -20,6 +20,8 @@ LIVE_BATCHES = f"{PREFIX}:batches:live"
 FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
 # Batch ids waiting for validation and publishing, scored by the time their lease ends.
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
+# Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
+DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
 
 # Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
 # with a webhook URL is added by the script that moves it to a terminal state (store.transition);
@@ -46,11 +48,21 @@ PROCESSES = f"{PREFIX}:processes"
 METRICS_LINES = f"{PREFIX}:metrics:lines"
 METRICS_UPSTREAM = f"{PREFIX}:metrics:upstream"
 METRICS_LATENCY = f"{PREFIX}:metrics:latency"
+# Tokens of successful lines, cluster-wide, by "<provider>|<model>|<kind>" (kind: requests, input,
+# cached, output, reasoning); counted exactly once per line by the script that records it.
+METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
+# How long a day of per-token usage (usage_day) is kept.
+USAGE_RETENTION_DAYS = 400
 
 
 def process(name: str) -> str:
     """Hash a worker or finalizer publishes with each heartbeat (role, host, pid, in-flight, ...)."""
     return f"{PREFIX}:process:{name}"
+
+
+def usage_day(day: str) -> str:
+    """Hash of one UTC day's (``YYYY-MM-DD``) usage: ``<owner>|<provider>|<model>|<kind>`` -> count."""
+    return f"{PREFIX}:usage:{day}"
 
 
 def file(file_id: str) -> str:
@@ -113,6 +125,16 @@ def done(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:done"
 
 
+def delegation(batch_id: str) -> str:
+    """Hash of the batch's provider batches ("parts"): ``n``, then ``<part>:<field>`` (plan, state, ids, fence)."""
+    return f"{PREFIX}:{{{batch_id}}}:deleg"
+
+
+def part_lease(batch_id: str, part: int) -> str:
+    """Lease naming the finalizer process working on one provider batch of a batch right now."""
+    return f"{PREFIX}:{{{batch_id}}}:deleg:{part}:lease"
+
+
 def batch_id_of(key: str) -> str:
     """The batch id inside a per-batch key (the part between the braces)."""
     return key.split("{", 1)[1].split("}", 1)[0]
@@ -135,4 +157,4 @@ def provider_pause(name: str) -> str:
 
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
-    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id))
+    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id), delegation(batch_id))

@@ -19,7 +19,16 @@ from redis.exceptions import NoScriptError
 
 from . import keys
 from .connections import Script
-from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
+from .wire import (
+    Batch,
+    BatchError,
+    BatchErrors,
+    BatchUsage,
+    FileObject,
+    InputTokensDetails,
+    OutputTokensDetails,
+    RequestCounts,
+)
 
 Redis = aioredis.Redis
 log = structlog.get_logger("sluice.store")
@@ -299,13 +308,27 @@ def batch_from_record(h: dict[str, str]) -> Batch:
         completion_window=h["completion_window"], status=h["status"],  # type: ignore[arg-type]
         created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
         output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
-        request_counts=RequestCounts(
-            total=int(h.get("total") or 0), completed=int(h.get("completed") or 0),
-            failed=int(h.get("failed") or 0),
-        ),
+        request_counts=_counts(h), usage=batch_usage(h),
         metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
         **{name: ts(name) for name in _TIMESTAMPS},
     )
+
+
+def batch_usage(h: dict[str, str]) -> BatchUsage:
+    """The batch's token usage so far (``usage_*`` fields, counted as each line is recorded)."""
+    n = {kind: int(h.get(f"usage_{kind}") or 0) for kind in ("input", "cached", "output", "reasoning")}
+    return BatchUsage(input_tokens=n["input"], input_tokens_details=InputTokensDetails(cached_tokens=n["cached"]),
+                      output_tokens=n["output"], output_tokens_details=OutputTokensDetails(reasoning_tokens=n["reasoning"]),
+                      total_tokens=n["input"] + n["output"])
+
+
+def _counts(h: dict[str, str]) -> RequestCounts:
+    total, completed, failed = (int(h.get(name) or 0) for name in ("total", "completed", "failed"))
+    # Lines a provider's own Batch API reports done that Sluice has not downloaded yet
+    # (workers/delegate.py keeps these up to date), within what is left.
+    shown_completed = min(max(0, int(h.get("deleg_completed") or 0)), max(0, total - completed - failed))
+    shown_failed = min(max(0, int(h.get("deleg_failed") or 0)), max(0, total - completed - failed - shown_completed))
+    return RequestCounts(total=total, completed=completed + shown_completed, failed=failed + shown_failed)
 
 
 # Move a batch to a new state only if it is in one of the allowed states; optionally add it to
@@ -366,11 +389,14 @@ async def transition(
 
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
 # redelivery, the result goes to the results stream, the counter moves, the work entry is
-# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
+# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result, usage) per line;
+# usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>" (service/core/usage.py),
+# counted into the batch, the day's usage (KEYS[5]) and the token counters (KEYS[6]) with the line.
 _RECORD = Script("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
-for i = 2, #ARGV, 4 do
+local owner
+for i = 2, #ARGV, 5 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
     redis.call('XACK', KEYS[4], ARGV[1], entry)
@@ -380,10 +406,24 @@ for i = 2, #ARGV, 4 do
     redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
     redis.call('HINCRBY', KEYS[3], ARGV[i + 2], 1)
     recorded = recorded + 1
+    local u = {string.match(ARGV[i + 4], '^(%d+) (%d+) (%d+) (%d+) (.+)$')}
+    if u[5] then
+      owner = owner or redis.call('HGET', KEYS[3], 'owner') or ''
+      for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
+        local n = k < 5 and tonumber(u[k]) or 1
+        if n > 0 then
+          if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
+          redis.call('HINCRBY', KEYS[5], owner .. '|' .. u[5] .. '|' .. kind, n)
+          redis.call('HINCRBY', KEYS[6], u[5] .. '|' .. kind, n)
+        end
+      end
+      redis.call('EXPIRE', KEYS[5], USAGE_TTL_S)
+      redis.call('EXPIRE', KEYS[6], USAGE_TTL_S)
+    end
   end
 end
 return recorded
-""")
+""".replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
 
 
 class Outcome:
@@ -393,17 +433,19 @@ class Outcome:
     FAILED = "failed"
 
 
-def _record_call(batch_id: str, results: Iterable[tuple[int, str, str, bytes]]) -> tuple[list[str], list]:
+def _record_call(batch_id: str, results: Iterable[tuple]) -> tuple[list[str], list]:
     argv: list[str | int | bytes] = [keys.WORKER_GROUP]
-    for index, entry_id, outcome, result in results:
-        argv += [index, entry_id, outcome, result]
-    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)], argv
+    for index, entry_id, outcome, result, *usage in results:
+        argv += [index, entry_id, outcome, result, usage[0] if usage else ""]
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
+            keys.usage_day(day), keys.METRICS_TOKENS], argv
 
 
 async def record_results(
     r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
 ) -> int:
-    """Record ``(index, entry_id, outcome, result_json)`` tuples; return how many were new.
+    """Record ``(index, entry_id, outcome, result_json[, usage])`` tuples; return how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
     batch whose work keys are gone (finished or deleted) records nothing.
@@ -412,6 +454,11 @@ async def record_results(
     if len(argv) == 1:
         return 0
     return int(await _RECORD(r, ks, argv))
+
+
+def queue_record(pipe, batch_id: str, results: Iterable[tuple]) -> None:
+    """Queue ``record_results`` on a pipeline, e.g. to record atomically with another write (MULTI)."""
+    _RECORD.queue(pipe, *_record_call(batch_id, results))
 
 
 async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:

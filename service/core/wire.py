@@ -83,6 +83,24 @@ class BatchErrors(Struct):
     object: Literal["list"] = "list"
 
 
+class InputTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(Struct):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(Struct):
+    """Tokens of a batch's successful lines, summed from their response bodies (OpenAI's ``usage``)."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = msgspec.field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+
 class Batch(Struct):
     id: str
     endpoint: str
@@ -104,7 +122,7 @@ class Batch(Struct):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts = msgspec.field(default_factory=RequestCounts)
-    usage: None = None
+    usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
 
 
@@ -114,6 +132,29 @@ class Page(Struct, Generic[T]):
     first_id: str | None = None
     last_id: str | None = None
     object: Literal["list"] = "list"
+
+
+class UsageRow(Struct):
+    """One day's tokens of one API token at one provider and model (``GET /v1/sluice/usage``)."""
+
+    date: str
+    provider: str
+    model: str
+    requests: int
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+    object: Literal["sluice.usage"] = "sluice.usage"
+
+
+class UsageReport(Struct):
+    data: list[UsageRow]
+    start_date: str
+    end_date: str
+    object: Literal["list"] = "list"
+    has_more: bool = False
 
 
 # ----------------------------------------------------------------------------- request lines

@@ -34,8 +34,9 @@ with 429, an OpenAI-style error body (``type: "rate_limit_error"``) and a
 The concurrency limit is checked first.  Rejections never consume window slots.
 
 ``GET /_mock/stats`` and ``POST /_mock/reset`` expose counters so tests can
-observe what reached the upstream: ``requests`` (every API request, rejected or
-not), ``accepted`` (those that passed the limits), ``rejected_429`` (limit
+observe what reached the upstream: ``requests`` (every real-time API request,
+rejected or not), ``batch_requests`` (Files and Batches API requests),
+``accepted`` (those that passed the limits), ``rejected_429`` (limit
 rejections only; ``mock_status`` and ``error_rate`` 429s appear only in
 ``by_status``), ``in_flight`` and its peak ``max_in_flight``, ``by_status``,
 ``authorization`` values, ``paths``, and ``first_request_at`` /
@@ -43,8 +44,33 @@ rejections only; ``mock_status`` and ``error_rate`` 429s appear only in
 null) for throughput.  A reset zeroes the counters and empties the rate window;
 requests still in flight stay counted in ``in_flight``.
 
+It also has a Files and Batches API of its own, kept in memory, so that Sluice can
+delegate batches to it (``batch_api = "delegate"``): ``POST/GET /v1/files``,
+``GET/DELETE /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST/GET
+/v1/batches``, ``GET /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``,
+shaped like OpenAI's (list pages newest first with ``after``/``limit``/``has_more``,
+``metadata`` echoed, 409 for cancelling a finished batch). A batch is validated
+after ``batch_start_ms``, then its lines are answered one after the other, each
+taking ``batch_line_ms`` (or its body's ``mock_latency_ms``) and answered as the
+real-time endpoint would (``mock_status`` included: such lines go to the error
+file); ``request_counts`` move as lines are answered. A cancelled batch becomes
+``cancelled`` ``batch_cancel_ms`` later with the lines answered so far (unrun lines
+get no line, so the caller must account for them); a batch still running after
+``batch_window_ms`` expires, its unrun lines getting ``batch_expired`` lines in the
+error file. Markers in a line's body drive the rest (the first line carrying one
+decides):
+
+* ``"mock_batch_fail": "<message>"``: the batch fails at validation with that message.
+* ``"mock_batch_expire": true``: the batch expires when processing reaches this line.
+* ``"mock_upload_delay_ms"``: the upload of a file holding this line is answered this
+  much later (the file exists already), like a slow upload.
+* ``"mock_create_delay_ms"``: creating a batch from such a file is answered this much
+  later (the batch exists already and runs).
+* ``"mock_content_delay_ms"``: that batch's output and error files are served in ten
+  pieces, this long apart, like a slow download.
+
 Run standalone with ``sluice mock-provider --port 8001`` (add ``--max-concurrency``,
-``--rpm`` and ``--window-s`` to enforce limits).
+``--rpm`` and ``--window-s`` to enforce limits, ``--batch-*`` for the Batch API).
 """
 
 from __future__ import annotations
@@ -54,6 +80,7 @@ import base64
 import hashlib
 import math
 import random
+import secrets
 import signal
 import struct
 import time
@@ -306,6 +333,7 @@ class _MockProvider:
     def _zero(self) -> None:
         self.failed_bodies: Counter[bytes] = Counter()
         self.requests = 0
+        self.batch_requests = 0
         self.accepted = 0
         self.rejected_429 = 0
         self.first_request_at: float | None = None
@@ -319,6 +347,7 @@ class _MockProvider:
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "batch_requests": self.batch_requests,
             "accepted": self.accepted,
             "rejected_429": self.rejected_429,
             "first_request_at": self.first_request_at,
@@ -450,6 +479,328 @@ class _MockProvider:
         return await self.stats_handler(request)
 
 
+# ----------------------------------------------------------------------------- Files and Batches API
+_BATCH_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+class _InputLine(msgspec.Struct):
+    custom_id: Any = None
+    body: msgspec.Raw = msgspec.Raw(b"null")
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json",
+                        headers=headers)
+
+
+def _not_found(kind: str, object_id: str) -> web.Response:
+    return _json(_error_body(f"No such {kind}: '{object_id}'", type="invalid_request_error", code=None), 404)
+
+
+def _invalid(message: str, param: str | None = None) -> web.Response:
+    status, payload, _ = _bad_request(message, param)
+    return _json(payload, status)
+
+
+def _page(items: list[dict[str, Any]], request: web.Request, default_limit: int, max_limit: int) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", default_limit))
+    except ValueError:
+        return _invalid("limit must be an integer", "limit")
+    if not 1 <= limit <= max_limit:
+        return _invalid(f"limit must be between 1 and {max_limit}", "limit")
+    after = request.query.get("after")
+    if after:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    data = items[:limit]
+    return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                  "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit})
+
+
+def _marker(lines: list[tuple[Any, bytes]], name: str) -> Any:
+    """The value of the first line body carrying ``name`` (see the module docstring), or None."""
+    for _, raw in lines:
+        if name.encode() in raw:
+            body = msgspec.json.decode(raw)
+            if isinstance(body, dict) and name in body:
+                return body[name]
+    return None
+
+
+def _delay_s(value: Any) -> float:
+    return value / 1000 if _is_number(value) and value > 0 else 0.0
+
+
+class _BatchAPI:
+    """The mock's own Files and Batches API, in memory (see the module docstring)."""
+
+    def __init__(self, provider: _MockProvider, *, line_ms: float, start_ms: float, cancel_ms: float,
+                 window_ms: float | None) -> None:
+        self.provider = provider
+        self.line_ms = line_ms
+        self.start_ms = start_ms
+        self.cancel_ms = cancel_ms
+        self.window_ms = window_ms
+        self.files: dict[str, dict[str, Any]] = {}  # id -> file object
+        self.contents: dict[str, bytes] = {}
+        self.slow: dict[str, float] = {}  # file id -> seconds between the pieces of its content
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.seq = 0
+
+    def _id(self, prefix: str) -> str:
+        self.seq += 1
+        return f"{prefix}{self.seq:06d}{secrets.token_hex(6)}"
+
+    def counted(self, handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable:
+        async def counting(request: web.Request) -> web.StreamResponse:
+            self.provider.batch_requests += 1
+            self.provider.paths[request.path] += 1
+            auth = request.headers.get("Authorization")
+            if auth is not None:
+                self.provider.authorization.add(auth)
+            response = await handle(request)
+            if not response.prepared:  # file content streams, its headers already sent
+                response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+            return response
+
+        return counting
+
+    # ---- files
+    def _store_file(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+        file_id = self._id("file-mock")
+        created = int(time.time())
+        self.files[file_id] = {
+            "id": file_id, "object": "file", "bytes": len(content), "created_at": created, "filename": filename,
+            "purpose": purpose, "status": "processed", "expires_at": created + 30 * 86400, "status_details": None,
+        }
+        self.contents[file_id] = content
+        return self.files[file_id]
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        if not request.content_type.startswith("multipart/form-data"):
+            return _invalid("Uploads must be multipart/form-data.")
+        purpose, content, filename = None, None, "upload"
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "purpose":
+                purpose = (await part.read()).decode()
+            elif part.name == "file":
+                filename = getattr(part, "filename", None) or filename
+                content = bytes(await part.read())
+        if not purpose or content is None:
+            return _invalid("'file' and 'purpose' are required.", "file" if content is None else "purpose")
+        lines = self._lines(content) if purpose == "batch" else []
+        if purpose == "batch" and lines is None:
+            return _invalid("Invalid file format for Batch API. Must be .jsonl", "file")
+        stored = self._store_file(filename, purpose, content)
+        await asyncio.sleep(_delay_s(_marker(lines or [], "mock_upload_delay_ms")))
+        return _json(stored)
+
+    async def list_files(self, request: web.Request) -> web.StreamResponse:
+        items = [f for f in self.files.values() if request.query.get("purpose") in (None, f["purpose"])]
+        if request.query.get("order", "desc") == "desc":
+            items.reverse()
+        return _page(items, request, 10000, 10000)
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        if file_id not in self.files:
+            return _not_found("File", file_id)
+        return _json(self.files[file_id])
+
+    async def delete_file(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        if self.files.pop(file_id, None) is None:
+            return _not_found("File", file_id)
+        self.contents.pop(file_id, None)
+        return _json({"id": file_id, "object": "file", "deleted": True})
+
+    async def content(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        if file_id not in self.files:
+            return _not_found("File", file_id)
+        data = self.contents[file_id]
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        pause = self.slow.get(file_id, 0.0)
+        if pause:
+            lines = data.splitlines(keepends=True)
+            step = max(1, math.ceil(len(lines) / 10))
+            for i in range(0, len(lines), step):
+                await response.write(b"".join(lines[i:i + step]))
+                await asyncio.sleep(pause)
+        else:
+            await response.write(data)
+        await response.write_eof()
+        return response
+
+    # ---- batches
+    @staticmethod
+    def _lines(content: bytes) -> list[tuple[Any, bytes]] | None:
+        out = []
+        for raw in content.splitlines():
+            if raw.strip():
+                try:
+                    line = msgspec.json.decode(raw, type=_InputLine)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    return None
+                out.append((line.custom_id, bytes(line.body)))
+        return out
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError:
+            return _invalid("The request body must be a JSON object.")
+        if not isinstance(body, dict):
+            return _invalid("The request body must be a JSON object.")
+        file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
+        if file_id not in self.files or self.files[file_id]["purpose"] != "batch":
+            return _invalid(f"Cannot find batch input file {file_id!r}.", "input_file_id")
+        if endpoint not in _ENDPOINTS:
+            return _invalid(f"Invalid value: {endpoint!r}.", "endpoint")
+        if body.get("completion_window") != "24h":
+            return _invalid("completion_window must be '24h'.", "completion_window")
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            return _invalid("metadata must map strings to strings.", "metadata")
+        created = int(time.time())
+        batch: dict[str, Any] = {
+            "id": self._id("batch_mock"), "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": file_id, "completion_window": "24h", "status": "validating", "output_file_id": None,
+            "error_file_id": None, "created_at": created, "in_progress_at": None, "expires_at": created + 86400,
+            "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+            "cancelling_at": None, "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata, "model": None, "usage": None,
+        }
+        self.batches[batch["id"]] = batch
+        lines = self._lines(self.contents[file_id]) or []
+        task = asyncio.create_task(self._run(batch, lines))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        await asyncio.sleep(_delay_s(_marker(lines, "mock_create_delay_ms")))
+        return _json(batch)
+
+    async def list_batches(self, request: web.Request) -> web.StreamResponse:
+        return _page(list(reversed(self.batches.values())), request, 20, 100)
+
+    async def get_batch(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.match_info["batch_id"]
+        if batch_id not in self.batches:
+            return _not_found("Batch", batch_id)
+        return _json(self.batches[batch_id])
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        batch_id = request.match_info["batch_id"]
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            return _not_found("Batch", batch_id)
+        if batch["status"] in _BATCH_TERMINAL:
+            return _json(_error_body(f"Cannot cancel a batch with status '{batch['status']}'.",
+                                     type="invalid_request_error"), 409, {"x-should-retry": "false"})
+        if batch["status"] != "cancelling":
+            batch.update(status="cancelling", cancelling_at=int(time.time()))
+        return _json(batch)
+
+    async def _run(self, batch: dict[str, Any], lines: list[tuple[Any, bytes]]) -> None:
+        build = _ENDPOINTS[batch["endpoint"]]
+        started = time.monotonic()
+        await asyncio.sleep(self.start_ms / 1000)
+        failure = _marker(lines, "mock_batch_fail")
+        if batch["status"] == "validating" and failure is not None:
+            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+                {"code": "mock_batch_failed", "message": str(failure), "param": None, "line": None}]})
+            return
+        if batch["status"] == "validating":
+            batch.update(status="in_progress", in_progress_at=int(time.time()))
+        batch["request_counts"]["total"] = len(lines)
+        models = [msgspec.json.decode(raw).get("model") for _, raw in lines[:1]]
+        batch["model"] = models[0] if models and isinstance(models[0], str) else None
+        out, err = [], []
+        ended = "completed"
+        done = 0
+        for custom_id, raw in lines:
+            if batch["status"] == "cancelling":
+                ended = "cancelled"
+                break
+            body = msgspec.json.decode(raw)
+            if (isinstance(body, dict) and body.get("mock_batch_expire") is True) or (
+                    self.window_ms is not None and (time.monotonic() - started) * 1000 >= self.window_ms):
+                ended = "expired"
+                break
+            wait = _delay_s(body.get("mock_latency_ms")) if isinstance(body, dict) and "mock_latency_ms" in body \
+                else self.line_ms / 1000
+            if wait:
+                await asyncio.sleep(wait)
+            elif done % 500 == 0:
+                await asyncio.sleep(0)
+            status, payload = _batch_answer(raw, build)
+            result = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id, "response": {
+                "status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": payload}, "error": None}
+            (out if status == 200 else err).append(msgspec.json.encode(result))
+            batch["request_counts"]["completed" if status == 200 else "failed"] += 1
+            done += 1
+        else:
+            if batch["status"] == "cancelling":
+                ended = "cancelled"
+        if ended == "expired":
+            for custom_id, _ in lines[done:]:
+                err.append(msgspec.json.encode({
+                    "id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id, "response": None,
+                    "error": {"code": "batch_expired", "message": "This request could not be executed before the "
+                                                                 "completion window expired."}}))
+        if ended == "cancelled":
+            await asyncio.sleep(self.cancel_ms / 1000)
+        elif ended == "completed":
+            batch.update(status="finalizing", finalizing_at=int(time.time()))
+        pause = _delay_s(_marker(lines, "mock_content_delay_ms"))
+        for field, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                stored = self._store_file(f"{batch['id']}_{field.split('_')[0]}.jsonl", "batch_output",
+                                          b"\n".join(rows) + b"\n")
+                batch[field] = stored["id"]
+                if pause:
+                    self.slow[stored["id"]] = pause
+        batch.update(status=ended, **{f"{ended}_at": int(time.time())})
+
+    async def aclose(self, app: web.Application) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def add_routes(self, app: web.Application) -> None:
+        for prefix in ("/v1", ""):
+            for method, path, handle in (
+                ("POST", "/files", self.upload), ("GET", "/files", self.list_files),
+                ("GET", "/files/{file_id}", self.get_file), ("DELETE", "/files/{file_id}", self.delete_file),
+                ("GET", "/files/{file_id}/content", self.content), ("POST", "/batches", self.create),
+                ("GET", "/batches", self.list_batches), ("GET", "/batches/{batch_id}", self.get_batch),
+                ("POST", "/batches/{batch_id}/cancel", self.cancel),
+            ):
+                app.router.add_route(method, prefix + path, self.counted(handle))
+        app.on_cleanup.append(self.aclose)
+
+
+def _batch_answer(raw: bytes, build: _Builder) -> tuple[int, Any]:
+    """What the real-time endpoint would answer to this body (``mock_status`` included), latency aside."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        body = None
+    if not isinstance(body, dict):
+        return 400, _error_body("The request body must be a JSON object.", type="invalid_request_error")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return 400, _error_body("you must provide a model parameter", type="invalid_request_error", param="model")
+    forced = body.get("mock_status")
+    if isinstance(forced, int) and not isinstance(forced, bool) and 400 <= forced <= 599:
+        return forced, _fault(forced, f"mock_status {forced} requested", "mock_error")[1]
+    return 200, build(body, hashlib.sha256(raw).hexdigest())
+
+
 def create_app(
     *,
     latency_ms: float = 0.0,
@@ -458,6 +809,10 @@ def create_app(
     max_concurrency: int | None = None,
     rpm: int | None = None,
     window_s: float = 60.0,
+    batch_line_ms: float = 0.0,
+    batch_start_ms: float = 0.0,
+    batch_cancel_ms: float = 0.0,
+    batch_window_ms: float | None = None,
 ) -> web.Application:
     """Build the mock provider application.
 
@@ -469,7 +824,9 @@ def create_app(
     ``window_s`` seconds; requests beyond either limit get an immediate 429 (see
     the module docstring).  ``None`` disables a limit.  Raises ``ValueError`` for
     out-of-range settings, including an ``rpm``/``window_s`` pair that would
-    allow no request at all.
+    allow no request at all.  ``batch_line_ms``, ``batch_start_ms``,
+    ``batch_cancel_ms`` and ``batch_window_ms`` pace its Batch API (see the
+    module docstring).
     """
     if latency_ms < 0:
         raise ValueError("latency_ms must be >= 0")
@@ -484,8 +841,12 @@ def create_app(
             raise ValueError("rpm must be >= 1")
         if _window_allowance(rpm, window_s) < 1:
             raise ValueError("rpm * window_s / 60 must be >= 1 (at least one request per window)")
+    if min(batch_line_ms, batch_start_ms, batch_cancel_ms) < 0 or (batch_window_ms is not None and batch_window_ms < 0):
+        raise ValueError("batch_* times must be >= 0")
     provider = _MockProvider(latency_ms, error_rate, seed, max_concurrency, rpm, window_s)
-    app = web.Application()
+    app = web.Application(client_max_size=512 * 1024 * 1024)
+    _BatchAPI(provider, line_ms=batch_line_ms, start_ms=batch_start_ms, cancel_ms=batch_cancel_ms,
+              window_ms=batch_window_ms).add_routes(app)
     for path, build in _ENDPOINTS.items():
         handle = provider.handler(build)
         app.router.add_post(path, handle)
@@ -525,6 +886,10 @@ def run(
     max_concurrency: int | None = None,
     rpm: int | None = None,
     window_s: float = 60.0,
+    batch_line_ms: float = 0.0,
+    batch_start_ms: float = 0.0,
+    batch_cancel_ms: float = 0.0,
+    batch_window_ms: float | None = None,
 ) -> None:
     """Serve the mock provider on ``host:port`` until SIGINT or SIGTERM, then return.
 
@@ -539,5 +904,9 @@ def run(
         max_concurrency=max_concurrency,
         rpm=rpm,
         window_s=window_s,
+        batch_line_ms=batch_line_ms,
+        batch_start_ms=batch_start_ms,
+        batch_cancel_ms=batch_cancel_ms,
+        batch_window_ms=batch_window_ms,
     )
     asyncio.run(serve(app, host, port))

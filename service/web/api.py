@@ -11,7 +11,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from service.core import keys, store, webhooks
+from service.core import keys, store, usage, webhooks
 from service.core.config import Quotas, Settings
 from service.core.crypto import seal
 from service.core.errors import APIError, bad_request, not_found
@@ -25,6 +25,7 @@ from service.core.wire import (
     FileDeleted,
     FileObject,
     Page,
+    UsageReport,
     json_encoder,
 )
 
@@ -583,6 +584,13 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return json_response(store.batch_from_record(await owned_batch(request)))
 
 
+async def usage_report(request: web.Request) -> web.Response:
+    """GET /sluice/usage: this token's tokens by UTC day, provider and model (``days``: 1..retention, default 7)."""
+    days = _query_int(request, "days", 7, 1, keys.USAGE_RETENTION_DAYS)
+    rows, start, end = await usage.report(request.app[appkeys.REDIS], request[appkeys.OWNER], days)
+    return json_response(UsageReport(data=rows, start_date=start, end_date=end))
+
+
 def add_routes(app: web.Application) -> None:
     """The API under /v1 and on the bare paths."""
     for prefix in ("/v1", ""):
@@ -595,5 +603,6 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/batches", list_batches)
         app.router.add_get(f"{prefix}/batches/{{batch_id}}", retrieve_batch)
         app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch, expect_handler=expect_handler)
+        app.router.add_get(f"{prefix}/sluice/usage", usage_report)
 
 

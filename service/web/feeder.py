@@ -11,6 +11,11 @@ next line (``feed_offset``) live in the batch hash and move in the same script t
 lines, and that script refuses to run from a stale position. A process taking over a batch
 after a crash (its lease expired) continues where the last one stopped: no line twice, none
 skipped. Stream entry ids stay ``0-<line index + 1>``.
+
+Lines routed to a provider the batch delegates to (its own Batch API, ``deleg_providers``) are
+passed over: the finalizers upload them (workers/delegate.py). The window of such a batch counts
+the lines in its stream (published and not yet recorded), since its delegated lines finish on
+the provider's schedule, not the workers'.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import structlog
 from service.core import keys, store
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script
+from service.core.delegation import delegated_providers
 from service.core.lifecycle import sleep_unless_stopped
 from service.core.storage import Storage
 from service.core.validation import Line, check_line, iter_lines
@@ -40,23 +46,25 @@ CHUNK = 500
 # its error neither floods the log nor holds up the other batches.
 REST_S = 5.0
 
-# KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line,
-# then (custom_id, body, provider, cost) per line. Returns the new feed_index, -1 when the
-# position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
+# KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line read,
+# feed_index after it, then (index, custom_id, body, provider, cost) per line published (delegated
+# lines are read and passed over). Returns the new feed_index, -1 when the position is stale (a
+# peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
 _FEED = Script("""
 if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
-local index = tonumber(ARGV[1])
-for i = 3, #ARGV, 4 do
-  index = index + 1
-  redis.call('XADD', KEYS[2], '0-' .. index, 'c', ARGV[i], 'b', ARGV[i + 1], 'p', ARGV[i + 2], 't', ARGV[i + 3])
+for i = 4, #ARGV, 5 do
+  redis.call('XADD', KEYS[2], '0-' .. (tonumber(ARGV[i]) + 1),
+             'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
 end
-redis.call('HSET', KEYS[1], 'feed_index', index, 'feed_offset', ARGV[2])
-return index
+redis.call('HSET', KEYS[1], 'feed_index', ARGV[3], 'feed_offset', ARGV[2])
+return tonumber(ARGV[3])
 """)
 
 _FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
-           "input_key", "endpoint", "provider")
+           "input_key", "endpoint", "provider", "deleg_providers")
+# Delegated lines passed over per script call, at most: a long run of them is read in steps.
+SKIP_CHUNK = 20 * CHUNK
 
 
 @dataclass
@@ -148,33 +156,42 @@ class Feeder:
             await self._let_go(batch_id)
             return
         window = int(h["feed_window"])
-        outstanding = index - int(h.get("completed") or 0) - int(h.get("failed") or 0)
+        delegated = delegated_providers(h)
+        if delegated:
+            outstanding = int(await self.r.xlen(keys.lines(batch_id)))
+        else:
+            outstanding = index - int(h.get("completed") or 0) - int(h.get("failed") or 0)
         if outstanding > window // 2:
             return
         cursor = await self._cursor(batch_id, h)
-        room = min(window - outstanding, total - index)
+        room = window - outstanding
         try:
-            while room > 0:
-                argv, end = await self._next_lines(cursor, h, min(room, CHUNK))
-                if not argv:
+            while room > 0 and index < total:
+                argv, read, end = await self._next_lines(cursor, h, index, min(room, CHUNK, total - index), delegated)
+                if not read:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)], [index, end, *argv]))
+                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)],
+                                      [index, end, index + read, *argv]))
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)
                     return
                 cursor.offset = end
-                room -= got - index
+                room -= len(argv) // 5
                 index = got
         except BaseException:
             # The reader may be past lines that were never published: reopen at the recorded offset.
             await self._close(batch_id)
             raise
 
-    async def _next_lines(self, cursor: _Cursor, h: dict[str, str], count: int) -> tuple[list, int]:
-        """Script arguments for up to ``count`` more lines, and the offset just past the last one."""
+    async def _next_lines(
+        self, cursor: _Cursor, h: dict[str, str], index: int, count: int, delegated: frozenset[str],
+    ) -> tuple[list, int, int]:
+        """Script arguments for up to ``count`` more lines to publish, how many lines were read (those
+        passed over included), and the offset just past the last one read."""
         argv: list[str | int | bytes] = []
         end = cursor.offset
+        read = 0
         async for line in cursor.lines:
             request = check_line(line, h["endpoint"])
             if isinstance(request, BatchError):
@@ -183,11 +200,13 @@ class Feeder:
             # A provider dropped from the configuration since validation: the worker records the
             # line as failed (provider_not_configured) instead of the batch stalling here.
             name = provider.name if provider else h.get("provider") or f"(none serves {request.model[:100]})"
-            argv += [request.custom_id, request.body, name, request.cost]
+            if name not in delegated:
+                argv += [index + read, request.custom_id, request.body, name, request.cost]
+            read += 1
             end = line.end
-            if len(argv) >= 4 * count:
+            if len(argv) >= 5 * count or read >= SKIP_CHUNK:
                 break
-        return argv, end
+        return argv, read, end
 
     async def _cursor(self, batch_id: str, h: dict[str, str]) -> _Cursor:
         offset = int(h.get("feed_offset") or 0)

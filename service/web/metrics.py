@@ -84,6 +84,24 @@ class ClusterCollector:
                 fam.add_metric([provider], v)
             yield fam
 
+        # Tokens of successful lines (executed or delegated), by provider and model.
+        tokens = CounterMetricFamily("sluice_tokens", "Tokens used by successful lines, by provider, model and type "
+                                     "(input, cached, output, reasoning; cached is part of input, reasoning of "
+                                     "output).", labels=["provider", "model", "type"])
+        usage_lines = CounterMetricFamily("sluice_usage_lines", "Successful lines whose tokens were counted, by "
+                                          "provider and model.", labels=["provider", "model"])
+        for f, v in sorted(snap.tokens.items()):
+            try:
+                provider, model, kind = f.split("|")
+            except ValueError:
+                continue
+            if kind == "requests":
+                usage_lines.add_metric([provider, model], v)
+            else:
+                tokens.add_metric([provider, model, kind], v)
+        yield tokens
+        yield usage_lines
+
         # Processes (heartbeats).
         procs = GaugeMetricFamily("sluice_processes", "Workers and finalizers: live (beating) or stale "
                                   f"(no heartbeat for {STALE_AFTER_S:g} s; listed for 10 min).",

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from service.core import keys, store
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script
+from service.core.delegation import Planner, encode_providers, write_plan
 from service.core.storage import Storage
 from service.core.validation import (
     check_line,
@@ -93,12 +94,13 @@ class Publisher:
             return
         if h["status"] == "validating":
             started = time.monotonic()
-            total, size, model, errors = await self._validate(h)
-            bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3))
+            total, size, model, errors, planner = await self._validate(h)
+            bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3),
+                       delegated=planner.lines)
             if errors:
                 await self._fail(h, errors)
                 return
-            if not await self._start(h, total, model, self.settings.window(size, total)):
+            if not await self._start(h, total, model, self.settings.window(size, total), planner):
                 return
             self.feeder_wake.set()
         elif h["status"] == "cancelling" and not h.get("in_progress_at"):
@@ -106,13 +108,14 @@ class Publisher:
             return
         await self.r.zrem(keys.PENDING_VALIDATION, batch_id)
 
-    async def _validate(self, h: dict[str, str]) -> tuple[int, int, str, list[BatchError]]:
-        """(request lines, bytes up to the last one, first model, errors) of the batch's input."""
+    async def _validate(self, h: dict[str, str]) -> tuple[int, int, str, list[BatchError], Planner]:
+        """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input."""
         limit = self.settings.max_batch_lines
         errors: list[BatchError] = []
         seen: set[str] = set()
         total = size = 0
         model = ""
+        planner = Planner(self.settings, h["completion_window"])
         try:
             async for line in iter_lines(self.storage, h["input_key"]):
                 total += 1
@@ -121,24 +124,26 @@ class Publisher:
                     errors.append(too_many_error(limit))
                     break
                 result = check_line(line, h["endpoint"])
+                provider = None
                 if isinstance(result, BatchError):
                     errors.append(result)
                 elif result.custom_id in seen:
                     errors.append(duplicate_error(line.number))
-                elif self.settings.provider_for(result.model, h.get("provider", "")) is None:
+                elif (provider := self.settings.provider_for(result.model, h.get("provider", ""))) is None:
                     errors.append(model_error(result.model, line.number))
                 else:
                     seen.add(result.custom_id)
                     model = model or result.model
+                planner.add(total - 1, line, result if provider else None, provider)
                 if total % 5000 == 0:
                     await self._renew(h["id"])
         except FileNotFoundError:
             return 0, 0, "", [BatchError(
                 code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
-            )]
+            )], planner
         if total == 0:
             errors.append(empty_error())
-        return total, size, model, errors[:MAX_REPORTED_ERRORS]
+        return total, size, model, errors[:MAX_REPORTED_ERRORS], planner
 
     async def _fail(self, h: dict[str, str], errors: list[BatchError]) -> None:
         now = store.now()
@@ -162,7 +167,7 @@ class Publisher:
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
 
-    async def _start(self, h: dict[str, str], total: int, model: str, window: int) -> bool:
+    async def _start(self, h: dict[str, str], total: int, model: str, window: int, planner: Planner) -> bool:
         batch_id = h["id"]
         for stream, group in ((keys.lines(batch_id), keys.WORKER_GROUP), (keys.results(batch_id), "finalizer")):
             try:
@@ -170,11 +175,21 @@ class Publisher:
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+        fields: dict[str, str | int] = {"status": "in_progress", "in_progress_at": store.now(), "total": total,
+                                        "model": model, "feed_index": 0, "feed_offset": 0, "feed_window": window}
+        # Lines for a provider's own Batch API are run by the finalizers (workers/delegate.py); the
+        # workers and the feeder only see the batch if some of its lines are executed here.
+        add_to = [keys.LIVE_BATCHES]
+        if planner.lines < total:
+            add_to += [keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES]
+        parts = planner.plan()
+        if parts:
+            await write_plan(self.r, batch_id, parts)
+            fields.update(deleg_open=len(parts), deleg_lines=planner.lines,
+                          deleg_providers=encode_providers(planner.providers))
+            add_to.append(keys.DELEGATED_BATCHES)
         applied, before = await store.transition(
-            self.r, batch_id, allowed=["validating"],
-            fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model,
-                    "feed_index": 0, "feed_offset": 0, "feed_window": window},
-            add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            self.r, batch_id, allowed=["validating"], fields=fields, add_to=add_to,
         )
         if applied:
             return True

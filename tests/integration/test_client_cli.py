@@ -171,8 +171,9 @@ def test_wrong_url_and_bad_token(cstack, tmp_path):
     res = cli(cstack, "batches", "list", url=dead + "/v1")
     assert res.returncode == 1 and f"cannot reach Sluice at {dead}" in res.stderr, res
 
-    # A server that is not Sluice (the mock provider knows no /v1/batches).
-    res = cli(cstack, "batches", "list", url=cstack.mock_url)
+    # A server that is not Sluice (the mock provider knows nothing under /_mock/v1; it has a Batch API of
+    # its own at /v1, which answers like an OpenAI-compatible provider).
+    res = cli(cstack, "batches", "list", url=cstack.mock_url + "/_mock")
     assert res.returncode == 1 and "did not answer like Sluice" in res.stderr, res
 
     for args in (("submit", str(src)), ("batches", "list"), ("files", "get", "file-x")):

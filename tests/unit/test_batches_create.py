@@ -37,8 +37,10 @@ async def test_created_batch_is_complete_validating_object(api, input_file):
     assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert b["metadata"] == {"project": "alpha", "run": "7"}
     for name in ("model", "errors", "output_file_id", "error_file_id", "in_progress_at", "finalizing_at",
-                 "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "usage"):
+                 "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at"):
         assert b[name] is None, (name, b[name])
+    assert b["usage"] == {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
     # retrieve right away: same identity fields
     got = await api.get_batch(b["id"])
     for name in ("id", "endpoint", "input_file_id", "completion_window", "created_at", "expires_at", "metadata"):
