@@ -41,7 +41,6 @@ log = structlog.get_logger("sluice.finalizer")
 TICK_S = 0.2
 DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
-SWEEP_EVERY_S = 60.0
 OUTPUT_TTL_S = 30 * 24 * 3600
 
 def _bit(bitmap: bytes, index: int) -> bool:
@@ -66,6 +65,7 @@ class Finalizer:
         # Short enough that a replacement takes over quickly, long enough to ride out a pause.
         self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
         self.next_sweep = 0.0
+        self.audit: asyncio.Task | None = None
         self.tally = Tally()
         self.ticked_at = time.monotonic()  # end of the last complete tick
         self.live = 0
@@ -100,6 +100,9 @@ class Finalizer:
                 with contextlib.suppress(*REDIS_DOWN):
                     await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
             self.active = False
+            if self.audit is not None:
+                self.audit.cancel()
+                await asyncio.gather(self.audit, return_exceptions=True)
             await webhooks.aclose()
             await heartbeat.close()
             await self.redis.aclose()
@@ -116,9 +119,11 @@ class Finalizer:
     async def tick(self) -> None:
         """One pass over every live batch, and now and then over expired files."""
         if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + SWEEP_EVERY_S
+            self.next_sweep = time.monotonic() + self.settings.sweep_interval_s
             if swept := await store.sweep_expired_files(self.redis, self.storage):
                 log.info("files_expired", files=swept)
+            if self.audit is None or self.audit.done():
+                self.audit = asyncio.create_task(self._audit_usage(), name="usage-audit")
         live = await self.redis.smembers(keys.LIVE_BATCHES)
         self.live = len(live)
         for raw in live:
@@ -129,6 +134,15 @@ class Finalizer:
                 raise
             except Exception:
                 log.exception("finalize_failed", batch_id=batch_id)
+
+    async def _audit_usage(self) -> None:
+        """Repair drifted usage counters (store.audit_usage), beside the ticks: it reads every owner."""
+        try:
+            await store.audit_usage(self.redis, self.storage, self.name)
+        except REDIS_DOWN:
+            pass  # the next sweep tries again
+        except Exception:
+            log.exception("usage_audit_failed")
 
     async def advance(self, batch_id: str) -> None:
         """Move one batch as far as it can go now."""
@@ -272,7 +286,7 @@ class Finalizer:
             self.redis, owner=h["owner"], file_id=file_id, seq=int(seq),
             filename=self._spool_key(h["id"], name), purpose="batch_output",
             size=int(h[f"fin_{name}_bytes"]), storage_key=self._spool_key(h["id"], name),
-            expires_at=created + ttl, created_at=created, charge=True,
+            expires_at=created + ttl, created_at=created,
         )
         return file_id
 

@@ -247,6 +247,8 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 30.0
     webhook_timeout_s: float = 10.0
+    # How often the active finalizer removes expired files and audits every owner's usage counters.
+    sweep_interval_s: float = 60.0
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -294,4 +296,5 @@ class Settings:
             webhook_max_attempts=_int(env, "SLUICE_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, minimum=1),
             webhook_backoff_s=_float(env, "SLUICE_WEBHOOK_BACKOFF_S", cls.webhook_backoff_s, minimum=0.01),
             webhook_timeout_s=_float(env, "SLUICE_WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s, minimum=0.1),
+            sweep_interval_s=_float(env, "SLUICE_SWEEP_INTERVAL_S", cls.sweep_interval_s, minimum=0.1),
         )
