@@ -148,8 +148,10 @@ class Finalizer:
         """Move one batch as far as it can go now."""
         h = await store.get_batch_record(self.redis, batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
-            # A finish interrupted after its transition: complete the clean-up.
+            # A finish interrupted after its transition: complete the clean-up, quota included.
             await self.redis.delete(*keys.work_keys(batch_id))
+            if h is not None:
+                await store.release(self.redis, self.storage, h)
             await self.redis.srem(keys.LIVE_BATCHES, batch_id)
             await self.redis.srem(keys.FEEDING_BATCHES, batch_id)
             return
@@ -259,7 +261,9 @@ class Finalizer:
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
-            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            # It stays live until its quota is given back: a finish interrupted here is completed
+            # by the next tick (see advance).
+            remove_from=[keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
             expire_s=self.settings.retention_s,
         )
         if not applied:
@@ -267,6 +271,7 @@ class Finalizer:
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
         await store.release(self.redis, self.storage, h)
+        await self.redis.srem(keys.LIVE_BATCHES, batch_id)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
                  failed=h.get("failed"), total=h.get("total"))
 
