@@ -240,3 +240,47 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
                               completion_window="24h")
     assert _quota_code(e.value) == "active_batches_quota_exceeded"
     assert stack.logs_containing("usage_repaired") == [], "the audit repaired counters: they had drifted"
+
+
+def test_audit_repairs_planted_drift(stack_factory, wait_until):
+    """Counters knocked off by hand are put right by the finalizer's periodic audit, which logs it."""
+    stack = stack_factory.start(
+        name="usage-audit", workers=1, worker_concurrency=8, tokens=(TOKEN,), config_toml=CONFIG_TOML,
+        upstream=False, env={"SLUICE_SWEEP_INTERVAL_S": "0.5", "LOST_REPLY_PROVIDER_KEY": "k"},
+    )
+    owner = hashlib.sha256(TOKEN.encode()).hexdigest()[:32]
+    client = stack.client(token=TOKEN)
+    run = uuid.uuid4().hex[:6]
+    kept = client.files.create(file=("a.jsonl", _sized(stack, f"a{run}", 2, SIZE)), purpose="batch")
+    done = client.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = stack.wait_for_batch(done.id, client=client, timeout=60)
+    assert done.status == "completed", done
+    stored = sum(f.bytes for f in client.files.list())  # the input and the output file
+    exact = {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": stored}
+    wait_until(lambda: _usage(stack, owner) == exact, timeout=30, message="the batch to give its quota back")
+
+    # Drift as a lost reply re-run by the old scripts left it: a leaked batch slot, lines, bytes.
+    r = stack.redis.client()
+    try:
+        r.hincrby(f"sluice:owner:{owner}:usage", "active_batches", MAX_ACTIVE)
+        r.hincrby(f"sluice:owner:{owner}:usage", "enqueued_lines", 7)
+        r.hincrby(f"sluice:owner:{owner}:usage", "stored_bytes", -50_000)
+    finally:
+        r.close()
+    wait_until(lambda: _usage(stack, owner) == exact, timeout=30, interval=0.2,
+               message=lambda: f"the audit to repair {_usage(stack, owner)} into {exact}", check=stack.check_alive)
+    assert stack.logs_containing('"usage_repaired"') == ["finalizer"]
+    line = next(x for x in stack.process("finalizer").log_path.read_text().splitlines() if "usage_repaired" in x)
+    assert f'"owner": "{owner}"' in line and '"before"' in line and '"after"' in line, line
+
+    # The quotas hold to the unit again: the token can run its MAX_ACTIVE batches, and no more.
+    _delete_all_files(stack, client)
+    assert _usage(stack, owner) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
+    slow = {"mock_latency_ms": 120_000}
+    files = [client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-{i}", 1, SIZE, **slow)), purpose="batch")
+             for i in range(MAX_ACTIVE + 1)]
+    for f in files[:MAX_ACTIVE]:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.RateLimitError) as e:
+        client.batches.create(input_file_id=files[-1].id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert _quota_code(e.value) == "active_batches_quota_exceeded"
