@@ -390,3 +390,40 @@ async def test_audit_does_not_undo_a_concurrent_reservation(r, tmp_path, monkeyp
     assert await store.audit_usage(r, LocalStorage(tmp_path), "auditor-1") == 1
     assert len(calls) == 2, "the repair read before the reservation was applied"
     assert await usage(r) == {"active_batches": 2, "enqueued_lines": 7, "stored_bytes": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# An ending interrupted between its terminal transition and its release
+
+
+async def test_finalizer_releases_a_batch_whose_finish_was_interrupted(r, tmp_path):
+    from service.core.config import Settings
+    from service.core.storage import LocalStorage
+    from workers.finalizer import Finalizer
+
+    fin = Finalizer(Settings(data_dir=tmp_path), LocalStorage(tmp_path))
+    fin.redis = r
+    await new_batch(r, bid(1), 4)
+    # The transition ran (it leaves the batch live until released), then the finalizer died.
+    await store.transition(r, bid(1), allowed=["validating"], fields={"status": "completed"},
+                           remove_from=[keys.ACTIVE_BATCHES], expire_s=3600)
+    await r.sadd(keys.LIVE_BATCHES, bid(1))
+    await fin.advance(bid(1))
+    assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
+    assert await r.sismember(keys.LIVE_BATCHES, bid(1)) == 0
+
+
+async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_path):
+    import asyncio
+
+    from service.core.config import Settings
+    from service.core.storage import LocalStorage
+    from service.web.publisher import Publisher
+
+    pub = Publisher(r, LocalStorage(tmp_path), Settings(data_dir=tmp_path), asyncio.Event())
+    await new_batch(r, bid(1), 4)
+    # Failed validation (or cancelled before it started), then the web process died: still queued.
+    await store.transition(r, bid(1), allowed=["validating"], fields={"status": "failed"}, expire_s=3600)
+    await pub.process(bid(1))
+    assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
+    assert await r.zscore(keys.PENDING_VALIDATION, bid(1)) is None
