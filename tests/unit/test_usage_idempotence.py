@@ -226,6 +226,21 @@ async def test_acquire_without_lease_twice_takes_one_token(r):
 
 
 # --------------------------------------------------------------------------------------------
+# Webhook attempts
+
+
+async def test_webhook_attempt_counted_once(r):
+    from service.core import webhooks
+
+    await r.hset(keys.batch(bid(1)), mapping={"status": "completed", "webhook_attempts": 2})
+    for _ in range(2):  # the bump, and its re-run after a lost reply
+        assert await webhooks._BUMP(r, [keys.batch(bid(1))], [2]) == 3
+    assert await r.hget(keys.batch(bid(1)), "webhook_attempts") == b"3"
+    assert await webhooks._BUMP(r, [keys.batch(bid(2))], [0]) == 0  # record gone: nothing made
+    assert await r.exists(keys.batch(bid(2))) == 0
+
+
+# --------------------------------------------------------------------------------------------
 # Through the API: a call whose every retry lost its reply
 
 
