@@ -442,3 +442,48 @@ async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_pa
     await pub.process(bid(1))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
     assert await r.zscore(keys.PENDING_VALIDATION, bid(1)) is None
+
+
+class CancelMidCall:
+    """Stands in for a Script: the request is cancelled while the call is under way (the client left).
+
+    ``run`` decides whether Redis had already run the call; ``late`` runs it afterwards instead, as
+    a command already sent and executed after the handler gave up on it.
+    """
+
+    def __init__(self, script, *, run: bool, late: bool = False) -> None:
+        self.script, self.run, self.late, self.pending = script, run, late, None
+
+    async def __call__(self, r, keys_, args=()):
+        import asyncio
+
+        if self.run:
+            await self.script(r, keys_, args)
+        elif self.late:
+            self.pending = (r, keys_, args)
+        raise asyncio.CancelledError()
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["ran", "never-ran"])
+async def test_upload_cancelled_mid_call(api, monkeypatch, ran):
+    import aiohttp
+
+    stand_in = CancelMidCall(store._CREATE_FILE, run=ran, late=not ran)
+    monkeypatch.setattr(store, "_CREATE_FILE", stand_in)
+    with pytest.raises(aiohttp.ClientError):
+        await api.upload(good_jsonl())
+    monkeypatch.undo()
+    r = api.client.app[appkeys.REDIS]
+    if not ran:
+        # The command reaches Redis only now: settled as never applied, it records nothing.
+        with pytest.raises(RuntimeError):
+            store._raise_for(store._text(await store._CREATE_FILE(*stand_in.pending)))
+    listed = (await api.list_files()).ok()["data"]
+    if ran:
+        # It was recorded: the file exists, with its content, counted once.
+        assert len(listed) == 1 and api.storage.stored_files() == [listed[0]["id"]]
+        assert (await _usage_of(api))["stored_bytes"] == listed[0]["bytes"]
+    else:
+        assert listed == [] and api.storage.stored_files() == []
+        assert (await _usage_of(api))["stored_bytes"] == 0
+    assert await r.zcard(keys.owner_files(store.owner_of(TOKEN_A))) == len(listed)
