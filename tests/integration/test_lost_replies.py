@@ -1,12 +1,14 @@
-"""Quotas stay exact when Redis replies are lost after their command ran.
+"""Quotas stay exact when Redis replies are lost after their command ran, and the audit repairs drift.
 
 Every Sluice process of the stack talks to Redis through a :class:`LostReplyProxy` that loses about
 5% of the replies: Redis runs the command, the connection is cut instead of delivering the answer,
 and redis-py sends the command again. After a churn of uploads, batch creations, cancels and deletes
 for one token with quotas, the proxy is healed and the token's usage counters must be exactly what
 its files and batches account for: it stores exactly floor(quota / size) files of one size and runs
-exactly its active-batch quota. The usage audit is kept out of the way (its sweep runs once at start,
-then not for an hour), so nothing here is repaired after the fact.
+exactly its active-batch quota. Every line goes through the provider limiter's script (one provider
+with a concurrency cap its mock enforces, one with a rate only). The usage audit is kept out of the
+way (its sweep runs once at start, then not for an hour, and no repair may be logged), so nothing is
+repaired after the fact. A second test plants drift by hand and waits for the finalizer's audit.
 """
 
 from __future__ import annotations
