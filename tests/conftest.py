@@ -1032,6 +1032,7 @@ class StackFactory:
         upstream: bool = True,
         config_toml: str | None = None,
         separate_data_dirs: bool = False,
+        redis_via: Callable[[RedisServer], str] | None = None,
     ) -> Stack:
         """Start a stack; ``env`` overrides the Sluice processes' environment last.
 
@@ -1044,6 +1045,9 @@ class StackFactory:
         ``${NAME_url}`` (the extra mock ``NAME``); provider keys go in through ``env``.
         ``separate_data_dirs`` gives each Sluice process its own ``SLUICE_DATA_DIR`` (``<data>/<process>``),
         so that they share only Redis and whatever ``env`` names (an object store, say).
+        ``redis_via`` is given the stack's :class:`RedisServer` once it runs and returns the URL the Sluice
+        processes use instead of the server's own (a proxy in front of it, say); :attr:`Stack.redis`
+        still talks to the server directly.
         """
         if mock is None:
             mock = MockSpec(latency_ms=mock_latency_ms, error_rate=mock_error_rate)
@@ -1070,7 +1074,7 @@ class StackFactory:
 
             sluice_env = {
                 **base_env,
-                "REDIS_URL": redis_server.url,
+                "REDIS_URL": redis_via(redis_server) if redis_via is not None else redis_server.url,
                 "SLUICE_DATA_DIR": str(data_dir),
                 "SLUICE_API_TOKENS": ",".join(tokens),
                 "SLUICE_WORKER_CONCURRENCY": str(worker_concurrency),

@@ -43,7 +43,6 @@ log = structlog.get_logger("sluice.finalizer")
 TICK_S = 0.2
 DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
-SWEEP_EVERY_S = 60.0
 OUTPUT_TTL_S = 30 * 24 * 3600
 
 def _bit(bitmap: bytes, index: int) -> bool:
@@ -68,6 +67,7 @@ class Finalizer:
         # Short enough that a replacement takes over quickly, long enough to ride out a pause.
         self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
         self.next_sweep = 0.0
+        self.audit: asyncio.Task | None = None
         self.tally = Tally()
         self.ticked_at = time.monotonic()  # end of the last complete tick
         self.live = 0
@@ -104,6 +104,9 @@ class Finalizer:
                 with contextlib.suppress(*REDIS_DOWN):
                     await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
             self.active = False
+            if self.audit is not None:
+                self.audit.cancel()
+                await asyncio.gather(self.audit, return_exceptions=True)
             await delegator.aclose()
             await webhooks.aclose()
             await heartbeat.close()
@@ -121,9 +124,11 @@ class Finalizer:
     async def tick(self) -> None:
         """One pass over every live batch, and now and then over expired files."""
         if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + SWEEP_EVERY_S
+            self.next_sweep = time.monotonic() + self.settings.sweep_interval_s
             if swept := await store.sweep_expired_files(self.redis, self.storage):
                 log.info("files_expired", files=swept)
+            if self.audit is None or self.audit.done():
+                self.audit = asyncio.create_task(self._audit_usage(), name="usage-audit")
         live = await self.redis.smembers(keys.LIVE_BATCHES)
         self.live = len(live)
         for raw in live:
@@ -135,12 +140,23 @@ class Finalizer:
             except Exception:
                 log.exception("finalize_failed", batch_id=batch_id)
 
+    async def _audit_usage(self) -> None:
+        """Repair drifted usage counters (store.audit_usage), beside the ticks: it reads every owner."""
+        try:
+            await store.audit_usage(self.redis, self.storage, self.name)
+        except REDIS_DOWN:
+            pass  # the next sweep tries again
+        except Exception:
+            log.exception("usage_audit_failed")
+
     async def advance(self, batch_id: str) -> None:
         """Move one batch as far as it can go now."""
         h = await store.get_batch_record(self.redis, batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
-            # A finish interrupted after its transition: complete the clean-up.
+            # A finish interrupted after its transition: complete the clean-up, quota included.
             await self.redis.delete(*keys.work_keys(batch_id))
+            if h is not None:
+                await store.release(self.redis, self.storage, h)
             await self.redis.srem(keys.LIVE_BATCHES, batch_id)
             await self.redis.srem(keys.FEEDING_BATCHES, batch_id)
             return
@@ -253,7 +269,9 @@ class Finalizer:
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
-            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            # It stays live until its quota is given back: a finish interrupted here is completed
+            # by the next tick (see advance).
+            remove_from=[keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
             expire_s=self.settings.retention_s,
         )
         if not applied:
@@ -261,6 +279,7 @@ class Finalizer:
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
         await store.release(self.redis, self.storage, h)
+        await self.redis.srem(keys.LIVE_BATCHES, batch_id)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
                  failed=h.get("failed"), total=h.get("total"))
 
@@ -280,7 +299,7 @@ class Finalizer:
             self.redis, owner=h["owner"], file_id=file_id, seq=int(seq),
             filename=self._spool_key(h["id"], name), purpose="batch_output",
             size=int(h[f"fin_{name}_bytes"]), storage_key=self._spool_key(h["id"], name),
-            expires_at=created + ttl, created_at=created, charge=True,
+            expires_at=created + ttl, created_at=created,
         )
         return file_id
 

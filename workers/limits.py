@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -38,6 +39,12 @@ PAUSE_CHECK_S = 0.25
 # Concurrency cap during the ramp of a provider configured without one.
 RAMP_DEFAULT_CONCURRENCY = 64
 
+# How long an admission without a lease is remembered for a re-run (redis-py's retries of one call).
+OP_TTL_MS = 5 * 60 * 1000
+
+# KEYS: inflight leases, buckets, pause, this attempt's op key. A re-run after a lost reply must not
+# take a second token or slot: a holder that already has a lease goes on with it, and an admission
+# without a lease (no concurrency cap) is recorded under the op key.
 _ACQUIRE = Script("""
 local now = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
@@ -47,6 +54,10 @@ local rpm = tonumber(ARGV[5])
 local tpm = tonumber(ARGV[6])
 local cost = tonumber(ARGV[7])
 local ramp_ms = tonumber(ARGV[8])
+
+local held = redis.call('ZSCORE', KEYS[1], holder)
+if held and tonumber(held) > now then return -1 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 
 local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
 if paused_until > now then return paused_until - now end
@@ -92,6 +103,7 @@ if maxc > 0 then
   redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
   return -1
 end
+if rpm > 0 or tpm > 0 then redis.call('SET', KEYS[4], '1', 'PX', ARGV[12]) end
 return 0
 """)
 
@@ -104,6 +116,28 @@ if pause_end > current then
 end
 return 0
 """)
+
+
+async def acquire(
+    r: Redis, provider: Provider, holder: str, cost: int, *, lease_ms: int, op_id: str, now_ms: int | None = None,
+) -> int:
+    """One attempt at admitting ``holder`` to ``provider``: ms to wait, or 0 (go) / -1 (go, holding a lease).
+
+    ``op_id`` names the attempt: running it again (redis-py re-sending it after a lost reply)
+    takes no second rate token or concurrency slot and answers the same.
+    """
+    rpm = (provider.rpm or 0) * SAFETY
+    tpm = (provider.tpm or 0) * SAFETY
+    if tpm and cost > tpm:
+        cost = int(tpm)  # a request larger than a minute's budget still goes, alone
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return int(await _ACQUIRE(
+        r,
+        [keys.provider_inflight(provider.name), keys.provider_bucket(provider.name), keys.provider_pause(provider.name),
+         keys.provider_op(provider.name, op_id)],
+        [now_ms, lease_ms, holder, provider.max_concurrency or 0, rpm, tpm, cost,
+         int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY, int(BURST_S * 1000), RAMP_START, OP_TTL_MS],
+    ))
 
 
 class Limiter:
@@ -145,16 +179,7 @@ class Limiter:
         return on
 
     async def _try(self, provider: Provider, holder: str, cost: int) -> int:
-        rpm = (provider.rpm or 0) * SAFETY
-        tpm = (provider.tpm or 0) * SAFETY
-        if tpm and cost > tpm:
-            cost = int(tpm)  # a request larger than a minute's budget still goes, alone
-        return int(await _ACQUIRE(
-            self.redis,
-            [keys.provider_inflight(provider.name), keys.provider_bucket(provider.name), keys.provider_pause(provider.name)],
-            [int(time.time() * 1000), self.lease_ms, holder, provider.max_concurrency or 0, rpm, tpm, cost,
-             int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY, int(BURST_S * 1000), RAMP_START],
-        ))
+        return await acquire(self.redis, provider, holder, cost, lease_ms=self.lease_ms, op_id=secrets.token_hex(8))
 
     async def renew(self, provider_name: str, holders: list[str]) -> None:
         """Extend the concurrency leases of requests still running."""

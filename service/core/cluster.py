@@ -20,6 +20,7 @@ from . import keys
 from .config import RAMP_S, Settings, route
 from .heartbeat import STALE_AFTER_S
 from .store import Redis
+from .wire import TERMINAL_STATUSES
 
 
 @dataclass
@@ -151,8 +152,8 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
         ))
     for b in batch_ids:
         values, pending, undrained, first = next(replies), next(replies), next(replies), next(replies)
-        if isinstance(values, Exception) or not values or values[1] is None:
-            continue
+        if isinstance(values, Exception) or not values or values[1] is None or _s(values[1]) in TERMINAL_STATUSES:
+            continue  # gone, or ended and about to leave the live set
         h = dict(zip(_BATCH_FIELDS, (_s(v) for v in values)))
         provider = h["provider"]
         if not provider and h["model"]:

@@ -352,6 +352,8 @@ class Settings:
     max_form_fields: int = 16
     header_timeout_s: float = 10.0
     body_idle_timeout_s: float = 30.0
+    # How often the active finalizer removes expired files and audits every owner's usage counters.
+    sweep_interval_s: float = 60.0
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -406,4 +408,5 @@ class Settings:
                                     maximum=3600.0),
             body_idle_timeout_s=_float(env, "SLUICE_BODY_IDLE_TIMEOUT_S", cls.body_idle_timeout_s, minimum=0.1,
                                        maximum=3600.0),
+            sweep_interval_s=_float(env, "SLUICE_SWEEP_INTERVAL_S", cls.sweep_interval_s, minimum=0.1),
         )

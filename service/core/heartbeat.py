@@ -45,23 +45,31 @@ _LE = tuple(f"{b:g}" for b in LATENCY_BUCKETS)
 COUNTERS_TTL_S = 30 * 24 * 3600
 
 # KEYS: processes zset, process hash, lines, upstream, latency counter hashes.
-# ARGV: name, prune_s, counters_ttl_s, 2 * number of process fields, the fields, then (key index,
-# field, amount) triples: HINCRBYFLOAT when the amount has a dot or an exponent, HINCRBY otherwise.
+# ARGV: name, prune_s, counters_ttl_s, beat number, 2 * number of process fields, the fields, then
+# (key index, field, amount) triples: HINCRBYFLOAT when the amount has a dot or an exponent, HINCRBY
+# otherwise. The counters of a beat number already applied (the process hash keeps the last one)
+# are not added again: redis-py re-sends a beat whose reply was lost, and a process re-sends a beat
+# it could not confirm.
 _BEAT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local n = tonumber(ARGV[4])
-redis.call('HSET', KEYS[2], 'seen_at', string.format('%.3f', now), unpack(ARGV, 5, 4 + n))
+local seq = tonumber(ARGV[4])
+local applied = tonumber(redis.call('HGET', KEYS[2], 'beat_seq') or '0')
+local n = tonumber(ARGV[5])
+redis.call('HSET', KEYS[2], 'seen_at', string.format('%.3f', now), 'beat_seq', math.max(seq, applied),
+           unpack(ARGV, 6, 5 + n))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-for i = 5 + n, #ARGV, 3 do
-  local amount = ARGV[i + 2]
-  if string.find(amount, '[.eE]') then
-    redis.call('HINCRBYFLOAT', KEYS[tonumber(ARGV[i])], ARGV[i + 1], amount)
-  else
-    redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], amount)
+if seq > applied then
+  for i = 6 + n, #ARGV, 3 do
+    local amount = ARGV[i + 2]
+    if string.find(amount, '[.eE]') then
+      redis.call('HINCRBYFLOAT', KEYS[tonumber(ARGV[i])], ARGV[i + 1], amount)
+    else
+      redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], amount)
+    end
   end
 end
 for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
@@ -136,26 +144,6 @@ class Tally:
             out += [_LATENCY, prefix + "sum", repr(float(h.sum)), _LATENCY, prefix + "count", h.count]
         return out
 
-    def give_back(self, taken: list[str | int]) -> None:
-        """Put counters taken for a beat that failed back, so the next beat carries them."""
-        for i in range(0, len(taken), 3):
-            index, field, amount = taken[i], str(taken[i + 1]), taken[i + 2]
-            if index == _LINES:
-                self.line(field, int(amount))
-            elif index == _UPSTREAM:
-                self.upstream[field] = self.upstream.get(field, 0) + int(amount)
-            else:
-                provider, status, part = field.rsplit("|", 2)
-                h = self.latency.get((provider, status))
-                if h is None:
-                    h = self.latency[(provider, status)] = _Hist()
-                if part == "sum":
-                    h.sum += float(amount)
-                elif part == "count":
-                    h.count += int(amount)
-                else:
-                    h.buckets[_LE.index(part)] += int(amount)
-
 
 class Heartbeat:
     """Publishes one process's heartbeat and tally every ``BEAT_S``; see the module docstring."""
@@ -175,6 +163,8 @@ class Heartbeat:
         self.task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.failing = False
+        self.seq = 0  # beats numbered from 1; the process hash records the last one applied
+        self.unconfirmed: tuple[int, list[str | int]] | None = None  # a beat sent without a reply
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="heartbeat")
@@ -186,25 +176,32 @@ class Heartbeat:
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.interval)
 
     async def beat(self) -> bool:
-        """Publish now; False (counters kept for the next beat) when Redis does not answer."""
+        """Publish now; False (counters kept for the next beat) when Redis does not answer.
+
+        A beat that failed may still have been applied (only its reply was lost): the next beat
+        sends the same counters under the same number, which the script applies at most once;
+        what was counted meanwhile waits for the beat after.
+        """
         flat: list[str | int | float] = []
         for k, v in {**self.static, **(self.fields() if self.fields else {}),
                      **{f"requests:{p}": n for p, n in self.tally.requests_in_flight.items()}}.items():
             flat += [k, v]
-        taken = self.tally.take()
+        if self.unconfirmed is None:
+            self.seq += 1
+            self.unconfirmed = (self.seq, self.tally.take())
+        seq, taken = self.unconfirmed
         try:
             await _BEAT(self.redis, [keys.PROCESSES, keys.process(self.name), keys.METRICS_LINES,
                                      keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
-                        [self.name, PRUNE_AFTER_S, COUNTERS_TTL_S, len(flat), *flat, *taken])
+                        [self.name, PRUNE_AFTER_S, COUNTERS_TTL_S, seq, len(flat), *flat, *taken])
         except asyncio.CancelledError:
-            self.tally.give_back(taken)
             raise
         except Exception as e:  # REDIS_DOWN mostly; never let the heartbeat task die
-            self.tally.give_back(taken)
             if not self.failing:
                 log.warning("heartbeat_failed", process=self.name, error=f"{type(e).__name__}: {e}")
                 self.failing = True
             return False
+        self.unconfirmed = None
         self.failing = False
         return True
 
@@ -218,7 +215,8 @@ class Heartbeat:
                 self.task.cancel()
                 await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
-        if await self.beat():
+        resend = self.unconfirmed is not None
+        if await self.beat() and (not resend or await self.beat()):  # a resent beat leaves the new counters
             with contextlib.suppress(*REDIS_DOWN):
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.zrem(keys.PROCESSES, self.name)

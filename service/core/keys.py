@@ -38,6 +38,9 @@ TOKEN_NAMES = f"{PREFIX}:tokens:names"
 # Lock that makes one finalizer the active one.
 FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
 
+# Lease of the process auditing every owner's usage counters (store.audit_usage); one at a time.
+USAGE_AUDIT_LOCK = f"{PREFIX}:usage:audit:lock"
+
 # Heartbeats: names of the workers and finalizers, scored by their last beat (Redis time, s).
 # These keys and the counters below expire unless heartbeats keep them (service/core/heartbeat.py).
 PROCESSES = f"{PREFIX}:processes"
@@ -91,8 +94,30 @@ def owner_files(owner: str, purpose: str | None = None) -> str:
 
 
 def owner_usage(owner: str) -> str:
-    """Hash of an owner's usage counted against quotas: active_batches, stored_bytes, enqueued_lines."""
+    """Hash of an owner's usage counted against quotas: active_batches, stored_bytes, enqueued_lines.
+
+    Its ``rev`` field counts the scripts that moved it, so the audit can tell it apart from a copy
+    read a moment earlier even when the counters came back to the same values.
+    """
     return f"{PREFIX}:owner:{owner}:usage"
+
+
+# SCAN pattern matching every owner's usage hash (the audit walks them).
+OWNER_USAGE_PATTERN = owner_usage("*")
+
+
+def owner_of_usage(key: str) -> str:
+    """The owner id inside an ``owner_usage`` key."""
+    return key.split(":")[-2]
+
+
+def owner_op(owner: str, op_id: str) -> str:
+    """The answer of one operation on an owner's usage, recorded by the script that applied it.
+
+    A script that finds it returns it instead of applying the operation again: redis-py re-sends
+    a command whose reply was lost, and the second run must change nothing.
+    """
+    return f"{PREFIX}:owner:{owner}:op:{op_id}"
 
 
 def owner_batches(owner: str) -> str:
@@ -148,6 +173,11 @@ def provider_inflight(name: str) -> str:
 def provider_bucket(name: str) -> str:
     """Hash with a provider's RPM/TPM token buckets."""
     return f"{PREFIX}:provider:{name}:bucket"
+
+
+def provider_op(name: str, op_id: str) -> str:
+    """Marks one admission to a provider without a concurrency lease (a rate token taken), for re-runs."""
+    return f"{PREFIX}:provider:{name}:op:{op_id}"
 
 
 def provider_pause(name: str) -> str:

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 from . import keys
 from .connections import Script
 from .wire import (
+    TERMINAL_STATUSES,
     Batch,
     BatchError,
     BatchErrors,
@@ -75,32 +76,109 @@ def _str(h: dict[bytes, bytes]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- files
+class QuotaExceeded(Exception):
+    """An operation was refused because it would take ``field`` of an owner's usage past its limit."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+# Recorded as an operation's answer by ``settle``: the operation never ran and never will.
+_ABORTED = "!aborted"
+# How long an operation's answer is kept for a re-run: far beyond redis-py's retries of one call.
+OP_TTL_S = 24 * 3600
+
+# Record a file and charge its size to its owner, unless that passes the limit (ARGV[5] < 0: none).
+# KEYS: usage, op, file, owner files, owner files of the purpose, FILE_EXPIRY.
+# ARGV: op ttl, file id, seq, size, limit, expires_at ('' for none), expiry member, 2 * fields, fields.
+# The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
+_CREATE_FILE = Script("""
+local prior = redis.call('GET', KEYS[2])
+if prior then return prior end
+local answer = ''
+local size = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5])
+if limit >= 0 and tonumber(redis.call('HGET', KEYS[1], 'stored_bytes') or '0') + size > limit then
+  answer = 'stored_bytes'
+else
+  local n = tonumber(ARGV[8])
+  redis.call('HSET', KEYS[3], unpack(ARGV, 9, 8 + n))
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
+  if redis.call('HSETNX', KEYS[3], 'charged', '1') == 1 then
+    redis.call('HINCRBY', KEYS[1], 'stored_bytes', size)
+    redis.call('HINCRBY', KEYS[1], 'rev', 1)
+  end
+  if ARGV[6] ~= '' then
+    redis.call('EXPIREAT', KEYS[3], ARGV[6])
+    redis.call('ZADD', KEYS[6], ARGV[6], ARGV[7])
+  end
+end
+redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+return answer
+""")
+
+
 async def create_file(
     r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
     size: int, storage_key: str, expires_at: int | None, created_at: int | None = None, lines: int = 0,
-    charge: bool = False,
+    max_stored_bytes: int | None = None,
 ) -> FileObject:
-    """Record a stored file's metadata and index it for its owner.
+    """Record a stored file's metadata, index it for its owner and charge its size, in one step.
 
-    ``charge`` counts its size in the owner's stored bytes, once however often this is
-    repeated (uploads reserve their bytes before they are recorded, result files do not).
+    With ``max_stored_bytes`` the file is refused (:class:`QuotaExceeded`) instead when the
+    owner's stored bytes would pass it; result files have no limit (results are always kept).
+    ``file_id`` is the operation's id: repeating the call (redis-py re-sending it after a lost
+    reply, the finalizer registering a result file again) changes nothing and answers the same.
     """
     created = created_at or now()
     record = {
         "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
         "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "", "lines": lines,
     }
-    p = r.pipeline(transaction=True)
-    p.hset(keys.file(file_id), mapping=record)
-    p.zadd(keys.owner_files(owner), {file_id: seq})
-    p.zadd(keys.owner_files(owner, purpose), {file_id: seq})
-    if expires_at:
-        p.expireat(keys.file(file_id), expires_at)
-        p.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key, owner, size): expires_at})
-    if charge:
-        p.eval(_CHARGE_ONCE, 2, keys.file(file_id), keys.owner_usage(owner), size)
-    await p.execute()
-    return file_from_record(_str({k.encode(): str(v).encode() for k, v in record.items()}))
+    flat: list[str | int] = []
+    for k, v in record.items():
+        flat += [k, v]
+    answer = _text(await _CREATE_FILE(
+        r,
+        [keys.owner_usage(owner), keys.owner_op(owner, file_id), keys.file(file_id), keys.owner_files(owner),
+         keys.owner_files(owner, purpose), keys.FILE_EXPIRY],
+        [OP_TTL_S, file_id, seq, size, -1 if max_stored_bytes is None else max_stored_bytes, expires_at or "",
+         expiry_member(file_id, storage_key, owner, size), len(flat), *flat],
+    ))
+    _raise_for(answer)
+    return file_from_record({k: str(v) for k, v in record.items()})
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raise_for(answer: str | None) -> None:
+    if answer == _ABORTED:
+        # Only a late copy of a call already given up (and settled) can meet this.
+        raise RuntimeError("the operation was settled as never applied")
+    if answer:
+        raise QuotaExceeded(answer)
+
+
+# Settle an operation whose call failed: record that it never ran (so a late copy of it does
+# nothing), unless it did run, then answer what it answered. KEYS: op. ARGV: op ttl, the marker.
+_SETTLE = Script("""
+local prior = redis.call('GET', KEYS[1])
+if prior then return prior end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+return ARGV[2]
+""")
+
+
+async def settle(r: Redis, owner: str, op_id: str) -> str | None:
+    """After a call of ``create_file``/``create_batch`` failed: None if it did not apply (and never
+    will), else its answer ("" when the object was created, else the field over its quota).
+    """
+    answer = _text(await _SETTLE(r, [keys.owner_op(owner, op_id)], [OP_TTL_S, _ABORTED]))
+    return None if answer == _ABORTED else answer
 
 
 def file_from_record(h: dict[str, str]) -> FileObject:
@@ -119,11 +197,6 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] 
     if not h or h.get("owner") != owner:
         return None
     return h
-
-
-_CHARGE_ONCE = """
-if redis.call('HSETNX', KEYS[1], 'charged', '1') == 1 then redis.call('HINCRBY', KEYS[2], 'stored_bytes', ARGV[1]) end
-"""
 
 
 def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
@@ -167,6 +240,7 @@ else
   return {0, 0}
 end
 redis.call('HINCRBY', KEYS[3], 'stored_bytes', -tonumber(size))
+redis.call('HINCRBY', KEYS[3], 'rev', 1)
 for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[6]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 local refs = redis.call('SCARD', KEYS[5])
@@ -250,13 +324,48 @@ async def page(
 
 
 # ----------------------------------------------------------------------------- batches
+# Reserve a batch's quota (one active batch, its lines) and record it, queued for validation, in
+# one step, unless a quota would be passed. KEYS: usage, op, batch, owner batches, input file refs,
+# PENDING_VALIDATION. ARGV: op ttl, batch id, seq, lines, max active batches, max enqueued lines,
+# 2 * fields, fields. The answer ('' or the field over its limit) is recorded under the op key.
+_CREATE_BATCH = Script("""
+local prior = redis.call('GET', KEYS[2])
+if prior then return prior end
+local answer = ''
+local lines = tonumber(ARGV[4])
+if tonumber(redis.call('HGET', KEYS[1], 'active_batches') or '0') + 1 > tonumber(ARGV[5]) then
+  answer = 'active_batches'
+elseif tonumber(redis.call('HGET', KEYS[1], 'enqueued_lines') or '0') + lines > tonumber(ARGV[6]) then
+  answer = 'enqueued_lines'
+else
+  redis.call('HINCRBY', KEYS[1], 'active_batches', 1)
+  redis.call('HINCRBY', KEYS[1], 'enqueued_lines', lines)
+  redis.call('HINCRBY', KEYS[1], 'rev', 1)
+  local n = tonumber(ARGV[7])
+  redis.call('HSET', KEYS[3], unpack(ARGV, 8, 7 + n))
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+  redis.call('SADD', KEYS[5], ARGV[2])
+  redis.call('ZADD', KEYS[6], 0, ARGV[2])
+end
+redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+return answer
+""")
+
+
 async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "",
+    webhook_url: str = "", max_active_batches: int, max_enqueued_lines: int,
 ) -> dict[str, str]:
-    """Record a new batch in ``validating`` and queue it for validation."""
+    """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
+    validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
+
+    ``batch_id`` is the operation's id: a repeated call (redis-py re-sending it after a lost reply)
+    reserves nothing more and answers the same. There is no step between reserving and recording,
+    so no failure can leave a reservation without its batch; the reservation is given back by
+    :func:`release` when the batch ends.
+    """
     created = now()
     record = {
         "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
@@ -265,16 +374,21 @@ async def create_batch(
         "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
         "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
     }
-    p = r.pipeline(transaction=True)
-    p.hset(keys.batch(batch_id), mapping=record)
+    fields: dict[str, str | int] = dict(record)
     if sealed_key:
-        p.hset(keys.batch(batch_id), "byok", sealed_key)
+        fields["byok"] = sealed_key
     if webhook_url:
-        p.hset(keys.batch(batch_id), "webhook_url", webhook_url)
-    p.zadd(keys.owner_batches(owner), {batch_id: seq})
-    p.sadd(keys.file_refs(input_file_id), batch_id)
-    p.zadd(keys.PENDING_VALIDATION, {batch_id: 0})
-    await p.execute()
+        fields["webhook_url"] = webhook_url
+    flat: list[str | int] = []
+    for k, v in fields.items():
+        flat += [k, v]
+    answer = _text(await _CREATE_BATCH(
+        r,
+        [keys.owner_usage(owner), keys.owner_op(owner, batch_id), keys.batch(batch_id), keys.owner_batches(owner),
+         keys.file_refs(input_file_id), keys.PENDING_VALIDATION],
+        [OP_TTL_S, batch_id, seq, reserved_lines, max_active_batches, max_enqueued_lines, len(flat), *flat],
+    ))
+    _raise_for(answer)
     return {k: str(v) for k, v in record.items()}
 
 
@@ -546,40 +660,133 @@ async def drop_lease(r: Redis, key: str, holder: str) -> None:
 
 
 # ----------------------------------------------------------------------------- quotas
-# Add every (field, amount, limit) to an owner's usage only if none would pass its limit.
-_RESERVE = Script("""
-for i = 1, #ARGV, 3 do
-  local used = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
-  if used + tonumber(ARGV[i + 1]) > tonumber(ARGV[i + 2]) then return ARGV[i] end
-end
-for i = 1, #ARGV, 3 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return ''
-""")
-
-
-async def reserve(r: Redis, owner: str, **wanted: tuple[int, int]) -> str | None:
-    """Count ``field=(amount, limit)`` against an owner's usage; the field over its limit, or None."""
-    argv: list[str | int] = []
-    for name, (amount, limit) in wanted.items():
-        argv += [name, amount, limit]
-    over = await _RESERVE(r, [keys.owner_usage(owner)], argv)
-    over = over.decode() if isinstance(over, bytes) else over
-    return over or None
-
-
 async def usage(r: Redis, owner: str, name: str) -> int:
     """One usage counter of an owner."""
     return int(await r.hget(keys.owner_usage(owner), name) or 0)
 
 
-async def add_usage(r: Redis, owner: str, name: str, amount: int) -> None:
-    """Move a usage counter without a limit (results are always kept; deletes give back)."""
-    await r.hincrby(keys.owner_usage(owner), name, amount)
-
-
+# Give a batch's quota back, once: the 'released' flag is set in the same step, and a record that
+# is gone (its retention ended) is not recreated.
 _RELEASE_BATCH = Script("""
-if redis.call('HSETNX', KEYS[1], 'released', '1') == 1 then
-  redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
-  redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
-end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'released', '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
+redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
+redis.call('HINCRBY', KEYS[2], 'rev', 1)
+return 1
 """)
+
+
+# ----------------------------------------------------------------------------- usage audit
+USAGE_FIELDS = ("active_batches", "enqueued_lines", "stored_bytes")
+AUDIT_LEASE_MS = 5 * 60 * 1000
+# A file record expires at the score of its FILE_EXPIRY entry, by Redis's clock: entries due up to
+# this far ahead are checked for a missing record, which covers any sane clock skew.
+_EXPIRY_SKEW_S = 600
+_CHUNK = 500
+# Attempts at one owner whose counters keep moving while they are recounted; the next pass retries.
+_AUDIT_ATTEMPTS = 3
+
+# Overwrite an owner's counters with the recount, only if neither they nor 'rev' moved since they
+# were read; the answer is recorded under the op key (a re-run must not mistake its own write for a
+# move). KEYS: usage, op. ARGV: op ttl, rev read, then (field, value read, recount) triples.
+_AUDIT_APPLY = Script("""
+local prior = redis.call('GET', KEYS[2])
+if prior then return tonumber(prior) end
+local answer = 1
+if tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') ~= tonumber(ARGV[2]) then answer = 0 end
+for i = 3, #ARGV, 3 do
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') ~= tonumber(ARGV[i + 1]) then answer = 0 end
+end
+if answer == 1 then
+  for i = 3, #ARGV, 3 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2]) end
+  redis.call('HINCRBY', KEYS[1], 'rev', 1)
+end
+redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+return answer
+""")
+
+
+async def audit_usage(r: Redis, storage, holder: str) -> int:
+    """Recount every owner's usage from its records and repair counters that drifted.
+
+    Runs in one process at a time (``keys.USAGE_AUDIT_LOCK``, taken by ``holder``); returns how
+    many owners were repaired, each logged as ``usage_repaired`` with the counters before and
+    after. A batch that ended without giving its quota back is released on the way. A repair is
+    applied only if the owner's counters did not move while they were recounted (else it is left
+    to the next pass), so it never undoes a concurrent reservation.
+    """
+    if not await hold_lease(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS):
+        return 0
+    repaired = 0
+    try:
+        async for key in r.scan_iter(match=keys.OWNER_USAGE_PATTERN, count=1000):
+            if not await hold_lease(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS):
+                break  # another process took over (this one was paused past the lease)
+            repaired += await _audit_owner(r, storage, keys.owner_of_usage(_text(key) or ""))
+    finally:
+        await drop_lease(r, keys.USAGE_AUDIT_LOCK, holder)
+    return repaired
+
+
+async def _audit_owner(r: Redis, storage, owner: str) -> int:
+    for _ in range(_AUDIT_ATTEMPTS):
+        # Read first, recount after: any change in between moves 'rev' or a counter.
+        read = await r.hmget(keys.owner_usage(owner), *USAGE_FIELDS, "rev")
+        before = {name: int(v or 0) for name, v in zip(USAGE_FIELDS, read)}
+        counted, unreleased = await _recount(r, owner)
+        if unreleased:
+            for h in unreleased:
+                await release(r, storage, h)
+            continue
+        if counted == before:
+            return 0
+        argv: list[str | int] = [OP_TTL_S, int(read[-1] or 0)]
+        for name in USAGE_FIELDS:
+            argv += [name, before[name], counted[name]]
+        op = f"audit-{secrets.token_hex(8)}"
+        if int(await _AUDIT_APPLY(r, [keys.owner_usage(owner), keys.owner_op(owner, op)], argv)):
+            log.warning("usage_repaired", owner=owner, before=before, after=counted)
+            return 1
+    return 0
+
+
+async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str, str]]]:
+    """What an owner's counters should be, from its records; and its ended, unreleased batches.
+
+    active_batches and enqueued_lines: its batches not released yet (and their reserved_lines);
+    stored_bytes: its file records, plus files whose record expired but whose bytes the sweep has
+    not given back yet (their FILE_EXPIRY entry is still there).
+    """
+    counted = dict.fromkeys(USAGE_FIELDS, 0)
+    unreleased: list[dict[str, str]] = []
+    fields = ("status", "released", "reserved_lines", "id", "owner", "input_file_id", "input_key")
+    batch_ids = [_text(b) for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
+    for i in range(0, len(batch_ids), _CHUNK):
+        pipe = r.pipeline(transaction=False)
+        for batch_id in batch_ids[i:i + _CHUNK]:
+            pipe.hmget(keys.batch(batch_id), *fields)
+        for values in await pipe.execute():
+            h = {k: _text(v) for k, v in zip(fields, values) if v is not None}
+            if not h.get("status") or h.get("released"):
+                continue
+            if h["status"] in TERMINAL_STATUSES:
+                unreleased.append(h)
+            counted["active_batches"] += 1
+            counted["enqueued_lines"] += int(h.get("reserved_lines") or 0)
+    found: set[str] = set()
+    file_ids = [_text(f) for f in await r.zrange(keys.owner_files(owner), 0, -1)]
+    for i in range(0, len(file_ids), _CHUNK):
+        chunk = file_ids[i:i + _CHUNK]
+        pipe = r.pipeline(transaction=False)
+        for file_id in chunk:
+            pipe.hget(keys.file(file_id), "bytes")
+        for file_id, size in zip(chunk, await pipe.execute()):
+            if size is not None:
+                found.add(file_id)
+                counted["stored_bytes"] += int(size)
+    for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now() + _EXPIRY_SKEW_S):
+        file_id, _, entry_owner, size = _text(member).split(" ")
+        if entry_owner == owner and file_id not in found:
+            counted["stored_bytes"] += int(size)
+    return counted, unreleased

@@ -307,8 +307,13 @@ def payload(h: dict[str, str]) -> bytes:
 
 
 # Count an attempt on the batch record, unless the record is gone (no key without a TTL is made).
+# ARGV[1]: the attempts counted when the record was read. Only that value is bumped, so a re-run of
+# the script (redis-py re-sending it after a lost reply) answers the same number without counting
+# the attempt twice.
 _BUMP = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local counted = tonumber(redis.call('HGET', KEYS[1], 'webhook_attempts') or '0')
+if counted ~= tonumber(ARGV[1]) then return counted end
 return redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
 """)
 
@@ -389,7 +394,7 @@ class WebhookSender:
         if h is None or not h.get("webhook_url") or h.get("status") not in TERMINAL_STATUSES:
             await self.r.zrem(keys.WEBHOOKS_DUE, batch_id)  # the record expired or was deleted meanwhile
             return
-        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)]))
+        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [int(h.get("webhook_attempts") or 0)]))
         if attempt == 0:
             await self.r.zrem(keys.WEBHOOKS_DUE, batch_id)
             return

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
@@ -13,6 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from service.core import keys, store, usage, webhooks
 from service.core.config import Quotas, Settings
+from service.core.connections import REDIS_DOWN
 from service.core.crypto import seal
 from service.core.errors import APIError, bad_request, not_found
 from service.core.storage import CHUNK, Storage
@@ -190,13 +194,25 @@ def _part_name(part: BodyPartReader) -> str | None:
     return m.group(1) if m else None
 
 
+@dataclass
+class _Stored:
+    """An upload's content, written to storage; ``recorded`` once a file record owns it."""
+
+    file_id: str
+    seq: int
+    filename: str
+    size: int
+    check: _FirstLineCheck
+    recorded: bool = False
+
+
 async def upload_file(request: web.Request) -> web.Response:
     """POST /files: a multipart upload streamed into storage."""
     settings, r, storage = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS], request.app[appkeys.STORAGE]
     if not request.content_type.startswith("multipart/form-data"):
         raise bad_request("Uploads must be sent as multipart/form-data with 'file' and 'purpose' fields.")
     fields: dict[str, str] = {}
-    stored: tuple[str, int, str, int, _FirstLineCheck] | None = None  # id, seq, filename, size, check
+    stored: _Stored | None = None
     idle_s = settings.body_idle_timeout_s
     try:
         try:
@@ -227,8 +243,8 @@ async def upload_file(request: web.Request) -> web.Response:
             raise bad_request(f"Malformed multipart body: {e}") from None
         return json_response(await _finish_upload(r, settings, request[appkeys.OWNER], request[appkeys.QUOTAS], fields, stored))
     except BaseException:
-        if stored is not None:
-            await storage.delete(stored[0])
+        if stored is not None and not stored.recorded:
+            await storage.delete(stored.file_id)
         raise
 
 
@@ -245,7 +261,7 @@ def quota_error(message: str, code: str) -> APIError:
 async def _store_upload(
     r: store.Redis, storage: Storage, settings: Settings, part: BodyPartReader, purpose: str | None,
     owner: str, quotas: Quotas,
-) -> tuple[str, int, str, int, _FirstLineCheck]:
+) -> _Stored:
     # Before 'purpose' is known only the general cap applies; the batch cap is checked after.
     limit = settings.max_batch_file_bytes if purpose == "batch" else settings.max_file_bytes
     room = quotas.max_stored_bytes - await store.usage(r, owner, "stored_bytes")
@@ -269,12 +285,11 @@ async def _store_upload(
     # Only the base name is kept, without control characters: it is echoed in headers and lists.
     raw_name = (part.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     filename = "".join(ch for ch in raw_name if ch.isprintable())[:255] or "upload"
-    return file_id, seq, filename, size, check
+    return _Stored(file_id, seq, filename, size, check)
 
 
 async def _finish_upload(
-    r: store.Redis, settings: Settings, owner: str, quotas: Quotas, fields: dict[str, str],
-    stored: tuple[str, int, str, int, _FirstLineCheck] | None,
+    r: store.Redis, settings: Settings, owner: str, quotas: Quotas, fields: dict[str, str], stored: _Stored | None,
 ) -> FileObject:
     purpose = fields.get("purpose")
     if not purpose:
@@ -286,7 +301,7 @@ async def _finish_upload(
         )
     if stored is None:
         raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
-    file_id, seq, filename, size, check = stored
+    size = stored.size
     created = store.now()
     expires_at = created + BATCH_FILE_TTL_S if purpose == "batch" else None
     if "expires_after[anchor]" in fields or "expires_after[seconds]" in fields:
@@ -297,20 +312,35 @@ async def _finish_upload(
         if size > settings.max_batch_file_bytes:
             raise APIError(413, f"Batch input files are limited to {settings.max_batch_file_bytes} bytes.",
                            param="file", code="file_too_large")
-        verdict = check.finish()
+        verdict = stored.check.finish()
         if verdict:
             raise bad_request(verdict, param="file", code="invalid_file_format")
-    # The check while streaming saw usage as it was; this one counts concurrent uploads too.
-    if await store.reserve(r, owner, stored_bytes=(size, quotas.max_stored_bytes)):
-        raise _storage_quota_error(quotas)
+    # The check while streaming saw usage as it was; this one, atomic with the record, counts
+    # concurrent uploads too. The file id is the operation's id (see store.settle).
+    record = functools.partial(
+        store.create_file, r, owner=owner, file_id=stored.file_id, seq=stored.seq, filename=stored.filename,
+        purpose=purpose, size=size, storage_key=stored.file_id, expires_at=expires_at, created_at=created,
+        lines=stored.check.lines, max_stored_bytes=quotas.max_stored_bytes,
+    )
+    stored.recorded = True  # until known otherwise: an orphan content is harmless, a record without one is not
     try:
-        return await store.create_file(
-            r, owner=owner, file_id=file_id, seq=seq, filename=filename, purpose=purpose, size=size,
-            storage_key=file_id, expires_at=expires_at, created_at=created, lines=check.lines,
-        )
-    except BaseException:
-        await store.add_usage(r, owner, "stored_bytes", -size)
+        try:
+            created_file = await record()
+        except REDIS_DOWN:
+            # Every retry failed, so the record may or may not exist: settle which.
+            if await store.settle(r, owner, stored.file_id) is None:
+                stored.recorded = False
+                raise
+            created_file = await record()  # it ran: the same call answers what it answered then
+    except store.QuotaExceeded:
+        stored.recorded = False
+        raise _storage_quota_error(quotas) from None
+    except asyncio.CancelledError:
+        # The client left during the call: settle it, so that a late copy cannot record the file
+        # after its content is deleted.
+        stored.recorded = await store.settle(r, owner, stored.file_id) == ""
         raise
+    return created_file
 
 
 def _expires_after_seconds(anchor: Any, seconds: Any, param: str) -> int:
@@ -504,22 +534,32 @@ async def create_batch(request: web.Request) -> web.Response:
                           "purpose 'batch'.", param="input_file_id", code="invalid_value")
     quotas = request[appkeys.QUOTAS]
     lines = int(file.get("lines") or 0)
-    over = await store.reserve(r, owner, active_batches=(1, quotas.max_active_batches),
-                               enqueued_lines=(lines, quotas.max_enqueued_lines))
-    if over == "active_batches":
-        raise quota_error(f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
-                          "Wait for one to end, or cancel one.", "active_batches_quota_exceeded")
-    if over == "enqueued_lines":
+    batch_id, seq = await store.new_id(r, "batch_")
+    # Reserving the quota and recording the batch are one step: no failure can come in between. The
+    # batch id is the operation's id (see store.settle).
+    record_batch = functools.partial(
+        store.create_batch, r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint,
+        input_file_id=input_file_id, input_key=file["storage_key"], completion_window=window,
+        window_s=settings.completion_window_s, metadata=metadata, output_expires_after=output_expires_after,
+        provider=provider, sealed_key=sealed_key, reserved_lines=lines, webhook_url=webhook_url,
+        max_active_batches=quotas.max_active_batches, max_enqueued_lines=quotas.max_enqueued_lines,
+    )
+    try:
+        try:
+            record = await record_batch()
+        except REDIS_DOWN:
+            # Every retry failed, so the batch may or may not exist: settle which, and answer that
+            # rather than a 503 that would make the client create it twice.
+            if await store.settle(r, owner, batch_id) is None:
+                raise
+            record = await record_batch()  # it ran: the same call answers what it answered then
+    except store.QuotaExceeded as e:
+        if e.field == "active_batches":
+            raise quota_error(f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
+                              "Wait for one to end, or cancel one.", "active_batches_quota_exceeded") from None
         raise quota_error(f"This batch's {lines} lines would exceed this token's quota of "
                           f"{quotas.max_enqueued_lines} enqueued lines. Wait for running batches to end.",
-                          "enqueued_lines_quota_exceeded")
-    batch_id, seq = await store.new_id(r, "batch_")
-    record = await store.create_batch(
-        r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint, input_file_id=input_file_id,
-        input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
-        metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
-        reserved_lines=lines, webhook_url=webhook_url,
-    )
+                          "enqueued_lines_quota_exceeded") from None
     request.app[appkeys.PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))
 

@@ -90,6 +90,8 @@ class Publisher:
         h = await store.get_batch_record(self.r, batch_id)
         bound = log.bind(batch_id=batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
+            if h is not None:
+                await store.release(self.r, self.storage, h)  # an ending interrupted before its release
             await self.r.zrem(keys.PENDING_VALIDATION, batch_id)
             return
         if h["status"] == "validating":
@@ -155,8 +157,9 @@ class Publisher:
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h)
             return
-        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
+        # Released before it leaves the queue: interrupted in between, the next claim releases it.
         await store.release(self.r, self.storage, h)
+        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
 
     async def _cancel_unstarted(self, h: dict[str, str]) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain.
@@ -164,8 +167,8 @@ class Publisher:
             self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
             expire_s=self.settings.retention_s,
         )
-        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
+        await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
 
     async def _start(self, h: dict[str, str], total: int, model: str, window: int, planner: Planner) -> bool:
         batch_id = h["id"]

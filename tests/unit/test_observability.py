@@ -106,16 +106,52 @@ async def test_tally_folds_into_cluster_counters(redis):
     assert "STALE" in status.render(snap) and "w-a" not in status.render(snap)
 
 
-async def test_failed_beat_keeps_its_counters():
+async def test_failed_beat_keeps_its_counters(redis):
     dead = _dead_redis()
     tally = Tally()
     tally.line("completed", 2)
     tally.request("p|x", "200", 0.2)
     beat = Heartbeat(dead, "w", "worker", tally=tally)
     assert not await beat.beat()
-    assert tally.lines == {"completed": 2}
-    assert tally.latency[("p|x", "200")].count == 1
     await dead.aclose()
+    tally.line("completed", 5)
+    beat.redis = redis
+    assert await beat.beat() and await beat.beat()
+    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
+    assert await redis.hget(keys.METRICS_LATENCY, "p|x|200|count") == b"1"
+
+
+class _LoseReply:
+    """A client whose script replies are lost once after the script ran (redis-py would re-send it)."""
+
+    def __init__(self, redis, *, runs: int) -> None:
+        self.redis, self.runs = redis, runs
+
+    async def evalsha(self, *args):
+        answer = await self.redis.evalsha(*args)
+        if self.runs:
+            self.runs -= 1
+            raise ConnectionError("Connection closed by server.")
+        return answer
+
+    async def eval(self, *args):
+        return await self.redis.eval(*args)
+
+
+async def test_beat_counted_once_when_its_reply_is_lost(redis):
+    tally = Tally()
+    tally.line("completed", 3)
+    beat = Heartbeat(redis, "w", "worker", tally=tally)
+    assert await beat.beat()  # loads the script
+    tally.line("completed", 4)
+    beat.redis = _LoseReply(redis, runs=1)
+    assert not await beat.beat()  # it ran, but its reply never came: the process cannot tell
+    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
+    tally.line("failed", 1)
+    assert await beat.beat()  # re-sends the unconfirmed beat: applied already, nothing added
+    assert await beat.beat()
+    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
+    assert await redis.hget(keys.METRICS_LINES, "failed") == b"1"
 
 
 async def test_batch_provider_and_finalizer_gauges(redis):
