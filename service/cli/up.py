@@ -22,15 +22,9 @@ from pathlib import Path
 
 from service.core.config import Settings
 from service.core.log import redact_url
+from service.devtools.ports import free_port
 
 STOP_TIMEOUT_S = 25.0
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, timeout: float = 15.0) -> bool:

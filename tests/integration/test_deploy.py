@@ -26,19 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    MockSpec,
-    ProcessRunner,
-    chat_line,
-    free_port,
-    http_request,
-    parse_jsonl,
-    start_mock,
-    start_redis,
-    to_jsonl,
-    wait_until,
-)
+from tests.support.http import http_request
+from tests.support.lines import chat_line, parse_jsonl, to_jsonl
+from tests.support.mocks import MockSpec, start_mock
+from tests.support.ports import free_port
+from tests.support.processes import ROOT, ProcessRunner
+from tests.support.redis_server import start_redis
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration]
 
