@@ -117,6 +117,17 @@ class Stack:
             check=self.check_alive,
         )
 
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until ``GET /readyz`` answers 200 (the web process reaches Redis and its storage)."""
+        wait_until(
+            lambda: http_request("GET", f"{self.base_url}/readyz", timeout=5).status == 200,
+            timeout=timeout,
+            interval=0.1,
+            message=f"web on port {self.port} to answer GET /readyz with 200",
+            ignore=(OSError,),
+            check=self.check_alive,
+        )
+
     # ---- SDK
 
     def client(self, token: str | None = None, *, bare: bool = False, **kwargs: Any):
@@ -312,6 +323,7 @@ class StackFactory:
         config_toml: str | None = None,
         separate_data_dirs: bool = False,
         stop_grace: float = processes.STOP_GRACE_S,
+        log_dir: Path | None = None,
     ) -> Stack:
         """Start a stack; ``env`` overrides the Sluice processes' environment last.
 
@@ -324,7 +336,8 @@ class StackFactory:
         ``${NAME_url}`` (the extra mock ``NAME``); provider keys go in through ``env``.
         ``separate_data_dirs`` gives each Sluice process its own ``SLUICE_DATA_DIR`` (``<data>/<process>``),
         so that they share only Redis and whatever ``env`` names (an object store, say).
-        ``stop_grace`` is how long the processes get between SIGTERM and SIGKILL when the stack stops.
+        ``stop_grace`` is how long the processes get between SIGTERM and SIGKILL when the stack stops;
+        ``log_dir`` is where their logs go (default ``<stack>/logs``).
         """
         if mock is None:
             mock = MockSpec(latency_ms=mock_latency_ms, error_rate=mock_error_rate)
@@ -337,7 +350,7 @@ class StackFactory:
                 raise ValueError(f"bad extra mock name {mock_name!r}: an identifier other than 'default'")
         name = name or f"stack{len(self.stacks) + 1}"
         root = self.base_dir / name
-        runner = ProcessRunner(root / "logs", grace=stop_grace)
+        runner = ProcessRunner(log_dir or root / "logs", grace=stop_grace)
         try:
             redis_server = start_redis(runner, root / "redis", appendonly=redis_aof)
             data_dir = root / "data"
