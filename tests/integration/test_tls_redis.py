@@ -22,7 +22,7 @@ from tests.support.env import base_env, sluice_cmd
 from tests.support.mocks import MockSpec, start_mock
 from tests.support.ports import free_port
 from tests.support.processes import ProcessDied, ProcessRunner
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import REDIS_KEEP_ENVIRON, RedisServer
 from tests.support.stack import Stack
 from tests.support.waiting import wait_until
 
@@ -89,7 +89,7 @@ def _start_tls_redis(runner: ProcessRunner, workdir: Path, cert: Path, key: Path
             exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
             "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--dir", str(workdir), *REDIS_KEEP_ENVIRON,
         ], stop_stage=0)
         client = _tls_client(port)
         try:

@@ -68,12 +68,17 @@ def begin_run() -> str:
 
 
 def marker_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` carrying this process's run marker (whatever ``env`` had under that name)."""
+    """``env`` carrying this process's run marker.
+
+    A marker in ``env`` that extends ours (``ours:more``, to tell one child's descendants apart) is
+    kept; any other value is replaced by ours.
+    """
     out = dict(env)
     marker = os.environ.get(RUN_MARKER_VAR)
-    if marker:
+    given = out.get(RUN_MARKER_VAR, "")
+    if marker and not given.startswith(marker + ":"):
         out[RUN_MARKER_VAR] = marker
-    else:
+    elif not marker:
         out.pop(RUN_MARKER_VAR, None)
     return out
 

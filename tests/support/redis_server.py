@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .env import STARTUP_TIMEOUT_S
 from .ports import free_port
 from .processes import (
     ManagedProcess,
@@ -17,6 +18,10 @@ from .processes import (
     skip_or_raise,
 )
 from .waiting import wait_until
+
+# redis-server rewrites its process title over its environment, which would erase the run marker
+# the leak scan looks for: keep the title (and so the environment) as started.
+REDIS_KEEP_ENVIRON = ["--set-proc-title", "no"]
 
 
 @dataclass
@@ -92,7 +97,7 @@ def _wait_for_ping(port: int, proc: ManagedProcess) -> None:
         # BusyLoadingError (an AOF being replayed) is a ConnectionError: keep waiting through it.
         wait_until(
             client.ping,
-            timeout=20,
+            timeout=STARTUP_TIMEOUT_S,
             message=f"redis-server on port {port} to answer PING",
             ignore=(redis.ConnectionError, redis.TimeoutError, OSError),
             check=lambda: raise_if_exited(proc),
@@ -116,7 +121,8 @@ def start_redis(runner: ProcessRunner, workdir: Path, *, attempts: int = 3, appe
         proc = runner.start(
             "redis",
             [exe, "--port", str(port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)],
+            + ["--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+            + REDIS_KEEP_ENVIRON,
             stop_stage=0,
         )
         try:
