@@ -16,8 +16,10 @@ The body is read before the mock's own handler runs, so provider-side limits are
 later than in the plain mock; tests measuring limits use the plain mock. Nothing here is ever
 printed or logged. Run as::
 
-    python tests/support/mock_server.py --port N [--record] [--latency-ms L] [--error-rate R]
+    python -m tests.support.mock_server --port N [--record] [--latency-ms L] [--error-rate R]
                                         [--max-concurrency N] [--rpm N] [--window-s S]
+
+(from the repository root: the stacks start it with ``PYTHONPATH`` set to it).
 """
 
 from __future__ import annotations
@@ -25,16 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from service.devtools.mock_provider import create_app, serve  # noqa: E402
+from service.devtools.mock_provider import create_app, serve
 
 
 def _content(body: Any) -> Any:

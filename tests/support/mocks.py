@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from .env import STARTUP_TIMEOUT_S, sluice_cmd
@@ -13,8 +12,6 @@ from .http import http_request
 from .ports import free_port
 from .processes import ManagedProcess, ProcessRunner
 from .waiting import wait_until
-
-MOCK_SERVER = Path(__file__).resolve().parent / "mock_server.py"
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ class MockSpec:
 
     def command(self, port: int) -> list[str]:
         if self.record or self.gates:
-            args = [sys.executable, str(MOCK_SERVER), "--port", str(port)]
+            args = [sys.executable, "-m", "tests.support.mock_server", "--port", str(port)]
             if self.record:
                 args.append("--record")
         else:
