@@ -138,9 +138,13 @@ def s3_bucket(moto_server):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """The default stack, shared by the whole session: 2 workers, concurrency 32, no mock latency."""
+    """The default stack, shared by the whole session: 2 workers, concurrency 32, no mock latency.
+
+    Its mock has gates (``mock_hold``; :meth:`MockServer.release`), for tests that need a batch to
+    stay running.
+    """
     factory = StackFactory(tmp_path_factory.mktemp("default-stack"))
-    yield factory.start(name="default")
+    yield factory.start(name="default", mock=MockSpec(gates=True))
     factory.close()
 
 
