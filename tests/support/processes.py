@@ -117,12 +117,19 @@ def leftover_processes(run_id: str) -> dict[int, str]:
     return found
 
 
-def kill_leftovers(run_id: str, *, timeout: float = 10.0) -> dict[int, str]:
+def kill_leftovers(run_id: str, *, grace: float = 5.0, timeout: float = 10.0) -> dict[int, str]:
     """SIGKILL every process :func:`leftover_processes` finds (until none is left, or ``timeout``).
 
-    Returns what was found alive at the first scan (empty when the run left nothing behind).
+    Processes already on their way out (stopped by their owner a moment ago: a browser's helpers,
+    say) get ``grace`` seconds to go by themselves first. Returns the ones that were still alive
+    then and had to be killed (empty when the run left nothing behind).
     """
     first = leftover_processes(run_id)
+    deadline = time.monotonic() + grace
+    while first and time.monotonic() < deadline:
+        _reap_children()
+        time.sleep(0.1)
+        first = {pid: desc for pid, desc in leftover_processes(run_id).items() if pid in first}
     deadline = time.monotonic() + timeout
     left = first
     while left and time.monotonic() < deadline:
