@@ -12,6 +12,11 @@ targets say (this is a measurement); it is non-zero only when a run broke: a bat
 complete, missing or duplicated ids, a process that died, a timeout.
 
 Linux only: CPU and memory are read from /proc. MB means MiB (2**20 bytes) throughout.
+
+This module is the command line; ``scenarios`` (what runs and its targets), ``runs`` (one scenario's
+Sluice runs and reference run), ``sampling`` (CPU, memory and Redis samplers) and ``report``
+(tables, chart, files) hold the rest. Stacks and processes come from ``tests/support``: every
+process runs in its own group, dies with the harness, and anything left at exit is killed.
 """
 
 from __future__ import annotations

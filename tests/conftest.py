@@ -32,28 +32,49 @@ import os
 import pytest
 
 from tests.support import processes
+from tests.support.env import STARTUP_TIMEOUT_S
 from tests.support.env import base_env as _base_env
 from tests.support.env import sluice_cmd as _sluice_cmd
 from tests.support.http import HttpResult, assert_error_envelope, http_request
-from tests.support.lines import chat_line, parse_jsonl, to_jsonl
+from tests.support.lines import (
+    CHAT_URL,
+    DEFAULT_MODEL,
+    chat_line,
+    parse_jsonl,
+    to_jsonl,
+)
 from tests.support.mocks import MockServer, MockSpec, start_mock
-from tests.support.moto import MotoServer, S3Bucket, start_moto
+from tests.support.mocks import mock_spec as _mock_spec
+from tests.support.moto import S3_CREDENTIALS, MotoServer, S3Bucket, start_moto
 from tests.support.ports import free_port
+from tests.support.processes import LIVE_RUNNERS as _LIVE_RUNNERS
 from tests.support.processes import (
     ROOT,
+    STOP_GRACE_S,
     ManagedProcess,
     ProcessDied,
     ProcessRunner,
     fail_if_died,
 )
+from tests.support.processes import fail_if_died as _fail_if_died
+from tests.support.processes import raise_if_exited as _raise_if_exited
 from tests.support.redis_server import RedisServer, start_redis
-from tests.support.stack import TOKENS, Stack, StackFactory
+from tests.support.stack import (
+    TERMINAL_STATUSES,
+    TOKENS,
+    UPSTREAM_API_KEY,
+    Stack,
+    StackFactory,
+)
 from tests.support.waiting import WaitTimeout, async_wait_until, wait_until
 
-# Test modules written before tests/support existed import these from here: keep them working.
+# Test modules written before tests/support existed import these from here: keep them working
+# (new code imports from tests.support).
 __all__ = [
-    "ROOT", "TOKENS", "HttpResult", "ManagedProcess", "MockServer", "MockSpec", "MotoServer", "ProcessDied",
-    "ProcessRunner", "RedisServer", "S3Bucket", "Stack", "StackFactory", "WaitTimeout", "_base_env", "_sluice_cmd",
+    "CHAT_URL", "DEFAULT_MODEL", "ROOT", "S3_CREDENTIALS", "STARTUP_TIMEOUT_S", "STOP_GRACE_S", "TERMINAL_STATUSES",
+    "TOKENS", "UPSTREAM_API_KEY", "HttpResult", "ManagedProcess", "MockServer", "MockSpec", "MotoServer",
+    "ProcessDied", "ProcessRunner", "RedisServer", "S3Bucket", "Stack", "StackFactory", "WaitTimeout",
+    "_LIVE_RUNNERS", "_base_env", "_fail_if_died", "_mock_spec", "_raise_if_exited", "_sluice_cmd",
     "assert_error_envelope", "async_wait_until", "chat_line", "free_port", "http_request", "parse_jsonl",
     "start_mock", "start_moto", "start_redis", "to_jsonl", "wait_until",
 ]
