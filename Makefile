@@ -1,29 +1,50 @@
 # The two commands a newcomer needs: `make run` and `make test`. Both set themselves up.
+comma := ,
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+# One stamp per profile and version of the package metadata. A profile's install also stamps the
+# profiles it contains (test contains bench and run; bench contains run), so switching between
+# `make run` and `make test` in one checkout installs only what is missing, once.
+SUM := $(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+STAMP_RUN := $(VENV)/.installed-run-$(SUM)
+STAMP_BENCH := $(VENV)/.installed-bench-$(SUM)
+STAMP_TEST := $(VENV)/.installed-test-$(SUM)
 
 .PHONY: run test bench install redis-server chromium clean
 
-run: $(STAMP)
+# Running needs the package and the embedded extra only (no test, browser or plotting packages).
+run: $(STAMP_RUN)
 	$(BIN)/sluice up
 
-test: $(STAMP) redis-server chromium
+test: $(STAMP_TEST) redis-server chromium
 	$(BIN)/pytest
 
 # Every benchmark scenario on a fresh local stack; BENCH_ARGS passes options (e.g. --smoke).
-bench: $(STAMP) redis-server
+bench: $(STAMP_BENCH) redis-server
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-install: $(STAMP)
+# What a developer needs: everything the tests (the bench smoke test included) use.
+install: $(STAMP_TEST)
 
-$(STAMP): setup.cfg pyproject.toml
+# install-profile EXTRAS STAMPS: pip install the package with EXTRAS, drop the stamps of older
+# package metadata, then touch STAMPS.
+define install-profile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,embedded,bench]'
-	rm -f $(VENV)/.installed-*
-	touch $@
+	$(BIN)/python -m pip install --quiet -e '.[$(1)]'
+	find $(VENV) -maxdepth 1 -name '.installed-*' ! -name '.installed-*-$(SUM)' -delete
+	touch $(2)
+endef
+
+$(STAMP_RUN): setup.cfg pyproject.toml
+	$(call install-profile,embedded,$(STAMP_RUN))
+
+$(STAMP_BENCH): setup.cfg pyproject.toml
+	$(call install-profile,embedded$(comma)bench,$(STAMP_BENCH) $(STAMP_RUN))
+
+$(STAMP_TEST): setup.cfg pyproject.toml
+	$(call install-profile,embedded$(comma)bench$(comma)test,$(STAMP_TEST) $(STAMP_BENCH) $(STAMP_RUN))
 
 # Integration tests start their own redis-server; install it where it is missing and we can.
 redis-server:

@@ -21,6 +21,9 @@ from service.devtools.mock_provider import create_app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
+# How long requests that must be in flight together are held: far longer than the few in-process
+# steps the test takes meanwhile, even on a loaded machine.
+HOLD_MS = 5000
 
 
 async def post(client: Any, path: str, body: Any, **headers: str) -> tuple[int, Any, Any]:
@@ -36,7 +39,7 @@ async def stats(client: Any) -> dict[str, Any]:
     return await resp.json()
 
 
-async def wait_for_stats(client: Any, predicate: Any, timeout: float = 3.0) -> dict[str, Any]:
+async def wait_for_stats(client: Any, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
     """Poll /_mock/stats until predicate holds; fail with the last stats on timeout."""
     current: dict[str, Any] = {}
 
@@ -268,7 +271,7 @@ async def test_error_rate_sequence_is_reproducible_with_seed(aiohttp_client: Any
 async def test_mock_latency_overrides_global_latency(aiohttp_client: Any) -> None:
     # The global latency would outlast the test's timeout, so only the override lets it answer.
     client = await aiohttp_client(create_app(latency_ms=60_000))
-    status, _, _ = await asyncio.wait_for(post(client, CHAT, {"model": "m", "mock_latency_ms": 0}), 2.0)
+    status, _, _ = await asyncio.wait_for(post(client, CHAT, {"model": "m", "mock_latency_ms": 0}), 20.0)
     assert status == 200
 
     status, answer, _ = await post(client, CHAT, {"model": "m", "mock_latency_ms": -1})
@@ -294,7 +297,7 @@ def test_create_app_rejects_bad_settings() -> None:
 # ----------------------------------------------------------------------------- observation
 async def test_in_flight_accounting_and_reset(aiohttp_client: Any) -> None:
     client = await aiohttp_client(create_app())
-    body = {"model": "m", "mock_latency_ms": 400}
+    body = {"model": "m", "mock_latency_ms": HOLD_MS}
     pending = [asyncio.create_task(post(client, CHAT, {**body, "n": i})) for i in range(5)]
 
     during = await wait_for_stats(client, lambda s: s["in_flight"] == 5)
@@ -336,7 +339,7 @@ async def test_in_flight_accounting_and_reset(aiohttp_client: Any) -> None:
 
 
 async def test_global_latency_keeps_requests_in_flight(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_app(latency_ms=300))
+    client = await aiohttp_client(create_app(latency_ms=HOLD_MS))
     pending = [asyncio.create_task(post(client, "/v1/embeddings", {"model": "m", "input": str(i)})) for i in range(3)]
     await wait_for_stats(client, lambda s: s["in_flight"] == 3)
     results = await asyncio.gather(*pending)
@@ -374,10 +377,10 @@ async def test_concurrency_limit_rejects_at_once_and_not_in_flight(aiohttp_clien
     # An accepted request without mock_latency_ms would sleep a minute, so an answer to the
     # extra request proves the rejection came before the latency sleep.
     client = await aiohttp_client(create_app(latency_ms=60_000, max_concurrency=2))
-    holders = [asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": 400, "n": i})) for i in range(2)]
+    holders = [asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": HOLD_MS, "n": i})) for i in range(2)]
     await wait_for_stats(client, lambda s: s["in_flight"] == 2)
 
-    status, answer, headers = await asyncio.wait_for(post(client, CHAT, {"model": "m"}, Authorization="Bearer x"), 3.0)
+    status, answer, headers = await asyncio.wait_for(post(client, CHAT, {"model": "m"}, Authorization="Bearer x"), 20.0)
     assert status == 429
     assert_openai_error(answer, code="concurrency_limit_exceeded")
     assert answer["error"]["type"] == "rate_limit_error"
@@ -439,7 +442,7 @@ async def test_rpm_short_window_rejects_then_accepts_after_slide(aiohttp_client:
                 return attempts
             await asyncio.sleep(0.02)
 
-    attempts = await asyncio.wait_for(retry_until_accepted(), 3.0)
+    attempts = await asyncio.wait_for(retry_until_accepted(), 30.0)  # a failure deadline: 0.6 s is expected
     # Nothing was accepted before the first request's window had fully passed.
     assert time.monotonic() - started >= window_s
 

@@ -38,6 +38,7 @@ import structlog
 
 from service.core.config import ClientSettings, Settings, child_environment
 from service.core.log import configure_logging, redact_url, settings_secrets
+from service.devtools.ports import free_port
 
 from . import localstack
 
@@ -53,13 +54,6 @@ STOP_ORDER: tuple[tuple[str, Callable[[float], float]], ...] = (
     ("mock-provider", lambda grace: 10.0),
     ("redis", lambda grace: 30.0),
 )
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_taken(port: int) -> bool:

@@ -10,6 +10,7 @@ import base64
 import fnmatch
 import hashlib
 import hmac
+import importlib.util
 import os
 import re
 import tomllib
@@ -244,6 +245,10 @@ def parse_storage(env: Mapping[str, str]) -> S3Location | None:
     if endpoint and not endpoint.lower().startswith(("http://", "https://")):
         raise ConfigError(f"the S3 endpoint must be an http:// or https:// URL, got {endpoint!r}")
     region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
+    # aiobotocore is an optional extra: say so at start-up rather than at the first upload.
+    if importlib.util.find_spec("aiobotocore") is None:
+        raise ConfigError("SLUICE_STORAGE_URL names an S3 bucket, but S3 storage needs the s3 extra: "
+                          "pip install 'sluice[s3]'")
     return S3Location(bucket=bucket, prefix=prefix, endpoint_url=endpoint.rstrip("/"), region=region)
 
 

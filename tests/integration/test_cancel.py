@@ -1,6 +1,8 @@
 """Cancelling batches: partial results, ``batch_cancelled`` lines, and 409 on finished batches.
 
 Own stack (2 workers x 2 requests in flight) so that the mock's counters belong to these tests.
+Lines that must still be running when the cancel lands wait at the mock's gate until the test
+releases them: no outcome depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 LINES = 40
-LATENCY_MS = 400
+SLOTS = 4  # 2 workers x 2 requests in flight
 
 
 @pytest.fixture(scope="module")
 def cstack(module_stack_factory):
-    return module_stack_factory.start(name="cancel", workers=2, worker_concurrency=2)
+    return module_stack_factory.start(name="cancel", workers=2, worker_concurrency=2, mock={"gates": True})
 
 
 def test_cancel_mid_way_keeps_partial_results(cstack, wait_until):
@@ -28,21 +30,17 @@ def test_cancel_mid_way_keeps_partial_results(cstack, wait_until):
     cstack.mock_reset()
     run = uuid.uuid4().hex[:8]
     messages = {f"c-{run}-{i:02d}": f"cancel me {i}" for i in range(LINES)}
-    rows = [cstack.chat_line(cid, msg, mock_latency_ms=LATENCY_MS) for cid, msg in messages.items()]
+    gate = f"cancel-{run}"
+    rows = [cstack.chat_line(cid, msg, mock_hold=gate) for cid, msg in messages.items()]
     _, created = cstack.submit(rows, client=client)
 
-    # Cancel as soon as the first requests are at the upstream: at most 4 can be in flight.
-    wait_until(
-        lambda: (lambda s: s["requests"] >= 1 or s["in_flight"] >= 1)(cstack.mock_stats()),
-        timeout=30,
-        interval=0.02,
-        message="the first request of the batch to reach the mock",
-        check=cstack.check_alive,
-    )
+    # Cancel while every worker slot holds a line at the gate: nothing else can have been sent.
+    cstack.mock().wait_held(gate, SLOTS)
     resp = client.batches.cancel(created.id)
     assert resp.id == created.id
     assert resp.status in ("cancelling", "cancelled"), resp
     assert resp.cancelling_at is not None, resp
+    cstack.mock().release(gate)  # the lines in flight finish; the others must never be sent
 
     batch = cstack.wait_for_batch(created.id, client=client, timeout=60)
     assert batch.status == "cancelled", batch
@@ -126,11 +124,13 @@ def test_cancel_right_after_create(cstack):
     client = cstack.client()
     cstack.mock_reset()
     run = uuid.uuid4().hex[:8]
-    rows = [cstack.chat_line(f"early-{run}-{i:04d}", f"early {i}", mock_latency_ms=LATENCY_MS) for i in range(3000)]
+    gate = f"early-{run}"
+    rows = [cstack.chat_line(f"early-{run}-{i:04d}", f"early {i}", mock_hold=gate) for i in range(3000)]
     _, created = cstack.submit(rows, client=client)
     resp = client.batches.cancel(created.id)
     assert resp.status in ("cancelling", "cancelled"), resp
     assert resp.cancelling_at is not None
+    cstack.mock().release(gate)  # until now at most one line per worker slot could reach the mock
 
     batch = cstack.wait_for_batch(created.id, client=client, timeout=60)
     assert batch.status == "cancelled", batch
@@ -143,4 +143,4 @@ def test_cancel_right_after_create(cstack):
     stats = cstack.mock_stats()
     assert stats["in_flight"] == 0
     assert stats["requests"] == len(output), (stats, len(output))
-    assert stats["requests"] <= 4, f"{stats['requests']} requests sent after an immediate cancel"
+    assert stats["requests"] <= SLOTS, f"{stats['requests']} requests sent after an immediate cancel"

@@ -2,6 +2,8 @@
 
 Every command runs as a subprocess with ``SLUICE_URL`` / ``SLUICE_TOKEN`` in its environment,
 against a real stack; stdout and stderr are pipes (not a terminal), except in the pty test.
+Batches that must still be running when the test acts on them hold their lines at the mock's gate
+until the test releases them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.support import processes
+from tests.support.ports import free_port
+from tests.support.processes import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -26,7 +30,7 @@ SUMMARY = re.compile(r"^(batch_\w+) (\w+): (\d+) completed, (\d+) failed of (\d+
 
 @pytest.fixture(scope="module")
 def cstack(module_stack_factory):
-    return module_stack_factory.start(name="client-cli", workers=1, worker_concurrency=4)
+    return module_stack_factory.start(name="client-cli", workers=1, worker_concurrency=4, mock={"gates": True})
 
 
 def client_env(stack, *, url: str | None = None, token: str | None = None) -> dict[str, str]:
@@ -40,11 +44,9 @@ def client_env(stack, *, url: str | None = None, token: str | None = None) -> di
 
 def cli(stack, *args: str, url: str | None = None, token: str | None = None, cwd: Path = ROOT,
         timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=client_env(stack, url=url, token=token), cwd=str(cwd), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=timeout,
-    )
+    """Run ``sluice ARGS`` to completion; ``timeout`` is a failure deadline (the command's group is killed)."""
+    return processes.run([sys.executable, "-m", "service.cli", *args], env=client_env(stack, url=url, token=token),
+                         cwd=cwd, timeout=timeout)
 
 
 def write_rows(path: Path, rows) -> Path:
@@ -204,7 +206,7 @@ def test_batches_list_get_cancel(cstack, tmp_path):
     tag = f"bl-{uuid.uuid4().hex[:6]}"
     token = cstack.tokens[1]  # a token of its own: the list holds exactly these batches
     done = write_rows(tmp_path / "d.jsonl", rows_of(cstack, tag, 2))
-    slow = write_rows(tmp_path / "s.jsonl", rows_of(cstack, f"{tag}-s", 40, mock_latency_ms=3000))
+    slow = write_rows(tmp_path / "s.jsonl", rows_of(cstack, f"{tag}-s", 40, mock_hold=tag))  # running until released
     first = json.loads(cli(cstack, "submit", str(done), "--json", token=token).stdout)
     cstack.wait_for_batch(first["id"], client=cstack.client(token=token))
     second = json.loads(cli(cstack, "submit", str(slow), "--json", token=token).stdout)
@@ -229,6 +231,7 @@ def test_batches_list_get_cancel(cstack, tmp_path):
 
     res = cli(cstack, "batches", "cancel", second["id"], token=token)
     assert res.returncode == 0 and res.stdout.split() in ([second["id"], "cancelling"], [second["id"], "cancelled"]), res
+    cstack.mock().release(tag)
     assert cstack.wait_for_batch(second["id"], client=cstack.client(token=token), timeout=60).status == "cancelled"
     res = cli(cstack, "batches", "cancel", first["id"], token=token)
     assert res.returncode == 1 and f"cannot cancel {first['id']}" in res.stderr and "completed" in res.stderr, res
@@ -284,20 +287,21 @@ def test_files_list_get_download_delete(cstack, tmp_path):
 
 
 def _start_waiting(stack, tmp_path, tag: str, **popen_kwargs) -> tuple[subprocess.Popen, Path]:
-    src = write_rows(tmp_path / f"{tag}.jsonl", rows_of(stack, tag, 30, mock_latency_ms=3000))
-    proc = subprocess.Popen(
+    # The lines wait at the mock's gate named ``tag``: the batch runs until the test releases it.
+    src = write_rows(tmp_path / f"{tag}.jsonl", rows_of(stack, tag, 30, mock_hold=tag))
+    proc = processes.popen(
         [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(tmp_path / "o"),
          "--poll-interval", "0.2"],
-        env=client_env(stack), cwd=str(ROOT), start_new_session=True, **popen_kwargs,
+        env=client_env(stack), cwd=str(ROOT), **popen_kwargs,
     )
     return proc, src
 
 
 def test_ctrl_c_on_a_pipe_prints_how_to_cancel(cstack, tmp_path, wait_until):
     err_path = tmp_path / "stderr.txt"
+    tag = f"ci-{uuid.uuid4().hex[:6]}"
     with open(err_path, "wb") as err:
-        proc, _ = _start_waiting(cstack, tmp_path, f"ci-{uuid.uuid4().hex[:6]}", stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=err)
+        proc, _ = _start_waiting(cstack, tmp_path, tag, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     try:
         m = wait_until(lambda: re.search(r"(batch_\w+) in_progress", err_path.read_text()), timeout=30,
                        message=lambda: f"the batch to be in progress; stderr: {err_path.read_text()}")
@@ -314,6 +318,7 @@ def test_ctrl_c_on_a_pipe_prints_how_to_cancel(cstack, tmp_path, wait_until):
     assert "Traceback" not in text
     assert cstack.client().batches.retrieve(batch_id).status == "in_progress", "not cancelled"
     cstack.client().batches.cancel(batch_id)
+    cstack.mock().release(tag)
     cstack.wait_for_batch(batch_id, timeout=60)
 
 
@@ -322,8 +327,8 @@ def test_ctrl_c_on_a_terminal_offers_to_cancel(cstack, tmp_path, wait_until):
     import pty  # noqa: F401  (posix only)
 
     primary, secondary = os.openpty()
-    proc, _ = _start_waiting(cstack, tmp_path, f"ct-{uuid.uuid4().hex[:6]}", stdin=secondary, stdout=secondary,
-                             stderr=secondary)
+    tag = f"ct-{uuid.uuid4().hex[:6]}"
+    proc, _ = _start_waiting(cstack, tmp_path, tag, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)
     seen = bytearray()
 
@@ -349,6 +354,9 @@ def test_ctrl_c_on_a_terminal_offers_to_cancel(cstack, tmp_path, wait_until):
         wait_until(lambda: f"Cancel batch {batch_id}? [y/N]" in read_some(), timeout=15,
                    message=lambda: f"the prompt: {seen[-2000:]!r}")
         os.write(primary, b"y\n")
+        wait_until(lambda: cstack.client().batches.retrieve(batch_id).status in ("cancelling", "cancelled"),
+                   timeout=60, message="the client's cancel to reach the server")
+        cstack.mock().release(tag)  # the held lines may finish now; the others end batch_cancelled
         wait_until(lambda: proc.poll() is not None and (read_some() or True), timeout=60,
                    message=lambda: f"the client to end: {seen[-2000:]!r}")
         read_some()
@@ -374,9 +382,10 @@ def test_wait_follows_the_event_stream_when_the_server_has_one(cstack, tmp_path)
         pytest.skip("this server has no GET /v1/batches/{id}/events")
     tag = f"ev-{uuid.uuid4().hex[:6]}"
     src = write_rows(tmp_path / "r.jsonl", rows_of(cstack, tag, 5, mock_latency_ms=300))
-    # Polling every 60 s would take a minute; the event stream wakes the client as the batch moves.
-    res = cli(cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "60",
-              timeout=40)
+    # Polling every hour would never finish within the deadline; the event stream wakes the client as
+    # the batch moves (in seconds, however busy the machine).
+    res = cli(cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "3600",
+              timeout=150)
     assert res.returncode == 0, res
     m = SUMMARY.match(res.stdout.strip().splitlines()[-1])
     assert m and m.group(2) == "completed" and m.group(3) == "5", res.stdout

@@ -10,11 +10,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
 def test_in_flight_bound_across_workers_and_upstream_auth(stack_factory):
-    stack = stack_factory.start(name="bound", workers=2, worker_concurrency=4, mock_latency_ms=100)
+    stack = stack_factory.start(name="bound", workers=2, worker_concurrency=4, mock={"latency_ms": 100, "gates": True})
     client = stack.client()
     run = uuid.uuid4().hex[:8]
-    rows = [stack.chat_line(f"cc-{run}-{i:03d}", f"parallel {i}") for i in range(200)]
+    gate = f"cc-{run}"
+    rows = [stack.chat_line(f"cc-{run}-{i:03d}", f"parallel {i}", mock_hold=gate) for i in range(200)]
     _, created = stack.submit(rows, client=client)
+    # Every slot of both workers fills up at the gate (and no more: the mock would see a 9th there).
+    stack.mock().wait_held(gate, 8)
+    assert stack.mock().held() == {gate: 8}
+    stack.mock().release(gate)
 
     batch = stack.wait_for_batch(created.id, client=client, timeout=90)
     assert batch.status == "completed", batch
@@ -34,10 +39,14 @@ def test_in_flight_bound_across_workers_and_upstream_auth(stack_factory):
 
 
 def test_small_batch_is_not_stuck_behind_a_big_one(stack_factory, wait_until):
-    stack = stack_factory.start(name="fairness", workers=2, worker_concurrency=8, mock_latency_ms=100)
+    stack = stack_factory.start(name="fairness", workers=2, worker_concurrency=8,
+                                mock={"latency_ms": 100, "gates": True})
     client = stack.client()
     run = uuid.uuid4().hex[:8]
-    big_rows = [stack.chat_line(f"big-{run}-{i:04d}", f"big {i}") for i in range(3000)]
+    # The big batch's last line waits at the gate: it cannot finish before the test is done with it.
+    gate = f"big-{run}"
+    big_rows = [stack.chat_line(f"big-{run}-{i:04d}", f"big {i}", **({"mock_hold": gate} if i == 2999 else {}))
+                for i in range(3000)]
     _, big = stack.submit(big_rows, client=client)
 
     # The big batch is running (and occupying the workers) before the small one exists.
@@ -56,7 +65,7 @@ def test_small_batch_is_not_stuck_behind_a_big_one(stack_factory, wait_until):
     _, small = stack.submit(small_rows, client=client)
     assert small.created_at >= big.created_at
 
-    small_done = stack.wait_for_batch(small.id, client=client, timeout=30)
+    small_done = stack.wait_for_batch(small.id, client=client, timeout=60)
     big_now = client.batches.retrieve(big.id)
     assert small_done.status == "completed", small_done
     assert small_done.request_counts.completed == 10
@@ -71,6 +80,7 @@ def test_small_batch_is_not_stuck_behind_a_big_one(stack_factory, wait_until):
 
     # Stop the big batch instead of waiting for it; its results still add up.
     client.batches.cancel(big.id)
+    stack.mock().release(gate)
     big_done = stack.wait_for_batch(big.id, client=client, timeout=60)
     assert big_done.status == "cancelled", big_done
     out, err = stack.results(big_done, client=client)

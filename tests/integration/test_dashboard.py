@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 CHROMIUM = "/usr/bin/chromium"
 # What the machine's probe launched Chromium with: no sandbox (root), and no background traffic
@@ -35,9 +35,14 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 expect = sync_api.expect
 
 
+# Failure deadlines for the page (a headless Chromium on a busy 2-core box is slow), never speeds:
+# what must still be running is held at the mock's gate until the test releases it.
+PAGE_TIMEOUT_MS = 60_000
+
+
 @pytest.fixture(scope="module")
 def dstack(module_stack_factory):
-    return module_stack_factory.start(name="dashboard", workers=2, worker_concurrency=4)
+    return module_stack_factory.start(name="dashboard", workers=2, worker_concurrency=4, mock={"gates": True})
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,18 @@ def browser():
         pw.stop()
 
 
+@pytest.fixture(autouse=True)
+def open_gates(dstack):
+    yield
+    dstack.mock().reset()  # a test that failed half-way must not leave lines held for the next one
+
+
 @pytest.fixture
 def page(browser, tmp_path):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     p = context.new_page()
-    p.set_default_timeout(30_000)
+    p.set_default_timeout(PAGE_TIMEOUT_MS)
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
     errors: list[str] = []
     p.on("pageerror", lambda e: errors.append(str(e)))
     yield p
@@ -97,23 +109,28 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     expect(page.locator("#batches-view")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('sluice.token')") == dstack.token
 
-    # A slow batch, to cancel from the page later (and to show a running batch meanwhile).
-    slow_rows = [dstack.chat_line(f"slow-{run}-{i:02d}", f"slow {i}", mock_latency_ms=1500) for i in range(60)]
-    _, slow = dstack.submit(slow_rows, client=client)
-    # A quick one, with two lines the provider refuses (errors by code: HTTP 404).
-    rows = [dstack.chat_line(f"q-{run}-{i:02d}", f"hello {i}", mock_latency_ms=150) for i in range(38)]
+    # A quick batch, with two lines the provider refuses (errors by code: HTTP 404).
+    rows = [dstack.chat_line(f"q-{run}-{i:02d}", f"hello {i}") for i in range(38)]
     rows += [dstack.chat_line(f"q-{run}-x{i}", "refused", mock_status=404) for i in range(2)]
     _, quick = dstack.submit(rows, client=client)
-
-    quick_row, slow_row = row(page, quick.id), row(page, slow.id)
+    quick_row = row(page, quick.id)
     expect(quick_row).to_be_visible()
-    expect(slow_row).to_be_visible()
-    expect(slow_row.locator(".status")).to_have_text("in_progress", timeout=30_000)
-    expect(quick_row.locator(".progress")).to_have_attribute("aria-valuenow", "100", timeout=60_000)
-    expect(quick_row.locator(".status")).to_have_text("completed", timeout=30_000)
+    expect(quick_row.locator(".progress")).to_have_attribute("aria-valuenow", "100")
+    expect(quick_row.locator(".status")).to_have_text("completed")
     expect(quick_row.locator(".completed")).to_have_text("38")
     expect(quick_row.locator(".failed")).to_have_text("2")
     expect(quick_row.locator(".total")).to_have_text("40")
+
+    # A batch that stays running until the test says so: its lines wait at the mock's gate (the
+    # dashboard at work, and a batch to cancel from the page later). It comes second because its
+    # held lines take every worker slot.
+    gate = f"slow-{run}"
+    slow_rows = [dstack.chat_line(f"slow-{run}-{i:02d}", f"slow {i}", mock_hold=gate) for i in range(60)]
+    _, slow = dstack.submit(slow_rows, client=client)
+    slow_row = row(page, slow.id)
+    expect(slow_row).to_be_visible()
+    expect(slow_row.locator(".status")).to_have_text("in_progress")
+    dstack.mock().wait_held(gate)
 
     # The page followed the running batches through the event stream where the server has one,
     # else by polling each batch (feature detection).
@@ -124,7 +141,7 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     quick_row.locator("button.open").click()
     expect(page.locator("#detail")).to_be_visible()
     expect(page.locator('#detail-errors tr[data-code^="HTTP 404"] td.num')).to_have_text("2")
-    # The slow batch is still running: the screenshot of a dashboard at work.
+    # The slow batch is still running (held): the screenshot of a dashboard at work.
     expect(slow_row.locator(".status")).to_have_text("in_progress")
     shot(page, "dashboard-batches")
 
@@ -144,7 +161,11 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     cancel.click()
     expect(cancel).to_have_text("Confirm cancel")
     cancel.click()
-    expect(slow_row.locator(".status")).to_have_text("cancelled", timeout=60_000)
+    wait_until(lambda: client.batches.retrieve(slow.id).status in ("cancelling", "cancelled"), timeout=60,
+               message="the page's cancel to reach the server")
+    # Only now may the held lines finish: they drain into the output, the rest end batch_cancelled.
+    dstack.mock().release(gate)
+    expect(slow_row.locator(".status")).to_have_text("cancelled")
     expect(slow_row.locator(".cancel")).to_be_hidden()
     final = client.batches.retrieve(slow.id)
     assert final.status == "cancelled", final
@@ -177,10 +198,14 @@ def test_falls_back_to_polling_without_an_event_stream(dstack, page):
                                    "code": "unknown_url"}})))
     sign_in(page, dstack, dstack.token)
     expect(page.locator("#batches-view")).to_be_visible()
-    rows = [dstack.chat_line(f"p-{uuid.uuid4().hex[:6]}-{i}", "poll me", mock_latency_ms=1000) for i in range(24)]
+    run = uuid.uuid4().hex[:6]
+    gate = f"poll-{run}"
+    rows = [dstack.chat_line(f"p-{run}-{i}", "poll me", mock_hold=gate) for i in range(24)]
     _, created = dstack.submit(rows)
     r = row(page, created.id)
-    expect(r.locator(".status")).to_have_text("in_progress", timeout=30_000)
+    # Held at the gate, the batch is certainly still running when the page looks.
+    expect(r.locator(".status")).to_have_text("in_progress")
     page.wait_for_function("state.events === false")
-    expect(r.locator(".progress")).to_have_attribute("aria-valuenow", "100", timeout=60_000)
+    dstack.mock().release(gate)
+    expect(r.locator(".progress")).to_have_attribute("aria-valuenow", "100")
     expect(r.locator(".status")).to_have_text("completed")

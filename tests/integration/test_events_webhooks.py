@@ -1,7 +1,8 @@
 """Live progress over Server-Sent Events, and signed completion webhooks, on a real stack.
 
 The webhook receiver is a small aiohttp server on a loopback port, run in a thread of its own
-(the tests themselves are synchronous, like the SDK they drive).
+(the tests themselves are synchronous, like the SDK they drive). Where a batch must be seen part-way
+or still running, its lines wait at the mock's gate until the test releases them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SECRET = "whsec_" + base64.b64encode(b"integration-webhook-secret-32byt").decode()
 HEADER = "x-sluice-webhook-url"
+SSE_STOP_GRACE_S = 120
 
 
 class Receiver:
@@ -75,7 +77,7 @@ class Receiver:
 @pytest.fixture(scope="module")
 def wstack(module_stack_factory):
     return module_stack_factory.start(
-        name="events", workers=1, worker_concurrency=2,
+        name="events", workers=1, worker_concurrency=2, mock={"gates": True},
         # The receiver listens on loopback, which only SLUICE_WEBHOOK_ALLOW_PRIVATE lets webhooks reach.
         env={"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.3", "SLUICE_WEBHOOK_MAX_ATTEMPTS": "6",
              "SLUICE_WEBHOOK_ALLOW_PRIVATE": "1"},
@@ -103,9 +105,10 @@ def _verify(delivery: dict[str, Any]) -> dict:
     return json.loads(delivery["body"])
 
 
-async def _read_events(url: str, token: str, timeout: float = 60) -> list[tuple[str, dict]]:
-    """Every event of an SSE stream until the server ends it."""
-    events: list[tuple[str, dict]] = []
+async def _read_events(url: str, token: str, timeout: float = 120,
+                       events: list[tuple[str, dict]] | None = None) -> list[tuple[str, dict]]:
+    """Every event of an SSE stream until the server ends it (appended to ``events`` as they come)."""
+    events = [] if events is None else events
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 200, await resp.text()
@@ -128,10 +131,25 @@ async def _read_events(url: str, token: str, timeout: float = 60) -> list[tuple[
 def test_sse_follows_a_batch_to_completion(wstack):
     client = wstack.client()
     run = uuid.uuid4().hex[:8]
-    rows = [wstack.chat_line(f"sse-{run}-{i}", f"hello {i}", mock_latency_ms=150) for i in range(16)]
+    gate = f"sse-{run}"
+    # The second half waits at the gate: the batch stays part-done until the stream has shown it so.
+    rows = [wstack.chat_line(f"sse-{run}-{i}", f"hello {i}", **({"mock_hold": gate} if i >= 8 else {}))
+            for i in range(16)]
     _, created = wstack.submit(rows, client=client)
 
-    events = asyncio.run(_read_events(f"{wstack.api_url}/batches/{created.id}/events", wstack.token))
+    async def follow() -> list[tuple[str, dict]]:
+        events: list[tuple[str, dict]] = []
+        reader = asyncio.create_task(
+            _read_events(f"{wstack.api_url}/batches/{created.id}/events", wstack.token, events=events))
+        deadline = time.monotonic() + 120  # a failure deadline: the part-done state comes in a second or two
+        while not any(name == "batch" and data["request_counts"]["completed"] == 8 for name, data in events):
+            assert not reader.done() and time.monotonic() < deadline, f"no part-done event: {events}"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wstack.mock().release, gate)
+        await reader
+        return events
+
+    events = asyncio.run(follow())
 
     names = [name for name, _ in events]
     assert names[-1] == "done" and names.count("done") == 1, names
@@ -193,12 +211,14 @@ def test_webhook_retried_until_accepted(wstack, receiver, wait_until):
 def test_cancelled_batch_gets_batch_cancelled(wstack, receiver, wait_until):
     client = wstack.client()
     run = uuid.uuid4().hex[:8]
-    rows = [wstack.chat_line(f"whc-{run}-{i}", f"slow {i}", mock_latency_ms=500) for i in range(20)]
+    gate = f"whc-{run}"
+    rows = [wstack.chat_line(f"whc-{run}-{i}", f"held {i}", mock_hold=gate) for i in range(20)]
     f = wstack.upload_jsonl(rows, client=client)
     created = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                     extra_headers={HEADER: receiver.url("/cancelled")})
     wstack.wait_for_batch(created.id, client=client, statuses=("in_progress",), interval=0.02)
     client.batches.cancel(created.id)
+    wstack.mock().release(gate)  # only now may the lines in flight finish
     batch = wstack.wait_for_batch(created.id, client=client)
     assert batch.status == "cancelled", batch
 
@@ -233,14 +253,16 @@ def test_webhook_header_validated(wstack):
 
 def test_open_stream_does_not_hold_web_shutdown(stack_factory):
     """A stopping web process ends its event streams at once instead of waiting out the grace."""
-    st = stack_factory.start(name="sse-stop", workers=0, finalizer=False, env={"SLUICE_SHUTDOWN_GRACE_S": "10"})
+    # A long grace, so "at once" and "waited it out" are far apart whatever the machine's speed.
+    st = stack_factory.start(name="sse-stop", workers=0, finalizer=False,
+                             env={"SLUICE_SHUTDOWN_GRACE_S": str(SSE_STOP_GRACE_S)})
     _, created = st.submit([st.chat_line(f"stop-{uuid.uuid4().hex[:8]}", "never answered")])
     st.wait_for_batch(created.id, statuses=("in_progress",), interval=0.02)
     web_proc = st.process("web")
 
     async def scenario() -> tuple[list[str], float]:
         names: list[str] = []
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * SSE_STOP_GRACE_S)) as session:
             async with session.get(f"{st.api_url}/batches/{created.id}/events",
                                    headers={"Authorization": f"Bearer {st.token}"}) as resp:
                 first = await resp.content.readline()
@@ -249,7 +271,7 @@ def test_open_stream_does_not_hold_web_shutdown(stack_factory):
                 names.append("batch")
                 started = time.monotonic()
                 stopping = asyncio.get_running_loop().run_in_executor(
-                    None, lambda: st.runner.stop([web_proc], grace=15))
+                    None, lambda: st.runner.stop([web_proc], grace=SSE_STOP_GRACE_S + 30))
                 async for raw in resp.content:
                     if raw.startswith(b"event:"):
                         names.append(raw.decode()[6:].strip())
@@ -259,5 +281,5 @@ def test_open_stream_does_not_hold_web_shutdown(stack_factory):
     names, took = asyncio.run(scenario())
     assert names == ["batch"], names  # no terminal state: the stream simply ended
     assert not web_proc.alive and web_proc.returncode == 0, web_proc.describe()
-    assert took < 5, f"the web process took {took:.1f}s to stop with an event stream open"
+    assert took < SSE_STOP_GRACE_S / 2, f"the web process took {took:.1f}s to stop with an event stream open"
     assert "web_requests_cut" not in web_proc.log_path.read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import urllib.request
 import uuid
 
@@ -73,13 +72,14 @@ def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     sent_head = threading.Event()
+    signalled = threading.Event()
     result: dict = {}
 
     def body():
         yield head + first
         sent_head.set()
-        # The end of the body arrives after the web process was told to stop.
-        time.sleep(0.5)
+        # The end of the body arrives after the web process was told to stop (an event, not a timer).
+        signalled.wait(60)
         yield rest + tail
 
     def upload():
@@ -89,7 +89,7 @@ def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
                      "Content-Type": f"multipart/form-data; boundary={boundary}",
                      "Transfer-Encoding": "chunked"},
         )
-        with urllib.request.urlopen(request, timeout=20) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             result["status"] = response.status
             result["body"] = response.read()
 
@@ -102,8 +102,9 @@ def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):
     web = stack.process("web")
     web.stopping = True
     web.signal(signal.SIGTERM)
-    uploader.join(20)
+    signalled.set()
+    uploader.join(60)
     assert result.get("status") == 200, result
     assert json.loads(result["body"])["bytes"] == len(first) + len(rest)
-    wait_until(lambda: not web.alive, timeout=10, message="web to exit after draining")
+    wait_until(lambda: not web.alive, timeout=30, message="web to exit after draining")
     assert web.returncode == 0

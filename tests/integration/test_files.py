@@ -90,11 +90,14 @@ def test_deleting_the_input_file_of_a_running_batch_does_not_break_it(stack, wai
     client = stack.client()
     run = uuid.uuid4().hex[:8]
     messages = {f"dr-{run}-{i}": f"still here {i}" for i in range(6)}
-    f = stack.upload_jsonl([stack.chat_line(c, m, mock_latency_ms=500) for c, m in messages.items()], client=client)
+    gate = f"dr-{run}"
+    f = stack.upload_jsonl([stack.chat_line(c, m, mock_hold=gate) for c, m in messages.items()], client=client)
     batch = stack.create_batch(f.id, client=client)
+    stack.wait_for_batch(batch.id, client=client, statuses=("in_progress",))  # its lines wait at the gate
     client.files.delete(f.id)
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(f.id)
+    stack.mock().release(gate)
     done = stack.wait_for_batch(batch.id, client=client)
     assert done.status == "completed", done
     assert done.input_file_id == f.id

@@ -18,9 +18,10 @@ def test_token_b_cannot_see_or_touch_token_a_objects(stack):
     a_file = stack.upload_jsonl([stack.chat_line(f"iso-{run}-{i}", f"iso {i}") for i in range(3)], client=a)
     done = stack.wait_for_batch(stack.create_batch(a_file.id, client=a).id, client=a)
     assert done.status == "completed", done
-    # A batch that is still running: slow lines keep it in progress while tok-b tries to cancel it.
+    # A batch that is still running: its lines wait at the mock's gate while tok-b tries to cancel it.
+    gate = f"iso-{run}"
     slow_file = stack.upload_jsonl(
-        [stack.chat_line(f"iso-slow-{run}-{i}", "slow", mock_latency_ms=1500) for i in range(2)], client=a
+        [stack.chat_line(f"iso-slow-{run}-{i}", "slow", mock_hold=gate) for i in range(2)], client=a
     )
     running = stack.create_batch(slow_file.id, client=a)
 
@@ -59,7 +60,8 @@ def test_token_b_cannot_see_or_touch_token_a_objects(stack):
     assert a.files.retrieve(a_file.id).id == a_file.id
     assert a.files.content(a_file.id).text
     still = a.batches.retrieve(running.id)
-    assert still.status not in ("cancelling", "cancelled"), still
+    assert still.status in ("validating", "in_progress"), still
+    stack.mock().release(gate)
     assert stack.wait_for_batch(running.id, client=a).status == "completed"
 
     # tok-b's own objects are equally invisible to tok-a.

@@ -34,7 +34,8 @@ def _get(fams: dict[str, list], family: str, sample: str | None = None, **labels
 
 
 def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
-    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8)
+    # The running batch below holds its lines at the mock's gate: it stays running while observed.
+    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8, mock={"gates": True})
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"ok-{run}-{i:02d}", f"fine {i}") for i in range(20)]
     rows += [stack.chat_line(f"bad-{run}-{i}", f"bad {i}", mock_status=400) for i in range(3)]
@@ -46,14 +47,15 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     counts = batch.request_counts
     assert (counts.completed, counts.failed) == (22, 3), counts
 
-    # Counters reach Redis with the next heartbeat (every 2 s).
+    # Counters reach Redis with the next heartbeat (every 2 s; the waits below are failure deadlines
+    # of ten times what they wait for or more).
     def settled():
         fams = _scrape(stack)
         got = (_get(fams, "sluice_lines", "sluice_lines_total", outcome="completed"),
                _get(fams, "sluice_lines", "sluice_lines_total", outcome="failed"))
         return fams if got == (counts.completed, counts.failed) else None
 
-    fams = wait_until(settled, timeout=15, interval=0.25, message="sluice_lines_total to match the batch's counts",
+    fams = wait_until(settled, timeout=60, interval=0.25, message="sluice_lines_total to match the batch's counts",
                       check=stack.check_alive)
     for status, n in (("200", 22), ("400", 3), ("500", 1), ("429", 1)):
         assert _get(fams, H, H + "_count", provider="default", status=status) == n, (status, fams[H])
@@ -74,7 +76,8 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     assert not [s for s in fams.get("sluice_batch_lines_waiting", []) if s.labels.get("batch_id") == created.id]
 
     # A running batch shows its waiting and pending lines.
-    slow = [stack.chat_line(f"slow-{run}-{i:02d}", f"slow {i}", mock_latency_ms=10_000) for i in range(40)]
+    gate = f"slow-{run}"
+    slow = [stack.chat_line(f"slow-{run}-{i:02d}", f"slow {i}", mock_hold=gate) for i in range(40)]
     _, running = stack.submit(slow)
 
     def running_visible():
@@ -84,7 +87,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
         busy = sum(s.value for s in f.get("sluice_worker_lines_in_flight", []))
         return f if waiting == 40 and pending > 0 and busy > 0 else None
 
-    fams = wait_until(running_visible, timeout=20, interval=0.25, message="the running batch in /metrics",
+    fams = wait_until(running_visible, timeout=60, interval=0.25, message="the running batch in /metrics",
                       check=stack.check_alive)
     assert _get(fams, "sluice_provider_lines_waiting", provider="default") >= 40
     status = stack.sluice("status", check=True).stdout
@@ -103,7 +106,8 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
               and _get(f, "sluice_processes", role="worker", state="live") == 1)
         return f if ok else None
 
-    fams = wait_until(stale, timeout=20, interval=0.5, message="the killed worker to show as stale",
+    # Stale after 6 s without a heartbeat (service/core/heartbeat.py).
+    fams = wait_until(stale, timeout=90, interval=0.5, message="the killed worker to show as stale",
                       check=stack.check_alive)
     dead = [s for s in fams["sluice_process_up"] if s.value == 0]
     assert len(dead) == 1 and dead[0].labels["role"] == "worker", fams["sluice_process_up"]
@@ -112,6 +116,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     stale_rows = [line for line in status.splitlines() if line.rstrip().endswith("STALE")]
     assert len(stale_rows) == 1 and str(victim.pid) in stale_rows[0], status
     stack.client().batches.cancel(running.id)
+    stack.mock().release(gate)
 
     # /readyz: 200; 503 when storage takes no writes; 503 when Redis does not answer.
     assert stack.http("GET", "/readyz", token=None).status == 200
@@ -136,7 +141,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
         assert res.json()["redis"] != "ok", res.json()
     finally:
         stack.redis.process.signal(signal.SIGCONT)
-    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=20, interval=0.25,
+    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=60, interval=0.25,
                check=stack.check_alive)
     assert stack.http("GET", "/healthz", token=None).status == 200
 

@@ -27,13 +27,18 @@ max_stored_bytes = {MAX_STORED}
 max_enqueued_lines = {MAX_LINES}
 """
 TOKENS = ("quota-tok-a", "quota-tok-b", "quota-tok-c", "quota-tok-d")
-SLOW_MS = 2000  # a line this slow keeps its batch active long enough to test against it
+# A revocation takes effect within the token cache's lifetime (service/core/tokens.py, 5 s); the
+# wait for it is a failure deadline ten times that.
+REVOCATION_BOUND_S = 60.0
 
 
 @pytest.fixture(scope="module")
 def qstack(module_stack_factory):
+    # Batches that must stay active while the test checks a quota hold their lines at the mock's
+    # gate until the test releases them.
     return module_stack_factory.start(
-        name="quotas", workers=2, worker_concurrency=32, tokens=TOKENS, config_toml=QUOTAS_TOML
+        name="quotas", workers=2, worker_concurrency=32, tokens=TOKENS, config_toml=QUOTAS_TOML,
+        mock={"gates": True},
     )
 
 
@@ -62,8 +67,9 @@ def test_active_batches_quota(qstack):
     stack = qstack
     client = stack.client(token=TOKENS[0])
     run = uuid.uuid4().hex[:8]
-    rows1 = _rows(stack, f"ab1-{run}", 1, mock_latency_ms=SLOW_MS)
-    rows2 = _rows(stack, f"ab2-{run}", 1, mock_latency_ms=SLOW_MS)
+    gate = f"ab-{run}"
+    rows1 = _rows(stack, f"ab1-{run}", 1, mock_hold=gate)
+    rows2 = _rows(stack, f"ab2-{run}", 1, mock_hold=gate)
     rows3 = _rows(stack, f"ab3-{run}", 2)
     _, b1 = stack.submit(rows1, client=client)
     _, b2 = stack.submit(rows2, client=client)
@@ -81,13 +87,14 @@ def test_active_batches_quota(qstack):
     other = stack.client(token=TOKENS[3])
     other_rows = _rows(stack, f"ab-other-{run}", 2)
     _, ob = stack.submit(other_rows, client=other)
-    _assert_complete(stack, stack.wait_for_batch(ob.id, client=other, timeout=30), other, other_rows)
+    _assert_complete(stack, stack.wait_for_batch(ob.id, client=other, timeout=60), other, other_rows)
 
     # Nothing accepted was lost, and once they end the quota is free again.
-    _assert_complete(stack, stack.wait_for_batch(b1.id, client=client, timeout=30), client, rows1)
-    _assert_complete(stack, stack.wait_for_batch(b2.id, client=client, timeout=30), client, rows2)
+    stack.mock().release(gate)
+    _assert_complete(stack, stack.wait_for_batch(b1.id, client=client, timeout=60), client, rows1)
+    _assert_complete(stack, stack.wait_for_batch(b2.id, client=client, timeout=60), client, rows2)
     b3 = stack.create_batch(f3.id, client=client)
-    _assert_complete(stack, stack.wait_for_batch(b3.id, client=client, timeout=30), client, rows3)
+    _assert_complete(stack, stack.wait_for_batch(b3.id, client=client, timeout=60), client, rows3)
 
 
 def test_stored_bytes_quota(qstack):
@@ -133,9 +140,10 @@ def test_enqueued_lines_quota(qstack):
         stack.create_batch(f11.id, client=client)
     _assert_quota_error(stack, e.value, "enqueued_lines_quota_exceeded")
 
-    rows6 = _rows(stack, f"el6-{run}", 6, mock_latency_ms=SLOW_MS)
+    gate = f"el-{run}"
+    rows6 = _rows(stack, f"el6-{run}", 6, mock_hold=gate)
     rows5 = _rows(stack, f"el5-{run}", 5)
-    rows4 = _rows(stack, f"el4-{run}", 4, mock_latency_ms=SLOW_MS)
+    rows4 = _rows(stack, f"el4-{run}", 4, mock_hold=gate)
     _, b6 = stack.submit(rows6, client=client)
     f5 = stack.upload_jsonl(rows5, client=client)
     with pytest.raises(openai.RateLimitError) as e:
@@ -146,10 +154,11 @@ def test_enqueued_lines_quota(qstack):
     assert client.batches.retrieve(b6.id).status not in ("completed", "failed", "expired", "cancelled")
     assert sorted(b.id for b in client.batches.list().data) == sorted([b6.id, b4.id])
 
-    _assert_complete(stack, stack.wait_for_batch(b6.id, client=client, timeout=30), client, rows6)
-    _assert_complete(stack, stack.wait_for_batch(b4.id, client=client, timeout=30), client, rows4)
+    stack.mock().release(gate)
+    _assert_complete(stack, stack.wait_for_batch(b6.id, client=client, timeout=60), client, rows6)
+    _assert_complete(stack, stack.wait_for_batch(b4.id, client=client, timeout=60), client, rows4)
     b5 = stack.create_batch(f5.id, client=client)
-    _assert_complete(stack, stack.wait_for_batch(b5.id, client=client, timeout=30), client, rows5)
+    _assert_complete(stack, stack.wait_for_batch(b5.id, client=client, timeout=60), client, rows5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,13 +193,15 @@ def test_tokens_cli(qstack, wait_until):
 
     # Its own quotas apply: 20 lines (the default allows 10), but only one active batch (default 2).
     run = uuid.uuid4().hex[:8]
-    rows = _rows(stack, f"tk-{run}", 20, mock_latency_ms=SLOW_MS)
+    gate = f"tk-{run}"
+    rows = _rows(stack, f"tk-{run}", 20, mock_hold=gate)
     _, b1 = stack.submit(rows, client=client)
     f2 = stack.upload_jsonl(_rows(stack, f"tk2-{run}", 1), client=client)
     with pytest.raises(openai.RateLimitError) as e:
         stack.create_batch(f2.id, client=client)
     _assert_quota_error(stack, e.value, "active_batches_quota_exceeded")
-    _assert_complete(stack, stack.wait_for_batch(b1.id, client=client, timeout=30), client, rows)
+    stack.mock().release(gate)
+    _assert_complete(stack, stack.wait_for_batch(b1.id, client=client, timeout=60), client, rows)
     # A token without quotas of its own gets the configured defaults.
     plain = stack.client(token=plain_token)
     f_plain = stack.upload_jsonl(_rows(stack, f"pl-{run}", MAX_LINES + 1), client=plain)
@@ -222,7 +233,7 @@ def test_tokens_cli(qstack, wait_until):
     assert token not in revoked.stdout + revoked.stderr
     wait_until(
         lambda: stack.http("GET", "/v1/files", token=token).status == 401,
-        timeout=6.0,
+        timeout=REVOCATION_BOUND_S,
         interval=0.2,
         message=f"the revoked token {name!r} to be refused with 401",
         check=stack.check_alive,

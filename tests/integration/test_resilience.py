@@ -37,8 +37,9 @@ def test_sigterm_mid_batch_then_restart(stack_factory, wait_until):
     for p in sluice:
         p.stopping = True
         p.signal(signal.SIGTERM)
-    # SLUICE_SHUTDOWN_GRACE_S is 2 in test stacks: every process must be gone well within 5 s, with 0.
-    wait_until(lambda: not any(p.alive for p in sluice), timeout=5, message=lambda: [p.describe() for p in sluice])
+    # SLUICE_SHUTDOWN_GRACE_S is 2 in test stacks: every process must be gone by itself, with 0 (the
+    # bound is ten times the grace: a failure deadline on a loaded machine, not a speed check).
+    wait_until(lambda: not any(p.alive for p in sluice), timeout=20, message=lambda: [p.describe() for p in sluice])
     assert [p.returncode for p in sluice] == [0] * 4, [p.describe() for p in sluice]
 
     stack.spawn("web")
@@ -54,21 +55,26 @@ def test_sigterm_mid_batch_then_restart(stack_factory, wait_until):
 
 
 def test_worker_killed_mid_batch_work_is_reclaimed(stack_factory, wait_until):
-    stack = stack_factory.start(name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"})
+    # Recording: the mock keeps every request that arrived, the dead worker's (never answered) included.
+    stack = stack_factory.start(name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"},
+                                mock={"gates": True, "record": True})
     run = uuid.uuid4().hex[:8]
+    gate = f"kill-{run}"
     messages = {f"kill-{run}-{i:02d}": f"survive {i}" for i in range(40)}
-    rows = [stack.chat_line(cid, msg, mock_latency_ms=300) for cid, msg in messages.items()]
+    rows = [stack.chat_line(cid, msg, mock_hold=gate) for cid, msg in messages.items()]
     _, created = stack.submit(rows)
-    wait_until(lambda: stack.mock_stats()["in_flight"] >= 6, timeout=30, check=stack.check_alive)
+    # Both workers' slots full (4 each), held at the gate: the victim certainly has lines in flight.
+    stack.mock().wait_held(gate, 8)
 
     victim = stack.process("worker-1")
     victim.stopping = True
     victim.signal(signal.SIGKILL)
-    victim.popen.wait(timeout=5)
+    victim.popen.wait(timeout=30)
+    stack.mock().release(gate)
 
-    batch = stack.wait_for_batch(created.id, timeout=60)
+    batch = stack.wait_for_batch(created.id, timeout=90)
     assert batch.status == "completed", batch
     _assert_exactly_once(stack, batch, messages)
-    # The dead worker had requests in flight (both workers were busy): the survivor sent them again.
-    stats = stack.mock_stats()
-    assert stats["requests"] > len(messages), f"no request was redelivered after the kill: {stats}"
+    # The survivor sent the dead worker's lines again, once their lease ran out.
+    sent = stack.mock().requests()
+    assert len(sent) > len(messages), f"no request was redelivered after the kill: {len(sent)} requests"

@@ -114,13 +114,22 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
     for name, value in s3_bucket.env.items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
-    # 16 requests in flight at 100 ms each: about 160 lines/s, so the batch runs for ~20 s.
+    # 16 requests in flight at 100 ms each: about 160 lines/s. The lines come in three parts, each
+    # held at a gate of the mock until the round before it is over, and the very last line until
+    # the end: every round has lines left to drain, and the batch cannot finish before the last kill.
     stack = stack_factory.start(name="s3-kill", separate_data_dirs=True, worker_concurrency=8,
-                                env={**s3_bucket.env, "SLUICE_LEASE_S": "3"})
+                                env={**s3_bucket.env, "SLUICE_LEASE_S": "3"}, mock={"gates": True})
     redis = stack.redis.client()
     run = uuid.uuid4().hex[:8]
     messages = {f"k-{run}-{i:04d}": f"line {i} " + "x" * (i % 50) for i in range(3000)}
-    rows = [stack.chat_line(cid, msg, mock_latency_ms=100) for cid, msg in messages.items()]
+    gates = [f"part1-{run}", f"part2-{run}", f"last-{run}"]
+
+    def gate_of(i: int) -> dict:
+        if i == len(messages) - 1:
+            return {"mock_hold": gates[2]}
+        return {"mock_hold": gates[i // 1000 - 1]} if i >= 1000 else {}
+
+    rows = [stack.chat_line(cid, msg, mock_latency_ms=100, **gate_of(i)) for i, (cid, msg) in enumerate(messages.items())]
     _, created = stack.submit(rows)
     batch_key = keys.batch(created.id)
     rng = random.Random(run)
@@ -129,7 +138,7 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
         return int(redis.hget(batch_key, "fin_out_lines") or 0)
 
     seen = 0
-    for _ in range(3):
+    for round_ in range(3):
         # Each finalizer dies soon after it has appended something: while it drains more.
         wait_until(lambda: drained() > seen, timeout=60, interval=0.01, check=stack.check_alive,
                    message=f"a finalizer to drain past {seen} lines")
@@ -144,6 +153,7 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
         # Whether or not this kill hit an append, make it look as if it had: the next one must redo it.
         _torn_append(s3_bucket, f"{created.id}_output.jsonl", int(redis.hget(batch_key, "fin_out_bytes")))
         stack.spawn("finalizer")
+        stack.mock().release(gates[round_])  # the next part (after the last round: the last line)
 
     batch = stack.wait_for_batch(created.id, timeout=120)
     assert batch.status == "completed", batch

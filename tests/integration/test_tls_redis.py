@@ -17,18 +17,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import (
-    MockSpec,
-    ProcessDied,
-    ProcessRunner,
-    RedisServer,
-    Stack,
-    _base_env,
-    _sluice_cmd,
-    free_port,
-    start_mock,
-    wait_until,
-)
+
+from tests.support.env import base_env, sluice_cmd
+from tests.support.mocks import MockSpec, start_mock
+from tests.support.ports import free_port
+from tests.support.processes import ProcessDied, ProcessRunner
+from tests.support.redis_server import REDIS_KEEP_ENVIRON, RedisServer
+from tests.support.stack import Stack
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -93,7 +89,7 @@ def _start_tls_redis(runner: ProcessRunner, workdir: Path, cert: Path, key: Path
             exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
             "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--dir", str(workdir), *REDIS_KEEP_ENVIRON,
         ], stop_stage=0)
         client = _tls_client(port)
         try:
@@ -117,12 +113,12 @@ def tls(tmp_path_factory):
     runner = ProcessRunner(root / "logs")
     try:
         server = _start_tls_redis(runner, root / "redis", cert, key)
-        base_env = _base_env()
-        mock = start_mock(runner, "default", MockSpec(), env=base_env)
+        env0 = base_env()
+        mock = start_mock(runner, "default", MockSpec(), env=env0)
         data_dir = root / "data"
         data_dir.mkdir()
         env = {
-            **base_env,
+            **env0,
             "REDIS_URL": server.url,
             "SLUICE_DATA_DIR": str(data_dir),
             "SLUICE_API_TOKENS": ",".join(TOKENS),
@@ -132,10 +128,10 @@ def tls(tmp_path_factory):
             "SLUICE_SHUTDOWN_GRACE_S": "2",
         }
         web_port = free_port()
-        runner.start("web", _sluice_cmd("web"), env={**env, "PORT": str(web_port)})
+        runner.start("web", sluice_cmd("web"), env={**env, "PORT": str(web_port)})
         for i in range(2):
-            runner.start(f"worker-{i + 1}", _sluice_cmd("worker"), env=env)
-        runner.start("finalizer", _sluice_cmd("finalizer"), env=env)
+            runner.start(f"worker-{i + 1}", sluice_cmd("worker"), env=env)
+        runner.start("finalizer", sluice_cmd("finalizer"), env=env)
         stack = Stack(name="tls", runner=runner, redis=server, port=web_port, mock_port=mock.port,
                       data_dir=data_dir, env=env, tokens=TOKENS, mocks={"default": mock})
         mock.wait_ready(runner)

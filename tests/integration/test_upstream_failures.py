@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
@@ -21,13 +22,19 @@ def _by_custom_id(output: list[dict], errors: list[dict]) -> dict[str, dict]:
     return {line["custom_id"]: line for line in lines}
 
 
+# Far above what an answered request takes even on a loaded machine (milliseconds); a request held
+# at the mock's gate is never answered, so it times out whatever the machine's speed.
+REQUEST_TIMEOUT_S = 5
+
+
 @pytest.fixture(scope="module")
 def tstack(module_stack_factory):
-    """Few attempts, a 1 s request timeout, and an upstream base URL that ends in /v1."""
+    """Few attempts, a short request timeout, and an upstream base URL that ends in /v1."""
     return module_stack_factory.start(
         name="transient",
         upstream_suffix="/v1",
-        env={"SLUICE_MAX_ATTEMPTS": str(MAX_ATTEMPTS), "SLUICE_REQUEST_TIMEOUT_S": "1"},
+        env={"SLUICE_MAX_ATTEMPTS": str(MAX_ATTEMPTS), "SLUICE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S)},
+        mock={"gates": True},
     )
 
 
@@ -78,10 +85,10 @@ def test_request_timeout(tstack):
     run = uuid.uuid4().hex[:6]
     rows = [
         tstack.chat_line(f"{run}-fast", "fast"),
-        tstack.chat_line(f"{run}-slow", "slow", mock_latency_ms=2500),
+        tstack.chat_line(f"{run}-slow", "slow", mock_hold=f"never-{run}"),  # never answered
     ]
     _, created = tstack.submit(rows, client=client)
-    batch = tstack.wait_for_batch(created.id, client=client, timeout=60)
+    batch = tstack.wait_for_batch(created.id, client=client, timeout=MAX_ATTEMPTS * REQUEST_TIMEOUT_S + 60)
     assert batch.status == "completed", batch
     output, errors = tstack.results(batch, client=client)
     lines = _by_custom_id(output, errors)
@@ -111,17 +118,26 @@ def test_unreachable_provider(stack_factory, free_port):
         assert line["response"] is None and line["error"]["code"] == "upstream_connection_error", line
 
 
-def test_expiry(stack_factory):
-    window = 3
+def test_expiry(stack_factory, wait_until):
+    # The first lines are answered at once, well inside the window; the others wait at the mock's
+    # gate until the window has closed, so they certainly cannot finish in time.
+    window = 20
     stack = stack_factory.start(
-        name="expiry", workers=2, worker_concurrency=2, env={"SLUICE_COMPLETION_WINDOW_S": str(window)}
+        name="expiry", workers=2, worker_concurrency=2, env={"SLUICE_COMPLETION_WINDOW_S": str(window)},
+        mock={"gates": True},
     )
     client = stack.client()
     run = uuid.uuid4().hex[:6]
+    gate = f"late-{run}"
     messages = {f"{run}-{i:02d}": f"hurry {i}" for i in range(30)}
-    rows = [stack.chat_line(cid, m, mock_latency_ms=800) for cid, m in messages.items()]
+    rows = [stack.chat_line(cid, m, **({"mock_hold": gate} if i >= 4 else {}))
+            for i, (cid, m) in enumerate(messages.items())]
     _, created = stack.submit(rows, client=client)
     assert created.expires_at == created.created_at + window
+    stack.mock().wait_held(gate, 4, timeout=window + 60)
+    wait_until(lambda: time.time() > created.expires_at + 1, timeout=window + 60, interval=0.2,
+               message="the completion window to close")
+    stack.mock().release(gate)  # the lines in flight now finish; the unsent ones must not be sent
 
     batch = stack.wait_for_batch(created.id, client=client, timeout=60)
     assert batch.status == "expired", batch
@@ -132,7 +148,7 @@ def test_expiry(stack_factory):
     lines = _by_custom_id(output, errors)
     assert set(lines) == set(messages)
     assert output, "requests finished before the window closed must be kept"
-    assert errors, "30 lines x 0.8 s on 4 slots cannot finish in 3 s"
+    assert errors, "lines held until the window closed cannot have finished in time"
     for line in output:
         assert line["response"]["body"]["choices"][0]["message"]["content"] == "echo: " + messages[line["custom_id"]]
     for line in errors:

@@ -90,9 +90,13 @@ def test_byte_bound_shrinks_the_window_for_big_lines(stack_factory):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_feeding_resumes_after_the_web_process_stops(stack_factory, wait_until, sig):
     stack = stack_factory.start(name=f"refeed-{sig.name.lower()}", workers=2, worker_concurrency=8,
-                                mock_latency_ms=20, env={"SLUICE_WINDOW_LINES": str(WINDOW)})
+                                mock={"latency_ms": 20, "gates": True}, env={"SLUICE_WINDOW_LINES": str(WINDOW)})
     run = uuid.uuid4().hex[:8]
-    rows = [stack.chat_line(f"rf-{run}-{i:04d}", f"refeed {i}") for i in range(1500)]
+    # From line 350 on, lines wait at the gate: once they fill the workers' slots, feeding stops about
+    # a window further, so the web process certainly stops mid-batch.
+    gate = f"rf-{run}"
+    rows = [stack.chat_line(f"rf-{run}-{i:04d}", f"refeed {i}", **({"mock_hold": gate} if i >= 350 else {}))
+            for i in range(1500)]
     _, created = stack.submit(rows)
     wait_until(lambda: _feed_index(stack, created.id) >= 3 * WINDOW, timeout=60, check=stack.check_alive,
                message="the feeder to be a few windows in")
@@ -100,11 +104,12 @@ def test_feeding_resumes_after_the_web_process_stops(stack_factory, wait_until, 
     web = stack.process("web")
     web.stopping = True
     web.signal(sig)
-    wait_until(lambda: not web.alive, timeout=10, message="the web process to exit")
+    wait_until(lambda: not web.alive, timeout=30, message="the web process to exit")
     stopped_at = _feed_index(stack, created.id)
     assert stopped_at < 1500, "the batch was fully fed before the web process stopped"
     stack.spawn("web", name="web-2")
     stack.wait_healthy()
+    stack.mock().release(gate)
 
     # A SIGKILLed feeder's lease must expire (10 s) before the new process takes over.
     batch = stack.wait_for_batch(created.id, timeout=90)

@@ -62,8 +62,11 @@ class PollTimeout(AssertionError):
     pass
 
 
-async def poll(predicate, *, timeout: float = 5.0, interval: float = 0.01, message: str = "condition"):
-    """Await ``predicate()`` until it returns something truthy; return it. Raise on timeout."""
+async def poll(predicate, *, timeout: float = 30.0, interval: float = 0.01, message: str = "condition"):
+    """Await ``predicate()`` until it returns something truthy; return it. Raise on timeout.
+
+    ``timeout`` is a failure deadline, not a speed limit: what it waits for takes milliseconds.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -234,7 +237,7 @@ class Api:
         return (await self.request("GET", f"/v1/batches/{batch_id}", token=token)).ok()
 
     async def wait_batch(self, batch_id: str, *, token: Any = TOKEN_A, leave: str = "validating",
-                         timeout: float = 5.0) -> dict:
+                         timeout: float = 30.0) -> dict:
         """Poll the batch until its status is no longer ``leave``; return it."""
         async def done():
             b = await self.get_batch(batch_id, token=token)

@@ -148,9 +148,24 @@ async def test_events_keepalive_and_shutdown(api, monkeypatch):
         sse = SSE(resp)
         assert (await sse.next())[0] == "batch"
         await poll(lambda: asyncio.sleep(0, "ping" in sse.comments), message="a keep-alive comment")
+        assert _running(events.batch_events) == 1  # (what the disconnect test below waits to see end)
         # A stopping web process ends its streams at once.
         api.client.app[appkeys.EVENTS_STOP].set()
         assert await sse.next() is None
+
+
+def _running(handler) -> int:
+    """How many tasks are inside ``handler`` right now (walking each task's chain of awaits)."""
+    found = 0
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None and frame.f_code is handler.__code__:
+                found += 1
+                break
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return found
 
 
 async def test_events_client_disconnect_is_quiet(api, monkeypatch, caplog, capsys):
@@ -161,7 +176,9 @@ async def test_events_client_disconnect_is_quiet(api, monkeypatch, caplog, capsy
                                   headers={"Authorization": "Bearer tok-a"}) as resp:
             assert (await SSE(resp).next())[0] == "batch"
     await redis_of(api).hincrby(keys.batch(batch["id"]), "completed", 1)
-    await asyncio.sleep(0.1)  # the handlers notice the closed connections on their next poll
+    # The handlers notice the closed connections on their next poll, and end.
+    await poll(lambda: asyncio.sleep(0, not _running(events.batch_events)), timeout=30,
+               message="the event handlers of the closed connections to end")
     assert (await api.get_batch(batch["id"]))["request_counts"]["completed"] == 1
     assert not [rec for rec in caplog.records if rec.levelname in ("ERROR", "CRITICAL")], caplog.text
     out = capsys.readouterr()
@@ -244,7 +261,7 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
         async def delivered():
             await sender.run_pass()
             return len(got) >= 3 and await r.zcard(keys.WEBHOOKS_DUE) == 0
-        await poll(delivered, timeout=5, interval=0.02, message="the third attempt to be accepted")
+        await poll(delivered, timeout=30, interval=0.02, message="the third attempt to be accepted")
         assert await sender.run_pass() == 0
     finally:
         await sender.aclose()
@@ -279,7 +296,7 @@ async def test_webhook_given_up_after_max_attempts(make_api):
         async def gone():
             await sender.run_pass()
             return await r.zcard(keys.WEBHOOKS_DUE) == 0
-        await poll(gone, timeout=5, interval=0.02, message="the webhook to be given up")
+        await poll(gone, timeout=30, interval=0.02, message="the webhook to be given up")
     finally:
         await sender.aclose()
     h = await r.hgetall(keys.batch(created["id"]))

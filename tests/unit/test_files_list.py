@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from yarl import URL
 
@@ -234,4 +236,5 @@ async def test_content_of_file_deleted_during_validation_goes_when_the_batch_is_
     assert (await api.cancel(b["id"])).ok()["status"] == "cancelling"
     api.storage.release()
     assert (await api.wait_batch(b["id"], leave="cancelling"))["status"] == "cancelled"
-    assert api.storage.stored_files() == []
+    # The publisher releases the content right after it records the end state: wait for it.
+    await poll(lambda: asyncio.sleep(0, api.storage.stored_files() == []), message="the deleted file's content to go")
