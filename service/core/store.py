@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 
 from . import keys
 from .connections import Script
+from .leases import FencedScript, Lease, execute
 from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
 
 Redis = aioredis.Redis
@@ -64,31 +65,49 @@ def _str(h: dict[bytes, bytes]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- files
+# KEYS: file hash, owner's files, owner's files of the purpose, FILE_EXPIRY, owner usage.
+# ARGV: file id, seq, expires_at ("" for none), expiry member, charge (0/1), size, then the
+# record's field/value pairs. The size is charged once however often this runs.
+_CREATE_FILE = FencedScript("""
+redis.call('HSET', KEYS[1], unpack(ARGV, 7, #ARGV))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
+end
+if ARGV[5] == '1' and redis.call('HSETNX', KEYS[1], 'charged', '1') == 1 then
+  redis.call('HINCRBY', KEYS[5], 'stored_bytes', ARGV[6])
+end
+return 1
+""")
+
+
 async def create_file(
     r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
     size: int, storage_key: str, expires_at: int | None, created_at: int | None = None, lines: int = 0,
-    charge: bool = False,
+    charge: bool = False, lease: Lease | None = None,
 ) -> FileObject:
-    """Record a stored file's metadata and index it for its owner.
+    """Record a stored file's metadata and index it for its owner, atomically.
 
     ``charge`` counts its size in the owner's stored bytes, once however often this is
     repeated (uploads reserve their bytes before they are recorded, result files do not).
+    With ``lease``, nothing is recorded unless it is still held (``LeaseLost``).
     """
     created = created_at or now()
     record = {
         "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
         "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "", "lines": lines,
     }
-    p = r.pipeline(transaction=True)
-    p.hset(keys.file(file_id), mapping=record)
-    p.zadd(keys.owner_files(owner), {file_id: seq})
-    p.zadd(keys.owner_files(owner, purpose), {file_id: seq})
-    if expires_at:
-        p.expireat(keys.file(file_id), expires_at)
-        p.zadd(keys.FILE_EXPIRY, {expiry_member(file_id, storage_key, owner, size): expires_at})
-    if charge:
-        p.eval(_CHARGE_ONCE, 2, keys.file(file_id), keys.owner_usage(owner), size)
-    await p.execute()
+    flat: list[str | int] = []
+    for k, v in record.items():
+        flat += [k, v]
+    await _CREATE_FILE(
+        r, [keys.file(file_id), keys.owner_files(owner), keys.owner_files(owner, purpose), keys.FILE_EXPIRY,
+            keys.owner_usage(owner)],
+        [file_id, seq, expires_at or "", expiry_member(file_id, storage_key, owner, size), int(charge), size, *flat],
+        lease=lease,
+    )
     return file_from_record(_str({k.encode(): str(v).encode() for k, v in record.items()}))
 
 
@@ -110,27 +129,34 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] 
     return h
 
 
-_CHARGE_ONCE = """
-if redis.call('HSETNX', KEYS[1], 'charged', '1') == 1 then redis.call('HINCRBY', KEYS[2], 'stored_bytes', ARGV[1]) end
-"""
-
-
 def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
     """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove it after its record expired."""
     return f"{file_id} {storage_key} {owner} {size}"
 
 
-async def delete_file_record(r: Redis, h: dict[str, str]) -> bool:
+# KEYS: file hash, FILE_EXPIRY, owner usage, owner's files, owner's files of the purpose, file refs.
+# ARGV: expiry member, size, file id. The stored bytes are given back only by the run that
+# deleted the record, so a re-sent call does not give them back twice. Returns the refs count.
+_DELETE_FILE = FencedScript("""
+if redis.call('DEL', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'stored_bytes', -tonumber(ARGV[2]))
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[3])
+redis.call('ZREM', KEYS[5], ARGV[3])
+return redis.call('SCARD', KEYS[6])
+""")
+
+
+async def delete_file_record(r: Redis, h: dict[str, str], *, lease: Lease | None = None) -> bool:
     """Forget a file's metadata; return True when its content is no longer needed by any batch."""
-    p = r.pipeline(transaction=True)
-    p.delete(keys.file(h["id"]))
-    p.zrem(keys.FILE_EXPIRY, expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]))
-    p.hincrby(keys.owner_usage(h["owner"]), "stored_bytes", -int(h["bytes"]))
-    p.zrem(keys.owner_files(h["owner"]), h["id"])
-    p.zrem(keys.owner_files(h["owner"], h["purpose"]), h["id"])
-    p.scard(keys.file_refs(h["id"]))
-    *_, refs = await p.execute()
-    return refs == 0
+    refs = await _DELETE_FILE(
+        r, [keys.file(h["id"]), keys.FILE_EXPIRY, keys.owner_usage(h["owner"]), keys.owner_files(h["owner"]),
+            keys.owner_files(h["owner"], h["purpose"]), keys.file_refs(h["id"])],
+        [expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]), int(h["bytes"]), h["id"]],
+        lease=lease,
+    )
+    return int(refs) == 0
 
 
 async def page(
@@ -231,8 +257,9 @@ def batch_from_record(h: dict[str, str]) -> Batch:
 
 
 # Move a batch to a new state only if it is in one of the allowed states; optionally add it to
-# one set and remove it from others, all atomically.
-_TRANSITION = Script("""
+# sets, remove it from others and delete keys, all atomically. KEYS: batch hash, sets to add to,
+# sets to remove from, keys to delete (ARGV[6 + n] of them), WEBHOOKS_DUE.
+_TRANSITION = FencedScript("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, ''} end
 local allowed = false
@@ -252,15 +279,18 @@ if tonumber(ARGV[4]) > 0 then
   end
 end
 local adds = tonumber(ARGV[3])
+local dels = tonumber(ARGV[6 + n])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
-for i = 2 + adds, #KEYS - 1 do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = 2 + adds, #KEYS - 1 - dels do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = #KEYS - dels, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
 return {1, st}
 """)
 
 
 async def transition(
     r: Redis, batch_id: str, *, allowed: Iterable[str], fields: dict[str, str | int],
-    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0,
+    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0, delete: Iterable[str] = (),
+    lease: Lease | None = None,
 ) -> tuple[bool, str]:
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
@@ -268,15 +298,18 @@ async def transition(
     target status. ``add_to``/``remove_from`` are sets of batch ids
     (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
     ``expire_s`` > 0 gives the batch record its retention period (terminal states), and queues
-    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``.
+    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``; the keys in
+    ``delete`` go in the same step (the work keys of a batch that ends). With ``lease``, nothing
+    happens unless it is still held (``LeaseLost``).
     """
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    add_to = list(add_to)
-    script_keys = [keys.batch(batch_id), *add_to, *remove_from, keys.WEBHOOKS_DUE]
+    add_to, delete = list(add_to), list(delete)
+    script_keys = [keys.batch(batch_id), *add_to, *remove_from, *delete, keys.WEBHOOKS_DUE]
     applied, before = await _TRANSITION(
-        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat],
+        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat, len(delete)],
+        lease=lease,
     )
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
@@ -289,7 +322,7 @@ async def transition(
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
 # redelivery, the result goes to the results stream, the counter moves, the work entry is
 # acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
-_RECORD = Script("""
+_RECORD = FencedScript("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
 for i = 2, #ARGV, 4 do
@@ -323,17 +356,18 @@ def _record_call(batch_id: str, results: Iterable[tuple[int, str, str, bytes]]) 
 
 
 async def record_results(
-    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
+    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]], *, lease: Lease | None = None,
 ) -> int:
     """Record ``(index, entry_id, outcome, result_json)`` tuples; return how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
-    batch whose work keys are gone (finished or deleted) records nothing.
+    batch whose work keys are gone (finished or deleted) records nothing. With ``lease``
+    (the finalizer's), nothing is recorded unless it is still held (``LeaseLost``).
     """
     ks, argv = _record_call(batch_id, results)
     if len(argv) == 1:
         return 0
-    return int(await _RECORD(r, ks, argv))
+    return int(await _RECORD(r, ks, argv, lease=lease))
 
 
 async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:
@@ -351,60 +385,56 @@ async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, by
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
-async def release(r: Redis, storage, h: dict[str, str]) -> None:
+async def release(r: Redis, storage, h: dict[str, str], *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
-    the last claim.
+    the last claim. With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])])
-    p = r.pipeline(transaction=True)
-    p.srem(keys.file_refs(h["input_file_id"]), h["id"])
-    p.scard(keys.file_refs(h["input_file_id"]))
-    p.exists(keys.file(h["input_file_id"]))
-    _, refs, exists = await p.execute()
+    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])], lease=lease)
+    _, refs, exists = await execute(
+        r, lease,
+        ("SREM", keys.file_refs(h["input_file_id"]), h["id"]),
+        ("SCARD", keys.file_refs(h["input_file_id"])),
+        ("EXISTS", keys.file(h["input_file_id"])),
+    )
     if refs == 0 and not exists:
         await storage.delete(h["input_key"])
 
 
-async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
-    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it)."""
+# The record of an expired file expired on its own: unindex it and give its bytes back, once.
+# KEYS: FILE_EXPIRY, owner usage. ARGV: expiry member, size.
+_FORGET_EXPIRED = FencedScript("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'stored_bytes', -tonumber(ARGV[2]))
+end
+return 1
+""")
+
+
+async def sweep_expired_files(r: Redis, storage, *, limit: int = 100, lease: Lease | None = None) -> int:
+    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
+
+    With ``lease`` (the finalizers' "sweep" chore), every Redis write is refused once it is lost
+    (``LeaseLost``). Deleting the content of a file past its expiry is right whoever does it.
+    """
     now_s = now()
     swept = 0
     for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now_s, start=0, num=limit):
         file_id, storage_key, owner, size = member.decode().split(" ")
         h = _str(await r.hgetall(keys.file(file_id)))
-        if h and await delete_file_record(r, h) is False:
+        if h and await delete_file_record(r, h, lease=lease) is False:
             continue
         if h == {}:
             if await r.scard(keys.file_refs(file_id)):
                 continue  # metadata expired on its own; the content waits for its last batch
-            await add_usage(r, owner, "stored_bytes", -int(size))
-        await storage.delete(storage_key)
-        await r.zrem(keys.FILE_EXPIRY, member)
+            await storage.delete(storage_key)
+            await _FORGET_EXPIRED(r, [keys.FILE_EXPIRY, keys.owner_usage(owner)], [member, size], lease=lease)
+        else:
+            await storage.delete(storage_key)
+            await execute(r, lease, ("ZREM", keys.FILE_EXPIRY, member))
         swept += 1
     return swept
-
-
-# ----------------------------------------------------------------------------- leases
-_HOLD_LEASE = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
-""")
-
-_DROP_LEASE = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
-
-
-async def hold_lease(r: Redis, key: str, holder: str, ttl_ms: int) -> bool:
-    """Take or renew the lease ``key`` for ``holder``; False while someone else holds it."""
-    return bool(await _HOLD_LEASE(r, [key], [holder, ttl_ms]))
-
-
-async def drop_lease(r: Redis, key: str, holder: str) -> None:
-    """Give the lease up at once (a peer need not wait for it to expire), if ``holder`` has it."""
-    await _DROP_LEASE(r, [key], [holder])
 
 
 # ----------------------------------------------------------------------------- quotas
@@ -439,7 +469,7 @@ async def add_usage(r: Redis, owner: str, name: str, amount: int) -> None:
     await r.hincrby(keys.owner_usage(owner), name, amount)
 
 
-_RELEASE_BATCH = Script("""
+_RELEASE_BATCH = FencedScript("""
 if redis.call('HSETNX', KEYS[1], 'released', '1') == 1 then
   redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
   redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
