@@ -1213,6 +1213,15 @@ def stack(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------
+# Markers
+
+
+def pytest_configure(config):
+    # The chaos suite (test_chaos.py, test_pause.py): kills, restarts and pauses under load.
+    config.addinivalue_line("markers", "chaos: kills, pauses or restarts processes while batches run (-m chaos)")
+
+
+# --------------------------------------------------------------------------------------------
 # Attach process logs to failing tests
 
 
