@@ -89,34 +89,45 @@ def _check_exactly_once(client, batch, messages: dict[str, str]) -> None:
     assert (counts.total, counts.completed, counts.failed) == (len(messages), len(messages), 0), counts
 
 
-def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory, wait_until):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory, wait_until, request, storage):
     """Two finalizers and a 20,000-line batch: each in turn is paused in the middle of its drain loop,
-    and resumed once the other has taken the batch over and drained more of it."""
-    stack = stack_factory.start(name="pause-finalizer", workers=2, worker_concurrency=32, env=LEASE_ENV)
+    and resumed once the other has taken the batch over (on local files, and on S3)."""
+    env = dict(LEASE_ENV)
+    if storage == "s3":
+        env.update(request.getfixturevalue("s3_bucket").env)
+    stack = stack_factory.start(name=f"pause-finalizer-{storage}", workers=2, worker_concurrency=32, env=env)
     finalizers = [stack.process("finalizer"), stack.spawn("finalizer")]
-    client = stack.client()
+    client = stack.client(timeout=120)
     run = uuid.uuid4().hex[:8]
-    # Long results: each drain step appends about a megabyte, a few dozen milliseconds of work.
-    messages = {f"pf-{run}-{i:05d}": f"line {i} " + "x" * 300 for i in range(20_000)}
+    # Long results: a drain step appends a few megabytes, so draining the whole batch takes a good
+    # while longer than the test needs to notice a step and stop the process that made it.
+    messages = {f"pf-{run}-{i:05d}": f"line {i} " + "x" * 1200 for i in range(20_000)}
     redis = stack.redis.client()
+    batch_id = ""
     with _paused(finalizers[0]), _paused(finalizers[1]):
         # Every result is recorded before any finalizer runs: then whoever holds the batch drains
         # one step after another without a pause, and a SIGSTOP right after a step lands mid-drain.
         _, created = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=client)
-        wait_until(lambda: int(redis.hget(keys.batch(created.id), "completed") or 0) == len(messages),
-                   timeout=120, check=stack.check_alive, message="the workers to answer every line")
-    batch_key, lease_key = keys.batch(created.id), keys.finalizer(created.id)
+        batch_id = created.id
+        wait_until(lambda: int(redis.hget(keys.batch(batch_id), "completed") or 0) == len(messages),
+                   timeout=180, check=stack.check_alive, message="the workers to answer every line")
+    batch_key, lease_key = keys.batch(batch_id), keys.finalizer(batch_id)
 
     def drained() -> int:
         return int(redis.hget(batch_key, "fin_out_lines") or 0)
 
+    def holder() -> ManagedProcess | None:
+        return _by_pid(stack, _pid(_holder(redis, lease_key)))
+
     def stepped(past: int, not_by: int | None = None):
-        """The holder, once it has recorded a drain step beyond ``past`` (and is not ``not_by``)."""
+        """The holder, once it holds the batch and has recorded a drain step beyond ``past`` (or
+        there is nothing left to drain: then it is finishing the batch)."""
         def check() -> ManagedProcess | None:
-            holder = _by_pid(stack, _pid(_holder(redis, lease_key)))
-            if holder is None or holder.pid == not_by or not past < drained() < len(messages) - 4000:
+            now = holder()
+            if now is None or now.pid == not_by or not (drained() > past or drained() == len(messages)):
                 return None
-            return holder
+            return now
         return check
 
     first = wait_until(stepped(0), timeout=60, interval=0.001, check=stack.check_alive,
@@ -131,10 +142,11 @@ def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory
     finally:
         first.signal(signal.SIGCONT)
     with _paused(second):
-        wait_until(stepped(drained(), not_by=second.pid), timeout=60, interval=0.001, check=stack.check_alive,
-                   message="the resumed finalizer to take the batch back")
+        wait_until(lambda: (now := holder()) is not None and now.pid == first.pid
+                   or redis.hget(batch_key, "status") == b"completed", timeout=60, interval=0.001,
+                   check=stack.check_alive, message="the resumed finalizer to take the batch back")
 
-    batch = stack.wait_for_batch(created.id, client=client, timeout=120)
+    batch = stack.wait_for_batch(batch_id, client=client, timeout=180)
     _check_exactly_once(client, batch, messages)
     finished = [r for p in finalizers for r in _events(p) if r["event"] == "batch_finished"]
     assert len(finished) == 1, finished
