@@ -177,6 +177,8 @@ def pytest_configure(config):
     # Before any process starts: every process of this session inherits the marker.
     global _RUN_ID
     _RUN_ID = processes.begin_run()
+    # The chaos suite (test_chaos.py, test_pause.py): kills, restarts and pauses under load.
+    config.addinivalue_line("markers", "chaos: kills, pauses or restarts processes while batches run (-m chaos)")
 
 
 def _runners_of(item: pytest.Item) -> list[ProcessRunner]:

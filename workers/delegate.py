@@ -115,6 +115,9 @@ if redis.call('HGET', KEYS[2], ARGV[3] .. ':fence') ~= ARGV[4] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """)
 
+# KEYS: the part's lease. ARGV: holder. Gives the lease up at once, if this holder still has it.
+_DROP = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
+
 # The only way a holder writes a part's state. KEYS: delegation hash, batch hash, DELEGATED_BATCHES.
 # ARGV: part, token, batch id, delay_ms until the part is due again ('' leaves next_at), settle
 # ('1'), the part's share of the batch's shown counts (completed, failed; '' leaves them), then
@@ -461,7 +464,7 @@ class Delegator:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN):
-                await store.drop_lease(self.r, lease, holder)
+                await _DROP(self.r, [lease], [holder])
 
     # ------------------------------------------------------------------ state writes
     async def _write(

@@ -1,33 +1,49 @@
 """The finalizer: drains recorded results into output/error files and ends batches.
 
-One finalizer works at a time (a Redis lock with a TTL; a second one waits as a standby).
-Each tick, for every live batch:
+Finalizers scale out like workers: each live batch has a lease of its own (``keys.finalizer``),
+and every finalizer holds the leases of up to a fair share of the live batches (their number
+divided by the finalizers at work, rounded up), taking free ones each tick and giving up any
+beyond its share, so that N finalizers finalize different batches at once and a finalizer that
+dies or stalls delays only the batches it held (until their leases expire). A background task
+renews the leases held. Every Redis write made for a batch is fenced by its lease
+(``service/core/leases.py``): a finalizer paused past its lease and resumed has its writes
+refused (``fenced_write_refused``) and lets the batch go.
+
+Each tick, for every batch it holds:
 
 1. An ``in_progress`` batch past ``expires_at`` is marked to abort with ``batch_expired``.
 2. An aborting batch (cancelled or expired) whose in-flight lines have finished gets a
    ``batch_cancelled``/``batch_expired`` error result for every line without a result.
-3. New results are appended to the batch's output and error files. The append is made at the
-   offset recorded in Redis and the new offset is recorded after it, so a finalizer killed
-   mid-write redoes the same append and no line appears twice or goes missing.
+3. New results are appended to the batch's output and error files: read together with the
+   recorded offsets in one fenced step, appended at those offsets, then the new offsets are
+   recorded (and the drained results trimmed) in another. A file's bytes are a function of the
+   results stream, so whoever writes a range writes the same bytes: a finalizer killed mid-write
+   redoes the same append (no line twice, none missing), and a stale one rewriting a range it
+   read before its lease ran out changes nothing (``Storage.append``).
 4. Once every line has a result, the files are registered and the batch reaches its terminal
-   state (``completed``, ``cancelled`` or ``expired``); its work keys are deleted.
+   state (``completed``, ``cancelled`` or ``expired``), its work keys deleted in the same step.
 
-After each pass it starts sending the completion webhooks that are due (service/core/webhooks.py).
+Chores that must run once at a time take a lease of their own: the expired-file sweep (every
+``SLUICE_SWEEP_INTERVAL_S``, with the usage audit) and the completion webhooks
+(service/core/webhooks.py), sent by whichever finalizer holds the "webhooks" lease, in a task of
+its own so they never hold finalization up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, store
+from service.core import keys, leases, store
 from service.core.config import Settings
-from service.core.connections import REDIS_DOWN, Outage, connect
+from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
+from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
 from service.core.results import abort_line, result_filename
 from service.core.storage import Storage, open_storage
@@ -45,6 +61,43 @@ DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
 OUTPUT_TTL_S = 30 * 24 * 3600
 
+_DRAIN_FIELDS = ("fin_cursor", "fin_out_bytes", "fin_err_bytes", "fin_out_lines", "fin_err_lines")
+
+# KEYS: batch hash, results stream. ARGV: count. What has been drained so far and the results
+# after it, read in one step while the lease is held: the offsets always match the results.
+_DRAIN_READ = FencedScript("""
+local drained = redis.call('HMGET', KEYS[1], 'fin_cursor', 'fin_out_bytes', 'fin_err_bytes', 'fin_out_lines',
+                           'fin_err_lines')
+local cursor = drained[1] or '0-0'
+return {drained, redis.call('XRANGE', KEYS[2], '(' .. cursor, '+', 'COUNT', ARGV[1])}
+""")
+
+# KEYS: batch hash, results stream. ARGV: cursor drained from, cursor drained to, first id to
+# keep, then the drain fields and values. Records a drain step once: a re-sent call finds its own
+# cursor and changes nothing.
+_DRAIN_COMMIT = FencedScript("""
+local cursor = redis.call('HGET', KEYS[1], 'fin_cursor') or '0-0'
+if cursor ~= ARGV[1] then
+  if cursor == ARGV[2] then return 0 end
+  return redis.error_reply('FENCED drain of ' .. KEYS[1] .. ' is at ' .. cursor .. ', not ' .. ARGV[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4, #ARGV))
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+return 1
+""")
+
+# KEYS: the finalizers. ARGV: name, how long (ms) a finalizer counts after its last check-in.
+# Returns how many finalizers are at work (this one included), by Redis's clock.
+_CHECK_IN = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+""")
+
+
 def _bit(bitmap: bytes, index: int) -> bool:
     byte = index >> 3
     return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (index & 7)))
@@ -55,6 +108,12 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
+def _text(value: bytes | str | None, default: str = "") -> str:
+    if value is None or value is False:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Finalizer:
     """The finalizer process's state."""
 
@@ -63,9 +122,12 @@ class Finalizer:
         self.storage = storage
         self.name = process_name()
         self.stop = asyncio.Event()
-        self.active: bool | None = None  # unknown until the first attempt, so either outcome is logged
-        # Short enough that a replacement takes over quickly, long enough to ride out a pause.
-        self.lock_ttl_ms = int(min(10.0, settings.lease_s) * 1000)
+        # Short enough that a peer takes over soon after a crash or a stall, long enough to ride
+        # out a Redis failover.
+        self.lease_ms = int(min(10.0, settings.lease_s) * 1000)
+        self.held: dict[str, Lease] = {}  # batch id -> its lease
+        self.chores: dict[str, Lease] = {}  # "sweep"/"webhooks" -> its lease
+        self.finalizers = 1
         self.next_sweep = 0.0
         self.audit: asyncio.Task | None = None
         self.tally = Tally()
@@ -74,25 +136,24 @@ class Finalizer:
 
     def _beat_fields(self) -> dict[str, str | int | float]:
         """What the finalizer's heartbeat says (see ``service.heartbeat``)."""
-        return {"state": "active" if self.active else "standby", "live_batches": self.live,
-                "since_tick_s": round(time.monotonic() - self.ticked_at, 3)}
+        return {"state": "stopping" if self.stop.is_set() else "running", "leased_batches": len(self.held),
+                "live_batches": self.live, "since_tick_s": round(time.monotonic() - self.ticked_at, 3)}
 
     async def run(self) -> None:
-        """Tick until ``stop`` is set."""
+        """Tick until ``stop`` is set, then give every lease up so peers take over at once."""
         self.redis = connect(self.settings, max_connections=8)
         log.info("finalizer_started", name=self.name)
         outage = Outage(log)
         heartbeat = Heartbeat(self.redis, self.name, "finalizer", tally=self.tally, fields=self._beat_fields)
         heartbeat.start()
-        webhooks = WebhookSender(self.redis, self.settings)
-        delegator = Delegator(self.settings, self.storage, self.name)  # every finalizer, standby or not
+        self.webhooks = WebhookSender(self.redis, self.settings)
+        keeper = asyncio.create_task(self._keep_leases(), name="lease-keeper")
+        delegator = Delegator(self.settings, self.storage, self.name)  # every finalizer takes part
         delegator.start()
         try:
             while not self.stop.is_set():
                 try:
-                    if await self._hold_lock():
-                        await self.tick()
-                        webhooks.start_pass()  # in a task of its own: never holds finalization up
+                    await self.tick()
                     self.ticked_at = time.monotonic()
                     outage.ok()
                 except REDIS_DOWN as e:
@@ -100,45 +161,131 @@ class Finalizer:
                     continue
                 await self._sleep(TICK_S)
         finally:
-            if self.active:
-                with contextlib.suppress(*REDIS_DOWN):
-                    await store.drop_lease(self.redis, keys.FINALIZER_LOCK, self.name)
-            self.active = False
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
             if self.audit is not None:
                 self.audit.cancel()
                 await asyncio.gather(self.audit, return_exceptions=True)
             await delegator.aclose()
-            await webhooks.aclose()
+            await self.webhooks.aclose()
+            with contextlib.suppress(*REDIS_DOWN):
+                for lease in [*self.held.values(), *self.chores.values()]:
+                    await leases.drop(self.redis, lease)
+                await self.redis.zrem(keys.FINALIZERS, self.name)
+            self.held.clear()
+            self.chores.clear()
             await heartbeat.close()
             await self.redis.aclose()
             await self.storage.aclose()
         log.info("finalizer_stopped")
 
-    async def _hold_lock(self) -> bool:
-        held = await store.hold_lease(self.redis, keys.FINALIZER_LOCK, self.name, self.lock_ttl_ms)
-        if held != self.active:
-            log.info("finalizer_active" if held else "finalizer_standby")
-            self.active = held
-        return held
+    # ------------------------------------------------------------------ leases
+    async def _check_in(self) -> None:
+        self.finalizers = max(1, int(await _CHECK_IN(self.redis, [keys.FINALIZERS], [self.name, self.lease_ms])))
 
-    async def tick(self) -> None:
-        """One pass over every live batch, and now and then over expired files."""
-        if time.monotonic() >= self.next_sweep:
-            self.next_sweep = time.monotonic() + self.settings.sweep_interval_s
-            if swept := await store.sweep_expired_files(self.redis, self.storage):
-                log.info("files_expired", files=swept)
-            if self.audit is None or self.audit.done():
-                self.audit = asyncio.create_task(self._audit_usage(), name="usage-audit")
-        live = await self.redis.smembers(keys.LIVE_BATCHES)
-        self.live = len(live)
-        for raw in live:
-            batch_id = raw.decode()
+    async def _keep_leases(self) -> None:
+        """Renew every lease held, often enough that a slow step never loses one."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 4000)
             try:
-                await self.advance(batch_id)
+                await self._check_in()
+                lost = await leases.renew_many(self.redis, [*self.held.values(), *self.chores.values()], self.lease_ms)
+            except REDIS_DOWN:
+                continue  # the tick notices the outage; the leases may expire meanwhile, which is safe
+            for lease in lost:
+                self._let_go(lease, "lease_lost")
+
+    def _let_go(self, lease: Lease, event: str | None = None, **details: object) -> None:
+        """Forget ``lease`` (unless it was already replaced); log ``event`` if given.
+
+        ``lease_lost``: a renewal found it expired or taken over. ``fenced_write_refused``: a
+        write made for it was refused; whatever that step was doing is dropped.
+        """
+        forgotten = False
+        for table in (self.held, self.chores):
+            for name, held in list(table.items()):
+                if held == lease:
+                    del table[name]
+                    forgotten = True
+        if event and (forgotten or event == "fenced_write_refused"):
+            log.warning(event, lease=lease.key, token=lease.token, **details)
+
+    async def _share(self, live: list[str]) -> None:
+        """Hold the leases of a fair share of the live batches: take free ones, give up extra ones."""
+        still_live = set(live)
+        for batch_id in [b for b in self.held if b not in still_live]:
+            # It ended (its lease went with its work keys) or left the live set meanwhile.
+            lease = self.held.pop(batch_id)
+            await leases.drop(self.redis, lease)
+        share = -(-len(live) // self.finalizers)
+        if len(self.held) > share:
+            for batch_id in sorted(self.held)[share:]:
+                lease = self.held.pop(batch_id)
+                await leases.drop(self.redis, lease)
+                log.info("batch_lease_shed", batch_id=batch_id, share=share, finalizers=self.finalizers)
+            return
+        want = share - len(self.held)
+        candidates = [b for b in live if b not in self.held]
+        if want <= 0 or not candidates or self.stop.is_set():
+            return
+        holders = await self.redis.mget([keys.finalizer(b) for b in candidates])
+        free = [b for b, holder in zip(candidates, holders) if holder is None]
+        random.shuffle(free)  # peers looking at the same free batches mostly pick different ones
+        free = free[:want]
+        for batch_id, lease in zip(free, await leases.take_many(
+                self.redis, [keys.finalizer(b) for b in free], self.name, self.lease_ms)):
+            if lease is not None:
+                self.held[batch_id] = lease
+                log.info("batch_leased", batch_id=batch_id, token=lease.token)
+
+    # ------------------------------------------------------------------ the tick
+    async def tick(self) -> None:
+        """Share the live batches out, advance the ones held, run the chores due."""
+        await self._check_in()
+        live = sorted(b.decode() for b in await self.redis.smembers(keys.LIVE_BATCHES))
+        self.live = len(live)
+        await self._share(live)
+        for batch_id, lease in list(self.held.items()):
+            if self.stop.is_set():
+                break
+            if self.held.get(batch_id) != lease:
+                continue  # lost meanwhile
+            try:
+                await self.advance(batch_id, lease)
+            except LeaseLost as e:
+                self._let_go(lease, "fenced_write_refused", batch_id=batch_id, error=str(e))
             except REDIS_DOWN:
                 raise
             except Exception:
                 log.exception("finalize_failed", batch_id=batch_id)
+        await self._chores()
+
+    async def _chores(self) -> None:
+        if self.stop.is_set():
+            return
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + self.settings.sweep_interval_s
+            if self.audit is None or self.audit.done():  # it takes its own lease (store.audit_usage)
+                self.audit = asyncio.create_task(self._audit_usage(), name="usage-audit")
+            lease = await leases.take(self.redis, keys.housekeeping("sweep"), self.name, self.lease_ms)
+            if lease is not None:  # else a peer is sweeping right now
+                self.chores["sweep"] = lease
+                try:
+                    if swept := await store.sweep_expired_files(self.redis, self.storage, lease=lease):
+                        log.info("files_expired", files=swept)
+                except LeaseLost as e:
+                    self._let_go(lease, "fenced_write_refused", error=str(e))
+                finally:
+                    self._let_go(lease)
+                    await leases.drop(self.redis, lease)
+        lease = self.chores.get("webhooks")
+        if lease is None:
+            lease = await leases.take(self.redis, keys.housekeeping("webhooks"), self.name, self.lease_ms)
+            if lease is None:
+                return
+            self.chores["webhooks"] = lease
+            log.info("chore_taken", chore="webhooks", token=lease.token)
+        self.webhooks.start_pass(lease)  # in a task of its own: never holds finalization up
 
     async def _audit_usage(self) -> None:
         """Repair drifted usage counters (store.audit_usage), beside the ticks: it reads every owner."""
@@ -149,37 +296,45 @@ class Finalizer:
         except Exception:
             log.exception("usage_audit_failed")
 
-    async def advance(self, batch_id: str) -> None:
-        """Move one batch as far as it can go now."""
+    # ------------------------------------------------------------------ one batch
+    async def advance(self, batch_id: str, lease: Lease) -> None:
+        """Move one batch, whose lease is held, as far as it can go now."""
         h = await store.get_batch_record(self.redis, batch_id)
         if h is None or h["status"] in TERMINAL_STATUSES:
-            # A finish interrupted after its transition: complete the clean-up, quota included.
-            await self.redis.delete(*keys.work_keys(batch_id))
-            if h is not None:
-                await store.release(self.redis, self.storage, h)
-            await self.redis.srem(keys.LIVE_BATCHES, batch_id)
-            await self.redis.srem(keys.FEEDING_BATCHES, batch_id)
+            await self._clean_up(batch_id, h, lease)
             return
         if h["status"] == "in_progress" and not h.get("abort") and time.time() >= int(h["expires_at"]):
             await store.transition(self.redis, batch_id, allowed=["in_progress"], fields={"abort": "batch_expired"},
-                                   remove_from=[keys.ACTIVE_BATCHES])
+                                   remove_from=[keys.ACTIVE_BATCHES], lease=lease)
             log.info("batch_expiring", batch_id=batch_id)
             h = await store.get_batch_record(self.redis, batch_id) or h
         # Lines on a provider's own Batch API are settled by workers/delegate.py first.
         delegating = int(h.get("deleg_open") or 0) > 0
         if h.get("abort") and not self._all_done(h) and not delegating:
-            await self._abort_remaining(h)
-        h = await self._drain(h)
+            await self._abort_remaining(h, lease)
+        h = await self._drain(h, lease)
         if (self._all_done(h) and not delegating
                 and int(h.get("fin_out_lines", 0)) + int(h.get("fin_err_lines", 0)) == int(h["total"])):
-            await self._finish(h)
+            await self._finish(h, lease)
 
     @staticmethod
     def _all_done(h: dict[str, str]) -> bool:
         total = int(h.get("total") or 0)
         return total > 0 and int(h.get("completed") or 0) + int(h.get("failed") or 0) >= total
 
-    async def _abort_remaining(self, h: dict[str, str]) -> None:
+    async def _clean_up(self, batch_id: str, h: dict[str, str] | None, lease: Lease) -> None:
+        """A batch that ended (or whose record is gone) but is still live: finish its clean-up."""
+        if h is not None:
+            await store.release(self.redis, self.storage, h, lease=lease)
+        others = [k for k in keys.work_keys(batch_id) if k != lease.key]
+        await leases.execute(
+            self.redis, lease, ("DEL", *others), ("ZREM", keys.PENDING_VALIDATION, batch_id),
+            *(("SREM", s, batch_id) for s in (keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES)),
+        )
+        self.held.pop(batch_id, None)
+        await leases.drop(self.redis, lease)
+
+    async def _abort_remaining(self, h: dict[str, str], lease: Lease) -> None:
         batch_id = h["id"]
         if not await self._in_flight_settled(batch_id):
             return
@@ -195,9 +350,9 @@ class Finalizer:
             custom_id = getattr(request, "custom_id", "")
             pending.append((index, "", Outcome.FAILED, abort_line(custom_id, reason)))
             if len(pending) >= ABORT_CHUNK:
-                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
+                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending, lease=lease))
                 pending = []
-        self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
+        self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending, lease=lease))
         log.info("batch_aborted", batch_id=batch_id, reason=reason)
 
     async def _in_flight_settled(self, batch_id: str) -> bool:
@@ -215,46 +370,50 @@ class Finalizer:
         )
         return len(stale) == summary["pending"]
 
-    async def _drain(self, h: dict[str, str]) -> dict[str, str]:
+    async def _drain(self, h: dict[str, str], lease: Lease) -> dict[str, str]:
         batch_id = h["id"]
-        stream = keys.results(batch_id)
-        cursor = h.get("fin_cursor") or "0-0"
-        offsets = {name: int(h.get(f"fin_{name}_bytes") or 0) for name in ("out", "err")}
-        counts = {name: int(h.get(f"fin_{name}_lines") or 0) for name in ("out", "err")}
+        script_keys = [keys.batch(batch_id), keys.results(batch_id)]
         while True:
-            entries = await self.redis.xrange(stream, min=f"({cursor}", max="+", count=DRAIN_COUNT)
+            drained, entries = await _DRAIN_READ(self.redis, script_keys, [DRAIN_COUNT], lease=lease)
+            state = dict(zip(_DRAIN_FIELDS, (_text(v) for v in drained)))
+            h = {**h, **{k: v for k, v in state.items() if v}}
             if not entries:
                 return h
+            cursor = state["fin_cursor"] or "0-0"
+            offsets = {name: int(state[f"fin_{name}_bytes"] or 0) for name in ("out", "err")}
+            counts = {name: int(state[f"fin_{name}_lines"] or 0) for name in ("out", "err")}
             chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-            for _, fields in entries:
+            for _, flat in entries:
+                fields = dict(zip(flat[::2], flat[1::2]))
                 chunks["out" if fields[b"o"] == Outcome.COMPLETED.encode() else "err"].append(fields[b"r"])
             for name, lines in chunks.items():
                 if lines:
                     data = b"\n".join(lines) + b"\n"
-                    offsets[name] = await self.storage.append(self._spool_key(batch_id, name), data, offsets[name])
+                    offsets[name] = await self.storage.append(self._spool_key(batch_id, name), data, offsets[name],
+                                                              token=lease.token)
                     counts[name] += len(lines)
-            cursor = entries[-1][0].decode()
+            last = _text(entries[-1][0])
             update = {
-                "fin_cursor": cursor,
+                "fin_cursor": last,
                 "fin_out_bytes": offsets["out"], "fin_err_bytes": offsets["err"],
                 "fin_out_lines": counts["out"], "fin_err_lines": counts["err"],
             }
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(keys.batch(batch_id), mapping=update)
-            pipe.xtrim(stream, minid=_next_id(cursor), approximate=False)
-            await pipe.execute()
+            flat_update: list[str | int] = []
+            for k, v in update.items():
+                flat_update += [k, v]
+            await _DRAIN_COMMIT(self.redis, script_keys, [cursor, last, _next_id(last), *flat_update], lease=lease)
             h = {**h, **{k: str(v) for k, v in update.items()}}
 
     @staticmethod
     def _spool_key(batch_id: str, name: str) -> str:
         return result_filename(batch_id, "output" if name == "out" else "error")
 
-    async def _finish(self, h: dict[str, str]) -> None:
+    async def _finish(self, h: dict[str, str], lease: Lease) -> None:
         batch_id = h["id"]
         now = store.now()
         if h["status"] == "in_progress" and not h.get("abort"):
             applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                                fields={"status": "finalizing", "finalizing_at": now})
+                                                fields={"status": "finalizing", "finalizing_at": now}, lease=lease)
             if not applied:
                 return  # cancelled at the last moment: the next tick finishes it as cancelled
             h["status"] = "finalizing"
@@ -264,34 +423,37 @@ class Finalizer:
             final, stamp, allowed = "cancelled", "cancelled_at", ["cancelling"]
         else:
             final, stamp, allowed = "expired", "expired_at", ["in_progress"]
-        file_ids = {name: await self._register_file(h, name) for name in ("out", "err")}
+        file_ids = {name: await self._register_file(h, name, lease) for name in ("out", "err")}
+        # Before the batch ends, so that the end is the last step: a crash before it redoes all
+        # this (each step is idempotent), a crash after it leaves nothing to do.
+        await store.release(self.redis, self.storage, h, lease=lease)
         applied, _ = await store.transition(
             self.redis, batch_id, allowed=allowed,
             fields={"status": final, stamp: now,
                     "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
-            # It stays live until its quota is given back: a finish interrupted here is completed
-            # by the next tick (see advance).
-            remove_from=[keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
-            expire_s=self.settings.retention_s,
+            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            delete=[k for k in keys.work_keys(batch_id) if k != lease.key],
+            expire_s=self.settings.retention_s, lease=lease,
         )
         if not applied:
             return
-        await self.redis.delete(*keys.work_keys(batch_id))
-        await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
-        await store.release(self.redis, self.storage, h)
-        await self.redis.srem(keys.LIVE_BATCHES, batch_id)
+        await leases.execute(self.redis, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
+        self.held.pop(batch_id, None)
+        await leases.drop(self.redis, lease)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
                  failed=h.get("failed"), total=h.get("total"))
 
-    async def _register_file(self, h: dict[str, str], name: str) -> str | None:
+    async def _register_file(self, h: dict[str, str], name: str, lease: Lease) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""
         if int(h.get(f"fin_{name}_lines") or 0) == 0:
             return None
         field = f"fin_{name}_file"
         if not h.get(field):
+            # A stale finalizer drawing a number here only wastes it: the id is fixed below, fenced.
             file_id, seq = await store.new_id(self.redis, "file-")
-            await self.redis.hsetnx(keys.batch(h["id"]), field, f"{file_id}:{seq}")
-            h[field] = (await self.redis.hget(keys.batch(h["id"]), field)).decode()
+            _, value = await leases.execute(self.redis, lease, ("HSETNX", keys.batch(h["id"]), field, f"{file_id}:{seq}"),
+                                            ("HGET", keys.batch(h["id"]), field))
+            h[field] = _text(value)
         file_id, seq = h[field].split(":")
         created = store.now()
         ttl = int(h["output_expires_after"]) if h.get("output_expires_after") else OUTPUT_TTL_S
@@ -299,7 +461,7 @@ class Finalizer:
             self.redis, owner=h["owner"], file_id=file_id, seq=int(seq),
             filename=self._spool_key(h["id"], name), purpose="batch_output",
             size=int(h[f"fin_{name}_bytes"]), storage_key=self._spool_key(h["id"], name),
-            expires_at=created + ttl, created_at=created,
+            expires_at=created + ttl, created_at=created, lease=lease,
         )
         return file_id
 
@@ -308,5 +470,5 @@ class Finalizer:
 
 
 def run(settings: Settings) -> None:
-    """``sluice finalizer``: run the finalizer (or a standby) until SIGTERM/SIGINT."""
+    """``sluice finalizer``: run one finalizer process (any number may run) until SIGTERM/SIGINT."""
     run_until_signal("finalizer", settings, lambda: Finalizer(settings, open_storage(settings)))

@@ -5,7 +5,9 @@ One Lua script decides, atomically, whether a request may go to a provider now:
 - a pause after a 429 (``Retry-After``) stops every worker; once it ends, the concurrency cap
   ramps up again over ``RAMP_S`` instead of jumping back to full;
 - ``max_concurrency``: a sorted set of leases scored by their expiry, so the share of a worker
-  that died is released by expiry instead of leaking (live workers renew their leases);
+  that died is released by expiry instead of leaking (live workers renew their leases, and a
+  renewal never brings back a lease that has expired: a worker resuming from a pause must not
+  take back a slot another worker may already be using);
 - ``rpm`` and ``tpm``: token buckets refilled continuously, started empty and kept small so
   bursts stay well inside the provider's window; they run at ``SAFETY`` of the configured rate.
 
@@ -107,6 +109,20 @@ if rpm > 0 or tpm > 0 then redis.call('SET', KEYS[4], '1', 'PX', ARGV[12]) end
 return 0
 """)
 
+# KEYS: in-flight leases. ARGV: now (ms), new expiry (ms), holders. Extends the leases still
+# running; an expired one stays expired (the next acquire prunes it). Returns how many were kept.
+_RENEW = Script("""
+local kept = 0
+for i = 3, #ARGV do
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if expiry and tonumber(expiry) > tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+    kept = kept + 1
+  end
+end
+return kept
+""")
+
 _PAUSE = Script("""
 local pause_end = tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -181,10 +197,10 @@ class Limiter:
     async def _try(self, provider: Provider, holder: str, cost: int) -> int:
         return await acquire(self.redis, provider, holder, cost, lease_ms=self.lease_ms, op_id=secrets.token_hex(8))
 
-    async def renew(self, provider_name: str, holders: list[str]) -> None:
-        """Extend the concurrency leases of requests still running."""
-        until = int(time.time() * 1000) + self.lease_ms
-        await self.redis.zadd(keys.provider_inflight(provider_name), {h: until for h in holders}, xx=True)
+    async def renew(self, provider_name: str, holders: list[str]) -> int:
+        """Extend the concurrency leases of requests still running; return how many were still held."""
+        now = int(time.time() * 1000)
+        return int(await _RENEW(self.redis, [keys.provider_inflight(provider_name)], [now, now + self.lease_ms, *holders]))
 
     async def pause(self, provider: Provider, seconds: float) -> bool:
         """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""

@@ -12,8 +12,11 @@ Loop, top to bottom:
    results finishing together share one round trip (``recorder.py``).
 
 A background task renews the lease (XCLAIM ... IDLE 0 JUSTID) of the lines in flight, so a slow
-provider call is never taken for a dead worker's. On SIGTERM the worker stops reading, lets
-in-flight requests finish within the grace period and leaves the rest pending for others.
+provider call is never taken for a dead worker's; only of lines this worker still owns, so a
+worker resuming from a pause (SIGSTOP, a frozen VM) never takes back lines reclaimed meanwhile.
+If it finishes such a line anyway, the done bitmap makes its result a no-op (exactly once). On
+SIGTERM the worker stops reading, lets in-flight requests finish within the grace period and
+leaves the rest pending for others.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from redis.exceptions import ResponseError
 
 from service.core import keys, store
 from service.core.config import Settings
-from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
+from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, connect
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
@@ -47,6 +50,20 @@ ACTIVE_REFRESH_S = 0.1
 # How long a stopping worker waits for its last results to reach Redis.
 RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
+
+# KEYS: a batch's lines stream. ARGV: group, consumer, idle (ms), entry ids. Sets how long the
+# group believes these entries idle, for those this consumer still owns; returns how many.
+_SET_IDLE = Script("""
+local kept = 0
+for i = 4, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+""")
 
 
 @dataclass(frozen=True)
@@ -351,17 +368,26 @@ class Worker:
                     self.log.warning("lease_renewal_failed", provider=provider, error=str(e))
 
     async def _set_idle(self, lines: list[Line], idle_ms: int) -> None:
-        """Set how long the group believes these lines idle: 0 renews a lease, past it hands them back."""
+        """Set how long the group believes these lines idle: 0 renews a lease, past it hands them back.
+
+        Only lines this worker still owns: one reclaimed by a peer while this worker was paused
+        stays the peer's.
+        """
         by_batch: dict[str, list[str]] = {}
         for line in lines:
             by_batch.setdefault(line.batch_id, []).append(line.entry_id)
         for batch_id, entry_ids in by_batch.items():
             try:
                 # JUSTID leaves the delivery counter alone: it must count crashes, not renewals.
-                await self.redis.xclaim(keys.lines(batch_id), keys.WORKER_GROUP, self.name, 0, entry_ids,
-                                        idle=idle_ms, justid=True)
+                kept = await _SET_IDLE(self.redis, [keys.lines(batch_id)],
+                                       [keys.WORKER_GROUP, self.name, idle_ms, *entry_ids])
             except Exception as e:
                 self.log.warning("lease_update_failed", batch_id=batch_id, idle_ms=idle_ms, error=str(e))
+                continue
+            if kept < len(entry_ids):
+                # Reclaimed by a peer (or recorded) while this worker was paused: its result, if it
+                # gets one here too, changes nothing.
+                self.log.info("lines_taken_over", batch_id=batch_id, lines=len(entry_ids) - kept)
 
     async def _drain(self) -> None:
         if not self.inflight:

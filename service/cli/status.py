@@ -36,7 +36,10 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
     rows = []
     for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
         in_flight = f"{p.int('in_flight')}/{p.int('concurrency')}" if p.role == "worker" else "-"
-        state = p.fields.get("state", "") + (" (lock)" if p.name == snap.finalizer_lock else "")
+        state = p.fields.get("state", "")
+        if p.role == "finalizer":
+            n = snap.leased_batches(p.name)
+            state += f" ({n} batch{'' if n == 1 else 'es'})"
         rows.append([p.role, p.name, p.host, p.pid, in_flight, state, _age(p.age_s), "LIVE" if p.live else "STALE"])
     out += text_table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
         if rows else ["  (no worker or finalizer has beaten in the last 10 minutes)"]

@@ -1,7 +1,7 @@
 """The cluster's state in one snapshot of Redis: what ``GET /metrics`` (service/web/metrics.py),
 the dashboard's cluster view and ``sluice status`` (service/cli/status.py) show.
 
-Nothing here is process-local: counters are the totals every worker and the finalizer fold into
+Nothing here is process-local: counters are the totals every worker and finalizer fold into
 Redis with their heartbeats (``service/core/heartbeat.py``), and gauges are read from the cluster's
 state (heartbeats, live batches, their streams, provider pauses and leases) at scrape time, in
 two pipelined round trips whatever the number of batches. Any web process answers for the
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from . import keys
 from .config import RAMP_S, Settings, route
 from .heartbeat import STALE_AFTER_S
+from .leases import holder_of
 from .store import Redis
 from .wire import TERMINAL_STATUSES
 
@@ -62,6 +63,7 @@ class BatchState:
     pending: int  # lines handed to a worker and not acknowledged (XPENDING)
     undrained: int  # results recorded that the finalizer has not written yet
     oldest_undrained_s: float
+    finalizer: str = ""  # the finalizer holding the batch's lease ("" when none does)
 
     @property
     def waiting(self) -> int:
@@ -92,7 +94,15 @@ class Snapshot:
     upstream: dict[str, int] = field(default_factory=dict)
     latency: dict[str, str] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)  # "<provider>|<model>|<kind>" -> count
-    finalizer_lock: str = ""
+
+    def leased_batches(self, name: str) -> int:
+        """How many live batches the finalizer ``name`` holds the lease of."""
+        return sum(1 for b in self.batches if b.finalizer == name)
+
+    @property
+    def unleased_batches(self) -> int:
+        """Live batches no finalizer holds (none at work, or their leases just expired)."""
+        return sum(1 for b in self.batches if not b.finalizer)
 
 
 def _s(v: bytes | None) -> str:
@@ -119,9 +129,8 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     pipe.hgetall(keys.METRICS_LINES)
     pipe.hgetall(keys.METRICS_UPSTREAM)
     pipe.hgetall(keys.METRICS_LATENCY)
-    pipe.get(keys.FINALIZER_LOCK)
     pipe.hgetall(keys.METRICS_TOKENS)
-    (sec, usec), procs, live, lines, upstream, latency, lock, tokens = await pipe.execute()
+    (sec, usec), procs, live, lines, upstream, latency, tokens = await pipe.execute()
     now = sec + usec / 1e6
     now_ms = int(now * 1000)
     names = [(_s(n), float(score)) for n, score in procs]
@@ -135,12 +144,13 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
         pipe.xpending(keys.lines(b), keys.WORKER_GROUP)
         pipe.xlen(keys.results(b))
         pipe.xrange(keys.results(b), count=1)
+        pipe.get(keys.finalizer(b))
     for p in settings.providers:
         pipe.get(keys.provider_pause(p.name))
         pipe.zcount(keys.provider_inflight(p.name), now_ms, "+inf")
     replies = iter(await pipe.execute(raise_on_error=False))
 
-    snap = Snapshot(now=now, finalizer_lock=_s(lock))
+    snap = Snapshot(now=now)
     for name, seen in names:
         h = next(replies)
         if not isinstance(h, dict) or not h:
@@ -151,7 +161,8 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
             started_at=float(f.get("started_at") or 0), age_s=max(0.0, now - seen), fields=f,
         ))
     for b in batch_ids:
-        values, pending, undrained, first = next(replies), next(replies), next(replies), next(replies)
+        values, pending, undrained, first, lease = (next(replies), next(replies), next(replies), next(replies),
+                                                    next(replies))
         if isinstance(values, Exception) or not values or values[1] is None or _s(values[1]) in TERMINAL_STATUSES:
             continue  # gone, or ended and about to leave the live set
         h = dict(zip(_BATCH_FIELDS, (_s(v) for v in values)))
@@ -167,6 +178,7 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
             failed=as_int(h["failed"]), provider=provider, in_progress_at=as_int(h["in_progress_at"]), aborting=h["abort"],
             pending=pending["pending"] if isinstance(pending, dict) else 0,
             undrained=undrained if isinstance(undrained, int) else 0, oldest_undrained_s=oldest,
+            finalizer=holder_of(lease) if isinstance(lease, (bytes, str)) else "",
         ))
     live_workers = [p for p in snap.processes if p.live and p.role == "worker"]
     for p in settings.providers:

@@ -18,14 +18,16 @@ ACTIVE_BATCHES = f"{PREFIX}:batches:active"
 LIVE_BATCHES = f"{PREFIX}:batches:live"
 # Batch ids whose lines a web process is still feeding into their stream, a window at a time.
 FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
-# Batch ids waiting for validation and publishing, scored by the time their lease ends.
+# Batch ids waiting for validation and publishing, scored by when a web process may next claim
+# them (a claim pushes the score past its validator lease).
 PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 # Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
 DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
 
 # Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
 # with a webhook URL is added by the script that moves it to a terminal state (store.transition);
-# the active finalizer sends what is due (service/core/webhooks.py) and removes it once answered.
+# the finalizer holding the "webhooks" chore lease sends what is due (service/core/webhooks.py)
+# and removes it once answered.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 # Files with an expiry, scored by expires_at: the finalizer removes their content when due.
@@ -35,8 +37,11 @@ FILE_EXPIRY = f"{PREFIX}:files:expiry"
 TOKENS = f"{PREFIX}:tokens"
 TOKEN_NAMES = f"{PREFIX}:tokens:names"
 
-# Lock that makes one finalizer the active one.
-FINALIZER_LOCK = f"{PREFIX}:finalizer:lock"
+# Monotonic counter giving every lease its fencing token (service/core/leases.py).
+LEASE_SEQ = f"{PREFIX}:seq:leases"
+
+# Finalizers at work, scored by their last tick (ms): the live batches are shared among them.
+FINALIZERS = f"{PREFIX}:finalizers"
 
 # Lease of the process auditing every owner's usage counters (store.audit_usage); one at a time.
 USAGE_AUDIT_LOCK = f"{PREFIX}:usage:audit:lock"
@@ -145,6 +150,21 @@ def feeder(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:feeder"
 
 
+def validator(batch_id: str) -> str:
+    """Lease naming the web process that validates and starts this batch."""
+    return f"{PREFIX}:{{{batch_id}}}:validator"
+
+
+def finalizer(batch_id: str) -> str:
+    """Lease naming the finalizer that drains this batch's results and ends it."""
+    return f"{PREFIX}:{{{batch_id}}}:finalizer"
+
+
+def housekeeping(chore: str) -> str:
+    """Lease of a cluster-wide chore that one finalizer at a time runs ("sweep", "webhooks")."""
+    return f"{PREFIX}:lease:{chore}"
+
+
 def done(batch_id: str) -> str:
     """Bitmap: bit i is set once line i has a recorded result (the exactly-once guard)."""
     return f"{PREFIX}:{{{batch_id}}}:done"
@@ -187,4 +207,5 @@ def provider_pause(name: str) -> str:
 
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
-    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id), delegation(batch_id))
+    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id), delegation(batch_id),
+            validator(batch_id), finalizer(batch_id))

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Protocol
@@ -41,11 +42,16 @@ class Storage(Protocol):
         If iterating ``chunks`` raises, nothing is stored and the exception propagates.
         """
 
-    async def append(self, key: str, data: bytes, offset: int) -> int:
-        """Write ``data`` at ``offset``, dropping anything stored past it; return the new size.
+    async def append(self, key: str, data: bytes, offset: int, *, token: int = 0) -> int:
+        """Store ``data`` at ``offset`` of a file built piece by piece; return ``offset + len(data)``.
 
-        Repeating a call with the same offset gives the same content, which is what makes the
-        finalizer's writes safe to redo after a crash.
+        The bytes before ``offset`` are never changed, and nothing stored by a call with a higher
+        ``token`` (the caller's fencing token) is ever changed or removed. Callers must store the
+        same bytes at any position whoever writes them (the finalizer's result files are a function
+        of the results stream), so a stale writer repeating an old append changes nothing and a
+        writer redoing an append after a crash completes the file. Stored bytes past the end that
+        came from calls with a lower or equal token may be dropped (S3) or kept (local files, where
+        the caller never writes past what it commits); a file is read up to its recorded size.
         """
 
     def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
@@ -110,11 +116,16 @@ class LocalStorage:
             raise
         return total
 
-    async def append(self, key: str, data: bytes, offset: int) -> int:
+    async def append(self, key: str, data: bytes, offset: int, *, token: int = 0) -> int:
+        # Written in place and never truncated: a paused writer resuming with a stale offset
+        # rewrites bytes that are already there, identical, instead of cutting off (or leaving a
+        # hole of NUL bytes in) what a newer writer stored after them. ``token`` is not needed.
         path = self._path(key)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         async with aiofiles.open(fd, "r+b") as f:
-            await f.truncate(offset)
+            size = os.fstat(fd).st_size
+            if offset > size:
+                raise ValueError(f"append to {key!r} at {offset}, past its end at {size}")
             await f.seek(offset)
             await f.write(data)
             await f.flush()
@@ -167,12 +178,16 @@ class S3Storage:
     A file stored by ``write`` is one object, ``<prefix>/<key>``, uploaded in parts of
     ``part_size`` bytes (one PutObject when it is smaller): only one part is held in memory, and
     nothing becomes visible before the upload completes. Objects cannot be appended to, so a file
-    built by ``append`` is a run of part objects ``<prefix>/<key>.parts/<start offset, 20 digits>``
-    that cover it contiguously from 0. An append replaces the part holding its offset (or adds one
-    there) and deletes every later part; it first deletes those later parts, newest first, so a
-    crash at any point leaves a contiguous run whose bytes before ``offset`` are intact, and the
-    redone append produces the same file. When the tail part and the new data together fit in
-    ``merge_below`` bytes, the tail part is rewritten with the data appended instead of getting a
+    built by ``append`` is a set of part objects ``<prefix>/<key>.parts/<start>-<token>`` (both 20
+    digits; token 0 is written ``<start>`` alone, as parts were before tokens). The file is what
+    they show when laid over each other in order of token (a higher token covers a lower one where
+    they overlap), read from offset 0 up to the first gap. An append with token T writes one part,
+    and deletes only parts of token <= T: first those starting at or after its offset (newest
+    first, so a crash leaves the bytes before the offset intact), then, once its part is stored,
+    the part it replaced. So a redone append drops the leftovers of the interrupted one, and a
+    stale writer (a lower token) can neither remove nor cover anything a newer one stored. When the
+    part before the offset has a token <= T and, with the new data, fits in ``merge_below`` bytes
+    (or reaches past the offset), it is rewritten with the data appended instead of getting a
     neighbour: a file made of many small appends has at most about two parts per ``merge_below``
     bytes, and an append copies at most that much. A key is stored either by ``write`` or by
     ``append``, never both.
@@ -290,23 +305,33 @@ class S3Storage:
         except FileNotFoundError:
             if started:
                 raise
-        parts = await self._parts(s3, key)
-        if not parts:
+        listing = await self._listing(s3, key)
+        if not listing:
             raise FileNotFoundError(f"nothing stored under {key!r}")
-        for start, size, part in parts:
-            if start + size <= offset or size == 0:
+        async for chunk in self._read_layout(s3, _layout(listing), offset, None, chunk_size):
+            yield chunk
+
+    async def _read_layout(self, s3: Any, layout: list[_Run], start: int, stop: int | None,
+                           chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """The bytes from ``start`` to ``stop`` (None: the end) of a file laid out by :func:`_layout`."""
+        for run in layout:
+            lo, hi = max(run.begin, start), run.end if stop is None else min(run.end, stop)
+            if lo >= hi:
                 continue
-            async for chunk in self._read_object(s3, part, max(0, offset - start), chunk_size):
+            async for chunk in self._read_object(s3, run.name, lo - run.origin, chunk_size, hi - run.origin):
                 yield chunk
 
-    async def _read_object(self, s3: Any, name: str, start: int, chunk_size: int) -> AsyncIterator[bytes]:
-        """The bytes of object ``name`` from ``start`` on, one ranged GET per window."""
+    async def _read_object(self, s3: Any, name: str, start: int, chunk_size: int,
+                           stop: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes of object ``name`` from ``start`` on (up to ``stop``), one ranged GET per window."""
         from botocore.exceptions import ClientError
 
-        pos, end, etag = start, None, None
+        pos, end, etag = start, stop, None
         while end is None or pos < end:
-            request = {"Bucket": self.bucket, "Key": name,
-                       "Range": f"bytes={pos}-{pos + max(self.read_window, chunk_size) - 1}"}
+            last = pos + max(self.read_window, chunk_size) - 1
+            if end is not None:
+                last = min(last, end - 1)
+            request = {"Bucket": self.bucket, "Key": name, "Range": f"bytes={pos}-{last}"}
             if etag:
                 request["IfMatch"] = etag  # the later windows must come from the same object
             try:
@@ -325,9 +350,11 @@ class S3Storage:
             etag = answer.get("ETag")
             content_range = answer.get("ContentRange") or ""
             if "/" in content_range:
-                end = int(content_range.rsplit("/", 1)[1])
+                total = int(content_range.rsplit("/", 1)[1])
             else:  # the whole object came back
-                data, end = data[pos:], len(data)
+                data, total = data[pos:], len(data)
+            end = total if end is None else min(end, total)
+            data = data[:max(0, end - pos)]
             if not data:
                 return
             pos += len(data)
@@ -344,8 +371,11 @@ class S3Storage:
         except ClientError as e:
             if _code(e) not in ("NoSuchKey", "404", "NotFound"):
                 raise
-        parts = await self._parts(s3, key)
-        return sum(size for _, size, _ in parts) if parts else None
+        listing = await self._listing(s3, key)
+        if not listing:
+            return None
+        layout = _layout(listing)
+        return layout[-1].end if layout else 0
 
     async def delete(self, key: str) -> None:
         name = self._name(key)
@@ -354,7 +384,7 @@ class S3Storage:
         stale = await self._listing(s3, key)
         for i in range(0, len(stale), 1000):
             await s3.delete_objects(Bucket=self.bucket, Delete={
-                "Objects": [{"Key": part} for _, _, part in stale[i:i + 1000]], "Quiet": True})
+                "Objects": [{"Key": part.name} for part in stale[i:i + 1000]], "Quiet": True})
 
     async def remove_orphans(self, idle_s: float) -> int:
         """Abort multipart uploads under the prefix started more than ``orphan_upload_age_s`` ago (at least ``idle_s``).
@@ -384,65 +414,111 @@ class S3Storage:
 
     # ---- files built by append
 
-    async def append(self, key: str, data: bytes, offset: int) -> int:
+    async def append(self, key: str, data: bytes, offset: int, *, token: int = 0) -> int:
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
         s3 = await self._s3()
         listing = await self._listing(s3, key)
-        parts = _contiguous(listing)
-        stored = parts[-1][0] + parts[-1][1] if parts else 0
+        layout = _layout(listing)
+        stored = layout[-1].end if layout else 0
         if offset > stored:
             raise ValueError(f"append to {key!r} at {offset}, past its end at {stored}")
-        # The part holding the byte just before ``offset`` is rewritten when it must be cut (it
-        # reaches past ``offset``) or is small enough to take the new data; otherwise a new part
-        # starts at ``offset``.
-        base = next(((start, size, name) for start, size, name in parts if start < offset <= start + size), None)
+        # The part showing the byte just before ``offset`` is rewritten, with the data appended,
+        # when it is no newer than this writer and it must be cut (it reaches past ``offset``) or
+        # is small enough to take the data; otherwise a new part starts at ``offset``.
         start, body = offset, data
-        if base is not None and (base[0] + base[1] > offset or offset - base[0] + len(data) <= self.merge_below):
-            start = base[0]
-            keep = b"".join([c async for c in self._read_object(s3, base[2], 0, CHUNK)])[:offset - start]
-            if len(keep) != offset - start:
-                raise OSError(f"part {base[2]} is shorter than its listing said")
-            body = keep + data
-        # Everything after the part being (re)written goes first, newest first, so that the run
-        # stays contiguous whenever this stops.
-        for _, _, stale in sorted((p for p in listing if p[0] > start), reverse=True):
-            await s3.delete_object(Bucket=self.bucket, Key=stale)
-        await s3.put_object(Bucket=self.bucket, Key=self._part_name(key, start), Body=body)
+        run = next((run for run in layout if run.begin < offset <= run.end), None)
+        if run is not None:
+            base = next(part for part in listing if part.name == run.name)
+            if base.token <= token and (base.end > offset or offset - base.start + len(data) <= self.merge_below):
+                start = base.start
+                keep = b"".join([c async for c in self._read_layout(s3, layout, start, offset)])
+                if len(keep) != offset - start:
+                    raise OSError(f"{key!r} changed while it was being appended to")
+                body = keep + data
+        name = self._part_name(key, start, token)
+        mine = [part for part in listing if part.token <= token and part.start >= start and part.name != name]
+        # Past the offset first, newest first: whenever this stops, the bytes before it are intact.
+        for part in sorted((p for p in mine if p.start >= offset), key=lambda p: p.start, reverse=True):
+            await s3.delete_object(Bucket=self.bucket, Key=part.name)
+        await s3.put_object(Bucket=self.bucket, Key=name, Body=body)
+        for part in mine:
+            if part.start < offset:  # replaced by the part just stored
+                await s3.delete_object(Bucket=self.bucket, Key=part.name)
         return offset + len(data)
 
-    def _part_name(self, key: str, start: int) -> str:
-        return f"{self._name(key)}.parts/{start:020d}"
+    def _part_name(self, key: str, start: int, token: int) -> str:
+        suffix = f"{start:020d}" if token == 0 else f"{start:020d}-{token:020d}"
+        return f"{self._name(key)}.parts/{suffix}"
 
-    async def _listing(self, s3: Any, key: str) -> list[tuple[int, int, str]]:
-        """Every part object of ``key``: (start offset, size, object name), by offset."""
+    async def _listing(self, s3: Any, key: str) -> list[_Part]:
+        """Every part object of ``key``, by start offset."""
         prefix = f"{self._name(key)}.parts/"
         found = []
         async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", ()):
-                suffix = obj["Key"][len(prefix):]
-                if len(suffix) == 20 and suffix.isdigit():
-                    found.append((int(suffix), int(obj["Size"]), obj["Key"]))
-        found.sort()
+                match = _PART.match(obj["Key"][len(prefix):])
+                if match:
+                    found.append(_Part(int(match[1]), int(obj["Size"]), int(match[2] or 0), obj["Key"]))
+        found.sort(key=lambda p: (p.start, p.token))
         return found
 
-    async def _parts(self, s3: Any, key: str) -> list[tuple[int, int, str]]:
-        return _contiguous(await self._listing(s3, key))
+
+_PART = re.compile(r"^(\d{20})(?:-(\d{20}))?$")
 
 
-def _contiguous(listing: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """The parts that make up the file: the run from offset 0 in which each starts where the last ended.
+@dataclass(frozen=True)
+class _Part:
+    """A part object of a file built by ``S3Storage.append``."""
+
+    start: int
+    size: int
+    token: int
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Bytes ``begin``..``end`` of a file, shown by the part object ``name`` that starts at ``origin``."""
+
+    begin: int
+    end: int
+    origin: int
+    name: str
+
+
+def _layout(listing: list[_Part]) -> list[_Run]:
+    """What the parts show, as runs contiguous from offset 0: parts laid over each other by token.
 
     Anything after a gap is left over from an interrupted append or delete, past the file's end.
     """
-    run: list[tuple[int, int, str]] = []
+    runs: list[_Run] = []
+    for part in sorted(listing, key=lambda p: (p.token, p.start)):
+        if part.size == 0:
+            continue
+        kept: list[_Run] = []
+        for run in runs:
+            if run.end <= part.start or run.begin >= part.end:
+                kept.append(run)
+                continue
+            if run.begin < part.start:
+                kept.append(_Run(run.begin, part.start, run.origin, run.name))
+            if run.end > part.end:
+                kept.append(_Run(part.end, run.end, run.origin, run.name))
+        kept.append(_Run(part.start, part.end, part.start, part.name))
+        runs = sorted(kept, key=lambda r: r.begin)
+    contiguous: list[_Run] = []
     end = 0
-    for start, size, name in listing:
-        if start != end:
+    for run in runs:
+        if run.begin != end:
             break
-        run.append((start, size, name))
-        end = start + size
-    return run
+        contiguous.append(run)
+        end = run.end
+    return contiguous
 
 
 def _code(e: Exception) -> str:

@@ -17,8 +17,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
-from . import keys
+from . import keys, leases
 from .connections import Script
+from .leases import FencedScript, Lease, execute
 from .wire import (
     TERMINAL_STATUSES,
     Batch,
@@ -93,7 +94,7 @@ OP_TTL_S = 24 * 3600
 # KEYS: usage, op, file, owner files, owner files of the purpose, FILE_EXPIRY.
 # ARGV: op ttl, file id, seq, size, limit, expires_at ('' for none), expiry member, 2 * fields, fields.
 # The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
-_CREATE_FILE = Script("""
+_CREATE_FILE = FencedScript("""
 local prior = redis.call('GET', KEYS[2])
 if prior then return prior end
 local answer = ''
@@ -123,7 +124,7 @@ return answer
 async def create_file(
     r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
     size: int, storage_key: str, expires_at: int | None, created_at: int | None = None, lines: int = 0,
-    max_stored_bytes: int | None = None,
+    max_stored_bytes: int | None = None, lease: Lease | None = None,
 ) -> FileObject:
     """Record a stored file's metadata, index it for its owner and charge its size, in one step.
 
@@ -131,6 +132,7 @@ async def create_file(
     owner's stored bytes would pass it; result files have no limit (results are always kept).
     ``file_id`` is the operation's id: repeating the call (redis-py re-sending it after a lost
     reply, the finalizer registering a result file again) changes nothing and answers the same.
+    With ``lease``, nothing is recorded unless it is still held (``LeaseLost``).
     """
     created = created_at or now()
     record = {
@@ -146,6 +148,7 @@ async def create_file(
          keys.owner_files(owner, purpose), keys.FILE_EXPIRY],
         [OP_TTL_S, file_id, seq, size, -1 if max_stored_bytes is None else max_stored_bytes, expires_at or "",
          expiry_member(file_id, storage_key, owner, size), len(flat), *flat],
+        lease=lease,
     ))
     _raise_for(answer)
     return file_from_record({k: str(v) for k, v in record.items()})
@@ -221,7 +224,7 @@ FILE_TOMBSTONE_S = 600
 # ARGV: owner, op id, tombstone ttl, expiry member ('' if none), size (for the expired case), file id,
 #       content marker, when the marker is due.
 # Returns {forgotten (0/1), batches still reading the content}.
-_FORGET_FILE = Script("""
+_FORGET_FILE = FencedScript("""
 local tomb = redis.call('GET', KEYS[2])
 if tomb then
   if tomb == ARGV[2] then return {1, redis.call('SCARD', KEYS[5])} end
@@ -251,13 +254,14 @@ return {1, refs}
 
 async def _forget_file(
     r: Redis, *, file_id: str, storage_key: str, owner: str, op_id: str, member: str, size: int | str,
-    indexes: list[str],
+    indexes: list[str], lease: Lease | None = None,
 ) -> tuple[bool, str | None]:
     marker = content_marker(file_id, storage_key, owner)
     forgotten, refs = await _FORGET_FILE(
         r, [keys.file(file_id), keys.file_tombstone(file_id), keys.owner_usage(owner), keys.FILE_EXPIRY,
             keys.file_refs(file_id), *indexes],
         [owner, op_id, FILE_TOMBSTONE_S, member, size, file_id, marker, now() + FILE_TOMBSTONE_S + 60],
+        lease=lease,
     )
     return bool(forgotten), marker if forgotten and int(refs) == 0 else None
 
@@ -289,9 +293,9 @@ async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, st
     )
 
 
-async def content_removed(r: Redis, marker: str) -> None:
+async def content_removed(r: Redis, marker: str, lease: Lease | None = None) -> None:
     """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
-    await r.zrem(keys.FILE_EXPIRY, marker)
+    await execute(r, lease, ("ZREM", keys.FILE_EXPIRY, marker))
 
 
 async def page(
@@ -446,8 +450,9 @@ def _counts(h: dict[str, str]) -> RequestCounts:
 
 
 # Move a batch to a new state only if it is in one of the allowed states; optionally add it to
-# one set and remove it from others, all atomically.
-_TRANSITION = Script("""
+# sets, remove it from others and delete keys, all atomically. KEYS: batch hash, sets to add to,
+# sets to remove from, keys to delete (ARGV[6 + n] of them), WEBHOOKS_DUE.
+_TRANSITION = FencedScript("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, ''} end
 local allowed = false
@@ -467,15 +472,18 @@ if tonumber(ARGV[4]) > 0 then
   end
 end
 local adds = tonumber(ARGV[3])
+local dels = tonumber(ARGV[6 + n])
 for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
-for i = 2 + adds, #KEYS - 1 do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = 2 + adds, #KEYS - 1 - dels do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = #KEYS - dels, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
 return {1, st}
 """)
 
 
 async def transition(
     r: Redis, batch_id: str, *, allowed: Iterable[str], fields: dict[str, str | int],
-    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0,
+    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0, delete: Iterable[str] = (),
+    lease: Lease | None = None,
 ) -> tuple[bool, str]:
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
@@ -483,15 +491,18 @@ async def transition(
     target status. ``add_to``/``remove_from`` are sets of batch ids
     (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
     ``expire_s`` > 0 gives the batch record its retention period (terminal states), and queues
-    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``.
+    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``; the keys in
+    ``delete`` go in the same step (the work keys of a batch that ends). With ``lease``, nothing
+    happens unless it is still held (``LeaseLost``).
     """
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    add_to = list(add_to)
-    script_keys = [keys.batch(batch_id), *add_to, *remove_from, keys.WEBHOOKS_DUE]
+    add_to, delete = list(add_to), list(delete)
+    script_keys = [keys.batch(batch_id), *add_to, *remove_from, *delete, keys.WEBHOOKS_DUE]
     applied, before = await _TRANSITION(
-        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat],
+        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat, len(delete)],
+        lease=lease,
     )
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
@@ -506,7 +517,7 @@ async def transition(
 # acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result, usage) per line;
 # usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>" (service/core/usage.py),
 # counted into the batch, the day's usage (KEYS[5]) and the token counters (KEYS[6]) with the line.
-_RECORD = Script("""
+_RECORD = FencedScript("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
 local owner
@@ -557,17 +568,18 @@ def _record_call(batch_id: str, results: Iterable[tuple]) -> tuple[list[str], li
 
 
 async def record_results(
-    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
+    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]], *, lease: Lease | None = None,
 ) -> int:
     """Record ``(index, entry_id, outcome, result_json[, usage])`` tuples; return how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
-    batch whose work keys are gone (finished or deleted) records nothing.
+    batch whose work keys are gone (finished or deleted) records nothing. With ``lease``
+    (the finalizer's), nothing is recorded unless it is still held (``LeaseLost``).
     """
     ks, argv = _record_call(batch_id, results)
     if len(argv) == 1:
         return 0
-    return int(await _RECORD(r, ks, argv))
+    return int(await _RECORD(r, ks, argv, lease=lease))
 
 
 def queue_record(pipe, batch_id: str, results: Iterable[tuple]) -> None:
@@ -590,28 +602,31 @@ async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, by
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
-async def release(r: Redis, storage, h: dict[str, str]) -> None:
+async def release(r: Redis, storage, h: dict[str, str], *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
-    the last claim.
+    the last claim. With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])])
-    p = r.pipeline(transaction=True)
-    p.srem(keys.file_refs(h["input_file_id"]), h["id"])
-    p.scard(keys.file_refs(h["input_file_id"]))
-    p.exists(keys.file(h["input_file_id"]))
-    _, refs, exists = await p.execute()
+    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])], lease=lease)
+    _, refs, exists = await execute(
+        r, lease,
+        ("SREM", keys.file_refs(h["input_file_id"]), h["id"]),
+        ("SCARD", keys.file_refs(h["input_file_id"])),
+        ("EXISTS", keys.file(h["input_file_id"])),
+    )
     if refs == 0 and not exists:
         await storage.delete(h["input_key"])
 
 
-async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
+async def sweep_expired_files(r: Redis, storage, *, limit: int = 100, lease: Lease | None = None) -> int:
     """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
     record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
-    removal failed or was cut short (their marker is due) is removed too.
+    removal failed or was cut short (their marker is due) is removed too. With ``lease`` (the
+    finalizers' "sweep" chore), every Redis write is refused once it is lost (``LeaseLost``);
+    deleting the content of a file past its expiry is right whoever does it.
     """
     swept = 0
     for raw in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now(), start=0, num=limit):
@@ -623,7 +638,7 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
             indexes.append(keys.owner_files(owner, purpose.decode()))
         forgotten, marker = await _forget_file(
             r, file_id=file_id, storage_key=storage_key, owner=owner, op_id=f"expiry-{new_op_id()}",
-            member=member, size=size, indexes=indexes,
+            member=member, size=size, indexes=indexes, lease=lease,
         )
         if not forgotten:
             continue  # a DELETE got there first and takes care of the content
@@ -634,29 +649,8 @@ async def sweep_expired_files(r: Redis, storage, *, limit: int = 100) -> int:
             except Exception as e:
                 log.warning("file_content_delete_failed", file_id=file_id, error=f"{type(e).__name__}: {e}")
                 continue  # the marker stays: a later sweep tries again
-            await content_removed(r, marker)
+            await content_removed(r, marker, lease)
     return swept
-
-
-# ----------------------------------------------------------------------------- leases
-_HOLD_LEASE = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
-""")
-
-_DROP_LEASE = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
-
-
-async def hold_lease(r: Redis, key: str, holder: str, ttl_ms: int) -> bool:
-    """Take or renew the lease ``key`` for ``holder``; False while someone else holds it."""
-    return bool(await _HOLD_LEASE(r, [key], [holder, ttl_ms]))
-
-
-async def drop_lease(r: Redis, key: str, holder: str) -> None:
-    """Give the lease up at once (a peer need not wait for it to expire), if ``holder`` has it."""
-    await _DROP_LEASE(r, [key], [holder])
 
 
 # ----------------------------------------------------------------------------- quotas
@@ -667,7 +661,7 @@ async def usage(r: Redis, owner: str, name: str) -> int:
 
 # Give a batch's quota back, once: the 'released' flag is set in the same step, and a record that
 # is gone (its retention ended) is not recreated.
-_RELEASE_BATCH = Script("""
+_RELEASE_BATCH = FencedScript("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HSETNX', KEYS[1], 'released', '1') == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
@@ -716,16 +710,17 @@ async def audit_usage(r: Redis, storage, holder: str) -> int:
     applied only if the owner's counters did not move while they were recounted (else it is left
     to the next pass), so it never undoes a concurrent reservation.
     """
-    if not await hold_lease(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS):
+    lease = await leases.take(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS)
+    if lease is None:
         return 0
     repaired = 0
     try:
         async for key in r.scan_iter(match=keys.OWNER_USAGE_PATTERN, count=1000):
-            if not await hold_lease(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS):
+            if not await leases.renew(r, lease, AUDIT_LEASE_MS):
                 break  # another process took over (this one was paused past the lease)
             repaired += await _audit_owner(r, storage, keys.owner_of_usage(_text(key) or ""))
     finally:
-        await drop_lease(r, keys.USAGE_AUDIT_LOCK, holder)
+        await leases.drop(r, lease)
     return repaired
 
 

@@ -3,8 +3,10 @@
 A client names the URL at creation (header ``x-sluice-webhook-url``); it is kept in the batch
 hash. The script that moves the batch to a terminal state (``store.transition``) adds the batch
 to ``keys.WEBHOOKS_DUE`` in the same step, so the delivery is queued exactly once and survives
-any process dying. The active finalizer sends what is due (:class:`WebhookSender`), in a task of
-its own so a slow receiver never holds finalization up, and removes the entry once a 2xx came back.
+any process dying. The finalizer holding the "webhooks" chore lease sends what is due
+(:class:`WebhookSender`), in a task of its own so a slow receiver never holds finalization up, and
+removes the entry once a 2xx came back. Every write a pass makes is fenced by that lease: a
+finalizer paused mid-pass and resumed after a peer took the chore over records nothing more.
 Failures (network errors, timeouts, any other status) are retried with exponential backoff,
 ``webhook_backoff_s`` × 2^(attempt-1), up to ``webhook_max_attempts`` attempts: delivery is at
 least once, so receivers deduplicate on ``webhook-id``.
@@ -39,8 +41,8 @@ from yarl import URL
 
 from . import keys, store
 from .config import Settings, webhook_key
-from .connections import Script
 from .errors import bad_request
+from .leases import FencedScript, Lease, LeaseLost, execute
 from .wire import TERMINAL_STATUSES, json_encoder
 
 log = structlog.get_logger("sluice.webhooks")
@@ -310,7 +312,7 @@ def payload(h: dict[str, str]) -> bytes:
 # ARGV[1]: the attempts counted when the record was read. Only that value is bumped, so a re-run of
 # the script (redis-py re-sending it after a lost reply) answers the same number without counting
 # the attempt twice.
-_BUMP = Script("""
+_BUMP = FencedScript("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local counted = tonumber(redis.call('HGET', KEYS[1], 'webhook_attempts') or '0')
 if counted ~= tonumber(ARGV[1]) then return counted end
@@ -318,7 +320,7 @@ return redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
 """)
 
 # The delivery is over (ARGV[2]: delivered or failed): note it on the record, if any, and unqueue it.
-_DONE = Script("""
+_DONE = FencedScript("""
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook_state', ARGV[2]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 """)
@@ -338,14 +340,15 @@ class WebhookSender:
         self.session: aiohttp.ClientSession | None = None
         self.resolver: PublicOnlyResolver | None = None
         self.task: asyncio.Task | None = None
+        self.lease: Lease | None = None
 
-    def start_pass(self) -> None:
-        """Start a delivery pass unless the previous one is still under way (never waits)."""
+    def start_pass(self, lease: Lease | None = None) -> None:
+        """Start a delivery pass, fenced by ``lease``, unless the previous one is still under way."""
         if self.task is not None and not self.task.done():
             return
         if self.task is not None and not self.task.cancelled() and (e := self.task.exception()) is not None:
             log.warning("webhook_pass_failed", error=f"{type(e).__name__}: {e}")
-        self.task = asyncio.create_task(self.run_pass(), name="webhooks")
+        self.task = asyncio.create_task(self.run_pass(lease), name="webhooks")
 
     async def aclose(self) -> None:
         """Stop a pass under way (its deliveries stay queued and are retried) and close the session."""
@@ -357,19 +360,28 @@ class WebhookSender:
         if self.resolver is not None:
             await self.resolver.close()  # the connector does not close a resolver it was given
 
-    async def run_pass(self) -> int:
-        """Send every webhook due now; return how many were attempted."""
+    async def run_pass(self, lease: Lease | None = None) -> int:
+        """Send every webhook due now; return how many were attempted.
+
+        With ``lease``, every write is refused once it is lost: the pass stops there, logging
+        ``fenced_write_refused``, and the holder of the lease now retries what is left.
+        """
+        self.lease = lease
+        try:
+            return await self._pass()
+        except LeaseLost as e:
+            log.warning("fenced_write_refused", lease=lease.key if lease else "", error=str(e))
+            return 0
+
+    async def _pass(self) -> int:
         now = time.time()
         due = [m.decode() for m in await self.r.zrangebyscore(keys.WEBHOOKS_DUE, "-inf", now, start=0, num=BATCH_SIZE)]
         if not due:
             return 0
         # Claimed for the length of an attempt, so an overlapping pass (or a finalizer taking over)
         # does not send the same delivery at the same time; a dead sender's claim simply runs out.
-        lease = now + self.settings.webhook_timeout_s * 2 + 5
-        pipe = self.r.pipeline(transaction=False)
-        for batch_id in due:
-            pipe.zadd(keys.WEBHOOKS_DUE, {batch_id: lease}, xx=True)
-        await pipe.execute()
+        claimed_until = now + self.settings.webhook_timeout_s * 2 + 5
+        await execute(self.r, self.lease, *(("ZADD", keys.WEBHOOKS_DUE, "XX", claimed_until, b) for b in due))
         if self.session is None:
             connector = None
             if not self.settings.webhook_allow_private:
@@ -382,7 +394,7 @@ class WebhookSender:
             )
         results = await asyncio.gather(*(self._deliver(batch_id) for batch_id in due), return_exceptions=True)
         for batch_id, result in zip(due, results):
-            if isinstance(result, asyncio.CancelledError):
+            if isinstance(result, (asyncio.CancelledError, LeaseLost)):
                 raise result
             if isinstance(result, BaseException):
                 # Its claim runs out and it is tried again (each try counts as an attempt).
@@ -392,11 +404,13 @@ class WebhookSender:
     async def _deliver(self, batch_id: str) -> None:
         h = await store.get_batch_record(self.r, batch_id)
         if h is None or not h.get("webhook_url") or h.get("status") not in TERMINAL_STATUSES:
-            await self.r.zrem(keys.WEBHOOKS_DUE, batch_id)  # the record expired or was deleted meanwhile
+            # The record expired or was deleted meanwhile.
+            await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
-        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [int(h.get("webhook_attempts") or 0)]))
+        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [int(h.get("webhook_attempts") or 0)],
+                                  lease=self.lease))
         if attempt == 0:
-            await self.r.zrem(keys.WEBHOOKS_DUE, batch_id)
+            await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
         url, msg_id = h["webhook_url"], message_id(batch_id)
         body = payload(h)
@@ -428,12 +442,12 @@ class WebhookSender:
                 return
         outcome["seconds"] = round(time.monotonic() - started, 3)
         if ok:
-            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "delivered"])
+            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "delivered"], lease=self.lease)
             bound.info("webhook_delivered", **outcome)
         elif attempt >= self.settings.webhook_max_attempts:
-            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "failed"])
+            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "failed"], lease=self.lease)
             bound.warning("webhook_given_up", **outcome)
         else:
             wait = backoff(self.settings, attempt)
-            await self.r.zadd(keys.WEBHOOKS_DUE, {batch_id: time.time() + wait}, xx=True)
+            await execute(self.r, self.lease, ("ZADD", keys.WEBHOOKS_DUE, "XX", time.time() + wait, batch_id))
             bound.info("webhook_retrying", retry_in_s=round(wait, 3), **outcome)

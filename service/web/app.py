@@ -220,8 +220,9 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app[appkeys.OUTAGE] = Outage(log)
     app[appkeys.STORAGE] = storage if storage is not None else open_storage(settings)
     app[appkeys.REDIS] = r
-    feeder = Feeder(app[appkeys.REDIS], app[appkeys.STORAGE], settings, process_name())
-    app[appkeys.PUBLISHER] = Publisher(app[appkeys.REDIS], app[appkeys.STORAGE], settings, feeder.wake)
+    name = process_name()  # holder of this process's validator and feeder leases
+    feeder = Feeder(app[appkeys.REDIS], app[appkeys.STORAGE], settings, name)
+    app[appkeys.PUBLISHER] = Publisher(app[appkeys.REDIS], app[appkeys.STORAGE], settings, feeder.wake, name)
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
@@ -232,7 +233,8 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
         stop.set()
         app[appkeys.PUBLISHER].wake.set()
         feeder.wake.set()
-        # The feeder gives its leases up on the way out; the publisher's claim simply expires.
+        # The feeder gives its leases up on the way out; a validation cut short keeps its lease
+        # until it expires, then a peer redoes it.
         tasks[0].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if redis is None:

@@ -8,9 +8,11 @@ without a result yet), reading on from the input file in storage.
 
 Resuming is exact: the number of lines published (``feed_index``) and the byte offset of the
 next line (``feed_offset``) live in the batch hash and move in the same script that adds the
-lines, and that script refuses to run from a stale position. A process taking over a batch
-after a crash (its lease expired) continues where the last one stopped: no line twice, none
-skipped. Stream entry ids stay ``0-<line index + 1>``.
+lines, and that script refuses to run from a stale position or without the feeder lease
+(``keys.feeder``, with a fencing token: ``service/core/leases.py``). A process taking over a batch
+after a crash or a stall (its lease expired) continues where the last one stopped: no line twice,
+none skipped; the stalled one, resumed, publishes nothing more. Stream entry ids stay
+``0-<line index + 1>``.
 
 Lines routed to a provider the batch delegates to (its own Batch API, ``deleg_providers``) are
 passed over: the finalizers upload them (workers/delegate.py). The window of such a batch counts
@@ -28,10 +30,11 @@ from typing import AsyncIterator
 
 import structlog
 
-from service.core import keys, store
+from service.core import keys, leases, store
 from service.core.config import Settings
-from service.core.connections import REDIS_DOWN, Outage, Script
+from service.core.connections import REDIS_DOWN, Outage
 from service.core.delegation import delegated_providers
+from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import sleep_unless_stopped
 from service.core.storage import Storage
 from service.core.validation import Line, check_line, iter_lines
@@ -50,7 +53,7 @@ REST_S = 5.0
 # feed_index after it, then (index, custom_id, body, provider, cost) per line published (delegated
 # lines are read and passed over). Returns the new feed_index, -1 when the position is stale (a
 # peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
-_FEED = Script("""
+_FEED = FencedScript("""
 if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
 for i = 4, #ARGV, 5 do
@@ -85,6 +88,7 @@ class Feeder:
         self.name = name
         self.wake = asyncio.Event()
         self.cursors: dict[str, _Cursor] = {}
+        self.leases: dict[str, Lease] = {}  # batch id -> the feeder lease held
         self.renew_at: dict[str, float] = {}  # batch id -> when (monotonic) to renew its lease
         self.resting: dict[str, float] = {}  # batch id -> until when (monotonic) not to touch it
         # Short enough that a peer takes over soon after a crash, long enough to ride out a pause.
@@ -129,6 +133,10 @@ class Feeder:
             h = {k: v.decode() for k, v in zip(_FIELDS, values) if v is not None}
             try:
                 await self._top_up(batch_id, h)
+            except LeaseLost as e:
+                # Paused past the lease: a peer feeds this batch now (from what Redis says).
+                log.warning("fenced_write_refused", batch_id=batch_id, error=str(e))
+                await self._forget(batch_id)
             except REDIS_DOWN:
                 raise
             except Exception:
@@ -140,19 +148,30 @@ class Feeder:
         now = time.monotonic()
         if now < self.renew_at.get(batch_id, 0.0):
             return True
-        if await store.hold_lease(self.r, keys.feeder(batch_id), self.name, self.lease_ms):
-            self.renew_at[batch_id] = now + self.lease_ms / 4000
-            return True
-        await self._forget(batch_id)
-        return False
+        lease = self.leases.get(batch_id)
+        if lease is not None and not await leases.renew(self.r, lease, self.lease_ms):
+            log.warning("lease_lost", batch_id=batch_id, lease=lease.key, token=lease.token)
+            await self._forget(batch_id)
+            lease = None
+        if lease is None:
+            lease = await leases.take(self.r, keys.feeder(batch_id), self.name, self.lease_ms)
+            if lease is None:
+                await self._forget(batch_id)
+                return False
+            # A new token: whatever this process read for the batch before is stale.
+            await self._close(batch_id)
+            self.leases[batch_id] = lease
+        self.renew_at[batch_id] = now + self.lease_ms / 4000
+        return True
 
     async def _top_up(self, batch_id: str, h: dict[str, str]) -> None:
         if "feed_index" not in h:
             return  # not started yet, or its record is gone
         index, total = int(h["feed_index"]), int(h.get("total") or 0)
+        lease = self.leases[batch_id]
         if h.get("status") != "in_progress" or h.get("abort") or index >= total:
             # Fully fed, aborting or ended: the finalizer records whatever was never published.
-            await self.r.srem(keys.FEEDING_BATCHES, batch_id)
+            await leases.execute(self.r, lease, ("SREM", keys.FEEDING_BATCHES, batch_id))
             await self._let_go(batch_id)
             return
         window = int(h["feed_window"])
@@ -171,7 +190,7 @@ class Feeder:
                 if not read:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
                 got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)],
-                                      [index, end, index + read, *argv]))
+                                      [index, end, index + read, *argv], lease=lease))
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)
@@ -221,17 +240,19 @@ class Feeder:
         if cursor is not None:
             await cursor.lines.aclose()
 
-    async def _forget(self, batch_id: str) -> None:
+    async def _forget(self, batch_id: str) -> Lease | None:
         """Stop feeding ``batch_id`` here (its lease stays until it expires or is dropped)."""
         self.renew_at.pop(batch_id, None)
         await self._close(batch_id)
+        return self.leases.pop(batch_id, None)
 
     async def _let_go(self, batch_id: str) -> None:
-        await self._forget(batch_id)
-        await store.drop_lease(self.r, keys.feeder(batch_id), self.name)
+        lease = await self._forget(batch_id)
+        if lease is not None:
+            await leases.drop(self.r, lease)
 
     async def _let_go_all(self) -> None:
-        for batch_id in list(self.renew_at):
+        for batch_id in list(self.leases):
             with contextlib.suppress(*REDIS_DOWN):
                 await self._let_go(batch_id)
         for batch_id in list(self.cursors):

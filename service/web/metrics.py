@@ -183,18 +183,25 @@ class ClusterCollector:
         yield GaugeMetricFamily("sluice_finalizer_lag_seconds", "Age of the oldest result not yet written.",
                                 value=round(max((b.oldest_undrained_s for b in snap.batches if b.undrained),
                                                 default=0.0), 3))
-        active = next((p for p in snap.processes if p.name == snap.finalizer_lock), None)
-        yield GaugeMetricFamily("sluice_finalizer_active", "1 when a live finalizer holds the lock.",
-                                value=1 if active is not None and active.live else 0)
+        finalizers = sorted((p for p in snap.processes if p.role == "finalizer" and p.live), key=lambda p: p.name)
+        leased = GaugeMetricFamily("sluice_finalizer_leased_batches",
+                                   "Running batches whose lease a live finalizer holds (each finalizes its own).",
+                                   labels=["process"])
         tick = GaugeMetricFamily("sluice_finalizer_last_tick_age_seconds",
-                                 "Seconds since the active finalizer finished a pass over the live batches.")
-        if active is not None:
+                                 "Seconds since a live finalizer finished a pass over the batches it holds.",
+                                 labels=["process"])
+        for p in finalizers:
+            leased.add_metric([p.name], snap.leased_batches(p.name))
             try:
-                since = float(active.fields.get("since_tick_s") or 0)
+                since = float(p.fields.get("since_tick_s") or 0)
             except ValueError:
                 since = 0.0
-            tick.add_metric([], round(since + active.age_s, 3))
+            tick.add_metric([p.name], round(since + p.age_s, 3))
+        yield leased
         yield tick
+        yield GaugeMetricFamily("sluice_finalizer_unleased_batches",
+                                "Running batches no finalizer holds: none is at work, or one stopped and its leases "
+                                "have not expired yet.", value=snap.unleased_batches)
 
 
 def exposition(snap: Snapshot) -> bytes:

@@ -17,7 +17,7 @@ from collections import Counter
 import openai
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(240)]
 
 LINES = int(os.environ.get("SLUICE_CHAOS_LINES", "5000"))
 KILLS = 6

@@ -354,7 +354,7 @@ def test_deploy_files_agree_on_process_types():
     assert procfile, "the Procfile declares no process type"
     app = _app_json()
     assert set(app["formation"]) == set(procfile), (app["formation"], procfile)
-    assert app["formation"]["finalizer"]["quantity"] == 1, "run one finalizer (a second only waits as standby)"
+    assert app["formation"]["finalizer"]["quantity"] == 1, "one finalizer by default (more share the batches)"
     assert _systemd_types() == set(procfile), (_systemd_types(), procfile)
     # Every unit runs the same command as the Procfile line of its type.
     commands = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())

@@ -1,4 +1,4 @@
-"""Poison lines, finalizer standby and takeover, and a web process draining uploads on SIGTERM."""
+"""Poison lines, finalizers sharing batches and taking over, and a web process draining uploads on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+from service.core import keys, leases
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -42,23 +44,44 @@ def test_a_line_that_keeps_killing_workers_ends_as_poison(stack_factory, wait_un
     assert stack.mock_stats()["requests"] == 2
 
 
-def test_second_finalizer_waits_then_takes_over(stack_factory, wait_until):
-    stack = stack_factory.start(name="standby", workers=1, env={"SLUICE_LEASE_S": "2"})
+def test_finalizers_share_the_batches_and_take_over_from_a_dead_one(stack_factory, wait_until):
+    stack = stack_factory.start(name="finalizers", workers=1, worker_concurrency=2, env={"SLUICE_LEASE_S": "2"})
     first = stack.process("finalizer")
     second = stack.spawn("finalizer")
-    wait_until(lambda: "finalizer_standby" in second.tail(50), timeout=20,
-               message="the second finalizer to report standby", check=stack.check_alive)
-    assert "finalizer_active" not in second.tail(50)
+    messages = {f"fo-{b}-{i}": f"batch {b} line {i}" for b in range(2) for i in range(20)}
+    batches = []
+    for b in range(2):
+        # Slow lines: both batches run long enough for the finalizers to share them out.
+        rows = [stack.chat_line(cid, msg, mock_latency_ms=1000) for cid, msg in messages.items()
+                if cid.startswith(f"fo-{b}-")]
+        batches.append(stack.submit(rows)[1])
+    redis = stack.redis.client()
+    lease_keys = [keys.finalizer(b.id) for b in batches]
 
+    def holders() -> list[str]:
+        return [leases.holder_of(v) for v in redis.mget(lease_keys)]
+
+    def pid(holder: str) -> int | None:
+        return int(holder.split("-")[-2]) if holder else None
+
+    # Every finalizer works: with two of them, each holds one of the two running batches.
+    wait_until(lambda: sorted(pid(h) or 0 for h in holders()) == sorted([first.pid, second.pid]), timeout=30,
+               message=lambda: f"each finalizer to hold one batch (holders {holders()})", check=stack.check_alive)
+
+    orphan = batches[[pid(h) for h in holders()].index(first.pid)].id
     _kill(first)
-    wait_until(lambda: "finalizer_active" in second.tail(50), timeout=20,
-               message="the standby finalizer to take over", check=stack.check_alive)
-    messages = {f"fo-{i}": f"after takeover {i}" for i in range(20)}
-    _, batch = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()])
-    done = stack.wait_for_batch(batch.id, timeout=30)
-    assert done.status == "completed", done
-    output, _ = stack.results(done)
-    assert sorted(line["custom_id"] for line in output) == sorted(messages)
+    seen = []
+    for created in batches:
+        done = stack.wait_for_batch(created.id, timeout=60)
+        assert done.status == "completed", done
+        output, errors = stack.results(done)
+        assert errors == []
+        seen += [line["custom_id"] for line in output]
+    assert sorted(seen) == sorted(messages)
+    # The dead finalizer's batch was finished by the live one, once its lease had expired.
+    finished = [json.loads(line) for line in second.tail(200).splitlines() if '"batch_finished"' in line]
+    assert orphan in [record["batch_id"] for record in finished], finished
+    redis.close()
 
 
 def test_sigterm_lets_an_upload_under_way_finish(stack_factory, wait_until):

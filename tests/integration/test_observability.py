@@ -69,7 +69,9 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     assert _get(fams, "sluice_processes", role="worker", state="live") == 2
     assert _get(fams, "sluice_processes", role="worker", state="stale") == 0
     assert _get(fams, "sluice_processes", role="finalizer", state="live") == 1
-    assert _get(fams, "sluice_finalizer_active") == 1
+    finalizer = next(s for s in fams["sluice_finalizer_leased_batches"])
+    assert finalizer.labels["process"].split("-")[-2] == str(stack.process("finalizer").pid), finalizer
+    assert _get(fams, "sluice_finalizer_unleased_batches") == 0
     assert _get(fams, "sluice_finalizer_lag_lines") == 0
     assert _get(fams, "sluice_lines_pending") == 0
     # The finished batch has no series left (batch_id labels only for running batches).
@@ -85,7 +87,8 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
         waiting = _get(f, "sluice_batch_lines_waiting", batch_id=running.id)
         pending = _get(f, "sluice_batch_lines_pending", batch_id=running.id)
         busy = sum(s.value for s in f.get("sluice_worker_lines_in_flight", []))
-        return f if waiting == 40 and pending > 0 and busy > 0 else None
+        leased = _get(f, "sluice_finalizer_leased_batches")  # the only finalizer holds the running batch
+        return f if waiting == 40 and pending > 0 and busy > 0 and leased == 1 else None
 
     fams = wait_until(running_visible, timeout=60, interval=0.25, message="the running batch in /metrics",
                       check=stack.check_alive)
@@ -93,6 +96,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     status = stack.sluice("status", check=True).stdout
     assert running.id in status and "/40" in status, status
     assert status.count("LIVE") == 3, status
+    assert "running (1 batch)" in status, status
 
     # SIGKILL one worker: it stops heart-beating and shows as stale (and stays listed).
     victim = stack.process("worker-1")

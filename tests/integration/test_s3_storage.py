@@ -168,6 +168,51 @@ async def test_interrupted_append_is_repaired_by_its_redo(s3, s3_bucket):
     assert sorted(k.rsplit("/", 1)[1] for k in s3_bucket.keys()) == [f"{0:020d}", f"{5000:020d}"]
 
 
+async def test_a_stale_append_cannot_damage_what_a_newer_writer_stored(s3, s3_bucket):
+    """A finalizer paused past its lease (token 1) resumes and appends what it had read, at the offset it
+    had; meanwhile a newer one (token 2) appended from there on. Nothing of the newer one's goes."""
+    key = "batch_5_output.jsonl"
+    a, b, c, d = b"A" * 600, b"B" * 700, b"C" * 2500, b"D" * 400
+    assert await s3.append(key, a, 0, token=1) == 600
+    assert await s3.append(key, b, 600, token=1) == 1300  # merged into one part: [0, 1300)
+    # Token 2 takes over at 1300 (what token 1 recorded) and appends c, then d.
+    assert await s3.append(key, c, 1300, token=2) == 3800
+    assert await s3.append(key, d, 3800, token=2) == 4200
+    # Token 1 resumes: the same bytes at the same offset, once as a part of its own and once merged
+    # into its tail part (which used to delete every part after it).
+    assert await s3.append(key, c, 1300, token=1) == 3800
+    assert await s3.append(key, c[:100], 1300, token=1) == 1400
+    assert await _read(s3, key) == a + b + c + d
+    assert await s3.size(key) == 4200
+    # Even different bytes under the lower token change nothing the higher one stored.
+    await s3.append(key, b"x" * 50, 1300, token=1)
+    assert await _read(s3, key) == a + b + c + d
+    # The stale writer had read further than the newer one has got to: the same bytes, past its end;
+    # the newer one's next append writes them again and carries on.
+    await s3.append(key, c + d + b"E" * 10, 1300, token=1)
+    assert await s3.append(key, b"E" * 10, 4200, token=2) == 4210
+    assert await s3.append(key, b"F" * 10, 4210, token=2) == 4220
+    assert await _read(s3, key) == a + b + c + d + b"E" * 10 + b"F" * 10
+    assert await s3.size(key) == 4220
+
+
+async def test_a_redo_under_a_newer_token_drops_the_leftovers_of_an_older_one(s3, s3_bucket):
+    """A finalizer killed mid-append (token 1) left bytes past its recorded offset; the next (token 2)
+    redoes the append from that offset: the leftovers go, whatever they were."""
+    key = "batch_6_error.jsonl"
+    first = b"1" * 1400
+    await s3.append(key, first, 0, token=1)
+    await s3.append(key, b"?" * 5000, 1400, token=1)  # never recorded
+    # ... and a part after a gap, not part of the file (from an even older interrupted attempt).
+    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Body=b"?" * 10,
+                                         Key=f"{s3_bucket.prefix}/{key}.parts/{9000:020d}-{1:020d}")
+    assert await s3.append(key, b"2" * 300, 1400, token=2) == 1700
+    assert await _read(s3, key) == first + b"2" * 300
+    assert await s3.size(key) == 1700
+    names = sorted(k.rsplit("/", 1)[1] for k in s3_bucket.keys())
+    assert names == [f"{0:020d}-{1:020d}", f"{1400:020d}-{2:020d}"], names
+
+
 async def test_delete_removes_every_part(s3, s3_bucket):
     offset = 0
     for i in range(5):

@@ -246,12 +246,12 @@ class LoseReplies:
     def __init__(self, script, *, run: bool, times: int = 1) -> None:
         self.script, self.run, self.times = script, run, times
 
-    async def __call__(self, r, keys_, args=()):
+    async def __call__(self, r, keys_, args=(), **kwargs):
         if self.times <= 0:
-            return await self.script(r, keys_, args)
+            return await self.script(r, keys_, args, **kwargs)
         self.times -= 1
         if self.run:
-            await self.script(r, keys_, args)
+            await self.script(r, keys_, args, **kwargs)
         raise RedisConnectionError("Connection closed by server.")
 
 
@@ -376,7 +376,9 @@ async def test_audit_runs_in_one_process_at_a_time(r, tmp_path):
 
     await new_batch(r, bid(1), 4)
     await r.hincrby(keys.owner_usage(OWNER), "active_batches", 3)
-    await store.hold_lease(r, keys.USAGE_AUDIT_LOCK, "auditor-1", 60_000)
+    from service.core import leases
+
+    assert await leases.take(r, keys.USAGE_AUDIT_LOCK, "auditor-1", 60_000) is not None
     assert await store.audit_usage(r, LocalStorage(tmp_path), "auditor-2") == 0
     assert (await usage(r))["active_batches"] == 4
 
@@ -419,7 +421,9 @@ async def test_finalizer_releases_a_batch_whose_finish_was_interrupted(r, tmp_pa
     await store.transition(r, bid(1), allowed=["validating"], fields={"status": "completed"},
                            remove_from=[keys.ACTIVE_BATCHES], expire_s=3600)
     await r.sadd(keys.LIVE_BATCHES, bid(1))
-    await fin.advance(bid(1))
+    from service.core import leases
+
+    await fin.advance(bid(1), await leases.take(r, keys.finalizer(bid(1)), fin.name, 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
     assert await r.sismember(keys.LIVE_BATCHES, bid(1)) == 0
 
@@ -435,7 +439,9 @@ async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_pa
     await new_batch(r, bid(1), 4)
     # Failed validation (or cancelled before it started), then the web process died: still queued.
     await store.transition(r, bid(1), allowed=["validating"], fields={"status": "failed"}, expire_s=3600)
-    await pub.process(bid(1))
+    from service.core import leases
+
+    await pub.process(bid(1), await leases.take(r, keys.validator(bid(1)), "web-1", 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
     assert await r.zscore(keys.PENDING_VALIDATION, bid(1)) is None
 
@@ -450,11 +456,11 @@ class CancelMidCall:
     def __init__(self, script, *, run: bool, late: bool = False) -> None:
         self.script, self.run, self.late, self.pending = script, run, late, None
 
-    async def __call__(self, r, keys_, args=()):
+    async def __call__(self, r, keys_, args=(), **kwargs):
         import asyncio
 
         if self.run:
-            await self.script(r, keys_, args)
+            await self.script(r, keys_, args, **kwargs)
         elif self.late:
             self.pending = (r, keys_, args)
         raise asyncio.CancelledError()

@@ -522,7 +522,7 @@ async function refreshCluster() {
   $("#processes tbody").replaceChildren(...c.processes.map((p) => el("tr", { "data-role": p.role, "data-name": p.name },
     el("td", { text: p.role }), el("td", { text: p.name }), el("td", { text: p.host }), el("td", { text: p.pid }),
     el("td", { class: "num", text: p.role === "worker" ? `${p.in_flight}/${p.concurrency}` : "—" }),
-    el("td", { text: (p.state || "") + (p.holds_finalizer_lock ? " (lock)" : "") }),
+    el("td", { text: (p.state || "") + (p.role === "finalizer" ? ` (${fmtInt(p.leased_batches)} batch${p.leased_batches === 1 ? "" : "es"})` : "") }),
     el("td", { class: "num", text: fmtAge(p.last_beat_s) }),
     el("td", {}, el("span", { class: `health ${p.live ? "live" : "stale"}`, text: p.live ? "live" : "stale" })))));
   $("#no-processes").hidden = c.processes.length > 0;

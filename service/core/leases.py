@@ -1,0 +1,215 @@
+"""Leases with fencing tokens: the one primitive every role that holds a lease or lock uses.
+
+A lease is a Redis key holding ``"<token> <holder>"`` with a TTL. Taking a free lease draws a new
+token from one monotonic counter (``INCR keys.LEASE_SEQ``), so a later holder always has a
+larger token than an earlier one. A TTL alone does not stop a holder that was paused (a GC pause,
+a frozen VM, SIGSTOP) from resuming and writing after another process took over: so every Redis
+write a holder makes runs in a script that first checks, atomically, that the lease key still
+holds the holder's value. A stale holder's write is refused with a ``FENCED`` error reply, which
+:class:`FencedScript` raises as :class:`LeaseLost`; the holder then drops that work (it logs
+``fenced_write_refused``) and, if it wants it back, takes the lease anew and reloads its state.
+
+Everything here is safe to run twice (redis-py re-sends a command whose reply was lost):
+taking a lease its holder already has returns the same token, renewing or dropping twice
+changes nothing more than once. Writes outside Redis cannot check a token; see
+``Storage.append`` for how the finalizer's file writes are kept harmless instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from . import keys
+from .connections import Script
+
+Redis = aioredis.Redis
+
+FENCED = "FENCED"
+
+
+class LeaseLost(Exception):
+    """A write on behalf of a lease was refused: the lease expired or another holder has it now."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease held by ``holder`` under fencing token ``token`` (what the lease key holds)."""
+
+    key: str
+    token: int
+    holder: str
+
+    @property
+    def value(self) -> str:
+        return f"{self.token} {self.holder}"
+
+    @classmethod
+    def parse(cls, key: str, value: bytes | str) -> "Lease":
+        text = value.decode() if isinstance(value, bytes) else value
+        token, _, holder = text.partition(" ")
+        return cls(key, int(token), holder)
+
+
+def holder_of(value: bytes | str | None) -> str:
+    """The holder named by a lease key's value ("" when the lease is free or unreadable)."""
+    if not value:
+        return ""
+    text = value.decode() if isinstance(value, bytes) else value
+    return text.partition(" ")[2]
+
+
+# KEYS: lease, token counter. ARGV: holder, ttl (ms). The lease's value, or false when another
+# holder has it. The holder already having it (a re-sent call) keeps its token.
+_TAKE = Script("""
+local current = redis.call('GET', KEYS[1])
+if current then
+  local sep = string.find(current, ' ', 1, true)
+  if sep and string.sub(current, sep + 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return current
+  end
+  return false
+end
+local value = string.format('%d', redis.call('INCR', KEYS[2])) .. ' ' .. ARGV[1]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
+""")
+
+# Extend only the very lease given: an expired or re-taken one is never brought back.
+_RENEW = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+""")
+
+_DROP = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""")
+
+# Prepended to every fenced script: KEYS[1] is the lease key and ARGV[1] the value its holder
+# expects there ("" for an unfenced call); both are removed, so the script body sees its own
+# KEYS and ARGV from index 1, as if called without a fence.
+_FENCE = """
+local fence_key = table.remove(KEYS, 1)
+local fence = table.remove(ARGV, 1)
+if fence ~= '' and redis.call('GET', fence_key) ~= fence then
+  return redis.error_reply('FENCED ' .. fence_key .. ' is no longer held by ' .. fence)
+end
+"""
+
+
+class FencedScript(Script):
+    """A script that runs only while the caller's lease is still its own.
+
+    Call it with ``lease`` (or None for a caller that holds no lease, such as the API or the
+    workers, whose writes are guarded otherwise); ``keys``/``args`` are the script's own.
+    """
+
+    def __init__(self, body: str) -> None:
+        super().__init__(_FENCE + body)
+
+    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = (),  # type: ignore[override]
+                       lease: Lease | None = None) -> Any:
+        try:
+            return await super().__call__(r, *_fenced(lease, keys, args))
+        except ResponseError as e:
+            if str(e).startswith(FENCED):
+                raise LeaseLost(str(e)) from None
+            raise
+
+    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any] = (),  # type: ignore[override]
+              lease: Lease | None = None) -> None:
+        super().queue(pipe, *_fenced(lease, keys, args))
+
+
+def _fenced(lease: Lease | None, keys: Sequence[str], args: Sequence[Any]) -> tuple[list[str], list[Any]]:
+    # An unfenced call still names a key in the script's first slot (its own first key), so the
+    # script's keys stay in one cluster slot.
+    fence_key = lease.key if lease is not None else (keys[0] if keys else "")
+    return [fence_key, *keys], [lease.value if lease is not None else "", *args]
+
+
+# ARGV: for each command, its number of words and then the words.
+_EXECUTE = FencedScript("""
+local replies = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local reply = redis.call(unpack(ARGV, i + 1, i + n))
+  if reply == nil then reply = false end
+  replies[#replies + 1] = reply
+  i = i + n + 1
+end
+return replies
+""")
+
+
+async def take(r: Redis, key: str, holder: str, ttl_ms: int) -> Lease | None:
+    """Take the lease ``key`` for ``holder`` (a fresh token), or None while someone else holds it.
+
+    If ``holder`` already has it, its TTL is renewed and the same token comes back.
+    """
+    value = await _TAKE(r, [key, keys.LEASE_SEQ], [holder, ttl_ms])
+    return Lease.parse(key, value) if value else None
+
+
+async def take_many(r: Redis, lease_keys: Sequence[str], holder: str, ttl_ms: int) -> list[Lease | None]:
+    """:func:`take` for several leases in one round trip."""
+    for attempt in (1, 2):
+        pipe = r.pipeline(transaction=False)
+        for key in lease_keys:
+            _TAKE.queue(pipe, [key, keys.LEASE_SEQ], [holder, ttl_ms])
+        try:
+            values = await pipe.execute()
+            break
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            await _TAKE.load(r)  # Redis restarted and forgot its scripts; taking twice is harmless
+    return [Lease.parse(key, v) if v else None for key, v in zip(lease_keys, values)]
+
+
+async def renew(r: Redis, lease: Lease, ttl_ms: int) -> bool:
+    """Extend ``lease`` by ``ttl_ms``; False when it is no longer held (expired or re-taken)."""
+    return bool(await _RENEW(r, [lease.key], [lease.value, ttl_ms]))
+
+
+async def renew_many(r: Redis, held: Iterable[Lease], ttl_ms: int) -> list[Lease]:
+    """Renew several leases in one round trip; return those that were lost."""
+    held = list(held)
+    if not held:
+        return []
+    for attempt in (1, 2):
+        pipe = r.pipeline(transaction=False)
+        for lease in held:
+            _RENEW.queue(pipe, [lease.key], [lease.value, ttl_ms])
+        try:
+            answers = await pipe.execute()
+            break
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            await _RENEW.load(r)
+    return [lease for lease, ok in zip(held, answers) if not ok]
+
+
+async def drop(r: Redis, lease: Lease) -> None:
+    """Give ``lease`` up at once (a peer need not wait for it to expire), if it is still held."""
+    await _DROP(r, [lease.key], [lease.value])
+
+
+async def execute(r: Redis, lease: Lease | None, *commands: Sequence[Any]) -> list[Any]:
+    """Run ``commands`` (each a sequence of words, e.g. ``("HSET", key, field, value)``) atomically,
+    only while ``lease`` is held; return their replies. Raises :class:`LeaseLost` otherwise.
+
+    For plain commands without logic between them; a write that needs logic gets a
+    :class:`FencedScript` of its own.
+    """
+    argv: list[Any] = []
+    for command in commands:
+        argv += [len(command), *command]
+    return list(await _EXECUTE(r, [], argv, lease=lease))
