@@ -171,9 +171,9 @@ class Finalizer:
             custom_id = getattr(request, "custom_id", "")
             pending.append((index, "", Outcome.FAILED, abort_line(custom_id, reason)))
             if len(pending) >= ABORT_CHUNK:
-                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
+                await store.record_results(self.redis, batch_id, pending)
                 pending = []
-        self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending))
+        await store.record_results(self.redis, batch_id, pending)
         log.info("batch_aborted", batch_id=batch_id, reason=reason)
 
     async def _in_flight_settled(self, batch_id: str) -> bool:

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 from service.core import keys, store
 from service.core.config import Settings
 from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, connect
+from service.core.counters import Attempts
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
@@ -266,10 +267,10 @@ class Worker:
         if poison:
             self.log.error("poison_lines", batch_id=batch_id, custom_ids=[line.custom_id for line in poison])
             message = f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
-            self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
+            await store.record_results(self.redis, batch_id, [
                 (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
                 for line in poison
-            ]))
+            ])
         return [line for line in lines if line not in poison]
 
     @staticmethod
@@ -283,9 +284,9 @@ class Worker:
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             if skipped:
-                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
+                await store.record_results(self.redis, batch_id, [
                     (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
-                ]))
+                ])
         for line in lines:
             if line.batch_id not in aborts:
                 task = asyncio.create_task(self._process(line))
@@ -297,9 +298,12 @@ class Worker:
         info = self.batches.get(line.batch_id)
         if info is None:
             return  # the batch is gone; nothing left to record into
+        provider = self.settings.provider(line.provider)
+        # Attempts count under configured providers only: a line's provider field may name none.
+        attempts = Attempts(provider.name if provider else "")
         while True:
             try:
-                result = await self._call(line, info, bound)
+                result = await self._call(line, info, bound, attempts)
                 break
             except REDIS_DOWN as e:
                 # Only waiting for a provider slot touches Redis before the call: safe to redo.
@@ -314,15 +318,15 @@ class Worker:
                     0)
                 break
         try:
-            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line))
+            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line,
+                                                       *attempts.encode(result.outcome)))
         except Exception:
             # Left pending: the line is delivered again after its lease.
             bound.exception("record_failed")
             return
-        self.tally.line(result.outcome)
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
-    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
+    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger, attempts: Attempts) -> CallResult:
         provider = self.settings.provider(line.provider)
         if provider is None:
             return CallResult(Outcome.FAILED, error_line(
@@ -330,7 +334,7 @@ class Worker:
         api_key = unseal(self.settings.secret_key, info.sealed_key) if info.sealed_key else provider.api_key
         return await self.upstream.call(
             provider, info.endpoint, line.custom_id, line.body,
-            api_key=api_key, holder=line.holder, cost=line.cost, log=log,
+            api_key=api_key, holder=line.holder, cost=line.cost, log=log, attempts=attempts,
         )
 
     # ------------------------------------------------------------------ leases and shutdown

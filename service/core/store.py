@@ -16,7 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from . import keys
+from . import counters, keys
 from .connections import Script
 from .wire import Batch, BatchError, BatchErrors, FileObject, RequestCounts
 
@@ -287,12 +287,16 @@ async def transition(
 
 
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
-# redelivery, the result goes to the results stream, the counter moves, the work entry is
-# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result) per line.
+# redelivery, the result goes to the results stream, the work entry is acknowledged and deleted,
+# and the lines newly recorded move the batch's counters, the cluster counters and the current
+# minute's history in the same step (service/core/counters.py), so no count is lost or doubled.
+# KEYS: done, results, batch, lines, metrics lines, upstream, latency, history minute.
+# ARGV: group, history TTL, then (index, entry_id, outcome, result, shape, micros) per line.
 _RECORD = Script("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
-for i = 2, #ARGV, 4 do
+local shapes, sums = {}, {}
+for i = 3, #ARGV, 6 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
     redis.call('XACK', KEYS[4], ARGV[1], entry)
@@ -300,10 +304,34 @@ for i = 2, #ARGV, 4 do
   end
   if alive and redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 then
     redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
-    redis.call('HINCRBY', KEYS[3], ARGV[i + 2], 1)
     recorded = recorded + 1
+    local shape = ARGV[i + 4]
+    local s = sums[shape]
+    if s then
+      shapes[shape] = shapes[shape] + 1
+    else
+      s = {}
+      sums[shape] = s
+      shapes[shape] = 1
+    end
+    local us = ARGV[i + 5]
+    if us ~= '' then
+      local v = tonumber(us)
+      if v then
+        s[1] = (s[1] or 0) + v
+      else
+        local k = 0
+        for x in string.gmatch(us, '%d+') do
+          k = k + 1
+          s[k] = (s[k] or 0) + tonumber(x)
+        end
+      end
+    end
   end
 end
+if recorded == 0 then return 0 end
+""" + counters.LUA_EXPAND + """
+redis.call('EXPIRE', KEYS[8], ARGV[2])
 return recorded
 """)
 
@@ -315,33 +343,42 @@ class Outcome:
     FAILED = "failed"
 
 
-def _record_call(batch_id: str, results: Iterable[tuple[int, str, str, bytes]]) -> tuple[list[str], list]:
-    argv: list[str | int | bytes] = [keys.WORKER_GROUP]
-    for index, entry_id, outcome, result in results:
-        argv += [index, entry_id, outcome, result]
-    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id)], argv
+# A result to record: (index, entry_id, outcome, result_json), or the same followed by the line's
+# (shape, micros) from ``counters.Attempts.encode`` when it was sent upstream.
+Result = tuple
 
 
-async def record_results(
-    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]],
-) -> int:
-    """Record ``(index, entry_id, outcome, result_json)`` tuples; return how many were new.
+def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> tuple[list[str], list]:
+    argv: list[str | int | bytes] = [keys.WORKER_GROUP, counters.HISTORY_TTL_S]
+    for result in results:
+        if len(result) == 6:
+            argv += result
+        else:
+            argv += [*result, *counters.unsent(result[2])]
+    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
+            keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY, keys.history(minute)], argv
+
+
+async def record_results(r: Redis, batch_id: str, results: Iterable[Result]) -> int:
+    """Record ``(index, entry_id, outcome, result_json[, shape, micros])`` tuples; return how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
-    batch whose work keys are gone (finished or deleted) records nothing.
+    batch whose work keys are gone (finished or deleted) records nothing. The lines recorded
+    are counted in the cluster counters and the history in the same step.
     """
-    ks, argv = _record_call(batch_id, results)
-    if len(argv) == 1:
+    ks, argv = _record_call(batch_id, results, counters.minute_of(time.time()))
+    if len(argv) == 2:
         return 0
     return int(await _RECORD(r, ks, argv))
 
 
-async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:
+async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
     """``record_results`` for several batches in one round trip."""
+    minute = counters.minute_of(time.time())
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for batch_id, results in by_batch.items():
-            _RECORD.queue(pipe, *_record_call(batch_id, results))
+            _RECORD.queue(pipe, *_record_call(batch_id, results, minute))
         try:
             await pipe.execute()
             return

@@ -14,9 +14,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.cli import status
-from service.core import cluster, keys
+from service.core import cluster, keys, store
 from service.core.config import Provider, Settings
-from service.core.heartbeat import Heartbeat, Tally
+from service.core.counters import Attempts
+from service.core.heartbeat import Heartbeat
 from service.core.storage import LocalStorage
 from service.web import metrics
 from service.web.app import create_app
@@ -49,72 +50,88 @@ def redis():
     return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
 
 
-async def test_tally_folds_into_cluster_counters(redis):
-    a, b = Tally(), Tally()
-    a.line("completed", 3)
-    a.line("failed")
-    b.line("completed", 2)
-    a.request("default", "200", 0.03)
-    a.request("default", "200", 0.7)
-    b.request("default", "429", 0.01)
-    b.count("rate_limited", "default")
-    b.count("retries", "default")
-    b.count("pauses", "default")
-    a.started("default")
-    beat_a = Heartbeat(redis, "w-a", "worker", tally=a, fields=lambda: {"in_flight": 1, "concurrency": 8})
-    beat_b = Heartbeat(redis, "w-b", "worker", tally=b, fields=lambda: {"in_flight": 0, "concurrency": 8})
-    assert await beat_a.beat() and await beat_b.beat()
-    # A second beat adds nothing: the tally was taken.
-    assert await beat_a.beat()
+async def _running_batch(redis, batch_id: str) -> None:
+    """The keys of a batch whose lines are being recorded (its results stream exists)."""
+    await redis.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
+    await redis.xadd(keys.results(batch_id), {"r": "{}", "o": "completed"})
+    await redis.hset(keys.batch(batch_id), mapping={"completed": 0, "failed": 0, "total": 9})
+
+
+async def test_recording_moves_exact_counters(redis):
+    await _running_batch(redis, "batch_a")
+    retried = Attempts("default")
+    retried.add("500", 0.03)
+    retried.add("429", 0.2)
+    retried.paused()
+    retried.add("200", 0.7)
+    fast = Attempts("default")
+    fast.add("200", 0.03)
+    results = [(0, "", "completed", b"{}", *retried.encode("completed")),
+               (1, "", "completed", b"{}", *fast.encode("completed")),
+               (2, "", "failed", b"{}", *fast.encode("failed")),
+               (3, "", "failed", b"{}")]  # never sent: counts as a line only
+    assert await store.record_results(redis, "batch_a", results) == 4
+    # Recorded again (a redelivery, or redis-py re-sending the script after a lost reply): no change.
+    assert await store.record_results(redis, "batch_a", results) == 0
+    await store.record_many(redis, {"batch_a": results[:2]})
+
+    beat_a = Heartbeat(redis, "w-a", "worker", fields=lambda: {"in_flight": 1, "concurrency": 8})
+    beat_a.tally.started("default")
+    beat_b = Heartbeat(redis, "w-b", "worker", fields=lambda: {"in_flight": 0, "concurrency": 8})
+    web = Heartbeat(redis, "web-a", "web", fields=lambda: {"state": "serving", "in_flight": 3})
+    assert await beat_a.beat() and await beat_b.beat() and await web.beat()
     for key in (keys.PROCESSES, keys.process("w-a"), keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY):
         assert await redis.ttl(key) > 0, f"{key} must expire unless heartbeats keep it"
 
     snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 5
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 1
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 2
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 2
+    assert await redis.hmget(keys.batch("batch_a"), "completed", "failed") == [b"2", b"2"]
     hist = fams["sluice_upstream_request_duration_seconds"]
     name = "sluice_upstream_request_duration_seconds"
-    assert _value(hist, name + "_count", provider="default", status="200") == 2
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="0.05") == 1
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="1.0") == 2
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="+Inf") == 2
-    assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.73)
+    assert _value(hist, name + "_count", provider="default", status="200") == 3
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="0.05") == 2
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="1.0") == 3
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="+Inf") == 3
+    assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.76)
     assert _value(hist, name + "_count", provider="default", status="429") == 1
+    assert _value(hist, name + "_count", provider="default", status="500") == 1
     assert _value(fams["sluice_upstream_requests"], "sluice_upstream_requests_total",
                   provider="default", status="429") == 1
     assert _value(fams["sluice_upstream_rate_limited"], "sluice_upstream_rate_limited_total", provider="default") == 1
-    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 1
+    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 2
     assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="limited") == 0
     assert _value(fams["sluice_provider_pauses"], "sluice_provider_pauses_total", provider="default") == 1
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 2
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 0
+    assert _value(fams["sluice_processes"], "sluice_processes", role="web", state="live") == 1
+    assert _value(fams["sluice_web_requests_in_flight"], "sluice_web_requests_in_flight", process="web-a") == 3
     assert _value(fams["sluice_worker_lines_in_flight"], "sluice_worker_lines_in_flight", process="w-a") == 1
     assert _value(fams["sluice_upstream_requests_in_flight"], "sluice_upstream_requests_in_flight",
                   provider="default") == 1
 
-    # A clean stop flushes and leaves the list; a process that stops beating turns stale.
-    a.line("completed")
+    # A batch that ended (its work keys deleted) records nothing, and counts nothing.
+    await redis.delete(*keys.work_keys("batch_a"))
+    assert await store.record_results(redis, "batch_a", [(5, "", "completed", b"{}", *fast.encode("completed"))]) == 0
+    assert await redis.hget(keys.METRICS_LINES, "completed") == b"2"
+
+    # A clean stop leaves the list; a process that stops beating turns stale.
     await beat_a.close()
     await redis.zadd(keys.PROCESSES, {"w-b": (await redis.time())[0] - 60})
     snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 6
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 0
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 1
     assert _value(fams["sluice_process_up"], "sluice_process_up", process="w-b") == 0
-    assert "STALE" in status.render(snap) and "w-a" not in status.render(snap)
+    text = status.render(snap)
+    assert "STALE" in text and "w-a" not in text and "web-a" in text
 
 
-async def test_failed_beat_keeps_its_counters():
+async def test_failed_beat_is_reported_not_raised():
     dead = _dead_redis()
-    tally = Tally()
-    tally.line("completed", 2)
-    tally.request("p|x", "200", 0.2)
-    beat = Heartbeat(dead, "w", "worker", tally=tally)
+    beat = Heartbeat(dead, "w", "worker")
     assert not await beat.beat()
-    assert tally.lines == {"completed": 2}
-    assert tally.latency[("p|x", "200")].count == 1
     await dead.aclose()
 
 
