@@ -31,7 +31,8 @@ async def test_cluster_needs_a_valid_token(api):
         kwargs = {} if token is None else {"token": token}
         body = (await api.request("GET", "/v1/sluice/cluster", **kwargs)).ok()
         assert body["object"] == "sluice.cluster"
-        assert body["processes"] == []  # no worker runs in unit tests
+        # No worker runs in unit tests; the app's own web process beats.
+        assert [(p["role"], p["live"], p["state"]) for p in body["processes"]] == [("web", True, "serving")]
         assert [p["name"] for p in body["providers"]] == ["default"]
         assert body["providers"][0]["state"] == "ok"
         assert set(body["lines"]) == {"completed", "failed"}

@@ -20,7 +20,7 @@ from service.core.counters import Attempts
 from service.core.heartbeat import Heartbeat
 from service.core.storage import LocalStorage
 from service.web import metrics
-from service.web.app import create_app
+from service.web.app import READY_MARKER, create_app
 
 PROVIDERS = (Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
              Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)))
@@ -174,6 +174,29 @@ class FailingStorage(LocalStorage):
         raise PermissionError("read-only file system")
 
 
+class CountingStorage(LocalStorage):
+    """Local storage that counts the calls /readyz makes, and can be made to fail reads."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[str] = []
+        self.down = False
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes]) -> int:
+        self.calls.append(f"write {key}")
+        return await super().write(key, chunks)
+
+    async def delete(self, key: str) -> None:
+        self.calls.append(f"delete {key}")
+        await super().delete(key)
+
+    async def size(self, key: str) -> int | None:
+        self.calls.append(f"size {key}")
+        if self.down:
+            raise ConnectionError("storage is down")
+        return await super().size(key)
+
+
 async def _client(aiohttp_client, tmp_path: Path, *, redis=None, storage=None, **kw):
     r = redis if redis is not None else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     app = create_app(_settings(**kw), redis=r, storage=storage or LocalStorage(tmp_path))
@@ -185,7 +208,7 @@ async def test_readyz(aiohttp_client, tmp_path):
     res = await ok.get("/readyz")
     assert res.status == 200, await res.text()
     assert await res.json() == {"status": "ok"}
-    assert not list((tmp_path / "ok" / "files").iterdir()), "the storage probe must delete its object"
+    assert [p.name for p in (tmp_path / "ok" / "files").iterdir()] == [READY_MARKER]
 
     broken = await _client(aiohttp_client, tmp_path / "broken", storage=FailingStorage(tmp_path / "broken"))
     res = await broken.get("/readyz")
@@ -199,6 +222,27 @@ async def test_readyz(aiohttp_client, tmp_path):
     assert res.status == 503
     assert json.loads(await res.text())["storage"] == "ok"
     await dead.aclose()
+
+
+async def test_readyz_reads_storage_and_writes_once(aiohttp_client, tmp_path):
+    storage = CountingStorage(tmp_path / "s")
+    client = await _client(aiohttp_client, tmp_path / "s", storage=storage, readyz_storage_cache_s=0)
+    for _ in range(5):
+        assert (await client.get("/readyz")).status == 200
+    # The marker is written by the first probe only; every probe reads its size, none deletes.
+    assert storage.calls == [f"size {READY_MARKER}", f"write {READY_MARKER}"] + [f"size {READY_MARKER}"] * 4
+    storage.down = True
+    res = await client.get("/readyz")
+    assert res.status == 503 and "storage is down" in (await res.json())["storage"]
+    storage.down = False
+    assert (await client.get("/readyz")).status == 200
+
+    # With a cache, probes within it touch storage once; a failure is never cached.
+    cached = CountingStorage(tmp_path / "c")
+    client = await _client(aiohttp_client, tmp_path / "c", storage=cached, readyz_storage_cache_s=3600)
+    for _ in range(5):
+        assert (await client.get("/readyz")).status == 200
+    assert cached.calls == [f"size {READY_MARKER}", f"write {READY_MARKER}"]
 
 
 async def test_metrics_token(aiohttp_client, tmp_path):

@@ -6,9 +6,9 @@ tab's ``sessionStorage`` and calls the JSON API with ``Authorization: Bearer``, 
 what that token sees through the API.
 
 ``GET /v1/sluice/cluster`` (and ``/sluice/cluster``) needs a valid token, any token: it shows the
-workers' and finalizer's heartbeats, the providers' state and cluster-wide line counters, the same
-facts ``sluice status`` and ``/metrics`` show, but never another token's batches (only how many
-batches are running in all, and the caller's own).
+heartbeats of the web, worker and finalizer processes, the providers' state and cluster-wide line
+counters, the same facts ``sluice status`` and ``/metrics`` show, but never another token's batches
+(only how many batches are running in all, and the caller's own).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ async def cluster(request: web.Request) -> web.Response:
             "name": p.name, "role": p.role, "host": p.host, "pid": p.pid,
             "live": p.live, "last_beat_s": round(p.age_s, 1), "started_at": p.started_at,
             "state": p.fields.get("state", ""), "holds_finalizer_lock": p.name == snap.finalizer_lock,
-            "in_flight": p.int("in_flight") if p.role == "worker" else None,
+            # Lines for a worker, HTTP requests for a web process.
+            "in_flight": p.int("in_flight") if p.role in ("worker", "web") else None,
             "concurrency": p.int("concurrency") if p.role == "worker" else None,
         })
     providers = []

@@ -513,15 +513,19 @@ async function refreshCluster() {
   showError($("#cluster-error"), "");
   const workers = c.processes.filter((p) => p.role === "worker" && p.live);
   const stat = (label, value) => el("div", { class: "stat" }, el("div", { class: "value", text: value }), el("div", { class: "label", text: label }));
+  const stale = c.processes.filter((p) => !p.live).length;
   $("#cluster-stats").replaceChildren(
+    stat("live web processes", fmtInt(c.processes.filter((p) => p.role === "web" && p.live).length)),
     stat("live workers", fmtInt(workers.length)),
+    stat("stale processes", fmtInt(stale)),
     stat("requests in flight", fmtInt(workers.reduce((a, p) => a + (p.in_flight || 0), 0))),
     stat("running batches (yours)", `${fmtInt(c.running_batches.total)} (${fmtInt(c.running_batches.yours)})`),
     stat("lines completed", fmtInt(c.lines.completed)),
     stat("lines failed", fmtInt(c.lines.failed)));
   $("#processes tbody").replaceChildren(...c.processes.map((p) => el("tr", { "data-role": p.role, "data-name": p.name },
     el("td", { text: p.role }), el("td", { text: p.name }), el("td", { text: p.host }), el("td", { text: p.pid }),
-    el("td", { class: "num", text: p.role === "worker" ? `${p.in_flight}/${p.concurrency}` : "—" }),
+    el("td", { class: "num", text: p.role === "worker" ? `${p.in_flight}/${p.concurrency}`
+      : p.role === "web" ? `${fmtInt(p.in_flight)} req` : "—" }),
     el("td", { text: (p.state || "") + (p.holds_finalizer_lock ? " (lock)" : "") }),
     el("td", { class: "num", text: fmtAge(p.last_beat_s) }),
     el("td", {}, el("span", { class: `health ${p.live ? "live" : "stale"}`, text: p.live ? "live" : "stale" })))));
