@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+from . import keys
+
 # Upper bounds (seconds) of the upstream latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LE_LABELS = tuple(f"{b:g}" for b in LATENCY_BUCKETS)
@@ -135,3 +137,82 @@ for k, t in pairs(add) do
   for field, n in pairs(t) do redis.call('HINCRBY', KEYS[k], field, string.format('%d', n)) end
 end
 """
+
+
+# ----------------------------------------------------------------------------- reading the history
+SERIES = ("completed", "failed", "requests", "rate_limited", "latency_mean_s", "latency_p50_s")
+
+
+def p50(buckets: dict[str, int]) -> float | None:
+    """The median of a latency histogram (non-cumulative counts by bucket label), interpolated
+    linearly inside its bucket as Prometheus's ``histogram_quantile`` does; None when empty."""
+    total = sum(buckets.values())
+    if not total:
+        return None
+    rank = total / 2
+    running, lower = 0, 0.0
+    for bound, label in zip(LATENCY_BUCKETS, LE_LABELS):
+        n = buckets.get(label, 0)
+        if n and running + n >= rank:
+            return lower + (bound - lower) * (rank - running) / n
+        running += n
+        lower = bound
+    return LATENCY_BUCKETS[-1]  # in the +Inf bucket: its lower bound is all that is known
+
+
+def _sum(fields: dict[str, int], providers: list[str], suffix: str) -> int:
+    return sum(fields.get(f"{p}|{suffix}", 0) for p in providers)
+
+
+def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, list]:
+    """The per-minute series of one provider (or, for None, of the whole cluster)."""
+    out: dict[str, list] = {name: [] for name in SERIES}
+    for fields in minutes:
+        if provider is None:
+            names = sorted({f.split("|", 1)[0] for f in fields if "|" in f})
+            # Lines never sent to a provider count in the totals only.
+            completed, failed = fields.get("completed", 0), fields.get("failed", 0)
+        else:
+            names = [provider]
+            completed, failed = _sum(fields, names, "completed"), _sum(fields, names, "failed")
+        requests = _sum(fields, names, "requests")
+        out["completed"].append(completed)
+        out["failed"].append(failed)
+        out["requests"].append(requests)
+        out["rate_limited"].append(_sum(fields, names, "429"))
+        out["latency_mean_s"].append(round(_sum(fields, names, "sum_us") / requests / 1e6, 6) if requests else None)
+        median = p50({label: _sum(fields, names, f"le|{label}") for label in (*LE_LABELS, INF)})
+        out["latency_p50_s"].append(round(median, 6) if median is not None else None)
+    return out
+
+
+async def read_history(r, *, now: float, minutes: int, providers: tuple[str, ...] = ()) -> dict:
+    """The last ``minutes`` minutes of the history (the current, partial one last), as the JSON
+    ``GET /v1/sluice/history`` serves: one array per series, aligned with ``minutes``.
+
+    ``providers`` (the configured ones) are listed even without data; any other provider with
+    data in the window is listed too (one removed from the configuration keeps its past).
+    """
+    end = minute_of(now)
+    starts = [end - MINUTE_S * i for i in range(minutes - 1, -1, -1)]
+    pipe = r.pipeline(transaction=False)
+    for start in starts:
+        pipe.hgetall(keys.history(start))
+    decoded = []
+    for h in await pipe.execute():
+        fields: dict[str, int] = {}
+        for k, v in h.items():
+            try:
+                fields[k.decode()] = int(v)
+            except ValueError:
+                continue
+        decoded.append(fields)
+    seen = {f.split("|", 1)[0] for fields in decoded for f in fields if "|" in f}
+    return {
+        "object": "sluice.history",
+        "minute_s": MINUTE_S,
+        "now": now,
+        "minutes": starts,
+        "total": _series(decoded, None),
+        "providers": {p: _series(decoded, p) for p in sorted(set(providers) | seen)},
+    }
