@@ -24,7 +24,7 @@ import time
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, store
+from service.core import keys, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, connect
 from service.core.heartbeat import Heartbeat, Tally
@@ -228,6 +228,7 @@ class Finalizer:
     async def _finish(self, h: dict[str, str]) -> None:
         batch_id = h["id"]
         now = store.now()
+        finishing_since = time.time_ns()
         if h["status"] == "in_progress" and not h.get("abort"):
             applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
                                                 fields={"status": "finalizing", "finalizing_at": now})
@@ -250,11 +251,12 @@ class Finalizer:
         )
         if not applied:
             return
+        tracing.batch_finished(h, final, finishing_since)
         await self.redis.delete(*keys.work_keys(batch_id))
         await self.redis.zrem(keys.PENDING_VALIDATION, batch_id)
         await store.release(self.redis, self.storage, h)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
-                 failed=h.get("failed"), total=h.get("total"))
+                 failed=h.get("failed"), total=h.get("total"), **tracing.log_fields(h))
 
     async def _register_file(self, h: dict[str, str], name: str) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""

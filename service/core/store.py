@@ -167,9 +167,12 @@ async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "",
+    webhook_url: str = "", trace: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Record a new batch in ``validating`` and queue it for validation."""
+    """Record a new batch in ``validating`` and queue it for validation.
+
+    ``trace``: the batch's trace fields (``tracing.new_batch_fields``), when tracing is on.
+    """
     created = now()
     record = {
         "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
@@ -177,6 +180,7 @@ async def create_batch(
         "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
         "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
         "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
+        **(trace or {}),
     }
     p = r.pipeline(transaction=True)
     p.hset(keys.batch(batch_id), mapping=record)

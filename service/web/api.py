@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from service.core import keys, store, webhooks
+from service.core import keys, store, tracing, webhooks
 from service.core.config import Quotas, Settings
 from service.core.crypto import seal
 from service.core.errors import APIError, bad_request, not_found
@@ -448,6 +448,7 @@ async def create_batch(request: web.Request) -> web.Response:
         input_key=file["storage_key"], completion_window=window, window_s=settings.completion_window_s,
         metadata=metadata, output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key,
         reserved_lines=lines, webhook_url=webhook_url,
+        trace=tracing.new_batch_fields(request.headers.get("traceparent")),
     )
     request.app[appkeys.PUBLISHER].wake.set()
     return json_response(store.batch_from_record(record))

@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 import structlog
 
-from service.core import keys, store
+from service.core import keys, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script
 from service.core.lifecycle import sleep_unless_stopped
@@ -41,22 +41,30 @@ CHUNK = 500
 REST_S = 5.0
 
 # KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line,
-# then (custom_id, body, provider, cost) per line. Returns the new feed_index, -1 when the
-# position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
+# the number of arguments per line, then (custom_id, body, provider, cost) per line, followed
+# for a traced batch by the time it is published for a sampled line ("" for the others).
+# Returns the new feed_index, -1 when the position is stale (a peer fed meanwhile) or -2 when
+# the batch's stream is gone (it ended).
 _FEED = Script("""
 if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
 local index = tonumber(ARGV[1])
-for i = 3, #ARGV, 4 do
+local stride = tonumber(ARGV[3])
+for i = 4, #ARGV, stride do
   index = index + 1
-  redis.call('XADD', KEYS[2], '0-' .. index, 'c', ARGV[i], 'b', ARGV[i + 1], 'p', ARGV[i + 2], 't', ARGV[i + 3])
+  if stride == 5 and ARGV[i + 4] ~= '' then
+    redis.call('XADD', KEYS[2], '0-' .. index, 'c', ARGV[i], 'b', ARGV[i + 1], 'p', ARGV[i + 2], 't', ARGV[i + 3],
+               '""" + tracing.QUEUED_FIELD + """', ARGV[i + 4])
+  else
+    redis.call('XADD', KEYS[2], '0-' .. index, 'c', ARGV[i], 'b', ARGV[i + 1], 'p', ARGV[i + 2], 't', ARGV[i + 3])
+  end
 end
 redis.call('HSET', KEYS[1], 'feed_index', index, 'feed_offset', ARGV[2])
 return index
 """)
 
 _FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
-           "input_key", "endpoint", "provider")
+           "input_key", "endpoint", "provider", tracing.TRACEPARENT_FIELD, tracing.RUNNING_FIELD)
 
 
 @dataclass
@@ -153,12 +161,15 @@ class Feeder:
             return
         cursor = await self._cursor(batch_id, h)
         room = min(window - outstanding, total - index)
+        # A traced batch's lines carry one more argument: when a sampled line was published.
+        traced = tracing.enabled() and bool(h.get(tracing.TRACEPARENT_FIELD))
         try:
             while room > 0:
-                argv, end = await self._next_lines(cursor, h, min(room, CHUNK))
+                argv, end = await self._next_lines(cursor, h, min(room, CHUNK), index if traced else None)
                 if not argv:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)], [index, end, *argv]))
+                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)],
+                                      [index, end, 5 if traced else 4, *argv]))
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)
@@ -166,14 +177,24 @@ class Feeder:
                 cursor.offset = end
                 room -= got - index
                 index = got
+                if traced and index >= total:
+                    tracing.feeding_done({**h, "id": batch_id}, total)
         except BaseException:
             # The reader may be past lines that were never published: reopen at the recorded offset.
             await self._close(batch_id)
             raise
 
-    async def _next_lines(self, cursor: _Cursor, h: dict[str, str], count: int) -> tuple[list, int]:
-        """Script arguments for up to ``count`` more lines, and the offset just past the last one."""
+    async def _next_lines(
+        self, cursor: _Cursor, h: dict[str, str], count: int, traced_from: int | None = None,
+    ) -> tuple[list, int]:
+        """Script arguments for up to ``count`` more lines, and the offset just past the last one.
+
+        ``traced_from``: the index of the first line, for a traced batch (each line then gets a
+        fifth argument: the time it is published when it is sampled, else "").
+        """
         argv: list[str | int | bytes] = []
+        stride = 4 if traced_from is None else 5
+        traceparent = h.get(tracing.TRACEPARENT_FIELD, "")
         end = cursor.offset
         async for line in cursor.lines:
             request = check_line(line, h["endpoint"])
@@ -184,8 +205,11 @@ class Feeder:
             # line as failed (provider_not_configured) instead of the batch stalling here.
             name = provider.name if provider else h.get("provider") or f"(none serves {request.model[:100]})"
             argv += [request.custom_id, request.body, name, request.cost]
+            if traced_from is not None:
+                index = traced_from + len(argv) // 5
+                argv.append(time.time_ns() if tracing.sampled(traceparent, index) else "")
             end = line.end
-            if len(argv) >= 4 * count:
+            if len(argv) >= stride * count:
                 break
         return argv, end
 

@@ -16,7 +16,7 @@ import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, store
+from service.core import keys, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script
 from service.core.storage import Storage
@@ -93,8 +93,9 @@ class Publisher:
             return
         if h["status"] == "validating":
             started = time.monotonic()
-            total, size, model, errors = await self._validate(h)
-            bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3))
+            with tracing.phase(h, "sluice.validation"):
+                total, size, model, errors = await self._validate(h)
+                bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3))
             if errors:
                 await self._fail(h, errors)
                 return
@@ -150,15 +151,18 @@ class Publisher:
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h)
             return
+        tracing.batch_finished(h, "failed")
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
 
     async def _cancel_unstarted(self, h: dict[str, str]) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain.
-        await store.transition(
+        applied, _ = await store.transition(
             self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
             expire_s=self.settings.retention_s,
         )
+        if applied:
+            tracing.batch_finished(h, "cancelled")
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
 
@@ -173,7 +177,7 @@ class Publisher:
         applied, before = await store.transition(
             self.r, batch_id, allowed=["validating"],
             fields={"status": "in_progress", "in_progress_at": store.now(), "total": total, "model": model,
-                    "feed_index": 0, "feed_offset": 0, "feed_window": window},
+                    "feed_index": 0, "feed_offset": 0, "feed_window": window, **tracing.running_fields(h)},
             add_to=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
         )
         if applied:
