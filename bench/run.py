@@ -72,6 +72,8 @@ class BenchError(Exception):
 
 # Set by SIGINT/SIGTERM: tells an interrupt apart from a failure (a timeout is a cancellation too).
 INTERRUPTED = threading.Event()
+# More environment for every Sluice process (--env NAME=VALUE), e.g. to turn tracing on.
+EXTRA_ENV: dict[str, str] = {}
 
 
 # ============================================================================ scenarios
@@ -462,6 +464,7 @@ async def start_stack(procs: ProcessSet, scenario: Scenario, workers: int, workd
         "SLUICE_LOG_LEVEL": "warning",
         # Below our SIGKILL grace, so a graceful stop always gets to finish.
         "SLUICE_SHUTDOWN_GRACE_S": "5",
+        **EXTRA_ENV,
     }
     web_port = free_port()
     measured = {"web": procs.start("web", sluice_command("web"), {**env, "PORT": str(web_port)}, stage=2)}
@@ -1132,7 +1135,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs under OUT/logs-<timestamp>")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per scenario (600)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="more environment for the Sluice processes (repeatable), e.g. "
+                             "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 (see bench/otlp_sink.py)")
     args = parser.parse_args(argv)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--env wants NAME=VALUE, got {item!r}")
+        EXTRA_ENV[name] = value
     args.names = [n.strip() for item in (args.scenario or ["all"]) for n in item.split(",") if n.strip()]
     if args.lines is not None and args.lines < 1:
         parser.error("--lines must be >= 1")

@@ -151,7 +151,8 @@ class Publisher:
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h)
             return
-        tracing.batch_finished(h, "failed")
+        if applied:
+            tracing.batch_finished(h, "failed")
         await self.r.zrem(keys.PENDING_VALIDATION, h["id"])
         await store.release(self.r, self.storage, h)
 
