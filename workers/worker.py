@@ -346,7 +346,9 @@ class Worker:
             **(traced.log_ids if traced else {"trace_id": tracing.trace_id_of(info.traceparent)}))
         return traced
 
-    async def _outcome(self, line: Line, info: BatchInfo, bound: structlog.BoundLogger, attempts: Attempts) -> CallResult:
+    async def _outcome(
+        self, line: Line, info: BatchInfo, bound: structlog.BoundLogger, attempts: Attempts,
+    ) -> CallResult:
         """The provider's answer, retries included; an internal error becomes a failed result."""
         while True:
             try:
