@@ -38,6 +38,7 @@ from typing import Any
 
 from tests.support import processes
 
+from . import runs
 from .report import render_scenario, write_outputs
 from .runs import new_result, run_scenario
 from .scenarios import SCENARIOS, BenchError, Scenario, select_scenarios
@@ -66,7 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs under OUT/logs-<timestamp>")
     parser.add_argument("--timeout", type=float, help=f"seconds per scenario ({DEFAULT_TIMEOUT_S:g}; "
                         f"{SMOKE_TIMEOUT_S:g} with --smoke)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="more environment for the Sluice processes (repeatable), e.g. "
+                             "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 (see bench/otlp_sink.py)")
     args = parser.parse_args(argv)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--env wants NAME=VALUE, got {item!r}")
+        runs.EXTRA_ENV[name] = value
     if args.timeout is None:
         args.timeout = SMOKE_TIMEOUT_S if args.smoke else DEFAULT_TIMEOUT_S
     args.names = [n.strip() for item in (args.scenario or ["all"]) for n in item.split(",") if n.strip()]

@@ -48,6 +48,9 @@ REDIS_SAMPLE_S = 0.05
 STOP_GRACE_S = 10.0
 SHUTDOWN_GRACE_S = 5
 AFTER_DELETE_WAIT_S = 1.0
+# More environment for every Sluice process (``python -m bench.run --env NAME=VALUE``), e.g. to turn
+# tracing on.
+EXTRA_ENV: dict[str, str] = {}
 
 
 # ============================================================================ the Sluice stack
@@ -71,7 +74,7 @@ def start_stack(factory: StackFactory, scenario: Scenario, workers: int, log_dir
     stack = factory.start(
         name=f"{workers}w", workers=workers, worker_concurrency=scenario.worker_concurrency, tokens=(TOKEN,),
         mock=MockSpec(latency_ms=scenario.latency_ms), upstream_suffix="/v1", stop_grace=STOP_GRACE_S,
-        log_dir=log_dir, env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S)},
+        log_dir=log_dir, env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S), **EXTRA_ENV},
     )
     stack.wait_ready()
     measured = {"web": stack.process("web")}

@@ -39,7 +39,7 @@ import time
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, leases, store
+from service.core import keys, leases, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
@@ -350,9 +350,9 @@ class Finalizer:
             custom_id = getattr(request, "custom_id", "")
             pending.append((index, "", Outcome.FAILED, abort_line(custom_id, reason)))
             if len(pending) >= ABORT_CHUNK:
-                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending, lease=lease))
+                await store.record_results(self.redis, batch_id, pending, lease=lease)
                 pending = []
-        self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, pending, lease=lease))
+        await store.record_results(self.redis, batch_id, pending, lease=lease)
         log.info("batch_aborted", batch_id=batch_id, reason=reason)
 
     async def _in_flight_settled(self, batch_id: str) -> bool:
@@ -411,6 +411,7 @@ class Finalizer:
     async def _finish(self, h: dict[str, str], lease: Lease) -> None:
         batch_id = h["id"]
         now = store.now()
+        finishing_since = time.time_ns()
         if h["status"] == "in_progress" and not h.get("abort"):
             applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
                                                 fields={"status": "finalizing", "finalizing_at": now}, lease=lease)
@@ -437,11 +438,12 @@ class Finalizer:
         )
         if not applied:
             return
+        tracing.batch_finished(h, final, finishing_since)
         await leases.execute(self.redis, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
         log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
-                 failed=h.get("failed"), total=h.get("total"))
+                 failed=h.get("failed"), total=h.get("total"), **tracing.log_fields(h))
 
     async def _register_file(self, h: dict[str, str], name: str, lease: Lease) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""

@@ -15,6 +15,7 @@ import structlog
 
 from service.core import usage
 from service.core.config import Provider, Settings
+from service.core.counters import Attempts
 from service.core.heartbeat import Tally
 from service.core.results import error_line, json_body, response_line
 from service.core.store import Outcome
@@ -84,20 +85,24 @@ class Upstream:
 
     async def call(
         self, provider: Provider, endpoint: str, custom_id: str, body: bytes, *,
-        api_key: str, holder: str, cost: int, log: structlog.BoundLogger,
+        api_key: str, holder: str, cost: int, log: structlog.BoundLogger, attempts: Attempts | None = None,
     ) -> CallResult:
         """Send one request; retry transient failures; return the final result line.
 
-        ``api_key`` is the provider's key, or the client's own for a BYOK batch.
+        ``api_key`` is the provider's key, or the client's own for a BYOK batch. Every attempt
+        is noted in ``attempts`` (status, latency, whether it paused the provider), which the
+        worker records with the line's result: the cluster's upstream counters count it then.
         """
+        if attempts is None:
+            attempts = Attempts(provider.name)
         url = upstream_url(provider.base_url, endpoint)
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
-        attempts = self.settings.max_attempts
+        max_attempts = self.settings.max_attempts
         tally = self.tally
-        for attempt in range(1, attempts + 1):
+        for attempt in range(1, max_attempts + 1):
             async with self.limiter.slot(provider, holder, cost):
                 tally.started(provider.name)
                 started = time.perf_counter()
@@ -127,20 +132,17 @@ class Upstream:
                         return result
                 finally:
                     tally.ended(provider.name)
-                    tally.request(provider.name, label, time.perf_counter() - started)
-            if status == 429:
-                tally.count("rate_limited", provider.name)
+                    attempts.add(label, time.perf_counter() - started, time.time_ns() if attempts.timed else 0)
             if status == 429 and await self.limiter.pause(provider, retry_after or 1.0):
-                tally.count("pauses", provider.name)
+                attempts.paused()
                 log.warning("provider_paused", provider=provider.name, attempt=attempt, seconds=retry_after or 1.0)
-            if attempt < attempts:
-                tally.count("retries", provider.name)
+            if attempt < max_attempts:
                 # After a 429 the provider's pause holds every worker back: no extra sleep here.
                 delay = 0.0 if status == 429 else backoff_s(attempt, retry_after)
                 log.info("upstream_retry", provider=provider.name, attempt=attempt, status=status,
                          delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
-        log.warning("upstream_gave_up", provider=provider.name, attempt=attempt, attempts=attempts, status=status)
+        log.warning("upstream_gave_up", provider=provider.name, attempt=attempt, attempts=max_attempts, status=status)
         return result
 
     @staticmethod

@@ -22,15 +22,17 @@ leaves the rest pending for others.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, store
+from service.core import keys, store, tracing
 from service.core.config import Settings
 from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, connect
+from service.core.counters import Attempts
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
@@ -50,6 +52,7 @@ ACTIVE_REFRESH_S = 0.1
 # How long a stopping worker waits for its last results to reach Redis.
 RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
+_QUEUED = tracing.QUEUED_FIELD.encode()
 
 # KEYS: a batch's lines stream. ARGV: group, consumer, idle (ms), entry ids. Sets how long the
 # group believes these entries idle, for those this consumer still owns; returns how many.
@@ -77,6 +80,7 @@ class Line:
     body: bytes
     provider: str
     cost: int
+    queued_ns: int = 0  # when it was published, for a line traced (tracing.QUEUED_FIELD); else 0
 
     @property
     def holder(self) -> str:
@@ -91,6 +95,7 @@ class BatchInfo:
     owner: str
     endpoint: str
     sealed_key: str  # the client's own provider key (BYOK), encrypted; "" when none
+    traceparent: str = ""  # the batch's trace (tracing.TRACEPARENT_FIELD); "" when not traced
 
 
 class Worker:
@@ -201,10 +206,11 @@ class Worker:
             return
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in missing:
-            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok")
-        for batch_id, (owner, endpoint, sealed) in zip(missing, await pipe.execute()):
+            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok", tracing.TRACEPARENT_FIELD)
+        for batch_id, (owner, endpoint, sealed, traceparent) in zip(missing, await pipe.execute()):
             if owner and endpoint:
-                self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode())
+                self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode(),
+                                                   (traceparent or b"").decode())
         # Forget batches that ended, so the cache stays as small as the active set.
         for batch_id in set(self.batches) - set(batch_ids) - {line.batch_id for line in self.inflight.values()}:
             del self.batches[batch_id]
@@ -283,26 +289,27 @@ class Worker:
         if poison:
             self.log.error("poison_lines", batch_id=batch_id, custom_ids=[line.custom_id for line in poison])
             message = f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
-            self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
+            await store.record_results(self.redis, batch_id, [
                 (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
                 for line in poison
-            ]))
+            ])
         return [line for line in lines if line not in poison]
 
     @staticmethod
     def _line(batch_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Line:
         entry = entry_id.decode()
+        queued = fields.get(_QUEUED)
         return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"],
-                    fields[b"p"].decode(), int(fields[b"t"]))
+                    fields[b"p"].decode(), int(fields[b"t"]), int(queued) if queued else 0)
 
     async def _dispatch(self, lines: list[Line], aborts: dict[str, str]) -> None:
         """Record the lines of aborting batches as such, unsent; start a task for every other line."""
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             if skipped:
-                self.tally.line(Outcome.FAILED, await store.record_results(self.redis, batch_id, [
+                await store.record_results(self.redis, batch_id, [
                     (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
-                ]))
+                ])
         for line in lines:
             if line.batch_id not in aborts:
                 task = asyncio.create_task(self._process(line))
@@ -314,10 +321,55 @@ class Worker:
         info = self.batches.get(line.batch_id)
         if info is None:
             return  # the batch is gone; nothing left to record into
+        provider = self.settings.provider(line.provider)
+        traced = self._trace(line, info) if info.traceparent else None
+        # Attempts count under configured providers only: a line's provider field may name none.
+        attempts = Attempts(provider.name if provider else "", timed=traced is not None)
+        called = time.time_ns() if traced else 0
+        try:
+            result = await self._outcome(line, info, bound, attempts)
+        except asyncio.CancelledError:
+            if traced:
+                traced.abandoned("cancelled")
+            raise
+        if traced:
+            traced.upstream(attempts.provider, called, attempts)
+        recording = time.time_ns() if traced else 0
+        try:
+            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line,
+                                                       result.usage, *attempts.encode(result.outcome)))
+        except Exception:
+            # Left pending: the line is delivered again after its lease.
+            bound.exception("record_failed")
+            if traced:
+                traced.abandoned("record_failed")
+            return
+        except asyncio.CancelledError:
+            if traced:
+                traced.abandoned("cancelled")
+            raise
+        if traced:
+            traced.recorded(recording, result.outcome)
+        bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
+
+    def _trace(self, line: Line, info: BatchInfo) -> tracing.LineTrace | None:
+        """This line's spans when it is sampled; the batch's trace id in this task's log lines either way."""
+        if not tracing.enabled():
+            return None
+        traced = tracing.line_trace(info.traceparent, batch_id=line.batch_id, index=line.index,
+                                    custom_id=line.custom_id, queued_ns=line.queued_ns)
+        # Each line runs in a task of its own: these context variables are the line's alone.
+        structlog.contextvars.bind_contextvars(
+            **(traced.log_ids if traced else {"trace_id": tracing.trace_id_of(info.traceparent)}))
+        return traced
+
+    async def _outcome(
+        self, line: Line, info: BatchInfo, bound: structlog.BoundLogger, attempts: Attempts,
+    ) -> CallResult:
+        """The provider's answer, retries included; an internal error becomes a failed result."""
         while True:
             try:
-                result = await self._call(line, info, bound)
-                break
+                return await self._call(line, info, bound, attempts)
             except REDIS_DOWN as e:
                 # Only waiting for a provider slot touches Redis before the call: safe to redo.
                 await asyncio.sleep(self.outage.failed(e))
@@ -326,21 +378,11 @@ class Worker:
             except Exception as e:
                 # A bug must end the line visibly, not leave it to be redelivered into the same bug.
                 bound.exception("line_failed")
-                result = CallResult(Outcome.FAILED, error_line(
+                return CallResult(Outcome.FAILED, error_line(
                     line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
                     0)
-                break
-        try:
-            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line,
-                                                       result.usage))
-        except Exception:
-            # Left pending: the line is delivered again after its lease.
-            bound.exception("record_failed")
-            return
-        self.tally.line(result.outcome)
-        bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
-    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
+    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger, attempts: Attempts) -> CallResult:
         provider = self.settings.provider(line.provider)
         if provider is None:
             return CallResult(Outcome.FAILED, error_line(
@@ -348,7 +390,7 @@ class Worker:
         api_key = unseal(self.settings.secret_key, info.sealed_key) if info.sealed_key else provider.api_key
         return await self.upstream.call(
             provider, info.endpoint, line.custom_id, line.body,
-            api_key=api_key, holder=line.holder, cost=line.cost, log=log,
+            api_key=api_key, holder=line.holder, cost=line.cost, log=log, attempts=attempts,
         )
 
     # ------------------------------------------------------------------ leases and shutdown

@@ -29,20 +29,27 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
     live = [p for p in snap.processes if p.live]
     workers = [p for p in live if p.role == "worker"]
     out.append(f"sluice status  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.now))}  "
-               f"workers live: {len(workers)}  stale: {sum(1 for p in snap.processes if not p.live)}  "
+               f"web live: {sum(1 for p in live if p.role == 'web')}  workers live: {len(workers)}  "
+               f"finalizers live: {sum(1 for p in live if p.role == 'finalizer')}  "
+               f"stale: {sum(1 for p in snap.processes if not p.live)}  "
                f"lines in flight: {sum(p.int('in_flight') for p in workers)}")
     out.append("")
     out.append("PROCESSES")
     rows = []
     for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
-        in_flight = f"{p.int('in_flight')}/{p.int('concurrency')}" if p.role == "worker" else "-"
+        if p.role == "worker":
+            in_flight = f"{p.int('in_flight')}/{p.int('concurrency')}"
+        elif p.role == "web":
+            in_flight = f"{p.int('in_flight')} req"
+        else:
+            in_flight = "-"
         state = p.fields.get("state", "")
         if p.role == "finalizer":
             n = snap.leased_batches(p.name)
             state += f" ({n} batch{'' if n == 1 else 'es'})"
         rows.append([p.role, p.name, p.host, p.pid, in_flight, state, _age(p.age_s), "LIVE" if p.live else "STALE"])
     out += text_table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
-        if rows else ["  (no worker or finalizer has beaten in the last 10 minutes)"]
+        if rows else ["  (no process has beaten in the last 10 minutes)"]
     out.append("")
     out.append("BATCHES")
     rows = []
@@ -83,7 +90,7 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
         if rows else ["  (no provider configured here)"]
     lines = snap.lines
     out.append("")
-    out.append(f"lines recorded since the counters started: completed {lines.get('completed', 0)}, "
+    out.append(f"lines recorded since the counters started (exact): completed {lines.get('completed', 0)}, "
                f"failed {lines.get('failed', 0)}")
     return "\n".join(out)
 

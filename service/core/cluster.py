@@ -1,10 +1,11 @@
 """The cluster's state in one snapshot of Redis: what ``GET /metrics`` (service/web/metrics.py),
 the dashboard's cluster view and ``sluice status`` (service/cli/status.py) show.
 
-Nothing here is process-local: counters are the totals every worker and finalizer fold into
-Redis with their heartbeats (``service/core/heartbeat.py``), and gauges are read from the cluster's
-state (heartbeats, live batches, their streams, provider pauses and leases) at scrape time, in
-two pipelined round trips whatever the number of batches. Any web process answers for the
+Nothing here is process-local: counters are the cluster totals that the script recording each
+result moves exactly once (``service/core/counters.py``), and gauges are read from the cluster's
+state (heartbeats of every web, worker and finalizer process, live batches, their streams,
+provider pauses and leases) at scrape time, in two pipelined round trips whatever the number of
+batches. Any web process answers for the
 whole cluster, so scrape one of them (or all: they agree).
 
 Label cardinality stays bounded: ``provider`` comes from the configuration, ``status`` is an
@@ -26,7 +27,7 @@ from .wire import TERMINAL_STATUSES
 
 @dataclass
 class ProcessState:
-    """One worker or finalizer, as its last heartbeat described it."""
+    """One web, worker or finalizer process, as its last heartbeat described it."""
 
     name: str
     role: str

@@ -252,6 +252,36 @@ def parse_storage(env: Mapping[str, str]) -> S3Location | None:
     return S3Location(bucket=bucket, prefix=prefix, endpoint_url=endpoint.rstrip("/"), region=region)
 
 
+OTLP_PROTOCOL = "http/protobuf"
+
+
+def otel_traces_endpoint(env: Mapping[str, str]) -> str:
+    """Where traces go (OTLP over HTTP), from the standard OpenTelemetry variables; "" when tracing is off.
+
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is used as it is; otherwise ``/v1/traces`` is appended
+    to ``OTEL_EXPORTER_OTLP_ENDPOINT``, as the OpenTelemetry specification says. Neither set, or
+    ``OTEL_SDK_DISABLED=true``: tracing is off (and the opentelemetry packages are never imported).
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ""
+    endpoint = ""
+    for name, suffix in (("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""), ("OTEL_EXPORTER_OTLP_ENDPOINT", "/v1/traces")):
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        if not raw.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+        endpoint = raw.rstrip("/") + suffix if suffix else raw
+        break
+    if endpoint:
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = env.get(name, "").strip()
+            if protocol and protocol != OTLP_PROTOCOL:
+                raise ConfigError(f"{name}: Sluice exports traces with OTLP over HTTP ({OTLP_PROTOCOL}), "
+                                  f"got {protocol!r}")
+    return endpoint
+
+
 def derive_webhook_secret(secret_key: str) -> str:
     """The webhook signing secret derived from ``SLUICE_SECRET_KEY`` (``whsec_`` + base64 of 32 bytes)."""
     digest = hmac.new(secret_key.encode(), b"sluice webhook signing secret v1", hashlib.sha256).digest()
@@ -359,6 +389,13 @@ class Settings:
     body_idle_timeout_s: float = 30.0
     # How often the active finalizer removes expired files and audits every owner's usage counters.
     sweep_interval_s: float = 60.0
+    # /readyz remembers a successful storage check this long (service/web/app.py StorageCheck).
+    readyz_storage_cache_s: float = 15.0
+    # OpenTelemetry traces (service/core/tracing.py): the OTLP/HTTP traces URL ("" = off), the
+    # service name, and the share of request lines traced.
+    otel_traces_endpoint: str = ""
+    otel_service_name: str = "sluice"
+    trace_line_sample: float = 0.01
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
@@ -414,4 +451,8 @@ class Settings:
             body_idle_timeout_s=_float(env, "SLUICE_BODY_IDLE_TIMEOUT_S", cls.body_idle_timeout_s, minimum=0.1,
                                        maximum=3600.0),
             sweep_interval_s=_float(env, "SLUICE_SWEEP_INTERVAL_S", cls.sweep_interval_s, minimum=0.1),
+            readyz_storage_cache_s=_float(env, "SLUICE_READYZ_STORAGE_CACHE_S", cls.readyz_storage_cache_s),
+            otel_traces_endpoint=otel_traces_endpoint(env),
+            otel_service_name=env.get("OTEL_SERVICE_NAME", "").strip() or cls.otel_service_name,
+            trace_line_sample=_float(env, "SLUICE_TRACE_LINE_SAMPLE", cls.trace_line_sample, maximum=1.0),
         )

@@ -46,13 +46,16 @@ FINALIZERS = f"{PREFIX}:finalizers"
 # Lease of the process auditing every owner's usage counters (store.audit_usage); one at a time.
 USAGE_AUDIT_LOCK = f"{PREFIX}:usage:audit:lock"
 
-# Heartbeats: names of the workers and finalizers, scored by their last beat (Redis time, s).
-# These keys and the counters below expire unless heartbeats keep them (service/core/heartbeat.py).
+# Heartbeats: names of the web, worker and finalizer processes, scored by their last beat (Redis
+# time, s). These keys expire unless heartbeats keep them (service/core/heartbeat.py).
 PROCESSES = f"{PREFIX}:processes"
 
-# Cluster-wide counters, folded in by every process's heartbeat (HINCRBY): lines by outcome;
-# upstream retries, 429s and pauses ("retries|<provider>", ...); upstream latency histogram
-# buckets ("<provider>|<status>|<le>", "...|sum", "...|count").
+# Cluster-wide counters, moved by the script that records results (store._RECORD), exactly once
+# per line (service/core/counters.py): lines by outcome; upstream retries, 429s and pauses
+# ("retries|<provider>", ...); upstream requests and their latency histogram by provider and
+# status ("<provider>|<status>|<le>" non-cumulative buckets, "...|count", "...|sum_us"; "...|sum"
+# in seconds from versions that folded counts in with heartbeats). Heartbeats keep them from
+# expiring.
 METRICS_LINES = f"{PREFIX}:metrics:lines"
 METRICS_UPSTREAM = f"{PREFIX}:metrics:upstream"
 METRICS_LATENCY = f"{PREFIX}:metrics:latency"
@@ -63,8 +66,13 @@ METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
 USAGE_RETENTION_DAYS = 400
 
 
+def history(minute: int) -> str:
+    """Hash of the counts of one minute (its start, unix s), expiring after the history window."""
+    return f"{PREFIX}:history:{minute}"
+
+
 def process(name: str) -> str:
-    """Hash a worker or finalizer publishes with each heartbeat (role, host, pid, in-flight, ...)."""
+    """Hash a process publishes with each heartbeat (role, host, pid, state, in-flight, ...)."""
     return f"{PREFIX}:process:{name}"
 
 

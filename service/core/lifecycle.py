@@ -9,6 +9,7 @@ import signal
 import socket
 from typing import Callable, Protocol
 
+from . import tracing
 from .config import Settings
 from .log import configure_logging, settings_secrets
 
@@ -33,8 +34,12 @@ async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
 
 
 def run_until_signal(process: str, settings: Settings, make: Callable[[], Stoppable]) -> None:
-    """Run ``make().run()``; SIGTERM/SIGINT only set its ``stop`` event, so it drains itself."""
+    """Run ``make().run()``; SIGTERM/SIGINT only set its ``stop`` event, so it drains itself.
+
+    Traces are exported (OpenTelemetry) when the settings name an endpoint, and flushed on the way out.
+    """
     configure_logging(settings.log_level, process=process, secrets=settings_secrets(settings))
+    tracing.setup(settings, process)
 
     async def main() -> None:
         component = make()
@@ -43,4 +48,7 @@ def run_until_signal(process: str, settings: Settings, make: Callable[[], Stoppa
             loop.add_signal_handler(sig, component.stop.set)
         await component.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracing.shutdown()

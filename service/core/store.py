@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
-from . import keys, leases
+from . import counters, keys, leases
 from .connections import Script
 from .leases import FencedScript, Lease, execute
 from .wire import (
@@ -360,7 +360,7 @@ async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "", max_active_batches: int, max_enqueued_lines: int,
+    webhook_url: str = "", max_active_batches: int, max_enqueued_lines: int, trace: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
     validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
@@ -368,7 +368,8 @@ async def create_batch(
     ``batch_id`` is the operation's id: a repeated call (redis-py re-sending it after a lost reply)
     reserves nothing more and answers the same. There is no step between reserving and recording,
     so no failure can leave a reservation without its batch; the reservation is given back by
-    :func:`release` when the batch ends.
+    :func:`release` when the batch ends. ``trace``: the batch's trace fields
+    (``tracing.new_batch_fields``), when tracing is on.
     """
     created = now()
     record = {
@@ -377,6 +378,7 @@ async def create_batch(
         "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
         "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
         "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
+        **(trace or {}),
     }
     fields: dict[str, str | int] = dict(record)
     if sealed_key:
@@ -513,15 +515,19 @@ async def transition(
 
 
 # Record results for lines of one batch, at most once per line: the done bitmap guards against
-# redelivery, the result goes to the results stream, the counter moves, the work entry is
-# acknowledged and deleted. ARGV: group, then (index, entry_id, outcome, result, usage) per line;
-# usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>" (service/core/usage.py),
-# counted into the batch, the day's usage (KEYS[5]) and the token counters (KEYS[6]) with the line.
-_RECORD = FencedScript("""
+# redelivery, the result goes to the results stream, the work entry is acknowledged and deleted,
+# and the lines newly recorded move, in the same step, the batch's counters, the cluster counters
+# and the current minute's history (service/core/counters.py), and the batch's, the day's and the
+# token counters' usage (service/core/usage.py): no count is lost or doubled, whatever dies.
+# KEYS: done, results, batch, lines, metrics lines, upstream, latency, history minute, usage day,
+# token counters. ARGV: group, history TTL, then (index, entry_id, outcome, result, shape, micros,
+# usage) per line; usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>".
+_RECORD = FencedScript(("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
+local shapes, sums = {}, {}
 local owner
-for i = 2, #ARGV, 5 do
+for i = 3, #ARGV, 7 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
     redis.call('XACK', KEYS[4], ARGV[1], entry)
@@ -529,26 +535,50 @@ for i = 2, #ARGV, 5 do
   end
   if alive and redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 then
     redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
-    redis.call('HINCRBY', KEYS[3], ARGV[i + 2], 1)
     recorded = recorded + 1
-    local u = {string.match(ARGV[i + 4], '^(%d+) (%d+) (%d+) (%d+) (.+)$')}
+    local shape = ARGV[i + 4]
+    local s = sums[shape]
+    if s then
+      shapes[shape] = shapes[shape] + 1
+    else
+      s = {}
+      sums[shape] = s
+      shapes[shape] = 1
+    end
+    local us = ARGV[i + 5]
+    if us ~= '' then
+      local v = tonumber(us)
+      if v then
+        s[1] = (s[1] or 0) + v
+      else
+        local k = 0
+        for x in string.gmatch(us, '%d+') do
+          k = k + 1
+          s[k] = (s[k] or 0) + tonumber(x)
+        end
+      end
+    end
+    local u = {string.match(ARGV[i + 6], '^(%d+) (%d+) (%d+) (%d+) (.+)$')}
     if u[5] then
       owner = owner or redis.call('HGET', KEYS[3], 'owner') or ''
       for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
         local n = k < 5 and tonumber(u[k]) or 1
         if n > 0 then
           if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
-          redis.call('HINCRBY', KEYS[5], owner .. '|' .. u[5] .. '|' .. kind, n)
-          redis.call('HINCRBY', KEYS[6], u[5] .. '|' .. kind, n)
+          redis.call('HINCRBY', KEYS[9], owner .. '|' .. u[5] .. '|' .. kind, n)
+          redis.call('HINCRBY', KEYS[10], u[5] .. '|' .. kind, n)
         end
       end
-      redis.call('EXPIRE', KEYS[5], USAGE_TTL_S)
-      redis.call('EXPIRE', KEYS[6], USAGE_TTL_S)
+      redis.call('EXPIRE', KEYS[9], USAGE_TTL_S)
+      redis.call('EXPIRE', KEYS[10], USAGE_TTL_S)
     end
   end
 end
+if recorded == 0 then return 0 end
+""" + counters.LUA_EXPAND + """
+redis.call('EXPIRE', KEYS[8], ARGV[2])
 return recorded
-""".replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
+""").replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
 
 
 class Outcome:
@@ -558,41 +588,54 @@ class Outcome:
     FAILED = "failed"
 
 
-def _record_call(batch_id: str, results: Iterable[tuple]) -> tuple[list[str], list]:
-    argv: list[str | int | bytes] = [keys.WORKER_GROUP]
-    for index, entry_id, outcome, result, *usage in results:
-        argv += [index, entry_id, outcome, result, usage[0] if usage else ""]
+# A result to record: (index, entry_id, outcome, result_json), optionally followed by the line's
+# usage ("" or ``usage.encode``), and then by its (shape, micros) from ``counters.Attempts.encode``
+# when it was sent upstream.
+Result = tuple
+
+
+def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> tuple[list[str], list]:
+    argv: list[str | int | bytes] = [keys.WORKER_GROUP, counters.HISTORY_TTL_S]
+    for result in results:
+        index, entry_id, outcome, line, *rest = result
+        tokens = rest[0] if len(rest) in (1, 3) else ""
+        shape, micros = rest[-2:] if len(rest) >= 2 else counters.unsent(outcome)
+        argv += [index, entry_id, outcome, line, shape, micros, tokens]
     day = time.strftime("%Y-%m-%d", time.gmtime())
     return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
+            keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY, keys.history(minute),
             keys.usage_day(day), keys.METRICS_TOKENS], argv
 
 
 async def record_results(
-    r: Redis, batch_id: str, results: Iterable[tuple[int, str, str, bytes]], *, lease: Lease | None = None,
+    r: Redis, batch_id: str, results: Iterable[Result], *, lease: Lease | None = None,
 ) -> int:
-    """Record ``(index, entry_id, outcome, result_json[, usage])`` tuples; return how many were new.
+    """Record ``(index, entry_id, outcome, result_json[, usage][, shape, micros])`` tuples; return
+    how many were new.
 
     A line already recorded (a redelivery, or a race with cancellation) changes nothing; a
-    batch whose work keys are gone (finished or deleted) records nothing. With ``lease``
+    batch whose work keys are gone (finished or deleted) records nothing. The lines recorded are
+    counted in the cluster counters, the history and the usage in the same step. With ``lease``
     (the finalizer's), nothing is recorded unless it is still held (``LeaseLost``).
     """
-    ks, argv = _record_call(batch_id, results)
-    if len(argv) == 1:
+    ks, argv = _record_call(batch_id, results, counters.minute_of(time.time()))
+    if len(argv) == 2:
         return 0
     return int(await _RECORD(r, ks, argv, lease=lease))
 
 
-def queue_record(pipe, batch_id: str, results: Iterable[tuple]) -> None:
+def queue_record(pipe, batch_id: str, results: Iterable[Result]) -> None:
     """Queue ``record_results`` on a pipeline, e.g. to record atomically with another write (MULTI)."""
-    _RECORD.queue(pipe, *_record_call(batch_id, results))
+    _RECORD.queue(pipe, *_record_call(batch_id, results, counters.minute_of(time.time())))
 
 
-async def record_many(r: Redis, by_batch: dict[str, list[tuple[int, str, str, bytes]]]) -> None:
+async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
     """``record_results`` for several batches in one round trip."""
+    minute = counters.minute_of(time.time())
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for batch_id, results in by_batch.items():
-            _RECORD.queue(pipe, *_record_call(batch_id, results))
+            _RECORD.queue(pipe, *_record_call(batch_id, results, minute))
         try:
             await pipe.execute()
             return

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from service.core import keys, store, usage, webhooks
+from service.core import keys, store, tracing, usage, webhooks
 from service.core.config import Quotas, Settings
 from service.core.connections import REDIS_DOWN
 from service.core.crypto import seal
@@ -543,6 +543,7 @@ async def create_batch(request: web.Request) -> web.Response:
         window_s=settings.completion_window_s, metadata=metadata, output_expires_after=output_expires_after,
         provider=provider, sealed_key=sealed_key, reserved_lines=lines, webhook_url=webhook_url,
         max_active_batches=quotas.max_active_batches, max_enqueued_lines=quotas.max_enqueued_lines,
+        trace=tracing.new_batch_fields(request.headers.get("traceparent")),
     )
     try:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from typing import AsyncIterator, Awaitable, Callable
@@ -15,6 +14,7 @@ from service.core import store
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, connect
 from service.core.errors import APIError
+from service.core.heartbeat import Heartbeat
 from service.core.lifecycle import process_name, run_until_signal
 from service.core.storage import Storage, open_storage
 from service.core.tokens import TokenAuth
@@ -31,6 +31,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *dashboard.PUBLIC_PATHS})
 # How long /readyz waits for Redis and for the storage probe.
 READY_TIMEOUT_S = 3.0
+# The object /readyz reads (its size) to check storage; written when it is missing (once per store).
+READY_MARKER = "sluice-readyz-marker"
 
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -171,21 +173,35 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _probe_storage(storage: Storage) -> None:
-    """Write and delete a tiny object: storage takes writes (only write/delete, any backend)."""
-    key = f"readyz-probe-{secrets.token_hex(6)}"
-    try:
-        await storage.write(key, _one_chunk(b"ok\n"))
-    finally:
-        with contextlib.suppress(Exception):
-            await storage.delete(key)
+class StorageCheck:
+    """/readyz's storage check: a read of a small marker object, no write per probe.
+
+    Each probe asks for the marker's size (a HEAD on S3, a stat locally); only when the marker
+    is missing (the first probe against a new store, or someone deleted it) is it written. A
+    success is remembered for ``cache_s``, so frequent probes from several load balancers cost
+    at most one storage request per ``cache_s`` and process; a failure is never remembered, so
+    an outage shows within ``cache_s`` plus ``READY_TIMEOUT_S``.
+    """
+
+    def __init__(self, storage: Storage, cache_s: float) -> None:
+        self.storage = storage
+        self.cache_s = cache_s
+        self.ok_until = 0.0
+
+    async def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.ok_until:
+            return
+        if await self.storage.size(READY_MARKER) is None:
+            await self.storage.write(READY_MARKER, _one_chunk(b"ok\n"))
+        self.ok_until = now + self.cache_s
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Redis answers and storage takes writes: the process can serve requests."""
+    """Redis answers and storage answers (see :class:`StorageCheck`): the process can serve requests."""
     checks: dict[str, str] = {}
     for name, probe in (("redis", lambda: request.app[appkeys.REDIS].ping()),
-                        ("storage", lambda: _probe_storage(request.app[appkeys.STORAGE]))):
+                        ("storage", request.app[appkeys.STORAGE_CHECK])):
         try:
             await asyncio.wait_for(probe(), timeout=READY_TIMEOUT_S)
             checks[name] = "ok"
@@ -219,13 +235,22 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app[appkeys.SETTINGS] = settings
     app[appkeys.OUTAGE] = Outage(log)
     app[appkeys.STORAGE] = storage if storage is not None else open_storage(settings)
+    app[appkeys.STORAGE_CHECK] = StorageCheck(app[appkeys.STORAGE], settings.readyz_storage_cache_s)
     app[appkeys.REDIS] = r
-    name = process_name()  # holder of this process's validator and feeder leases
+    # One name for the validator and feeder leases and the heartbeat: status shows who feeds what.
+    name = process_name()
     feeder = Feeder(app[appkeys.REDIS], app[appkeys.STORAGE], settings, name)
     app[appkeys.PUBLISHER] = Publisher(app[appkeys.REDIS], app[appkeys.STORAGE], settings, feeder.wake, name)
 
+    def beat_fields() -> dict[str, str | int]:
+        stopping = appkeys.EVENTS_STOP in app and app[appkeys.EVENTS_STOP].is_set()
+        return {"state": "stopping" if stopping else "serving", "in_flight": in_flight.count,
+                "feeding": len(feeder.renew_at), "port": settings.port}
+
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        heartbeat = Heartbeat(app[appkeys.REDIS], name, "web", fields=beat_fields)
+        heartbeat.start()
         tasks = [asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
                  asyncio.create_task(feeder.run(stop), name="feeder"),
                  asyncio.create_task(edge.sweep_orphans(app[appkeys.STORAGE], settings, stop), name="orphans")]
@@ -237,6 +262,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
         # until it expires, then a peer redoes it.
         tasks[0].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await heartbeat.close()
         if redis is None:
             await app[appkeys.REDIS].aclose()
         if storage is None:

@@ -15,7 +15,7 @@ from service.core.store import Redis
 from .publisher import Publisher
 
 if TYPE_CHECKING:
-    from .app import InFlight
+    from .app import InFlight, StorageCheck
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
@@ -24,6 +24,8 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 OUTAGE = web.AppKey("outage", Outage)
 # Requests under way, so that a stopping process can wait for them (service/web/app.py).
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
+# /readyz's storage check, which remembers its last success for a while (service/web/app.py).
+STORAGE_CHECK: web.AppKey[StorageCheck] = web.AppKey("storage_check")
 # Set when the app shuts down: event streams end at once instead of holding the shutdown.
 EVENTS_STOP = web.AppKey("events_stop", asyncio.Event)
 

@@ -30,7 +30,7 @@ from typing import AsyncIterator
 
 import structlog
 
-from service.core import keys, leases, store
+from service.core import keys, leases, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage
 from service.core.delegation import delegated_providers
@@ -50,22 +50,29 @@ CHUNK = 500
 REST_S = 5.0
 
 # KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line read,
-# feed_index after it, then (index, custom_id, body, provider, cost) per line published (delegated
-# lines are read and passed over). Returns the new feed_index, -1 when the position is stale (a
-# peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
+# feed_index after it, the number of arguments per line, then (index, custom_id, body, provider,
+# cost) per line published (delegated lines are read and passed over), followed for a traced batch
+# by the time a sampled line is published ("" for the others). Returns the new feed_index, -1 when
+# the position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
 _FEED = FencedScript("""
 if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
-for i = 4, #ARGV, 5 do
-  redis.call('XADD', KEYS[2], '0-' .. (tonumber(ARGV[i]) + 1),
-             'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
+local stride = tonumber(ARGV[4])
+for i = 5, #ARGV, stride do
+  local id = '0-' .. (tonumber(ARGV[i]) + 1)
+  if stride == 6 and ARGV[i + 5] ~= '' then
+    redis.call('XADD', KEYS[2], id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4],
+               '""" + tracing.QUEUED_FIELD + """', ARGV[i + 5])
+  else
+    redis.call('XADD', KEYS[2], id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
+  end
 end
 redis.call('HSET', KEYS[1], 'feed_index', ARGV[3], 'feed_offset', ARGV[2])
 return tonumber(ARGV[3])
 """)
 
 _FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
-           "input_key", "endpoint", "provider", "deleg_providers")
+           "input_key", "endpoint", "provider", "deleg_providers", tracing.TRACEPARENT_FIELD, tracing.RUNNING_FIELD)
 # Delegated lines passed over per script call, at most: a long run of them is read in steps.
 SKIP_CHUNK = 20 * CHUNK
 
@@ -184,13 +191,16 @@ class Feeder:
             return
         cursor = await self._cursor(batch_id, h)
         room = window - outstanding
+        # A traced batch's lines carry one more argument: when a sampled line was published.
+        traced = tracing.enabled() and bool(h.get(tracing.TRACEPARENT_FIELD))
         try:
             while room > 0 and index < total:
-                argv, read, end = await self._next_lines(cursor, h, index, min(room, CHUNK, total - index), delegated)
+                argv, read, end = await self._next_lines(cursor, h, index, min(room, CHUNK, total - index), delegated,
+                                                         traced)
                 if not read:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
                 got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)],
-                                      [index, end, index + read, *argv], lease=lease))
+                                      [index, end, index + read, 6 if traced else 5, *argv], lease=lease))
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)
@@ -198,6 +208,8 @@ class Feeder:
                 cursor.offset = end
                 room -= len(argv) // 5
                 index = got
+                if traced and index >= total:
+                    tracing.feeding_done({**h, "id": batch_id}, total)
         except BaseException:
             # The reader may be past lines that were never published: reopen at the recorded offset.
             await self._close(batch_id)
@@ -205,10 +217,17 @@ class Feeder:
 
     async def _next_lines(
         self, cursor: _Cursor, h: dict[str, str], index: int, count: int, delegated: frozenset[str],
+        traced: bool = False,
     ) -> tuple[list, int, int]:
         """Script arguments for up to ``count`` more lines to publish, how many lines were read (those
-        passed over included), and the offset just past the last one read."""
+        passed over included), and the offset just past the last one read.
+
+        ``traced``: the batch is traced; each line then gets one more argument: the time it is
+        published when it is sampled, else "".
+        """
         argv: list[str | int | bytes] = []
+        stride = 6 if traced else 5
+        traceparent = h.get(tracing.TRACEPARENT_FIELD, "")
         end = cursor.offset
         read = 0
         async for line in cursor.lines:
@@ -221,9 +240,11 @@ class Feeder:
             name = provider.name if provider else h.get("provider") or f"(none serves {request.model[:100]})"
             if name not in delegated:
                 argv += [index + read, request.custom_id, request.body, name, request.cost]
+                if traced:
+                    argv.append(time.time_ns() if tracing.sampled(traceparent, index + read) else "")
             read += 1
             end = line.end
-            if len(argv) >= 5 * count or read >= SKIP_CHUNK:
+            if len(argv) >= stride * count or read >= SKIP_CHUNK:
                 break
         return argv, read, end
 

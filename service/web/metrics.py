@@ -1,6 +1,11 @@
 """``GET /metrics``: the cluster's snapshot (service/core/cluster.py) as Prometheus text.
 
 Any web process answers for the whole cluster, so scrape one of them (or all: they agree).
+
+The line and upstream counters are exact (service/core/counters.py): they move in the same atomic
+step that records a line's result, so ``sluice_lines_total`` by outcome always equals the sum of
+every batch's ``request_counts``; the upstream counters count the attempts of the lines recorded.
+Gauges are read from the cluster's state at scrape time.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from prometheus_client.utils import floatToGoString
 
 from service.core.cluster import Snapshot, as_int, snapshot
 from service.core.config import Settings
-from service.core.heartbeat import LATENCY_BUCKETS, STALE_AFTER_S
+from service.core.counters import LATENCY_BUCKETS
+from service.core.heartbeat import ROLES, STALE_AFTER_S
 from service.core.store import Redis
 
 # ------------------------------------------------------------------------------ Prometheus
+
+# Fields of a latency series that are not histogram buckets.
+_NOT_BUCKETS = frozenset({"sum", "sum_us", "count"})
 
 
 class ClusterCollector:
@@ -35,8 +44,8 @@ class ClusterCollector:
 
     def collect(self):
         snap = self.snap
-        lines = CounterMetricFamily("sluice_lines", "Request lines recorded, by outcome (cluster total).",
-                                    labels=["outcome"])
+        lines = CounterMetricFamily("sluice_lines", "Request lines recorded, by outcome (cluster total; exact: "
+                                    "always the sum of the batches' request_counts).", labels=["outcome"])
         for outcome in sorted({"completed", "failed", *snap.lines}):
             lines.add_metric([outcome], snap.lines.get(outcome, 0))
         yield lines
@@ -50,29 +59,36 @@ class ClusterCollector:
                 continue
             series.setdefault((provider, status), {})[part] = v
         hist = HistogramMetricFamily("sluice_upstream_request_duration_seconds",
-                                     "Time of one upstream request, by provider and answer status.",
+                                     "Time of one upstream request, by provider and answer status (attempts of "
+                                     "the lines recorded).",
                                      labels=["provider", "status"])
         requests = CounterMetricFamily("sluice_upstream_requests", "Upstream requests, by provider and answer "
-                                       "status (an HTTP status, timeout, connection_error or aborted).",
+                                       "status (an HTTP status, timeout, connection_error or aborted); exact: the "
+                                       "attempts of every line recorded.",
                                        labels=["provider", "status"])
         for (provider, status), parts in sorted(series.items()):
             count = as_int(parts.get("count"))
             # Every series gets every bound (sums over series need the same buckets), stored or not.
-            stored = {float(le): as_int(v) for le, v in parts.items() if le not in ("sum", "count")}
+            stored = {float(le): as_int(v) for le, v in parts.items() if le not in _NOT_BUCKETS}
             buckets, running = [], 0
             for le in sorted(set(LATENCY_BUCKETS) | set(stored)):
                 running += stored.get(le, 0)
                 buckets.append((floatToGoString(le), running))
             buckets.append(("+Inf", count))
-            hist.add_metric([provider, status], buckets, float(parts.get("sum") or 0.0))
+            # "sum" (seconds) is what versions before exact counting folded in; "sum_us" is exact.
+            total = float(parts.get("sum") or 0.0) + as_int(parts.get("sum_us")) / 1e6
+            hist.add_metric([provider, status], buckets, total)
             requests.add_metric([provider, status], count)
         yield hist
         yield requests
 
         for what, name, doc in (
-            ("retries", "sluice_upstream_retries", "Upstream requests retried after a transient failure."),
-            ("rate_limited", "sluice_upstream_rate_limited", "Upstream answers with status 429."),
-            ("pauses", "sluice_provider_pauses", "Pauses of a provider for every worker after a 429."),
+            ("retries", "sluice_upstream_retries", "Upstream requests retried after a transient failure (exact, "
+             "for the lines recorded)."),
+            ("rate_limited", "sluice_upstream_rate_limited", "Upstream answers with status 429 (exact, for the lines "
+             "recorded)."),
+            ("pauses", "sluice_provider_pauses", "Pauses of a provider for every worker after a 429 (exact, for the "
+             "lines recorded)."),
         ):
             fam = CounterMetricFamily(name, doc, labels=["provider"])
             totals: dict[str, int] = {p.name: 0 for p in snap.providers}
@@ -103,10 +119,10 @@ class ClusterCollector:
         yield usage_lines
 
         # Processes (heartbeats).
-        procs = GaugeMetricFamily("sluice_processes", "Workers and finalizers: live (beating) or stale "
+        procs = GaugeMetricFamily("sluice_processes", "Web, worker and finalizer processes: live (beating) or stale "
                                   f"(no heartbeat for {STALE_AFTER_S:g} s; listed for 10 min).",
                                   labels=["role", "state"])
-        counts = {(role, state): 0 for role in ("worker", "finalizer") for state in ("live", "stale")}
+        counts = {(role, state): 0 for role in ROLES for state in ("live", "stale")}
         for p in snap.processes:
             key = (p.role, "live" if p.live else "stale")
             counts[key] = counts.get(key, 0) + 1
@@ -119,14 +135,19 @@ class ClusterCollector:
                                labels=["role", "process", "host"])
         held = GaugeMetricFamily("sluice_worker_lines_in_flight", "Lines a live worker holds (calling, waiting for a "
                                  "provider slot or recording).", labels=["process"])
+        serving = GaugeMetricFamily("sluice_web_requests_in_flight", "HTTP requests a live web process is serving "
+                                    "(event streams included).", labels=["process"])
         for p in snap.processes:
             age.add_metric([p.role, p.name, p.host], round(p.age_s, 3))
             up.add_metric([p.role, p.name, p.host], 1 if p.live else 0)
             if p.role == "worker" and p.live:
                 held.add_metric([p.name], p.int("in_flight"))
+            if p.role == "web" and p.live:
+                serving.add_metric([p.name], p.int("in_flight"))
         yield age
         yield up
         yield held
+        yield serving
 
         # Providers.
         inflight = GaugeMetricFamily("sluice_upstream_requests_in_flight", "Requests at a provider now (live workers).",

@@ -17,7 +17,7 @@ import time
 import msgspec
 import structlog
 
-from service.core import keys, leases, store
+from service.core import keys, leases, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage
 from service.core.delegation import Planner, encode_providers, write_plan
@@ -138,9 +138,10 @@ class Publisher:
             return
         if h["status"] == "validating":
             started = time.monotonic()
-            total, size, model, errors, planner = await self._validate(h, lease)
-            bound.info("validated", lines=total, errors=len(errors), seconds=round(time.monotonic() - started, 3),
-                       delegated=planner.lines)
+            with tracing.phase(h, "sluice.validation"):
+                total, size, model, errors, planner = await self._validate(h, lease)
+                bound.info("validated", lines=total, errors=len(errors),
+                           seconds=round(time.monotonic() - started, 3), delegated=planner.lines)
             if errors:
                 await self._fail(h, errors, lease)
                 return
@@ -200,6 +201,8 @@ class Publisher:
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h, lease)
             return
+        if applied:
+            tracing.batch_finished(h, "failed")
         # Released before it leaves the queue: interrupted in between, the next claim releases it.
         await store.release(self.r, self.storage, h, lease=lease)
         await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h["id"]))
@@ -207,10 +210,12 @@ class Publisher:
     async def _cancel_unstarted(self, h: dict[str, str], lease: Lease) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain (the
         # streams an earlier, interrupted attempt may have created go in the same step).
-        await store.transition(
+        applied, _ = await store.transition(
             self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
             expire_s=self.settings.retention_s, delete=_work_keys_but(lease), lease=lease,
         )
+        if applied:
+            tracing.batch_finished(h, "cancelled")
         await store.release(self.r, self.storage, h, lease=lease)
         await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h["id"]))
 
@@ -221,7 +226,8 @@ class Publisher:
         await _CREATE_GROUPS(self.r, [keys.lines(batch_id), keys.results(batch_id)], [keys.WORKER_GROUP, "finalizer"],
                              lease=lease)
         fields: dict[str, str | int] = {"status": "in_progress", "in_progress_at": store.now(), "total": total,
-                                        "model": model, "feed_index": 0, "feed_offset": 0, "feed_window": window}
+                                        "model": model, "feed_index": 0, "feed_offset": 0, "feed_window": window,
+                                        **tracing.running_fields(h)}
         # Lines for a provider's own Batch API are run by the finalizers (workers/delegate.py); the
         # workers and the feeder only see the batch if some of its lines are executed here.
         add_to = [keys.LIVE_BATCHES]

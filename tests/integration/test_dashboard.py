@@ -209,3 +209,28 @@ def test_falls_back_to_polling_without_an_event_stream(dstack, page):
     dstack.mock().release(gate)
     expect(r.locator(".progress")).to_have_attribute("aria-valuenow", "100")
     expect(r.locator(".status")).to_have_text("completed")
+
+
+def test_charts_start_from_the_history_after_every_process_restarted(stack_factory, page):
+    from tests.integration.test_history import restart_every_sluice_process
+
+    stack = stack_factory.start(name="dashboard-history", workers=1)
+    rows = [stack.chat_line(f"h-{uuid.uuid4().hex[:6]}-{i}", "remember me") for i in range(17)]
+    _, created = stack.submit(rows)
+    assert stack.wait_for_batch(created.id, timeout=60).status == "completed"
+    restart_every_sluice_process(stack)
+
+    # A page opened now starts its charts from the history in Redis, not from nothing.
+    sign_in(page, stack, stack.token)
+    expect(page.locator("#batches-view")).to_be_visible()
+    chart = page.locator("#throughput-chart")
+    expect(chart).to_have_attribute("data-history-lines", "17")
+    assert int(chart.get_attribute("data-points")) >= 1
+    expect(chart.locator("path.line")).to_have_count(1)
+    page.click("#tab-cluster")
+    expect(page.locator("#history-lines")).to_have_attribute("data-total", "17")
+    expect(page.locator("#history-p50 path.line")).to_have_count(1)
+    # The killed web process turns stale within seconds (no beat for 6 s); its replacement is live.
+    expect(page.locator('#processes tbody tr[data-role="web"] .health.stale')).to_have_count(1, timeout=60_000)
+    expect(page.locator('#processes tbody tr[data-role="web"] .health.live')).to_have_count(1)
+    shot(page, "dashboard-cluster-history")

@@ -1,17 +1,21 @@
 """Observability of the whole cluster: ``GET /metrics``, heartbeats, ``sluice status``, ``/readyz``.
 
-One stack (2 workers, the finalizer) runs a batch with forced final failures, a transient 500
-and a 429; the metrics any web process serves must then match the batch, show both workers and
-the finalizer live, and show a SIGKILLed worker as stale, in /metrics and in ``sluice status``.
+One stack (web, 2 workers, the finalizer) runs a batch with forced final failures, a transient 500
+and a 429; the metrics any web process serves must then match the batch, show the web process,
+both workers and the finalizer live, and show a SIGKILLed worker as stale, in /metrics and in
+``sluice status``.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import http_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -35,7 +39,8 @@ def _get(fams: dict[str, list], family: str, sample: str | None = None, **labels
 
 def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     # The running batch below holds its lines at the mock's gate: it stays running while observed.
-    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8, mock={"gates": True})
+    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8, mock={"gates": True},
+                                env={"SLUICE_READYZ_STORAGE_CACHE_S": "1"})
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"ok-{run}-{i:02d}", f"fine {i}") for i in range(20)]
     rows += [stack.chat_line(f"bad-{run}-{i}", f"bad {i}", mock_status=400) for i in range(3)]
@@ -47,16 +52,10 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     counts = batch.request_counts
     assert (counts.completed, counts.failed) == (22, 3), counts
 
-    # Counters reach Redis with the next heartbeat (every 2 s; the waits below are failure deadlines
-    # of ten times what they wait for or more).
-    def settled():
-        fams = _scrape(stack)
-        got = (_get(fams, "sluice_lines", "sluice_lines_total", outcome="completed"),
-               _get(fams, "sluice_lines", "sluice_lines_total", outcome="failed"))
-        return fams if got == (counts.completed, counts.failed) else None
-
-    fams = wait_until(settled, timeout=60, interval=0.25, message="sluice_lines_total to match the batch's counts",
-                      check=stack.check_alive)
+    # The counters move with each recorded line: exact as soon as the batch is terminal.
+    fams = _scrape(stack)
+    assert _get(fams, "sluice_lines", "sluice_lines_total", outcome="completed") == counts.completed
+    assert _get(fams, "sluice_lines", "sluice_lines_total", outcome="failed") == counts.failed
     for status, n in (("200", 22), ("400", 3), ("500", 1), ("429", 1)):
         assert _get(fams, H, H + "_count", provider="default", status=status) == n, (status, fams[H])
         assert _get(fams, H, H + "_bucket", provider="default", status=status, le="+Inf") == n
@@ -72,6 +71,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     finalizer = next(s for s in fams["sluice_finalizer_leased_batches"])
     assert finalizer.labels["process"].split("-")[-2] == str(stack.process("finalizer").pid), finalizer
     assert _get(fams, "sluice_finalizer_unleased_batches") == 0
+    assert _get(fams, "sluice_processes", role="web", state="live") == 1
     assert _get(fams, "sluice_finalizer_lag_lines") == 0
     assert _get(fams, "sluice_lines_pending") == 0
     # The finished batch has no series left (batch_id labels only for running batches).
@@ -95,7 +95,7 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     assert _get(fams, "sluice_provider_lines_waiting", provider="default") >= 40
     status = stack.sluice("status", check=True).stdout
     assert running.id in status and "/40" in status, status
-    assert status.count("LIVE") == 3, status
+    assert status.count("LIVE") == 4, status  # web, 2 workers, finalizer
     assert "running (1 batch)" in status, status
 
     # SIGKILL one worker: it stops heart-beating and shows as stale (and stays listed).
@@ -122,21 +122,22 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     stack.client().batches.cancel(running.id)
     stack.mock().release(gate)
 
-    # /readyz: 200; 503 when storage takes no writes; 503 when Redis does not answer.
+    # /readyz: 200; 503 when storage cannot be read (within its 1 s cache); 503 when Redis does not answer.
     assert stack.http("GET", "/readyz", token=None).status == 200
-    tmp = stack.data_dir / "tmp"
-    assert tmp.is_dir(), "the local storage layout changed: adapt this test"
-    aside = stack.data_dir / "tmp-aside"
-    tmp.rename(aside)
-    tmp.write_bytes(b"not a directory")  # root ignores permissions, not file types
+    files = stack.data_dir / "files"
+    assert files.is_dir(), "the local storage layout changed: adapt this test"
+    aside = stack.data_dir / "files-aside"
+    files.rename(aside)
+    files.write_bytes(b"not a directory")  # root ignores permissions, not file types
     try:
-        res = stack.http("GET", "/readyz", token=None)
-        assert res.status == 503, res.body
+        res = wait_until(lambda: (r := stack.http("GET", "/readyz", token=None)).status == 503 and r, timeout=30,
+                         interval=0.25, message="/readyz to notice the storage outage", check=stack.check_alive)
         assert res.json()["redis"] == "ok" and res.json()["storage"] != "ok", res.json()
     finally:
-        tmp.unlink()
-        aside.rename(tmp)
-    assert stack.http("GET", "/readyz", token=None).status == 200
+        files.unlink()
+        aside.rename(files)
+    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=30, interval=0.25,
+               check=stack.check_alive)
 
     stack.redis.process.signal(signal.SIGSTOP)
     try:
@@ -162,3 +163,42 @@ def _scrape_with(stack, token: str) -> dict[str, list]:
     res = stack.http("GET", "/metrics", token=token)
     assert res.status == 200, res.body[:300]
     return {f.name: f.samples for f in text_string_to_metric_families(res.body.decode())}
+
+
+def test_web_processes_beat_and_a_killed_one_turns_stale(stack_factory, wait_until, free_port):
+    stack = stack_factory.start(name="web-beats", workers=1)
+    port = free_port()
+    second = stack.runner.start("web-b", [sys.executable, "-m", "service.cli", "web"],
+                                env={**stack.env, "PORT": str(port)})
+    wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200,
+               timeout=30, ignore=(OSError,), check=stack.check_alive, message="the second web process to serve")
+
+    def web_rows(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("web ")]
+
+    rows = wait_until(lambda: len(rows := web_rows(stack.sluice("status", check=True).stdout)) == 2 and rows,
+                      timeout=20, interval=0.25, message="both web processes in sluice status", check=stack.check_alive)
+    assert all(row.rstrip().endswith("LIVE") and "serving" in row for row in rows), rows
+    assert {str(stack.process("web").pid), str(second.pid)} == {row.split()[3] for row in rows}, rows
+
+    victim = stack.process("web")
+    victim.stopping = True
+    victim.signal(signal.SIGKILL)
+    victim.popen.wait(timeout=5)
+
+    def stale():
+        res = http_request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)
+        f = {fam.name: fam.samples for fam in text_string_to_metric_families(res.body.decode())}
+        ok = (_get(f, "sluice_processes", role="web", state="stale") == 1
+              and _get(f, "sluice_processes", role="web", state="live") == 1)
+        return f if ok else None
+
+    fams = wait_until(stale, timeout=30, interval=0.5, message="the killed web process to show as stale",
+                      check=stack.check_alive)
+    dead = [s for s in fams["sluice_process_up"] if s.value == 0]
+    assert [(s.labels["role"], s.labels["process"].split("-")[-2]) for s in dead] == [("web", str(victim.pid))]
+    rows = web_rows(stack.sluice("status", check=True).stdout)
+    assert [row.split()[3] for row in rows if row.rstrip().endswith("STALE")] == [str(victim.pid)], rows
+    cluster = http_request("GET", f"http://127.0.0.1:{port}/v1/sluice/cluster", token=stack.token).json()
+    webs = {p["pid"]: p["live"] for p in cluster["processes"] if p["role"] == "web"}
+    assert webs == {str(victim.pid): False, str(second.pid): True}, cluster["processes"]

@@ -1,8 +1,14 @@
-"""The dashboard's static page is public; the cluster JSON it shows needs a token (any token)."""
+"""The dashboard's static page is public; the cluster and history JSON it shows need a token (any token)."""
 
 from __future__ import annotations
 
-from .conftest import NO_AUTH, TOKEN_B
+import pytest
+
+from service.core import store
+from service.core.counters import Attempts
+from service.web import appkeys
+
+from .conftest import NO_AUTH, TOKEN_B, jsonl, line
 
 
 async def test_page_and_assets_need_no_token(api):
@@ -31,7 +37,8 @@ async def test_cluster_needs_a_valid_token(api):
         kwargs = {} if token is None else {"token": token}
         body = (await api.request("GET", "/v1/sluice/cluster", **kwargs)).ok()
         assert body["object"] == "sluice.cluster"
-        assert body["processes"] == []  # no worker runs in unit tests
+        # No worker runs in unit tests; the app's own web process beats.
+        assert [(p["role"], p["live"], p["state"]) for p in body["processes"]] == [("web", True, "serving")]
         assert [p["name"] for p in body["providers"]] == ["default"]
         assert body["providers"][0]["state"] == "ok"
         assert set(body["lines"]) == {"completed", "failed"}
@@ -47,3 +54,36 @@ async def test_cluster_counts_only_the_callers_batches_as_yours(api):
     theirs = (await api.request("GET", "/v1/sluice/cluster", token=TOKEN_B)).ok()["running_batches"]
     assert mine == {"total": 1, "yours": 1}
     assert theirs == {"total": 1, "yours": 0}
+
+
+async def test_history_serves_what_recording_counted(api):
+    (await api.request("GET", "/v1/sluice/history", token=NO_AUTH)).error(401, code="invalid_api_key")
+    (await api.request("GET", "/v1/sluice/history?minutes=0")).error(400, param="minutes", code="invalid_value")
+    (await api.request("GET", "/v1/sluice/history?minutes=1441")).error(400, param="minutes", code="invalid_value")
+    (await api.request("GET", "/v1/sluice/history?minutes=x")).error(400, param="minutes", code="invalid_type")
+    empty = (await api.request("GET", "/v1/sluice/history")).ok()
+    assert empty["object"] == "sluice.history" and len(empty["minutes"]) == 60
+    assert empty["providers"]["default"]["completed"] == [0] * 60
+    assert empty["total"]["latency_p50_s"] == [None] * 60
+
+    b = await api.run_batch(jsonl([line("a"), line("b"), line("c")]))
+    assert b["status"] == "in_progress"
+    r = api.client.app[appkeys.REDIS]
+    fast, slow = Attempts("default"), Attempts("default")
+    fast.add("200", 0.04)
+    slow.add("429", 0.02)
+    slow.add("200", 0.3)
+    await store.record_results(r, b["id"], [(0, "", "completed", b"{}", *fast.encode("completed")),
+                                            (1, "", "completed", b"{}", *slow.encode("completed")),
+                                            (2, "", "failed", b"{}")])
+    body = (await api.request("GET", "/sluice/history?minutes=2", token=TOKEN_B)).ok()
+    assert body["minutes"][1] - body["minutes"][0] == body["minute_s"] == 60
+    assert body["minutes"][1] <= body["now"] < body["minutes"][1] + 60
+    # Both minutes: the recording may have happened just before the minute turned.
+    now = {name: next((v for v in reversed(series) if v), None) for name, series in body["total"].items()}
+    assert now["completed"] == 2 and now["failed"] == 1  # the unsent line counts in the totals only
+    assert now["requests"] == 3 and now["rate_limited"] == 1
+    assert now["latency_mean_s"] == pytest.approx(0.12)
+    assert 0.025 < now["latency_p50_s"] <= 0.05
+    default = body["providers"]["default"]
+    assert (sum(default["completed"]), sum(default["failed"]), sum(default["requests"])) == (2, 0, 3)

@@ -14,12 +14,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.cli import status
-from service.core import cluster, keys
+from service.core import cluster, keys, store
 from service.core.config import Provider, Settings
-from service.core.heartbeat import Heartbeat, Tally
+from service.core.counters import Attempts
+from service.core.heartbeat import Heartbeat
 from service.core.storage import LocalStorage
 from service.web import metrics
-from service.web.app import create_app
+from service.web.app import READY_MARKER, create_app
 
 PROVIDERS = (Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
              Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)))
@@ -49,109 +50,89 @@ def redis():
     return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
 
 
-async def test_tally_folds_into_cluster_counters(redis):
-    a, b = Tally(), Tally()
-    a.line("completed", 3)
-    a.line("failed")
-    b.line("completed", 2)
-    a.request("default", "200", 0.03)
-    a.request("default", "200", 0.7)
-    b.request("default", "429", 0.01)
-    b.count("rate_limited", "default")
-    b.count("retries", "default")
-    b.count("pauses", "default")
-    a.started("default")
-    beat_a = Heartbeat(redis, "w-a", "worker", tally=a, fields=lambda: {"in_flight": 1, "concurrency": 8})
-    beat_b = Heartbeat(redis, "w-b", "worker", tally=b, fields=lambda: {"in_flight": 0, "concurrency": 8})
-    assert await beat_a.beat() and await beat_b.beat()
-    # A second beat adds nothing: the tally was taken.
-    assert await beat_a.beat()
+async def _running_batch(redis, batch_id: str) -> None:
+    """The keys of a batch whose lines are being recorded (its results stream exists)."""
+    await redis.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
+    await redis.xadd(keys.results(batch_id), {"r": "{}", "o": "completed"})
+    await redis.hset(keys.batch(batch_id), mapping={"completed": 0, "failed": 0, "total": 9})
+
+
+async def test_recording_moves_exact_counters(redis):
+    await _running_batch(redis, "batch_a")
+    retried = Attempts("default")
+    retried.add("500", 0.03)
+    retried.add("429", 0.2)
+    retried.paused()
+    retried.add("200", 0.7)
+    fast = Attempts("default")
+    fast.add("200", 0.03)
+    results = [(0, "", "completed", b"{}", *retried.encode("completed")),
+               (1, "", "completed", b"{}", *fast.encode("completed")),
+               (2, "", "failed", b"{}", *fast.encode("failed")),
+               (3, "", "failed", b"{}")]  # never sent: counts as a line only
+    assert await store.record_results(redis, "batch_a", results) == 4
+    # Recorded again (a redelivery, or redis-py re-sending the script after a lost reply): no change.
+    assert await store.record_results(redis, "batch_a", results) == 0
+    await store.record_many(redis, {"batch_a": results[:2]})
+
+    beat_a = Heartbeat(redis, "w-a", "worker", fields=lambda: {"in_flight": 1, "concurrency": 8})
+    beat_a.tally.started("default")
+    beat_b = Heartbeat(redis, "w-b", "worker", fields=lambda: {"in_flight": 0, "concurrency": 8})
+    web = Heartbeat(redis, "web-a", "web", fields=lambda: {"state": "serving", "in_flight": 3})
+    assert await beat_a.beat() and await beat_b.beat() and await web.beat()
     for key in (keys.PROCESSES, keys.process("w-a"), keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY):
         assert await redis.ttl(key) > 0, f"{key} must expire unless heartbeats keep it"
 
     snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 5
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 1
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 2
+    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 2
+    assert await redis.hmget(keys.batch("batch_a"), "completed", "failed") == [b"2", b"2"]
     hist = fams["sluice_upstream_request_duration_seconds"]
     name = "sluice_upstream_request_duration_seconds"
-    assert _value(hist, name + "_count", provider="default", status="200") == 2
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="0.05") == 1
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="1.0") == 2
-    assert _value(hist, name + "_bucket", provider="default", status="200", le="+Inf") == 2
-    assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.73)
+    assert _value(hist, name + "_count", provider="default", status="200") == 3
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="0.05") == 2
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="1.0") == 3
+    assert _value(hist, name + "_bucket", provider="default", status="200", le="+Inf") == 3
+    assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.76)
     assert _value(hist, name + "_count", provider="default", status="429") == 1
+    assert _value(hist, name + "_count", provider="default", status="500") == 1
     assert _value(fams["sluice_upstream_requests"], "sluice_upstream_requests_total",
                   provider="default", status="429") == 1
     assert _value(fams["sluice_upstream_rate_limited"], "sluice_upstream_rate_limited_total", provider="default") == 1
-    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 1
+    assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 2
     assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="limited") == 0
     assert _value(fams["sluice_provider_pauses"], "sluice_provider_pauses_total", provider="default") == 1
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 2
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 0
+    assert _value(fams["sluice_processes"], "sluice_processes", role="web", state="live") == 1
+    assert _value(fams["sluice_web_requests_in_flight"], "sluice_web_requests_in_flight", process="web-a") == 3
     assert _value(fams["sluice_worker_lines_in_flight"], "sluice_worker_lines_in_flight", process="w-a") == 1
     assert _value(fams["sluice_upstream_requests_in_flight"], "sluice_upstream_requests_in_flight",
                   provider="default") == 1
 
-    # A clean stop flushes and leaves the list; a process that stops beating turns stale.
-    a.line("completed")
+    # A batch that ended (its work keys deleted) records nothing, and counts nothing.
+    await redis.delete(*keys.work_keys("batch_a"))
+    assert await store.record_results(redis, "batch_a", [(5, "", "completed", b"{}", *fast.encode("completed"))]) == 0
+    assert await redis.hget(keys.METRICS_LINES, "completed") == b"2"
+
+    # A clean stop leaves the list; a process that stops beating turns stale.
     await beat_a.close()
     await redis.zadd(keys.PROCESSES, {"w-b": (await redis.time())[0] - 60})
     snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
-    assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 6
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="live") == 0
     assert _value(fams["sluice_processes"], "sluice_processes", role="worker", state="stale") == 1
     assert _value(fams["sluice_process_up"], "sluice_process_up", process="w-b") == 0
-    assert "STALE" in status.render(snap) and "w-a" not in status.render(snap)
+    text = status.render(snap)
+    assert "STALE" in text and "w-a" not in text and "web-a" in text
 
 
-async def test_failed_beat_keeps_its_counters(redis):
+async def test_failed_beat_is_reported_not_raised():
     dead = _dead_redis()
-    tally = Tally()
-    tally.line("completed", 2)
-    tally.request("p|x", "200", 0.2)
-    beat = Heartbeat(dead, "w", "worker", tally=tally)
+    beat = Heartbeat(dead, "w", "worker")
     assert not await beat.beat()
     await dead.aclose()
-    tally.line("completed", 5)
-    beat.redis = redis
-    assert await beat.beat() and await beat.beat()
-    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
-    assert await redis.hget(keys.METRICS_LATENCY, "p|x|200|count") == b"1"
-
-
-class _LoseReply:
-    """A client whose script replies are lost once after the script ran (redis-py would re-send it)."""
-
-    def __init__(self, redis, *, runs: int) -> None:
-        self.redis, self.runs = redis, runs
-
-    async def evalsha(self, *args):
-        answer = await self.redis.evalsha(*args)
-        if self.runs:
-            self.runs -= 1
-            raise ConnectionError("Connection closed by server.")
-        return answer
-
-    async def eval(self, *args):
-        return await self.redis.eval(*args)
-
-
-async def test_beat_counted_once_when_its_reply_is_lost(redis):
-    tally = Tally()
-    tally.line("completed", 3)
-    beat = Heartbeat(redis, "w", "worker", tally=tally)
-    assert await beat.beat()  # loads the script
-    tally.line("completed", 4)
-    beat.redis = _LoseReply(redis, runs=1)
-    assert not await beat.beat()  # it ran, but its reply never came: the process cannot tell
-    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
-    tally.line("failed", 1)
-    assert await beat.beat()  # re-sends the unconfirmed beat: applied already, nothing added
-    assert await beat.beat()
-    assert await redis.hget(keys.METRICS_LINES, "completed") == b"7"
-    assert await redis.hget(keys.METRICS_LINES, "failed") == b"1"
 
 
 async def test_batch_provider_and_finalizer_gauges(redis):
@@ -194,6 +175,29 @@ class FailingStorage(LocalStorage):
         raise PermissionError("read-only file system")
 
 
+class CountingStorage(LocalStorage):
+    """Local storage that counts the calls /readyz makes, and can be made to fail reads."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: list[str] = []
+        self.down = False
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes]) -> int:
+        self.calls.append(f"write {key}")
+        return await super().write(key, chunks)
+
+    async def delete(self, key: str) -> None:
+        self.calls.append(f"delete {key}")
+        await super().delete(key)
+
+    async def size(self, key: str) -> int | None:
+        self.calls.append(f"size {key}")
+        if self.down:
+            raise ConnectionError("storage is down")
+        return await super().size(key)
+
+
 async def _client(aiohttp_client, tmp_path: Path, *, redis=None, storage=None, **kw):
     r = redis if redis is not None else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     app = create_app(_settings(**kw), redis=r, storage=storage or LocalStorage(tmp_path))
@@ -205,7 +209,7 @@ async def test_readyz(aiohttp_client, tmp_path):
     res = await ok.get("/readyz")
     assert res.status == 200, await res.text()
     assert await res.json() == {"status": "ok"}
-    assert not list((tmp_path / "ok" / "files").iterdir()), "the storage probe must delete its object"
+    assert [p.name for p in (tmp_path / "ok" / "files").iterdir()] == [READY_MARKER]
 
     broken = await _client(aiohttp_client, tmp_path / "broken", storage=FailingStorage(tmp_path / "broken"))
     res = await broken.get("/readyz")
@@ -219,6 +223,27 @@ async def test_readyz(aiohttp_client, tmp_path):
     assert res.status == 503
     assert json.loads(await res.text())["storage"] == "ok"
     await dead.aclose()
+
+
+async def test_readyz_reads_storage_and_writes_once(aiohttp_client, tmp_path):
+    storage = CountingStorage(tmp_path / "s")
+    client = await _client(aiohttp_client, tmp_path / "s", storage=storage, readyz_storage_cache_s=0)
+    for _ in range(5):
+        assert (await client.get("/readyz")).status == 200
+    # The marker is written by the first probe only; every probe reads its size, none deletes.
+    assert storage.calls == [f"size {READY_MARKER}", f"write {READY_MARKER}"] + [f"size {READY_MARKER}"] * 4
+    storage.down = True
+    res = await client.get("/readyz")
+    assert res.status == 503 and "storage is down" in (await res.json())["storage"]
+    storage.down = False
+    assert (await client.get("/readyz")).status == 200
+
+    # With a cache, probes within it touch storage once; a failure is never cached.
+    cached = CountingStorage(tmp_path / "c")
+    client = await _client(aiohttp_client, tmp_path / "c", storage=cached, readyz_storage_cache_s=3600)
+    for _ in range(5):
+        assert (await client.get("/readyz")).status == 200
+    assert cached.calls == [f"size {READY_MARKER}", f"write {READY_MARKER}"]
 
 
 async def test_metrics_token(aiohttp_client, tmp_path):

@@ -1,4 +1,5 @@
-"""The web dashboard: static page at ``/dashboard`` and the cluster JSON it shows (``/v1/sluice/cluster``).
+"""The web dashboard: static page at ``/dashboard`` and the JSON it shows (``/v1/sluice/cluster``,
+``/v1/sluice/history``).
 
 The page (``index.html``, ``app.js``, ``style.css`` beside this file; no build step, nothing from
 a CDN) is public like ``/healthz``: it holds no data. It asks for an API token, keeps it in the
@@ -6,21 +7,29 @@ tab's ``sessionStorage`` and calls the JSON API with ``Authorization: Bearer``, 
 what that token sees through the API.
 
 ``GET /v1/sluice/cluster`` (and ``/sluice/cluster``) needs a valid token, any token: it shows the
-workers' and finalizers' heartbeats (with how many running batches each finalizer holds), the
-providers' state and cluster-wide line counters, the same facts ``sluice status`` and ``/metrics``
-show, but never another token's batches (only how many batches are running in all, and the
-caller's own).
+heartbeats of the web, worker and finalizer processes (with how many running batches each
+finalizer holds), the providers' state and cluster-wide line
+counters, the same facts ``sluice status`` and ``/metrics`` show, but never another token's batches
+(only how many batches are running in all, and the caller's own). ``GET /v1/sluice/history``, with
+any token too, serves the per-minute history of the whole cluster (service/core/counters.py).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from aiohttp import web
 
+from service.core import counters
 from service.core.cluster import snapshot
+from service.core.errors import bad_request
 
 from .. import api, appkeys
+
+# GET /v1/sluice/history?minutes=N: the window served by default, and at most (the whole history).
+HISTORY_DEFAULT_MINUTES = 60
+HISTORY_MAX_MINUTES = counters.HISTORY_S // counters.MINUTE_S
 
 HERE = Path(__file__).resolve().parent
 ASSETS = {
@@ -64,7 +73,8 @@ async def cluster(request: web.Request) -> web.Response:
             "live": p.live, "last_beat_s": round(p.age_s, 1), "started_at": p.started_at,
             "state": p.fields.get("state", ""),
             "leased_batches": snap.leased_batches(p.name) if p.role == "finalizer" else None,
-            "in_flight": p.int("in_flight") if p.role == "worker" else None,
+            # Lines for a worker, HTTP requests for a web process.
+            "in_flight": p.int("in_flight") if p.role in ("worker", "web") else None,
             "concurrency": p.int("concurrency") if p.role == "worker" else None,
         })
     providers = []
@@ -93,10 +103,31 @@ async def cluster(request: web.Request) -> web.Response:
     })
 
 
+async def history(request: web.Request) -> web.Response:
+    """GET /v1/sluice/history?minutes=N: per-minute lines, requests, 429s and latency, cluster-wide and
+    by provider, for the last N minutes (default 60, at most 1440); see ``counters.read_history``."""
+    raw = request.query.get("minutes")
+    minutes = HISTORY_DEFAULT_MINUTES
+    if raw is not None:
+        try:
+            minutes = int(raw)
+        except ValueError:
+            raise bad_request(f"Invalid 'minutes': expected an integer, got '{raw[:64]}'.", param="minutes",
+                              code="invalid_type") from None
+        if not 1 <= minutes <= HISTORY_MAX_MINUTES:
+            raise bad_request(f"Invalid 'minutes': {minutes}. It must be between 1 and {HISTORY_MAX_MINUTES}.",
+                              param="minutes", code="invalid_value")
+    settings = request.app[appkeys.SETTINGS]
+    return api.json_response(await counters.read_history(
+        request.app[appkeys.REDIS], now=time.time(), minutes=minutes,
+        providers=tuple(p.name for p in settings.providers)))
+
+
 def add_routes(app: web.Application) -> None:
-    """The page and its assets, and the cluster endpoint (under /v1 and bare, like the API)."""
+    """The page and its assets, and the cluster and history endpoints (under /v1 and bare, like the API)."""
     app.router.add_get("/dashboard", _redirect)
     app.router.add_get("/dashboard/", _asset)
     app.router.add_get("/dashboard/{name}", _asset)
     for prefix in ("/v1", ""):
         app.router.add_get(f"{prefix}/sluice/cluster", cluster)
+        app.router.add_get(f"{prefix}/sluice/history", history)

@@ -6,7 +6,10 @@ const TOKEN_KEY = "sluice.token";
 const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);
 const LIST_EVERY_MS = 2000;      // GET /v1/batches
 const BATCH_EVERY_MS = 1000;     // GET /v1/batches/{id} for running batches, when no event stream
-const CLUSTER_EVERY_MS = 2000;   // GET /v1/sluice/cluster
+const CLUSTER_EVERY_MS = 2000;   // GET /v1/sluice/cluster (live cluster throughput, the cluster view)
+const HISTORY_EVERY_MS = 60000;  // GET /v1/sluice/history (kept in Redis: charts start from it)
+const THROUGHPUT_MINUTES = 60;   // the throughput chart's history
+const CLUSTER_HISTORY_MINUTES = 1440;
 const KEEP_SAMPLES_MS = 10 * 60 * 1000;
 // Running batches followed one by one (the rest through the list): few event streams, since a
 // browser opens only 6 connections to one HTTP/1.1 server and the page needs some for itself.
@@ -23,8 +26,10 @@ const state = {
   batches: new Map(),        // id -> batch object
   order: [],                 // ids, newest first
   samples: new Map(),        // id -> [{t, done}]
-  totals: [],                // [{t, rate}] lines/s over all batches
-  lastTotal: null,           // {t, done: Map id -> done}
+  totals: [],                // [{t, v}] live lines/s of the whole cluster, from its exact counters
+  lastTotal: null,           // {t, lines}: the cluster's lines counter at the last poll
+  history: null,             // {points: [{t, v}], lines, until, since}: the throughput chart's start, from Redis
+  clusterHistory: null,      // the last GET /v1/sluice/history?minutes=1440, for the cluster view
   errorCodes: new Map(),     // id -> Map code -> count | Promise | Error
   followers: new Map(),      // id -> {abort(), kind}
   events: null,              // null: not known yet; true/false: GET /v1/batches/{id}/events exists
@@ -113,7 +118,8 @@ function signOut(message) {
   state.token = "";
   stop();
   state.batches.clear(); state.order = []; state.samples.clear(); state.totals = [];
-  state.lastTotal = null; state.errorCodes.clear(); state.selected = null;
+  state.lastTotal = null; state.history = null; state.clusterHistory = null;
+  state.errorCodes.clear(); state.selected = null;
   $("#batches tbody").replaceChildren();
   $("#nav").hidden = true;
   $("#batches-view").hidden = true;
@@ -132,8 +138,11 @@ function start() {
   $("#nav").hidden = false;
   show(state.view);
   refreshList();
+  refreshHistory();
+  refreshCluster();
   state.timers.push(setInterval(refreshList, LIST_EVERY_MS));
-  state.timers.push(setInterval(() => { if (state.view === "cluster") refreshCluster(); }, CLUSTER_EVERY_MS));
+  state.timers.push(setInterval(refreshCluster, CLUSTER_EVERY_MS));
+  state.timers.push(setInterval(refreshHistory, HISTORY_EVERY_MS));
 }
 
 function stop() {
@@ -165,7 +174,6 @@ async function refreshList() {
   showError($("#banner"), "");
   state.order = page.data.map((b) => b.id);
   for (const b of page.data) update(b, false);
-  sampleTotal();
   render();
   follow();
   $("#updated").textContent = `updated ${new Date().toLocaleTimeString("en-GB", { hour12: false })}`;
@@ -192,19 +200,44 @@ function update(b, rerender = true) {
   if (rerender) { renderRow(b); if (state.selected === b.id) renderDetail(); }
 }
 
-function sampleTotal() {
+// Live throughput of the whole cluster: the change of its exact lines counter between two polls.
+function sampleTotal(lines) {
   const now = Date.now();
-  const done = new Map([...state.batches.values()].map((b) => [b.id, doneOf(b)]));
-  if (state.lastTotal) {
-    let delta = 0;
-    for (const [id, d] of done) delta += d - (state.lastTotal.done.get(id) ?? d);
+  if (state.lastTotal && lines >= state.lastTotal.lines) {
     const dt = (now - state.lastTotal.t) / 1000;
-    if (dt > 0) state.totals.push({ t: now, v: Math.max(0, delta / dt) });
+    if (dt > 0) state.totals.push({ t: now, v: (lines - state.lastTotal.lines) / dt });
     while (state.totals.length > 2 && now - state.totals[0].t > KEEP_SAMPLES_MS) state.totals.shift();
-  } else {
-    state.totals.push({ t: now, v: 0 });
   }
-  state.lastTotal = { t: now, done };
+  state.lastTotal = { t: now, lines };
+}
+
+// The per-minute history kept in Redis, as lines/s points: each minute at its middle, the current
+// (partial) minute at "now" over the seconds it has had so far.
+function historyPoints(h, values) {
+  const nowMs = h.now * 1000;
+  return h.minutes.map((m, i) => {
+    const end = (m + h.minute_s) * 1000;
+    if (end <= nowMs) return { t: (m + h.minute_s / 2) * 1000, v: values[i] / h.minute_s };
+    return { t: nowMs, v: values[i] / Math.max(1, h.now - m) };
+  });
+}
+
+async function refreshHistory() {
+  if (!state.token) return;
+  let h;
+  try {
+    h = await api(`sluice/history?minutes=${THROUGHPUT_MINUTES}`);
+  } catch (_) { return; /* the list refresh reports errors */ }
+  const lines = h.total.completed.map((c, i) => c + h.total.failed[i]);
+  state.history = { points: historyPoints(h, lines), lines: lines.reduce((a, n) => a + n, 0), until: h.now * 1000,
+    since: h.minutes[0] * 1000 };
+  if (state.view === "batches") render();
+}
+
+// The throughput chart: the history up to when it was read, then the live samples.
+function throughputPoints() {
+  const until = state.history ? state.history.until : 0;
+  return [...(state.history ? state.history.points : []), ...state.totals.filter((p) => p.t > until)];
 }
 
 // Lines/s from cumulative samples, each over at least RATE_WINDOW_MS (polls are irregular).
@@ -317,7 +350,9 @@ function render() {
   $("#no-batches").hidden = wanted.length > 0;
   const last = state.totals[state.totals.length - 1];
   $("#throughput-now").textContent = last ? `${fmtRate(last.v)} lines/s now` : "";
-  lineChart($("#throughput-chart"), state.totals, { unit: "lines/s" });
+  const chart = $("#throughput-chart");
+  lineChart(chart, throughputPoints(), { unit: "lines/s", since: state.history ? state.history.since : null });
+  chart.dataset.historyLines = state.history ? String(state.history.lines) : "";
   if (state.selected) renderDetail();
 }
 
@@ -503,6 +538,7 @@ async function cancelBatch(id, button) {
 
 // ------------------------------------------------------------------------------------ cluster
 async function refreshCluster() {
+  if (!state.token) return;
   let c;
   try {
     c = await api("sluice/cluster");
@@ -510,18 +546,24 @@ async function refreshCluster() {
     if (e.status !== 401) showError($("#cluster-error"), `Could not read the cluster state: ${e.message}`);
     return;
   }
+  sampleTotal(c.lines.completed + c.lines.failed);
+  if (state.view !== "cluster") return;
   showError($("#cluster-error"), "");
   const workers = c.processes.filter((p) => p.role === "worker" && p.live);
   const stat = (label, value) => el("div", { class: "stat" }, el("div", { class: "value", text: value }), el("div", { class: "label", text: label }));
+  const stale = c.processes.filter((p) => !p.live).length;
   $("#cluster-stats").replaceChildren(
+    stat("live web processes", fmtInt(c.processes.filter((p) => p.role === "web" && p.live).length)),
     stat("live workers", fmtInt(workers.length)),
+    stat("stale processes", fmtInt(stale)),
     stat("requests in flight", fmtInt(workers.reduce((a, p) => a + (p.in_flight || 0), 0))),
     stat("running batches (yours)", `${fmtInt(c.running_batches.total)} (${fmtInt(c.running_batches.yours)})`),
     stat("lines completed", fmtInt(c.lines.completed)),
     stat("lines failed", fmtInt(c.lines.failed)));
   $("#processes tbody").replaceChildren(...c.processes.map((p) => el("tr", { "data-role": p.role, "data-name": p.name },
     el("td", { text: p.role }), el("td", { text: p.name }), el("td", { text: p.host }), el("td", { text: p.pid }),
-    el("td", { class: "num", text: p.role === "worker" ? `${p.in_flight}/${p.concurrency}` : "—" }),
+    el("td", { class: "num", text: p.role === "worker" ? `${p.in_flight}/${p.concurrency}`
+      : p.role === "web" ? `${fmtInt(p.in_flight)} req` : "—" }),
     el("td", { text: (p.state || "") + (p.role === "finalizer" ? ` (${fmtInt(p.leased_batches)} batch${p.leased_batches === 1 ? "" : "es"})` : "") }),
     el("td", { class: "num", text: fmtAge(p.last_beat_s) }),
     el("td", {}, el("span", { class: `health ${p.live ? "live" : "stale"}`, text: p.live ? "live" : "stale" })))));
@@ -534,11 +576,34 @@ async function refreshCluster() {
     el("td", { class: "num", text: fmtInt(p.rate_limited) }),
     el("td", { class: "num", text: fmtInt(p.retries) }))));
   $("#no-providers").hidden = c.providers.length > 0;
+  if (!state.clusterHistory || Date.now() - state.clusterHistory.read > HISTORY_EVERY_MS) refreshClusterHistory();
+}
+
+// The cluster view's last 24 hours, per minute: lines, 429s and the upstream latency's median.
+async function refreshClusterHistory() {
+  if (!state.token) return;
+  let h;
+  try {
+    h = await api(`sluice/history?minutes=${CLUSTER_HISTORY_MINUTES}`);
+  } catch (e) {
+    if (e.status !== 401) showError($("#cluster-error"), `Could not read the history: ${e.message}`);
+    return;
+  }
+  state.clusterHistory = { read: Date.now(), h };
+  const perMinute = (values) => historyPoints(h, values).map((p) => ({ t: p.t, v: p.v * h.minute_s }));
+  const lines = h.total.completed.map((c, i) => c + h.total.failed[i]);
+  const since = h.minutes[0] * 1000;
+  lineChart($("#history-lines"), perMinute(lines), { unit: "lines/min", since });
+  lineChart($("#history-429"), perMinute(h.total.rate_limited), { unit: "429s/min", since });
+  const p50 = h.minutes.map((m, i) => ({ t: (m + h.minute_s / 2) * 1000, v: h.total.latency_p50_s[i] }))
+    .filter((p) => p.v !== null).map((p) => ({ t: p.t, v: p.v * 1000 }));
+  lineChart($("#history-p50"), p50, { unit: "ms", since });
+  $("#history-lines").dataset.total = String(lines.reduce((a, n) => a + n, 0));
 }
 
 // ------------------------------------------------------------------------------------ chart
 // A line chart in inline SVG: points [{t (ms), v}], time on x, value on y.
-function lineChart(box, points, { unit }) {
+function lineChart(box, points, { unit, since = null }) {
   const NS = "http://www.w3.org/2000/svg";
   // Drawn at the box's own width, so that text keeps its size whatever the screen.
   const W = Math.max(320, Math.round(box.clientWidth || 720)), H = 180, L = 48, R = 12, T = 10, B = 24;
@@ -554,7 +619,8 @@ function lineChart(box, points, { unit }) {
     return n;
   };
   const now = Date.now();
-  const t0 = points.length ? Math.min(points[0].t, now - 60000) : now - 60000;
+  // The x axis starts at ``since`` when given (a fixed window), else at the first point (a minute at least).
+  const t0 = since ?? (points.length ? Math.min(points[0].t, now - 60000) : now - 60000);
   const max = Math.max(1, ...points.map((p) => p.v));
   const step = niceStep(max / 4);
   const top = Math.ceil(max / step) * step;
@@ -569,16 +635,19 @@ function lineChart(box, points, { unit }) {
     const t = t0 + (span * i) / 4;
     const ago = Math.round((now - t) / 1000);
     add("text", { x: x(t), y: H - 6, class: "tick", "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" },
-      ago === 0 ? "now" : ago >= 120 ? `-${Math.round(ago / 60)} min` : `-${ago} s`);
+      ago === 0 ? "now" : ago >= 7200 ? `-${Math.round(ago / 3600)} h` : ago >= 120 ? `-${Math.round(ago / 60)} min`
+        : `-${ago} s`);
   }
   if (points.length) {
     const d = points.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(" ");
     add("path", { d: `${d} L${x(points[points.length - 1].t).toFixed(1)},${y(0)} L${x(points[0].t).toFixed(1)},${y(0)} Z`, class: "area" });
     add("path", { d, class: "line" });
+    if (points.length === 1) add("circle", { cx: x(points[0].t), cy: y(points[0].v), r: 3, class: "dot" });
   } else {
     add("text", { x: W / 2, y: H / 2, class: "tick", "text-anchor": "middle" }, "no samples yet");
   }
   box.replaceChildren(svg);
+  box.dataset.points = String(points.length);
 }
 
 function niceStep(raw) {
