@@ -1,8 +1,8 @@
 """Running a batch's delegated lines on the provider's own Batch API, inside the finalizer processes.
 
 The web process that validates a batch plans its delegated lines into parts (service/core/delegation.py):
-each part becomes one provider batch. Every finalizer process (active or standby) runs a
-:class:`Delegator`, which moves the parts of every batch in ``keys.DELEGATED_BATCHES`` through
+each part becomes one provider batch. Every finalizer process runs a :class:`Delegator`, which
+moves the parts of every batch in ``keys.DELEGATED_BATCHES`` through
 
     planned --upload--> uploaded --create--> created --poll...--> (terminal at the provider) --collect--> settled
 

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
              ).set_defaults(func=_worker)
     _command(sub, "finalizer", "write result files and end batches",
              "Write the output and error files of running batches and move them to their final state "
-             "(one works at a time; another waits as a standby).", FINALIZER_ENV).set_defaults(func=_finalizer)
+             "(run any number: they share the running batches, a lease per batch).", FINALIZER_ENV).set_defaults(func=_finalizer)
     _command(sub, "up", "run the whole stack locally (its own Redis, mock provider unless configured)",
              "Run Redis, the web, one worker, the finalizer and a mock provider on this machine, print how to use "
              "them, and write their connection details to $SLUICE_DATA_DIR/stack.json for the other commands. "

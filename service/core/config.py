@@ -387,7 +387,8 @@ class Settings:
     max_form_fields: int = 16
     header_timeout_s: float = 10.0
     body_idle_timeout_s: float = 30.0
-    # How often the active finalizer removes expired files and audits every owner's usage counters.
+    # How often a finalizer (one at a time, under a lease) removes expired files and audits every
+    # owner's usage counters.
     sweep_interval_s: float = 60.0
     # /readyz remembers a successful storage check this long (service/web/app.py StorageCheck).
     readyz_storage_cache_s: float = 15.0
