@@ -97,9 +97,13 @@ def _parent_death_signal() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
     pr_set_pdeathsig = 1
+    parent = os.getpid()
 
     def preexec() -> None:
         prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        # `sluice up` killed between the fork and the prctl sends no signal: stop at once instead.
+        if os.getppid() != parent:
+            os._exit(1)
 
     return preexec
 

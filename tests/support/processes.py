@@ -165,10 +165,14 @@ except (OSError, AttributeError):  # not Linux: the marker scan still catches le
     _prctl = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     # Runs in the child between fork and exec; the setting survives exec.
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # A parent killed between the fork and the prctl sends no signal: the child is already
+        # an orphan then, so it ends itself.
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def popen(args: list[str], *, env: Mapping[str, str] | None = None, **kwargs) -> subprocess.Popen:
@@ -177,7 +181,9 @@ def popen(args: list[str], *, env: Mapping[str, str] | None = None, **kwargs) ->
     The parent-death signal fires when the starting *thread* exits, so it is only asked for from
     the main thread (where tests and the benchmark start their processes).
     """
-    preexec = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+    parent = os.getpid()
+    main = threading.current_thread() is threading.main_thread()
+    preexec = (lambda: _die_with_parent(parent)) if main else None
     return subprocess.Popen(
         args, env=marker_env(os.environ if env is None else env), start_new_session=True, preexec_fn=preexec,
         **kwargs,
