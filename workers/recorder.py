@@ -19,12 +19,12 @@ class Recorder:
     def __init__(self, redis: store.Redis, outage: Outage) -> None:
         self.redis = redis
         self.outage = outage
-        self.queued: dict[str, list[tuple[int, str, str, bytes]]] = {}
+        self.queued: dict[str, list[store.Result]] = {}
         self.waiters: list[asyncio.Future[None]] = []
         self.writer: asyncio.Task[None] | None = None
 
-    async def record(self, batch_id: str, result: tuple[int, str, str, bytes]) -> None:
-        """Return once ``(index, entry_id, outcome, result_line)`` of ``batch_id`` is recorded."""
+    async def record(self, batch_id: str, result: store.Result) -> None:
+        """Return once ``(index, entry_id, outcome, result_line[, usage])`` of ``batch_id`` is recorded."""
         self.queued.setdefault(batch_id, []).append(result)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(written)

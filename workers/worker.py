@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from redis.exceptions import ResponseError
+from structlog.typing import FilteringBoundLogger
 
 from service.core import keys, store
 from service.core.config import Settings
@@ -100,7 +101,7 @@ class Worker:
         self.settings = settings
         self.name = process_name()
         self.stop = asyncio.Event()
-        self.inflight: dict[asyncio.Task, Line] = {}
+        self.inflight: dict[asyncio.Task[None], Line] = {}
         self.batches: dict[str, BatchInfo] = {}
         self.rotation = 0
         self.owner_rotation: dict[str, int] = {}
@@ -340,7 +341,7 @@ class Worker:
         self.tally.line(result.outcome)
         bound.debug("line_done", outcome=result.outcome, attempts=result.attempts)
 
-    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger) -> CallResult:
+    async def _call(self, line: Line, info: BatchInfo, log: FilteringBoundLogger) -> CallResult:
         provider = self.settings.provider(line.provider)
         if provider is None:
             return CallResult(Outcome.FAILED, error_line(
