@@ -23,11 +23,12 @@ import sys
 import tempfile
 import time
 from bisect import bisect_left
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from service.core import keys, store
-from service.core.connections import Script
+from service.core.connections import Pipeline, Redis, Script
 from service.core.counters import LATENCY_BUCKETS, Attempts
 
 # The recording script before exact counting (commit 961d74e), for comparison only.
@@ -131,13 +132,13 @@ async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: in
                     tally.count("retries", "default")
                 argv += [i, entries[i], "completed", RESULT]
             pipe = r.pipeline(transaction=False)
-            _RECORD_BEFORE.queue(pipe, [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id),
+            _RECORD_BEFORE.queue(cast(Pipeline, pipe), [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id),
                                         keys.lines(batch_id)], argv)
             await pipe.execute()
-            for i in chunk:
+            for _ in chunk:
                 tally.line("completed")
         else:
-            results = []
+            results: list[store.Result] = []
             for i in chunk:
                 attempts = Attempts("default")
                 for status, seconds, paused in tries[i]:
@@ -145,7 +146,7 @@ async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: in
                     if paused:
                         attempts.paused()
                 results.append((i, entries[i], "completed", RESULT, *attempts.encode("completed")))
-            await store.record_many(r, {batch_id: results})
+            await store.record_many(cast(Redis, r), {batch_id: results})
     redis_cpu, client_cpu = await _redis_cpu(r) - redis_before, time.process_time() - client_before
     await r.delete(*keys.work_keys(batch_id))
     return redis_cpu * 1000 / lines, client_cpu * 1000 / lines
@@ -155,7 +156,7 @@ async def _main(args: argparse.Namespace, port: int) -> None:
     r = aioredis.Redis(host="127.0.0.1", port=port)
     try:
         for script in (_RECORD_BEFORE, store._RECORD):
-            await script.load(r)
+            await script.load(cast(Redis, r))
         best: dict[str, tuple[float, float]] = {}
         for rep in range(args.repeat):
             for mode in ("before", "now"):

@@ -83,7 +83,11 @@ async def run(input_path: str, base_url: str, concurrency: int, output_path: str
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        with open(input_path, encoding="utf-8") as lines, open(output_path, "w", encoding="utf-8") as out:
+        # Plain blocking file I/O on purpose (noqa): the reference is the simple client being measured.
+        with (
+            open(input_path, encoding="utf-8") as lines,  # noqa: ASYNC230
+            open(output_path, "w", encoding="utf-8") as out,  # noqa: ASYNC230
+        ):
             await asyncio.gather(*(drain(lines, session, base_url, out, done, t0) for _ in range(concurrency)))
     seconds = time.monotonic() - t0
     return {

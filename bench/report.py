@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -62,7 +63,7 @@ def _time_rows(cols: _Columns, ref: dict[str, Any] | None) -> list[list[str]]:
         cols.row("ingest MB/s", lambda r: r["ingest_mb_per_s"], None, 1),
     ]
     for state in STATE_ORDER[:-1]:
-        rows.append(cols.row(f"time {state} s", lambda r, s=state: r["state_seconds"][s]))
+        rows.append(cols.row(f"time {state} s", functools.partial(_state_s, state)))
     return rows
 
 
@@ -70,7 +71,7 @@ def _cpu_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> l
     rows = [cols.heading("CPU s per 1,000 lines")]
     for name in names:
         ref_cpu = ref["cpu"]["per_1000_lines"] if ref is not None and name == "total" else None
-        rows.append(cols.row(f"  {name}", lambda r, n=name: r["cpu"].get(n, {}).get("per_1000_lines"), ref_cpu, 3))
+        rows.append(cols.row(f"  {name}", functools.partial(_cpu_per_1000_lines, name), ref_cpu, 3))
     rows.append(cols.row("  (mock provider, not counted)", lambda r: r["mock_provider_cpu_s"] * 1000 / r["lines"],
                          None, 3))
     return rows
@@ -79,7 +80,7 @@ def _cpu_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> l
 def _rss_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> list[list[str]]:
     rows = [cols.heading("peak RSS MB (VmHWM / max sampled)")]
     for name in [n for n in names if n != "total"]:
-        rows.append(cols.row(f"  {name}", lambda r, n=name: _hwm(r["rss_mb"].get(n))))
+        rows.append(cols.row(f"  {name}", functools.partial(_rss_mb, name)))
     if ref is not None:
         rows.append(cols.row("  reference process", lambda r: None, f"- / {_fmt(ref['rss_mb']['max_sampled'], 1)}"))
     return rows
@@ -90,10 +91,27 @@ def _redis_rows(cols: _Columns) -> list[list[str]]:
     for key, label in (("idle", "idle"), ("peak_minus_idle", "peak - idle (sampled)"),
                        ("info_peak_minus_idle", "used_memory_peak - idle"),
                        ("after_minus_idle", "after delete - idle")):
-        rows.append(cols.row(f"  {label}", lambda r, k=key: r["redis_memory_mb"][k]))
+        rows.append(cols.row(f"  {label}", functools.partial(_redis_memory_mb, key)))
     rows.append(cols.row("  after - idle: dataset / clients", _after_breakdown))
     rows.append(cols.row("  keys after delete (bytes)", _keys_after))
     return rows
+
+
+# One cell of a run each; the first argument is bound per row (functools.partial).
+def _state_s(state: str, run: dict[str, Any]) -> Any:
+    return run["state_seconds"][state]
+
+
+def _cpu_per_1000_lines(name: str, run: dict[str, Any]) -> Any:
+    return run["cpu"].get(name, {}).get("per_1000_lines")
+
+
+def _rss_mb(name: str, run: dict[str, Any]) -> str | None:
+    return _hwm(run["rss_mb"].get(name))
+
+
+def _redis_memory_mb(key: str, run: dict[str, Any]) -> Any:
+    return run["redis_memory_mb"][key]
 
 
 def _keys_after(run: dict[str, Any]) -> str:

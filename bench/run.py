@@ -87,8 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run_all(scenarios: list[Scenario], workdir: Path, log_root: Path, timeout: float) -> list[dict[str, Any]]:
     """Run the scenarios one after the other; a broken one is recorded and the next one still runs."""
     loop = asyncio.get_running_loop()
+    this = asyncio.current_task()
+    assert this is not None  # a coroutine runs in a task
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _interrupt, asyncio.current_task())
+        loop.add_signal_handler(sig, _interrupt, this)
     results = []
     for scenario in scenarios:
         print(f"--- running {scenario.name} ({scenario.lines:,} lines) ...", file=sys.stderr, flush=True)
@@ -107,7 +109,7 @@ async def run_all(scenarios: list[Scenario], workdir: Path, log_root: Path, time
     return results
 
 
-def _interrupt(task: asyncio.Task) -> None:
+def _interrupt(task: asyncio.Task[Any]) -> None:
     # Cancelling unwinds every `with` block, which stops the processes. The flag covers a signal
     # that lands while nothing is awaited (a synchronous teardown), where the cancel would be lost.
     INTERRUPTED.set()

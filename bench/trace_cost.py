@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("the OTLP sink did not start")
+                    raise SystemExit("the OTLP sink did not start") from None
                 time.sleep(0.05)
         endpoint = f"http://127.0.0.1:{port}/v1/traces"
         modes = (("off", "", 0.01), ("on, sample 0.01", endpoint, 0.01), (f"on, sample {args.sample:g}", endpoint,

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from bench.sampling import sampling
+from tests.support.waiting import async_wait_until
 
 # A hang detector: each scenario takes well under a second when sampling works.
 BOUND_S = 60.0
@@ -70,8 +71,7 @@ def test_samples_repeat_while_the_block_runs_and_stop_after_it():
             calls.append(1)
 
         async with sampling(0.001, sample):
-            while len(calls) < 3:
-                await asyncio.sleep(0.001)
+            await async_wait_until(lambda: len(calls) >= 3, timeout=30, interval=0.001)
         after_block = len(calls)
         await asyncio.sleep(0.05)
         assert len(calls) == after_block

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from service.devtools.mock_provider import create_app
+from tests.support.waiting import async_wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -105,8 +106,10 @@ async def test_cancel_keeps_partial_results_and_a_finished_batch_answers_409(aio
 
 
 async def _until_done(client: Any, batch_id: str, n: int) -> None:
-    while (await (await client.get(f"/v1/batches/{batch_id}")).json())["request_counts"]["completed"] < n:
-        await asyncio.sleep(0.01)
+    async def completed() -> bool:
+        return (await (await client.get(f"/v1/batches/{batch_id}")).json())["request_counts"]["completed"] >= n
+
+    await async_wait_until(completed, timeout=30, interval=0.01, message=f"{n} lines of {batch_id} to complete")
 
 
 @pytest.mark.parametrize("marker, status", [({"mock_batch_expire": True}, "expired"),

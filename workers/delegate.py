@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -48,6 +49,7 @@ import aiohttp
 import msgspec
 import structlog
 from redis.exceptions import NoScriptError
+from structlog.typing import FilteringBoundLogger
 
 from service.core import keys, store, usage
 from service.core.config import Provider, Settings
@@ -60,7 +62,7 @@ from service.core.storage import Storage
 from service.core.store import Outcome
 from service.core.wire import JSON_ERRORS, TERMINAL_STATUSES
 
-log = structlog.get_logger("sluice.delegate")
+log: FilteringBoundLogger = structlog.get_logger("sluice.delegate")
 
 TICK_S = 0.25
 # Parts one process works on at once (uploads and downloads stream; polls are short).
@@ -185,7 +187,7 @@ class ProviderAPI:
         # Uploads and downloads take as long as they take; only a stalled connection is an error.
         self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=60, sock_read=provider.timeout_s)
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         timeout = kwargs.pop("timeout", self.timeout)
         try:
             async with self.session.request(method, self.base + path, headers=self.headers, timeout=timeout,
@@ -198,9 +200,9 @@ class ProviderAPI:
             permanent = status < 500 and status not in (408, 409, 429)
             raise ProviderError(f"{method} {path}: {_error_message(status, data)}", status=status, permanent=permanent)
         try:
-            return msgspec.json.decode(data)
+            return msgspec.json.decode(data, type=dict[str, Any])
         except JSON_ERRORS:
-            raise ProviderError(f"{method} {path}: the answer is not JSON") from None
+            raise ProviderError(f"{method} {path}: the answer is not a JSON object") from None
 
     async def upload(self, filename: str, size: int, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """POST /files (purpose batch), streaming ``size`` bytes."""
@@ -319,7 +321,7 @@ class _Step:
     index_of: dict[str, int] | None = field(default=None, repr=False)
 
     @property
-    def log(self) -> structlog.BoundLogger:
+    def log(self) -> FilteringBoundLogger:
         return log.bind(batch_id=self.batch_id, part=self.part_no, provider=self.plan.provider,
                         provider_batch=self.f.get("pbatch") or None)
 
@@ -415,7 +417,10 @@ class Delegator:
                     key = (batch_id, part_no)
                     self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, token, holder, h),
                                                           name=f"delegate-{batch_id}-{part_no}")
-                    self.steps[key].add_done_callback(lambda _, key=key: self.steps.pop(key, None))
+                    self.steps[key].add_done_callback(functools.partial(self._forget_step, key))
+
+    def _forget_step(self, key: tuple[str, int], _: asyncio.Task[None]) -> None:
+        self.steps.pop(key, None)
 
     async def _run_step(self, batch_id: str, part_no: int, token: int, holder: str, h: dict[str, str]) -> None:
         lease = keys.part_lease(batch_id, part_no)
@@ -696,7 +701,8 @@ class Delegator:
                                         f"The provider '{step.plan.provider}' no longer knows its batch {f['pbatch']}.")
             return
         status = str(pbatch.get("status"))
-        counts = pbatch.get("request_counts") if isinstance(pbatch.get("request_counts"), dict) else {}
+        reported = pbatch.get("request_counts")
+        counts = reported if isinstance(reported, dict) else {}
         done = (_int(counts.get("completed")), _int(counts.get("failed")))
         if status in PROVIDER_TERMINAL:
             await self._collect(step, pbatch, status, done)

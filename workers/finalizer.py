@@ -108,7 +108,8 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
-def _text(value: bytes | str | None, default: str = "") -> str:
+def _text(value: bytes | str | bool | None, default: str = "") -> str:
+    # A script's Lua false arrives as False over RESP3 (redis-py 8's default), as None over RESP2.
     if value is None or value is False:
         return default
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -129,7 +130,7 @@ class Finalizer:
         self.chores: dict[str, Lease] = {}  # "sweep"/"webhooks" -> its lease
         self.finalizers = 1
         self.next_sweep = 0.0
-        self.audit: asyncio.Task | None = None
+        self.audit: asyncio.Task[None] | None = None
         self.tally = Tally()
         self.ticked_at = time.monotonic()  # end of the last complete tick
         self.live = 0
@@ -232,11 +233,11 @@ class Finalizer:
         free = [b for b, holder in zip(candidates, holders) if holder is None]
         random.shuffle(free)  # peers looking at the same free batches mostly pick different ones
         free = free[:want]
-        for batch_id, lease in zip(free, await leases.take_many(
+        for batch_id, taken in zip(free, await leases.take_many(
                 self.redis, [keys.finalizer(b) for b in free], self.name, self.lease_ms)):
-            if lease is not None:
-                self.held[batch_id] = lease
-                log.info("batch_leased", batch_id=batch_id, token=lease.token)
+            if taken is not None:
+                self.held[batch_id] = taken
+                log.info("batch_leased", batch_id=batch_id, token=taken.token)
 
     # ------------------------------------------------------------------ the tick
     async def tick(self) -> None:
@@ -393,7 +394,7 @@ class Finalizer:
                                                               token=lease.token)
                     counts[name] += len(lines)
             last = _text(entries[-1][0])
-            update = {
+            update: dict[str, str | int] = {
                 "fin_cursor": last,
                 "fin_out_bytes": offsets["out"], "fin_err_bytes": offsets["err"],
                 "fin_out_lines": counts["out"], "fin_err_lines": counts["err"],
@@ -452,9 +453,10 @@ class Finalizer:
         field = f"fin_{name}_file"
         if not h.get(field):
             # A stale finalizer drawing a number here only wastes it: the id is fixed below, fenced.
-            file_id, seq = await store.new_id(self.redis, "file-")
-            _, value = await leases.execute(self.redis, lease, ("HSETNX", keys.batch(h["id"]), field, f"{file_id}:{seq}"),
-                                            ("HGET", keys.batch(h["id"]), field))
+            fresh_id, fresh_seq = await store.new_id(self.redis, "file-")
+            _, value = await leases.execute(
+                self.redis, lease, ("HSETNX", keys.batch(h["id"]), field, f"{fresh_id}:{fresh_seq}"),
+                ("HGET", keys.batch(h["id"]), field))
             h[field] = _text(value)
         file_id, seq = h[field].split(":")
         created = store.now()

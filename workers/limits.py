@@ -174,7 +174,7 @@ class Limiter:
             yield
             return
         async with self.locks.setdefault(provider.name, asyncio.Lock()):
-            while (answer := await self._try(provider, holder, cost)) > 0:
+            while (answer := await self._try(provider, holder, cost)) > 0:  # noqa: ASYNC110 - the slots are in Redis
                 await asyncio.sleep(min(answer / 1000, MAX_POLL_S) + random.uniform(0, 0.005))
         try:
             yield

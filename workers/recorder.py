@@ -24,7 +24,8 @@ class Recorder:
         self.writer: asyncio.Task[None] | None = None
 
     async def record(self, batch_id: str, result: store.Result) -> None:
-        """Return once ``(index, entry_id, outcome, result_line, shape, micros)`` of ``batch_id`` is recorded."""
+        """Return once ``(index, entry_id, outcome, result_line[, usage][, shape, micros])`` of ``batch_id`` is
+        recorded."""
         self.queued.setdefault(batch_id, []).append(result)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(written)

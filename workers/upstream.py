@@ -8,10 +8,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Mapping
 
 import aiohttp
 import msgspec
-import structlog
+from structlog.typing import FilteringBoundLogger
 
 from service.core import usage
 from service.core.config import Provider, Settings
@@ -46,7 +47,7 @@ def upstream_url(base: str, endpoint: str) -> str:
     return base + endpoint
 
 
-def _retry_after(headers: "aiohttp.typedefs.LooseHeaders") -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -85,7 +86,7 @@ class Upstream:
 
     async def call(
         self, provider: Provider, endpoint: str, custom_id: str, body: bytes, *,
-        api_key: str, holder: str, cost: int, log: structlog.BoundLogger, attempts: Attempts | None = None,
+        api_key: str, holder: str, cost: int, log: FilteringBoundLogger, attempts: Attempts | None = None,
     ) -> CallResult:
         """Send one request; retry transient failures; return the final result line.
 
@@ -127,7 +128,7 @@ class Upstream:
                         f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
                     status, retry_after = None, None
                 else:
-                    result = self._answer(custom_id, status, request_id, data, attempt, provider.name)
+                    result = self._answer(custom_id, resp.status, request_id, data, attempt, provider.name)
                     if status not in RETRYABLE_STATUS:
                         return result
                 finally:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from redis.exceptions import ResponseError
+from structlog.typing import FilteringBoundLogger
 
 from service.core import keys, store, tracing
 from service.core.config import Settings
@@ -105,7 +106,7 @@ class Worker:
         self.settings = settings
         self.name = process_name()
         self.stop = asyncio.Event()
-        self.inflight: dict[asyncio.Task, Line] = {}
+        self.inflight: dict[asyncio.Task[None], Line] = {}
         self.batches: dict[str, BatchInfo] = {}
         self.rotation = 0
         self.owner_rotation: dict[str, int] = {}
@@ -382,7 +383,7 @@ class Worker:
                     line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
                     0)
 
-    async def _call(self, line: Line, info: BatchInfo, log: structlog.BoundLogger, attempts: Attempts) -> CallResult:
+    async def _call(self, line: Line, info: BatchInfo, log: FilteringBoundLogger, attempts: Attempts) -> CallResult:
         provider = self.settings.provider(line.provider)
         if provider is None:
             return CallResult(Outcome.FAILED, error_line(

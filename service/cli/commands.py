@@ -143,7 +143,8 @@ async def cmd_submit(args: argparse.Namespace, target: Target) -> int:
         raise ClientError(f"unknown endpoint {endpoint!r}; one of: {', '.join(BATCH_ENDPOINTS)}", EXIT_USAGE)
     metadata = _metadata(args.metadata)
     if args.wait:
-        same = [job for _, job in jobs.unfinished(out_dir) if Path(job.input) == path.resolve()]
+        resolved = await asyncio.to_thread(path.resolve)
+        same = [job for _, job in jobs.unfinished(out_dir) if Path(job.input) == resolved]
         if same:
             raise ClientError(f"an unfinished submit of {path} is in {out_dir} ({same[0].job_id}): go on with it "
                               f"with `sluice submit {path} --resume --out {out_dir}`, or delete "
@@ -153,7 +154,7 @@ async def cmd_submit(args: argparse.Namespace, target: Target) -> int:
         max_lines, max_bytes = await discover_limits(client)
         if args.max_batch_lines:
             max_lines = min(max_lines, args.max_batch_lines)
-        size = path.stat().st_size
+        size = (await asyncio.to_thread(path.stat)).st_size
         progress = None
         if size >= SCAN_PROGRESS_BYTES and not args.quiet:
             progress = Progress(f"checking {path.name}", size, err)
@@ -184,7 +185,7 @@ async def _submit_one(client: Client, args: argparse.Namespace, path: Path, endp
                       metadata: dict[str, str]) -> int:
     """Upload the file and create its batch, without waiting for it."""
     err = sys.stderr
-    size = path.stat().st_size
+    size = (await asyncio.to_thread(path.stat)).st_size
     progress = None
     if size >= jobs.BIG_FILE_BYTES and not args.quiet:
         progress = Progress(f"uploading {path.name}", size, err)
@@ -209,7 +210,8 @@ async def _resume(args: argparse.Namespace, target: Target, out_dir: Path) -> in
     """``sluice submit [FILE] --resume --out DIR``: go on with the unfinished submit kept in DIR."""
     found = jobs.unfinished(out_dir)
     if args.file:
-        found = [(p, s) for p, s in found if Path(s.input) == Path(args.file).resolve()]
+        resolved = await asyncio.to_thread(Path(args.file).resolve)
+        found = [(p, s) for p, s in found if Path(s.input) == resolved]
     of = f" of {args.file}" if args.file else ""
     if not found:
         raise ClientError(f"nothing to resume in {out_dir}: no unfinished submit{of} there (a submit that finished "
@@ -220,7 +222,7 @@ async def _resume(args: argparse.Namespace, target: Target, out_dir: Path) -> in
                           f"sluice submit FILE --resume --out {out_dir}", EXIT_USAGE)
     state_file, state = found[0]
     local = Path(state.input)
-    if not local.is_file():
+    if not await asyncio.to_thread(local.is_file):
         raise ClientError(f"{local}, the input of {state.job_id}, is gone: it is needed to resume")
     if jobs.file_signature(local) != (state.input_size, state.input_mtime_ns):
         raise ClientError(f"{local} changed since {state.job_id} started: its parts would not match the batches "

@@ -9,6 +9,7 @@ development token ``sluice up`` keeps in ``$SLUICE_DATA_DIR/dev-token``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import aiofiles
 import aiohttp
 
 from service.core.config import ClientSettings
@@ -172,15 +174,16 @@ class Client:
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
                 f"Content-Type: application/jsonl\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
-        end = path.stat().st_size if end is None else end
+        end = (await asyncio.to_thread(path.stat)).st_size if end is None else end
         size = end - start
 
         async def body() -> AsyncIterator[bytes]:
             yield head
-            with open(path, "rb") as f:
-                f.seek(start)
+            # Read in a thread: a Job uploads several parts at once, on one event loop.
+            async with aiofiles.open(path, "rb") as f:
+                await f.seek(start)
                 left = size
-                while left > 0 and (chunk := f.read(min(UPLOAD_CHUNK, left))):
+                while left > 0 and (chunk := await f.read(min(UPLOAD_CHUNK, left))):
                     left -= len(chunk)
                     yield chunk
                     if progress is not None:
@@ -196,7 +199,7 @@ class Client:
 
         An existing ``dest`` is never replaced unless ``overwrite``: a ClientError says so instead.
         """
-        if dest is not None and not overwrite and dest.exists():
+        if dest is not None and not overwrite and await asyncio.to_thread(dest.exists):
             raise refuse_overwrite(dest)
         written = 0
         if dest is None:
@@ -204,7 +207,7 @@ class Client:
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         try:
-            with open(part, "wb") as f:
+            with await asyncio.to_thread(open, part, "wb") as f:
                 written = await self.copy_content(file_id, f)
             if overwrite:
                 os.replace(part, dest)

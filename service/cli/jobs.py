@@ -468,12 +468,26 @@ class Job:
             print_batch_errors(batch, self.local, self.err, line_offset=part.first_line - 1)
         for kind, file_id in (("output", part.output_file_id), ("error", part.error_file_id)):
             if file_id:
-                with open(paths[kind], "ab") as f:
+                # Opening and fsync go to a thread: other parts upload and poll on this loop meanwhile.
+                with await asyncio.to_thread(open, paths[kind], "ab") as f:
                     await self.client.copy_content(file_id, f)
-                    os.fsync(f.fileno())
+                    await asyncio.to_thread(os.fsync, f.fileno())
         part.merged = True
         part.merging = None
         self.save()
+
+    def _write_cancelled(self, part: PartState, error_path: Path) -> None:
+        """Append a ``batch_cancelled`` error line for each request of ``part`` (blocking file I/O)."""
+        with open(self.local, "rb") as src, open(error_path, "ab") as out:
+            src.seek(part.start)
+            left = part.end - part.start
+            while left > 0 and (raw := src.readline(left)):
+                left -= len(raw)
+                line = raw.strip().removeprefix(b"\xef\xbb\xbf")
+                if line:
+                    out.write(abort_line(msgspec.json.decode(line)["custom_id"], "batch_cancelled") + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
 
     async def abort_unstarted(self) -> None:
         """A cancelled job: the lines of parts that never ran get ``batch_cancelled`` error lines, as a batch's would."""
@@ -481,16 +495,7 @@ class Job:
             if part.batch_id is not None or part.merged:
                 continue
             paths = self._prepare_merge(part)
-            with open(self.local, "rb") as src, open(paths["error"], "ab") as out:
-                src.seek(part.start)
-                left = part.end - part.start
-                while left > 0 and (raw := src.readline(left)):
-                    left -= len(raw)
-                    line = raw.strip().removeprefix(b"\xef\xbb\xbf")
-                    if line:
-                        out.write(abort_line(msgspec.json.decode(line)["custom_id"], "batch_cancelled") + b"\n")
-                out.flush()
-                os.fsync(out.fileno())
+            await asyncio.to_thread(self._write_cancelled, part, paths["error"])
             part.status, part.counts = "cancelled", {"total": part.lines, "completed": 0, "failed": part.lines}
             part.merged, part.merging = True, None
             self.save()

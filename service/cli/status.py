@@ -71,20 +71,20 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
     out.append("")
     out.append("PROVIDERS")
     rows = []
-    for p in snap.providers:
-        if p.paused_for_s > 0:
-            state = f"paused {p.paused_for_s:.1f}s"
-        elif p.ramping:
+    for prov in snap.providers:
+        if prov.paused_for_s > 0:
+            state = f"paused {prov.paused_for_s:.1f}s"
+        elif prov.ramping:
             state = "ramping up"
         else:
             state = "ok"
-        cap = str(p.max_concurrency) if p.max_concurrency else "-"
+        cap = str(prov.max_concurrency) if prov.max_concurrency else "-"
         counts: dict[str, int] = {}
         for k, v in snap.upstream.items():
             kind, _, name = k.partition("|")
-            if name == p.name:
+            if name == prov.name:
                 counts[kind] = counts.get(kind, 0) + v
-        rows.append([p.name, state, str(p.requests_in_flight), f"{p.leases}/{cap}",
+        rows.append([prov.name, state, str(prov.requests_in_flight), f"{prov.leases}/{cap}",
                      str(counts.get("rate_limited", 0)), str(counts.get("retries", 0))])
     out += text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "429s", "RETRIES"], rows) \
         if rows else ["  (no provider configured here)"]

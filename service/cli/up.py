@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -140,7 +141,7 @@ class Stack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.children: list[Child] = []
-        self.fake_redis: object | None = None
+        self.fake_redis: socketserver.BaseServer | None = None  # fakeredis is imported only when used
         self._preexec = _parent_death_signal()
 
     def spawn(self, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
@@ -189,7 +190,7 @@ class Stack:
         for role, timeout in STOP_ORDER:
             group = [c for c in self.children if c.role == role]
             if role == "redis" and self.fake_redis is not None:
-                self.fake_redis.shutdown()  # type: ignore[attr-defined]
+                self.fake_redis.shutdown()
                 log.info("redis_stopped")
                 continue
             if not group:

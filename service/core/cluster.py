@@ -106,11 +106,11 @@ class Snapshot:
         return sum(1 for b in self.batches if not b.finalizer)
 
 
-def _s(v: bytes | None) -> str:
+def _s(v: bytes | str | None) -> str:
     return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
 
 
-def as_int(v: bytes | str | None) -> int:
+def as_int(v: bytes | str | int | None) -> int:
     """A counter read from Redis as an int (0 for anything unreadable)."""
     try:
         return int(float(_s(v) or 0)) if not isinstance(v, int) else v

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence, TypedDict, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -37,7 +37,111 @@ def tls_options(url: str) -> dict[str, Any]:
     return {"ssl_cert_reqs": "none"}
 
 
-def connect(settings: Settings, *, max_connections: int = 64) -> aioredis.Redis:
+# What a command's arguments may be (redis-py encodes each to bytes); Sluice names keys with str.
+Value = str | bytes | int | float
+
+
+class XPendingConsumer(TypedDict):
+    """One consumer in an XPENDING summary."""
+
+    name: bytes
+    pending: int
+
+
+class XPending(TypedDict):
+    """An XPENDING summary (redis-py's shape): how many entries are pending, and the id range."""
+
+    pending: int
+    min: bytes | None
+    max: bytes | None
+    consumers: list[XPendingConsumer]
+
+
+class XPendingEntry(TypedDict):
+    """One pending entry of an extended XPENDING (redis-py's ``xpending_range``)."""
+
+    message_id: bytes
+    consumer: bytes
+    time_since_delivered: int
+    times_delivered: int
+
+
+class Pipeline(Protocol):
+    """The commands Sluice queues on a pipeline: each returns the pipeline; ``execute`` the replies."""
+
+    def delete(self, *names: str) -> Pipeline: ...
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> Pipeline: ...
+    def get(self, name: str) -> Pipeline: ...
+    def hdel(self, name: str, *fields: str | bytes) -> Pipeline: ...
+    def hget(self, name: str, key: str) -> Pipeline: ...
+    def hgetall(self, name: str) -> Pipeline: ...
+    def hmget(self, name: str, keys: str | Sequence[str], *args: str) -> Pipeline: ...
+    def smembers(self, name: str) -> Pipeline: ...
+    def time(self) -> Pipeline: ...
+    def xlen(self, name: str) -> Pipeline: ...
+    def xpending(self, name: str, groupname: str) -> Pipeline: ...
+    def xrange(self, name: str, min: str = "-", max: str = "+", count: int | None = None) -> Pipeline: ...
+    def xreadgroup(self, groupname: str, consumername: str, streams: Mapping[str, str],
+                   count: int | None = None, block: int | None = None) -> Pipeline: ...
+    def zcount(self, name: str, min: float | str, max: float | str) -> Pipeline: ...
+    def zrange(self, name: str, start: int, end: int, withscores: bool = False) -> Pipeline: ...
+    def zrem(self, name: str, *values: str) -> Pipeline: ...
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued commands; one reply per command, in order (an exception object in a
+        failed command's place when ``raise_on_error`` is False)."""
+        ...
+
+
+class Redis(Protocol):
+    """The Redis client every Sluice process uses (:func:`connect`): a ``redis.asyncio.Redis``
+    without ``decode_responses``, so every string reply is ``bytes``, never ``str`` (redis-py's own
+    annotations say ``bytes | str``, as they cannot know that setting).
+
+    It names only the commands Sluice uses, with the reply shapes redis-py 8 gives them by default
+    (its RESP2-style "legacy" shapes, even over the RESP3 wire it speaks). A script's reply is
+    ``Any``; note that a Lua ``false`` arrives as ``False`` over RESP3. A command Sluice starts
+    using is added here, once: tests/unit/test_redis_protocol.py checks every one against
+    redis-py's client and a real redis-server.
+    """
+
+    async def aclose(self) -> None: ...
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Value) -> Any: ...
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> Any: ...
+    async def exists(self, *names: str) -> int: ...
+    async def get(self, name: str) -> bytes | None: ...
+    async def hget(self, name: str, key: str) -> bytes | None: ...
+    async def hgetall(self, name: str) -> dict[bytes, bytes]: ...
+    async def hmget(self, name: str, keys: str | Sequence[str], *args: str) -> list[bytes | None]: ...
+    def hscan_iter(self, name: str, match: str | None = None,
+                   count: int | None = None) -> AsyncIterator[tuple[bytes, bytes]]: ...
+    async def hset(self, name: str, key: str | None = None, value: Value | None = None,
+                   mapping: Mapping[str, Value] | None = None) -> int: ...
+    async def hsetnx(self, name: str, key: str, value: Value) -> int: ...
+    async def incr(self, name: str, amount: int = 1) -> int: ...
+    async def mget(self, keys: str | Sequence[str], *args: str) -> list[bytes | None]: ...
+    async def ping(self) -> bool: ...
+    def pipeline(self, transaction: bool = True) -> Pipeline: ...
+    def scan_iter(self, match: str | None = None, count: int | None = None) -> AsyncIterator[bytes]: ...
+    async def script_load(self, script: str) -> str: ...
+    async def smembers(self, name: str) -> set[bytes]: ...
+    async def srem(self, name: str, *values: str) -> int: ...
+    # [next start id, [(entry id, fields), ...], deleted ids (Redis 7 only)]
+    async def xautoclaim(self, name: str, groupname: str, consumername: str, min_idle_time: int,
+                         start_id: str = "0-0", count: int | None = None) -> list[Any]: ...
+    async def xlen(self, name: str) -> int: ...
+    async def xpending(self, name: str, groupname: str) -> XPending: ...
+    async def xpending_range(self, name: str, groupname: str, min: str, max: str, count: int,
+                             consumername: str | None = None, idle: int | None = None) -> list[XPendingEntry]: ...
+    async def zrange(self, name: str, start: int, end: int) -> list[bytes]: ...
+    async def zrangebyscore(self, name: str, min: float | str, max: float | str, start: int | None = None,
+                            num: int | None = None) -> list[bytes]: ...
+    async def zrevrangebyscore(self, name: str, max: float | str, min: float | str, start: int | None = None,
+                               num: int | None = None) -> list[bytes]: ...
+    async def zrem(self, name: str, *values: str) -> int: ...
+
+
+def connect(settings: Settings, *, max_connections: int = 64) -> Redis:
     """A client whose pool waits for a free connection instead of raising when exhausted.
 
     Every Sluice process (and ``sluice tokens``) builds its clients here, so ``rediss://``
@@ -55,7 +159,8 @@ def connect(settings: Settings, *, max_connections: int = 64) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **kwargs,
     )
-    return aioredis.Redis(connection_pool=pool)
+    # No decode_responses: every reply is bytes, which is what the Redis protocol above promises.
+    return cast(Redis, aioredis.Redis(connection_pool=pool))
 
 
 class Script:
@@ -65,7 +170,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, r: aioredis.Redis, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
+    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
         """Run the script; the first call after Redis started sends its source once."""
         try:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
@@ -73,11 +178,11 @@ class Script:
             # EVAL runs it and caches it under the same SHA for the next calls.
             return await r.eval(self.source, len(keys), *keys, *args)
 
-    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any] = ()) -> None:
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any] = ()) -> None:
         """Add a call to a pipeline; if it fails with NoScriptError, ``load`` and execute again."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def load(self, r: aioredis.Redis) -> None:
+    async def load(self, r: Redis) -> None:
         """Make sure Redis has the script (after a restart wiped its script cache)."""
         await r.script_load(self.source)
 

@@ -25,8 +25,10 @@ A line with no provider (never sent: aborted, poison, provider not configured) h
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Any
 
 from . import keys
+from .connections import Redis
 
 # Upper bounds (seconds) of the upstream latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -164,9 +166,9 @@ def _sum(fields: dict[str, int], providers: list[str], suffix: str) -> int:
     return sum(fields.get(f"{p}|{suffix}", 0) for p in providers)
 
 
-def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, list]:
+def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, list[int | float | None]]:
     """The per-minute series of one provider (or, for None, of the whole cluster)."""
-    out: dict[str, list] = {name: [] for name in SERIES}
+    out: dict[str, list[int | float | None]] = {name: [] for name in SERIES}
     for fields in minutes:
         if provider is None:
             names = sorted({f.split("|", 1)[0] for f in fields if "|" in f})
@@ -186,7 +188,9 @@ def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, li
     return out
 
 
-async def read_history(r, *, now: float, minutes: int, providers: tuple[str, ...] = ()) -> dict:
+async def read_history(
+    r: Redis, *, now: float, minutes: int, providers: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The last ``minutes`` minutes of the history (the current, partial one last), as the JSON
     ``GET /v1/sluice/history`` serves: one array per series, aligned with ``minutes``.
 

@@ -84,7 +84,7 @@ class Heartbeat:
         self.tally = tally if tally is not None else Tally()
         self.fields = fields
         self.interval = interval
-        self.static = {"role": role, "host": socket.gethostname(), "pid": os.getpid(),
+        self.static: dict[str, str | int | float] = {"role": role, "host": socket.gethostname(), "pid": os.getpid(),
                        "started_at": f"{time.time():.3f}"}
         self.task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()

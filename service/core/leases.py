@@ -20,13 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import keys
-from .connections import Script
-
-Redis = aioredis.Redis
+from .connections import Pipeline, Redis, Script
 
 FENCED = "FENCED"
 
@@ -112,7 +109,7 @@ class FencedScript(Script):
     def __init__(self, body: str) -> None:
         super().__init__(_FENCE + body)
 
-    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = (),  # type: ignore[override]
+    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = (),
                        lease: Lease | None = None) -> Any:
         try:
             return await super().__call__(r, *_fenced(lease, keys, args))
@@ -121,7 +118,7 @@ class FencedScript(Script):
                 raise LeaseLost(str(e)) from None
             raise
 
-    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any] = (),  # type: ignore[override]
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any] = (),
               lease: Lease | None = None) -> None:
         super().queue(pipe, *_fenced(lease, keys, args))
 

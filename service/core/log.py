@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Mapping, MutableMapping, TextIO
 from urllib.parse import urlsplit
 
 import structlog
@@ -87,7 +87,7 @@ class Redactor:
         return text
 
     @staticmethod
-    def _replace(match: re.Match) -> str:
+    def _replace(match: re.Match[str]) -> str:
         return (match.group("bearer") or "") + REDACTED
 
     def value(self, value: Any) -> Any:
@@ -117,11 +117,17 @@ class Redactor:
         scrubbed = self.scrub(text)
         return value if scrubbed == text else scrubbed
 
-    def _mapping(self, mapping: dict) -> dict:
+    def _mapping(self, mapping: Mapping[Any, Any]) -> dict[Any, Any]:
         return {k: REDACTED if _is_secret_key(k) and not _harmless(v) else self.value(v) for k, v in mapping.items()}
 
-    def __call__(self, logger: Any, method: str, event_dict: dict) -> dict:
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
         return self._mapping(event_dict)
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """The root logger's handler that ``configure_logging`` installs, and replaces when called again."""
+
+    _sluice = True  # how a later call (or a test) finds it among the root logger's handlers
 
 
 def _harmless(value: Any) -> bool:
@@ -177,11 +183,10 @@ def configure_logging(
     if process:
         structlog.contextvars.bind_contextvars(process=process)
     # aiohttp's access log per request is noise at info; its errors still show.
-    handler = logging.StreamHandler(stream)
+    handler = _Handler(stream)
     handler.setFormatter(_RedactingFormatter(redactor, "%(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_sluice", False)]:
         root.removeHandler(old)
-    handler._sluice = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.WARNING))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterable, AsyncIterator, Protocol
 
 import aiofiles
 import aiofiles.os
@@ -54,8 +54,11 @@ class Storage(Protocol):
         the caller never writes past what it commits); a file is read up to its recorded size.
         """
 
-    def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
-        """Yield the stored bytes of ``key`` from ``offset`` on, in chunks; FileNotFoundError if absent."""
+    def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """Yield the stored bytes of ``key`` from ``offset`` on, in chunks; FileNotFoundError if absent.
+
+        A reader that stops early closes it (``aclose``), which releases the file or connection.
+        """
 
     async def size(self, key: str) -> int | None:
         """Size in bytes, or None when nothing is stored under ``key``."""
@@ -133,7 +136,7 @@ class LocalStorage:
             await aiofiles.os.wrap(os.fsync)(fd)
         return offset + len(data)
 
-    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
+    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncGenerator[bytes, None]:
         async with aiofiles.open(self._path(key), "rb") as f:
             if offset:
                 await f.seek(offset)
@@ -293,7 +296,7 @@ class S3Storage:
             self._live_uploads.discard(upload_id)
         return total
 
-    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncIterator[bytes]:
+    async def read(self, key: str, chunk_size: int = CHUNK, offset: int = 0) -> AsyncGenerator[bytes, None]:
         name = self._name(key)
         s3 = await self._s3()
         started = False

@@ -10,21 +10,23 @@ import hashlib
 import re
 import secrets
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
 from . import counters, keys, leases
-from .connections import Script
+from .connections import Pipeline, Script
+from .connections import Redis as Redis
 from .leases import FencedScript, Lease, execute
+from .storage import Storage
 from .wire import (
     TERMINAL_STATUSES,
     Batch,
     BatchError,
     BatchErrors,
+    BatchStatus,
     BatchUsage,
     FileObject,
     InputTokensDetails,
@@ -32,16 +34,11 @@ from .wire import (
     RequestCounts,
 )
 
-Redis = aioredis.Redis
 log = structlog.get_logger("sluice.store")
+# ``Redis`` is re-exported (``as Redis`` above): modules name the client type ``store.Redis``.
 
 # Ids embed the creation sequence so that a deleted id still works as a list cursor.
 _ID = re.compile(r"^(file-|batch_)([0-9a-f]{12})([0-9a-f]{12})$")
-
-_TIMESTAMPS = (
-    "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
-    "expired_at", "cancelling_at", "cancelled_at",
-)
 
 
 def now() -> int:
@@ -69,7 +66,7 @@ def seq_of(object_id: str) -> int | None:
 def valid_id(object_id: str, prefix: str) -> bool:
     """True when ``object_id`` has the shape of a Sluice id with ``prefix``."""
     m = _ID.match(object_id)
-    return bool(m) and m.group(1) == prefix
+    return m is not None and m.group(1) == prefix
 
 
 def _str(h: dict[bytes, bytes]) -> dict[str, str]:
@@ -135,7 +132,7 @@ async def create_file(
     With ``lease``, nothing is recorded unless it is still held (``LeaseLost``).
     """
     created = created_at or now()
-    record = {
+    record: dict[str, str | int] = {
         "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
         "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "", "lines": lines,
     }
@@ -372,7 +369,7 @@ async def create_batch(
     (``tracing.new_batch_fields``), when tracing is on.
     """
     created = now()
-    record = {
+    record: dict[str, str | int] = {
         "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
         "input_key": input_key, "completion_window": completion_window, "status": "validating", "created_at": created,
         "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
@@ -425,12 +422,14 @@ def batch_from_record(h: dict[str, str]) -> Batch:
         errors = BatchErrors(data=msgspec.json.decode(h["errors"], type=list[BatchError]))
     return Batch(
         id=h["id"], endpoint=h["endpoint"], input_file_id=h["input_file_id"],
-        completion_window=h["completion_window"], status=h["status"],  # type: ignore[arg-type]
+        completion_window=h["completion_window"], status=cast(BatchStatus, h["status"]),  # Sluice writes no other
         created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
         output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
         request_counts=_counts(h), usage=batch_usage(h),
         metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
-        **{name: ts(name) for name in _TIMESTAMPS},
+        in_progress_at=ts("in_progress_at"), expires_at=ts("expires_at"), finalizing_at=ts("finalizing_at"),
+        completed_at=ts("completed_at"), failed_at=ts("failed_at"), expired_at=ts("expired_at"),
+        cancelling_at=ts("cancelling_at"), cancelled_at=ts("cancelled_at"),
     )
 
 
@@ -581,6 +580,15 @@ return recorded
 """).replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
 
 
+# One line's result: (index, stream entry id, outcome, result line JSON), optionally followed by its
+# usage ("" or ``usage.encode``), then by its (shape, micros) from ``counters.Attempts.encode`` when
+# it was sent upstream.
+Result = (
+    tuple[int, str, str, bytes] | tuple[int, str, str, bytes, str] | tuple[int, str, str, bytes, str, str]
+    | tuple[int, str, str, bytes, str, str, str]
+)
+
+
 class Outcome:
     """Which counter a result moves (and which file it lands in)."""
 
@@ -588,18 +596,12 @@ class Outcome:
     FAILED = "failed"
 
 
-# A result to record: (index, entry_id, outcome, result_json), optionally followed by the line's
-# usage ("" or ``usage.encode``), and then by its (shape, micros) from ``counters.Attempts.encode``
-# when it was sent upstream.
-Result = tuple
-
-
-def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> tuple[list[str], list]:
+def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> tuple[list[str], list[Any]]:
     argv: list[str | int | bytes] = [keys.WORKER_GROUP, counters.HISTORY_TTL_S]
     for result in results:
         index, entry_id, outcome, line, *rest = result
         tokens = rest[0] if len(rest) in (1, 3) else ""
-        shape, micros = rest[-2:] if len(rest) >= 2 else counters.unsent(outcome)
+        shape, micros = (rest[-2], rest[-1]) if len(rest) >= 2 else counters.unsent(outcome)
         argv += [index, entry_id, outcome, line, shape, micros, tokens]
     day = time.strftime("%Y-%m-%d", time.gmtime())
     return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
@@ -624,7 +626,7 @@ async def record_results(
     return int(await _RECORD(r, ks, argv, lease=lease))
 
 
-def queue_record(pipe, batch_id: str, results: Iterable[Result]) -> None:
+def queue_record(pipe: Pipeline, batch_id: str, results: Iterable[Result]) -> None:
     """Queue ``record_results`` on a pipeline, e.g. to record atomically with another write (MULTI)."""
     _RECORD.queue(pipe, *_record_call(batch_id, results, counters.minute_of(time.time())))
 
@@ -645,7 +647,7 @@ async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
-async def release(r: Redis, storage, h: dict[str, str], *, lease: Lease | None = None) -> None:
+async def release(r: Redis, storage: Storage, h: dict[str, str], *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
@@ -662,7 +664,7 @@ async def release(r: Redis, storage, h: dict[str, str], *, lease: Lease | None =
         await storage.delete(h["input_key"])
 
 
-async def sweep_expired_files(r: Redis, storage, *, limit: int = 100, lease: Lease | None = None) -> int:
+async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, lease: Lease | None = None) -> int:
     """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
@@ -744,7 +746,7 @@ return answer
 """)
 
 
-async def audit_usage(r: Redis, storage, holder: str) -> int:
+async def audit_usage(r: Redis, storage: Storage, holder: str) -> int:
     """Recount every owner's usage from its records and repair counters that drifted.
 
     Runs in one process at a time (``keys.USAGE_AUDIT_LOCK``, taken by ``holder``); returns how
@@ -761,13 +763,13 @@ async def audit_usage(r: Redis, storage, holder: str) -> int:
         async for key in r.scan_iter(match=keys.OWNER_USAGE_PATTERN, count=1000):
             if not await leases.renew(r, lease, AUDIT_LEASE_MS):
                 break  # another process took over (this one was paused past the lease)
-            repaired += await _audit_owner(r, storage, keys.owner_of_usage(_text(key) or ""))
+            repaired += await _audit_owner(r, storage, keys.owner_of_usage(key.decode()))
     finally:
         await leases.drop(r, lease)
     return repaired
 
 
-async def _audit_owner(r: Redis, storage, owner: str) -> int:
+async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
     for _ in range(_AUDIT_ATTEMPTS):
         # Read first, recount after: any change in between moves 'rev' or a counter.
         read = await r.hmget(keys.owner_usage(owner), *USAGE_FIELDS, "rev")
@@ -799,13 +801,13 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str,
     counted = dict.fromkeys(USAGE_FIELDS, 0)
     unreleased: list[dict[str, str]] = []
     fields = ("status", "released", "reserved_lines", "id", "owner", "input_file_id", "input_key")
-    batch_ids = [_text(b) for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
+    batch_ids = [b.decode() for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
     for i in range(0, len(batch_ids), _CHUNK):
         pipe = r.pipeline(transaction=False)
         for batch_id in batch_ids[i:i + _CHUNK]:
             pipe.hmget(keys.batch(batch_id), *fields)
         for values in await pipe.execute():
-            h = {k: _text(v) for k, v in zip(fields, values) if v is not None}
+            h = {k: v.decode() for k, v in zip(fields, values) if v is not None}
             if not h.get("status") or h.get("released"):
                 continue
             if h["status"] in TERMINAL_STATUSES:
@@ -813,7 +815,7 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str,
             counted["active_batches"] += 1
             counted["enqueued_lines"] += int(h.get("reserved_lines") or 0)
     found: set[str] = set()
-    file_ids = [_text(f) for f in await r.zrange(keys.owner_files(owner), 0, -1)]
+    file_ids = [f.decode() for f in await r.zrange(keys.owner_files(owner), 0, -1)]
     for i in range(0, len(file_ids), _CHUNK):
         chunk = file_ids[i:i + _CHUNK]
         pipe = r.pipeline(transaction=False)
@@ -824,7 +826,7 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str,
                 found.add(file_id)
                 counted["stored_bytes"] += int(size)
     for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now() + _EXPIRY_SKEW_S):
-        file_id, _, entry_owner, size = _text(member).split(" ")
+        file_id, _, entry_owner, size = member.decode().split(" ")
         if entry_owner == owner and file_id not in found:
             counted["stored_bytes"] += int(size)
     return counted, unreleased

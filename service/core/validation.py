@@ -6,7 +6,7 @@ Codes follow what OpenAI returns where it is known; the rest are documented in d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 import msgspec
 
@@ -37,7 +37,7 @@ class Line:
 
 async def iter_lines(
     storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0,
-) -> AsyncIterator[Line]:
+) -> AsyncGenerator[Line, None]:
     """Yield the non-blank lines of a stored file, tolerating a BOM, CRLF and a missing final newline.
 
     A line longer than ``max_line`` is yielded with ``data=None`` and skipped without being held.
@@ -115,6 +115,7 @@ def check_line(line: Line, endpoint: str) -> Request | BatchError:
         return _err("invalid_method", "Only the POST method is supported in the Batch API.", "method", n)
     if parsed.url != endpoint:
         return _err("invalid_url", "The URL provided for this request does not match the batch endpoint.", "url", n)
+    assert not isinstance(parsed.body, msgspec.UnsetType)  # the loop above answered a missing one
     raw = bytes(parsed.body)
     try:
         body = _body_decoder.decode(raw)

@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import AddrInfoType
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
@@ -62,9 +63,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 METADATA_HOSTS = frozenset({"metadata.google.internal"})
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 
-_net = ipaddress.ip_network
 # Checked in order: the first match names the reason.
-_FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple((_net(net), why) for net, why in (
+_FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple((ipaddress.IPv4Network(net), why) for net, why in (
     ("0.0.0.0/8", "an unspecified address"),
     ("127.0.0.0/8", "a loopback address"),
     ("10.0.0.0/8", "a private (RFC 1918) address"),
@@ -77,7 +77,7 @@ _FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple((_net(net),
     # Python before 3.12 counts this one as global; Oracle Cloud's metadata service is in it.
     ("192.0.0.0/24", "a reserved (IETF protocol assignment) address"),
 ))
-_FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple((_net(net), why) for net, why in (
+_FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple((ipaddress.IPv6Network(net), why) for net, why in (
     ("::/128", "an unspecified address"),
     ("::1/128", "a loopback address"),
     ("fe80::/10", "a link-local address"),
@@ -85,7 +85,7 @@ _FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple((_net(net),
     ("ff00::/8", "a multicast address"),
 ))
 # IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
-_EMBEDS_V4 = (_net("64:ff9b::/96"), _net("::/96"))
+_EMBEDS_V4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
 
 
 def forbidden_reason(ip: IPAddress) -> str | None:
@@ -93,8 +93,8 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata service address"
     if isinstance(ip, ipaddress.IPv6Address):
-        for net, why in _FORBIDDEN_V6:
-            if ip in net:
+        for net6, why in _FORBIDDEN_V6:
+            if ip in net6:
                 return why
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and any(ip in net for net in _EMBEDS_V4):
@@ -154,7 +154,7 @@ def _address(text: str) -> IPAddress:
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """The addresses ``host`` resolves to (the system resolver); socket.gaierror when it does not."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [_address(info[4][0]) for info in infos]
+    return [_address(str(info[4][0])) for info in infos]
 
 
 async def target_problem(raw: str) -> str | None:
@@ -254,7 +254,7 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-def public_socket(addr_info: tuple) -> socket.socket:
+def public_socket(addr_info: AddrInfoType) -> socket.socket:
     """The socket for one connection attempt of the sender; ForbiddenTarget for a non-public address.
 
     The last check, on the very address about to be connected to: it also covers hosts given as
@@ -328,7 +328,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 
 def backoff(settings: Settings, attempt: int) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-    return settings.webhook_backoff_s * 2 ** (attempt - 1)
+    return settings.webhook_backoff_s * 2.0 ** (attempt - 1)
 
 
 class WebhookSender:
@@ -339,7 +339,7 @@ class WebhookSender:
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
         self.resolver: PublicOnlyResolver | None = None
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[int] | None = None
         self.lease: Lease | None = None
 
     def start_pass(self, lease: Lease | None = None) -> None:

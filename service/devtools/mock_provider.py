@@ -90,7 +90,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 __all__ = ["create_app", "run", "serve"]
 
@@ -584,6 +584,8 @@ class _BatchAPI:
         purpose, content, filename = None, None, "upload"
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                return _invalid("Nested multipart bodies are not supported.")
             if part.name == "purpose":
                 purpose = (await part.read()).decode()
             elif part.name == "file":
@@ -719,7 +721,8 @@ class _BatchAPI:
         batch["request_counts"]["total"] = len(lines)
         models = [msgspec.json.decode(raw).get("model") for _, raw in lines[:1]]
         batch["model"] = models[0] if models and isinstance(models[0], str) else None
-        out, err = [], []
+        out: list[bytes] = []
+        err: list[bytes] = []
         ended = "completed"
         done = 0
         for custom_id, raw in lines:

@@ -93,7 +93,8 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
     try:
         value = int(raw)
     except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer, got '{raw[:64]}'.", param=name, code="invalid_type")
+        raise bad_request(f"Invalid '{name}': expected an integer, got '{raw[:64]}'.", param=name,
+                          code="invalid_type") from None
     if not lo <= value <= hi:
         raise bad_request(f"Invalid '{name}': {value}. It must be between {lo} and {hi}.", param=name, code="invalid_value")
     return value

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 import structlog
 
@@ -82,7 +82,7 @@ class _Cursor:
     """An open read of a batch's input file, positioned at byte ``offset`` (the next line)."""
 
     offset: int
-    lines: AsyncIterator[Line]
+    lines: AsyncGenerator[Line, None]
 
 
 class Feeder:

@@ -92,12 +92,12 @@ class ClusterCollector:
         ):
             fam = CounterMetricFamily(name, doc, labels=["provider"])
             totals: dict[str, int] = {p.name: 0 for p in snap.providers}
-            for f, v in snap.upstream.items():
+            for f, n in snap.upstream.items():
                 kind, _, provider = f.partition("|")
                 if kind == what:
-                    totals[provider] = totals.get(provider, 0) + v
-            for provider, v in sorted(totals.items()):
-                fam.add_metric([provider], v)
+                    totals[provider] = totals.get(provider, 0) + n
+            for provider, total in sorted(totals.items()):
+                fam.add_metric([provider], total)
             yield fam
 
         # Tokens of successful lines (executed or delegated), by provider and model.
@@ -106,15 +106,15 @@ class ClusterCollector:
                                      "output).", labels=["provider", "model", "type"])
         usage_lines = CounterMetricFamily("sluice_usage_lines", "Successful lines whose tokens were counted, by "
                                           "provider and model.", labels=["provider", "model"])
-        for f, v in sorted(snap.tokens.items()):
+        for f, n in sorted(snap.tokens.items()):
             try:
                 provider, model, kind = f.split("|")
             except ValueError:
                 continue
             if kind == "requests":
-                usage_lines.add_metric([provider, model], v)
+                usage_lines.add_metric([provider, model], n)
             else:
-                tokens.add_metric([provider, model, kind], v)
+                tokens.add_metric([provider, model, kind], n)
         yield tokens
         yield usage_lines
 
@@ -158,11 +158,11 @@ class ClusterCollector:
                                     "pause.", labels=["provider"])
         leases = GaugeMetricFamily("sluice_provider_leases", "Concurrency leases held at a provider with limits.",
                                    labels=["provider"])
-        for p in snap.providers:
-            inflight.add_metric([p.name], p.requests_in_flight)
-            paused.add_metric([p.name], round(p.paused_for_s, 3))
-            ramping.add_metric([p.name], 1 if p.ramping else 0)
-            leases.add_metric([p.name], p.leases)
+        for prov in snap.providers:
+            inflight.add_metric([prov.name], prov.requests_in_flight)
+            paused.add_metric([prov.name], round(prov.paused_for_s, 3))
+            ramping.add_metric([prov.name], 1 if prov.ramping else 0)
+            leases.add_metric([prov.name], prov.leases)
         yield inflight
         yield paused
         yield ramping

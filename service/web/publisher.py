@@ -179,7 +179,8 @@ class Publisher:
                 else:
                     seen.add(result.custom_id)
                     model = model or result.model
-                planner.add(total - 1, line, result if provider else None, provider)
+                request = None if isinstance(result, BatchError) or provider is None else result
+                planner.add(total - 1, line, request, provider)
                 if total % RENEW_CHECK_LINES == 0:
                     await self._renew(h["id"], lease)
         except FileNotFoundError:

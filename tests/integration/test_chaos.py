@@ -74,7 +74,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     redis_at = rng.randrange(KILLS)
     for i, fraction in enumerate(schedule):
         target = int(fraction * LINES)
-        wait_until(lambda: (_progress(client, batch.id) or 0) >= target, timeout=90,
+        wait_until(lambda target=target: (_progress(client, batch.id) or 0) >= target, timeout=90,
                    message=f"batch {batch.id} to reach {target} results (seed {seed})", check=stack.check_alive)
         if i == redis_at:
             stack.redis.restart(sig=signal.SIGKILL)

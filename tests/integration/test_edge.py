@@ -128,7 +128,7 @@ def test_racing_deletes_exactly_one_200_and_usage_to_the_byte(estack):
         before = int(r.hget(keys.owner_usage(owner), "stored_bytes") or 0)
         start = threading.Barrier(20)
 
-        def delete(_: int):
+        def delete(_: int, start=start, f=f):
             start.wait(timeout=30)
             return estack.http("DELETE", f"/v1/files/{f.id}", timeout=30)
 

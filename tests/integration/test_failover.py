@@ -30,7 +30,7 @@ def test_a_line_that_keeps_killing_workers_ends_as_poison(stack_factory, wait_un
     # The provider never answers this line in time: every worker holding it is killed.
     _, batch = stack.submit([stack.chat_line(cid, "never answered", mock_latency_ms=60_000)])
     for delivery in (1, 2):
-        wait_until(lambda: stack.mock_stats()["requests"] >= delivery, timeout=30,
+        wait_until(lambda delivery=delivery: stack.mock_stats()["requests"] >= delivery, timeout=30,
                    message=f"delivery {delivery} of the poison line to reach the provider", check=stack.check_alive)
         _kill(next(p for p in stack.processes if p.name.startswith("worker") and not p.stopping))
         stack.spawn("worker")

@@ -52,7 +52,7 @@ def test_upload_expires_after(stack):
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             client.files.create(file=("e.jsonl", data), purpose="batch", expires_after=bad)
-        stack.assert_error(info.value, 400, param_prefix="expires_after")
+        stack.assert_error(info.value, 400, param=param)
 
 
 def test_output_expires_after(stack):

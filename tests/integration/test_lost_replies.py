@@ -112,7 +112,7 @@ def _all_released(stack, batch_ids: list[str]) -> list[tuple[str, str]]:
 def _delete_all_files(stack, client) -> None:
     for f in _retrying(lambda: list(client.files.list())):
         try:
-            _retrying(lambda: client.files.delete(f.id))
+            _retrying(lambda f=f: client.files.delete(f.id))
         except openai.NotFoundError:
             pass
 
@@ -137,7 +137,7 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
     counts = {"uploads": 0, "refused_uploads": 0, "batches": 0, "refused_batches": 0, "cancels": 0, "deletes": 0}
 
     def unfinished() -> list[str]:
-        return [b for b in batches if _retrying(lambda: client.batches.retrieve(b)).status not in TERMINAL]
+        return [b for b in batches if _retrying(lambda b=b: client.batches.retrieve(b)).status not in TERMINAL]
 
     def upload(data: bytes):
         try:
@@ -186,7 +186,7 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
             b = create(f.id)
         if b is not None and i % 3 == 0:
             try:
-                _retrying(lambda: client.batches.cancel(b.id))
+                _retrying(lambda b=b: client.batches.cancel(b.id))
                 counts["cancels"] += 1
             except openai.ConflictError:
                 pass  # it ended first

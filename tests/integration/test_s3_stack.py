@@ -140,7 +140,7 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
     seen = 0
     for round_ in range(3):
         # Each finalizer dies soon after it has appended something: while it drains more.
-        wait_until(lambda: drained() > seen, timeout=60, interval=0.01, check=stack.check_alive,
+        wait_until(lambda seen=seen: drained() > seen, timeout=60, interval=0.01, check=stack.check_alive,
                    message=f"a finalizer to drain past {seen} lines")
         time.sleep(rng.uniform(0, 0.15))
         finalizer = next(p for p in stack.processes if p.name.startswith("finalizer") and p.alive)

@@ -42,9 +42,9 @@ def start_moto(runner: ProcessRunner, *, attempts: int = 3) -> MotoServer:
                             env={**base_env(), **S3_CREDENTIALS}, stop_stage=0)
         server = MotoServer(port, proc)
         try:
-            wait_until(lambda: http_request("GET", f"{server.url}/moto-api/", timeout=2).status < 500,
+            wait_until(lambda server=server: http_request("GET", f"{server.url}/moto-api/", timeout=2).status < 500,
                        timeout=STARTUP_TIMEOUT_S, interval=0.1, message=f"moto server on port {port} to answer",
-                       ignore=(OSError,), check=lambda: raise_if_exited(proc))
+                       ignore=(OSError,), check=lambda proc=proc: raise_if_exited(proc))
             return server
         except ProcessDied as exc:  # most likely the port was taken in the meantime: retry
             last_error = exc

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NoReturn
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 5.0
@@ -159,6 +159,7 @@ def _reap_children() -> None:
 # Starting processes
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux: the marker scan still catches leftovers
@@ -427,7 +428,7 @@ def raise_if_exited(proc: ManagedProcess) -> None:
         raise ProcessDied(f"{proc.describe()}\n{proc.tail()}")
 
 
-def skip_or_raise(reason: str) -> None:
+def skip_or_raise(reason: str) -> NoReturn:
     """Skip the current test under pytest; elsewhere (the benchmark) raise :class:`ToolMissing`."""
     if "pytest" in sys.modules:
         import pytest

@@ -348,8 +348,8 @@ class StackFactory:
         elif mock_latency_ms is not None or mock_error_rate is not None:
             raise ValueError("give the default mock's options either as mock=MockSpec(...) or as mock_*, not both")
         mock = mock_spec(mock)
-        extra_mocks = {n: mock_spec(spec) for n, spec in (extra_mocks or {}).items()}
-        for mock_name in extra_mocks:
+        extra_specs = {n: mock_spec(spec) for n, spec in (extra_mocks or {}).items()}
+        for mock_name in extra_specs:
             if mock_name == "default" or not mock_name.isidentifier():
                 raise ValueError(f"bad extra mock name {mock_name!r}: an identifier other than 'default'")
         name = name or f"stack{len(self.stacks) + 1}"
@@ -362,7 +362,7 @@ class StackFactory:
             env0 = base_env()
 
             mocks = {"default": start_mock(runner, "default", mock, env=env0)}
-            for mock_name, spec in extra_mocks.items():
+            for mock_name, spec in extra_specs.items():
                 mocks[mock_name] = start_mock(runner, mock_name, spec, env=env0)
             mock_port = mocks["default"].port
 

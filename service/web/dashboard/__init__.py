@@ -78,16 +78,17 @@ async def cluster(request: web.Request) -> web.Response:
             "concurrency": p.int("concurrency") if p.role == "worker" else None,
         })
     providers = []
-    for p in snap.providers:
+    for prov in snap.providers:
         counts: dict[str, int] = {}
         for k, v in snap.upstream.items():
             kind, _, name = k.partition("|")
-            if name == p.name:
+            if name == prov.name:
                 counts[kind] = counts.get(kind, 0) + v
-        state = f"paused {p.paused_for_s:.1f}s" if p.paused_for_s > 0 else "ramping up" if p.ramping else "ok"
+        state = f"paused {prov.paused_for_s:.1f}s" if prov.paused_for_s > 0 else "ramping up" if prov.ramping else "ok"
         providers.append({
-            "name": p.name, "state": state, "paused_for_s": round(p.paused_for_s, 1),
-            "requests_in_flight": p.requests_in_flight, "leases": p.leases, "max_concurrency": p.max_concurrency,
+            "name": prov.name, "state": state, "paused_for_s": round(prov.paused_for_s, 1),
+            "requests_in_flight": prov.requests_in_flight, "leases": prov.leases,
+            "max_concurrency": prov.max_concurrency,
             "rate_limited": counts.get("rate_limited", 0), "retries": counts.get("retries", 0),
         })
     return api.json_response({
