@@ -587,6 +587,7 @@ class MockSpec:
     batch_start_ms: float | None = None
     batch_cancel_ms: float | None = None
     batch_window_ms: float | None = None
+    retry_after: bool = True  # False: no 429 carries a Retry-After header
     record: bool = False
 
     def command(self, port: int) -> list[str]:
@@ -607,6 +608,8 @@ class MockSpec:
         ):
             if value is not None:
                 args += [flag, str(value)]
+        if not self.retry_after:
+            args.append("--no-retry-after")
         return args
 
 

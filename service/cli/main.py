@@ -155,6 +155,7 @@ def _mock_provider(args: argparse.Namespace) -> None:
         batch_start_ms=args.batch_start_ms,
         batch_cancel_ms=args.batch_cancel_ms,
         batch_window_ms=args.batch_window_ms,
+        retry_after=not args.no_retry_after,
     )
 
 
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument(
         "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
     )
+    mock.add_argument("--no-retry-after", action="store_true", help="send no Retry-After header with a 429")
     batch = mock.add_argument_group("its Batch API (delegated batches)")
     batch.add_argument("--batch-line-ms", type=float, default=0.0, metavar="MS", help="time each batch line takes")
     batch.add_argument("--batch-start-ms", type=float, default=0.0, metavar="MS", help="time a batch validates")
