@@ -102,7 +102,7 @@ class Worker:
         connector = aiohttp.TCPConnector(limit=self.settings.worker_concurrency + 8, limit_per_host=0)
         # Timeouts are per provider, set on each request.
         async with aiohttp.ClientSession(connector=connector) as session:
-            self.limiter = Limiter(self.redis, self.settings.lease_s)
+            self.limiter = Limiter(self.redis, self.settings.lease_s, own_slots=self.settings.worker_concurrency)
             self.recorder = Recorder(self.redis, self.outage)
             self.upstream = Upstream(self.settings, session, self.limiter, self.tally)
             renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
@@ -114,6 +114,7 @@ class Worker:
             finally:
                 self.draining = True
                 await self._drain()
+                await self.limiter.aclose()
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
                 await heartbeat.close()

@@ -115,15 +115,28 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     batch_poll_max_s: Annotated[float, Meta(ge=0.05)] = 120.0
     # Delete the provider's copies (input, output and error files) once the results are merged.
     batch_delete_files: bool = True
+    # Adaptive concurrency (AIMD, workers/limits.py): the cap on requests in flight, shared by every
+    # worker, found from the provider's answers and bounded by max_concurrency (else by the live
+    # workers' slots). None: SLUICE_ADAPTIVE_CONCURRENCY decides (on unless set off).
+    adaptive: bool | None = None
+    # The window is multiplied by this on a 429, a 503 or a timeout (once per window of requests).
+    adaptive_decrease: Annotated[float, Meta(ge=0.1, le=0.95)] = 0.7
+    # The window a provider starts from (then doubles every round trip until the first cut).
+    adaptive_start: Annotated[int, Meta(ge=1)] = 4
 
     def __repr__(self) -> str:
         # Keys never reach a log line through a repr.
         return f"Provider(name={self.name!r}, base_url={self.base_url!r}, models={self.models!r})"
 
     @property
+    def is_adaptive(self) -> bool:
+        """True when this provider's concurrency window adapts to its answers (AIMD)."""
+        return self.adaptive is not False
+
+    @property
     def limited(self) -> bool:
         """True when requests to this provider count against limits shared by all workers."""
-        return bool(self.max_concurrency or self.rpm or self.tpm)
+        return bool(self.max_concurrency or self.rpm or self.tpm or self.is_adaptive)
 
     def serves(self, model: str) -> bool:
         """True when ``model`` is one of this provider's names or matches one of its patterns."""
@@ -163,6 +176,7 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
     """
     providers: list[Provider] = []
     quotas = Quotas()
+    adaptive = _bool(env, "SLUICE_ADAPTIVE_CONCURRENCY", True)
     path = env.get("SLUICE_CONFIG", "").strip()
     if path:
         try:
@@ -180,14 +194,15 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
                 key = env.get(p.api_key_env, "")
                 if not key:
                     raise ConfigError(f"provider {name!r}: environment variable {p.api_key_env} is empty")
-            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/")))
+            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/"),
+                                                     adaptive=adaptive if p.adaptive is None else p.adaptive))
     upstream = env.get("SLUICE_UPSTREAM_URL", "").strip().rstrip("/")
     if upstream:
         if any(p.name == "default" for p in providers):
             raise ConfigError("SLUICE_UPSTREAM_URL adds a provider named 'default'; the config file has one too")
         providers.append(Provider(
             name="default", base_url=upstream, models=("*",), api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
-            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1),
+            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1), adaptive=adaptive,
         ))
     return tuple(providers), quotas
 

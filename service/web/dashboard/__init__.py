@@ -76,6 +76,8 @@ async def cluster(request: web.Request) -> web.Response:
         providers.append({
             "name": p.name, "state": state, "paused_for_s": round(p.paused_for_s, 1),
             "requests_in_flight": p.requests_in_flight, "leases": p.leases, "max_concurrency": p.max_concurrency,
+            # The limit every worker follows now (the adaptive window), and what bounds it.
+            "adaptive": p.adaptive, "concurrency_limit": p.limit, "concurrency_max": p.ceiling,
             "rate_limited": counts.get("rate_limited", 0), "retries": counts.get("retries", 0),
         })
     return api.json_response({
