@@ -84,8 +84,32 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 # What a provider's own Batch API takes in one batch, unless its configuration says otherwise.
 PROVIDER_BATCH_LINES = 50_000
 PROVIDER_BATCH_BYTES = 200 * MB
-# The only completion window Sluice (and OpenAI) offer; a provider batch runs within it.
+# OpenAI's only completion window, and the one a provider batch runs within.
 DAY_S = 24 * 3600
+# Completion windows Sluice accepts ("1h".."168h", "1d".."7d"); OpenAI's own is "24h".
+_WINDOW = re.compile(r"^([1-9][0-9]{0,2})([hd])$")
+MIN_WINDOW_H = 1
+MAX_WINDOW_H = 7 * 24
+
+
+def window_hours(completion_window: str) -> int | None:
+    """The hours a ``completion_window`` names ("6h", "2d", ...), or None when Sluice does not offer it."""
+    m = _WINDOW.match(completion_window)
+    if m is None:
+        return None
+    hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+    return hours if MIN_WINDOW_H <= hours <= MAX_WINDOW_H else None
+
+
+def window_seconds(completion_window: str, day_s: int) -> int:
+    """How long a batch with this (valid) window runs, when "24h" lasts ``day_s`` (``SLUICE_COMPLETION_WINDOW_S``).
+
+    Every window scales with "24h", so shortening that one for tests shortens them all alike.
+    """
+    hours = window_hours(completion_window)
+    if hours is None:
+        raise ValueError(f"not a completion window Sluice offers: {completion_window!r}")
+    return max(1, round(hours * day_s / 24))
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -145,13 +169,14 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def delegates(self, completion_window: str, window_s: int) -> bool:
         """Whether a batch with this completion window hands its lines here to the provider's Batch API.
 
-        ``window_s`` is Sluice's own window (``SLUICE_COMPLETION_WINDOW_S``): ``auto`` only delegates
-        when the provider's 24 h fit in it, so Sluice does not expire a batch the provider may
-        still legitimately be running.
+        ``window_s`` is how long the batch itself runs (its window scaled by ``SLUICE_COMPLETION_WINDOW_S``):
+        ``auto`` only delegates windows of at least 24 h that really last the provider's 24 h, so
+        Sluice does not expire a batch the provider may still legitimately be running.
         """
         if self.batch_api == "delegate":
             return True
-        return self.batch_api == "auto" and self.has_batch_api and completion_window == "24h" and window_s >= DAY_S
+        return (self.batch_api == "auto" and self.has_batch_api and (window_hours(completion_window) or 0) >= 24
+                and window_s >= DAY_S)
 
 
 class Quotas(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -356,7 +356,7 @@ async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "", max_active_batches: int, max_enqueued_lines: int,
+    webhook_url: str = "", priority: str = "normal", max_active_batches: int, max_enqueued_lines: int,
 ) -> dict[str, str]:
     """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
     validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
@@ -375,6 +375,7 @@ async def create_batch(
         "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
     }
     fields: dict[str, str | int] = dict(record)
+    fields["priority"] = priority
     if sealed_key:
         fields["byok"] = sealed_key
     if webhook_url:
