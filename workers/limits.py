@@ -1,20 +1,20 @@
 """Provider limits that hold across every worker process, kept in Redis.
 
-One Lua script (``_ACQUIRE``) decides, atomically, how many of the requests a worker has waiting
-for a provider may go now:
+One Lua script (``_EXCHANGE``) gives back the leases of requests that ended and decides,
+atomically, how many of the requests a worker has waiting for a provider may go now:
 
 - adaptive concurrency (AIMD), on unless a provider turns it off: a *window* per provider
   (``keys.provider_window``) caps the requests in flight at every worker together. It starts at
   ``adaptive_start`` and doubles every round trip until the provider first pushes back (slow
   start). A 429, a 503 or a timeout multiplies it by ``adaptive_decrease``, once per window of
   requests: the signals of requests admitted before the last cut are the same burst and cut
-  nothing more. After a cut it climbs back quickly to 2 below the size that was too much, then
-  grows by one request per window's worth of answers, and by a quarter of that within one of
-  that size, where the provider pushed back last: so it spends its time just under the limit.
-  Only a window that is full grows. It never goes below 1 (progress never
-  stops) nor above ``max_concurrency``, or, when none is set, the live workers' slots (their
-  heartbeats carry their concurrency). So a provider whose limit nobody published is found,
-  and followed when it moves;
+  nothing more. After a later cut it climbs back quickly to 2 below the size that was too much,
+  then grows by one request per window's worth of answers, and by a quarter of that within one
+  of that size, where the provider pushed back last: so it spends its time just under the limit.
+  Only a window that is full grows. It never goes below 1 (progress never stops) nor above
+  ``max_concurrency``, or, when none is set, the live workers' slots (their heartbeats carry
+  their concurrency). So a provider whose limit nobody published is found, and followed when it
+  moves;
 - a pause after a 429 that says ``Retry-After`` stops every worker; once it ends, the cap
   ramps up again over ``RAMP_S`` instead of jumping back to full;
 - ``max_concurrency`` and the window count leases in a sorted set scored by their expiry, so
@@ -23,16 +23,15 @@ for a provider may go now:
 - ``rpm`` and ``tpm``: token buckets refilled continuously, started empty and kept small so
   bursts stay well inside the provider's window; they run at ``SAFETY`` of the configured rate.
 
-A second script (``_RELEASE``) gives leases back and moves the window with what the provider
-answered. Both are safe to run twice (redis-py re-sends a command whose reply was lost): a
-holder that already has a lease goes on with it, an admission without a lease is recorded under
-the call's op key, and a release only counts for a lease it really removed.
+The script is safe to run twice (redis-py re-sends a command whose reply was lost): a lease is
+given back (and its outcome counted) only if it was really still there, a holder that already
+has a lease goes on with it, and an admission without a lease is recorded under the call's op key.
 
-Inside one process, the requests waiting for a provider queue in arrival order, and one task
-asks Redis for as many slots as requests are waiting, in one call; a release in the same process
-wakes it at once. Releases are grouped the same way, so under load a request costs a share of a
-round trip, not two. A provider with no limit and adaptive concurrency off skips all of this
-unless a pause is on: a worker looks for one at most every ``PAUSE_CHECK_S``.
+Inside one process, the requests waiting for a provider queue in arrival order and the leases to
+give back queue beside them; one task sends both in one call per round, and a lease given back
+wakes it at once (its slot is free). Under load a request costs a share of one round trip. A
+provider with no limit and adaptive concurrency off skips all of this unless a pause is on: a
+worker looks for one at most every ``PAUSE_CHECK_S``.
 """
 
 from __future__ import annotations
@@ -79,11 +78,16 @@ OK = "ok"  # the provider answered (any status but 429/503): it had room
 CONGESTED = "congested"  # 429, 503 or a timeout: it had none
 NO_SIGNAL = "none"  # no answer to learn from (a connection error, a cancelled call)
 
+# One call per round: give back the leases of requests that ended (moving the window with what
+# their provider answered), then admit as many waiting requests as the limits allow now.
 # KEYS: inflight leases, buckets, pause, this call's op key, window.
-# ARGV: now, lease ms, max_concurrency (0: none), rpm, tpm, ramp ms, ramp default cap, burst ms,
-#       ramp start, op ttl ms, adaptive (1/0), window ceiling, window start, n, then n (holder, cost).
-# Returns {admitted (the first n of them), ms to wait for the rest, 1 if they hold leases, window}.
-_ACQUIRE = Script("""
+# ARGV: 1 now, 2 lease ms, 3 max_concurrency (0: none), 4 rpm, 5 tpm, 6 ramp ms, 7 ramp default cap,
+#       8 burst ms, 9 ramp start, 10 op ttl ms, 11 adaptive (1/0), 12 window ceiling, 13 window start,
+#       14 decrease factor, 15 window ttl ms, 16 poll ms when full, 17 r, then r (holder, outcome,
+#       admitted at ms) given back, then (holder, cost) per request waiting, in order.
+# Returns {admitted (the first of those waiting), ms to wait for the rest, 1 if they hold leases,
+#          the window after the call ('' when adaptive concurrency is off)}.
+_EXCHANGE = Script("""
 local now = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
@@ -91,17 +95,68 @@ local rpm = tonumber(ARGV[4])
 local tpm = tonumber(ARGV[5])
 local ramp_ms = tonumber(ARGV[6])
 local burst = tonumber(ARGV[8])
-local n = tonumber(ARGV[14])
-local function holder(i) return ARGV[13 + 2 * i] end
-local function cost(i) return tonumber(ARGV[14 + 2 * i]) end
+local adaptive = ARGV[11] == '1'
+local ceiling = tonumber(ARGV[12])
+local released = tonumber(ARGV[17])
+local base = 17 + 3 * released
+local n = (#ARGV - base) / 2
+local function holder(i) return ARGV[base + 2 * i - 1] end
+local function cost(i) return tonumber(ARGV[base + 2 * i]) end
 
+local w
 local window = ''
-if ARGV[11] == '1' then
-  local w = tonumber(redis.call('HGET', KEYS[5], 'w') or ARGV[13])
-  w = math.max(1, math.min(w, tonumber(ARGV[12])))
+if adaptive then
+  local h = redis.call('HMGET', KEYS[5], 'w', 'ss', 'wmax', 'cut')
+  w = tonumber(h[1]) or tonumber(ARGV[13])
+  local ss = tonumber(h[2])
+  local wmax = tonumber(h[3]) or 0
+  local cut = tonumber(h[4]) or 0
+  if released > 0 then
+    local inflight = redis.call('ZCARD', KEYS[1])
+    -- Grow only a window that held requests back: one that is not used says nothing of the provider.
+    local full = inflight >= math.min(math.floor(w), ceiling)
+    for i = 18, base, 3 do
+      -- Only a lease really removed counts, so a re-sent call moves the window once.
+      if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+        local outcome = ARGV[i + 1]
+        if outcome == 'ok' and full then
+          if not ss or w < ss then
+            w = w + 1
+          elseif math.abs(w - wmax) < 1 then
+            w = w + 0.25 / w
+          else
+            w = w + 1 / w
+          end
+        elseif outcome == 'congested' and tonumber(ARGV[i + 2]) > cut then
+          -- The first signal of a window cuts it; requests admitted before that cut are the same burst.
+          local starting = not ss or w < ss
+          wmax = math.min(w, inflight)
+          w = math.max(1, wmax * tonumber(ARGV[14]))
+          if starting then
+            -- Doubling overshoots by up to twice the limit: nothing below that size is known to hold.
+            ss = w
+          else
+            -- Back to just below the size that held quickly (doubling), then probe slowly around it.
+            ss = math.max(w, wmax - 2)
+          end
+          cut = now
+        end
+        inflight = inflight - 1
+      end
+    end
+    w = math.max(1, math.min(w, ceiling))
+    redis.call('HSET', KEYS[5], 'w', tostring(w), 'wmax', tostring(wmax), 'cut', cut)
+    if ss then redis.call('HSET', KEYS[5], 'ss', tostring(ss)) end
+    redis.call('PEXPIRE', KEYS[5], ARGV[15])
+  end
+  w = math.max(1, math.min(w, ceiling))
   window = tostring(w)
   if cap == 0 or math.floor(w) < cap then cap = math.floor(w) end
+else
+  for i = 18, base, 3 do redis.call('ZREM', KEYS[1], ARGV[i]) end
 end
+if n == 0 then return {0, 0, 0, window} end
+
 local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
 if paused_until > 0 and paused_until <= now and now - paused_until < ramp_ms then
   local c = cap
@@ -148,7 +203,7 @@ local first = granted
 local wait = 0
 while granted < n do
   local c = cost(granted + 1)
-  if cap > 0 and count >= cap then wait = tonumber(ARGV[15 + 2 * n]) break end
+  if cap > 0 and count >= cap then wait = tonumber(ARGV[16]) break end
   if rpm > 0 and r < 1 then wait = math.ceil((1 - r) * 60000 / rpm) break end
   if tpm > 0 and t < c then wait = math.ceil((c - t) * 60000 / tpm) break end
   if rpm > 0 then r = r - 1 end
@@ -173,52 +228,6 @@ end
 return {granted, wait, leased, window}
 """)
 
-# KEYS: inflight leases, window. ARGV: now, window ceiling, decrease factor, window start, window
-# ttl ms, adaptive (1/0), then (holder, outcome, admitted at ms) per lease given back.
-# Returns the window after the release ('' when adaptive concurrency is off).
-_RELEASE = Script("""
-local now = tonumber(ARGV[1])
-local ceiling = tonumber(ARGV[2])
-local adaptive = ARGV[6] == '1'
-local inflight = redis.call('ZCARD', KEYS[1])
-local h = redis.call('HMGET', KEYS[2], 'w', 'ss', 'wmax', 'cut')
-local w = tonumber(h[1]) or tonumber(ARGV[4])
-local ss = tonumber(h[2])
-local wmax = tonumber(h[3]) or 0
-local cut = tonumber(h[4]) or 0
--- Grow only a window that held requests back: one that is not used says nothing of the provider.
-local full = inflight >= math.min(math.floor(w), ceiling)
-for i = 7, #ARGV, 3 do
-  -- Only a lease really removed counts, so a re-sent release moves the window once.
-  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 and adaptive then
-    local outcome = ARGV[i + 1]
-    if outcome == 'ok' and full then
-      if not ss or w < ss then
-        w = w + 1
-      elseif math.abs(w - wmax) < 1 then
-        w = w + 0.25 / w
-      else
-        w = w + 1 / w
-      end
-    elseif outcome == 'congested' and tonumber(ARGV[i + 2]) > cut then
-      -- The first signal of a window cuts it; requests admitted before that cut are the same burst.
-      wmax = math.min(w, inflight)
-      w = math.max(1, wmax * tonumber(ARGV[3]))
-      -- Back to just below the size that held quickly (doubling), then probe slowly around it.
-      ss = math.max(w, wmax - 2)
-      cut = now
-    end
-    inflight = inflight - 1
-  end
-end
-if not adaptive then return '' end
-w = math.max(1, math.min(w, ceiling))
-redis.call('HSET', KEYS[2], 'w', tostring(w), 'wmax', tostring(wmax), 'cut', cut)
-if ss then redis.call('HSET', KEYS[2], 'ss', tostring(ss)) end
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return tostring(w)
-""")
-
 _PAUSE = Script("""
 local pause_end = tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -232,7 +241,7 @@ return 0
 
 @dataclass(frozen=True)
 class Admission:
-    """What one ``_ACQUIRE`` call answered."""
+    """What one ``_EXCHANGE`` call answered."""
 
     admitted: int  # the first ``admitted`` holders may go
     wait_ms: int  # when to ask again for the others
@@ -244,15 +253,18 @@ def _ceiling(provider: Provider, slots: int) -> int:
     return provider.max_concurrency or slots or RAMP_DEFAULT_CONCURRENCY
 
 
-async def admit(
-    r: Redis, provider: Provider, holders: list[tuple[str, int]], *, lease_ms: int, op_id: str,
-    slots: int = 0, now_ms: int | None = None,
+async def exchange(
+    r: Redis, provider: Provider, *, releases: list[tuple[str, str, int]] = (), holders: list[tuple[str, int]] = (),
+    lease_ms: int, op_id: str, slots: int = 0, now_ms: int | None = None,
 ) -> Admission:
-    """Admit as many of ``holders`` (``(holder, cost)``, in order) to ``provider`` as its limits allow now.
+    """Give back ``releases`` (``(holder, outcome, admitted at ms)``; the outcome, ``OK``, ``CONGESTED`` or
+    ``NO_SIGNAL``, moves the adaptive window), then admit as many of ``holders`` (``(holder, cost)``, in
+    order) to ``provider`` as its limits allow now, in one step.
 
-    ``op_id`` names the call: running it again (redis-py re-sending it after a lost reply) takes
-    no second rate token or concurrency slot and admits the same holders. ``slots`` is the live
-    workers' concurrency, the window's ceiling when the provider sets no ``max_concurrency``.
+    ``op_id`` names the call: running it again (redis-py re-sending it after a lost reply) gives
+    nothing back twice, takes no second rate token or concurrency slot and admits the same holders.
+    ``slots`` is the live workers' concurrency, the window's ceiling when the provider sets no
+    ``max_concurrency``.
     """
     rpm = (provider.rpm or 0) * SAFETY
     tpm = (provider.tpm or 0) * SAFETY
@@ -260,13 +272,14 @@ async def admit(
     args: list[str | int | float] = [
         now_ms, lease_ms, provider.max_concurrency or 0, rpm, tpm, int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY,
         int(BURST_S * 1000), RAMP_START, OP_TTL_MS, 1 if provider.is_adaptive else 0, _ceiling(provider, slots),
-        provider.adaptive_start, len(holders),
+        provider.adaptive_start, provider.adaptive_decrease, WINDOW_TTL_MS, FULL_POLL_MS, len(releases),
     ]
+    for lease in releases:
+        args += list(lease)
     for holder, cost in holders:
         # A request larger than a minute's budget still goes, alone.
         args += [holder, min(cost, int(tpm)) if tpm else cost]
-    args.append(FULL_POLL_MS)
-    admitted, wait, leased, window = await _ACQUIRE(
+    admitted, wait, leased, window = await _EXCHANGE(
         r, [keys.provider_inflight(provider.name), keys.provider_bucket(provider.name),
             keys.provider_pause(provider.name), keys.provider_op(provider.name, op_id),
             keys.provider_window(provider.name)],
@@ -274,6 +287,14 @@ async def admit(
     )
     window = window.decode() if isinstance(window, bytes) else window
     return Admission(int(admitted), int(wait), bool(int(leased)), float(window) if window else None)
+
+
+async def admit(
+    r: Redis, provider: Provider, holders: list[tuple[str, int]], *, lease_ms: int, op_id: str,
+    slots: int = 0, now_ms: int | None = None,
+) -> Admission:
+    """Admit as many of ``holders`` as ``provider``'s limits allow now (``exchange`` giving nothing back)."""
+    return await exchange(r, provider, holders=holders, lease_ms=lease_ms, op_id=op_id, slots=slots, now_ms=now_ms)
 
 
 async def acquire(
@@ -290,16 +311,9 @@ async def acquire(
 async def release(
     r: Redis, provider: Provider, leases: list[tuple[str, str, int]], *, slots: int = 0, now_ms: int | None = None,
 ) -> float | None:
-    """Give back ``leases`` (``(holder, outcome, admitted at ms)``) and move the provider's window with
-    their outcomes (``OK``, ``CONGESTED``, ``NO_SIGNAL``); return the window (None: not adaptive)."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    args: list[str | int | float] = [now_ms, _ceiling(provider, slots), provider.adaptive_decrease,
-                                     provider.adaptive_start, WINDOW_TTL_MS, 1 if provider.is_adaptive else 0]
-    for lease in leases:
-        args += list(lease)
-    window = await _RELEASE(r, [keys.provider_inflight(provider.name), keys.provider_window(provider.name)], args)
-    window = window.decode() if isinstance(window, bytes) else window
-    return float(window) if window else None
+    """Give back ``leases`` (``exchange`` admitting nothing); the window after (None: not adaptive)."""
+    answer = await exchange(r, provider, releases=leases, lease_ms=0, op_id="release", slots=slots, now_ms=now_ms)
+    return answer.window
 
 
 @dataclass
@@ -314,11 +328,13 @@ class Ticket:
 
 
 class _Queue:
-    """The requests of one process waiting for one provider, admitted in arrival order."""
+    """One process's traffic to one provider: requests waiting for a slot (admitted in arrival order)
+    and leases to give back; one task sends both, together, a call per round."""
 
     def __init__(self) -> None:
         self.waiting: deque[tuple[Ticket, asyncio.Future[None]]] = deque()
-        self.released = asyncio.Event()  # a lease of this process came back: ask again now
+        self.releasing: list[tuple[Ticket, asyncio.Future[None]]] = []
+        self.released = asyncio.Event()  # a lease of this process is to be given back: a slot is free
         self.task: asyncio.Task[None] | None = None
 
 
@@ -330,12 +346,9 @@ class Limiter:
         self.lease_ms = int(lease_s * 1000)
         self.own_slots = own_slots
         self.queues: dict[str, _Queue] = {}
-        self.releasing: dict[str, tuple[Provider, list[tuple[Ticket, asyncio.Future[None]]]]] = {}
-        self.release_task: asyncio.Task[None] | None = None
         self.pause_seen: dict[str, tuple[float, bool]] = {}  # provider -> (when looked up, pause key there)
         self.slots_seen: tuple[float, int] = (float("-inf"), 0)
         self.windows: dict[str, float] = {}  # provider -> its window, as last seen
-        self.background: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def slot(self, provider: Provider, holder: str, cost: int) -> AsyncIterator[Ticket]:
@@ -357,41 +370,72 @@ class Limiter:
                 # Best effort: an unreleased lease expires by itself; the answer matters more.
                 await self._release_quietly(provider, ticket)
 
-    async def _admit(self, provider: Provider, ticket: Ticket) -> None:
+    def _queue(self, provider: Provider) -> _Queue:
         queue = self.queues.get(provider.name)
         if queue is None:
             queue = self.queues[provider.name] = _Queue()
-        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.waiting.append((ticket, admitted))
         if queue.task is None or queue.task.done():
-            queue.task = asyncio.create_task(self._pump(provider, queue), name=f"admission-{provider.name}")
+            queue.task = asyncio.create_task(self._pump(provider, queue), name=f"limiter-{provider.name}")
+        return queue
+
+    async def _admit(self, provider: Provider, ticket: Ticket) -> None:
+        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue(provider).waiting.append((ticket, admitted))
         try:
             await admitted
         except asyncio.CancelledError:
             if admitted.done() and not admitted.cancelled() and ticket.leased:
                 # Admitted in the same instant it was cancelled: the slot goes back.
-                await self._release_quietly(provider, ticket)
+                self._give_back(provider, ticket)
             raise
 
+    def _give_back(self, provider: Provider, ticket: Ticket) -> asyncio.Future[None]:
+        """Queue the ticket's lease to go back with the next call; the future says when it went."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Nobody may wait for it (a request cancelled at shutdown): its error must not go unretrieved.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        queue = self._queue(provider)
+        queue.releasing.append((ticket, done))
+        queue.released.set()
+        return done
+
+    async def _release_quietly(self, provider: Provider, ticket: Ticket) -> None:
+        try:
+            # Awaited, so the next attempt of the same line never takes its lease before this gives it back.
+            await self._give_back(provider, ticket)
+        except REDIS_DOWN:
+            pass  # the lease expires by itself
+        except Exception:
+            log.exception("lease_release_failed", provider=provider.name)
+
     async def _pump(self, provider: Provider, queue: _Queue) -> None:
-        """Admit the queue's requests, as many per call as the limits allow, until it is empty."""
+        """Give back leases and admit waiting requests, a call per round, until there is neither."""
         while True:
             # Requests that gave up (cancelled at shutdown) leave the queue here, never while a call is out.
             queue.waiting = deque(w for w in queue.waiting if not w[1].done())
-            if not queue.waiting:
+            releases, queue.releasing = queue.releasing, []
+            if not queue.waiting and not releases:
                 return
             batch = [queue.waiting[i] for i in range(min(len(queue.waiting), MAX_ADMIT))]
             queue.released.clear()
             try:
-                answer = await admit(self.redis, provider, [(t.holder, t.cost) for t, _ in batch],
-                                     lease_ms=self.lease_ms, op_id=secrets.token_hex(8), slots=await self._slots())
+                answer = await exchange(
+                    self.redis, provider, releases=[(t.holder, t.outcome, t.admitted_ms) for t, _ in releases],
+                    holders=[(t.holder, t.cost) for t, _ in batch], lease_ms=self.lease_ms,
+                    op_id=secrets.token_hex(8), slots=await self._slots())
             except Exception as e:
-                # The waiters see it (REDIS_DOWN: they wait for Redis and come back); later ones start over.
+                # Everyone in the call sees it (REDIS_DOWN: requests wait for Redis and come back).
+                for _, done in releases:
+                    if not done.done():
+                        done.set_exception(e)
                 for _ in batch:
                     _, waiter = queue.waiting.popleft()
                     if not waiter.done():
                         waiter.set_exception(e)
                 continue
+            for _, done in releases:
+                if not done.done():
+                    done.set_result(None)
             if answer.window is not None:
                 self.windows[provider.name] = answer.window
             now_ms = int(time.time() * 1000)
@@ -401,54 +445,11 @@ class Limiter:
                 if not waiter.done():
                     waiter.set_result(None)
                 elif answer.leased:
-                    task = asyncio.create_task(self._release_quietly(provider, ticket))
-                    self.background.add(task)
-                    task.add_done_callback(self.background.discard)
-            if answer.admitted < len(batch):
+                    self._give_back(provider, ticket)
+            if answer.admitted < len(batch) and not queue.releasing:
                 wait = min(answer.wait_ms / 1000, MAX_POLL_S) + random.uniform(0, 0.005)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(queue.released.wait(), timeout=wait)
-
-    async def _release_quietly(self, provider: Provider, ticket: Ticket) -> None:
-        try:
-            await self._release(provider, ticket)
-        except REDIS_DOWN:
-            pass  # the lease expires by itself
-        except Exception:
-            log.exception("lease_release_failed", provider=provider.name)
-
-    async def _release(self, provider: Provider, ticket: Ticket) -> None:
-        """Give the ticket's lease back (with its outcome), grouped with the other releases under way."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.releasing.setdefault(provider.name, (provider, []))[1].append((ticket, done))
-        if self.release_task is None or self.release_task.done():
-            self.release_task = asyncio.create_task(self._flush_releases(), name="lease-release")
-        # Awaited, so the next attempt of the same line never takes its lease before this gives it back.
-        await done
-
-    async def _flush_releases(self) -> None:
-        while self.releasing:
-            pending, self.releasing = self.releasing, {}
-            slots = await self._slots()
-            for name, (provider, entries) in pending.items():
-                error: BaseException | None = None
-                try:
-                    window = await release(self.redis, provider,
-                                           [(t.holder, t.outcome, t.admitted_ms) for t, _ in entries], slots=slots)
-                    if window is not None:
-                        self.windows[name] = window
-                except Exception as e:
-                    error = e
-                for _, done in entries:
-                    if done.done():
-                        continue
-                    if error is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(error)
-                queue = self.queues.get(name)
-                if queue is not None:
-                    queue.released.set()
 
     async def _slots(self) -> int:
         """The live workers' request slots (looked up at most every heartbeat), at least this worker's."""
@@ -487,10 +488,13 @@ class Limiter:
         return False
 
     async def aclose(self) -> None:
-        """Stop admitting (at shutdown); releases under way finish first."""
+        """Stop admitting (at shutdown): leases still queued go back first, within a few seconds."""
+        tasks = [q.task for q in self.queues.values() if q.task is not None and not q.task.done()]
         for queue in self.queues.values():
-            if queue.task is not None:
-                queue.task.cancel()
-        await asyncio.gather(*(q.task for q in self.queues.values() if q.task is not None), return_exceptions=True)
-        if self.release_task is not None:
-            await asyncio.wait({self.release_task}, timeout=5.0)
+            for _, waiter in queue.waiting:
+                waiter.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

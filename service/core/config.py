@@ -146,7 +146,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The window is multiplied by this on a 429, a 503 or a timeout (once per window of requests).
     adaptive_decrease: Annotated[float, Meta(ge=0.1, le=0.95)] = 0.7
     # The window a provider starts from (then doubles every round trip until the first cut).
-    adaptive_start: Annotated[int, Meta(ge=1)] = 4
+    adaptive_start: Annotated[int, Meta(ge=1)] = 16
 
     def __repr__(self) -> str:
         # Keys never reach a log line through a repr.

@@ -15,7 +15,7 @@ from service.core import keys
 from service.core.config import Provider
 from workers import limits
 
-P = Provider(name="p", base_url="http://x")  # adaptive by default, no max_concurrency
+P = Provider(name="p", base_url="http://x", adaptive_start=4)  # adaptive by default, no max_concurrency
 SLOTS = 128
 
 
@@ -100,7 +100,7 @@ async def test_an_unused_window_does_not_grow(r):
 
 
 async def test_bounded_by_max_concurrency(r):
-    capped = Provider(name="p", base_url="http://x", max_concurrency=6)
+    capped = Provider(name="p", base_url="http://x", max_concurrency=6, adaptive_start=4)
     now = 1_000_000
     for step in range(6):
         t = now + 100 * step
@@ -111,7 +111,21 @@ async def test_bounded_by_max_concurrency(r):
 
 
 async def test_off_means_no_window(r):
-    fixed = Provider(name="p", base_url="http://x", adaptive=False)
+    fixed = Provider(name="p", base_url="http://x", adaptive=False, adaptive_start=4)
     got = await _admit(r, [f"h{i}" for i in range(100)], 1_000_000, provider=fixed)
     assert (got.admitted, got.leased, got.window) == (100, False, None)
     assert await r.exists(keys.provider_window("p")) == 0
+
+
+async def test_after_a_cut_it_climbs_back_fast_to_just_below_the_last_size(r):
+    now = 1_000_000
+    await r.hset(keys.provider_window("p"), mapping={"w": "20", "ss": "10", "wmax": "0", "cut": "0"})
+    got = await _admit(r, [f"h{i}" for i in range(20)], now)
+    assert got.admitted == 20
+    # A 429 in congestion avoidance: x0.7 of the 20 in flight, then +1 per answer up to 18 (20 - 2).
+    assert await _release(r, [("h0", limits.CONGESTED, now)], now + 1) == pytest.approx(14.0)
+    assert await _release(r, [(f"h{i}", limits.OK, now) for i in range(1, 5)], now + 2) == pytest.approx(18.0)
+    # Then, the window full again, one per window's worth of answers: 14 more answers add less than one.
+    assert (await _admit(r, [f"k{i}" for i in range(10)], now + 3, op="more")).admitted == 3
+    window = await _release(r, [(f"h{i}", limits.OK, now) for i in range(5, 19)], now + 4)
+    assert 18.5 < window < 19.0

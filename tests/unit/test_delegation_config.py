@@ -88,13 +88,13 @@ max_concurrency = 8
 base_url = "http://t"
 adaptive = true
 adaptive_decrease = 0.5
-adaptive_start = 16
+adaptive_start = 32
 """
     s = _settings(tmp_path, body, SLUICE_UPSTREAM_URL="http://u")
     assert s.provider("a").is_adaptive and s.provider("default").is_adaptive
-    assert (s.provider("a").adaptive_decrease, s.provider("a").adaptive_start) == (0.7, 4)
+    assert (s.provider("a").adaptive_decrease, s.provider("a").adaptive_start) == (0.7, 16)
     assert not s.provider("fixed").is_adaptive
-    assert (s.provider("tuned").adaptive_decrease, s.provider("tuned").adaptive_start) == (0.5, 16)
+    assert (s.provider("tuned").adaptive_decrease, s.provider("tuned").adaptive_start) == (0.5, 32)
     off = _settings(tmp_path, body, SLUICE_UPSTREAM_URL="http://u", SLUICE_ADAPTIVE_CONCURRENCY="off")
     assert not off.provider("a").is_adaptive and not off.provider("default").is_adaptive
     assert off.provider("tuned").is_adaptive, "a provider's own setting wins over the variable"
