@@ -378,6 +378,8 @@ async def create_batch(
     fields["priority"] = priority
     if sealed_key:
         fields["byok"] = sealed_key
+        # Outlives the key (dropped when the batch ends): a retry must not fall back to the server's key.
+        fields["byok_used"] = 1
     if webhook_url:
         fields["webhook_url"] = webhook_url
     flat: list[str | int] = []

@@ -85,6 +85,10 @@ async def retry_batch(request: web.Request) -> web.Response:
         priority = api.priority_choice(request, None) or priority
         metadata[api.PRIORITY_METADATA] = priority
     provider, sealed_key = api.provider_choice(request, settings)
+    if h.get("byok_used") and not sealed_key:
+        raise bad_request(f"Batch {batch_id} ran with your own provider key, which Sluice does not keep past a "
+                          f"batch: send it again in {api.PROVIDER_KEY_HEADER} (with {api.PROVIDER_HEADER}).",
+                          param=api.PROVIDER_KEY_HEADER, code="missing_required_parameter")
     webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     if not h.get("error_file_id"):
         raise nothing_to_retry(f"Batch {batch_id} has no failed requests: nothing to retry.")

@@ -94,7 +94,8 @@ def test_retry_reruns_only_retryable_failures_and_the_cli_merges_them(stack_fact
 
 def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     stack = stack_factory.start(
-        name="retry-states", workers=2, worker_concurrency=1, env={"SLUICE_MAX_ATTEMPTS": "1"},
+        name="retry-states", workers=2, worker_concurrency=1,
+        env={"SLUICE_MAX_ATTEMPTS": "1", "SLUICE_SECRET_KEY": "retry-test-secret-0123456789"},
         config_toml="[quotas]\nmax_active_batches = 1\n",
     )
     client = stack.client()
@@ -110,8 +111,11 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     assert stack.wait_for_batch(invalid.id, client=client).status == "failed"
     stack.assert_error(stack.http("POST", f"/v1/batches/{invalid.id}/retry"), 400, code="nothing_to_retry")
 
-    _, flaky = stack.submit([stack.chat_line(f"fl-{run}-{i}", "x", mock_status=500) for i in range(2)],
-                            client=client)
+    # With the client's own provider key (BYOK), which Sluice drops when the batch ends.
+    own_key = {"x-sluice-provider": "default", "x-sluice-provider-key": f"sk-client-{run}"}
+    flaky_file = stack.upload_jsonl([stack.chat_line(f"fl-{run}-{i}", "x", mock_status=500) for i in range(2)],
+                                    client=client)
+    flaky = stack.create_batch(flaky_file.id, client=client, extra_headers=own_key)
     assert stack.wait_for_batch(flaky.id, client=client).status == "completed"
 
     slow_rows = [stack.chat_line(f"sl-{run}-{i:02d}", f"slow {i}", mock_latency_ms=800) for i in range(12)]
@@ -120,7 +124,7 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     # Unfinished: 409. And a retry is a batch creation like any: the token's one active batch is taken.
     stack.assert_error(stack.http("POST", f"/v1/batches/{slow.id}/retry"), 409, code="batch_not_finished")
     files_before = {f.id for f in client.files.list()}
-    stack.assert_error(stack.http("POST", f"/v1/batches/{flaky.id}/retry"), 429,
+    stack.assert_error(stack.http("POST", f"/v1/batches/{flaky.id}/retry", headers=own_key), 429,
                        code="active_batches_quota_exceeded")
     assert {f.id for f in client.files.list()} == files_before, "a refused retry left its input file behind"
 
@@ -141,3 +145,12 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     assert {x["custom_id"] for x in sent} == never_ran
     client.batches.cancel(again["id"])
     stack.wait_for_batch(again["id"], client=client, timeout=60)
+
+    # A BYOK batch's retry needs the key again: it never falls back to the server's own key.
+    stack.assert_error(stack.http("POST", f"/v1/batches/{flaky.id}/retry"), 400, param="x-sluice-provider-key")
+    stack.mock_reset()
+    res = stack.http("POST", f"/v1/batches/{flaky.id}/retry", headers=own_key)
+    assert res.status == 200, res.body
+    done = stack.wait_for_batch(res.json()["id"], client=client, timeout=60)
+    assert done.request_counts.total == 2, done
+    assert stack.mock_stats()["authorization"] == [f"Bearer sk-client-{run}"]
