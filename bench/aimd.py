@@ -54,7 +54,7 @@ WINDOW_KEY = "sluice:provider:default:window"
 SAMPLE_S = 0.1
 
 
-async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path) -> dict[str, Any]:
+async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path, adaptive: bool = True) -> dict[str, Any]:
     """One stack against a mock allowing ``limit`` in flight; a batch sized to run about ``seconds``."""
     ideal = limit / (latency_ms / 1000)
     lines = int(ideal * seconds)
@@ -73,7 +73,7 @@ async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path) 
         env = {**clean_env(), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SLUICE_UPSTREAM_URL": f"{mock_url}/v1",
                "SLUICE_API_TOKENS": TOKEN, "SLUICE_DATA_DIR": str(data_dir),
                "SLUICE_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY), "SLUICE_LOG_LEVEL": "warning",
-               "SLUICE_SHUTDOWN_GRACE_S": "5"}
+               "SLUICE_SHUTDOWN_GRACE_S": "5", "SLUICE_ADAPTIVE_CONCURRENCY": "on" if adaptive else "off"}
         web_port = free_port()
         procs.start("web", sluice_command("web"), {**env, "PORT": str(web_port)}, stage=2)
         for i in range(1, WORKERS + 1):
@@ -128,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", type=int, nargs="+", default=[8, 32], metavar="N", help="hidden limits (8 32)")
     parser.add_argument("--latency-ms", type=float, default=100.0, help="the mock's latency (100)")
     parser.add_argument("--seconds", type=float, default=30.0, help="about how long each batch runs (30)")
+    parser.add_argument("--no-adaptive", action="store_true",
+                        help="turn adaptive concurrency off (SLUICE_ADAPTIVE_CONCURRENCY=off), to compare")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = []
     try:
         for limit in args.limits:
             with tempfile.TemporaryDirectory(prefix=f"sluice-aimd-{limit}-") as tmp:
-                result = asyncio.run(run_one(limit, args.latency_ms, args.seconds, Path(tmp)))
+                result = asyncio.run(run_one(limit, args.latency_ms, args.seconds, Path(tmp), not args.no_adaptive))
             results.append(result)
             print(f"N={limit:>3}  lines={result['lines']:>6}  {result['seconds']:>6.1f}s  "
                   f"429 share={result['share_429']:.2%} ({result['rejected_429']}/{result['upstream_requests']})  "
