@@ -114,7 +114,10 @@ if adaptive then
   if released > 0 then
     local inflight = redis.call('ZCARD', KEYS[1])
     -- Grow only a window that held requests back: one that is not used says nothing of the provider.
-    local full = inflight >= math.min(math.floor(w), ceiling)
+    -- While it doubles, half full will do: refilling the slots freed in one call takes a round trip.
+    local used = math.min(math.floor(w), ceiling)
+    if not ss or w < ss then used = used / 2 end
+    local full = inflight >= used
     for i = 18, base, 3 do
       -- Only a lease really removed counts, so a re-sent call moves the window once.
       if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
