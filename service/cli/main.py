@@ -27,6 +27,7 @@ environment (every variable: {DOCS}):
   SLUICE_MAX_BATCH_LINES request lines per batch (default 50000)
   SLUICE_MAX_BATCH_FILE_BYTES, SLUICE_MAX_FILE_BYTES   upload limits (default 200 MB, 512 MB)
   SLUICE_WINDOW_LINES, SLUICE_WINDOW_BYTES   how much of a running batch Redis holds
+  SLUICE_COMPLETION_WINDOW_S   how long "24h" lasts (default 86400); every window scales with it
   SLUICE_SHUTDOWN_GRACE_S   how long a stop waits for requests under way (default 20)
   SLUICE_SECRET_KEY, SLUICE_WEBHOOK_SECRET, SLUICE_METRICS_TOKEN, SLUICE_LOG_LEVEL
 """
@@ -38,6 +39,7 @@ environment (every variable: {DOCS}):
   SLUICE_WORKER_CONCURRENCY   upstream requests in flight in this process (default 32)
   SLUICE_MAX_ATTEMPTS    attempts per line for transient failures (default 5)
   SLUICE_REQUEST_TIMEOUT_S   timeout of one request to the default provider (default 600)
+  SLUICE_ADAPTIVE_CONCURRENCY   find each provider's concurrency limit from its 429s (default on)
   SLUICE_LEASE_S, SLUICE_MAX_DELIVERIES   when a dead worker's lines are taken over, given up
   SLUICE_SHUTDOWN_GRACE_S   how long a stop lets requests in flight finish (default 20)
   SLUICE_SECRET_KEY      decrypts clients' own provider keys; SLUICE_LOG_LEVEL
