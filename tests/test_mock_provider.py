@@ -407,6 +407,19 @@ async def test_concurrency_limit_rejects_at_once_and_not_in_flight(aiohttp_clien
     assert final["by_status"] == {"200": 3, "429": 2}
 
 
+async def test_no_retry_after_leaves_the_header_off_every_429(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(latency_ms=60_000, max_concurrency=1, error_rate=1.0, seed=3,
+                                             retry_after=False))
+    holder = asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": 300, "mock_status": 200}))
+    await wait_for_stats(client, lambda s: s["in_flight"] == 1)
+    status, answer, headers = await post(client, CHAT, {"model": "m"})
+    assert status == 429 and answer["error"]["code"] == "concurrency_limit_exceeded"
+    assert "Retry-After" not in headers
+    assert (await holder)[0] == 200
+    status, answer, headers = await post(client, CHAT, {"model": "m", "mock_status": 429, "mock_latency_ms": 0})
+    assert status == 429 and answer["error"]["code"] == "mock_error" and "Retry-After" not in headers
+
+
 async def test_rpm_retry_after_counts_until_oldest_leaves_window(aiohttp_client: Any) -> None:
     client = await aiohttp_client(create_app(rpm=2))  # default 60 s window: 2 requests per minute
     assert [(await post(client, CHAT, {"model": "m", "n": i}))[0] for i in range(2)] == [200, 200]

@@ -653,7 +653,8 @@ class Delegator:
         metadata = {"sluice_batch_id": step.batch_id, "sluice_part": str(step.part_no),
                     "sluice_lines": f"{plan.first}-{plan.last}"}
         try:
-            created = await api.create(step.f["file"], h["endpoint"], h["completion_window"], metadata)
+            # The provider's window is OpenAI's 24 h, whatever Sluice's is (only windows >= 24 h delegate).
+            created = await api.create(step.f["file"], h["endpoint"], "24h", metadata)
         except ProviderError as e:
             if not e.permanent:
                 raise

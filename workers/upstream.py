@@ -21,9 +21,11 @@ from service.core.heartbeat import Tally
 from service.core.results import error_line, json_body, response_line
 from service.core.store import Outcome
 
-from .limits import Limiter
+from .limits import CONGESTED, NO_SIGNAL, OK, Limiter
 
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+# Answers that say the provider has no room: they shrink its adaptive concurrency window (a timeout too).
+CONGESTION_STATUS = frozenset({429, 503})
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
@@ -104,7 +106,7 @@ class Upstream:
         max_attempts = self.settings.max_attempts
         tally = self.tally
         for attempt in range(1, max_attempts + 1):
-            async with self.limiter.slot(provider, holder, cost):
+            async with self.limiter.slot(provider, holder, cost) as ticket:
                 tally.started(provider.name)
                 started = time.perf_counter()
                 label = "aborted"  # cancelled at shutdown, or a bug
@@ -115,14 +117,17 @@ class Upstream:
                         label = str(status)
                         request_id = resp.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
                         retry_after = _retry_after(resp.headers)
+                    ticket.outcome = CONGESTED if status in CONGESTION_STATUS else OK
                 except asyncio.TimeoutError:
                     label = "timeout"
+                    ticket.outcome = CONGESTED
                     result = CallResult(Outcome.FAILED, error_line(
                         custom_id, "request_timeout",
                         f"The request to the provider timed out after {provider.timeout_s:g} s."), attempt)
                     status, retry_after = None, None
                 except aiohttp.ClientError as e:
                     label = "connection_error"
+                    ticket.outcome = NO_SIGNAL
                     result = CallResult(Outcome.FAILED, error_line(
                         custom_id, "upstream_connection_error",
                         f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
@@ -134,12 +139,15 @@ class Upstream:
                 finally:
                     tally.ended(provider.name)
                     attempts.add(label, time.perf_counter() - started, time.time_ns() if attempts.timed else 0)
-            if status == 429 and await self.limiter.pause(provider, retry_after or 1.0):
+            # An adaptive provider's window already shrank for a 429 without Retry-After: only this line
+            # backs off. With Retry-After (or without adaptive concurrency) every worker pauses, as asked.
+            paused = status == 429 and (retry_after is not None or not provider.is_adaptive)
+            if paused and await self.limiter.pause(provider, retry_after or 1.0):
                 attempts.paused()
                 log.warning("provider_paused", provider=provider.name, attempt=attempt, seconds=retry_after or 1.0)
             if attempt < max_attempts:
-                # After a 429 the provider's pause holds every worker back: no extra sleep here.
-                delay = 0.0 if status == 429 else backoff_s(attempt, retry_after)
+                # After a pause the provider's pause holds every worker back: no extra sleep here.
+                delay = 0.0 if paused else backoff_s(attempt, retry_after)
                 log.info("upstream_retry", provider=provider.name, attempt=attempt, status=status,
                          delay_s=round(delay, 3))
                 await asyncio.sleep(delay)

@@ -3,9 +3,10 @@
 Loop, top to bottom:
 
 1. Wait for a free slot (at most ``SLUICE_WORKER_CONCURRENCY`` requests in flight).
-2. Read new lines with one XREADGROUP over the streams of the active batches, never more
-   entries than free slots (entries read but not started would sit where nobody can take them).
-   Streams are rotated between reads, so every batch gets its turn (round-robin fairness).
+2. Read new lines from the streams of the active batches, never more entries than free slots
+   (entries read but not started would sit where nobody can take them). Which batches, and how
+   many lines each, is decided by ``scheduling.py``: tokens share equally, a token's batches by
+   priority, and batches at risk of missing their deadline go first.
 3. Lines of a batch being cancelled or expired are recorded as such, without being sent.
 4. Every other line runs as its own task: provider call with retries, then one Lua script records
    the result exactly once (done bitmap), bumps the batch counter and acks + deletes the entry;
@@ -42,6 +43,7 @@ from service.core.store import Outcome
 
 from .limits import Limiter
 from .recorder import Recorder
+from .scheduling import Candidate, Deadlines, Scheduler, weight
 from .upstream import CallResult, Upstream
 
 log = structlog.get_logger("sluice.worker")
@@ -68,6 +70,8 @@ for i = 4, #ARGV do
 end
 return kept
 """)
+# How often the worker reads the running batches' progress (for their deadlines).
+PROGRESS_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class BatchInfo:
     owner: str
     endpoint: str
     sealed_key: str  # the client's own provider key (BYOK), encrypted; "" when none
+    weight: int  # of its priority (scheduling.py)
+    expires_at: float
     traceparent: str = ""  # the batch's trace (tracing.TRACEPARENT_FIELD); "" when not traced
 
 
@@ -108,10 +114,12 @@ class Worker:
         self.stop = asyncio.Event()
         self.inflight: dict[asyncio.Task[None], Line] = {}
         self.batches: dict[str, BatchInfo] = {}
-        self.rotation = 0
-        self.owner_rotation: dict[str, int] = {}
+        self.scheduler = Scheduler()
+        self.deadlines = Deadlines()
+        self.progress_at = 0.0
         self.claim_cursors: dict[str, str] = {}
         self.active: list[str] = []
+        self.candidates: list[Candidate] = []
         self.active_until = 0.0
         self.next_reclaim = 0.0
         self.log = log.bind(consumer=self.name)
@@ -125,7 +133,7 @@ class Worker:
         connector = aiohttp.TCPConnector(limit=self.settings.worker_concurrency + 8, limit_per_host=0)
         # Timeouts are per provider, set on each request.
         async with aiohttp.ClientSession(connector=connector) as session:
-            self.limiter = Limiter(self.redis, self.settings.lease_s)
+            self.limiter = Limiter(self.redis, self.settings.lease_s, own_slots=self.settings.worker_concurrency)
             self.recorder = Recorder(self.redis, self.outage)
             self.upstream = Upstream(self.settings, session, self.limiter, self.tally)
             renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
@@ -137,6 +145,7 @@ class Worker:
             finally:
                 self.draining = True
                 await self._drain()
+                await self.limiter.aclose()
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
                 await heartbeat.close()
@@ -156,42 +165,51 @@ class Worker:
                 await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                streams = await self._pick_streams(free)
+                plan = await self._pick_streams(free)
                 self.outage.ok()
-                if not streams:
+                if not plan:
                     await self._sleep(IDLE_WAIT_S)
                     continue
-                lines = await self._reclaim(streams, free)
+                lines = await self._reclaim(sorted(self.batches), free)
                 aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
                 if not lines:
-                    lines, aborts = await self._read(streams, free)
+                    lines, aborts, blocked = await self._read(plan)
+                    if not lines and not blocked:
+                        await self._sleep(IDLE_WAIT_S / 10)
                 if lines:
                     await self._dispatch(lines, aborts)
             except REDIS_DOWN as e:
                 await self._sleep(self.outage.failed(e))
 
-    async def _pick_streams(self, free: int) -> list[str]:
-        """Up to ``free`` batches to read from: round-robin over tokens, then over each token's batches."""
+    async def _pick_streams(self, free: int) -> dict[str, int]:
+        """How many lines to read from which running batch: ``free`` in all, as scheduling.py decides."""
         active = await self._active()
         if not active:
-            return []
+            return {}
         await self._load_batches(active)
-        by_owner: dict[str, list[str]] = {}
-        for batch_id in active:
-            if batch_id in self.batches:
-                by_owner.setdefault(self.batches[batch_id].owner, []).append(batch_id)
-        owners = sorted(by_owner)
-        if not owners:
-            return []
-        self.rotation = (self.rotation + 1) % len(owners)
-        picked: list[str] = []
-        for owner in owners[self.rotation:] + owners[: self.rotation]:
-            batches = by_owner[owner]
-            turn = self.owner_rotation[owner] = (self.owner_rotation.get(owner, -1) + 1) % len(batches)
-            picked.append(batches[turn])
-            if len(picked) >= free:
-                break
-        return picked
+        await self._observe_progress()
+        candidates = [
+            Candidate(b, info.owner, info.weight, info.expires_at, self.deadlines.urgent(b))
+            for b in active if (info := self.batches.get(b)) is not None
+        ]
+        self.candidates = candidates
+        return self.scheduler.plan(candidates, free, asyncio.get_running_loop().time())
+
+    async def _observe_progress(self) -> None:
+        """Read the running batches' counters, at most every ``PROGRESS_S``, for their deadlines."""
+        now = asyncio.get_running_loop().time()
+        if now < self.progress_at:
+            return
+        self.progress_at = now + PROGRESS_S
+        ids = sorted(self.batches)
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hmget(keys.batch(batch_id), "total", "completed", "failed")
+        wall = time.time()
+        for batch_id, (total, completed, failed) in zip(ids, await pipe.execute()):
+            self.deadlines.observe(batch_id, wall, int(completed or 0) + int(failed or 0), int(total or 0),
+                                   self.batches[batch_id].expires_at)
+        self.deadlines.forget(set(ids))
 
     async def _active(self) -> list[str]:
         """The running batches (``keys.ACTIVE_BATCHES``), looked up at most every ``ACTIVE_REFRESH_S``."""
@@ -207,41 +225,57 @@ class Worker:
             return
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in missing:
-            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok", tracing.TRACEPARENT_FIELD)
-        for batch_id, (owner, endpoint, sealed, traceparent) in zip(missing, await pipe.execute()):
+            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok", "priority", "expires_at",
+                       tracing.TRACEPARENT_FIELD)
+        for batch_id, (owner, endpoint, sealed, priority, expires_at, traceparent) in zip(missing, await pipe.execute()):
             if owner and endpoint:
                 self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode(),
+                                                   weight((priority or b"").decode()), float(expires_at or 0),
                                                    (traceparent or b"").decode())
         # Forget batches that ended, so the cache stays as small as the active set.
         for batch_id in set(self.batches) - set(batch_ids) - {line.batch_id for line in self.inflight.values()}:
             del self.batches[batch_id]
 
-    async def _read(self, batch_ids: list[str], free: int) -> tuple[list[Line], dict[str, str]]:
-        """New lines for this worker, and the abort reason of every batch read that has one.
+    async def _read(self, plan: dict[str, int]) -> tuple[list[Line], dict[str, str], bool]:
+        """New lines for this worker (``plan``: how many from which batch), the abort reason of every
+        batch read that has one, and whether the read waited for new lines (a blocking read).
 
         The abort reasons come in the same round trip, looked up after the read (Redis runs a
         pipeline in order, even behind a blocking read). The finalizer sets a reason before it
         checks for pending lines, so a line read before an abort is pending when it looks (and
         it waits), and one read after it is seen here as aborted and never sent.
         """
-        count = max(1, free // len(batch_ids))
+        by_count: dict[int, list[str]] = {}
+        for batch_id, count in plan.items():
+            by_count.setdefault(count, []).append(batch_id)
+        # XREADGROUP takes one COUNT for all its streams: one read per count. Only a lone read over
+        # every running batch may block: a blocked read would hold up the others in the pipeline, and
+        # waiting on some streams while others have lines would idle the worker.
+        block = BLOCK_MS if len(by_count) == 1 and len(plan) >= len(self.candidates) else None
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xreadgroup(keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids},
-                        count=count, block=BLOCK_MS)
+        for count, batch_ids in by_count.items():
+            pipe.xreadgroup(keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids},
+                            count=count, block=block)
+        batch_ids = list(plan)
         for batch_id in batch_ids:
             pipe.hget(keys.batch(batch_id), "abort")
-        reply, *reasons = await pipe.execute(raise_on_error=False)
-        if isinstance(reply, ResponseError):
-            # NOGROUP / UNBLOCKED: a batch ended and its stream went away; the next read refreshes.
-            self.log.debug("read_skipped", error=str(reply))
-            return [], {}
-        if isinstance(reply, Exception):
-            raise reply
-        lines = []
-        for stream, entries in reply or []:
-            batch_id = keys.batch_id_of(stream.decode())
-            lines += [self._line(batch_id, entry_id, fields) for entry_id, fields in entries]
-        return lines, {b: r.decode() for b, r in zip(batch_ids, reasons) if isinstance(r, bytes)}
+        replies = await pipe.execute(raise_on_error=False)
+        reads, reasons = replies[:len(by_count)], replies[len(by_count):]
+        lines: list[Line] = []
+        got: dict[str, int] = {}
+        for reply in reads:
+            if isinstance(reply, ResponseError):
+                # NOGROUP / UNBLOCKED: a batch ended and its stream went away; the next read refreshes.
+                self.log.debug("read_skipped", error=str(reply))
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            for stream, entries in reply or []:
+                batch_id = keys.batch_id_of(stream.decode())
+                got[batch_id] = got.get(batch_id, 0) + len(entries)
+                lines += [self._line(batch_id, entry_id, fields) for entry_id, fields in entries]
+        self.scheduler.charge(got, self.candidates, asyncio.get_running_loop().time())
+        return lines, {b: r.decode() for b, r in zip(batch_ids, reasons) if isinstance(r, bytes)}, block is not None
 
     async def _aborts(self, batch_ids: set[str]) -> dict[str, str]:
         """The abort reason of each of these batches that has one."""

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from service.core.config import Settings
 from service.core.wire import BATCH_ENDPOINTS, UPLOAD_PURPOSES
 
-from . import jobs, scan
+from . import jobs, retry, scan
 from .display import (
     LINE_PREVIEW,
     SHOWN_ERRORS,
@@ -325,6 +325,8 @@ async def cmd_batches(args: argparse.Namespace, target: Target) -> int:
                     raise ClientError(f"cannot cancel {args.id}: {exc.body.get('message')}") from None
                 raise
             return _done(args, b, f"{b['id']} {b['status']}")
+        if action == "retry":
+            return await retry.run(client, args)
     raise ClientError(f"unknown action {action!r}", EXIT_USAGE)
 
 
@@ -473,7 +475,7 @@ def add_client_commands(sub: Any) -> None:
                       "List the newest batches (the default: `sluice batches --limit 5`), show one or cancel one.")
     _common(batches)
     _list_options(batches, "batches", "1..100, default 20")
-    bsub = batches.add_subparsers(dest="batches_command", metavar="{list,get,cancel}")
+    bsub = batches.add_subparsers(dest="batches_command", metavar="{list,get,cancel,retry}")
     bl = _parser(bsub, "list", "the newest batches (the default action)", "The newest batches, newest first.")
     _list_options(bl, "batches", "1..100, default 20")
     _common(bl)
@@ -481,6 +483,18 @@ def add_client_commands(sub: Any) -> None:
         p = _parser(bsub, name, text, text[0].upper() + text[1:] + ".")
         p.add_argument("id", metavar="BATCH_ID")
         _common(p)
+    rp = _parser(bsub, "retry", "rerun a finished batch's retryable failures as a new batch",
+                 "Create a batch of the requests of a finished batch that failed in a way worth another try (429 "
+                 "or 5xx answers, timeouts, unreachable provider, batch_expired, batch_cancelled; never a 4xx). "
+                 "With --wait, follow it to its end and merge its results into the original's output and error "
+                 "files in DIR (every custom_id once, its latest attempt), downloading them first if needed.")
+    rp.add_argument("id", metavar="BATCH_ID")
+    rp.add_argument("--wait", "-w", action="store_true", help="follow the new batch and merge its results")
+    rp.add_argument("--out", "-o", default=".", metavar="DIR",
+                    help="with --wait: where the original's result files are (or go); default .")
+    rp.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
+    rp.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    _common(rp)
     batches.set_defaults(func=_run(cmd_batches), limit=20, after=None)
 
     files = _parser(sub, "files", "list, show, download or delete files",

@@ -27,6 +27,7 @@ environment (every variable: {DOCS}):
   SLUICE_MAX_BATCH_LINES request lines per batch (default 50000)
   SLUICE_MAX_BATCH_FILE_BYTES, SLUICE_MAX_FILE_BYTES   upload limits (default 200 MB, 512 MB)
   SLUICE_WINDOW_LINES, SLUICE_WINDOW_BYTES   how much of a running batch Redis holds
+  SLUICE_COMPLETION_WINDOW_S   how long "24h" lasts (default 86400); every window scales with it
   SLUICE_SHUTDOWN_GRACE_S   how long a stop waits for requests under way (default 20)
   SLUICE_SECRET_KEY, SLUICE_WEBHOOK_SECRET, SLUICE_METRICS_TOKEN, SLUICE_LOG_LEVEL
 """
@@ -38,6 +39,7 @@ environment (every variable: {DOCS}):
   SLUICE_WORKER_CONCURRENCY   upstream requests in flight in this process (default 32)
   SLUICE_MAX_ATTEMPTS    attempts per line for transient failures (default 5)
   SLUICE_REQUEST_TIMEOUT_S   timeout of one request to the default provider (default 600)
+  SLUICE_ADAPTIVE_CONCURRENCY   find each provider's concurrency limit from its 429s (default on)
   SLUICE_LEASE_S, SLUICE_MAX_DELIVERIES   when a dead worker's lines are taken over, given up
   SLUICE_SHUTDOWN_GRACE_S   how long a stop lets requests in flight finish (default 20)
   SLUICE_SECRET_KEY      decrypts clients' own provider keys; SLUICE_LOG_LEVEL
@@ -155,6 +157,7 @@ def _mock_provider(args: argparse.Namespace) -> None:
         batch_start_ms=args.batch_start_ms,
         batch_cancel_ms=args.batch_cancel_ms,
         batch_window_ms=args.batch_window_ms,
+        retry_after=not args.no_retry_after,
     )
 
 
@@ -247,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument(
         "--window-s", type=float, default=60.0, metavar="S", help="rpm window: floor(rpm*S/60) requests per S seconds"
     )
+    mock.add_argument("--no-retry-after", action="store_true", help="send no Retry-After header with a 429")
     batch = mock.add_argument_group("its Batch API (delegated batches)")
     batch.add_argument("--batch-line-ms", type=float, default=0.0, metavar="MS", help="time each batch line takes")
     batch.add_argument("--batch-start-ms", type=float, default=0.0, metavar="MS", help="time a batch validates")

@@ -6,7 +6,7 @@ import asyncio
 import sys
 import time
 
-from service.core.cluster import Snapshot, snapshot
+from service.core.cluster import ProviderState, Snapshot, snapshot
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, connect
 
@@ -21,6 +21,14 @@ def _age(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def concurrency_limit(p: ProviderState) -> str:
+    """A provider's concurrency limit now and what bounds it: ``7/128 (adaptive)``, ``8/8``, ``-``."""
+    if p.limit is None:
+        return "-"
+    bound = str(p.ceiling) if p.ceiling else "-"
+    return f"{p.limit}/{bound}" + (" (adaptive)" if p.adaptive else "")
 
 
 def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
@@ -79,14 +87,15 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
         else:
             state = "ok"
         cap = str(prov.max_concurrency) if prov.max_concurrency else "-"
+        limit = concurrency_limit(prov)
         counts: dict[str, int] = {}
         for k, v in snap.upstream.items():
             kind, _, name = k.partition("|")
             if name == prov.name:
                 counts[kind] = counts.get(kind, 0) + v
-        rows.append([prov.name, state, str(prov.requests_in_flight), f"{prov.leases}/{cap}",
+        rows.append([prov.name, state, str(prov.requests_in_flight), f"{prov.leases}/{cap}", limit,
                      str(counts.get("rate_limited", 0)), str(counts.get("retries", 0))])
-    out += text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "429s", "RETRIES"], rows) \
+    out += text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "LIMIT NOW/MAX", "429s", "RETRIES"], rows) \
         if rows else ["  (no provider configured here)"]
     lines = snap.lines
     out.append("")

@@ -4,7 +4,8 @@ the dashboard's cluster view and ``sluice status`` (service/cli/status.py) show.
 Nothing here is process-local: counters are the cluster totals that the script recording each
 result moves exactly once (``service/core/counters.py``), and gauges are read from the cluster's
 state (heartbeats of every web, worker and finalizer process, live batches, their streams,
-provider pauses and leases) at scrape time, in two pipelined round trips whatever the number of
+provider pauses, leases and adaptive
+concurrency windows) at scrape time, in two pipelined round trips whatever the number of
 batches. Any web process answers for the
 whole cluster, so scrape one of them (or all: they agree).
 
@@ -81,6 +82,16 @@ class ProviderState:
     leases: int
     max_concurrency: int | None
     requests_in_flight: int  # summed over live workers' heartbeats
+    adaptive: bool = False
+    window: float | None = None  # the adaptive window (workers/limits.py); None when adaptive concurrency is off
+    ceiling: int | None = None  # what bounds the window: max_concurrency, else the live workers' slots
+
+    @property
+    def limit(self) -> int | None:
+        """The concurrency limit every worker follows now (None: none)."""
+        if self.adaptive and self.window is not None:
+            return max(1, int(self.window))
+        return self.max_concurrency
 
 
 @dataclass
@@ -149,6 +160,7 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     for p in settings.providers:
         pipe.get(keys.provider_pause(p.name))
         pipe.zcount(keys.provider_inflight(p.name), now_ms, "+inf")
+        pipe.hget(keys.provider_window(p.name), "w")
     replies = iter(await pipe.execute(raise_on_error=False))
 
     snap = Snapshot(now=now)
@@ -182,14 +194,24 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
             finalizer=holder_of(lease) if isinstance(lease, (bytes, str)) else "",
         ))
     live_workers = [p for p in snap.processes if p.live and p.role == "worker"]
+    slots = sum(w.int("concurrency") for w in live_workers)
     for p in settings.providers:
-        pause, leases = next(replies), next(replies)
+        pause, leases, window = next(replies), next(replies), next(replies)
         pause_end = as_int(pause) if not isinstance(pause, Exception) else 0
+        ceiling = p.max_concurrency or slots or None
+        win: float | None = None
+        if p.is_adaptive:
+            try:
+                win = float(_s(window)) if isinstance(window, bytes) else float(p.adaptive_start)
+            except ValueError:
+                win = float(p.adaptive_start)
+            win = max(1.0, min(win, ceiling)) if ceiling else win  # as the workers read it
         snap.providers.append(ProviderState(
             name=p.name, paused_for_s=max(0.0, (pause_end - now_ms) / 1000),
             ramping=bool(pause_end) and 0 <= now_ms - pause_end < RAMP_S * 1000,
             leases=leases if isinstance(leases, int) else 0, max_concurrency=p.max_concurrency,
             requests_in_flight=sum(w.int(f"requests:{p.name}") for w in live_workers),
+            adaptive=p.is_adaptive, window=win, ceiling=ceiling,
         ))
     snap.lines = {_s(k): as_int(v) for k, v in lines.items()}
     snap.upstream = {_s(k): as_int(v) for k, v in upstream.items()}

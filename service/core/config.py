@@ -85,8 +85,32 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 # What a provider's own Batch API takes in one batch, unless its configuration says otherwise.
 PROVIDER_BATCH_LINES = 50_000
 PROVIDER_BATCH_BYTES = 200 * MB
-# The only completion window Sluice (and OpenAI) offer; a provider batch runs within it.
+# OpenAI's only completion window, and the one a provider batch runs within.
 DAY_S = 24 * 3600
+# Completion windows Sluice accepts ("1h".."168h", "1d".."7d"); OpenAI's own is "24h".
+_WINDOW = re.compile(r"^([1-9][0-9]{0,2})([hd])$")
+MIN_WINDOW_H = 1
+MAX_WINDOW_H = 7 * 24
+
+
+def window_hours(completion_window: str) -> int | None:
+    """The hours a ``completion_window`` names ("6h", "2d", ...), or None when Sluice does not offer it."""
+    m = _WINDOW.match(completion_window)
+    if m is None:
+        return None
+    hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+    return hours if MIN_WINDOW_H <= hours <= MAX_WINDOW_H else None
+
+
+def window_seconds(completion_window: str, day_s: int) -> int:
+    """How long a batch with this (valid) window runs, when "24h" lasts ``day_s`` (``SLUICE_COMPLETION_WINDOW_S``).
+
+    Every window scales with "24h", so shortening that one for tests shortens them all alike.
+    """
+    hours = window_hours(completion_window)
+    if hours is None:
+        raise ValueError(f"not a completion window Sluice offers: {completion_window!r}")
+    return max(1, round(hours * day_s / 24))
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -116,15 +140,28 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     batch_poll_max_s: Annotated[float, Meta(ge=0.05)] = 120.0
     # Delete the provider's copies (input, output and error files) once the results are merged.
     batch_delete_files: bool = True
+    # Adaptive concurrency (AIMD, workers/limits.py): the cap on requests in flight, shared by every
+    # worker, found from the provider's answers and bounded by max_concurrency (else by the live
+    # workers' slots). None: SLUICE_ADAPTIVE_CONCURRENCY decides (on unless set off).
+    adaptive: bool | None = None
+    # The window is multiplied by this on a 429, a 503 or a timeout (once per window of requests).
+    adaptive_decrease: Annotated[float, Meta(ge=0.1, le=0.95)] = 0.7
+    # The window a provider starts from (then doubles every round trip until the first cut).
+    adaptive_start: Annotated[int, Meta(ge=1)] = 16
 
     def __repr__(self) -> str:
         # Keys never reach a log line through a repr.
         return f"Provider(name={self.name!r}, base_url={self.base_url!r}, models={self.models!r})"
 
     @property
+    def is_adaptive(self) -> bool:
+        """True when this provider's concurrency window adapts to its answers (AIMD)."""
+        return self.adaptive is not False
+
+    @property
     def limited(self) -> bool:
         """True when requests to this provider count against limits shared by all workers."""
-        return bool(self.max_concurrency or self.rpm or self.tpm)
+        return bool(self.max_concurrency or self.rpm or self.tpm or self.is_adaptive)
 
     def serves(self, model: str) -> bool:
         """True when ``model`` is one of this provider's names or matches one of its patterns."""
@@ -133,13 +170,14 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def delegates(self, completion_window: str, window_s: int) -> bool:
         """Whether a batch with this completion window hands its lines here to the provider's Batch API.
 
-        ``window_s`` is Sluice's own window (``SLUICE_COMPLETION_WINDOW_S``): ``auto`` only delegates
-        when the provider's 24 h fit in it, so Sluice does not expire a batch the provider may
-        still legitimately be running.
+        ``window_s`` is how long the batch itself runs (its window scaled by ``SLUICE_COMPLETION_WINDOW_S``):
+        ``auto`` only delegates windows of at least 24 h that really last the provider's 24 h, so
+        Sluice does not expire a batch the provider may still legitimately be running.
         """
         if self.batch_api == "delegate":
             return True
-        return self.batch_api == "auto" and self.has_batch_api and completion_window == "24h" and window_s >= DAY_S
+        return (self.batch_api == "auto" and self.has_batch_api and (window_hours(completion_window) or 0) >= 24
+                and window_s >= DAY_S)
 
 
 class Quotas(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -164,6 +202,7 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
     """
     providers: list[Provider] = []
     quotas = Quotas()
+    adaptive = _bool(env, "SLUICE_ADAPTIVE_CONCURRENCY", True)
     path = env.get("SLUICE_CONFIG", "").strip()
     if path:
         try:
@@ -181,14 +220,15 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
                 key = env.get(p.api_key_env, "")
                 if not key:
                     raise ConfigError(f"provider {name!r}: environment variable {p.api_key_env} is empty")
-            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/")))
+            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/"),
+                                                     adaptive=adaptive if p.adaptive is None else p.adaptive))
     upstream = env.get("SLUICE_UPSTREAM_URL", "").strip().rstrip("/")
     if upstream:
         if any(p.name == "default" for p in providers):
             raise ConfigError("SLUICE_UPSTREAM_URL adds a provider named 'default'; the config file has one too")
         providers.append(Provider(
             name="default", base_url=upstream, models=("*",), api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
-            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1),
+            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1), adaptive=adaptive,
         ))
     return tuple(providers), quotas
 

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import msgspec
 
 from . import keys
-from .config import Provider, Settings
+from .config import Provider, Settings, window_seconds
 from .connections import Script
 from .storage import Storage
 from .store import Redis
@@ -58,6 +58,7 @@ class Planner:
     def __init__(self, settings: Settings, completion_window: str) -> None:
         self.settings = settings
         self.completion_window = completion_window
+        self.window_s = window_seconds(completion_window, settings.completion_window_s)
         self.parts: list[_Open] = []
         self.open: dict[tuple[str, str], _Open] = {}
         self.end = 0  # byte offset just past the last line seen
@@ -69,7 +70,7 @@ class Planner:
         start, self.end = self.end, line.end
         if request is None or provider is None or line.data is None:
             return
-        if not provider.delegates(self.completion_window, self.settings.completion_window_s):
+        if not provider.delegates(self.completion_window, self.window_s):
             return
         size = len(line.data) + 1
         key = (provider.name, request.model)

@@ -134,3 +134,26 @@ class Heartbeat:
             pipe.zrem(keys.PROCESSES, self.name)
             pipe.delete(keys.process(self.name))
             await pipe.execute()
+
+
+async def worker_slots(redis: Redis) -> int:
+    """Request slots of the live workers (the ``concurrency`` their heartbeats carry); 0 when none beats."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
+    (sec, usec), procs = await pipe.execute()
+    now = sec + usec / 1e6
+    live = [name for name, seen in procs if now - float(seen) <= STALE_AFTER_S]
+    if not live:
+        return 0
+    pipe = redis.pipeline(transaction=False)
+    for name in live:
+        pipe.hmget(keys.process(name.decode() if isinstance(name, bytes) else name), "role", "concurrency")
+    total = 0
+    for role, concurrency in await pipe.execute():
+        if role == b"worker" and concurrency:
+            try:
+                total += int(float(concurrency))
+            except ValueError:
+                continue
+    return total

@@ -208,6 +208,13 @@ def provider_op(name: str, op_id: str) -> str:
     return f"{PREFIX}:provider:{name}:op:{op_id}"
 
 
+def provider_window(name: str) -> str:
+    """Hash of a provider's adaptive concurrency window (workers/limits.py): ``w`` (the window),
+    ``ss`` (the slow-start threshold), ``wmax`` (the window at the last cut) and ``cut`` (when, ms).
+    """
+    return f"{PREFIX}:provider:{name}:window"
+
+
 def provider_pause(name: str) -> str:
     """Until when (ms) a provider is paused after a 429; lives on through the ramp-up."""
     return f"{PREFIX}:provider:{name}:paused"

@@ -16,6 +16,17 @@ ABORT_MESSAGES = {
 
 RESULT_KINDS = ("output", "error")
 
+# Failures without an HTTP answer that may well succeed on another try (``POST /v1/batches/{id}/retry``).
+RETRYABLE_CODES = frozenset({"request_timeout", "upstream_connection_error", "batch_expired", "batch_cancelled"})
+
+
+def retryable(status_code: int | None, code: str | None) -> bool:
+    """Whether a failed request is worth another try: a 429 or 5xx answer, a timeout, an unreachable
+    provider, or a request its batch's expiry or cancel kept from running; never a 4xx."""
+    if status_code is not None:
+        return status_code == 429 or 500 <= status_code <= 599
+    return code in RETRYABLE_CODES
+
 
 def result_filename(owner_id: str, kind: str) -> str:
     """The name of a result file: ``<id>_output.jsonl`` or ``<id>_error.jsonl``.

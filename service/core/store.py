@@ -357,7 +357,8 @@ async def create_batch(
     r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
     input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "", max_active_batches: int, max_enqueued_lines: int, trace: dict[str, str] | None = None,
+    webhook_url: str = "", priority: str = "normal", max_active_batches: int, max_enqueued_lines: int,
+    trace: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
     validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
@@ -378,8 +379,11 @@ async def create_batch(
         **(trace or {}),
     }
     fields: dict[str, str | int] = dict(record)
+    fields["priority"] = priority
     if sealed_key:
         fields["byok"] = sealed_key
+        # Outlives the key (dropped when the batch ends): a retry must not fall back to the server's key.
+        fields["byok_used"] = 1
     if webhook_url:
         fields["webhook_url"] = webhook_url
     flat: list[str | int] = []

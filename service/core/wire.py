@@ -202,6 +202,22 @@ class ResultLine(Struct):
     error: ResultError | None
 
 
+class ResultStatus(Struct):
+    status_code: int | None = None
+
+
+class ResultCode(Struct):
+    code: str | None = None
+
+
+class ResultOutcome(Struct):
+    """The part of a result line that says how its request ended (to pick the lines worth retrying)."""
+
+    custom_id: str = ""
+    response: ResultStatus | None = None
+    error: ResultCode | None = None
+
+
 json_encoder = msgspec.json.Encoder()
 
 # What decoding untrusted JSON can raise: malformed or mistyped input, invalid UTF-8 inside

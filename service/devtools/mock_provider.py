@@ -32,6 +32,9 @@ with 429, an OpenAI-style error body (``type: "rate_limit_error"``) and a
   accepted request leaves the window.
 
 The concurrency limit is checked first.  Rejections never consume window slots.
+With ``retry_after=False`` (``--no-retry-after``) no 429 carries ``Retry-After``
+(limit rejections, ``mock_status`` and ``error_rate`` ones alike), like a provider
+that never says when to come back.
 
 ``GET /_mock/stats`` and ``POST /_mock/reset`` expose counters so tests can
 observe what reached the upstream: ``requests`` (every real-time API request,
@@ -318,8 +321,10 @@ class _MockProvider:
         max_concurrency: int | None = None,
         rpm: int | None = None,
         window_s: float = 60.0,
+        retry_after: bool = True,
     ) -> None:
         self.latency_ms = latency_ms
+        self.retry_after = retry_after
         self.error_rate = error_rate
         self.rng = random.Random(seed)
         self.max_concurrency = max_concurrency
@@ -390,6 +395,8 @@ class _MockProvider:
 
     async def _respond(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
         status, payload, headers = answer
+        if not self.retry_after:
+            headers = {k: v for k, v in headers.items() if k.lower() != "retry-after"}
         self.by_status[str(status)] += 1
         response = web.Response(
             status=status,
@@ -816,6 +823,7 @@ def create_app(
     batch_start_ms: float = 0.0,
     batch_cancel_ms: float = 0.0,
     batch_window_ms: float | None = None,
+    retry_after: bool = True,
 ) -> web.Application:
     """Build the mock provider application.
 
@@ -829,7 +837,7 @@ def create_app(
     out-of-range settings, including an ``rpm``/``window_s`` pair that would
     allow no request at all.  ``batch_line_ms``, ``batch_start_ms``,
     ``batch_cancel_ms`` and ``batch_window_ms`` pace its Batch API (see the
-    module docstring).
+    module docstring).  ``retry_after=False`` leaves ``Retry-After`` off every 429.
     """
     if latency_ms < 0:
         raise ValueError("latency_ms must be >= 0")
@@ -846,7 +854,7 @@ def create_app(
             raise ValueError("rpm * window_s / 60 must be >= 1 (at least one request per window)")
     if min(batch_line_ms, batch_start_ms, batch_cancel_ms) < 0 or (batch_window_ms is not None and batch_window_ms < 0):
         raise ValueError("batch_* times must be >= 0")
-    provider = _MockProvider(latency_ms, error_rate, seed, max_concurrency, rpm, window_s)
+    provider = _MockProvider(latency_ms, error_rate, seed, max_concurrency, rpm, window_s, retry_after)
     app = web.Application(client_max_size=512 * 1024 * 1024)
     _BatchAPI(provider, line_ms=batch_line_ms, start_ms=batch_start_ms, cancel_ms=batch_cancel_ms,
               window_ms=batch_window_ms).add_routes(app)
@@ -893,6 +901,7 @@ def run(
     batch_start_ms: float = 0.0,
     batch_cancel_ms: float = 0.0,
     batch_window_ms: float | None = None,
+    retry_after: bool = True,
 ) -> None:
     """Serve the mock provider on ``host:port`` until SIGINT or SIGTERM, then return.
 
@@ -911,5 +920,6 @@ def run(
         batch_start_ms=batch_start_ms,
         batch_cancel_ms=batch_cancel_ms,
         batch_window_ms=batch_window_ms,
+        retry_after=retry_after,
     )
     asyncio.run(serve(app, host, port))

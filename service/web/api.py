@@ -15,7 +15,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from service.core import keys, store, tracing, usage, webhooks
-from service.core.config import Quotas, Settings
+from service.core.config import Quotas, Settings, window_hours, window_seconds
 from service.core.connections import REDIS_DOWN
 from service.core.crypto import seal
 from service.core.errors import APIError, bad_request, not_found
@@ -249,7 +249,8 @@ async def upload_file(request: web.Request) -> web.Response:
         raise
 
 
-def _storage_quota_error(quotas: Quotas) -> APIError:
+def storage_quota_error(quotas: Quotas) -> APIError:
+    """The 429 of an upload (or a retry's input file) that would pass the token's storage quota."""
     return quota_error(f"Storing this file would exceed this token's storage quota of {quotas.max_stored_bytes} "
                        "bytes. Delete files you no longer need.", "storage_quota_exceeded")
 
@@ -278,7 +279,7 @@ async def _store_upload(
                 raise APIError(413, f"File is too large: the limit is {limit} bytes.", param="file",
                                code="file_too_large")
             if size > room:
-                raise _storage_quota_error(quotas)
+                raise storage_quota_error(quotas)
             check.feed(chunk)
             yield chunk
 
@@ -335,7 +336,7 @@ async def _finish_upload(
             created_file = await record()  # it ran: the same call answers what it answered then
     except store.QuotaExceeded:
         stored.recorded = False
-        raise _storage_quota_error(quotas) from None
+        raise storage_quota_error(quotas) from None
     except asyncio.CancelledError:
         # The client left during the call: settle it, so that a late copy cannot record the file
         # after its content is deleted.
@@ -514,10 +515,15 @@ async def create_batch(request: web.Request) -> web.Response:
         raise bad_request(f"Invalid value: '{endpoint[:64]}'. Supported values are: {', '.join(BATCH_ENDPOINTS)}.",
                           param="endpoint", code="invalid_value")
     window = _required_str(body, "completion_window")
-    if window != "24h":
-        raise bad_request(f"Invalid value for 'completion_window': '{window[:64]}'. Supported values are: '24h'.",
-                          param="completion_window", code="invalid_value")
+    if window_hours(window) is None:
+        raise bad_request(f"Invalid value for 'completion_window': '{window[:64]}'. Supported values are '24h' and, "
+                          "as a Sluice extension, durations from '1h' to '7d' in whole hours ('1h'..'168h') or days "
+                          "('1d'..'7d').", param="completion_window", code="invalid_value")
     metadata = _metadata(body.get("metadata"))
+    priority = priority_choice(request, metadata)
+    if priority is not None:
+        # Echoed in the metadata, where the SDK can read it back.
+        metadata = {**(metadata or {}), PRIORITY_METADATA: priority}
     output_expires_after = None
     if body.get("output_expires_after") is not None:
         oea = body["output_expires_after"]
@@ -525,7 +531,7 @@ async def create_batch(request: web.Request) -> web.Response:
             raise bad_request("Invalid type for 'output_expires_after': expected an object.",
                               param="output_expires_after", code="invalid_type")
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
-    provider, sealed_key = _provider_choice(request, settings)
+    provider, sealed_key = provider_choice(request, settings)
     webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
@@ -533,28 +539,45 @@ async def create_batch(request: web.Request) -> web.Response:
     if file["purpose"] != "batch":
         raise bad_request(f"File {input_file_id} has purpose '{file['purpose']}'; batch input files must have "
                           "purpose 'batch'.", param="input_file_id", code="invalid_value")
-    quotas = request[appkeys.QUOTAS]
+    record = await record_batch(
+        request, endpoint=endpoint, file=file, completion_window=window, metadata=metadata,
+        output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key, webhook_url=webhook_url,
+        priority=priority or DEFAULT_PRIORITY,
+    )
+    return json_response(store.batch_from_record(record))
+
+
+async def record_batch(
+    request: web.Request, *, endpoint: str, file: dict[str, str], completion_window: str,
+    metadata: dict[str, str] | None, output_expires_after: int | None, provider: str, sealed_key: str,
+    webhook_url: str, priority: str,
+) -> dict[str, str]:
+    """Reserve the token's quota and record a batch of ``file`` (a checked input file record), queued
+    for validation; a 429 names the quota it would pass."""
+    settings, r = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS]
+    owner, quotas = request[appkeys.OWNER], request[appkeys.QUOTAS]
     lines = int(file.get("lines") or 0)
     batch_id, seq = await store.new_id(r, "batch_")
     # Reserving the quota and recording the batch are one step: no failure can come in between. The
     # batch id is the operation's id (see store.settle).
-    record_batch = functools.partial(
+    create = functools.partial(
         store.create_batch, r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint,
-        input_file_id=input_file_id, input_key=file["storage_key"], completion_window=window,
-        window_s=settings.completion_window_s, metadata=metadata, output_expires_after=output_expires_after,
-        provider=provider, sealed_key=sealed_key, reserved_lines=lines, webhook_url=webhook_url,
-        max_active_batches=quotas.max_active_batches, max_enqueued_lines=quotas.max_enqueued_lines,
+        input_file_id=file["id"], input_key=file["storage_key"], completion_window=completion_window,
+        window_s=window_seconds(completion_window, settings.completion_window_s), metadata=metadata,
+        output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key, reserved_lines=lines,
+        webhook_url=webhook_url, priority=priority, max_active_batches=quotas.max_active_batches,
+        max_enqueued_lines=quotas.max_enqueued_lines,
         trace=tracing.new_batch_fields(request.headers.get("traceparent")),
     )
     try:
         try:
-            record = await record_batch()
+            record = await create()
         except REDIS_DOWN:
             # Every retry failed, so the batch may or may not exist: settle which, and answer that
             # rather than a 503 that would make the client create it twice.
             if await store.settle(r, owner, batch_id) is None:
                 raise
-            record = await record_batch()  # it ran: the same call answers what it answered then
+            record = await create()  # it ran: the same call answers what it answered then
     except store.QuotaExceeded as e:
         if e.field == "active_batches":
             raise quota_error(f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
@@ -563,15 +586,39 @@ async def create_batch(request: web.Request) -> web.Response:
                           f"{quotas.max_enqueued_lines} enqueued lines. Wait for running batches to end.",
                           "enqueued_lines_quota_exceeded") from None
     request.app[appkeys.PUBLISHER].wake.set()
-    return json_response(store.batch_from_record(record))
+    return record
+
+
+PRIORITY_HEADER = "x-sluice-priority"
+PRIORITY_METADATA = "sluice_priority"
+PRIORITIES = ("high", "normal", "low")
+DEFAULT_PRIORITY = "normal"
+
+
+def priority_choice(request: web.Request, metadata: dict[str, str] | None) -> str | None:
+    """The priority a create asked for (``x-sluice-priority``, or ``metadata["sluice_priority"]``), or None."""
+    chosen: str | None = None
+    for value, param in ((request.headers.get(PRIORITY_HEADER), PRIORITY_HEADER),
+                         ((metadata or {}).get(PRIORITY_METADATA), f"metadata.{PRIORITY_METADATA}")):
+        if value is None:
+            continue
+        value = value.strip()
+        if value not in PRIORITIES:
+            raise bad_request(f"Invalid value for '{param}': '{value[:64]}'. Supported values are: "
+                              f"{', '.join(PRIORITIES)}.", param=param, code="invalid_value")
+        if chosen is not None and value != chosen:
+            raise bad_request(f"{PRIORITY_HEADER} says '{chosen}' but metadata.{PRIORITY_METADATA} says '{value}': "
+                              "give one priority.", param=PRIORITY_HEADER, code="invalid_value")
+        chosen = value
+    return chosen
 
 
 PROVIDER_HEADER = "x-sluice-provider"
 PROVIDER_KEY_HEADER = "x-sluice-provider-key"
 
 
-def _provider_choice(request: web.Request, settings: Settings) -> tuple[str, str]:
-    """The provider a client picked for the whole batch, and its own key for it, sealed."""
+def provider_choice(request: web.Request, settings: Settings) -> tuple[str, str]:
+    """The provider a client picked for the whole batch (``x-sluice-provider``), and its own key for it, sealed."""
     name = request.headers.get(PROVIDER_HEADER, "").strip()
     key = request.headers.get(PROVIDER_KEY_HEADER, "").strip()
     if name and settings.provider(name) is None:

@@ -19,7 +19,7 @@ from service.core.lifecycle import process_name, run_until_signal
 from service.core.storage import Storage, open_storage
 from service.core.tokens import TokenAuth
 
-from . import api, appkeys, dashboard, edge, events, metrics
+from . import api, appkeys, dashboard, edge, events, metrics, retry
 from .feeder import Feeder
 from .publisher import Publisher
 
@@ -273,6 +273,7 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     api.add_routes(app)
+    retry.add_routes(app)
     events.add_routes(app)
     dashboard.add_routes(app)
     return app

@@ -158,15 +158,32 @@ class ClusterCollector:
                                     "pause.", labels=["provider"])
         leases = GaugeMetricFamily("sluice_provider_leases", "Concurrency leases held at a provider with limits.",
                                    labels=["provider"])
+        limit = GaugeMetricFamily("sluice_provider_concurrency_limit", "Requests a provider may have in flight now, "
+                                  "all workers together: its adaptive window, else its max_concurrency.",
+                                  labels=["provider"])
+        limit_max = GaugeMetricFamily("sluice_provider_concurrency_max", "What bounds a provider's concurrency: its "
+                                      "configured max_concurrency, else (adaptive) the live workers' slots.",
+                                      labels=["provider"])
+        window = GaugeMetricFamily("sluice_provider_concurrency_window", "A provider's adaptive concurrency window "
+                                   "(AIMD; its integer part is the limit).", labels=["provider"])
         for prov in snap.providers:
             inflight.add_metric([prov.name], prov.requests_in_flight)
             paused.add_metric([prov.name], round(prov.paused_for_s, 3))
             ramping.add_metric([prov.name], 1 if prov.ramping else 0)
             leases.add_metric([prov.name], prov.leases)
+            if prov.limit is not None:
+                limit.add_metric([prov.name], prov.limit)
+            if prov.ceiling is not None:
+                limit_max.add_metric([prov.name], prov.ceiling)
+            if prov.window is not None:
+                window.add_metric([prov.name], round(prov.window, 3))
         yield inflight
         yield paused
         yield ramping
         yield leases
+        yield limit
+        yield limit_max
+        yield window
 
         # Batches.
         by_status = GaugeMetricFamily("sluice_batches", "Batches not yet finished, by status.", labels=["status"])

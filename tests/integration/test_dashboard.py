@@ -180,6 +180,8 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     for cell in page.locator('#processes tbody tr td .health').all():
         expect(cell).to_have_text("live")
     expect(page.locator('#providers tbody tr[data-provider="default"]')).to_be_visible()
+    # Its concurrency limit now and what bounds it (the workers' slots: no max_concurrency here).
+    expect(page.locator('#providers tbody tr[data-provider="default"] .concurrency')).to_contain_text("(adaptive)")
     shot(page, "dashboard-cluster")
 
     # A token that stops being accepted sends the page back to the login form.

@@ -58,6 +58,7 @@ def build(args: argparse.Namespace) -> web.Application:
         batch_start_ms=args.batch_start_ms,
         batch_cancel_ms=args.batch_cancel_ms,
         batch_window_ms=args.batch_window_ms,
+        retry_after=not args.no_retry_after,
     )
     recorded: list[dict[str, Any]] = []
     gates: dict[str, asyncio.Event] = {}
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch-start-ms", type=float, default=0.0)
     parser.add_argument("--batch-cancel-ms", type=float, default=0.0)
     parser.add_argument("--batch-window-ms", type=float, default=None)
+    parser.add_argument("--no-retry-after", action="store_true")
     args = parser.parse_args()
     asyncio.run(serve(build(args), args.host, args.port))
 

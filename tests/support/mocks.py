@@ -34,6 +34,7 @@ class MockSpec:
     batch_start_ms: float | None = None
     batch_cancel_ms: float | None = None
     batch_window_ms: float | None = None
+    retry_after: bool = True  # False: no 429 carries a Retry-After header
     record: bool = False
     gates: bool = False
 
@@ -57,6 +58,8 @@ class MockSpec:
         ):
             if value is not None:
                 args += [flag, str(value)]
+        if not self.retry_after:
+            args.append("--no-retry-after")
         return args
 
 

@@ -171,7 +171,7 @@ async def test_every_supported_endpoint_accepted(api, input_file, endpoint):
     assert b["endpoint"] == endpoint
 
 
-@pytest.mark.parametrize("window", ["48h", "1h", "24", "24H", " 24h", ""])
+@pytest.mark.parametrize("window", ["0h", "169h", "8d", "0d", "30m", "1.5h", "24", "24H", " 24h", "h", "01h", ""])
 async def test_bad_completion_window(api, input_file, window):
     resp = await api.create_batch(input_file["id"], completion_window=window)
     resp.error(400, param="completion_window", code="invalid_value")
@@ -257,3 +257,53 @@ async def test_unknown_headers_are_ignored(api, input_file):
     body = {"input_file_id": input_file["id"], "endpoint": CHAT, "completion_window": "24h"}
     b = (await api.request("POST", "/v1/batches", json=body, headers=headers)).ok()
     assert b["status"] == "validating"
+
+
+# --------------------------------------------------------------------------------------------
+# Sluice extensions: completion windows from 1h to 7d, priorities
+
+
+@pytest.mark.parametrize(("window", "hours"), [("1h", 1), ("6h", 6), ("24h", 24), ("48h", 48), ("168h", 168),
+                                               ("1d", 24), ("2d", 48), ("7d", 168)])
+async def test_completion_windows_from_1h_to_7d(api, input_file, window, hours):
+    b = (await api.create_batch(input_file["id"], completion_window=window)).ok()
+    assert b["completion_window"] == window
+    assert b["expires_at"] - b["created_at"] == hours * 3600
+
+
+async def _create_with(api, file_id, headers=None, **extra):
+    body = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h", **extra}
+    return await api.request("POST", "/v1/batches", json=body, headers=headers)
+
+
+@pytest.mark.parametrize("priority", ["high", "normal", "low"])
+async def test_priority_header_is_echoed_in_metadata(api, input_file, priority):
+    b = (await _create_with(api, input_file["id"], {"x-sluice-priority": priority}, metadata={"k": "v"})).ok()
+    assert b["metadata"] == {"k": "v", "sluice_priority": priority}
+    assert (await api.get_batch(b["id"]))["metadata"] == {"k": "v", "sluice_priority": priority}
+
+
+async def test_priority_from_metadata_as_the_sdk_sends_it(api, input_file):
+    b = (await _create_with(api, input_file["id"], metadata={"sluice_priority": "low"})).ok()
+    assert b["metadata"] == {"sluice_priority": "low"}
+    same = (await _create_with(api, input_file["id"], {"x-sluice-priority": "low"},
+                               metadata={"sluice_priority": "low"})).ok()
+    assert same["metadata"] == {"sluice_priority": "low"}
+
+
+async def test_no_priority_leaves_metadata_alone(api, input_file):
+    assert (await _create_with(api, input_file["id"])).ok()["metadata"] is None
+
+
+@pytest.mark.parametrize(("headers", "metadata", "param"), [
+    ({"x-sluice-priority": "urgent"}, None, "x-sluice-priority"),
+    ({"x-sluice-priority": "HIGH"}, None, "x-sluice-priority"),
+    ({"x-sluice-priority": ""}, None, "x-sluice-priority"),
+    (None, {"sluice_priority": "1"}, "metadata.sluice_priority"),
+    ({"x-sluice-priority": "high"}, {"sluice_priority": "low"}, "x-sluice-priority"),
+])
+async def test_bad_priority_is_a_400(api, input_file, headers, metadata, param):
+    extra = {"metadata": metadata} if metadata is not None else {}
+    resp = await _create_with(api, input_file["id"], headers, **extra)
+    resp.error(400, param=param, code="invalid_value")
+    assert await _batch_count(api) == 0

@@ -41,6 +41,8 @@ async def test_cluster_needs_a_valid_token(api):
         assert [(p["role"], p["live"], p["state"]) for p in body["processes"]] == [("web", True, "serving")]
         assert [p["name"] for p in body["providers"]] == ["default"]
         assert body["providers"][0]["state"] == "ok"
+        # Adaptive concurrency: the limit now (the window's start, no worker has run) and no bound yet.
+        assert body["providers"][0]["adaptive"] is True and body["providers"][0]["concurrency_limit"] == 16
         assert set(body["lines"]) == {"completed", "failed"}
         assert set(body["running_batches"]) == {"total", "yours"}
     assert (await api.request("GET", "/sluice/cluster")).ok()["object"] == "sluice.cluster"

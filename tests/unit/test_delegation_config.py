@@ -58,3 +58,47 @@ def test_bad_values_name_the_setting(tmp_path, line, needle):
     with pytest.raises(ConfigError) as info:
         _settings(tmp_path, f'[providers.a]\nbase_url = "http://a"\n{line}\n')
     assert needle in str(info.value) and "SLUICE_CONFIG" in str(info.value)
+
+
+def test_only_windows_of_24h_or_more_delegate(tmp_path):
+    from service.core.config import window_seconds
+
+    s = _settings(tmp_path, '[providers.auto]\nbase_url = "http://y"\nbatch_api = "auto"\nhas_batch_api = true\n')
+    p = s.provider("auto")
+    for window, delegated in (("1h", False), ("6h", False), ("23h", False), ("24h", True), ("1d", True),
+                              ("48h", True), ("7d", True)):
+        assert p.delegates(window, window_seconds(window, s.completion_window_s)) is delegated, window
+    # Shortened for tests, "48h" lasts less than the provider's 24 h: executed here.
+    short = _settings(tmp_path, '[providers.auto]\nbase_url = "http://y"\nbatch_api = "auto"\nhas_batch_api = true\n',
+                      SLUICE_COMPLETION_WINDOW_S="600")
+    assert not short.provider("auto").delegates("48h", window_seconds("48h", short.completion_window_s))
+
+
+def test_adaptive_concurrency_settings(tmp_path):
+    body = """
+[providers.a]
+base_url = "http://a"
+
+[providers.fixed]
+base_url = "http://f"
+adaptive = false
+max_concurrency = 8
+
+[providers.tuned]
+base_url = "http://t"
+adaptive = true
+adaptive_decrease = 0.5
+adaptive_start = 32
+"""
+    s = _settings(tmp_path, body, SLUICE_UPSTREAM_URL="http://u")
+    assert s.provider("a").is_adaptive and s.provider("default").is_adaptive
+    assert (s.provider("a").adaptive_decrease, s.provider("a").adaptive_start) == (0.7, 16)
+    assert not s.provider("fixed").is_adaptive
+    assert (s.provider("tuned").adaptive_decrease, s.provider("tuned").adaptive_start) == (0.5, 32)
+    off = _settings(tmp_path, body, SLUICE_UPSTREAM_URL="http://u", SLUICE_ADAPTIVE_CONCURRENCY="off")
+    assert not off.provider("a").is_adaptive and not off.provider("default").is_adaptive
+    assert off.provider("tuned").is_adaptive, "a provider's own setting wins over the variable"
+    with pytest.raises(ConfigError, match="SLUICE_ADAPTIVE_CONCURRENCY"):
+        _settings(tmp_path, body, SLUICE_ADAPTIVE_CONCURRENCY="maybe")
+    with pytest.raises(ConfigError, match="SLUICE_CONFIG"):
+        _settings(tmp_path, '[providers.x]\nbase_url = "http://x"\nadaptive_decrease = 1.5\n')

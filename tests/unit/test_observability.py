@@ -257,3 +257,34 @@ async def test_metrics_token(aiohttp_client, tmp_path):
     assert (await guarded.get("/metrics", headers={"Authorization": "Bearer tok-a"})).status == 401
     res = await guarded.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
     assert res.status == 200
+
+
+async def test_concurrency_limit_now_and_its_bound(redis):
+    """Each provider's concurrency limit: its adaptive window (bounded by max_concurrency, else by the
+    live workers' slots), in /metrics, `sluice status` and the dashboard's cluster JSON."""
+    for name in ("w-a", "w-b"):
+        assert await Heartbeat(redis, name, "worker", fields=lambda: {"in_flight": 0, "concurrency": 8}).beat()
+    await redis.hset(keys.provider_window("default"), mapping={"w": "7.6", "ss": "7.6"})
+    await redis.hset(keys.provider_window("limited"), mapping={"w": "9"})  # above its max_concurrency of 4
+    snap = await cluster.snapshot(redis, _settings())
+    fams = _families(metrics.exposition(snap).decode())
+    name = "sluice_provider_concurrency_limit"
+    assert _value(fams[name], name, provider="default") == 7
+    assert _value(fams[name], name, provider="limited") == 4
+    name = "sluice_provider_concurrency_max"
+    assert _value(fams[name], name, provider="default") == 16  # 2 live workers x 8
+    assert _value(fams[name], name, provider="limited") == 4
+    name = "sluice_provider_concurrency_window"
+    assert _value(fams[name], name, provider="default") == pytest.approx(7.6)
+    text = status.render(snap)
+    assert "7/16 (adaptive)" in text and "4/4 (adaptive)" in text
+
+    # Adaptive concurrency off: the limit is max_concurrency, and a provider without one has none.
+    fixed = (Provider(name="limited", base_url="http://127.0.0.1:9", max_concurrency=4, adaptive=False),
+             Provider(name="default", base_url="http://127.0.0.1:9", adaptive=False))
+    snap = await cluster.snapshot(redis, Settings(api_tokens=("tok-a",), providers=fixed))
+    fams = _families(metrics.exposition(snap).decode())
+    assert _value(fams["sluice_provider_concurrency_limit"], "sluice_provider_concurrency_limit",
+                  provider="limited") == 4
+    assert [s for s in fams.get("sluice_provider_concurrency_limit", []) if s.labels["provider"] == "default"] == []
+    assert fams.get("sluice_provider_concurrency_window", []) == []

@@ -210,7 +210,8 @@ async def test_acquire_twice_takes_one_token_and_one_slot(r):
 
 
 async def test_acquire_without_lease_twice_takes_one_token(r):
-    rated = Provider(name="rated", base_url="http://x", rpm=60_000)
+    # Without adaptive concurrency a rate-only provider admits without leases.
+    rated = Provider(name="rated", base_url="http://x", rpm=60_000, adaptive=False)
     now = 2_000_000
     await r.hset(keys.provider_bucket("rated"), mapping={"r": 3, "t": 0, "ts": now})
     for _ in range(2):

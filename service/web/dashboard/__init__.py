@@ -87,8 +87,9 @@ async def cluster(request: web.Request) -> web.Response:
         state = f"paused {prov.paused_for_s:.1f}s" if prov.paused_for_s > 0 else "ramping up" if prov.ramping else "ok"
         providers.append({
             "name": prov.name, "state": state, "paused_for_s": round(prov.paused_for_s, 1),
-            "requests_in_flight": prov.requests_in_flight, "leases": prov.leases,
-            "max_concurrency": prov.max_concurrency,
+            "requests_in_flight": prov.requests_in_flight, "leases": prov.leases, "max_concurrency": prov.max_concurrency,
+            # The limit every worker follows now (the adaptive window), and what bounds it.
+            "adaptive": prov.adaptive, "concurrency_limit": prov.limit, "concurrency_max": prov.ceiling,
             "rate_limited": counts.get("rate_limited", 0), "retries": counts.get("retries", 0),
         })
     return api.json_response({

@@ -573,6 +573,10 @@ async function refreshCluster() {
     el("td", {}, el("span", { class: `health ${p.state === "ok" ? "live" : "stale"}`, text: p.state })),
     el("td", { class: "num", text: fmtInt(p.requests_in_flight) }),
     el("td", { class: "num", text: `${fmtInt(p.leases)}/${p.max_concurrency ?? "—"}` }),
+    el("td", { class: "num concurrency", title: p.adaptive ? "adaptive (AIMD): found from the provider's answers" : "",
+               text: p.concurrency_limit == null ? "—"
+                 : `${fmtInt(p.concurrency_limit)}/${p.concurrency_max == null ? "—" : fmtInt(p.concurrency_max)}`
+                   + (p.adaptive ? " (adaptive)" : "") }),
     el("td", { class: "num", text: fmtInt(p.rate_limited) }),
     el("td", { class: "num", text: fmtInt(p.retries) }))));
   $("#no-providers").hidden = c.providers.length > 0;
