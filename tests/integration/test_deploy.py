@@ -370,7 +370,7 @@ def _names_read_by_sluice() -> set[str]:
     names: set[str] = set()
     for pkg in ("service", "workers"):
         for path in (ROOT / pkg).rglob("*.py"):
-            names.update(re.findall(r"[\"'](SLUICE_[A-Z0-9_]+)[\"']", path.read_text()))
+            names.update(re.findall(r"[\"'](SLUICE_[A-Z0-9_]+|OTEL_[A-Z0-9_]+)[\"']", path.read_text()))
     return names
 
 
