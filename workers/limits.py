@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import random
 import secrets
 import time
@@ -334,9 +336,19 @@ async def release(
     return answer.window
 
 
+def _released(provider: str, done: asyncio.Future[None]) -> None:
+    if done.cancelled() or done.exception() is None or isinstance(done.exception(), REDIS_DOWN):
+        return  # Redis away: the lease expires by itself
+    log.error("lease_release_failed", provider=provider, error=repr(done.exception()))
+
+
 @dataclass
 class Ticket:
-    """One request's passage through the limiter; ``outcome`` tells the window what the provider answered."""
+    """One request's passage through the limiter; ``outcome`` tells the window what the provider answered.
+
+    ``holder`` names its lease: the line's name and the attempt, so that the next attempt of a line
+    never meets the lease of the last one, whose release may still be on its way.
+    """
 
     holder: str
     cost: int
@@ -367,6 +379,8 @@ class Limiter:
         self.pause_seen: dict[str, tuple[float, bool]] = {}  # provider -> (when looked up, pause key there)
         self.slots_seen: tuple[float, int] = (float("-inf"), 0)
         self.windows: dict[str, float] = {}  # provider -> its window, as last seen
+        self.leases: dict[str, str] = {}  # line holder -> the lease its request in flight holds
+        self.attempts = itertools.count(1)
 
     @asynccontextmanager
     async def slot(self, provider: Provider, holder: str, cost: int) -> AsyncIterator[Ticket]:
@@ -374,19 +388,23 @@ class Limiter:
 
         Set the yielded ticket's ``outcome`` before leaving: it moves the adaptive window.
         """
-        ticket = Ticket(holder, cost)
+        ticket = Ticket(f"{holder}#{next(self.attempts)}", cost)
         if not provider.limited and not await self._pause_on(provider):
             # Nothing to count: only a pause after a 429 (or its ramp) could hold the request back,
             # and that needs no Redis round trip per request to notice.
             yield ticket
             return
         await self._admit(provider, ticket)
+        if ticket.leased:
+            self.leases[holder] = ticket.holder
         try:
             yield ticket
         finally:
             if ticket.leased:
-                # Best effort: an unreleased lease expires by itself; the answer matters more.
-                await self._release_quietly(provider, ticket)
+                self.leases.pop(holder, None)
+                # Sent with the next call, not waited for: the line's result matters more, and an
+                # unreleased lease expires by itself.
+                self._give_back(provider, ticket)
 
     def _queue(self, provider: Provider) -> _Queue:
         queue = self.queues.get(provider.name)
@@ -407,24 +425,13 @@ class Limiter:
                 self._give_back(provider, ticket)
             raise
 
-    def _give_back(self, provider: Provider, ticket: Ticket) -> asyncio.Future[None]:
-        """Queue the ticket's lease to go back with the next call; the future says when it went."""
+    def _give_back(self, provider: Provider, ticket: Ticket) -> None:
+        """Queue the ticket's lease to go back with the next call (nobody waits for it)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Nobody may wait for it (a request cancelled at shutdown): its error must not go unretrieved.
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        done.add_done_callback(functools.partial(_released, provider.name))
         queue = self._queue(provider)
         queue.releasing.append((ticket, done))
         queue.released.set()
-        return done
-
-    async def _release_quietly(self, provider: Provider, ticket: Ticket) -> None:
-        try:
-            # Awaited, so the next attempt of the same line never takes its lease before this gives it back.
-            await self._give_back(provider, ticket)
-        except REDIS_DOWN:
-            pass  # the lease expires by itself
-        except Exception:
-            log.exception("lease_release_failed", provider=provider.name)
 
     async def _pump(self, provider: Provider, queue: _Queue) -> None:
         """Give back leases and admit waiting requests, a call per round, until there is neither."""
@@ -491,9 +498,13 @@ class Limiter:
         return on
 
     async def renew(self, provider_name: str, holders: list[str]) -> int:
-        """Extend the concurrency leases of requests still running; return how many were still held."""
+        """Extend the concurrency leases of the requests of these lines still running; return how many
+        were still held (an expired lease is never brought back: a peer may be using its slot)."""
+        leases = [self.leases[h] for h in holders if h in self.leases]
+        if not leases:
+            return 0
         now = int(time.time() * 1000)
-        return int(await _RENEW(self.redis, [keys.provider_inflight(provider_name)], [now, now + self.lease_ms, *holders]))
+        return int(await _RENEW(self.redis, [keys.provider_inflight(provider_name)], [now, now + self.lease_ms, *leases]))
 
     async def pause(self, provider: Provider, seconds: float) -> bool:
         """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""

@@ -86,6 +86,8 @@ async def test_a_renewal_never_resurrects_an_expired_provider_slot():
     now = int(time.time() * 1000)
     # "expired" ran out while its worker was paused; "released" ended normally.
     await r.zadd(key, {"expired": now - 1, "running": now + 1000})
+    # Each line's request in flight holds a lease of its own (the limiter maps line -> lease).
+    limiter.leases.update({name: name for name in ("expired", "running", "released")})
     assert await limiter.renew("p", ["expired", "running", "released"]) == 1
     scores = {m.decode(): s for m, s in await r.zrange(key, 0, -1, withscores=True)}
     assert scores["expired"] == now - 1, "a renewal brought an expired slot back"
