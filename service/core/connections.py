@@ -242,7 +242,7 @@ async def is_cluster(r: Any) -> bool:
     try:
         info = await r.info("cluster")
     except ResponseError as e:
-        log.warning("redis_cluster_detection_refused", error=f"{type(e).__name__}: {e}")
+        log.info("redis_cluster_detection_refused", error=f"{type(e).__name__}: {e}")
         return False
     return str(info.get("cluster_enabled", "0")) == "1"
 
