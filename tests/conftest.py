@@ -12,6 +12,8 @@ Fixtures
 ``free_port``          :func:`tests.support.ports.free_port`.
 ``process_runner``     a :class:`ProcessRunner` whose processes die with the test.
 ``redis_server``       a private ``redis-server`` (:class:`RedisServer`) for one test.
+``redis_cluster``      a private Redis Cluster, 3 masters with a replica each (:class:`RedisClusterServers`), for
+                       one test (marker ``cluster``).
 ``stack``              the session's default :class:`Stack` (redis, mock provider, web, 2 workers, finalizer).
 ``stack_factory``      a :class:`StackFactory` whose stacks die with the test.
 ``module_stack_factory`` the same, with stacks living for the whole test module.
@@ -58,6 +60,7 @@ from tests.support.processes import (
 )
 from tests.support.processes import fail_if_died as _fail_if_died
 from tests.support.processes import raise_if_exited as _raise_if_exited
+from tests.support.redis_cluster import RedisClusterServers, start_cluster
 from tests.support.redis_server import RedisServer, start_redis
 from tests.support.stack import (
     TERMINAL_STATUSES,
@@ -119,6 +122,17 @@ def redis_server(tmp_path):
         yield server
     finally:
         died = runner.close()
+    fail_if_died(died, runner)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    runner = ProcessRunner(tmp_path / "cluster-logs")
+    try:
+        yield start_cluster(runner, tmp_path / "cluster")
+    finally:
+        died = runner.close()
+    # A master the test killed on purpose is not a death.
     fail_if_died(died, runner)
 
 
@@ -190,7 +204,7 @@ def _runners_of(item: pytest.Item) -> list[ProcessRunner]:
             found.append(value.runner)
         elif isinstance(value, StackFactory):
             found.extend(s.runner for s in value.stacks)
-        elif isinstance(value, RedisServer):
+        elif isinstance(value, (RedisServer, RedisClusterServers)):
             found.append(value.runner)
     return [r for r in dict.fromkeys(found) if not r.closed]
 

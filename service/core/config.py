@@ -16,7 +16,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Mapping
+from typing import Annotated, Literal, Mapping, cast
 
 import msgspec
 from msgspec import Meta
@@ -80,6 +80,20 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise ConfigError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {'/'.join(choices)}, got {raw!r}")
+    return raw
+
+
+# SLUICE_REDIS_CLUSTER: whether REDIS_URL names a node of a Redis Cluster (connections.connect).
+RedisClusterMode = Literal["auto", "on", "off"]
+REDIS_CLUSTER_MODES: tuple[RedisClusterMode, ...] = ("auto", "on", "off")
 
 
 # What a provider's own Batch API takes in one batch, unless its configuration says otherwise.
@@ -391,6 +405,8 @@ class Settings:
     """Everything a Sluice process needs to know about its environment."""
 
     redis_url: str = "redis://localhost:6379/0"
+    # "auto": ask the node REDIS_URL names (INFO cluster) on the first command; "on"/"off" skip the question.
+    redis_cluster: RedisClusterMode = "auto"
     port: int = 8000
     data_dir: Path = DEFAULT_DATA_DIR
     api_tokens: tuple[str, ...] = ()
@@ -459,6 +475,8 @@ class Settings:
         providers, quotas = load_providers(env)
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
+            redis_cluster=cast(RedisClusterMode,
+                               _choice(env, "SLUICE_REDIS_CLUSTER", cls.redis_cluster, REDIS_CLUSTER_MODES)),
             port=_int(env, "PORT", cls.port, minimum=0),
             data_dir=Path(env.get("SLUICE_DATA_DIR", "").strip() or cls.data_dir),
             api_tokens=tokens,

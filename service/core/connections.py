@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import inspect
 import time
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence, TypedDict, cast
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence, TypedDict, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import Settings
+
+log = structlog.get_logger("sluice.redis")
 
 # Blocking reads (XREADGROUP BLOCK) must stay well below this, or redis-py calls them timeouts.
 SOCKET_TIMEOUT_S = 30.0
@@ -142,25 +148,204 @@ class Redis(Protocol):
 
 
 def connect(settings: Settings, *, max_connections: int = 64) -> Redis:
-    """A client whose pool waits for a free connection instead of raising when exhausted.
+    """The Redis client of a Sluice process: a single Redis, or a Redis Cluster, as REDIS_URL's node is.
 
-    Every Sluice process (and ``sluice tokens``) builds its clients here, so ``rediss://``
-    works the same everywhere (see :func:`tls_options`).
+    Every Sluice process (and ``sluice tokens``) builds its clients here, so ``rediss://`` and
+    passwords work the same everywhere (see :func:`tls_options`). ``settings.redis_cluster``
+    (``SLUICE_REDIS_CLUSTER``) says which client: ``off`` the single-Redis client below, ``on`` a
+    ``RedisCluster`` that discovers every node from the one REDIS_URL names, ``auto`` (the default)
+    asks that node (``INFO cluster``) with the first command and then uses the right one for good
+    (:class:`_Detecting`). The single-Redis client's pool waits for a free connection instead of
+    raising when exhausted; a cluster client has ``max_connections`` per node and raises
+    ``MaxConnectionsError`` (a ``ConnectionError``) past them instead.
     """
-    kwargs = tls_options(settings.redis_url)
+    if settings.redis_cluster == "on":
+        return cast(Redis, _cluster_client(settings.redis_url, max_connections))
+    plain = _single_client(settings.redis_url, max_connections)
+    if settings.redis_cluster == "off":
+        return plain
+    return cast(Redis, _Detecting(plain, lambda: _cluster_client(settings.redis_url, max_connections)))
+
+
+# One retry policy for both kinds of client: a command whose reply was lost is sent again (every
+# Sluice mutation is safe to run twice).
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3)
+
+
+def _single_client(url: str, max_connections: int) -> Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
+        url,
         max_connections=max_connections,
         timeout=None,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5.0,
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
+        retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **kwargs,
+        **tls_options(url),
     )
     # No decode_responses: every reply is bytes, which is what the Redis protocol above promises.
     return cast(Redis, aioredis.Redis(connection_pool=pool))
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline with EVALSHA and TIME allowed again.
+
+    redis-py blocks both by name in cluster pipelines (``PIPELINE_BLOCKED_COMMANDS``), yet routes
+    them fine when queued as raw commands: EVALSHA by its first key (all its keys must share a
+    slot, as on the server), TIME to one node. Sluice queues scripts on pipelines
+    (:meth:`Script.queue`) and reads the time with other replies (heartbeats, the cluster view).
+    """
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> _ClusterPipeline:  # type: ignore[override]
+        self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        return self
+
+    def time(self) -> _ClusterPipeline:  # type: ignore[override]
+        self.execute_command("TIME")
+        return self
+
+
+class _Cluster(aioredis.RedisCluster):
+    """``redis.asyncio.RedisCluster`` whose pipelines take EVALSHA and TIME (:class:`_ClusterPipeline`)."""
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+def _cluster_client(url: str, max_connections: int) -> _Cluster:
+    # The URL's node is only the first contact: the client asks it for the slot map (CLUSTER
+    # SLOTS), connects to each master it names, and follows MOVED/ASK and failovers by itself.
+    # Its retries re-send a command after a lost connection, a timeout or CLUSTERDOWN (a failover
+    # under way), after refreshing the slot map.
+    return cast(_Cluster, _Cluster.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+        retry=_retry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **tls_options(url),
+    ))
+
+
+async def is_cluster(r: Any) -> bool:
+    """Whether the Redis ``r`` talks to has cluster mode on (``INFO cluster`` says ``cluster_enabled:1``).
+
+    A server that refuses INFO (a restrictive ACL, a proxy) is taken for a single Redis: set
+    ``SLUICE_REDIS_CLUSTER=on`` for a cluster behind such a front.
+    """
+    try:
+        info = await r.info("cluster")
+    except ResponseError as e:
+        log.info("redis_cluster_detection_refused", error=f"{type(e).__name__}: {e}")
+        return False
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+class _Detecting:
+    """The ``auto`` client: a single-Redis client until the first command has asked the server
+    whether it is a cluster node, then whichever client that answer calls for, for good.
+
+    The question costs one ``INFO cluster``, once per client, on the single client's own pool (so a
+    single Redis keeps the very client it would have had). Once answered, every attribute asked
+    for is fetched from the chosen client and kept on this object, so later calls go straight to
+    it. Until then: commands are coroutines that wait for the answer; ``pipeline()`` gives a
+    pipeline that records its commands and replays them on the chosen client's pipeline at
+    ``execute()``; ``scan_iter``/``hscan_iter`` wait for the answer on the first step; any other
+    attribute is the single client's. If Redis cannot be reached, the command raises what the
+    single client would have (``ConnectionError``, ...) and the next command asks again.
+    """
+
+    def __init__(self, single: Redis, build_cluster: Callable[[], Any]) -> None:
+        self._single = single
+        self._build_cluster = build_cluster
+        self._client: Any = None
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def resolved(self) -> Any:
+        """The chosen client (None until the first command has run)."""
+        return self._client
+
+    async def resolve(self) -> Any:
+        """Ask the server once (later calls return the same client at once)."""
+        if self._client is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._client is None:
+                    if await is_cluster(self._single):
+                        client = self._build_cluster()
+                        await self._single.aclose()
+                        log.info("redis_cluster_detected")
+                    else:
+                        client = self._single
+                    self._client = client
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names not kept on the object yet.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._client is not None:
+            value = getattr(self._client, name)
+            if callable(value):
+                self.__dict__[name] = value
+            return value
+        if name == "aclose":
+            return self._single.aclose
+        if name == "pipeline":
+            return lambda transaction=True: _DeferredPipeline(self, transaction)
+        if name.endswith("scan_iter"):
+            return functools.partial(self._iterate, name)
+        value = getattr(self._single, name)
+        if not callable(value):
+            return value
+
+        async def command(*args: Any, **kwargs: Any) -> Any:
+            reply = getattr(await self.resolve(), name)(*args, **kwargs)
+            return await reply if inspect.isawaitable(reply) else reply
+
+        return command
+
+    async def _iterate(self, name: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for item in getattr(await self.resolve(), name)(*args, **kwargs):
+            yield item
+
+
+class _DeferredPipeline:
+    """A pipeline asked for before :class:`_Detecting` knew its client: records, then replays."""
+
+    def __init__(self, owner: _Detecting, transaction: bool) -> None:
+        self._owner = owner
+        self._transaction = transaction
+        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def queue(*args: Any, **kwargs: Any) -> _DeferredPipeline:
+            self._queued.append((name, args, kwargs))
+            return self
+
+        return queue
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Replay the queued commands on the chosen client's pipeline and send them."""
+        pipe = (await self._owner.resolve()).pipeline(transaction=self._transaction)
+        for name, args, kwargs in self._queued:
+            getattr(pipe, name)(*args, **kwargs)
+        self._queued = []
+        return list(await pipe.execute(raise_on_error=raise_on_error))
 
 
 class Script:

@@ -1,0 +1,89 @@
+"""``connect()`` against a real single Redis and a real Redis Cluster: ``auto`` finds out which with
+one ``INFO cluster`` and then behaves as the right client, scripts and pipelines included."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException
+
+from service.core.config import Settings
+from service.core.connections import Script, connect
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+_INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+
+async def test_auto_on_a_single_redis_is_the_single_client_for_one_info(redis_server):
+    seed = redis_server.client()
+    seed.config_resetstat()
+    r = connect(Settings(redis_url=redis_server.url))
+    try:
+        # A pipeline asked for before the first command is replayed on the real one.
+        pipe = r.pipeline(transaction=False)
+        pipe.get("k")
+        pipe.incr("n", 2)
+        pipe.time()
+        assert (await pipe.execute())[:2] == [None, 2]
+        assert await _INCR(r, ["n"], [3]) == 5
+        assert [k async for k in r.scan_iter(match="n")] == [b"n"]
+        assert type(r.resolved) is aioredis.Redis
+        assert r.get.__self__ is r.resolved  # later calls go straight to it
+        assert seed.info("commandstats")["cmdstat_info"]["calls"] == 1
+    finally:
+        await r.aclose()
+        seed.close()
+
+
+async def test_on_against_a_single_redis_says_so(redis_server):
+    r = connect(Settings(redis_url=redis_server.url, redis_cluster="on"))
+    try:
+        with pytest.raises(RedisClusterException, match="[Cc]luster mode is not enabled"):
+            await r.ping()
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.cluster
+async def test_auto_on_a_cluster(redis_cluster):
+    r = connect(Settings(redis_url=redis_cluster.url), max_connections=8)
+    try:
+        assert await r.ping()
+        assert isinstance(r.resolved, aioredis.RedisCluster)
+        # Keys of every master, through the node the URL names.
+        keys = [f"k{i}" for i in range(24)]
+        assert len({redis_cluster.master_of_key(k).port for k in keys}) == 3
+        for k in keys:
+            assert await _INCR(r, [k], [1]) == 1  # EVALSHA routed by its key; NOSCRIPT -> EVAL
+        # Scripts and TIME on a non-transactional pipeline spanning every master.
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            _INCR.queue(pipe, [k], [1])
+        pipe.time()
+        replies = await pipe.execute()
+        assert replies[:-1] == [2] * len(keys) and len(replies[-1]) == 2
+        # SCRIPT LOAD reaches every master, so EVALSHA then runs anywhere without a fallback.
+        await _INCR.load(r)
+        redis_cluster.reset_stats()
+        for k in keys:
+            assert await _INCR(r, [k], [1]) == 3
+        stats = redis_cluster.commandstats()
+        assert sum(s.get("evalsha", {}).get("calls", 0) for s in stats.values()) == len(keys)
+        assert not any("eval" in s for s in stats.values()), stats
+        # SCAN walks every master.
+        assert sorted([k async for k in r.scan_iter(match="k*", count=100)]) == sorted(k.encode() for k in keys)
+        # A transaction stays within one slot.
+        pipe = r.pipeline(transaction=True)
+        pipe.get("{t}a")
+        pipe.get("{t}b")
+        assert await pipe.execute() == [None, None]
+        # Several streams in one XREADGROUP must share a slot: redis-py refuses before sending.
+        with pytest.raises(RedisClusterException, match="same key slot"):
+            await r.xreadgroup("g", "c", {"{a}s": ">", "{b}s": ">"})
+        # A failover: the client follows the slots to the promoted replica; scripts are reloaded.
+        victim = redis_cluster.master_of_key("k0")
+        redis_cluster.failover(redis_cluster.replica_of(victim))
+        assert await _INCR(r, ["k0"], [1]) == 4
+    finally:
+        await r.aclose()
