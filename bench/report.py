@@ -74,6 +74,8 @@ def _cpu_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> l
         rows.append(cols.row(f"  {name}", functools.partial(_cpu_per_1000_lines, name), ref_cpu, 3))
     rows.append(cols.row("  (mock provider, not counted)", lambda r: r["mock_provider_cpu_s"] * 1000 / r["lines"],
                          None, 3))
+    rows.append(cols.row("Redis calls per line (scripts' inner calls too)",
+                         lambda r: r.get("redis_calls_per_line", {}).get("total"), None, 2))
     return rows
 
 

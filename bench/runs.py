@@ -254,9 +254,11 @@ async def _measure_batch(stack: BenchStack, api: Api, redis_client: aioredis.Red
     counted = {**stack.measured, "mock-provider": stack.mock}
     idle = await redis_mem.breakdown()
     async with sampling(REDIS_SAMPLE_S, redis_mem.sample), sampling(PROC_SAMPLE_S, rss.sample):
+        calls_before = await redis_calls(redis_client)
         cpu_before = cpu_snapshot(counted)
         upload_s, timeline, batch = await submit(api, input_path, stack.procs)
         cpu_after = cpu_snapshot(counted)
+        calls_after = await redis_calls(redis_client)
         output = await verify_output(api, batch, scenario.lines)
         await delete_files(api, batch)
         await asyncio.sleep(AFTER_DELETE_WAIT_S)
@@ -270,6 +272,7 @@ async def _measure_batch(stack: BenchStack, api: Api, redis_client: aioredis.Red
                                                            "completed_at")},
         "cpu": per_1000(cpu, scenario.lines),
         "mock_provider_cpu_s": round(cpu_after["mock-provider"] - cpu_before["mock-provider"], 3),
+        "redis_calls_per_line": calls_per_line(calls_before, calls_after, scenario.lines),
         "rss_mb": rss.report(),
         "redis_memory_mb": _redis_report(idle["used_memory"], redis_mem, info_peak, after["used_memory"]),
         "redis_idle": idle,
@@ -277,6 +280,19 @@ async def _measure_batch(stack: BenchStack, api: Api, redis_client: aioredis.Red
         "redis_keys_after_delete": await redis_mem.key_groups(),
         "output": output,
     }
+
+
+async def redis_calls(r: aioredis.Redis) -> dict[str, int]:
+    """Redis's count of calls per command so far (INFO commandstats; a script's inner calls count too)."""
+    stats = await r.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items() if isinstance(v, dict)}
+
+
+def calls_per_line(before: dict[str, int], after: dict[str, int], lines: int) -> dict[str, float]:
+    """Calls per line of every command that ran meanwhile, and their total, biggest first."""
+    delta = {n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}
+    out = {n: round(c / lines, 3) for n, c in sorted(delta.items(), key=lambda kv: -kv[1])}
+    return {"total": round(sum(delta.values()) / lines, 3), **out}
 
 
 async def submit(api: Api, input_path: Path, procs: ProcessRunner) -> tuple[float, Timeline, dict[str, Any]]:

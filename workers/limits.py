@@ -29,8 +29,10 @@ given back (and its outcome counted) only if it was really still there, a holder
 has a lease goes on with it, and an admission without a lease is recorded under the call's op key.
 
 Inside one process, the requests waiting for a provider queue in arrival order and the leases to
-give back queue beside them; one task sends both in one call per round, and a lease given back
-wakes it at once (its slot is free). Under load a request costs a share of one round trip. A
+give back queue beside them; one task sends both in one call per round. A lease given back wakes
+it at once when a request of this process waits (its slot is free); otherwise it waits up to
+``RELEASE_LINGER_S`` for the next request, so that under load a line's release and the next line's
+admission share a call, and a request costs a share of one round trip. A
 provider with no limit and adaptive concurrency off skips all of this unless a pause is on: a
 worker looks for one at most every ``PAUSE_CHECK_S``.
 """
@@ -75,6 +77,10 @@ OP_TTL_MS = 5 * 60 * 1000
 WINDOW_TTL_MS = 10 * 60 * 1000
 # Requests admitted in one call at most.
 MAX_ADMIT = 256
+# How long leases given back wait for a request of this process to ride with, when none of its
+# requests waits for the slots they free: under load the next request comes within a few ms, and
+# one call then does both. Bounded, since other workers' requests may be waiting for those slots.
+RELEASE_LINGER_S = 0.005
 
 # What a request's answer tells the window (Ticket.outcome).
 OK = "ok"  # the provider answered (any status but 429/503): it had room
@@ -365,6 +371,7 @@ class _Queue:
         self.waiting: deque[tuple[Ticket, asyncio.Future[None]]] = deque()
         self.releasing: list[tuple[Ticket, asyncio.Future[None]]] = []
         self.released = asyncio.Event()  # a lease of this process is to be given back: a slot is free
+        self.arrived = asyncio.Event()  # a request of this process started waiting
         self.task: asyncio.Task[None] | None = None
 
 
@@ -416,7 +423,9 @@ class Limiter:
 
     async def _admit(self, provider: Provider, ticket: Ticket) -> None:
         admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue(provider).waiting.append((ticket, admitted))
+        queue = self._queue(provider)
+        queue.waiting.append((ticket, admitted))
+        queue.arrived.set()
         try:
             await admitted
         except asyncio.CancelledError:
@@ -435,9 +444,17 @@ class Limiter:
 
     async def _pump(self, provider: Provider, queue: _Queue) -> None:
         """Give back leases and admit waiting requests, a call per round, until there is neither."""
+        lingered = False
         while True:
             # Requests that gave up (cancelled at shutdown) leave the queue here, never while a call is out.
             queue.waiting = deque(w for w in queue.waiting if not w[1].done())
+            if queue.releasing and not queue.waiting and not lingered:
+                queue.arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(queue.arrived.wait(), timeout=RELEASE_LINGER_S)
+                lingered = True
+                continue
+            lingered = False
             releases, queue.releasing = queue.releasing, []
             if not queue.waiting and not releases:
                 return

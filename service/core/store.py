@@ -528,8 +528,7 @@ async def transition(
 _RECORD = FencedScript(("""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
-local shapes, sums = {}, {}
-local owner
+local shapes, sums, used = {}, {}, {}
 for i = 3, #ARGV, 7 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
@@ -563,21 +562,34 @@ for i = 3, #ARGV, 7 do
     end
     local u = {string.match(ARGV[i + 6], '^(%d+) (%d+) (%d+) (%d+) (.+)$')}
     if u[5] then
-      owner = owner or redis.call('HGET', KEYS[3], 'owner') or ''
-      for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
-        local n = k < 5 and tonumber(u[k]) or 1
-        if n > 0 then
-          if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
-          redis.call('HINCRBY', KEYS[9], owner .. '|' .. u[5] .. '|' .. kind, n)
-          redis.call('HINCRBY', KEYS[10], u[5] .. '|' .. kind, n)
-        end
+      -- Summed here and written once per call: most lines of a call share a model.
+      local t = used[u[5]]
+      if not t then
+        t = {0, 0, 0, 0, 0}
+        used[u[5]] = t
       end
-      redis.call('EXPIRE', KEYS[9], USAGE_TTL_S)
-      redis.call('EXPIRE', KEYS[10], USAGE_TTL_S)
+      for k = 1, 4 do t[k] = t[k] + tonumber(u[k]) end
+      t[5] = t[5] + 1
     end
   end
 end
 if recorded == 0 then return 0 end
+if next(used) then
+  local owner = redis.call('HGET', KEYS[3], 'owner') or ''
+  for model, t in pairs(used) do
+    for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
+      local n = t[k]
+      if n > 0 then
+        n = string.format('%d', n)
+        if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
+        redis.call('HINCRBY', KEYS[9], owner .. '|' .. model .. '|' .. kind, n)
+        redis.call('HINCRBY', KEYS[10], model .. '|' .. kind, n)
+      end
+    end
+  end
+  redis.call('EXPIRE', KEYS[9], USAGE_TTL_S)
+  redis.call('EXPIRE', KEYS[10], USAGE_TTL_S)
+end
 """ + counters.LUA_EXPAND + """
 redis.call('EXPIRE', KEYS[8], ARGV[2])
 return recorded
