@@ -5,13 +5,17 @@ Codes follow what OpenAI returns where it is known; the rest are documented in d
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
+import itertools
 from array import array
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Iterator
 
 import msgspec
 
-from .storage import Storage
+from .storage import CHUNK, Storage
 from .wire import JSON_ERRORS, BatchError, InputBody, InputLine
 
 # Longest accepted line; a longer one is reported, never buffered whole.
@@ -74,21 +78,47 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+async def _read_ahead(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """The items of ``chunks``, each next one read while the caller works on the current one."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        pending = asyncio.ensure_future(chunks.__anext__())
+        while True:
+            try:
+                chunk = await pending
+            except StopAsyncIteration:
+                pending = None
+                return
+            pending = asyncio.ensure_future(chunks.__anext__())
+            await asyncio.sleep(0)  # lets the read start (for local files: hand it to a thread)
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        await chunks.aclose()
+
+
 async def iter_blocks(
-    storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0,
+    storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0, chunk_size: int = CHUNK,
+    read_ahead: bool = False,
 ) -> AsyncGenerator[Block, None]:
-    """Yield a stored file as blocks of whole lines, one per read, tolerating a BOM.
+    """Yield a stored file as blocks of whole lines, one per read of ``chunk_size``, tolerating a BOM.
 
     A line longer than ``max_line`` that spans reads is yielded as a block of its own with
     ``data=None`` and skipped without being held; one within a block is the reader's to spot
     (:meth:`Block.lines`). ``start`` is a byte offset to resume from: 0 or a line's ``end``.
+    ``read_ahead``: read the next chunk while the caller works on a block (one more chunk held).
     """
+    reads = storage.read(key, chunk_size, offset=start)
+    chunks = _read_ahead(reads) if read_ahead else reads
     parts: list[bytes] = []  # the line read so far, when it spans reads
     held = 0
     line_start = pos = start  # pos: absolute offset of the chunk being scanned
     number = 1
     skipping = False
-    async for chunk in storage.read(key, offset=start):
+    async for chunk in chunks:
         if pos == 0 and chunk.startswith(BOM):
             chunk = chunk[len(BOM):]
             pos = line_start = len(BOM)
@@ -244,63 +274,44 @@ _HASH_MASK = (1 << 64) - 1
 
 
 def id_hash(custom_id: str) -> int:
-    """A 64-bit hash of a custom_id, never 0 (the empty slot of :class:`IdHashes`).
+    """A 64-bit hash of a custom_id.
 
     Python's own string hash: fast, and keyed per process, so nobody can craft colliding ids.
     """
-    return (hash(custom_id) & _HASH_MASK) or 1
+    return hash(custom_id) & _HASH_MASK
 
 
 class IdHashes:
-    """A set of custom_id hashes in 8 bytes a slot (open addressing, at most half full).
+    """custom_id hashes in 8 bytes each (where a set of the ids takes about 100), and which repeat.
 
-    8 to 16 MB for a million ids, where a set of the ids themselves takes about 100 MB. A hit may
-    be a collision: the caller confirms it exactly before calling a line a duplicate.
+    Hashes are appended to buckets by their top bits; :meth:`repeated` sorts one bucket at a time,
+    so finding the repeats never holds more than a bucket's worth of Python ints. A repeat may be
+    a collision: the caller confirms it exactly before calling a line a duplicate.
     """
 
-    def __init__(self, slots: int = 1 << 12) -> None:
-        self.table = array("Q", bytes(8 * slots))
-        self.mask = slots - 1
-        self.count = 0
+    SHIFT = 58  # 64 buckets
 
-    def add(self, h: int) -> bool:
-        """Add hash ``h`` (from :func:`id_hash`); True if it was there already."""
-        table, mask = self.table, self.mask
-        i = h & mask
-        while True:
-            v = table[i]
-            if v == h:
-                return True
-            if not v:
-                break
-            i = (i + 1) & mask
-        table[i] = h
-        self.count += 1
-        if self.count * 2 > mask:
-            self._grow()
-        return False
+    def __init__(self) -> None:
+        self.buckets = [array("Q") for _ in range(1 << (64 - self.SHIFT))]
+
+    def add(self, h: int) -> None:
+        """Add hash ``h`` (from :func:`id_hash`)."""
+        self.buckets[h >> self.SHIFT].append(h)
+
+    def repeated(self) -> set[int]:
+        """The hashes added more than once; afterwards :meth:`has` answers and :meth:`add` must not be called."""
+        found: set[int] = set()
+        for i, bucket in enumerate(self.buckets):
+            ordered = sorted(bucket)
+            found.update(a for a, b in zip(ordered, itertools.islice(ordered, 1, None)) if a == b)
+            self.buckets[i] = array("Q", ordered)
+        return found
 
     def has(self, h: int) -> bool:
-        """Whether hash ``h`` is in the set."""
-        table, mask = self.table, self.mask
-        i = h & mask
-        while v := table[i]:
-            if v == h:
-                return True
-            i = (i + 1) & mask
-        return False
-
-    def _grow(self) -> None:
-        old = self.table
-        self.table = array("Q", bytes(16 * len(old)))
-        self.mask = 2 * len(old) - 1
-        table, mask = self.table, self.mask
-        for v in old:
-            if v:
-                i = v & mask
-                while table[i]:
-                    i = (i + 1) & mask
-                table[i] = v
+        """Whether hash ``h`` was added (only after :meth:`repeated`)."""
+        bucket = self.buckets[h >> self.SHIFT]
+        i = bisect.bisect_left(bucket, h)
+        return i < len(bucket) and bucket[i] == h
 
 
 def estimate_tokens(body_len: int, max_tokens: int) -> int:

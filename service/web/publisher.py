@@ -12,9 +12,11 @@ lease and resumed writes nothing (``fenced_write_refused``) for a batch a peer t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
+from typing import AsyncGenerator
 
 import msgspec
 import structlog
@@ -52,8 +54,9 @@ MAX_REPORTED_ERRORS = 1000
 
 # Batches looked at per claim: the first few due ones, in case peers hold some of them.
 CLAIM_LOOKAHEAD = 8
-# Distinct custom_id hashes the second validation pass tracks exactly (see _Scan.suspects).
-MAX_SUSPECTS = 10_000
+# Bytes read from storage at a time while validating: fewer, larger reads (each a hop to a thread
+# for local files) for a few MB of memory.
+VALIDATION_READ_BYTES = 1024 * 1024
 # Models whose provider one validation remembers.
 MAX_CACHED_MODELS = 1000
 
@@ -169,26 +172,21 @@ class Publisher:
     async def _validate(self, h: dict[str, str], lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
         """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input.
 
-        One pass checks every line, a block of lines at a time, and custom_ids by their hashes
-        only (memory stays flat in the number of lines). When a hash comes up twice, a second
+        One pass checks every line, a block of lines at a time, and keeps only a hash of each
+        custom_id (memory stays flat in the number of lines). When a hash comes up twice, a second
         pass tells real duplicates from collisions exactly, so a collision never fails a valid file.
         """
         planner = Planner(self.settings, h["completion_window"])
         scan = _Scan(self.settings, h, planner)
         try:
-            async for block in iter_blocks(self.storage, h["input_key"]):
-                if scan.add(block):
-                    break
-                await self._renew(h["id"], lease)
-            if scan.suspects:
-                certain = scan.errors
-                await self._recheck(h, lease, scan, scan.suspects)
-                if scan.untracked and sum(e.line is not None and e.line < scan.untracked
-                                          for e in scan.errors) < MAX_REPORTED_ERRORS:
-                    # More ids came up twice than the second pass tracks, and what it confirmed
-                    # does not settle which errors are reported: check every id exactly.
-                    scan.errors = certain
-                    await self._recheck(h, lease, scan, None)
+            async with self._blocks(h) as blocks:
+                async for block in blocks:
+                    if scan.add(block):
+                        break
+                    await self._renew(h["id"], lease)
+            suspects = scan.suspects()
+            if suspects:
+                await self._recheck(h, lease, scan, suspects)
         except FileNotFoundError:
             return 0, 0, "", [BatchError(
                 code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
@@ -200,37 +198,39 @@ class Publisher:
             errors.append(too_many_error(self.settings.max_batch_lines))
         return scan.total, scan.size, scan.model, errors[:MAX_REPORTED_ERRORS], planner
 
-    async def _recheck(self, h: dict[str, str], lease: Lease, scan: "_Scan", suspects: set[int] | None) -> None:
-        """The second pass: exact duplicates among the lines whose custom_id hash is in ``suspects``
-        (every line for None), merged into ``scan.errors``."""
+    def _blocks(self, h: dict[str, str]) -> contextlib.aclosing[AsyncGenerator[Block, None]]:
+        # Closed on the way out: a read-ahead may be under way when validation stops early.
+        return contextlib.aclosing(iter_blocks(self.storage, h["input_key"], chunk_size=VALIDATION_READ_BYTES,
+                                               read_ahead=True))
+
+    async def _recheck(self, h: dict[str, str], lease: Lease, scan: "_Scan", suspects: set[int]) -> None:
+        """The second pass: the exact errors of the lines whose custom_id hash is in ``suspects``
+        (duplicate_custom_id or model_not_found), in place of the first pass's in ``scan.errors``."""
         found: list[BatchError] = []
         seen: set[str] = set()
-        inserted: set[int] = set()  # hashes the first pass had in its table at each line
         lines = scan.checked  # the lines the first pass checked (up to the limit, or to enough errors)
-        async for block in iter_blocks(self.storage, h["input_key"]):
-            if lines == 0 or len(found) >= MAX_REPORTED_ERRORS:
-                break
-            quick = block.data is not None and is_utf8(block.data)
-            for line in itertools.islice(block.lines(), lines):
-                lines -= 1
-                result = scan.classify(line, quick)
-                if isinstance(result, BatchError):
-                    continue
-                custom_id, model = result
-                hashed = id_hash(custom_id)
-                if suspects is not None and hashed not in suspects:
-                    continue
-                provider = scan.provider(model)
-                if custom_id in seen:
-                    found.append(duplicate_error(line.number))
-                elif provider is None:
-                    if hashed in inserted:  # the first pass left this one's error to this pass
+        async with self._blocks(h) as blocks:
+            async for block in blocks:
+                if lines == 0 or len(found) >= MAX_REPORTED_ERRORS:
+                    break
+                quick = block.data is not None and is_utf8(block.data)
+                for line in itertools.islice(block.lines(), lines):
+                    lines -= 1
+                    result = scan.classify(line, quick)
+                    if isinstance(result, BatchError):
+                        continue
+                    custom_id, model = result
+                    if id_hash(custom_id) not in suspects:
+                        continue
+                    if custom_id in seen:
+                        found.append(duplicate_error(line.number))
+                    elif scan.provider(model) is None:
                         found.append(model_error(model, line.number))
-                else:
-                    seen.add(custom_id)
-                    inserted.add(hashed)
-            await self._renew(h["id"], lease)
-        scan.errors = list(heapq.merge(scan.errors, found, key=lambda e: e.line or 0))
+                    else:
+                        seen.add(custom_id)
+                await self._renew(h["id"], lease)
+        kept = [e for e in scan.errors if e.line not in scan.unserved or scan.unserved[e.line] not in suspects]
+        scan.errors = list(heapq.merge(kept, found, key=lambda e: e.line or 0))
 
     async def _fail(self, h: dict[str, str], errors: list[BatchError], lease: Lease) -> None:
         now = store.now()
@@ -313,11 +313,10 @@ class _Scan:
         # The planner only has work when some provider takes this batch's lines to its Batch API.
         self.delegating = any(p.delegates(planner.completion_window, planner.window_s) for p in settings.providers)
         self.providers: dict[str, Provider | None] = {}
-        self.ids = IdHashes()  # hashes of the custom_ids of the valid lines so far
-        # Hashes met again: a duplicate, or a collision the second pass rules out. Each such line's
-        # error (duplicate_custom_id, or model_not_found if it is a collision) waits for that pass.
-        self.suspects: set[int] = set()
-        self.untracked = 0  # the first line met again whose hash did not fit in ``suspects``
+        self.ids = IdHashes()  # hashes of the custom_ids of the valid lines
+        # Line -> custom_id hash of the lines with a model nobody serves: duplicate_custom_id is
+        # reported instead when an earlier valid line has the same id (the second pass knows).
+        self.unserved: dict[int, int] = {}
         self.errors: list[BatchError] = []  # in line order
         self.total = self.size = self.checked = 0
         self.too_many = False
@@ -349,22 +348,18 @@ class _Scan:
         long = len(data) > MAX_LINE_BYTES
         fast = quick and not long and not self.delegating
         number, offset, end = block.number, block.offset, block.end
-        endpoint, providers, ids, limit = self.endpoint, self.providers, self.ids, self.limit
+        endpoint, providers, limit = self.endpoint, self.providers, self.limit
+        add_id = self.ids.add
         for raw in split_lines(data):
             offset += len(raw) + 1
             found = quick_check(raw, endpoint) if fast else None
-            if found is not None and self.total < limit and found[1] in providers:
-                # The common case, inlined: a valid line of a known model (the rest is _checked's).
-                custom_id, model = found
+            if found is not None and self.total < limit and providers.get(found[1]) is not None:
+                # The common case, inlined: a valid line of a model already routed (see _checked).
                 self.total += 1
                 self.checked += 1
                 self.size = offset if offset < end else end
-                hashed = id_hash(custom_id)
-                provider = providers[model]
-                if provider is not None and not ids.add(hashed):
-                    self.model = self.model or model
-                elif self._again(number, hashed, custom_id, model, provider):
-                    return True
+                add_id(id_hash(found[0]))
+                self.model = self.model or found[1]
             elif found is not None or (not fast and quick and not long
                                         and (found := quick_check(raw, endpoint)) is not None):
                 if self._valid(number, raw, min(offset, end), *found):
@@ -377,6 +372,12 @@ class _Scan:
                     return True
             number += 1
         return False
+
+    def suspects(self) -> set[int]:
+        """After the last block: the custom_id hashes whose lines the second pass must check."""
+        found = self.ids.repeated()
+        found.update(h for h in self.unserved.values() if self.ids.has(h))
+        return found
 
     def _count(self, end: int) -> bool:
         self.total += 1
@@ -405,29 +406,18 @@ class _Scan:
 
     def _checked(self, number: int, raw: bytes | None, end: int, custom_id: str, model: str) -> bool:
         provider = self.provider(model)
-        hashed = id_hash(custom_id)
-        if provider is not None and not self.ids.add(hashed):
-            self.model = self.model or model
-            stop = False
+        if provider is None:
+            self.errors.append(model_error(model, number))
+            self.unserved[number] = id_hash(custom_id)
         else:
-            stop = self._again(number, hashed, custom_id, model, provider)
+            self.ids.add(id_hash(custom_id))
+            self.model = self.model or model
         if self.delegating:
             request = Request(custom_id, b"", model, 0) if provider is not None else None
             self.planner.add(self.checked - 1, Line(number, raw.rstrip(b"\r") if raw else raw, end), request, provider)
-        return stop
-
-    def _again(self, number: int, hashed: int, custom_id: str, model: str, provider: Provider | None) -> bool:
-        """A valid line whose custom_id hash is in the table already, or one of a model nobody serves."""
-        if provider is not None or self.ids.has(hashed):
-            if hashed in self.suspects or len(self.suspects) < MAX_SUSPECTS:
-                self.suspects.add(hashed)
-            elif not self.untracked:
-                self.untracked = number
-            return False
-        self.errors.append(model_error(model, number))
         return self._full()
 
     def _full(self) -> bool:
-        # The reported errors are the first ones by line: once there are enough certain ones, no
-        # later line can change them.
+        # The reported errors are the first ones by line (the second pass may change a line's
+        # error, never whether it has one): once there are enough, no later line matters.
         return len(self.errors) >= MAX_REPORTED_ERRORS
