@@ -12,24 +12,37 @@ lease and resumed writes nothing (``fenced_write_refused``) for a batch a peer t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import time
+from typing import AsyncGenerator
 
 import msgspec
 import structlog
 
 from service.core import keys, leases, store, tracing
-from service.core.config import Settings
+from service.core.config import Provider, Settings
 from service.core.connections import REDIS_DOWN, Outage
 from service.core.delegation import Planner, encode_providers, write_plan
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name
 from service.core.storage import Storage
 from service.core.validation import (
+    MAX_LINE_BYTES,
+    Block,
+    IdHashes,
+    Line,
+    Request,
     check_line,
     duplicate_error,
     empty_error,
-    iter_lines,
+    id_hash,
+    is_utf8,
+    iter_blocks,
     model_error,
+    quick_check,
+    split_lines,
     too_many_error,
 )
 from service.core.wire import TERMINAL_STATUSES, BatchError
@@ -41,8 +54,11 @@ MAX_REPORTED_ERRORS = 1000
 
 # Batches looked at per claim: the first few due ones, in case peers hold some of them.
 CLAIM_LOOKAHEAD = 8
-# Lines validated between looks at the clock (to renew the lease in time).
-RENEW_CHECK_LINES = 500
+# Bytes read from storage at a time while validating: fewer, larger reads (each a hop to a thread
+# for local files) for a few MB of memory.
+VALIDATION_READ_BYTES = 1024 * 1024
+# Models whose provider one validation remembers.
+MAX_CACHED_MODELS = 1000
 
 # KEYS: streams. ARGV: the consumer group of each. Creates each stream with its group, once.
 _CREATE_GROUPS = FencedScript("""
@@ -154,42 +170,67 @@ class Publisher:
         await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
 
     async def _validate(self, h: dict[str, str], lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
-        """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input."""
-        limit = self.settings.max_batch_lines
-        errors: list[BatchError] = []
-        seen: set[str] = set()
-        total = size = 0
-        model = ""
+        """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input.
+
+        One pass checks every line, a block of lines at a time, and keeps only a hash of each
+        custom_id (memory stays flat in the number of lines). When a hash comes up twice, a second
+        pass tells real duplicates from collisions exactly, so a collision never fails a valid file.
+        """
         planner = Planner(self.settings, h["completion_window"])
+        scan = _Scan(self.settings, h, planner)
         try:
-            async for line in iter_lines(self.storage, h["input_key"]):
-                total += 1
-                size = line.end
-                if total > limit:
-                    errors.append(too_many_error(limit))
-                    break
-                result = check_line(line, h["endpoint"])
-                provider = None
-                if isinstance(result, BatchError):
-                    errors.append(result)
-                elif result.custom_id in seen:
-                    errors.append(duplicate_error(line.number))
-                elif (provider := self.settings.provider_for(result.model, h.get("provider", ""))) is None:
-                    errors.append(model_error(result.model, line.number))
-                else:
-                    seen.add(result.custom_id)
-                    model = model or result.model
-                request = None if isinstance(result, BatchError) or provider is None else result
-                planner.add(total - 1, line, request, provider)
-                if total % RENEW_CHECK_LINES == 0:
+            async with self._blocks(h) as blocks:
+                async for block in blocks:
+                    if scan.add(block):
+                        break
                     await self._renew(h["id"], lease)
+            suspects = scan.suspects()
+            if suspects:
+                await self._recheck(h, lease, scan, suspects)
         except FileNotFoundError:
             return 0, 0, "", [BatchError(
                 code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
             )], planner
-        if total == 0:
+        errors = scan.errors
+        if scan.total == 0:
             errors.append(empty_error())
-        return total, size, model, errors[:MAX_REPORTED_ERRORS], planner
+        if scan.too_many:
+            errors.append(too_many_error(self.settings.max_batch_lines))
+        return scan.total, scan.size, scan.model, errors[:MAX_REPORTED_ERRORS], planner
+
+    def _blocks(self, h: dict[str, str]) -> contextlib.aclosing[AsyncGenerator[Block, None]]:
+        # Closed on the way out: a read-ahead may be under way when validation stops early.
+        return contextlib.aclosing(iter_blocks(self.storage, h["input_key"], chunk_size=VALIDATION_READ_BYTES,
+                                               read_ahead=True))
+
+    async def _recheck(self, h: dict[str, str], lease: Lease, scan: "_Scan", suspects: set[int]) -> None:
+        """The second pass: the exact errors of the lines whose custom_id hash is in ``suspects``
+        (duplicate_custom_id or model_not_found), in place of the first pass's in ``scan.errors``."""
+        found: list[BatchError] = []
+        seen: set[str] = set()
+        lines = scan.checked  # the lines the first pass checked (up to the limit, or to enough errors)
+        async with self._blocks(h) as blocks:
+            async for block in blocks:
+                if lines == 0 or len(found) >= MAX_REPORTED_ERRORS:
+                    break
+                quick = block.data is not None and is_utf8(block.data)
+                for line in itertools.islice(block.lines(), lines):
+                    lines -= 1
+                    result = scan.classify(line, quick)
+                    if isinstance(result, BatchError):
+                        continue
+                    custom_id, model = result
+                    if id_hash(custom_id) not in suspects:
+                        continue
+                    if custom_id in seen:
+                        found.append(duplicate_error(line.number))
+                    elif scan.provider(model) is None:
+                        found.append(model_error(model, line.number))
+                    else:
+                        seen.add(custom_id)
+                await self._renew(h["id"], lease)
+        kept = [e for e in scan.errors if e.line not in scan.unserved or scan.unserved[e.line] not in suspects]
+        scan.errors = list(heapq.merge(kept, found, key=lambda e: e.line or 0))
 
     async def _fail(self, h: dict[str, str], errors: list[BatchError], lease: Lease) -> None:
         now = store.now()
@@ -258,3 +299,125 @@ class Publisher:
 def _work_keys_but(lease: Lease) -> list[str]:
     """The work keys of the batch whose validator lease this is, except the lease itself."""
     return [k for k in keys.work_keys(keys.batch_id_of(lease.key)) if k != lease.key]
+
+
+class _Scan:
+    """The first validation pass over a batch's input (``Publisher._validate``), a block at a time."""
+
+    def __init__(self, settings: Settings, h: dict[str, str], planner: Planner) -> None:
+        self.settings = settings
+        self.endpoint = h["endpoint"]
+        self.chosen = h.get("provider", "")
+        self.limit = settings.max_batch_lines
+        self.planner = planner
+        # The planner only has work when some provider takes this batch's lines to its Batch API.
+        self.delegating = any(p.delegates(planner.completion_window, planner.window_s) for p in settings.providers)
+        self.providers: dict[str, Provider | None] = {}
+        self.ids = IdHashes()  # hashes of the custom_ids of the valid lines
+        # Line -> custom_id hash of the lines with a model nobody serves: duplicate_custom_id is
+        # reported instead when an earlier valid line has the same id (the second pass knows).
+        self.unserved: dict[int, int] = {}
+        self.errors: list[BatchError] = []  # in line order
+        self.total = self.size = self.checked = 0
+        self.too_many = False
+        self.model = ""
+
+    def provider(self, model: str) -> Provider | None:
+        """The provider the lines of ``model`` go to (remembered for the first models seen)."""
+        try:
+            return self.providers[model]
+        except KeyError:
+            provider = self.settings.provider_for(model, self.chosen)
+            if len(self.providers) < MAX_CACHED_MODELS:
+                self.providers[model] = provider
+            return provider
+
+    def classify(self, line: Line, quick: bool) -> tuple[str, str] | BatchError:
+        """``(custom_id, model)`` of a valid line, else its error; ``quick``: the line is known UTF-8."""
+        if quick and line.data is not None and (found := quick_check(line.data, self.endpoint)) is not None:
+            return found
+        result = check_line(line, self.endpoint)
+        return result if isinstance(result, BatchError) else (result.custom_id, result.model)
+
+    def add(self, block: Block) -> bool:
+        """Check the lines of ``block``; True once nothing further can change the outcome."""
+        if block.data is None:
+            return self._line(Line(block.number, None, block.end), block.end, False)
+        data = block.data
+        quick = is_utf8(data)
+        long = len(data) > MAX_LINE_BYTES
+        fast = quick and not long and not self.delegating
+        number, offset, end = block.number, block.offset, block.end
+        endpoint, providers, limit = self.endpoint, self.providers, self.limit
+        add_id = self.ids.add
+        for raw in split_lines(data):
+            offset += len(raw) + 1
+            found = quick_check(raw, endpoint) if fast else None
+            if found is not None and self.total < limit and providers.get(found[1]) is not None:
+                # The common case, inlined: a valid line of a model already routed (see _checked).
+                self.total += 1
+                self.checked += 1
+                self.size = offset if offset < end else end
+                add_id(id_hash(found[0]))
+                self.model = self.model or found[1]
+            elif found is not None or (not fast and quick and not long
+                                        and (found := quick_check(raw, endpoint)) is not None):
+                if self._valid(number, raw, min(offset, end), *found):
+                    return True
+            elif long and len(raw) > MAX_LINE_BYTES:
+                if self._line(Line(number, None, min(offset, end)), min(offset, end), quick):
+                    return True
+            elif raw.strip():
+                if self._line(Line(number, raw.rstrip(b"\r"), min(offset, end)), min(offset, end), quick):
+                    return True
+            number += 1
+        return False
+
+    def suspects(self) -> set[int]:
+        """After the last block: the custom_id hashes whose lines the second pass must check."""
+        found = self.ids.repeated()
+        found.update(h for h in self.unserved.values() if self.ids.has(h))
+        return found
+
+    def _count(self, end: int) -> bool:
+        self.total += 1
+        self.size = end
+        if self.total > self.limit:
+            self.too_many = True
+            return True
+        self.checked += 1
+        return False
+
+    def _line(self, line: Line, end: int, quick: bool) -> bool:
+        if self._count(end):
+            return True
+        result = self.classify(line, quick)
+        if isinstance(result, BatchError):
+            self.errors.append(result)
+            if self.delegating:
+                self.planner.add(self.checked - 1, line, None, None)
+            return self._full()
+        return self._checked(line.number, line.data, end, *result)
+
+    def _valid(self, number: int, raw: bytes, end: int, custom_id: str, model: str) -> bool:
+        if self._count(end):
+            return True
+        return self._checked(number, raw, end, custom_id, model)
+
+    def _checked(self, number: int, raw: bytes | None, end: int, custom_id: str, model: str) -> bool:
+        provider = self.provider(model)
+        if provider is None:
+            self.errors.append(model_error(model, number))
+            self.unserved[number] = id_hash(custom_id)
+        else:
+            self.ids.add(id_hash(custom_id))
+            self.model = self.model or model
+        if self.delegating:
+            request = Request(custom_id, b"", model, 0) if provider is not None else None
+            self.planner.add(self.checked - 1, Line(number, raw.rstrip(b"\r") if raw else raw, end), request, provider)
+        return self._full()
+
+    def _full(self) -> bool:
+        # The reported errors are the first ones by line (the second pass may change a line's
+        # error, never whether it has one): once there are enough, no later line matters.
+        return len(self.errors) >= MAX_REPORTED_ERRORS

@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+from service.core.config import Provider
+from service.web import publisher
+
 from .conftest import CHAT, MODEL, jsonl, line, poll
 
 
@@ -263,3 +266,61 @@ async def test_input_content_gone_before_validation(api):
 
 async def _is_set(event) -> bool:
     return event.is_set()
+
+
+# The duplicate check keeps 64-bit hashes of the custom_ids, not the ids: a hash seen twice is
+# confirmed by a second pass over the file, so a collision never fails a valid file.
+
+
+async def _big_api(make_api, lines: int, **overrides):
+    return await make_api(max_batch_lines=lines, max_batch_file_bytes=8 * 1024 * 1024, max_file_bytes=8 * 1024 * 1024,
+                          **overrides)
+
+
+async def test_duplicate_far_apart_is_reported(make_api):
+    # Over a megabyte: the two lines are several storage reads apart.
+    api = await _big_api(make_api, 12_000)
+    rows = [line(f"req-{i}") for i in range(12_000)]
+    rows[11_990] = line("req-3")
+    assert await _fails_with(api, jsonl(rows)) == [("duplicate_custom_id", "custom_id", 11_991)]
+
+
+@pytest.fixture(params=["real hashes", "every hash colliding"])
+def colliding(request, monkeypatch):
+    if request.param == "every hash colliding":
+        monkeypatch.setattr(publisher, "id_hash", lambda custom_id: 7)
+
+
+async def test_hash_collisions_do_not_fail_a_valid_file(make_api, colliding):
+    api = await _big_api(make_api, 3000)
+    batch = await api.run_batch(jsonl([line(f"req-{i}") for i in range(3000)]))
+    assert batch["status"] == "in_progress", batch
+    assert batch["request_counts"]["total"] == 3000
+
+
+async def test_duplicates_among_collisions_are_exact(make_api, colliding):
+    served = Provider(name="default", base_url="http://127.0.0.1:9", models=(MODEL,))
+    api = await _big_api(make_api, 3000, providers=(served,))
+    rows = [line(f"req-{i}") for i in range(3000)]
+    rows[10] = line("x", model="nobody-serves-this")  # 11: model_not_found, and "x" is not taken
+    rows[20] = line("x")  # 21: the first valid "x", not a duplicate
+    rows[2000] = line("x")  # 2001: a duplicate of line 21
+    rows[2500] = line("req-5", model="nobody-serves-this")  # 2501: the duplicate is reported first
+    rows[2600] = line("y", model="nobody-serves-this")  # 2601: model_not_found
+    assert await _fails_with(api, jsonl(rows)) == [
+        ("model_not_found", "body.model", 11),
+        ("duplicate_custom_id", "custom_id", 2001),
+        ("duplicate_custom_id", "custom_id", 2501),
+        ("model_not_found", "body.model", 2601),
+    ]
+
+
+async def test_errors_are_capped_at_the_first_thousand(make_api, colliding):
+    api = await _big_api(make_api, 3000)
+    rows = [line(f"req-{i}") for i in range(3000)]
+    for i in range(1, 3000, 2):
+        rows[i] = line("req-0") if i % 4 == 1 else "not json"
+    errors = await _fails_with(api, jsonl(rows))
+    assert len(errors) == 1000
+    assert errors[:2] == [("duplicate_custom_id", "custom_id", 2), ("invalid_json_line", None, 4)]
+    assert errors[-1] == ("invalid_json_line", None, 2000)
