@@ -155,8 +155,17 @@ class FileRecord(msgspec.Struct, kw_only=True):
     @classmethod
     def from_hash(cls, raw: RawHash) -> FileRecord:
         """The record of a raw hash (``HGETALL``); missing fields take their defaults, unknown ones are ignored."""
-        # As BatchRecord.from_hash (a file's record holds no JSON).
-        return msgspec.convert({k.decode(): v.decode() for k, v in raw.items() if v}, cls, strict=False)
+        # Field by field: with ten fields, twice as fast as BatchRecord's way (files are listed 10,000
+        # a page). An empty value (expires_at of a file that never expires) is unset, like a missing one.
+        g = raw.get
+        expires_at = g(b"expires_at")
+        return cls(
+            id=g(b"id", b"").decode(), owner=g(b"owner", b"").decode(), bytes=int(g(b"bytes") or 0),
+            created_at=int(g(b"created_at") or 0), filename=g(b"filename", b"").decode(),
+            purpose=g(b"purpose", b"").decode(), storage_key=g(b"storage_key", b"").decode(),
+            expires_at=int(expires_at) if expires_at else None, lines=int(g(b"lines") or 0),
+            charged=bool(g(b"charged")),
+        )
 
 
 
