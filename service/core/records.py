@@ -136,8 +136,6 @@ class BatchRecord(msgspec.Struct, kw_only=True):
         return self.total > 0 and self.completed + self.failed >= self.total
 
 
-
-
 class FileRecord(msgspec.Struct, kw_only=True):
     """A file's hash (``keys.file``), typed. An attribute's name is its field's name in the hash."""
 
