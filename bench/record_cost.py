@@ -27,7 +27,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from service.core import keys, store
+from service.core import keys, store, streams
 from service.core.connections import Pipeline, Redis, Script
 from service.core.counters import LATENCY_BUCKETS, Attempts
 
@@ -93,12 +93,12 @@ class _OldTally:
 async def _prepare(r: aioredis.Redis, batch_id: str, lines: int) -> list[str]:
     """A running batch with ``lines`` entries read by the worker group (pending, as in a real run)."""
     await r.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
-    await r.xadd(keys.results(batch_id), {"r": "{}", "o": "completed"})
+    await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "{}", streams.RESULT_OUTCOME: "completed"})
     await r.hset(keys.batch(batch_id), mapping={"completed": 0, "failed": 0, "total": lines})
     for start in range(0, lines, 1000):
         pipe = r.pipeline(transaction=False)
         for i in range(start, min(lines, start + 1000)):
-            pipe.xadd(keys.lines(batch_id), {"c": f"c{i}", "b": "{}", "p": "default", "t": 1}, id=f"0-{i + 1}")
+            pipe.xadd(keys.lines(batch_id), {streams.LINE_CUSTOM_ID: f"c{i}", streams.LINE_BODY: "{}", streams.LINE_PROVIDER: "default", streams.LINE_COST: 1}, id=f"0-{i + 1}")
         await pipe.execute()
     await r.xreadgroup(keys.WORKER_GROUP, "bench", {keys.lines(batch_id): ">"}, count=lines)
     return [f"0-{i + 1}" for i in range(lines)]

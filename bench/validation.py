@@ -34,6 +34,7 @@ import fakeredis
 
 from service.core import leases, store
 from service.core.config import Provider, Settings
+from service.core.records import BatchRecord
 from service.core.storage import LocalStorage
 from service.web.publisher import Publisher
 from tests.support import processes
@@ -61,8 +62,8 @@ async def validate_alone(path: Path, lines: int, workdir: Path, profile: Path | 
                         providers=(Provider(name="mock", base_url="http://127.0.0.1:9/v1"),))
     r = cast(store.Redis, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
     publisher = Publisher(r, storage, settings, asyncio.Event(), name="bench")
-    h = {"id": "batch_bench", "input_key": key, "input_file_id": key, "endpoint": CHAT_URL,
-         "completion_window": "24h"}
+    h = BatchRecord.from_hash({b"id": b"batch_bench", b"input_key": key.encode(), b"input_file_id": key.encode(),
+                               b"endpoint": CHAT_URL.encode(), b"completion_window": b"24h"})
     lease = await leases.take(r, "sluice:{batch_bench}:validator", "bench", publisher.lease_ms)
     assert lease is not None
     profiler = cProfile.Profile() if profile else None

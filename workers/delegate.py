@@ -57,6 +57,7 @@ from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.crypto import unseal
 from service.core.delegation import Part, decode_part, part_lines
 from service.core.lifecycle import sleep_unless_stopped
+from service.core.records import BatchField, BatchRecord
 from service.core.results import ABORT_MESSAGES, error_line, json_body
 from service.core.storage import Storage
 from service.core.store import Outcome
@@ -73,7 +74,8 @@ LIST_LIMIT = 100
 # When looking for a provider batch created before a crash, list back to this long before the intent.
 RECONCILE_MARGIN_S = 600
 PROVIDER_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-_BATCH_FIELDS = ("status", "abort", "owner", "endpoint", "completion_window", "input_key", "provider", "byok")
+_F = BatchField
+_BATCH_FIELDS = (_F.STATUS, _F.ABORT, _F.OWNER, _F.ENDPOINT, _F.COMPLETION_WINDOW, _F.INPUT_KEY, _F.PROVIDER, _F.BYOK)
 
 
 class ProviderError(Exception):
@@ -313,7 +315,7 @@ class _Step:
     part_no: int
     token: int
     holder: str
-    h: dict[str, str]
+    h: BatchRecord
     f: dict[str, str]
     plan: Part
     provider: Provider | None = None
@@ -395,19 +397,19 @@ class Delegator:
         now_ms = sec * 1000 + usec // 1000
         for batch_id in batch_ids:
             values, raw = next(replies), next(replies)
-            h = {k: v.decode() for k, v in zip(_BATCH_FIELDS, values) if v is not None}
-            if not h.get("status") or h["status"] in TERMINAL_STATUSES or not raw:
+            h = BatchRecord.from_values(_BATCH_FIELDS, values)
+            if not h.status or h.status in TERMINAL_STATUSES or not raw:
                 # Ended (its parts settled before it could) or gone: nothing to do here any more.
                 await self.r.srem(keys.DELEGATED_BATCHES, batch_id)
                 continue
-            h["id"] = batch_id
+            h.id = batch_id
             for part_no, f in sorted(_part_fields(raw).items()):
                 if len(self.steps) >= MAX_STEPS:
                     return
                 if f.get("state") == "settled" or (batch_id, part_no) in self.steps:
                     continue
                 # An aborting batch's parts are due at once, until their provider batch is told.
-                force = bool(h.get("abort")) and not f.get("cancel_sent")
+                force = bool(h.abort) and not f.get("cancel_sent")
                 if not force and int(f.get("next_at") or 0) > now_ms:
                     continue
                 holder = f"{self.name}/{secrets.token_hex(4)}"
@@ -422,7 +424,7 @@ class Delegator:
     def _forget_step(self, key: tuple[str, int], _: asyncio.Task[None]) -> None:
         self.steps.pop(key, None)
 
-    async def _run_step(self, batch_id: str, part_no: int, token: int, holder: str, h: dict[str, str]) -> None:
+    async def _run_step(self, batch_id: str, part_no: int, token: int, holder: str, h: BatchRecord) -> None:
         lease = keys.part_lease(batch_id, part_no)
         step_task = asyncio.current_task()
         assert step_task is not None
@@ -510,12 +512,12 @@ class Delegator:
     async def _advance(self, step: _Step) -> None:
         h, f = step.h, step.f
         step.provider = self.settings.provider(step.plan.provider)
-        abort = h.get("abort", "")
+        abort = h.abort
         if step.provider is None:
             await self._fill_and_settle(step, "provider_not_configured",
                                         f"No provider named '{step.plan.provider}' is configured any more.")
             return
-        sealed = h.get("byok", "")
+        sealed = h.byok
         api_key = unseal(self.settings.secret_key, sealed) if sealed else step.provider.api_key
         step.api = ProviderAPI(self.session, step.provider, api_key)
         if f.get("state") == "planned":
@@ -654,7 +656,7 @@ class Delegator:
                     "sluice_lines": f"{plan.first}-{plan.last}"}
         try:
             # The provider's window is OpenAI's 24 h, whatever Sluice's is (only windows >= 24 h delegate).
-            created = await api.create(step.f["file"], h["endpoint"], "24h", metadata)
+            created = await api.create(step.f["file"], h.endpoint, "24h", metadata)
         except ProviderError as e:
             if not e.permanent:
                 raise
@@ -685,14 +687,14 @@ class Delegator:
     async def _poll(self, step: _Step) -> None:
         api, f, h = step.api, step.f, step.h
         assert api is not None and step.provider is not None
-        if h.get("abort") and not f.get("cancel_sent"):
+        if h.abort and not f.get("cancel_sent"):
             try:
                 await api.cancel(f["pbatch"])
             except ProviderError as e:
                 if e.status not in (404, 409):  # 409: it ended meanwhile; the poll below finds out how
                     raise
             await self._write(step, cancel_sent=1)
-            step.log.info("delegate_cancel_sent", reason=h["abort"])
+            step.log.info("delegate_cancel_sent", reason=h.abort)
         try:
             pbatch = await api.retrieve(f["pbatch"])
         except ProviderError as e:
@@ -711,7 +713,7 @@ class Delegator:
         seen = f"{status} {done[0]} {done[1]}"
         polls = 0 if seen != f.get("seen") else int(f.get("polls") or 0) + 1
         delay = min(step.provider.batch_poll_max_s, step.provider.batch_poll_s * 2 ** min(polls, 16))
-        if h.get("abort"):
+        if h.abort:
             delay = step.provider.batch_poll_s  # cancelling: its end is near and the batch waits for it
         await self._write(step, delay_s=delay, shown=done, pstatus=status, seen=seen, polls=polls, errors=0)
 
@@ -754,9 +756,9 @@ class Delegator:
                 step.log.warning("delegate_file_missing", file=file_id, error=str(e))
         code, message = self._missing_reason(step, pbatch, status)
         await self._fill(step, code, message)
-        if status == "expired" and not step.h.get("abort"):
+        if status == "expired" and not step.h.abort:
             # The provider's window ran out: so did the batch's (its unfinished lines end as batch_expired).
-            await store.transition(self.r, step.batch_id, allowed=["in_progress"], fields={"abort": "batch_expired"},
+            await store.transition(self.r, step.batch_id, allowed=["in_progress"], fields={_F.ABORT: "batch_expired"},
                                    remove_from=[keys.ACTIVE_BATCHES])
         await self._delete_files(step, [step.f.get("file"), pbatch.get("output_file_id"), pbatch.get("error_file_id")])
         if step.f.get("reconciled"):
@@ -782,7 +784,7 @@ class Delegator:
             raise Stale
 
     def _missing_reason(self, step: _Step, pbatch: dict[str, Any], status: str) -> tuple[str, str]:
-        abort = step.h.get("abort")
+        abort = step.h.abort
         if status == "failed":
             return "provider_batch_failed", _failure(step.plan.provider, pbatch)
         if status == "expired":

@@ -39,12 +39,13 @@ import time
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, leases, store, tracing
+from service.core import keys, leases, store, streams, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.records import BatchField, BatchRecord
 from service.core.results import abort_line, result_filename
 from service.core.storage import Storage, open_storage
 from service.core.store import Outcome
@@ -61,7 +62,10 @@ DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
 OUTPUT_TTL_S = 30 * 24 * 3600
 
-_DRAIN_FIELDS = ("fin_cursor", "fin_out_bytes", "fin_err_bytes", "fin_out_lines", "fin_err_lines")
+_F = BatchField
+# The order _DRAIN_READ reads them in.
+_DRAIN_FIELDS = (_F.FIN_CURSOR, _F.FIN_OUT_BYTES, _F.FIN_ERR_BYTES, _F.FIN_OUT_LINES, _F.FIN_ERR_LINES)
+_COMPLETED = Outcome.COMPLETED.encode()
 
 # KEYS: batch hash, results stream. ARGV: count. What has been drained so far and the results
 # after it, read in one step while the lease is held: the offsets always match the results.
@@ -301,29 +305,24 @@ class Finalizer:
     async def advance(self, batch_id: str, lease: Lease) -> None:
         """Move one batch, whose lease is held, as far as it can go now."""
         h = await store.get_batch_record(self.redis, batch_id)
-        if h is None or h["status"] in TERMINAL_STATUSES:
+        if h is None or h.status in TERMINAL_STATUSES:
             await self._clean_up(batch_id, h, lease)
             return
-        if h["status"] == "in_progress" and not h.get("abort") and time.time() >= int(h["expires_at"]):
-            await store.transition(self.redis, batch_id, allowed=["in_progress"], fields={"abort": "batch_expired"},
-                                   remove_from=[keys.ACTIVE_BATCHES], lease=lease)
+        if (h.status == "in_progress" and not h.abort and h.expires_at is not None
+                and time.time() >= h.expires_at):
+            await store.transition(self.redis, batch_id, allowed=["in_progress"],
+                                   fields={_F.ABORT: "batch_expired"}, remove_from=[keys.ACTIVE_BATCHES], lease=lease)
             log.info("batch_expiring", batch_id=batch_id)
             h = await store.get_batch_record(self.redis, batch_id) or h
         # Lines on a provider's own Batch API are settled by workers/delegate.py first.
-        delegating = int(h.get("deleg_open") or 0) > 0
-        if h.get("abort") and not self._all_done(h) and not delegating:
+        delegating = h.deleg_open > 0
+        if h.abort and not h.all_done and not delegating:
             await self._abort_remaining(h, lease)
-        h = await self._drain(h, lease)
-        if (self._all_done(h) and not delegating
-                and int(h.get("fin_out_lines", 0)) + int(h.get("fin_err_lines", 0)) == int(h["total"])):
+        await self._drain(h, lease)
+        if h.all_done and not delegating and h.fin_out_lines + h.fin_err_lines == h.total:
             await self._finish(h, lease)
 
-    @staticmethod
-    def _all_done(h: dict[str, str]) -> bool:
-        total = int(h.get("total") or 0)
-        return total > 0 and int(h.get("completed") or 0) + int(h.get("failed") or 0) >= total
-
-    async def _clean_up(self, batch_id: str, h: dict[str, str] | None, lease: Lease) -> None:
+    async def _clean_up(self, batch_id: str, h: BatchRecord | None, lease: Lease) -> None:
         """A batch that ended (or whose record is gone) but is still live: finish its clean-up."""
         if h is not None:
             await store.release(self.redis, self.storage, h, lease=lease)
@@ -335,19 +334,19 @@ class Finalizer:
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
 
-    async def _abort_remaining(self, h: dict[str, str], lease: Lease) -> None:
-        batch_id = h["id"]
+    async def _abort_remaining(self, h: BatchRecord, lease: Lease) -> None:
+        batch_id = h.id
         if not await self._in_flight_settled(batch_id):
             return
-        reason = h["abort"]
+        reason = h.abort
         bitmap = await self.redis.get(keys.done(batch_id)) or b""
         pending: list[tuple[int, str, str, bytes]] = []
         index = -1
-        async for line in iter_lines(self.storage, h["input_key"]):
+        async for line in iter_lines(self.storage, h.input_key):
             index += 1
             if _bit(bitmap, index):
                 continue
-            request = check_line(line, h["endpoint"])
+            request = check_line(line, h.endpoint)
             custom_id = getattr(request, "custom_id", "")
             pending.append((index, "", Outcome.FAILED, abort_line(custom_id, reason)))
             if len(pending) >= ABORT_CHUNK:
@@ -371,22 +370,25 @@ class Finalizer:
         )
         return len(stale) == summary["pending"]
 
-    async def _drain(self, h: dict[str, str], lease: Lease) -> dict[str, str]:
-        batch_id = h["id"]
+    async def _drain(self, h: BatchRecord, lease: Lease) -> None:
+        """Append the results recorded since the last drain to the files; ``h`` follows the drain fields."""
+        batch_id = h.id
         script_keys = [keys.batch(batch_id), keys.results(batch_id)]
         while True:
             drained, entries = await _DRAIN_READ(self.redis, script_keys, [DRAIN_COUNT], lease=lease)
-            state = dict(zip(_DRAIN_FIELDS, (_text(v) for v in drained)))
-            h = {**h, **{k: v for k, v in state.items() if v}}
+            state = BatchRecord.from_values(_DRAIN_FIELDS, (_text(v).encode() or None for v in drained))
+            h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = state.fin_cursor, state.fin_out_bytes, state.fin_err_bytes
+            h.fin_out_lines, h.fin_err_lines = state.fin_out_lines, state.fin_err_lines
             if not entries:
-                return h
-            cursor = state["fin_cursor"] or "0-0"
-            offsets = {name: int(state[f"fin_{name}_bytes"] or 0) for name in ("out", "err")}
-            counts = {name: int(state[f"fin_{name}_lines"] or 0) for name in ("out", "err")}
+                return
+            cursor = state.fin_cursor or "0-0"
+            offsets = {"out": state.fin_out_bytes, "err": state.fin_err_bytes}
+            counts = {"out": state.fin_out_lines, "err": state.fin_err_lines}
             chunks: dict[str, list[bytes]] = {"out": [], "err": []}
             for _, flat in entries:
                 fields = dict(zip(flat[::2], flat[1::2]))
-                chunks["out" if fields[b"o"] == Outcome.COMPLETED.encode() else "err"].append(fields[b"r"])
+                chunks["out" if fields[streams.RESULT_OUTCOME] == _COMPLETED else "err"].append(
+                    fields[streams.RESULT_LINE])
             for name, lines in chunks.items():
                 if lines:
                     data = b"\n".join(lines) + b"\n"
@@ -395,44 +397,45 @@ class Finalizer:
                     counts[name] += len(lines)
             last = _text(entries[-1][0])
             update: dict[str, str | int] = {
-                "fin_cursor": last,
-                "fin_out_bytes": offsets["out"], "fin_err_bytes": offsets["err"],
-                "fin_out_lines": counts["out"], "fin_err_lines": counts["err"],
+                _F.FIN_CURSOR: last,
+                _F.FIN_OUT_BYTES: offsets["out"], _F.FIN_ERR_BYTES: offsets["err"],
+                _F.FIN_OUT_LINES: counts["out"], _F.FIN_ERR_LINES: counts["err"],
             }
             flat_update: list[str | int] = []
             for k, v in update.items():
                 flat_update += [k, v]
             await _DRAIN_COMMIT(self.redis, script_keys, [cursor, last, _next_id(last), *flat_update], lease=lease)
-            h = {**h, **{k: str(v) for k, v in update.items()}}
+            h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = last, offsets["out"], offsets["err"]
+            h.fin_out_lines, h.fin_err_lines = counts["out"], counts["err"]
 
     @staticmethod
     def _spool_key(batch_id: str, name: str) -> str:
         return result_filename(batch_id, "output" if name == "out" else "error")
 
-    async def _finish(self, h: dict[str, str], lease: Lease) -> None:
-        batch_id = h["id"]
+    async def _finish(self, h: BatchRecord, lease: Lease) -> None:
+        batch_id = h.id
         now = store.now()
         finishing_since = time.time_ns()
-        if h["status"] == "in_progress" and not h.get("abort"):
+        if h.status == "in_progress" and not h.abort:
             applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                                fields={"status": "finalizing", "finalizing_at": now}, lease=lease)
+                                                fields={_F.STATUS: "finalizing", _F.FINALIZING_AT: now}, lease=lease)
             if not applied:
                 return  # cancelled at the last moment: the next tick finishes it as cancelled
-            h["status"] = "finalizing"
-        if h["status"] == "finalizing":
-            final, stamp, allowed = "completed", "completed_at", ["finalizing"]
-        elif h["status"] == "cancelling":
-            final, stamp, allowed = "cancelled", "cancelled_at", ["cancelling"]
+            h.status = "finalizing"
+        if h.status == "finalizing":
+            final, stamp, allowed = "completed", _F.COMPLETED_AT, ["finalizing"]
+        elif h.status == "cancelling":
+            final, stamp, allowed = "cancelled", _F.CANCELLED_AT, ["cancelling"]
         else:
-            final, stamp, allowed = "expired", "expired_at", ["in_progress"]
+            final, stamp, allowed = "expired", _F.EXPIRED_AT, ["in_progress"]
         file_ids = {name: await self._register_file(h, name, lease) for name in ("out", "err")}
         # Before the batch ends, so that the end is the last step: a crash before it redoes all
         # this (each step is idempotent), a crash after it leaves nothing to do.
         await store.release(self.redis, self.storage, h, lease=lease)
         applied, _ = await store.transition(
             self.redis, batch_id, allowed=allowed,
-            fields={"status": final, stamp: now,
-                    "output_file_id": file_ids["out"] or "", "error_file_id": file_ids["err"] or ""},
+            fields={_F.STATUS: final, stamp: now,
+                    _F.OUTPUT_FILE_ID: file_ids["out"] or "", _F.ERROR_FILE_ID: file_ids["err"] or ""},
             remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
             delete=[k for k in keys.work_keys(batch_id) if k != lease.key],
             expire_s=self.settings.retention_s, lease=lease,
@@ -443,28 +446,31 @@ class Finalizer:
         await leases.execute(self.redis, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
-        log.info("batch_finished", batch_id=batch_id, status=final, completed=h.get("completed"),
-                 failed=h.get("failed"), total=h.get("total"), **tracing.log_fields(h))
+        log.info("batch_finished", batch_id=batch_id, status=final, completed=str(h.completed),
+                 failed=str(h.failed), total=str(h.total), **tracing.log_fields(h))
 
-    async def _register_file(self, h: dict[str, str], name: str, lease: Lease) -> str | None:
+    async def _register_file(self, h: BatchRecord, name: str, lease: Lease) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""
-        if int(h.get(f"fin_{name}_lines") or 0) == 0:
+        if name == "out":
+            lines, size, field, fixed = h.fin_out_lines, h.fin_out_bytes, _F.FIN_OUT_FILE, h.fin_out_file
+        else:
+            lines, size, field, fixed = h.fin_err_lines, h.fin_err_bytes, _F.FIN_ERR_FILE, h.fin_err_file
+        if lines == 0:
             return None
-        field = f"fin_{name}_file"
-        if not h.get(field):
+        if not fixed:
             # A stale finalizer drawing a number here only wastes it: the id is fixed below, fenced.
             fresh_id, fresh_seq = await store.new_id(self.redis, "file-")
             _, value = await leases.execute(
-                self.redis, lease, ("HSETNX", keys.batch(h["id"]), field, f"{fresh_id}:{fresh_seq}"),
-                ("HGET", keys.batch(h["id"]), field))
-            h[field] = _text(value)
-        file_id, seq = h[field].split(":")
+                self.redis, lease, ("HSETNX", keys.batch(h.id), field, f"{fresh_id}:{fresh_seq}"),
+                ("HGET", keys.batch(h.id), field))
+            fixed = _text(value)
+        file_id, seq = fixed.split(":")
         created = store.now()
-        ttl = int(h["output_expires_after"]) if h.get("output_expires_after") else OUTPUT_TTL_S
+        ttl = h.output_expires_after or OUTPUT_TTL_S
         await store.create_file(
-            self.redis, owner=h["owner"], file_id=file_id, seq=int(seq),
-            filename=self._spool_key(h["id"], name), purpose="batch_output",
-            size=int(h[f"fin_{name}_bytes"]), storage_key=self._spool_key(h["id"], name),
+            self.redis, owner=h.owner, file_id=file_id, seq=int(seq),
+            filename=self._spool_key(h.id, name), purpose="batch_output",
+            size=size, storage_key=self._spool_key(h.id, name),
             expires_at=created + ttl, created_at=created, lease=lease,
         )
         return file_id

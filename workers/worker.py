@@ -31,13 +31,14 @@ import structlog
 from redis.exceptions import ResponseError
 from structlog.typing import FilteringBoundLogger
 
-from service.core import keys, store, tracing
+from service.core import keys, store, streams, tracing
 from service.core.config import Settings
 from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, connect
 from service.core.counters import Attempts
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.records import BatchField
 from service.core.results import abort_line, error_line
 from service.core.store import Outcome
 
@@ -55,7 +56,6 @@ ACTIVE_REFRESH_S = 0.1
 # How long a stopping worker waits for its last results to reach Redis.
 RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
-_QUEUED = tracing.QUEUED_FIELD.encode()
 
 # KEYS: a batch's lines stream. ARGV: group, consumer, idle (ms), entry ids. Sets how long the
 # group believes these entries idle, for those this consumer still owns; returns how many.
@@ -90,7 +90,7 @@ class Line:
     body: bytes
     provider: str
     cost: int
-    queued_ns: int = 0  # when it was published, for a line traced (tracing.QUEUED_FIELD); else 0
+    queued_ns: int = 0  # when it was published, for a line traced (streams.LINE_QUEUED_NS); else 0
 
     @property
     def holder(self) -> str:
@@ -107,7 +107,7 @@ class BatchInfo:
     sealed_key: str  # the client's own provider key (BYOK), encrypted; "" when none
     weight: int  # of its priority (scheduling.py)
     expires_at: float
-    traceparent: str = ""  # the batch's trace (tracing.TRACEPARENT_FIELD); "" when not traced
+    traceparent: str = ""  # the batch's trace (BatchField.TRACEPARENT); "" when not traced
 
 
 class Worker:
@@ -235,7 +235,7 @@ class Worker:
         ids = sorted(self.batches)
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ids:
-            pipe.hmget(keys.batch(batch_id), "total", "completed", "failed")
+            pipe.hmget(keys.batch(batch_id), BatchField.TOTAL, BatchField.COMPLETED, BatchField.FAILED)
         wall = time.time()
         for batch_id, (total, completed, failed) in zip(ids, await pipe.execute()):
             self.deadlines.observe(batch_id, wall, int(completed or 0) + int(failed or 0), int(total or 0),
@@ -256,8 +256,8 @@ class Worker:
             return
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in missing:
-            pipe.hmget(keys.batch(batch_id), "owner", "endpoint", "byok", "priority", "expires_at",
-                       tracing.TRACEPARENT_FIELD)
+            pipe.hmget(keys.batch(batch_id), BatchField.OWNER, BatchField.ENDPOINT, BatchField.BYOK,
+                       BatchField.PRIORITY, BatchField.EXPIRES_AT, BatchField.TRACEPARENT)
         for batch_id, (owner, endpoint, sealed, priority, expires_at, traceparent) in zip(missing, await pipe.execute()):
             if owner and endpoint:
                 self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode(),
@@ -289,7 +289,7 @@ class Worker:
                             count=count, block=block)
         batch_ids = list(plan)
         for batch_id in batch_ids:
-            pipe.hget(keys.batch(batch_id), "abort")
+            pipe.hget(keys.batch(batch_id), BatchField.ABORT)
         replies = await pipe.execute(raise_on_error=False)
         reads, reasons = replies[:len(by_count)], replies[len(by_count):]
         lines: list[Line] = []
@@ -313,7 +313,7 @@ class Worker:
         ordered = sorted(batch_ids)
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ordered:
-            pipe.hget(keys.batch(batch_id), "abort")
+            pipe.hget(keys.batch(batch_id), BatchField.ABORT)
         return {b: r.decode() for b, r in zip(ordered, await pipe.execute()) if r}
 
     async def _reclaim(self, batch_ids: list[str], free: int) -> list[Line]:
@@ -364,9 +364,10 @@ class Worker:
     @staticmethod
     def _line(batch_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Line:
         entry = entry_id.decode()
-        queued = fields.get(_QUEUED)
-        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[b"c"].decode(), fields[b"b"],
-                    fields[b"p"].decode(), int(fields[b"t"]), int(queued) if queued else 0)
+        queued = fields.get(streams.LINE_QUEUED_NS)
+        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[streams.LINE_CUSTOM_ID].decode(),
+                    fields[streams.LINE_BODY], fields[streams.LINE_PROVIDER].decode(), int(fields[streams.LINE_COST]),
+                    int(queued) if queued else 0)
 
     async def _dispatch(self, lines: list[Line], aborts: dict[str, str]) -> None:
         """Record the lines of aborting batches as such, unsent; start a task for every other line."""

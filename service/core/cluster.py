@@ -22,6 +22,7 @@ from . import keys
 from .config import RAMP_S, Settings, route
 from .heartbeat import STALE_AFTER_S
 from .leases import holder_of
+from .records import BatchField, BatchRecord
 from .store import Redis
 from .wire import TERMINAL_STATUSES
 
@@ -129,7 +130,9 @@ def as_int(v: bytes | str | int | None) -> int:
         return 0
 
 
-_BATCH_FIELDS = ("owner", "status", "total", "completed", "failed", "provider", "model", "in_progress_at", "abort")
+_F = BatchField
+_BATCH_FIELDS = (_F.OWNER, _F.STATUS, _F.TOTAL, _F.COMPLETED, _F.FAILED, _F.PROVIDER, _F.MODEL, _F.IN_PROGRESS_AT,
+                 _F.ABORT)
 
 
 async def snapshot(r: Redis, settings: Settings) -> Snapshot:
@@ -178,17 +181,17 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
                                                     next(replies))
         if isinstance(values, Exception) or not values or values[1] is None or _s(values[1]) in TERMINAL_STATUSES:
             continue  # gone, or ended and about to leave the live set
-        h = dict(zip(_BATCH_FIELDS, (_s(v) for v in values)))
-        provider = h["provider"]
-        if not provider and h["model"]:
-            chosen = route(settings.providers, h["model"])
+        h = BatchRecord.from_values(_BATCH_FIELDS, values)
+        provider = h.provider
+        if not provider and h.model:
+            chosen = route(settings.providers, h.model)
             provider = chosen.name if chosen else ""
         oldest = 0.0
         if isinstance(first, list) and first:
             oldest = max(0.0, now - int(_s(first[0][0]).split("-")[0]) / 1000)
         snap.batches.append(BatchState(
-            id=b, owner=h["owner"], status=h["status"], total=as_int(h["total"]), completed=as_int(h["completed"]),
-            failed=as_int(h["failed"]), provider=provider, in_progress_at=as_int(h["in_progress_at"]), aborting=h["abort"],
+            id=b, owner=h.owner, status=h.status or "", total=h.total, completed=h.completed,
+            failed=h.failed, provider=provider, in_progress_at=h.in_progress_at or 0, aborting=h.abort,
             pending=pending["pending"] if isinstance(pending, dict) else 0,
             undrained=undrained if isinstance(undrained, int) else 0, oldest_undrained_s=oldest,
             finalizer=holder_of(lease) if isinstance(lease, (bytes, str)) else "",

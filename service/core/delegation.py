@@ -21,6 +21,7 @@ import msgspec
 from . import keys
 from .config import Provider, Settings, window_seconds
 from .connections import Script
+from .records import BatchRecord
 from .storage import Storage
 from .store import Redis
 from .validation import Line, Request, check_line, iter_lines
@@ -112,28 +113,22 @@ def decode_part(raw: bytes | str) -> Part:
     return msgspec.json.decode(raw, type=Part)
 
 
-def delegated_providers(h: dict[str, str]) -> frozenset[str]:
-    """Names of the providers a running batch delegates to (fixed when it starts)."""
-    raw = h.get("deleg_providers")
-    return frozenset(msgspec.json.decode(raw, type=list[str])) if raw else frozenset()
-
-
 def encode_providers(names: set[str]) -> str:
-    """``deleg_providers`` of a batch's record."""
+    """``deleg_providers`` of a batch's record (``BatchRecord.deleg_providers`` once decoded)."""
     return msgspec.json.encode(sorted(names)).decode()
 
 
 async def part_lines(
-    storage: Storage, settings: Settings, h: dict[str, str], part: Part,
+    storage: Storage, settings: Settings, rec: BatchRecord, part: Part,
 ) -> AsyncIterator[tuple[int, Request, bytes]]:
     """The lines of ``part`` as ``(index, request, line bytes)``, read again from the batch's input file."""
     index = part.first
-    async for line in iter_lines(storage, h["input_key"], start=part.start):
+    async for line in iter_lines(storage, rec.input_key, start=part.start):
         if index > part.last:
             break
-        request = check_line(line, h["endpoint"])
+        request = check_line(line, rec.endpoint)
         if isinstance(request, Request) and line.data is not None and request.model == part.model:
-            provider = settings.provider_for(request.model, h.get("provider", ""))
+            provider = settings.provider_for(request.model, rec.provider)
             if provider is not None and provider.name == part.provider:
                 yield index, request, line.data
         index += 1

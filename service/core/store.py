@@ -10,7 +10,7 @@ import hashlib
 import re
 import secrets
 import time
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable, TypeVar, cast
 
 import msgspec
 import structlog
@@ -20,11 +20,11 @@ from . import counters, keys, leases
 from .connections import Pipeline, Script
 from .connections import Redis as Redis
 from .leases import FencedScript, Lease, execute
+from .records import BatchField, BatchRecord, FileField, FileRecord
 from .storage import Storage
 from .wire import (
     TERMINAL_STATUSES,
     Batch,
-    BatchError,
     BatchErrors,
     BatchStatus,
     BatchUsage,
@@ -67,10 +67,6 @@ def valid_id(object_id: str, prefix: str) -> bool:
     """True when ``object_id`` has the shape of a Sluice id with ``prefix``."""
     m = _ID.match(object_id)
     return m is not None and m.group(1) == prefix
-
-
-def _str(h: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in h.items()}
 
 
 # ----------------------------------------------------------------------------- files
@@ -133,8 +129,9 @@ async def create_file(
     """
     created = created_at or now()
     record: dict[str, str | int] = {
-        "id": file_id, "owner": owner, "bytes": size, "created_at": created, "filename": filename,
-        "purpose": purpose, "storage_key": storage_key, "expires_at": expires_at or "", "lines": lines,
+        FileField.ID: file_id, FileField.OWNER: owner, FileField.BYTES: size, FileField.CREATED_AT: created,
+        FileField.FILENAME: filename, FileField.PURPOSE: purpose, FileField.STORAGE_KEY: storage_key,
+        FileField.EXPIRES_AT: expires_at or "", FileField.LINES: lines,
     }
     flat: list[str | int] = []
     for k, v in record.items():
@@ -148,7 +145,12 @@ async def create_file(
         lease=lease,
     ))
     _raise_for(answer)
-    return file_from_record({k: str(v) for k, v in record.items()})
+    return file_from_record(FileRecord.from_hash(_as_hash(record)))
+
+
+def _as_hash(fields: dict[str, str | int]) -> dict[bytes, bytes]:
+    """``fields`` as Redis gives them back once written: the record a later read decodes."""
+    return {k.encode(): str(v).encode() for k, v in fields.items()}
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -181,22 +183,23 @@ async def settle(r: Redis, owner: str, op_id: str) -> str | None:
     return None if answer == _ABORTED else answer
 
 
-def file_from_record(h: dict[str, str]) -> FileObject:
-    """The wire object for a file's metadata hash."""
+def file_from_record(rec: FileRecord) -> FileObject:
+    """The wire object for a file's record."""
     return FileObject(
-        id=h["id"], bytes=int(h["bytes"]), created_at=int(h["created_at"]), filename=h["filename"],
-        purpose=h["purpose"], expires_at=int(h["expires_at"]) if h.get("expires_at") else None,
+        id=rec.id, bytes=rec.bytes, created_at=rec.created_at, filename=rec.filename, purpose=rec.purpose,
+        expires_at=rec.expires_at,
     )
 
 
-async def get_file_record(r: Redis, owner: str, file_id: str) -> dict[str, str] | None:
-    """The metadata hash of ``file_id`` if ``owner`` may see it."""
+async def get_file_record(r: Redis, owner: str, file_id: str) -> FileRecord | None:
+    """The record of ``file_id`` if ``owner`` may see it."""
     if not valid_id(file_id, "file-"):
         return None
-    h = _str(await r.hgetall(keys.file(file_id)))
-    if not h or h.get("owner") != owner:
+    raw = await r.hgetall(keys.file(file_id))
+    if not raw:
         return None
-    return h
+    rec = FileRecord.from_hash(raw)
+    return rec if rec.owner == owner else None
 
 
 def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
@@ -273,8 +276,8 @@ def new_op_id() -> str:
     return secrets.token_hex(12)
 
 
-async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, str | None]:
-    """Delete the file whose metadata is ``h`` for its owner, as operation ``op_id``, in one atomic step.
+async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str | None]:
+    """Delete the file whose record is ``rec`` for its owner, as operation ``op_id``, in one atomic step.
 
     Returns ``(deleted, marker)``. Of any number of concurrent deletes of one file (and the expiry
     sweep) exactly one gets ``deleted`` and gives the bytes back; running the same ``op_id``
@@ -283,10 +286,10 @@ async def delete_file(r: Redis, h: dict[str, str], op_id: str) -> tuple[bool, st
     removes the content, then calls ``content_removed(marker)``; should it fail or die first, the
     expiry sweep removes the content later. Otherwise the last batch to end removes it (``release``).
     """
-    member = expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]) if h.get("expires_at") else ""
+    member = expiry_member(rec.id, rec.storage_key, rec.owner, rec.bytes) if rec.expires_at else ""
     return await _forget_file(
-        r, file_id=h["id"], storage_key=h["storage_key"], owner=h["owner"], op_id=op_id, member=member,
-        size=h["bytes"], indexes=[keys.owner_files(h["owner"]), keys.owner_files(h["owner"], h["purpose"])],
+        r, file_id=rec.id, storage_key=rec.storage_key, owner=rec.owner, op_id=op_id, member=member,
+        size=rec.bytes, indexes=[keys.owner_files(rec.owner), keys.owner_files(rec.owner, rec.purpose)],
     )
 
 
@@ -295,10 +298,15 @@ async def content_removed(r: Redis, marker: str, lease: Lease | None = None) -> 
     await execute(r, lease, ("ZREM", keys.FILE_EXPIRY, marker))
 
 
+R = TypeVar("R")
+
+
 async def page(
-    r: Redis, zkey: str, record_key: Callable[[str], str], *, after: str | None, limit: int, desc: bool,
-) -> tuple[list[dict[str, str]], bool]:
-    """One page of records from an owner index, after the cursor id, and whether more follow.
+    r: Redis, zkey: str, record_key: Callable[[str], str], decode: Callable[[dict[bytes, bytes]], R], *,
+    after: str | None, limit: int, desc: bool,
+) -> tuple[list[R], bool]:
+    """One page of records from an owner index (each decoded with ``decode``, e.g.
+    ``BatchRecord.from_hash``), after the cursor id, and whether more follow.
 
     Ids whose record has expired are pruned from the index on the way, so a page is never
     short while more records follow (the SDK stops paging at the first empty page).
@@ -320,7 +328,7 @@ async def page(
         records = await pipe.execute()
         gone = [object_id for object_id, h in zip(ids, records) if not h]
         if not gone:
-            return [_str(h) for h in records], len(ids) > limit
+            return [decode(h) for h in records], len(ids) > limit
         await r.zrem(zkey, *gone)
 
 
@@ -359,7 +367,7 @@ async def create_batch(
     output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
     webhook_url: str = "", priority: str = "normal", max_active_batches: int, max_enqueued_lines: int,
     trace: dict[str, str] | None = None,
-) -> dict[str, str]:
+) -> BatchRecord:
     """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
     validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
 
@@ -370,22 +378,22 @@ async def create_batch(
     (``tracing.new_batch_fields``), when tracing is on.
     """
     created = now()
-    record: dict[str, str | int] = {
-        "id": batch_id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,
-        "input_key": input_key, "completion_window": completion_window, "status": "validating", "created_at": created,
-        "expires_at": created + window_s, "total": 0, "completed": 0, "failed": 0,
-        "metadata": msgspec.json.encode(metadata).decode() if metadata is not None else "",
-        "output_expires_after": output_expires_after or "", "provider": provider, "reserved_lines": reserved_lines,
+    F = BatchField
+    fields: dict[str, str | int] = {
+        F.ID: batch_id, F.OWNER: owner, F.ENDPOINT: endpoint, F.INPUT_FILE_ID: input_file_id,
+        F.INPUT_KEY: input_key, F.COMPLETION_WINDOW: completion_window, F.STATUS: "validating", F.CREATED_AT: created,
+        F.EXPIRES_AT: created + window_s, F.TOTAL: 0, F.COMPLETED: 0, F.FAILED: 0,
+        F.METADATA: msgspec.json.encode(metadata).decode() if metadata is not None else "",
+        F.OUTPUT_EXPIRES_AFTER: output_expires_after or "", F.PROVIDER: provider, F.RESERVED_LINES: reserved_lines,
         **(trace or {}),
     }
-    fields: dict[str, str | int] = dict(record)
-    fields["priority"] = priority
+    fields[F.PRIORITY] = priority
     if sealed_key:
-        fields["byok"] = sealed_key
+        fields[F.BYOK] = sealed_key
         # Outlives the key (dropped when the batch ends): a retry must not fall back to the server's key.
-        fields["byok_used"] = 1
+        fields[F.BYOK_USED] = 1
     if webhook_url:
-        fields["webhook_url"] = webhook_url
+        fields[F.WEBHOOK_URL] = webhook_url
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
@@ -396,61 +404,55 @@ async def create_batch(
         [OP_TTL_S, batch_id, seq, reserved_lines, max_active_batches, max_enqueued_lines, len(flat), *flat],
     ))
     _raise_for(answer)
-    return {k: str(v) for k, v in record.items()}
+    return BatchRecord.from_hash(_as_hash(fields))
 
 
-async def get_batch_record(r: Redis, batch_id: str) -> dict[str, str] | None:
-    """The state hash of a batch, or None."""
-    h = await r.hgetall(keys.batch(batch_id))
-    return _str(h) if h else None
+async def get_batch_record(r: Redis, batch_id: str) -> BatchRecord | None:
+    """The record of a batch, or None."""
+    raw = await r.hgetall(keys.batch(batch_id))
+    return BatchRecord.from_hash(raw) if raw else None
 
 
-async def get_owned_batch(r: Redis, owner: str, batch_id: str) -> dict[str, str] | None:
-    """The state hash of ``batch_id`` if ``owner`` may see it."""
+async def get_owned_batch(r: Redis, owner: str, batch_id: str) -> BatchRecord | None:
+    """The record of ``batch_id`` if ``owner`` may see it."""
     if not valid_id(batch_id, "batch_"):
         return None
-    h = await get_batch_record(r, batch_id)
-    if not h or h.get("owner") != owner:
+    rec = await get_batch_record(r, batch_id)
+    if rec is None or rec.owner != owner:
         return None
-    return h
+    return rec
 
 
-def batch_from_record(h: dict[str, str]) -> Batch:
-    """The wire object for a batch's state hash."""
-    def ts(name: str) -> int | None:
-        v = h.get(name)
-        return int(v) if v else None
-
-    errors = None
-    if h.get("errors"):
-        errors = BatchErrors(data=msgspec.json.decode(h["errors"], type=list[BatchError]))
+def batch_from_record(rec: BatchRecord) -> Batch:
+    """The wire object for a batch's record."""
     return Batch(
-        id=h["id"], endpoint=h["endpoint"], input_file_id=h["input_file_id"],
-        completion_window=h["completion_window"], status=cast(BatchStatus, h["status"]),  # Sluice writes no other
-        created_at=int(h["created_at"]), model=h.get("model") or None, errors=errors,
-        output_file_id=h.get("output_file_id") or None, error_file_id=h.get("error_file_id") or None,
-        request_counts=_counts(h), usage=batch_usage(h),
-        metadata=msgspec.json.decode(h["metadata"]) if h.get("metadata") else None,
-        in_progress_at=ts("in_progress_at"), expires_at=ts("expires_at"), finalizing_at=ts("finalizing_at"),
-        completed_at=ts("completed_at"), failed_at=ts("failed_at"), expired_at=ts("expired_at"),
-        cancelling_at=ts("cancelling_at"), cancelled_at=ts("cancelled_at"),
+        id=rec.id, endpoint=rec.endpoint, input_file_id=rec.input_file_id, completion_window=rec.completion_window,
+        status=cast(BatchStatus, rec.status),  # None only in a partial record, which no API call answers with
+        created_at=rec.created_at, model=rec.model or None,
+        errors=BatchErrors(data=rec.errors) if rec.errors else None,
+        output_file_id=rec.output_file_id or None, error_file_id=rec.error_file_id or None,
+        request_counts=_counts(rec), usage=batch_usage(rec), metadata=rec.metadata,
+        in_progress_at=rec.in_progress_at, expires_at=rec.expires_at, finalizing_at=rec.finalizing_at,
+        completed_at=rec.completed_at, failed_at=rec.failed_at, expired_at=rec.expired_at,
+        cancelling_at=rec.cancelling_at, cancelled_at=rec.cancelled_at,
     )
 
 
-def batch_usage(h: dict[str, str]) -> BatchUsage:
+def batch_usage(rec: BatchRecord) -> BatchUsage:
     """The batch's token usage so far (``usage_*`` fields, counted as each line is recorded)."""
-    n = {kind: int(h.get(f"usage_{kind}") or 0) for kind in ("input", "cached", "output", "reasoning")}
-    return BatchUsage(input_tokens=n["input"], input_tokens_details=InputTokensDetails(cached_tokens=n["cached"]),
-                      output_tokens=n["output"], output_tokens_details=OutputTokensDetails(reasoning_tokens=n["reasoning"]),
-                      total_tokens=n["input"] + n["output"])
+    return BatchUsage(
+        input_tokens=rec.usage_input, input_tokens_details=InputTokensDetails(cached_tokens=rec.usage_cached),
+        output_tokens=rec.usage_output, output_tokens_details=OutputTokensDetails(reasoning_tokens=rec.usage_reasoning),
+        total_tokens=rec.usage_input + rec.usage_output,
+    )
 
 
-def _counts(h: dict[str, str]) -> RequestCounts:
-    total, completed, failed = (int(h.get(name) or 0) for name in ("total", "completed", "failed"))
+def _counts(rec: BatchRecord) -> RequestCounts:
+    total, completed, failed = rec.total, rec.completed, rec.failed
     # Lines a provider's own Batch API reports done that Sluice has not downloaded yet
     # (workers/delegate.py keeps these up to date), within what is left.
-    shown_completed = min(max(0, int(h.get("deleg_completed") or 0)), max(0, total - completed - failed))
-    shown_failed = min(max(0, int(h.get("deleg_failed") or 0)), max(0, total - completed - failed - shown_completed))
+    shown_completed = min(max(0, rec.deleg_completed), max(0, total - completed - failed))
+    shown_failed = min(max(0, rec.deleg_failed), max(0, total - completed - failed - shown_completed))
     return RequestCounts(total=total, completed=completed + shown_completed, failed=failed + shown_failed)
 
 
@@ -512,7 +514,7 @@ async def transition(
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
     # first run applied), or a peer got there first. Either way the transition has happened.
-    if not applied and before and before == fields.get("status"):
+    if not applied and before and before == fields.get(BatchField.STATUS):
         return True, before
     return bool(applied), before
 
@@ -663,21 +665,21 @@ async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
-async def release(r: Redis, storage: Storage, h: dict[str, str], *, lease: Lease | None = None) -> None:
+async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
     the last claim. With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    await _RELEASE_BATCH(r, [keys.batch(h["id"]), keys.owner_usage(h["owner"])], lease=lease)
+    await _RELEASE_BATCH(r, [keys.batch(rec.id), keys.owner_usage(rec.owner)], lease=lease)
     _, refs, exists = await execute(
         r, lease,
-        ("SREM", keys.file_refs(h["input_file_id"]), h["id"]),
-        ("SCARD", keys.file_refs(h["input_file_id"])),
-        ("EXISTS", keys.file(h["input_file_id"])),
+        ("SREM", keys.file_refs(rec.input_file_id), rec.id),
+        ("SCARD", keys.file_refs(rec.input_file_id)),
+        ("EXISTS", keys.file(rec.input_file_id)),
     )
     if refs == 0 and not exists:
-        await storage.delete(h["input_key"])
+        await storage.delete(rec.input_key)
 
 
 async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, lease: Lease | None = None) -> int:
@@ -694,7 +696,7 @@ async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, l
         member = raw.decode()
         file_id, storage_key, owner, size = member.split(" ")
         indexes = [keys.owner_files(owner)]
-        purpose = await r.hget(keys.file(file_id), "purpose")  # None once the record expired on its own
+        purpose = await r.hget(keys.file(file_id), FileField.PURPOSE)  # None once the record expired on its own
         if purpose:
             indexes.append(keys.owner_files(owner, purpose.decode()))
         forgotten, marker = await _forget_file(
@@ -792,8 +794,8 @@ async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
         before = {name: int(v or 0) for name, v in zip(USAGE_FIELDS, read)}
         counted, unreleased = await _recount(r, owner)
         if unreleased:
-            for h in unreleased:
-                await release(r, storage, h)
+            for rec in unreleased:
+                await release(r, storage, rec)
             continue
         if counted == before:
             return 0
@@ -807,7 +809,7 @@ async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
     return 0
 
 
-async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str, str]]]:
+async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchRecord]]:
     """What an owner's counters should be, from its records; and its ended, unreleased batches.
 
     active_batches and enqueued_lines: its batches not released yet (and their reserved_lines);
@@ -815,28 +817,29 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[dict[str,
     not given back yet (their FILE_EXPIRY entry is still there).
     """
     counted = dict.fromkeys(USAGE_FIELDS, 0)
-    unreleased: list[dict[str, str]] = []
-    fields = ("status", "released", "reserved_lines", "id", "owner", "input_file_id", "input_key")
+    unreleased: list[BatchRecord] = []
+    F = BatchField
+    fields = (F.STATUS, F.RELEASED, F.RESERVED_LINES, F.ID, F.OWNER, F.INPUT_FILE_ID, F.INPUT_KEY)
     batch_ids = [b.decode() for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
     for i in range(0, len(batch_ids), _CHUNK):
         pipe = r.pipeline(transaction=False)
         for batch_id in batch_ids[i:i + _CHUNK]:
             pipe.hmget(keys.batch(batch_id), *fields)
         for values in await pipe.execute():
-            h = {k: v.decode() for k, v in zip(fields, values) if v is not None}
-            if not h.get("status") or h.get("released"):
+            rec = BatchRecord.from_values(fields, values)
+            if not rec.status or rec.released:
                 continue
-            if h["status"] in TERMINAL_STATUSES:
-                unreleased.append(h)
+            if rec.status in TERMINAL_STATUSES:
+                unreleased.append(rec)
             counted["active_batches"] += 1
-            counted["enqueued_lines"] += int(h.get("reserved_lines") or 0)
+            counted["enqueued_lines"] += rec.reserved_lines
     found: set[str] = set()
     file_ids = [f.decode() for f in await r.zrange(keys.owner_files(owner), 0, -1)]
     for i in range(0, len(file_ids), _CHUNK):
         chunk = file_ids[i:i + _CHUNK]
         pipe = r.pipeline(transaction=False)
         for file_id in chunk:
-            pipe.hget(keys.file(file_id), "bytes")
+            pipe.hget(keys.file(file_id), FileField.BYTES)
         for file_id, size in zip(chunk, await pipe.execute()):
             if size is not None:
                 found.add(file_id)

@@ -42,16 +42,18 @@ from typing import Any, Iterator
 
 import structlog
 
+from . import streams
 from .config import Settings
+from .records import BatchField, BatchRecord
 
 # Batch hash fields: the W3C traceparent of the batch's root span, when the batch was created
 # (ns), when it started running (ns), and the client's span the root hangs under (if any).
-TRACEPARENT_FIELD = "traceparent"
-STARTED_FIELD = "trace_started_ns"
-RUNNING_FIELD = "trace_running_ns"
-PARENT_FIELD = "trace_parent"
+TRACEPARENT_FIELD = BatchField.TRACEPARENT
+STARTED_FIELD = BatchField.TRACE_STARTED_NS
+RUNNING_FIELD = BatchField.TRACE_RUNNING_NS
+PARENT_FIELD = BatchField.TRACE_PARENT
 # Stream entry field of a sampled line: when it was published (ns), the start of its queue wait.
-QUEUED_FIELD = "q"
+QUEUED_FIELD = streams.LINE_QUEUED_NS.decode()
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _MASK64 = (1 << 64) - 1
@@ -129,9 +131,9 @@ def shutdown() -> None:
 
 
 # ----------------------------------------------------------------------------- ids
-def _ids(h: dict[str, str]) -> tuple[int, int] | None:
-    """(trace id, root span id) of a traced batch's hash."""
-    m = _TRACEPARENT.match(h.get(TRACEPARENT_FIELD) or "")
+def _ids(rec: BatchRecord) -> tuple[int, int] | None:
+    """(trace id, root span id) of a traced batch's record."""
+    m = _TRACEPARENT.match(rec.traceparent)
     return (int(m.group(1), 16), int(m.group(2), 16)) if m else None
 
 
@@ -161,16 +163,16 @@ def new_batch_fields(client_traceparent: str | None = None) -> dict[str, str]:
     return fields
 
 
-def running_fields(h: dict[str, str]) -> dict[str, str]:
+def running_fields(rec: BatchRecord) -> dict[str, str]:
     """The field to set when a traced batch starts running (its start time); {} otherwise."""
-    if _state.tracer is None or not h.get(TRACEPARENT_FIELD):
+    if _state.tracer is None or not rec.traceparent:
         return {}
     return {RUNNING_FIELD: str(time.time_ns())}
 
 
-def log_fields(h: dict[str, str]) -> dict[str, str]:
+def log_fields(rec: BatchRecord) -> dict[str, str]:
     """``trace_id`` for a log line about a traced batch; {} otherwise."""
-    trace_id = trace_id_of(h.get(TRACEPARENT_FIELD, "")) if _state.tracer is not None else ""
+    trace_id = trace_id_of(rec.traceparent) if _state.tracer is not None else ""
     return {"trace_id": trace_id} if trace_id else {}
 
 
@@ -200,46 +202,45 @@ def _emit(name: str, parent: tuple[int, int] | None, start_ns: int, end_ns: int,
 
 # ----------------------------------------------------------------------------- batch phases
 @contextlib.contextmanager
-def phase(h: dict[str, str], name: str, **attributes: Any) -> Iterator[None]:
+def phase(rec: BatchRecord, name: str, **attributes: Any) -> Iterator[None]:
     """A span of one batch phase run here, under the batch's root; its logs carry the trace id."""
-    ids = _ids(h) if _state.tracer is not None else None
+    ids = _ids(rec) if _state.tracer is not None else None
     if ids is None:
         yield
         return
-    span = _state.tracer.start_span(name, context=_context(*ids), attributes={"sluice.batch_id": h.get("id", ""),
+    span = _state.tracer.start_span(name, context=_context(*ids), attributes={"sluice.batch_id": rec.id,
                                                                            **attributes})
     with structlog.contextvars.bound_contextvars(trace_id=f"{ids[0]:032x}"), _state.api.use_span(span, end_on_exit=True):
         yield
 
 
-def feeding_done(h: dict[str, str], lines: int) -> None:
+def feeding_done(rec: BatchRecord, lines: int) -> None:
     """The last line of a traced batch was published: its feeding phase ends now."""
-    ids = _ids(h) if _state.tracer is not None else None
-    start = int(h.get(RUNNING_FIELD) or 0)
+    ids = _ids(rec) if _state.tracer is not None else None
+    start = rec.trace_running_ns
     if ids and start:
-        _emit("sluice.feeding", ids, start, time.time_ns(), attributes={"sluice.batch_id": h.get("id", ""),
+        _emit("sluice.feeding", ids, start, time.time_ns(), attributes={"sluice.batch_id": rec.id,
                                                                         "sluice.lines": lines})
 
 
-def batch_finished(h: dict[str, str], status: str, finishing_since_ns: int = 0) -> None:
+def batch_finished(rec: BatchRecord, status: str, finishing_since_ns: int = 0) -> None:
     """A traced batch reached its terminal ``status``: emit its running and finalizing phases and its root."""
-    ids = _ids(h) if _state.tracer is not None else None
+    ids = _ids(rec) if _state.tracer is not None else None
     if ids is None:
         return
     now = time.time_ns()
     trace_id, root = ids
-    batch = {"sluice.batch_id": h.get("id", "")}
-    running = int(h.get(RUNNING_FIELD) or 0)
+    batch = {"sluice.batch_id": rec.id}
+    running = rec.trace_running_ns
     if running:
         done = finishing_since_ns or now
-        counts = {"sluice.total": int(h.get("total") or 0), "sluice.completed": int(h.get("completed") or 0),
-                  "sluice.failed": int(h.get("failed") or 0)}
+        counts = {"sluice.total": rec.total, "sluice.completed": rec.completed, "sluice.failed": rec.failed}
         _emit("sluice.running", ids, running, done, ids=(trace_id, _derived_span_id(trace_id, "running")),
               attributes={**batch, **counts})
         _emit("sluice.finalizing", ids, done, now, attributes=batch)
-    parent = int(h[PARENT_FIELD], 16) if h.get(PARENT_FIELD) else 0
-    _emit("sluice.batch", (trace_id, parent) if parent else None, int(h.get(STARTED_FIELD) or now), now,
-          ids=ids, attributes={**batch, "sluice.status": status, "sluice.endpoint": h.get("endpoint", "")},
+    parent = int(rec.trace_parent, 16) if rec.trace_parent else 0
+    _emit("sluice.batch", (trace_id, parent) if parent else None, rec.trace_started_ns or now, now,
+          ids=ids, attributes={**batch, "sluice.status": status, "sluice.endpoint": rec.endpoint},
           error="" if status == "completed" else status)
 
 

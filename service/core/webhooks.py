@@ -44,6 +44,7 @@ from . import keys, store
 from .config import Settings, webhook_key
 from .errors import bad_request
 from .leases import FencedScript, Lease, LeaseLost, execute
+from .records import BatchRecord
 from .wire import TERMINAL_STATUSES, json_encoder
 
 log = structlog.get_logger("sluice.webhooks")
@@ -298,12 +299,12 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def payload(h: dict[str, str]) -> bytes:
-    """The JSON body announcing that the batch in hash ``h`` ended."""
-    batch = store.batch_from_record(h)
+def payload(rec: BatchRecord) -> bytes:
+    """The JSON body announcing that the batch of record ``rec`` ended."""
+    batch = store.batch_from_record(rec)
     at = getattr(batch, f"{batch.status}_at", None) or store.now()
     return json_encoder.encode({
-        "id": message_id(h["id"]), "object": "event", "type": f"batch.{batch.status}", "created_at": at,
+        "id": message_id(rec.id), "object": "event", "type": f"batch.{batch.status}", "created_at": at,
         "data": batch,
     })
 
@@ -403,16 +404,16 @@ class WebhookSender:
 
     async def _deliver(self, batch_id: str) -> None:
         h = await store.get_batch_record(self.r, batch_id)
-        if h is None or not h.get("webhook_url") or h.get("status") not in TERMINAL_STATUSES:
+        if h is None or not h.webhook_url or h.status not in TERMINAL_STATUSES:
             # The record expired or was deleted meanwhile.
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
-        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [int(h.get("webhook_attempts") or 0)],
+        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [h.webhook_attempts],
                                   lease=self.lease))
         if attempt == 0:
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
-        url, msg_id = h["webhook_url"], message_id(batch_id)
+        url, msg_id = h.webhook_url, message_id(batch_id)
         body = payload(h)
         timestamp = int(time.time())
         headers = {
@@ -422,7 +423,7 @@ class WebhookSender:
             "webhook-signature": sign(self.settings.webhook_secret, msg_id, timestamp, body),
         }
         bound = log.bind(batch_id=batch_id, webhook_id=msg_id, target=where(url), attempt=attempt,
-                         event_type=f"batch.{h['status']}")
+                         event_type=f"batch.{h.status}")
         started = time.monotonic()
         outcome: dict[str, Any]
         try:

@@ -19,6 +19,7 @@ from service.core.config import Quotas, Settings, window_hours, window_seconds
 from service.core.connections import REDIS_DOWN
 from service.core.crypto import seal
 from service.core.errors import APIError, bad_request, not_found
+from service.core.records import BatchField, BatchRecord, FileRecord
 from service.core.storage import CHUNK, Storage
 from service.core.validation import BOM, MAX_LINE_BYTES
 from service.core.wire import (
@@ -34,6 +35,7 @@ from service.core.wire import (
 )
 
 from . import appkeys, edge
+from .owned import owned_batch, owned_file
 
 log = structlog.get_logger("sluice.web")
 
@@ -371,56 +373,48 @@ async def list_files(request: web.Request) -> web.Response:
         raise bad_request("Invalid value for 'order': must be 'asc' or 'desc'.", param="order", code="invalid_value")
     limit = _query_int(request, "limit", 10000, 1, 10000)
     after = _query_after(request, "file-")
-    records, has_more = await store.page(r, keys.owner_files(owner, purpose), keys.file, after=after, limit=limit,
-                                         desc=order == "desc")
-    return json_response(_page([store.file_from_record(h) for h in records], has_more))
-
-
-async def _owned_file(request: web.Request) -> dict[str, str]:
-    file_id = request.match_info["file_id"]
-    h = await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id)
-    if h is None:
-        raise not_found("File", file_id, param="file_id")
-    return h
+    records, has_more = await store.page(r, keys.owner_files(owner, purpose), keys.file, FileRecord.from_hash,
+                                         after=after, limit=limit, desc=order == "desc")
+    return json_response(_page([store.file_from_record(rec) for rec in records], has_more))
 
 
 async def retrieve_file(request: web.Request) -> web.Response:
     """GET /files/{file_id}."""
-    return json_response(store.file_from_record(await _owned_file(request)))
+    return json_response(store.file_from_record(await owned_file(request)))
 
 
 async def delete_file(request: web.Request) -> web.Response:
     """DELETE /files/{file_id}: exactly one of racing deletes answers 200; the content stays while a batch reads it."""
     r = request.app[appkeys.REDIS]
-    h = await _owned_file(request)
+    h = await owned_file(request)
     deleted, marker = await store.delete_file(r, h, store.new_op_id())
     if not deleted:
-        raise not_found("File", h["id"], param="file_id")  # a concurrent delete (or the expiry sweep) won
+        raise not_found("File", h.id, param="file_id")  # a concurrent delete (or the expiry sweep) won
     if marker:
         # The file is deleted for the client either way: whatever fails from here on is left to
         # the expiry sweep, which the marker points at the content.
         try:
-            await request.app[appkeys.STORAGE].delete(h["storage_key"])
+            await request.app[appkeys.STORAGE].delete(h.storage_key)
             await store.content_removed(r, marker)
         except Exception as e:
-            log.warning("file_content_cleanup_deferred", file_id=h["id"], error=f"{type(e).__name__}: {e}")
-    return json_response(FileDeleted(id=h["id"]))
+            log.warning("file_content_cleanup_deferred", file_id=h.id, error=f"{type(e).__name__}: {e}")
+    return json_response(FileDeleted(id=h.id))
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
     """GET /files/{file_id}/content: the raw bytes, streamed from storage."""
-    h = await _owned_file(request)
-    chunks = request.app[appkeys.STORAGE].read(h["storage_key"])
+    h = await owned_file(request)
+    chunks = request.app[appkeys.STORAGE].read(h.storage_key)
     try:
         try:
             first = await anext(chunks, b"")
         except FileNotFoundError:
-            raise not_found("File", h["id"], param="file_id") from None
+            raise not_found("File", h.id, param="file_id") from None
         response = web.StreamResponse(headers={
             "Content-Type": "application/octet-stream",
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(h['filename'], safe='')}",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(h.filename, safe='')}",
         })
-        response.content_length = int(h["bytes"])
+        response.content_length = h.bytes
         await response.prepare(request)
         await response.write(first)
         async for chunk in chunks:
@@ -536,8 +530,8 @@ async def create_batch(request: web.Request) -> web.Response:
     file = await store.get_file_record(r, owner, input_file_id)
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
-    if file["purpose"] != "batch":
-        raise bad_request(f"File {input_file_id} has purpose '{file['purpose']}'; batch input files must have "
+    if file.purpose != "batch":
+        raise bad_request(f"File {input_file_id} has purpose '{file.purpose}'; batch input files must have "
                           "purpose 'batch'.", param="input_file_id", code="invalid_value")
     record = await record_batch(
         request, endpoint=endpoint, file=file, completion_window=window, metadata=metadata,
@@ -548,21 +542,21 @@ async def create_batch(request: web.Request) -> web.Response:
 
 
 async def record_batch(
-    request: web.Request, *, endpoint: str, file: dict[str, str], completion_window: str,
+    request: web.Request, *, endpoint: str, file: FileRecord, completion_window: str,
     metadata: dict[str, str] | None, output_expires_after: int | None, provider: str, sealed_key: str,
     webhook_url: str, priority: str,
-) -> dict[str, str]:
+) -> BatchRecord:
     """Reserve the token's quota and record a batch of ``file`` (a checked input file record), queued
     for validation; a 429 names the quota it would pass."""
     settings, r = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS]
     owner, quotas = request[appkeys.OWNER], request[appkeys.QUOTAS]
-    lines = int(file.get("lines") or 0)
+    lines = file.lines
     batch_id, seq = await store.new_id(r, "batch_")
     # Reserving the quota and recording the batch are one step: no failure can come in between. The
     # batch id is the operation's id (see store.settle).
     create = functools.partial(
         store.create_batch, r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint,
-        input_file_id=file["id"], input_key=file["storage_key"], completion_window=completion_window,
+        input_file_id=file.id, input_key=file.storage_key, completion_window=completion_window,
         window_s=window_seconds(completion_window, settings.completion_window_s), metadata=metadata,
         output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key, reserved_lines=lines,
         webhook_url=webhook_url, priority=priority, max_active_batches=quotas.max_active_batches,
@@ -634,14 +628,6 @@ def provider_choice(request: web.Request, settings: Settings) -> tuple[str, str]
     return name, seal(settings.secret_key, key) if key else ""
 
 
-async def owned_batch(request: web.Request) -> dict[str, str]:
-    batch_id = request.match_info["batch_id"]
-    h = await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id)
-    if h is None:
-        raise not_found("Batch", batch_id, param="batch_id")
-    return h
-
-
 async def retrieve_batch(request: web.Request) -> web.Response:
     """GET /batches/{batch_id}."""
     return json_response(store.batch_from_record(await owned_batch(request)))
@@ -652,9 +638,9 @@ async def list_batches(request: web.Request) -> web.Response:
     r = request.app[appkeys.REDIS]
     limit = _query_int(request, "limit", 20, 1, 100)
     after = _query_after(request, "batch_")
-    records, has_more = await store.page(r, keys.owner_batches(request[appkeys.OWNER]), keys.batch, after=after, limit=limit,
-                                         desc=True)
-    return json_response(_page([store.batch_from_record(h) for h in records], has_more))
+    records, has_more = await store.page(r, keys.owner_batches(request[appkeys.OWNER]), keys.batch,
+                                         BatchRecord.from_hash, after=after, limit=limit, desc=True)
+    return json_response(_page([store.batch_from_record(rec) for rec in records], has_more))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
@@ -662,8 +648,9 @@ async def cancel_batch(request: web.Request) -> web.Response:
     r = request.app[appkeys.REDIS]
     h = await owned_batch(request)
     applied, before = await store.transition(
-        r, h["id"], allowed=["validating", "in_progress"],
-        fields={"status": "cancelling", "cancelling_at": store.now(), "abort": "batch_cancelled"},
+        r, h.id, allowed=["validating", "in_progress"],
+        fields={BatchField.STATUS: "cancelling", BatchField.CANCELLING_AT: store.now(),
+                BatchField.ABORT: "batch_cancelled"},
         remove_from=[keys.ACTIVE_BATCHES],
     )
     if not applied and before not in ("cancelling", "cancelled"):

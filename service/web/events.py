@@ -20,22 +20,25 @@ from aiohttp import web
 from service.core import keys, store
 from service.core.connections import REDIS_DOWN
 from service.core.lifecycle import sleep_unless_stopped
+from service.core.records import BatchField, BatchRecord
 from service.core.wire import TERMINAL_STATUSES, json_encoder
 
-from . import api, appkeys
+from . import appkeys
+from .owned import owned_batch
 
 log = structlog.get_logger("sluice.events")
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0
 # Fields whose change is worth an event (everything else changes only along with the status).
-WATCHED = ("status", "total", "completed", "failed")
+WATCHED = (BatchField.STATUS, BatchField.TOTAL, BatchField.COMPLETED, BatchField.FAILED)
 # What a client reconnecting after the stream broke off should wait (ms).
 RETRY_MS = 2000
 
 
-def _snapshot(h: dict[str, str]) -> tuple[str, ...]:
-    return tuple(h.get(name) or "" for name in WATCHED)
+def _snapshot(rec: BatchRecord) -> tuple[object, ...]:
+    """What an event is sent on a change of (the ``WATCHED`` fields)."""
+    return rec.status, rec.total, rec.completed, rec.failed
 
 
 def _event(name: str, data: bytes) -> bytes:
@@ -46,16 +49,16 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
     """GET /batches/{batch_id}/events: the batch's progress until it ends."""
     r = request.app[appkeys.REDIS]
     stop = request.app[appkeys.EVENTS_STOP]
-    h: dict[str, str] | None = await api.owned_batch(request)  # 404 for unknown and foreign ids
+    h: BatchRecord | None = await owned_batch(request)  # 404 for unknown and foreign ids
     assert h is not None
-    batch_id = h["id"]
+    batch_id = h.id
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # proxies such as nginx must pass events on at once
     })
     await response.prepare(request)
     loop = asyncio.get_running_loop()
-    sent: tuple[str, ...] | None = None
+    sent: tuple[object, ...] | None = None
     try:
         await response.write(f"retry: {RETRY_MS}\n\n".encode())
         last_write = loop.time()
@@ -64,8 +67,8 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
                 sent = _snapshot(h)
                 await response.write(_event("batch", json_encoder.encode(store.batch_from_record(h))))
                 last_write = loop.time()
-                if h["status"] in TERMINAL_STATUSES:
-                    await response.write(_event("done", json_encoder.encode({"id": batch_id, "status": h["status"]})))
+                if h.status in TERMINAL_STATUSES:
+                    await response.write(_event("done", json_encoder.encode({"id": batch_id, "status": h.status})))
                     break
             elif loop.time() - last_write >= KEEPALIVE_S:
                 await response.write(b": ping\n\n")
@@ -77,7 +80,7 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
             if values[0] is None:
                 break  # the record expired or was deleted
             h = None
-            if tuple(v.decode() if v else "" for v in values) != sent:
+            if _snapshot(BatchRecord.from_values(WATCHED, values)) != sent:
                 h = await store.get_batch_record(r, batch_id)
                 if h is None:
                     break

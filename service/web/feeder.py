@@ -33,9 +33,9 @@ import structlog
 from service.core import keys, leases, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage
-from service.core.delegation import delegated_providers
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import sleep_unless_stopped
+from service.core.records import BatchField, BatchRecord
 from service.core.storage import Storage
 from service.core.validation import Line, check_line, iter_lines
 from service.core.wire import BatchError
@@ -71,8 +71,9 @@ redis.call('HSET', KEYS[1], 'feed_index', ARGV[3], 'feed_offset', ARGV[2])
 return tonumber(ARGV[3])
 """)
 
-_FIELDS = ("status", "abort", "total", "completed", "failed", "feed_index", "feed_offset", "feed_window",
-           "input_key", "endpoint", "provider", "deleg_providers", tracing.TRACEPARENT_FIELD, tracing.RUNNING_FIELD)
+_F = BatchField
+_FIELDS = (_F.STATUS, _F.ABORT, _F.TOTAL, _F.COMPLETED, _F.FAILED, _F.FEED_INDEX, _F.FEED_OFFSET, _F.FEED_WINDOW,
+           _F.INPUT_KEY, _F.ENDPOINT, _F.PROVIDER, _F.DELEG_PROVIDERS, _F.TRACEPARENT, _F.TRACE_RUNNING_NS)
 # Delegated lines passed over per script call, at most: a long run of them is read in steps.
 SKIP_CHUNK = 20 * CHUNK
 
@@ -137,7 +138,8 @@ class Feeder:
         for batch_id in mine:
             pipe.hmget(keys.batch(batch_id), *_FIELDS)
         for batch_id, values in zip(mine, await pipe.execute()):
-            h = {k: v.decode() for k, v in zip(_FIELDS, values) if v is not None}
+            h = BatchRecord.from_values(_FIELDS, values)
+            h.id = batch_id
             try:
                 await self._top_up(batch_id, h)
             except LeaseLost as e:
@@ -171,28 +173,28 @@ class Feeder:
         self.renew_at[batch_id] = now + self.lease_ms / 4000
         return True
 
-    async def _top_up(self, batch_id: str, h: dict[str, str]) -> None:
-        if "feed_index" not in h:
+    async def _top_up(self, batch_id: str, h: BatchRecord) -> None:
+        if h.feed_index is None:
             return  # not started yet, or its record is gone
-        index, total = int(h["feed_index"]), int(h.get("total") or 0)
+        index, total = h.feed_index, h.total
         lease = self.leases[batch_id]
-        if h.get("status") != "in_progress" or h.get("abort") or index >= total:
+        if h.status != "in_progress" or h.abort or index >= total:
             # Fully fed, aborting or ended: the finalizer records whatever was never published.
             await leases.execute(self.r, lease, ("SREM", keys.FEEDING_BATCHES, batch_id))
             await self._let_go(batch_id)
             return
-        window = int(h["feed_window"])
-        delegated = delegated_providers(h)
+        window = h.feed_window
+        delegated = h.deleg_providers
         if delegated:
             outstanding = int(await self.r.xlen(keys.lines(batch_id)))
         else:
-            outstanding = index - int(h.get("completed") or 0) - int(h.get("failed") or 0)
+            outstanding = index - h.completed - h.failed
         if outstanding > window // 2:
             return
         cursor = await self._cursor(batch_id, h)
         room = window - outstanding
         # A traced batch's lines carry one more argument: when a sampled line was published.
-        traced = tracing.enabled() and bool(h.get(tracing.TRACEPARENT_FIELD))
+        traced = tracing.enabled() and bool(h.traceparent)
         try:
             while room > 0 and index < total:
                 argv, read, end = await self._next_lines(cursor, h, index, min(room, CHUNK, total - index), delegated,
@@ -209,14 +211,14 @@ class Feeder:
                 room -= len(argv) // 5
                 index = got
                 if traced and index >= total:
-                    tracing.feeding_done({**h, "id": batch_id}, total)
+                    tracing.feeding_done(h, total)
         except BaseException:
             # The reader may be past lines that were never published: reopen at the recorded offset.
             await self._close(batch_id)
             raise
 
     async def _next_lines(
-        self, cursor: _Cursor, h: dict[str, str], index: int, count: int, delegated: frozenset[str],
+        self, cursor: _Cursor, h: BatchRecord, index: int, count: int, delegated: frozenset[str],
         traced: bool = False,
     ) -> tuple[list, int, int]:
         """Script arguments for up to ``count`` more lines to publish, how many lines were read (those
@@ -227,17 +229,17 @@ class Feeder:
         """
         argv: list[str | int | bytes] = []
         stride = 6 if traced else 5
-        traceparent = h.get(tracing.TRACEPARENT_FIELD, "")
+        traceparent = h.traceparent
         end = cursor.offset
         read = 0
         async for line in cursor.lines:
-            request = check_line(line, h["endpoint"])
+            request = check_line(line, h.endpoint)
             if isinstance(request, BatchError):
                 raise RuntimeError(f"the validated line at byte {end} no longer validates: {request.message}")
-            provider = self.settings.provider_for(request.model, h.get("provider", ""))
+            provider = self.settings.provider_for(request.model, h.provider)
             # A provider dropped from the configuration since validation: the worker records the
             # line as failed (provider_not_configured) instead of the batch stalling here.
-            name = provider.name if provider else h.get("provider") or f"(none serves {request.model[:100]})"
+            name = provider.name if provider else h.provider or f"(none serves {request.model[:100]})"
             if name not in delegated:
                 argv += [index + read, request.custom_id, request.body, name, request.cost]
                 if traced:
@@ -248,12 +250,12 @@ class Feeder:
                 break
         return argv, read, end
 
-    async def _cursor(self, batch_id: str, h: dict[str, str]) -> _Cursor:
-        offset = int(h.get("feed_offset") or 0)
+    async def _cursor(self, batch_id: str, h: BatchRecord) -> _Cursor:
+        offset = h.feed_offset
         cursor = self.cursors.get(batch_id)
         if cursor is None or cursor.offset != offset:
             await self._close(batch_id)
-            cursor = self.cursors[batch_id] = _Cursor(offset, iter_lines(self.storage, h["input_key"], start=offset))
+            cursor = self.cursors[batch_id] = _Cursor(offset, iter_lines(self.storage, h.input_key, start=offset))
         return cursor
 
     async def _close(self, batch_id: str) -> None:

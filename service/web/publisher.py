@@ -27,6 +27,7 @@ from service.core.connections import REDIS_DOWN, Outage
 from service.core.delegation import Planner, encode_providers, write_plan
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name
+from service.core.records import BatchField, BatchRecord
 from service.core.storage import Storage
 from service.core.validation import (
     MAX_LINE_BYTES,
@@ -147,12 +148,12 @@ class Publisher:
         """Validate one claimed batch and start it (or fail or cancel it); every write fenced by ``lease``."""
         h = await store.get_batch_record(self.r, batch_id)
         bound = log.bind(batch_id=batch_id)
-        if h is None or h["status"] in TERMINAL_STATUSES:
+        if h is None or h.status in TERMINAL_STATUSES:
             if h is not None:
                 await store.release(self.r, self.storage, h, lease=lease)  # an ending interrupted before its release
             await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
             return
-        if h["status"] == "validating":
+        if h.status == "validating":
             started = time.monotonic()
             with tracing.phase(h, "sluice.validation"):
                 total, size, model, errors, planner = await self._validate(h, lease)
@@ -164,32 +165,32 @@ class Publisher:
             if not await self._start(h, total, model, self.settings.window(size, total), planner, lease):
                 return
             self.feeder_wake.set()
-        elif h["status"] == "cancelling" and not h.get("in_progress_at"):
+        elif h.status == "cancelling" and not h.in_progress_at:
             await self._cancel_unstarted(h, lease)
             return
         await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
 
-    async def _validate(self, h: dict[str, str], lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
+    async def _validate(self, h: BatchRecord, lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
         """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input.
 
         One pass checks every line, a block of lines at a time, and keeps only a hash of each
         custom_id (memory stays flat in the number of lines). When a hash comes up twice, a second
         pass tells real duplicates from collisions exactly, so a collision never fails a valid file.
         """
-        planner = Planner(self.settings, h["completion_window"])
+        planner = Planner(self.settings, h.completion_window)
         scan = _Scan(self.settings, h, planner)
         try:
             async with self._blocks(h) as blocks:
                 async for block in blocks:
                     if scan.add(block):
                         break
-                    await self._renew(h["id"], lease)
+                    await self._renew(h.id, lease)
             suspects = scan.suspects()
             if suspects:
                 await self._recheck(h, lease, scan, suspects)
         except FileNotFoundError:
             return 0, 0, "", [BatchError(
-                code="invalid_request", message=f"Cannot find file {h['input_file_id']}.", param="file_id", line=None,
+                code="invalid_request", message=f"Cannot find file {h.input_file_id}.", param="file_id", line=None,
             )], planner
         errors = scan.errors
         if scan.total == 0:
@@ -198,12 +199,12 @@ class Publisher:
             errors.append(too_many_error(self.settings.max_batch_lines))
         return scan.total, scan.size, scan.model, errors[:MAX_REPORTED_ERRORS], planner
 
-    def _blocks(self, h: dict[str, str]) -> contextlib.aclosing[AsyncGenerator[Block, None]]:
+    def _blocks(self, h: BatchRecord) -> contextlib.aclosing[AsyncGenerator[Block, None]]:
         # Closed on the way out: a read-ahead may be under way when validation stops early.
-        return contextlib.aclosing(iter_blocks(self.storage, h["input_key"], chunk_size=VALIDATION_READ_BYTES,
+        return contextlib.aclosing(iter_blocks(self.storage, h.input_key, chunk_size=VALIDATION_READ_BYTES,
                                                read_ahead=True))
 
-    async def _recheck(self, h: dict[str, str], lease: Lease, scan: "_Scan", suspects: set[int]) -> None:
+    async def _recheck(self, h: BatchRecord, lease: Lease, scan: "_Scan", suspects: set[int]) -> None:
         """The second pass: the exact errors of the lines whose custom_id hash is in ``suspects``
         (duplicate_custom_id or model_not_found), in place of the first pass's in ``scan.errors``."""
         found: list[BatchError] = []
@@ -228,16 +229,16 @@ class Publisher:
                         found.append(model_error(model, line.number))
                     else:
                         seen.add(custom_id)
-                await self._renew(h["id"], lease)
+                await self._renew(h.id, lease)
         kept = [e for e in scan.errors if e.line not in scan.unserved or scan.unserved[e.line] not in suspects]
         scan.errors = list(heapq.merge(kept, found, key=lambda e: e.line or 0))
 
-    async def _fail(self, h: dict[str, str], errors: list[BatchError], lease: Lease) -> None:
+    async def _fail(self, h: BatchRecord, errors: list[BatchError], lease: Lease) -> None:
         now = store.now()
         encoded = msgspec.json.encode(errors).decode()
         applied, before = await store.transition(
-            self.r, h["id"], allowed=["validating"],
-            fields={"status": "failed", "failed_at": now, "errors": encoded}, expire_s=self.settings.retention_s,
+            self.r, h.id, allowed=["validating"],
+            fields={BatchField.STATUS: "failed", BatchField.FAILED_AT: now, BatchField.ERRORS: encoded}, expire_s=self.settings.retention_s,
             delete=_work_keys_but(lease), lease=lease,
         )
         if not applied and before == "cancelling":
@@ -247,28 +248,30 @@ class Publisher:
             tracing.batch_finished(h, "failed")
         # Released before it leaves the queue: interrupted in between, the next claim releases it.
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h["id"]))
+        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h.id))
 
-    async def _cancel_unstarted(self, h: dict[str, str], lease: Lease) -> None:
+    async def _cancel_unstarted(self, h: BatchRecord, lease: Lease) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain (the
         # streams an earlier, interrupted attempt may have created go in the same step).
         applied, _ = await store.transition(
-            self.r, h["id"], allowed=["cancelling"], fields={"status": "cancelled", "cancelled_at": store.now()},
+            self.r, h.id, allowed=["cancelling"],
+            fields={BatchField.STATUS: "cancelled", BatchField.CANCELLED_AT: store.now()},
             expire_s=self.settings.retention_s, delete=_work_keys_but(lease), lease=lease,
         )
         if applied:
             tracing.batch_finished(h, "cancelled")
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h["id"]))
+        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h.id))
 
     async def _start(
-        self, h: dict[str, str], total: int, model: str, window: int, planner: Planner, lease: Lease,
+        self, h: BatchRecord, total: int, model: str, window: int, planner: Planner, lease: Lease,
     ) -> bool:
-        batch_id = h["id"]
+        batch_id = h.id
         await _CREATE_GROUPS(self.r, [keys.lines(batch_id), keys.results(batch_id)], [keys.WORKER_GROUP, "finalizer"],
                              lease=lease)
-        fields: dict[str, str | int] = {"status": "in_progress", "in_progress_at": store.now(), "total": total,
-                                        "model": model, "feed_index": 0, "feed_offset": 0, "feed_window": window,
+        F = BatchField
+        fields: dict[str, str | int] = {F.STATUS: "in_progress", F.IN_PROGRESS_AT: store.now(), F.TOTAL: total,
+                                        F.MODEL: model, F.FEED_INDEX: 0, F.FEED_OFFSET: 0, F.FEED_WINDOW: window,
                                         **tracing.running_fields(h)}
         # Lines for a provider's own Batch API are run by the finalizers (workers/delegate.py); the
         # workers and the feeder only see the batch if some of its lines are executed here.
@@ -278,8 +281,8 @@ class Publisher:
         parts = planner.plan()
         if parts:
             await write_plan(self.r, batch_id, parts)
-            fields.update(deleg_open=len(parts), deleg_lines=planner.lines,
-                          deleg_providers=encode_providers(planner.providers))
+            fields.update({F.DELEG_OPEN: len(parts), F.DELEG_LINES: planner.lines,
+                           F.DELEG_PROVIDERS: encode_providers(planner.providers)})
             add_to.append(keys.DELEGATED_BATCHES)
         applied, before = await store.transition(
             self.r, batch_id, allowed=["validating"], fields=fields, add_to=add_to, lease=lease,
@@ -304,10 +307,10 @@ def _work_keys_but(lease: Lease) -> list[str]:
 class _Scan:
     """The first validation pass over a batch's input (``Publisher._validate``), a block at a time."""
 
-    def __init__(self, settings: Settings, h: dict[str, str], planner: Planner) -> None:
+    def __init__(self, settings: Settings, h: BatchRecord, planner: Planner) -> None:
         self.settings = settings
-        self.endpoint = h["endpoint"]
-        self.chosen = h.get("provider", "")
+        self.endpoint = h.endpoint
+        self.chosen = h.provider
         self.limit = settings.max_batch_lines
         self.planner = planner
         # The planner only has work when some provider takes this batch's lines to its Batch API.

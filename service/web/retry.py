@@ -26,12 +26,14 @@ from aiohttp import web
 from service.core import store, webhooks
 from service.core.connections import REDIS_DOWN
 from service.core.errors import APIError, bad_request
+from service.core.records import BatchRecord, FileRecord
 from service.core.results import retryable
 from service.core.storage import CHUNK, Storage
 from service.core.validation import Request, check_line, iter_lines
 from service.core.wire import JSON_ERRORS, TERMINAL_STATUSES, ResultOutcome
 
 from . import api, appkeys
+from .owned import owned_batch
 
 log = structlog.get_logger("sluice.retry")
 
@@ -68,8 +70,8 @@ async def retry_batch(request: web.Request) -> web.Response:
     settings, r = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS]
     storage: Storage = request.app[appkeys.STORAGE]
     owner = request[appkeys.OWNER]
-    h = await api.owned_batch(request)
-    batch_id, status = h["id"], h["status"]
+    h = await owned_batch(request)
+    batch_id, status = h.id, h.status
     if status not in TERMINAL_STATUSES:
         raise APIError(409, f"Cannot retry batch {batch_id}: its status is '{status}'. Only a finished batch "
                             f"({', '.join(RETRIABLE_STATUSES)}) can be retried; wait for it to end, or cancel it.",
@@ -77,60 +79,60 @@ async def retry_batch(request: web.Request) -> web.Response:
     if status == "failed":
         raise nothing_to_retry(f"Batch {batch_id} failed validation: none of its requests ran, so there is nothing "
                                "to retry. Fix its input file and create a new batch.")
-    metadata = msgspec.json.decode(h["metadata"]) if h.get("metadata") else {}
+    metadata = dict(h.metadata or {})
     metadata[RETRY_OF_METADATA] = batch_id
-    priority = h.get("priority") or api.DEFAULT_PRIORITY
+    priority = h.priority or api.DEFAULT_PRIORITY
     if api.PRIORITY_HEADER in request.headers:
         # The header overrides the original's priority (its metadata echo included).
         priority = api.priority_choice(request, None) or priority
         metadata[api.PRIORITY_METADATA] = priority
     provider, sealed_key = api.provider_choice(request, settings)
-    if h.get("byok_used") and not sealed_key:
+    if h.byok_used and not sealed_key:
         raise bad_request(f"Batch {batch_id} ran with your own provider key, which Sluice does not keep past a "
                           f"batch: send it again in {api.PROVIDER_KEY_HEADER} (with {api.PROVIDER_HEADER}).",
                           param=api.PROVIDER_KEY_HEADER, code="missing_required_parameter")
     webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
-    if not h.get("error_file_id"):
+    if not h.error_file_id:
         raise nothing_to_retry(f"Batch {batch_id} has no failed requests: nothing to retry.")
-    error_file = await store.get_file_record(r, owner, h["error_file_id"])
+    error_file = await store.get_file_record(r, owner, h.error_file_id)
     if error_file is None:
-        raise bad_request(f"The error file {h['error_file_id']} of batch {batch_id} was deleted: the failures to "
+        raise bad_request(f"The error file {h.error_file_id} of batch {batch_id} was deleted: the failures to "
                           "retry cannot be told any more.", code="error_file_deleted")
     try:
-        ids = await retryable_ids(storage, error_file["storage_key"])
+        ids = await retryable_ids(storage, error_file.storage_key)
     except FileNotFoundError:
-        raise bad_request(f"The error file {error_file['id']} of batch {batch_id} is gone from storage.",
+        raise bad_request(f"The error file {error_file.id} of batch {batch_id} is gone from storage.",
                           code="error_file_deleted") from None
     if not ids:
         raise nothing_to_retry(f"Batch {batch_id} has no retryable failures: only 429 and 5xx answers, timeouts, "
                                "unreachable providers, batch_expired and batch_cancelled are retried, never a 4xx "
                                "answer.")
-    input_file = await store.get_file_record(r, owner, h["input_file_id"])
+    input_file = await store.get_file_record(r, owner, h.input_file_id)
     if input_file is None:
-        raise bad_request(f"The input file {h['input_file_id']} of batch {batch_id} was deleted: the requests to "
+        raise bad_request(f"The input file {h.input_file_id} of batch {batch_id} was deleted: the requests to "
                           "retry are gone with it.", code="input_file_deleted")
     try:
         file = await _write_input(request, h, input_file, ids)
     except FileNotFoundError:
-        raise bad_request(f"The input file {input_file['id']} of batch {batch_id} is gone from storage.",
+        raise bad_request(f"The input file {input_file.id} of batch {batch_id} is gone from storage.",
                           code="input_file_deleted") from None
     try:
         record = await api.record_batch(
-            request, endpoint=h["endpoint"], file=file, completion_window=h["completion_window"], metadata=metadata,
-            output_expires_after=int(h["output_expires_after"]) if h.get("output_expires_after") else None,
-            provider=provider or h.get("provider", ""), sealed_key=sealed_key, webhook_url=webhook_url,
+            request, endpoint=h.endpoint, file=file, completion_window=h.completion_window, metadata=metadata,
+            output_expires_after=h.output_expires_after or None,
+            provider=provider or h.provider, sealed_key=sealed_key, webhook_url=webhook_url,
             priority=priority,
         )
     except BaseException:
         # The batch was not made (a quota, most likely): its input file must not be left behind.
         await _forget(r, storage, file)
         raise
-    log.info("batch_retried", batch_id=record["id"], retry_of=batch_id, lines=int(file["lines"]))
+    log.info("batch_retried", batch_id=record.id, retry_of=batch_id, lines=file.lines)
     return api.json_response(store.batch_from_record(record))
 
 
-async def _write_input(request: web.Request, h: dict[str, str], input_file: dict[str, str],
-                       ids: set[str]) -> dict[str, str]:
+async def _write_input(request: web.Request, h: BatchRecord, input_file: FileRecord,
+                       ids: set[str]) -> FileRecord:
     """Store the input lines of ``ids`` as a new batch input file; its record, charged to the token."""
     r, storage = request.app[appkeys.REDIS], request.app[appkeys.STORAGE]
     owner, quotas = request[appkeys.OWNER], request[appkeys.QUOTAS]
@@ -142,8 +144,8 @@ async def _write_input(request: web.Request, h: dict[str, str], input_file: dict
         nonlocal kept
         size = 0
         buf = bytearray()
-        async for line in iter_lines(storage, input_file["storage_key"]):
-            request_line = check_line(line, h["endpoint"])
+        async for line in iter_lines(storage, input_file.storage_key):
+            request_line = check_line(line, h.endpoint)
             if not isinstance(request_line, Request) or request_line.custom_id not in ids or line.data is None:
                 continue
             buf += line.data + b"\n"
@@ -162,10 +164,10 @@ async def _write_input(request: web.Request, h: dict[str, str], input_file: dict
     size = await storage.write(file_id, chunks())
     if kept == 0:
         await storage.delete(file_id)
-        raise nothing_to_retry(f"None of the requests to retry were found in the input file {input_file['id']}.")
+        raise nothing_to_retry(f"None of the requests to retry were found in the input file {input_file.id}.")
     # The file id is the operation's id (see store.settle), as for an upload.
     create = functools.partial(
-        store.create_file, r, owner=owner, file_id=file_id, seq=seq, filename=f"{h['id']}_retry_input.jsonl",
+        store.create_file, r, owner=owner, file_id=file_id, seq=seq, filename=f"{h.id}_retry_input.jsonl",
         purpose="batch", size=size, storage_key=file_id, expires_at=store.now() + api.BATCH_FILE_TTL_S, lines=kept,
         max_stored_bytes=quotas.max_stored_bytes,
     )
@@ -191,14 +193,14 @@ async def _write_input(request: web.Request, h: dict[str, str], input_file: dict
     return record
 
 
-async def _forget(r: store.Redis, storage: Storage, file: dict[str, str]) -> None:
+async def _forget(r: store.Redis, storage: Storage, file: FileRecord) -> None:
     try:
         deleted, marker = await store.delete_file(r, file, store.new_op_id())
         if deleted and marker:
-            await storage.delete(file["storage_key"])
+            await storage.delete(file.storage_key)
             await store.content_removed(r, marker)
     except Exception as e:  # the expiry sweep removes it in the end
-        log.warning("retry_input_cleanup_deferred", file_id=file["id"], error=f"{type(e).__name__}: {e}")
+        log.warning("retry_input_cleanup_deferred", file_id=file.id, error=f"{type(e).__name__}: {e}")
 
 
 def add_routes(app: web.Application) -> None:

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.core import keys
+from service.core import keys, streams
 from service.core.config import Settings
 from service.core.storage import LocalStorage
 from service.web import feeder
@@ -43,7 +43,7 @@ async def _finish_published(r, batch_id: str) -> None:
 
 
 async def _published(r, batch_id: str) -> list[tuple[str, str]]:
-    return [(eid.decode(), f[b"c"].decode()) for eid, f in await r.xrange(keys.lines(batch_id))]
+    return [(eid.decode(), f[streams.LINE_CUSTOM_ID].decode()) for eid, f in await r.xrange(keys.lines(batch_id))]
 
 
 @pytest.fixture

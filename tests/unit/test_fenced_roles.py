@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 from structlog.testing import capture_logs
 
-from service.core import keys, leases
+from service.core import keys, leases, streams
 from service.core.config import Settings
 from service.core.storage import LocalStorage
 from service.web import appkeys, feeder
@@ -99,7 +99,7 @@ async def test_a_paused_worker_does_not_take_back_lines_a_peer_reclaimed(setting
     stream = keys.lines("batch_a")
     await r.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
     for i in (1, 2):
-        await r.xadd(stream, {"c": f"c{i}"}, id=f"0-{i}")
+        await r.xadd(stream, {streams.LINE_CUSTOM_ID: f"c{i}"}, id=f"0-{i}")
     worker = Worker(settings)
     worker.redis = r
     await r.xreadgroup(keys.WORKER_GROUP, worker.name, {stream: ">"})

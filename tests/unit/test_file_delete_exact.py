@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from service.core import keys, store
+from service.core.records import FileRecord
 from service.web.appkeys import REDIS as REDIS_KEY
 
 from .conftest import good_jsonl
@@ -21,7 +24,7 @@ async def _stored_bytes(api) -> int:
     return await store.usage(redis_of(api), OWNER_A, "stored_bytes")
 
 
-async def _record(api, file_id: str) -> dict[str, str]:
+async def _record(api, file_id: str) -> FileRecord:
     h = await store.get_file_record(redis_of(api), OWNER_A, file_id)
     assert h is not None
     return h
@@ -32,7 +35,7 @@ async def test_lost_reply_rerun_of_the_delete_answers_deleted_again(api):
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
     r = redis_of(api)
-    marker = store.content_marker(f["id"], h["storage_key"], OWNER_A)
+    marker = store.content_marker(f["id"], h.storage_key, OWNER_A)
     # redis-py re-sends the same call (same op id) when the reply of the first run was lost.
     assert await store.delete_file(r, h, "op-1") == (True, marker)
     assert await store.delete_file(r, h, "op-1") == (True, marker)
@@ -67,7 +70,7 @@ async def test_delete_of_a_foreign_file_changes_nothing(api):
     f = await api.upload_ok()
     h = await _record(api, f["id"])
     r = redis_of(api)
-    foreign = dict(h, owner=store.owner_of("tok-b"))
+    foreign = msgspec.structs.replace(h, owner=store.owner_of("tok-b"))
     assert (await store.delete_file(r, foreign, "op-x"))[0] is False
     assert (await api.request("GET", f"/v1/files/{f['id']}")).ok() == f
 
@@ -78,7 +81,7 @@ async def test_expiry_sweep_and_delete_give_bytes_back_once(api):
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])  # what a DELETE read before the sweep ran
     # Its expiry is due now.
-    member = store.expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"])
+    member = store.expiry_member(h.id, h.storage_key, h.owner, h.bytes)
     await r.zadd(keys.FILE_EXPIRY, {member: 1})
     assert await store.sweep_expired_files(r, api.storage) == 1
     assert (await store.delete_file(r, h, "op-late"))[0] is False
@@ -93,7 +96,7 @@ async def test_delete_before_the_sweep_leaves_it_nothing(api):
     f = await api.upload_ok(good_jsonl(2))
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
-    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]): 1})
+    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
     assert (await api.request("DELETE", f"/v1/files/{f['id']}")).ok()["deleted"] is True
     assert await store.sweep_expired_files(r, api.storage) == 0
     assert await _stored_bytes(api) == before - f["bytes"]
@@ -104,12 +107,12 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     f = await api.upload_ok(good_jsonl(2))
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
-    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h["id"], h["storage_key"], h["owner"], h["bytes"]): 1})
+    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
     await r.delete(keys.file(f["id"]))  # what its TTL does at expires_at
     async def delete_like_the_handler():
         deleted, marker = await store.delete_file(r, h, "op-racing")
         if marker:
-            await api.storage.delete(h["storage_key"])
+            await api.storage.delete(h.storage_key)
             await store.content_removed(r, marker)
         return int(deleted)
 

@@ -14,10 +14,11 @@ import contextlib
 import fakeredis
 import pytest
 
-from service.core import keys, leases, store
+from service.core import keys, leases, store, streams
 from service.core.config import Settings
 from service.core.connections import connect
 from service.core.leases import LeaseLost
+from service.core.records import FileRecord
 from service.core.storage import LocalStorage
 
 LEASE = "sluice:{batch_x}:finalizer"
@@ -91,7 +92,7 @@ async def test_fenced_store_writes(r):
     await r.hset(keys.batch(batch_id), mapping={"id": batch_id, "status": "in_progress", "owner": "o",
                                                 "input_file_id": "file-in", "input_key": "file-in",
                                                 "reserved_lines": 3})
-    await r.xadd(keys.results(batch_id), {"r": "seed", "o": "completed"})
+    await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "seed", streams.RESULT_OUTCOME: "completed"})
     await r.hset(keys.owner_usage("o"), mapping={"active_batches": 1, "enqueued_lines": 3})
     lease = await leases.take(r, keys.finalizer(batch_id), "a", 10_000)
     await _stolen(r, lease)
@@ -203,7 +204,7 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
                                                     "input_file_id": "file-in", "input_key": "file-in",
                                                     "reserved_lines": 3})
         await r.hset(keys.owner_usage(owner), mapping={"active_batches": 1, "enqueued_lines": 3})
-        await r.xadd(keys.results(batch_id), {"r": "seed", "o": "completed"})
+        await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "seed", streams.RESULT_OUTCOME: "completed"})
     warm = await leases.take(r, keys.finalizer("batch_w"), "a", 10_000)
     lease = await leases.take(r, keys.finalizer("batch_x"), "a", 10_000)
 
@@ -214,7 +215,7 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
     # Every script runs once first (on other keys), so that the armed calls run by EVALSHA.
     await store.record_results(r, "batch_w", [(0, "", "completed", b"{}")], lease=warm)
     await file_out("file-w", "w", warm)
-    await store.delete_file(r, store._str(await r.hgetall(keys.file("file-w"))), store.new_op_id())
+    await store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-w"))), store.new_op_id())
     await store.transition(r, "batch_w", allowed=["in_progress"], fields={"status": "finalizing"}, lease=warm)
     await store.release(r, storage, await store.get_batch_record(r, "batch_w"), lease=warm)
 
@@ -228,7 +229,7 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
     assert await r.hget(keys.batch("batch_x"), "completed") == b"1"
     await once(file_out("file-out", "o", lease))
     assert await store.usage(r, "o", "stored_bytes") == 10
-    await once(store.delete_file(r, store._str(await r.hgetall(keys.file("file-out"))), store.new_op_id()))
+    await once(store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-out"))), store.new_op_id()))
     assert await store.usage(r, "o", "stored_bytes") == 0, "the re-sent delete gave the bytes back twice"
     proxy.arm(b"EVALSHA")
     applied, _ = await store.transition(r, "batch_x", allowed=["in_progress"], fields={"status": "finalizing"},

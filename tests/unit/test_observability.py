@@ -14,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.cli import status
-from service.core import cluster, keys, store
+from service.core import cluster, keys, store, streams
 from service.core.config import Provider, Settings
 from service.core.counters import Attempts
 from service.core.heartbeat import Heartbeat
@@ -53,7 +53,7 @@ def redis():
 async def _running_batch(redis, batch_id: str) -> None:
     """The keys of a batch whose lines are being recorded (its results stream exists)."""
     await redis.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
-    await redis.xadd(keys.results(batch_id), {"r": "{}", "o": "completed"})
+    await redis.xadd(keys.results(batch_id), {streams.RESULT_LINE: "{}", streams.RESULT_OUTCOME: "completed"})
     await redis.hset(keys.batch(batch_id), mapping={"completed": 0, "failed": 0, "total": 9})
 
 
@@ -143,11 +143,11 @@ async def test_batch_provider_and_finalizer_gauges(redis):
                                                         "completed": done, "failed": 0, "model": model,
                                                         "provider": "", "in_progress_at": now_ms // 1000 - 10})
         await redis.sadd(keys.LIVE_BATCHES, batch_id)
-    await redis.xadd(keys.lines("batch_a"), {"c": "x"}, id="0-1")
+    await redis.xadd(keys.lines("batch_a"), {streams.LINE_CUSTOM_ID: "x"}, id="0-1")
     await redis.xgroup_create(keys.lines("batch_a"), keys.WORKER_GROUP, id="0")
     await redis.xreadgroup(keys.WORKER_GROUP, "w", {keys.lines("batch_a"): ">"})
-    await redis.xadd(keys.results("batch_a"), {"r": "{}", "o": "completed"})
-    await redis.xadd(keys.results("batch_a"), {"r": "{}", "o": "completed"})
+    await redis.xadd(keys.results("batch_a"), {streams.RESULT_LINE: "{}", streams.RESULT_OUTCOME: "completed"})
+    await redis.xadd(keys.results("batch_a"), {streams.RESULT_LINE: "{}", streams.RESULT_OUTCOME: "completed"})
     await redis.set(keys.provider_pause("default"), now_ms + 600_000)
     await redis.zadd(keys.provider_inflight("limited"), {"h1": now_ms + 60_000, "h2": now_ms + 60_000})
 

@@ -52,6 +52,7 @@ async def test_a_line_recorded_twice_counts_its_tokens_once():
     import fakeredis
 
     from service.core import keys, store
+    from service.core.records import BatchRecord
 
     r = fakeredis.FakeAsyncRedis()
     await r.hset(keys.batch("batch_u"), mapping={"owner": "owner1", "completed": 0, "failed": 0})
@@ -62,9 +63,9 @@ async def test_a_line_recorded_twice_counts_its_tokens_once():
     # A redelivery of line 0 (with its usage) and a new line 2 in one call: only line 2 counts.
     again = [first[0], (2, "", "completed", b'{"custom_id": "c"}', "1 0 1 0 prov|model-x")]
     assert await store.record_results(r, "batch_u", again) == 1
-    b = store.batch_from_record({k.decode(): v.decode() for k, v in (await r.hgetall(keys.batch("batch_u"))).items()
-                                } | {"id": "batch_u", "endpoint": "/v1/chat/completions", "input_file_id": "f",
-                                     "completion_window": "24h", "status": "in_progress", "created_at": "1"})
+    b = store.batch_from_record(BatchRecord.from_hash(await r.hgetall(keys.batch("batch_u")) | {
+        b"id": b"batch_u", b"endpoint": b"/v1/chat/completions", b"input_file_id": b"f", b"completion_window": b"24h",
+        b"status": b"in_progress", b"created_at": b"1"}))
     assert (b.usage.input_tokens, b.usage.input_tokens_details.cached_tokens, b.usage.output_tokens,
             b.usage.output_tokens_details.reasoning_tokens, b.usage.total_tokens) == (11, 2, 6, 1, 17)
     day_keys = [k.decode() for k in await r.keys("sluice:usage:*")]

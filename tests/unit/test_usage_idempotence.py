@@ -8,11 +8,13 @@ operation again changes no counter and answers the same. On fakeredis (with Lua)
 from __future__ import annotations
 
 import fakeredis
+import msgspec
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.core import keys, store
 from service.core.config import Provider
+from service.core.records import BatchRecord, FileRecord
 from service.web import appkeys
 from workers import limits
 
@@ -78,7 +80,7 @@ async def test_create_file_refused_answers_the_same_on_a_rerun(r):
         await new_file(r, fid(2), 6_000)
     assert e.value.field == "stored_bytes"
     # Room appears before the re-run: the re-run still answers what the first run answered.
-    await store.delete_file(r, store._str(await r.hgetall(keys.file(fid(1)))), store.new_op_id())
+    await store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file(fid(1)))), store.new_op_id())
     with pytest.raises(store.QuotaExceeded):
         await new_file(r, fid(2), 6_000)
     assert await r.exists(keys.file(fid(2))) == 0
@@ -96,7 +98,7 @@ async def test_result_file_registered_again_is_charged_once(r):
 async def test_delete_file_resent_gives_bytes_back_once(r):
     await new_file(r, fid(1), 700)
     await new_file(r, fid(2), 300)
-    h = store._str(await r.hgetall(keys.file(fid(1))))
+    h = FileRecord.from_hash(await r.hgetall(keys.file(fid(1))))
     op = store.new_op_id()
     assert (await store.delete_file(r, h, op))[0]
     assert (await store.delete_file(r, h, op))[0]  # the same script, re-sent after its reply was lost
@@ -155,7 +157,7 @@ async def test_release_twice_gives_back_once(r, tmp_path):
     assert await usage(r) == {"active_batches": 1, "enqueued_lines": 5, "stored_bytes": 0}
     # A release after the record's retention ended gives nothing back, and recreates nothing.
     await r.delete(keys.batch(bid(2)))
-    await store.release(r, storage, {**h, "id": bid(2)})
+    await store.release(r, storage, msgspec.structs.replace(h, id=bid(2)))
     assert await usage(r) == {"active_batches": 1, "enqueued_lines": 5, "stored_bytes": 0}
     assert await r.exists(keys.batch(bid(2))) == 0
 
@@ -365,7 +367,7 @@ async def test_audit_leaves_exact_counters_alone(r, tmp_path, logs):
     from service.core.storage import LocalStorage
 
     await _records_for_audit(r)
-    await store.release(r, LocalStorage(tmp_path), store._str(await r.hgetall(keys.batch(bid(2)))))
+    await store.release(r, LocalStorage(tmp_path), BatchRecord.from_hash(await r.hgetall(keys.batch(bid(2)))))
     before = await r.hgetall(keys.owner_usage(OWNER))
     assert await store.audit_usage(r, LocalStorage(tmp_path), "auditor-1") == 0
     assert await r.hgetall(keys.owner_usage(OWNER)) == before
