@@ -53,7 +53,7 @@ from structlog.typing import FilteringBoundLogger
 
 from service.core import keys, store, usage
 from service.core.config import Provider, Settings
-from service.core.connections import REDIS_DOWN, Outage, Script, connect
+from service.core.connections import REDIS_DOWN, Outage, Param, Script, connect
 from service.core.crypto import unseal
 from service.core.delegation import Part, decode_part, part_lines
 from service.core.lifecycle import sleep_unless_stopped
@@ -90,65 +90,67 @@ class Stale(Exception):
 
 
 # ----------------------------------------------------------------------------- scripts
-# KEYS: the part's lease, the batch's delegation hash. ARGV: holder, ttl_ms, part, force ('1': the
-# part is due whatever next_at says). Returns the new fencing token, or 0 when the part is not
+# force '1': the part is due whatever next_at says. Returns the new fencing token, or 0 when the part is not
 # due, settled, held by another, or its batch is gone.
-_ACQUIRE = Script("""
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local p = ARGV[3] .. ':'
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('HGET', KEYS[2], p .. 'fence'))
+_ACQUIRE = Script(keys=("lease", "delegation"), args=("holder", "ttl_ms", "part", "force"), source="""
+if redis.call('EXISTS', KEYS.delegation) == 0 then return 0 end
+local p = ARGV.part .. ':'
+if redis.call('GET', KEYS.lease) == ARGV.holder then
+  redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms)
+  return tonumber(redis.call('HGET', KEYS.delegation, p .. 'fence'))
 end
-if redis.call('HGET', KEYS[2], p .. 'state') == 'settled' then return 0 end
-if ARGV[4] ~= '1' then
+if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return 0 end
+if ARGV.force ~= '1' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if tonumber(redis.call('HGET', KEYS[2], p .. 'next_at') or '0') > now then return 0 end
+  if tonumber(redis.call('HGET', KEYS.delegation, p .. 'next_at') or '0') > now then return 0 end
 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-return redis.call('HINCRBY', KEYS[2], p .. 'fence', 1)
+if not redis.call('SET', KEYS.lease, ARGV.holder, 'NX', 'PX', ARGV.ttl_ms) then return 0 end
+return redis.call('HINCRBY', KEYS.delegation, p .. 'fence', 1)
 """)
 
-# KEYS: the part's lease, the delegation hash. ARGV: holder, ttl_ms, part, token.
-_RENEW = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[2], ARGV[3] .. ':fence') ~= ARGV[4] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+_RENEW = Script(keys=("lease", "delegation"), args=("holder", "ttl_ms", "part", "token"), source="""
+if redis.call('GET', KEYS.lease) ~= ARGV.holder then return 0 end
+if redis.call('HGET', KEYS.delegation, ARGV.part .. ':fence') ~= ARGV.token then return 0 end
+return redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms)
 """)
 
-# KEYS: the part's lease. ARGV: holder. Gives the lease up at once, if this holder still has it.
-_DROP = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
+# Gives the lease up at once, if this holder still has it.
+_DROP = Script(keys=("lease",), args=("holder",),
+               source="if redis.call('GET', KEYS.lease) == ARGV.holder then redis.call('DEL', KEYS.lease) end")
 
-# The only way a holder writes a part's state. KEYS: delegation hash, batch hash, DELEGATED_BATCHES.
-# ARGV: part, token, batch id, delay_ms until the part is due again ('' leaves next_at), settle
-# ('1'), the part's share of the batch's shown counts (completed, failed; '' leaves them), then
-# field, value pairs. Returns 1, 0 when the token is stale or the batch gone, -1 when the part is
+# The only way a holder writes a part's state. delay_ms: until the part is due again ('' leaves
+# next_at); settle '1'; shown_*: the part's share of the batch's shown counts ('' leaves them);
+# fields: field, value pairs. Returns 1, 0 when the token is stale or the batch gone, -1 when the part is
 # already settled. Safe to run twice (a retry after a lost reply): values are absolute and the
 # settle branch runs once.
-_WRITE = Script("""
-local p = ARGV[1] .. ':'
-if redis.call('HGET', KEYS[1], p .. 'fence') ~= ARGV[2] then return 0 end
-if redis.call('HGET', KEYS[1], p .. 'state') == 'settled' then return -1 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], p .. ARGV[i], ARGV[i + 1]) end
-if ARGV[4] ~= '' then
+_WRITE = Script(keys=("delegation", "batch", "delegated_batches"),
+                args=("part", "token", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
+                source="""
+local p = ARGV.part .. ':'
+if redis.call('HGET', KEYS.delegation, p .. 'fence') ~= ARGV.token then return 0 end
+if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return -1 end
+if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS.delegation, p .. ARGV[i], ARGV[i + 1]) end
+if ARGV.delay_ms ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', KEYS[1], p .. 'next_at', string.format('%.0f', now + tonumber(ARGV[4])))
+  redis.call('HSET', KEYS.delegation, p .. 'next_at', string.format('%.0f', now + tonumber(ARGV.delay_ms)))
 end
-local shown = {ARGV[6], ARGV[7]}
-if ARGV[5] == '1' then shown = {'0', '0'} end
+local shown = {ARGV.shown_completed, ARGV.shown_failed}
+if ARGV.settle == '1' then shown = {'0', '0'} end
 if shown[1] ~= '' then
   for i, name in ipairs({'completed', 'failed'}) do
-    local old = tonumber(redis.call('HGET', KEYS[1], p .. 'shown_' .. name) or '0')
-    redis.call('HSET', KEYS[1], p .. 'shown_' .. name, shown[i])
-    redis.call('HINCRBY', KEYS[2], 'deleg_' .. name, tonumber(shown[i]) - old)
+    local old = tonumber(redis.call('HGET', KEYS.delegation, p .. 'shown_' .. name) or '0')
+    redis.call('HSET', KEYS.delegation, p .. 'shown_' .. name, shown[i])
+    redis.call('HINCRBY', KEYS.batch, 'deleg_' .. name, tonumber(shown[i]) - old)
   end
 end
-if ARGV[5] == '1' then
-  redis.call('HSET', KEYS[1], p .. 'state', 'settled')
-  if redis.call('HINCRBY', KEYS[2], 'deleg_open', -1) <= 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
+if ARGV.settle == '1' then
+  redis.call('HSET', KEYS.delegation, p .. 'state', 'settled')
+  if redis.call('HINCRBY', KEYS.batch, 'deleg_open', -1) <= 0 then
+    redis.call('SREM', KEYS.delegated_batches, ARGV.batch_id)
+  end
 end
 return 1
 """)
@@ -411,8 +413,9 @@ class Delegator:
                 if not force and int(f.get("next_at") or 0) > now_ms:
                     continue
                 holder = f"{self.name}/{secrets.token_hex(4)}"
-                token = int(await _ACQUIRE(self.r, [keys.part_lease(batch_id, part_no), keys.delegation(batch_id)],
-                                           [holder, self.lease_ms, part_no, "1" if force else ""]) or 0)
+                token = int(await _ACQUIRE(self.r, lease=keys.part_lease(batch_id, part_no),
+                                           delegation=keys.delegation(batch_id), holder=holder, ttl_ms=self.lease_ms,
+                                           part=part_no, force="1" if force else "") or 0)
                 if token:
                     key = (batch_id, part_no)
                     self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, token, holder, h),
@@ -431,8 +434,8 @@ class Delegator:
             while True:
                 await asyncio.sleep(self.lease_ms / 4000)
                 try:
-                    held = await _RENEW(self.r, [lease, keys.delegation(batch_id)],
-                                        [holder, self.lease_ms, part_no, token])
+                    held = await _RENEW(self.r, lease=lease, delegation=keys.delegation(batch_id), holder=holder,
+                                        ttl_ms=self.lease_ms, part=part_no, token=token)
                 except REDIS_DOWN:
                     continue
                 if not held:
@@ -469,7 +472,7 @@ class Delegator:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN):
-                await _DROP(self.r, [lease], [holder])
+                await _DROP(self.r, lease=lease, holder=holder)
 
     # ------------------------------------------------------------------ state writes
     async def _write(
@@ -477,7 +480,7 @@ class Delegator:
         shown: tuple[int, int] | None = None, **fields: str | int,
     ) -> None:
         """Write the part's state if this step still holds it (else raise :class:`Stale`)."""
-        result = await _WRITE(self.r, *self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        result = await _WRITE(self.r, **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
         if result == 1 or (result == -1 and settle):
             return
         raise Stale
@@ -486,14 +489,16 @@ class Delegator:
     def _write_call(
         step: _Step, *, delay_s: float | None = None, settle: bool = False,
         shown: tuple[int, int] | None = None, **fields: str | int,
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> dict[str, Param]:
         flat: list[str | int] = []
         for k, v in fields.items():
             flat += [k, v]
             step.f[k] = str(v)
-        return ([keys.delegation(step.batch_id), keys.batch(step.batch_id), keys.DELEGATED_BATCHES],
-                [step.part_no, step.token, step.batch_id, "" if delay_s is None else int(delay_s * 1000),
-                 "1" if settle else "", *(shown if shown is not None else ("", "")), *flat])
+        completed, failed = shown if shown is not None else ("", "")
+        return dict(delegation=keys.delegation(step.batch_id), batch=keys.batch(step.batch_id),
+                    delegated_batches=keys.DELEGATED_BATCHES, part=step.part_no, token=step.token,
+                    batch_id=step.batch_id, delay_ms="" if delay_s is None else int(delay_s * 1000),
+                    settle="1" if settle else "", shown_completed=completed, shown_failed=failed, fields=flat)
 
     def _poll_s(self, step: _Step) -> float:
         return step.provider.batch_poll_s if step.provider else 10.0
@@ -770,7 +775,7 @@ class Delegator:
         # request_counts neither count a line twice nor dip while results are downloaded.
         shown = (max(0, done[0] - seen[0]), max(0, done[1] - seen[1]))
         pipe = self.r.pipeline(transaction=True)
-        _WRITE.queue(pipe, *self._write_call(step, shown=shown))
+        _WRITE.queue(pipe, **self._write_call(step, shown=shown))
         store.queue_record(pipe, step.batch_id, results)
         try:
             written, _ = await pipe.execute()

@@ -44,8 +44,8 @@ CLAIM_LOOKAHEAD = 8
 # Lines validated between looks at the clock (to renew the lease in time).
 RENEW_CHECK_LINES = 500
 
-# KEYS: streams. ARGV: the consumer group of each. Creates each stream with its group, once.
-_CREATE_GROUPS = FencedScript("""
+# Creates each stream with its group (groups[i] for streams[i]), once.
+_CREATE_GROUPS = FencedScript(keys=("*streams",), args=("*groups",), source="""
 for i = 1, #KEYS do
   local reply = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i], '0', 'MKSTREAM')
   if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROUP', 1, true) then
@@ -224,8 +224,8 @@ class Publisher:
         self, h: dict[str, str], total: int, model: str, window: int, planner: Planner, lease: Lease,
     ) -> bool:
         batch_id = h["id"]
-        await _CREATE_GROUPS(self.r, [keys.lines(batch_id), keys.results(batch_id)], [keys.WORKER_GROUP, "finalizer"],
-                             lease=lease)
+        await _CREATE_GROUPS(self.r, streams=[keys.lines(batch_id), keys.results(batch_id)],
+                             groups=[keys.WORKER_GROUP, "finalizer"], lease=lease)
         fields: dict[str, str | int] = {"status": "in_progress", "in_progress_at": store.now(), "total": total,
                                         "model": model, "feed_index": 0, "feed_offset": 0, "feed_window": window,
                                         **tracing.running_fields(h)}
