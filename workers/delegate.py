@@ -7,11 +7,11 @@ moves the parts of every batch in ``keys.DELEGATED_BATCHES`` through
     planned --upload--> uploaded --create--> created --poll...--> (terminal at the provider) --collect--> settled
 
 one *step* at a time. A step is taken by whichever process first acquires the part's lease
-(``keys.part_lease``) once the part is due (``next_at``, in Redis time, so hosts agree). Each
-acquisition bumps the part's fencing token, and every state write of the holder runs in one Lua
-script that checks the token first (``_WRITE``): a holder paused past its lease and resumed can
-write nothing. Results are recorded through ``store.record_results``, whose done bitmap makes a
-line's result land exactly once whoever records it.
+(``keys.part_lease``, a fenced lease of service/core/leases.py) and, holding it, finds the part
+still due (``next_at``, in Redis time, so hosts agree). Every state write of the holder runs in one
+fenced Lua script (``_WRITE``): a holder paused past its lease and resumed can write nothing.
+Results are recorded through ``store.record_results``, whose done bitmap makes a line's result land
+exactly once whoever records it.
 
 Crash safety, by step:
 
@@ -43,19 +43,20 @@ import contextlib
 import functools
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypedDict
 
 import aiohttp
 import msgspec
 import structlog
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from structlog.typing import FilteringBoundLogger
 
-from service.core import keys, store, usage
+from service.core import keys, leases, store, usage
 from service.core.config import Provider, Settings
-from service.core.connections import REDIS_DOWN, Outage, Param, Script, connect
+from service.core.connections import REDIS_DOWN, Outage, Value, connect
 from service.core.crypto import unseal
 from service.core.delegation import Part, decode_part, part_lines
+from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import sleep_unless_stopped
 from service.core.results import ABORT_MESSAGES, error_line, json_body
 from service.core.storage import Storage
@@ -90,48 +91,31 @@ class Stale(Exception):
 
 
 # ----------------------------------------------------------------------------- scripts
-# force '1': the part is due whatever next_at says. Returns the new fencing token, or 0 when the part is not
-# due, settled, held by another, or its batch is gone.
-_ACQUIRE = Script(keys=("lease", "delegation"), args=("holder", "ttl_ms", "part", "force"), source="""
-if redis.call('EXISTS', KEYS.delegation) == 0 then return 0 end
-local p = ARGV.part .. ':'
-if redis.call('GET', KEYS.lease) == ARGV.holder then
-  redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms)
-  return tonumber(redis.call('HGET', KEYS.delegation, p .. 'fence'))
-end
-if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return 0 end
-if ARGV.force ~= '1' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if tonumber(redis.call('HGET', KEYS.delegation, p .. 'next_at') or '0') > now then return 0 end
-end
-if not redis.call('SET', KEYS.lease, ARGV.holder, 'NX', 'PX', ARGV.ttl_ms) then return 0 end
-return redis.call('HINCRBY', KEYS.delegation, p .. 'fence', 1)
-""")
+class _WriteCall(TypedDict):
+    delegation: str
+    batch: str
+    delegated_batches: str
+    part: int
+    batch_id: str
+    delay_ms: str | int
+    settle: str
+    shown_completed: str | int
+    shown_failed: str | int
+    fields: list[Value]
 
-_RENEW = Script(keys=("lease", "delegation"), args=("holder", "ttl_ms", "part", "token"), source="""
-if redis.call('GET', KEYS.lease) ~= ARGV.holder then return 0 end
-if redis.call('HGET', KEYS.delegation, ARGV.part .. ':fence') ~= ARGV.token then return 0 end
-return redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms)
-""")
 
-# Gives the lease up at once, if this holder still has it.
-_DROP = Script(keys=("lease",), args=("holder",),
-               source="if redis.call('GET', KEYS.lease) == ARGV.holder then redis.call('DEL', KEYS.lease) end")
-
-# The only way a holder writes a part's state. delay_ms: until the part is due again ('' leaves
-# next_at); settle '1'; shown_*: the part's share of the batch's shown counts ('' leaves them);
-# fields: field, value pairs. Returns 1, 0 when the token is stale or the batch gone, -1 when the part is
-# already settled. Safe to run twice (a retry after a lost reply): values are absolute and the
+# The only way a holder writes a part's state (fenced by its lease). delay_ms: until the part is
+# due again ('' leaves next_at); settle '1'; shown_*: the part's share of the batch's shown counts
+# ('' leaves them); fields: field, value pairs. Returns 1, 0 when the batch is gone, -1 when the part is already
+# settled. Safe to run twice (a retry after a lost reply): values are absolute and the
 # settle branch runs once.
-_WRITE = Script(keys=("delegation", "batch", "delegated_batches"),
-                args=("part", "token", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
-                source="""
+_WRITE = FencedScript(keys=("delegation", "batch", "delegated_batches"),
+                      args=("part", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
+                      source="""
 local p = ARGV.part .. ':'
-if redis.call('HGET', KEYS.delegation, p .. 'fence') ~= ARGV.token then return 0 end
 if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return -1 end
 if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS.delegation, p .. ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS.delegation, p .. ARGV[i], ARGV[i + 1]) end
 if ARGV.delay_ms ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -313,8 +297,7 @@ class _Step:
 
     batch_id: str
     part_no: int
-    token: int
-    holder: str
+    lease: Lease
     h: dict[str, str]
     f: dict[str, str]
     plan: Part
@@ -413,20 +396,17 @@ class Delegator:
                 if not force and int(f.get("next_at") or 0) > now_ms:
                     continue
                 holder = f"{self.name}/{secrets.token_hex(4)}"
-                token = int(await _ACQUIRE(self.r, lease=keys.part_lease(batch_id, part_no),
-                                           delegation=keys.delegation(batch_id), holder=holder, ttl_ms=self.lease_ms,
-                                           part=part_no, force="1" if force else "") or 0)
-                if token:
+                lease = await leases.take(self.r, keys.part_lease(batch_id, part_no), holder, self.lease_ms)
+                if lease is not None:
                     key = (batch_id, part_no)
-                    self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, token, holder, h),
+                    self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, lease, h),
                                                           name=f"delegate-{batch_id}-{part_no}")
                     self.steps[key].add_done_callback(functools.partial(self._forget_step, key))
 
     def _forget_step(self, key: tuple[str, int], _: asyncio.Task[None]) -> None:
         self.steps.pop(key, None)
 
-    async def _run_step(self, batch_id: str, part_no: int, token: int, holder: str, h: dict[str, str]) -> None:
-        lease = keys.part_lease(batch_id, part_no)
+    async def _run_step(self, batch_id: str, part_no: int, lease: Lease, h: dict[str, str]) -> None:
         step_task = asyncio.current_task()
         assert step_task is not None
 
@@ -434,8 +414,7 @@ class Delegator:
             while True:
                 await asyncio.sleep(self.lease_ms / 4000)
                 try:
-                    held = await _RENEW(self.r, lease=lease, delegation=keys.delegation(batch_id), holder=holder,
-                                        ttl_ms=self.lease_ms, part=part_no, token=token)
+                    held = await leases.renew(self.r, lease, self.lease_ms)
                 except REDIS_DOWN:
                     continue
                 if not held:
@@ -446,13 +425,21 @@ class Delegator:
         renewer = asyncio.create_task(renew())
         step: _Step | None = None
         try:
-            raw = await self.r.hgetall(keys.delegation(batch_id))
+            # Read under the lease, so no peer moves the part meanwhile: was it still due (tick looked
+            # before taking the lease, and a peer may have taken a step in between)?
+            pipe = self.r.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(keys.delegation(batch_id))
+            (sec, usec), raw = await pipe.execute()
             f = _part_fields(raw).get(part_no)
-            if not f or f.get("fence") != str(token):
+            if not f or f.get("state") == "settled":
                 return
-            step = _Step(batch_id, part_no, token, holder, h, f, decode_part(f["plan"]))
+            force = bool(h.get("abort")) and not f.get("cancel_sent")
+            if not force and int(f.get("next_at") or 0) > sec * 1000 + usec // 1000:
+                return
+            step = _Step(batch_id, part_no, lease, h, f, decode_part(f["plan"]))
             await self._advance(step)
-        except Stale:
+        except (Stale, LeaseLost):
             log.info("delegate_step_stale", batch_id=batch_id, part=part_no)
         except ProviderError as e:
             if step is not None:
@@ -472,7 +459,7 @@ class Delegator:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN):
-                await _DROP(self.r, lease=lease, holder=holder)
+                await leases.drop(self.r, lease)
 
     # ------------------------------------------------------------------ state writes
     async def _write(
@@ -480,7 +467,11 @@ class Delegator:
         shown: tuple[int, int] | None = None, **fields: str | int,
     ) -> None:
         """Write the part's state if this step still holds it (else raise :class:`Stale`)."""
-        result = await _WRITE(self.r, **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        try:
+            result = await _WRITE(self.r, lease=step.lease,
+                                  **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        except LeaseLost:
+            raise Stale from None
         if result == 1 or (result == -1 and settle):
             return
         raise Stale
@@ -489,16 +480,16 @@ class Delegator:
     def _write_call(
         step: _Step, *, delay_s: float | None = None, settle: bool = False,
         shown: tuple[int, int] | None = None, **fields: str | int,
-    ) -> dict[str, Param]:
-        flat: list[str | int] = []
+    ) -> _WriteCall:
+        flat: list[Value] = []
         for k, v in fields.items():
             flat += [k, v]
             step.f[k] = str(v)
         completed, failed = shown if shown is not None else ("", "")
-        return dict(delegation=keys.delegation(step.batch_id), batch=keys.batch(step.batch_id),
-                    delegated_batches=keys.DELEGATED_BATCHES, part=step.part_no, token=step.token,
-                    batch_id=step.batch_id, delay_ms="" if delay_s is None else int(delay_s * 1000),
-                    settle="1" if settle else "", shown_completed=completed, shown_failed=failed, fields=flat)
+        return _WriteCall(delegation=keys.delegation(step.batch_id), batch=keys.batch(step.batch_id),
+                          delegated_batches=keys.DELEGATED_BATCHES, part=step.part_no, batch_id=step.batch_id,
+                          delay_ms="" if delay_s is None else int(delay_s * 1000), settle="1" if settle else "",
+                          shown_completed=completed, shown_failed=failed, fields=flat)
 
     def _poll_s(self, step: _Step) -> float:
         return step.provider.batch_poll_s if step.provider else 10.0
@@ -775,7 +766,7 @@ class Delegator:
         # request_counts neither count a line twice nor dip while results are downloaded.
         shown = (max(0, done[0] - seen[0]), max(0, done[1] - seen[1]))
         pipe = self.r.pipeline(transaction=True)
-        _WRITE.queue(pipe, **self._write_call(step, shown=shown))
+        _WRITE.queue(pipe, lease=step.lease, **self._write_call(step, shown=shown))
         store.queue_record(pipe, step.batch_id, results)
         try:
             written, _ = await pipe.execute()
@@ -783,6 +774,10 @@ class Delegator:
             await self._write(step, shown=shown)
             await store.record_results(self.r, step.batch_id, results)
             return
+        except ResponseError as e:
+            if str(e).startswith(leases.FENCED):
+                raise Stale from None
+            raise
         if written != 1:
             raise Stale
 

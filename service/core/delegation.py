@@ -94,7 +94,7 @@ _WRITE_PLAN = Script(keys=("delegation",), args=("*plans",), source="""
 if redis.call('HEXISTS', KEYS.delegation, 'n') == 1 then return 0 end
 redis.call('HSET', KEYS.delegation, 'n', #ARGV)
 for i = 1, #ARGV do
-  redis.call('HSET', KEYS.delegation, (i - 1) .. ':plan', ARGV[i], (i - 1) .. ':state', 'planned', (i - 1) .. ':fence', 0)
+  redis.call('HSET', KEYS.delegation, (i - 1) .. ':plan', ARGV[i], (i - 1) .. ':state', 'planned')
 end
 return 1
 """)
