@@ -31,8 +31,9 @@ from service.core import keys, store, streams
 from service.core.connections import Pipeline, Redis, Script
 from service.core.counters import LATENCY_BUCKETS, Attempts
 
-# The recording script before exact counting (commit 961d74e), for comparison only.
-_RECORD_BEFORE = Script("""
+# The recording script before exact counting (commit 961d74e), for comparison only: its body is
+# kept as it was then, reading its slots by index.
+_RECORD_BEFORE = Script(keys=("done", "results", "batch", "lines"), args=("group", "*records"), source="""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
 for i = 2, #ARGV, 4 do
@@ -120,7 +121,7 @@ async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: in
     for start in range(0, lines, per_call):
         chunk = range(start, min(lines, start + per_call))
         if mode == "before":
-            argv: list = [keys.WORKER_GROUP]
+            argv: list = []
             for i in chunk:
                 for status, seconds, paused in tries[i]:
                     tally.request("default", status, seconds)
@@ -132,8 +133,9 @@ async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: in
                     tally.count("retries", "default")
                 argv += [i, entries[i], "completed", RESULT]
             pipe = r.pipeline(transaction=False)
-            _RECORD_BEFORE.queue(cast(Pipeline, pipe), [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id),
-                                        keys.lines(batch_id)], argv)
+            _RECORD_BEFORE.queue(cast(Pipeline, pipe), done=keys.done(batch_id), results=keys.results(batch_id),
+                                 batch=keys.batch(batch_id), lines=keys.lines(batch_id), group=keys.WORKER_GROUP,
+                                 records=argv)
             await pipe.execute()
             for _ in chunk:
                 tally.line("completed")

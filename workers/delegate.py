@@ -7,11 +7,11 @@ moves the parts of every batch in ``keys.DELEGATED_BATCHES`` through
     planned --upload--> uploaded --create--> created --poll...--> (terminal at the provider) --collect--> settled
 
 one *step* at a time. A step is taken by whichever process first acquires the part's lease
-(``keys.part_lease``) once the part is due (``next_at``, in Redis time, so hosts agree). Each
-acquisition bumps the part's fencing token, and every state write of the holder runs in one Lua
-script that checks the token first (``_WRITE``): a holder paused past its lease and resumed can
-write nothing. Results are recorded through ``store.record_results``, whose done bitmap makes a
-line's result land exactly once whoever records it.
+(``keys.part_lease``, a fenced lease of service/core/leases.py) and, holding it, finds the part
+still due (``next_at``, in Redis time, so hosts agree). Every state write of the holder runs in one
+fenced Lua script (``_WRITE``): a holder paused past its lease and resumed can write nothing.
+Results are recorded through ``store.record_results``, whose done bitmap makes a line's result land
+exactly once whoever records it.
 
 Crash safety, by step:
 
@@ -43,19 +43,20 @@ import contextlib
 import functools
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypedDict
 
 import aiohttp
 import msgspec
 import structlog
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from structlog.typing import FilteringBoundLogger
 
-from service.core import keys, store, usage
+from service.core import keys, leases, store, usage
 from service.core.config import Provider, Settings
-from service.core.connections import REDIS_DOWN, Outage, Script, connect
+from service.core.connections import REDIS_DOWN, Outage, Value, connect
 from service.core.crypto import unseal
 from service.core.delegation import Part, decode_part, part_lines
+from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import sleep_unless_stopped
 from service.core.records import BatchField, BatchRecord
 from service.core.results import ABORT_MESSAGES, error_line, json_body
@@ -92,65 +93,50 @@ class Stale(Exception):
 
 
 # ----------------------------------------------------------------------------- scripts
-# KEYS: the part's lease, the batch's delegation hash. ARGV: holder, ttl_ms, part, force ('1': the
-# part is due whatever next_at says). Returns the new fencing token, or 0 when the part is not
-# due, settled, held by another, or its batch is gone.
-_ACQUIRE = Script("""
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local p = ARGV[3] .. ':'
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('HGET', KEYS[2], p .. 'fence'))
-end
-if redis.call('HGET', KEYS[2], p .. 'state') == 'settled' then return 0 end
-if ARGV[4] ~= '1' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if tonumber(redis.call('HGET', KEYS[2], p .. 'next_at') or '0') > now then return 0 end
-end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-return redis.call('HINCRBY', KEYS[2], p .. 'fence', 1)
-""")
+class _WriteCall(TypedDict):
+    delegation: str
+    batch: str
+    delegated_batches: str
+    part: int
+    batch_id: str
+    delay_ms: str | int
+    settle: str
+    shown_completed: str | int
+    shown_failed: str | int
+    fields: list[Value]
 
-# KEYS: the part's lease, the delegation hash. ARGV: holder, ttl_ms, part, token.
-_RENEW = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[2], ARGV[3] .. ':fence') ~= ARGV[4] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-""")
 
-# KEYS: the part's lease. ARGV: holder. Gives the lease up at once, if this holder still has it.
-_DROP = Script("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
-
-# The only way a holder writes a part's state. KEYS: delegation hash, batch hash, DELEGATED_BATCHES.
-# ARGV: part, token, batch id, delay_ms until the part is due again ('' leaves next_at), settle
-# ('1'), the part's share of the batch's shown counts (completed, failed; '' leaves them), then
-# field, value pairs. Returns 1, 0 when the token is stale or the batch gone, -1 when the part is
-# already settled. Safe to run twice (a retry after a lost reply): values are absolute and the
+# The only way a holder writes a part's state (fenced by its lease). delay_ms: until the part is
+# due again ('' leaves next_at); settle '1'; shown_*: the part's share of the batch's shown counts
+# ('' leaves them); fields: field, value pairs. Returns 1, 0 when the batch is gone, -1 when the part is already
+# settled. Safe to run twice (a retry after a lost reply): values are absolute and the
 # settle branch runs once.
-_WRITE = Script("""
-local p = ARGV[1] .. ':'
-if redis.call('HGET', KEYS[1], p .. 'fence') ~= ARGV[2] then return 0 end
-if redis.call('HGET', KEYS[1], p .. 'state') == 'settled' then return -1 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], p .. ARGV[i], ARGV[i + 1]) end
-if ARGV[4] ~= '' then
+_WRITE = FencedScript(keys=("delegation", "batch", "delegated_batches"),
+                      args=("part", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
+                      source="""
+local p = ARGV.part .. ':'
+if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return -1 end
+if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS.delegation, p .. ARGV[i], ARGV[i + 1]) end
+if ARGV.delay_ms ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', KEYS[1], p .. 'next_at', string.format('%.0f', now + tonumber(ARGV[4])))
+  redis.call('HSET', KEYS.delegation, p .. 'next_at', string.format('%.0f', now + tonumber(ARGV.delay_ms)))
 end
-local shown = {ARGV[6], ARGV[7]}
-if ARGV[5] == '1' then shown = {'0', '0'} end
+local shown = {ARGV.shown_completed, ARGV.shown_failed}
+if ARGV.settle == '1' then shown = {'0', '0'} end
 if shown[1] ~= '' then
   for i, name in ipairs({'completed', 'failed'}) do
-    local old = tonumber(redis.call('HGET', KEYS[1], p .. 'shown_' .. name) or '0')
-    redis.call('HSET', KEYS[1], p .. 'shown_' .. name, shown[i])
-    redis.call('HINCRBY', KEYS[2], 'deleg_' .. name, tonumber(shown[i]) - old)
+    local old = tonumber(redis.call('HGET', KEYS.delegation, p .. 'shown_' .. name) or '0')
+    redis.call('HSET', KEYS.delegation, p .. 'shown_' .. name, shown[i])
+    redis.call('HINCRBY', KEYS.batch, 'deleg_' .. name, tonumber(shown[i]) - old)
   end
 end
-if ARGV[5] == '1' then
-  redis.call('HSET', KEYS[1], p .. 'state', 'settled')
-  if redis.call('HINCRBY', KEYS[2], 'deleg_open', -1) <= 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
+if ARGV.settle == '1' then
+  redis.call('HSET', KEYS.delegation, p .. 'state', 'settled')
+  if redis.call('HINCRBY', KEYS.batch, 'deleg_open', -1) <= 0 then
+    redis.call('SREM', KEYS.delegated_batches, ARGV.batch_id)
+  end
 end
 return 1
 """)
@@ -313,8 +299,7 @@ class _Step:
 
     batch_id: str
     part_no: int
-    token: int
-    holder: str
+    lease: Lease
     h: BatchRecord
     f: dict[str, str]
     plan: Part
@@ -413,19 +398,17 @@ class Delegator:
                 if not force and int(f.get("next_at") or 0) > now_ms:
                     continue
                 holder = f"{self.name}/{secrets.token_hex(4)}"
-                token = int(await _ACQUIRE(self.r, [keys.part_lease(batch_id, part_no), keys.delegation(batch_id)],
-                                           [holder, self.lease_ms, part_no, "1" if force else ""]) or 0)
-                if token:
+                lease = await leases.take(self.r, keys.part_lease(batch_id, part_no), holder, self.lease_ms)
+                if lease is not None:
                     key = (batch_id, part_no)
-                    self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, token, holder, h),
+                    self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, lease, h),
                                                           name=f"delegate-{batch_id}-{part_no}")
                     self.steps[key].add_done_callback(functools.partial(self._forget_step, key))
 
     def _forget_step(self, key: tuple[str, int], _: asyncio.Task[None]) -> None:
         self.steps.pop(key, None)
 
-    async def _run_step(self, batch_id: str, part_no: int, token: int, holder: str, h: BatchRecord) -> None:
-        lease = keys.part_lease(batch_id, part_no)
+    async def _run_step(self, batch_id: str, part_no: int, lease: Lease, h: BatchRecord) -> None:
         step_task = asyncio.current_task()
         assert step_task is not None
 
@@ -433,8 +416,7 @@ class Delegator:
             while True:
                 await asyncio.sleep(self.lease_ms / 4000)
                 try:
-                    held = await _RENEW(self.r, [lease, keys.delegation(batch_id)],
-                                        [holder, self.lease_ms, part_no, token])
+                    held = await leases.renew(self.r, lease, self.lease_ms)
                 except REDIS_DOWN:
                     continue
                 if not held:
@@ -445,13 +427,21 @@ class Delegator:
         renewer = asyncio.create_task(renew())
         step: _Step | None = None
         try:
-            raw = await self.r.hgetall(keys.delegation(batch_id))
+            # Read under the lease, so no peer moves the part meanwhile: was it still due (tick looked
+            # before taking the lease, and a peer may have taken a step in between)?
+            pipe = self.r.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(keys.delegation(batch_id))
+            (sec, usec), raw = await pipe.execute()
             f = _part_fields(raw).get(part_no)
-            if not f or f.get("fence") != str(token):
+            if not f or f.get("state") == "settled":
                 return
-            step = _Step(batch_id, part_no, token, holder, h, f, decode_part(f["plan"]))
+            force = bool(h.abort) and not f.get("cancel_sent")
+            if not force and int(f.get("next_at") or 0) > sec * 1000 + usec // 1000:
+                return
+            step = _Step(batch_id, part_no, lease, h, f, decode_part(f["plan"]))
             await self._advance(step)
-        except Stale:
+        except (Stale, LeaseLost):
             log.info("delegate_step_stale", batch_id=batch_id, part=part_no)
         except ProviderError as e:
             if step is not None:
@@ -471,7 +461,7 @@ class Delegator:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(*REDIS_DOWN):
-                await _DROP(self.r, [lease], [holder])
+                await leases.drop(self.r, lease)
 
     # ------------------------------------------------------------------ state writes
     async def _write(
@@ -479,7 +469,11 @@ class Delegator:
         shown: tuple[int, int] | None = None, **fields: str | int,
     ) -> None:
         """Write the part's state if this step still holds it (else raise :class:`Stale`)."""
-        result = await _WRITE(self.r, *self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        try:
+            result = await _WRITE(self.r, lease=step.lease,
+                                  **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+        except LeaseLost:
+            raise Stale from None
         if result == 1 or (result == -1 and settle):
             return
         raise Stale
@@ -488,14 +482,16 @@ class Delegator:
     def _write_call(
         step: _Step, *, delay_s: float | None = None, settle: bool = False,
         shown: tuple[int, int] | None = None, **fields: str | int,
-    ) -> tuple[list[str], list[str | int]]:
-        flat: list[str | int] = []
+    ) -> _WriteCall:
+        flat: list[Value] = []
         for k, v in fields.items():
             flat += [k, v]
             step.f[k] = str(v)
-        return ([keys.delegation(step.batch_id), keys.batch(step.batch_id), keys.DELEGATED_BATCHES],
-                [step.part_no, step.token, step.batch_id, "" if delay_s is None else int(delay_s * 1000),
-                 "1" if settle else "", *(shown if shown is not None else ("", "")), *flat])
+        completed, failed = shown if shown is not None else ("", "")
+        return _WriteCall(delegation=keys.delegation(step.batch_id), batch=keys.batch(step.batch_id),
+                          delegated_batches=keys.DELEGATED_BATCHES, part=step.part_no, batch_id=step.batch_id,
+                          delay_ms="" if delay_s is None else int(delay_s * 1000), settle="1" if settle else "",
+                          shown_completed=completed, shown_failed=failed, fields=flat)
 
     def _poll_s(self, step: _Step) -> float:
         return step.provider.batch_poll_s if step.provider else 10.0
@@ -772,7 +768,7 @@ class Delegator:
         # request_counts neither count a line twice nor dip while results are downloaded.
         shown = (max(0, done[0] - seen[0]), max(0, done[1] - seen[1]))
         pipe = self.r.pipeline(transaction=True)
-        _WRITE.queue(pipe, *self._write_call(step, shown=shown))
+        _WRITE.queue(pipe, lease=step.lease, **self._write_call(step, shown=shown))
         store.queue_record(pipe, step.batch_id, results)
         try:
             written, _ = await pipe.execute()
@@ -780,6 +776,10 @@ class Delegator:
             await self._write(step, shown=shown)
             await store.record_results(self.r, step.batch_id, results)
             return
+        except ResponseError as e:
+            if str(e).startswith(leases.FENCED):
+                raise Stale from None
+            raise
         if written != 1:
             raise Stale
 

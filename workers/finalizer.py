@@ -67,38 +67,37 @@ _F = BatchField
 _DRAIN_FIELDS = (_F.FIN_CURSOR, _F.FIN_OUT_BYTES, _F.FIN_ERR_BYTES, _F.FIN_OUT_LINES, _F.FIN_ERR_LINES)
 _COMPLETED = Outcome.COMPLETED.encode()
 
-# KEYS: batch hash, results stream. ARGV: count. What has been drained so far and the results
-# after it, read in one step while the lease is held: the offsets always match the results.
-_DRAIN_READ = FencedScript("""
-local drained = redis.call('HMGET', KEYS[1], 'fin_cursor', 'fin_out_bytes', 'fin_err_bytes', 'fin_out_lines',
+# What has been drained so far and the results after it, read in one step while the lease is held: the offsets always match the results.
+_DRAIN_READ = FencedScript(keys=("batch", "results"), args=("count",), source="""
+local drained = redis.call('HMGET', KEYS.batch, 'fin_cursor', 'fin_out_bytes', 'fin_err_bytes', 'fin_out_lines',
                            'fin_err_lines')
 local cursor = drained[1] or '0-0'
-return {drained, redis.call('XRANGE', KEYS[2], '(' .. cursor, '+', 'COUNT', ARGV[1])}
+return {drained, redis.call('XRANGE', KEYS.results, '(' .. cursor, '+', 'COUNT', ARGV.count)}
 """)
 
-# KEYS: batch hash, results stream. ARGV: cursor drained from, cursor drained to, first id to
-# keep, then the drain fields and values. Records a drain step once: a re-sent call finds its own
-# cursor and changes nothing.
-_DRAIN_COMMIT = FencedScript("""
-local cursor = redis.call('HGET', KEYS[1], 'fin_cursor') or '0-0'
-if cursor ~= ARGV[1] then
-  if cursor == ARGV[2] then return 0 end
-  return redis.error_reply('FENCED drain of ' .. KEYS[1] .. ' is at ' .. cursor .. ', not ' .. ARGV[1])
+# keep_from is the first id to keep, fields the drain fields and values. Records a drain step once:
+# a re-sent call finds its own cursor and changes nothing.
+_DRAIN_COMMIT = FencedScript(keys=("batch", "results"), args=("cursor_from", "cursor_to", "keep_from", "*fields"),
+                             source="""
+local cursor = redis.call('HGET', KEYS.batch, 'fin_cursor') or '0-0'
+if cursor ~= ARGV.cursor_from then
+  if cursor == ARGV.cursor_to then return 0 end
+  return redis.error_reply('FENCED drain of ' .. KEYS.batch .. ' is at ' .. cursor .. ', not ' .. ARGV.cursor_from)
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4, #ARGV))
-redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+redis.call('HSET', KEYS.batch, unpack(ARGV, 4, #ARGV))
+redis.call('XTRIM', KEYS.results, 'MINID', ARGV.keep_from)
 return 1
 """)
 
-# KEYS: the finalizers. ARGV: name, how long (ms) a finalizer counts after its last check-in.
-# Returns how many finalizers are at work (this one included), by Redis's clock.
-_CHECK_IN = Script("""
+# window_ms: how long a finalizer counts after its last check-in. Returns how many finalizers are
+# at work (this one included), by Redis's clock.
+_CHECK_IN = Script(keys=("finalizers",), args=("name", "window_ms"), source="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
-return redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS.finalizers, now, ARGV.name)
+redis.call('ZREMRANGEBYSCORE', KEYS.finalizers, '-inf', now - tonumber(ARGV.window_ms))
+redis.call('PEXPIRE', KEYS.finalizers, 10 * tonumber(ARGV.window_ms))
+return redis.call('ZCARD', KEYS.finalizers)
 """)
 
 
@@ -186,7 +185,8 @@ class Finalizer:
 
     # ------------------------------------------------------------------ leases
     async def _check_in(self) -> None:
-        self.finalizers = max(1, int(await _CHECK_IN(self.redis, [keys.FINALIZERS], [self.name, self.lease_ms])))
+        self.finalizers = max(1, int(await _CHECK_IN(self.redis, finalizers=keys.FINALIZERS, name=self.name,
+                                                       window_ms=self.lease_ms)))
 
     async def _keep_leases(self) -> None:
         """Renew every lease held, often enough that a slow step never loses one."""
@@ -373,9 +373,9 @@ class Finalizer:
     async def _drain(self, h: BatchRecord, lease: Lease) -> None:
         """Append the results recorded since the last drain to the files; ``h`` follows the drain fields."""
         batch_id = h.id
-        script_keys = [keys.batch(batch_id), keys.results(batch_id)]
         while True:
-            drained, entries = await _DRAIN_READ(self.redis, script_keys, [DRAIN_COUNT], lease=lease)
+            drained, entries = await _DRAIN_READ(self.redis, batch=keys.batch(batch_id),
+                                                 results=keys.results(batch_id), count=DRAIN_COUNT, lease=lease)
             state = BatchRecord.from_values(_DRAIN_FIELDS, (_text(v).encode() or None for v in drained))
             h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = state.fin_cursor, state.fin_out_bytes, state.fin_err_bytes
             h.fin_out_lines, h.fin_err_lines = state.fin_out_lines, state.fin_err_lines
@@ -404,7 +404,9 @@ class Finalizer:
             flat_update: list[str | int] = []
             for k, v in update.items():
                 flat_update += [k, v]
-            await _DRAIN_COMMIT(self.redis, script_keys, [cursor, last, _next_id(last), *flat_update], lease=lease)
+            await _DRAIN_COMMIT(self.redis, batch=keys.batch(batch_id), results=keys.results(batch_id),
+                                cursor_from=cursor, cursor_to=last, keep_from=_next_id(last), fields=flat_update,
+                                lease=lease)
             h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = last, offsets["out"], offsets["err"]
             h.fin_out_lines, h.fin_err_lines = counts["out"], counts["err"]
 

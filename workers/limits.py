@@ -89,24 +89,26 @@ NO_SIGNAL = "none"  # no answer to learn from (a connection error, a cancelled c
 
 # One call per round: give back the leases of requests that ended (moving the window with what
 # their provider answered), then admit as many waiting requests as the limits allow now.
-# KEYS: inflight leases, buckets, pause, this call's op key, window.
-# ARGV: 1 now, 2 lease ms, 3 max_concurrency (0: none), 4 rpm, 5 tpm, 6 ramp ms, 7 ramp default cap,
-#       8 burst ms, 9 ramp start, 10 op ttl ms, 11 adaptive (1/0), 12 window ceiling, 13 window start,
-#       14 decrease factor, 15 window ttl ms, 16 poll ms when full, 17 r, then r (holder, outcome,
-#       admitted at ms) given back, then (holder, cost) per request waiting, in order.
+# op is this call's op key; cap is max_concurrency (0: none); ramp_cap the ramp's default cap;
+# adaptive 1/0; full_poll_ms the poll when full. exchanges holds ``released`` (holder, outcome,
+# admitted at ms) given back, then (holder, cost) per request waiting, in order: their ARGV slots
+# start at 18.
 # Returns {admitted (the first of those waiting), ms to wait for the rest, 1 if they hold leases,
 #          the window after the call ('' when adaptive concurrency is off)}.
-_EXCHANGE = Script("""
-local now = tonumber(ARGV[1])
-local lease_ms = tonumber(ARGV[2])
-local cap = tonumber(ARGV[3])
-local rpm = tonumber(ARGV[4])
-local tpm = tonumber(ARGV[5])
-local ramp_ms = tonumber(ARGV[6])
-local burst = tonumber(ARGV[8])
-local adaptive = ARGV[11] == '1'
-local ceiling = tonumber(ARGV[12])
-local released = tonumber(ARGV[17])
+_EXCHANGE = Script(keys=("inflight", "bucket", "pause", "op", "window"),
+                   args=("now", "lease_ms", "cap", "rpm", "tpm", "ramp_ms", "ramp_cap", "burst_ms", "ramp_start",
+                         "op_ttl_ms", "adaptive", "ceiling", "window_start", "decrease", "window_ttl_ms",
+                         "full_poll_ms", "released", "*exchanges"), source="""
+local now = tonumber(ARGV.now)
+local lease_ms = tonumber(ARGV.lease_ms)
+local cap = tonumber(ARGV.cap)
+local rpm = tonumber(ARGV.rpm)
+local tpm = tonumber(ARGV.tpm)
+local ramp_ms = tonumber(ARGV.ramp_ms)
+local burst = tonumber(ARGV.burst_ms)
+local adaptive = ARGV.adaptive == '1'
+local ceiling = tonumber(ARGV.ceiling)
+local released = tonumber(ARGV.released)
 local base = 17 + 3 * released
 local n = (#ARGV - base) / 2
 local function holder(i) return ARGV[base + 2 * i - 1] end
@@ -115,13 +117,13 @@ local function cost(i) return tonumber(ARGV[base + 2 * i]) end
 local w
 local window = ''
 if adaptive then
-  local h = redis.call('HMGET', KEYS[5], 'w', 'ss', 'wmax', 'cut')
-  w = tonumber(h[1]) or tonumber(ARGV[13])
+  local h = redis.call('HMGET', KEYS.window, 'w', 'ss', 'wmax', 'cut')
+  w = tonumber(h[1]) or tonumber(ARGV.window_start)
   local ss = tonumber(h[2])
   local wmax = tonumber(h[3]) or 0
   local cut = tonumber(h[4]) or 0
   if released > 0 then
-    local inflight = redis.call('ZCARD', KEYS[1])
+    local inflight = redis.call('ZCARD', KEYS.inflight)
     -- Grow only a window that held requests back: one that is not used says nothing of the provider.
     -- While it doubles, half full will do: refilling the slots freed in one call takes a round trip.
     local used = math.min(math.floor(w), ceiling)
@@ -129,7 +131,7 @@ if adaptive then
     local full = inflight >= used
     for i = 18, base, 3 do
       -- Only a lease really removed counts, so a re-sent call moves the window once.
-      if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+      if redis.call('ZREM', KEYS.inflight, ARGV[i]) == 1 then
         local outcome = ARGV[i + 1]
         if outcome == 'ok' and full then
           if not ss or w < ss then
@@ -143,7 +145,7 @@ if adaptive then
           -- The first signal of a window cuts it; requests admitted before that cut are the same burst.
           local starting = not ss or w < ss
           wmax = math.min(w, inflight)
-          w = math.max(1, wmax * tonumber(ARGV[14]))
+          w = math.max(1, wmax * tonumber(ARGV.decrease))
           if starting then
             -- Doubling overshoots by up to twice the limit: nothing below that size is known to hold.
             ss = w
@@ -157,23 +159,23 @@ if adaptive then
       end
     end
     w = math.max(1, math.min(w, ceiling))
-    redis.call('HSET', KEYS[5], 'w', tostring(w), 'wmax', tostring(wmax), 'cut', cut)
-    if ss then redis.call('HSET', KEYS[5], 'ss', tostring(ss)) end
-    redis.call('PEXPIRE', KEYS[5], ARGV[15])
+    redis.call('HSET', KEYS.window, 'w', tostring(w), 'wmax', tostring(wmax), 'cut', cut)
+    if ss then redis.call('HSET', KEYS.window, 'ss', tostring(ss)) end
+    redis.call('PEXPIRE', KEYS.window, ARGV.window_ttl_ms)
   end
   w = math.max(1, math.min(w, ceiling))
   window = tostring(w)
   if cap == 0 or math.floor(w) < cap then cap = math.floor(w) end
 else
-  for i = 18, base, 3 do redis.call('ZREM', KEYS[1], ARGV[i]) end
+  for i = 18, base, 3 do redis.call('ZREM', KEYS.inflight, ARGV[i]) end
 end
 if n == 0 then return {0, 0, 0, window} end
 
-local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
+local paused_until = tonumber(redis.call('GET', KEYS.pause) or '0')
 if paused_until > 0 and paused_until <= now and now - paused_until < ramp_ms then
   local c = cap
-  if c == 0 then c = tonumber(ARGV[7]) end
-  local start = tonumber(ARGV[9])
+  if c == 0 then c = tonumber(ARGV.ramp_cap) end
+  local start = tonumber(ARGV.ramp_start)
   cap = math.max(1, math.floor(c * (start + (1 - start) * (now - paused_until) / ramp_ms)))
 end
 local leased = 0
@@ -183,24 +185,24 @@ if cap > 0 then leased = 1 end
 -- admission without leases answers what it answered.
 local granted = 0
 while granted < n do
-  local held = redis.call('ZSCORE', KEYS[1], holder(granted + 1))
+  local held = redis.call('ZSCORE', KEYS.inflight, holder(granted + 1))
   if not held or tonumber(held) <= now then break end
   granted = granted + 1
 end
 if granted == n then return {n, 0, 1, window} end
-local prior = redis.call('GET', KEYS[4])
+local prior = redis.call('GET', KEYS.op)
 if prior then return {tonumber(prior), 0, 0, window} end
 if paused_until > now then return {granted, paused_until - now, leased, window} end
 
 local count = 0
 if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  count = redis.call('ZCARD', KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS.inflight, '-inf', now)
+  count = redis.call('ZCARD', KEYS.inflight)
 end
 local bucketed = rpm > 0 or tpm > 0
 local r, t = 0, 0
 if bucketed then
-  local b = redis.call('HMGET', KEYS[2], 'r', 't', 'ts')
+  local b = redis.call('HMGET', KEYS.bucket, 'r', 't', 'ts')
   local elapsed = math.max(0, now - (tonumber(b[3]) or now))
   if rpm > 0 then
     r = math.min(math.max(1, rpm / 60000 * burst), (tonumber(b[1]) or 0) + elapsed * rpm / 60000)
@@ -215,50 +217,49 @@ local first = granted
 local wait = 0
 while granted < n do
   local c = cost(granted + 1)
-  if cap > 0 and count >= cap then wait = tonumber(ARGV[16]) break end
+  if cap > 0 and count >= cap then wait = tonumber(ARGV.full_poll_ms) break end
   if rpm > 0 and r < 1 then wait = math.ceil((1 - r) * 60000 / rpm) break end
   if tpm > 0 and t < c then wait = math.ceil((c - t) * 60000 / tpm) break end
   if rpm > 0 then r = r - 1 end
   if tpm > 0 then t = t - c end
   if cap > 0 then
-    redis.call('ZADD', KEYS[1], now + lease_ms, holder(granted + 1))
+    redis.call('ZADD', KEYS.inflight, now + lease_ms, holder(granted + 1))
     count = count + 1
   end
   granted = granted + 1
 end
 if bucketed then
-  redis.call('HSET', KEYS[2], 'r', r, 't', t, 'ts', now)
-  redis.call('PEXPIRE', KEYS[2], 120000)
+  redis.call('HSET', KEYS.bucket, 'r', r, 't', t, 'ts', now)
+  redis.call('PEXPIRE', KEYS.bucket, 120000)
 end
 if granted > first then
   if cap > 0 then
-    redis.call('PEXPIRE', KEYS[1], lease_ms * 2)
+    redis.call('PEXPIRE', KEYS.inflight, lease_ms * 2)
   elseif bucketed then
-    redis.call('SET', KEYS[4], granted, 'PX', ARGV[10])
+    redis.call('SET', KEYS.op, granted, 'PX', ARGV.op_ttl_ms)
   end
 end
 return {granted, wait, leased, window}
 """)
 
-# KEYS: in-flight leases. ARGV: now (ms), new expiry (ms), holders. Extends the leases still
-# running; an expired one stays expired (the next acquire prunes it). Returns how many were kept.
-_RENEW = Script("""
+# Extends the leases of holders still running (expiry: their new one, ms); an expired one stays expired (the next acquire prunes it). Returns how many were kept.
+_RENEW = Script(keys=("inflight",), args=("now", "expiry", "*holders"), source="""
 local kept = 0
 for i = 3, #ARGV do
-  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if expiry and tonumber(expiry) > tonumber(ARGV[1]) then
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+  local expiry = redis.call('ZSCORE', KEYS.inflight, ARGV[i])
+  if expiry and tonumber(expiry) > tonumber(ARGV.now) then
+    redis.call('ZADD', KEYS.inflight, 'XX', ARGV.expiry, ARGV[i])
     kept = kept + 1
   end
 end
 return kept
 """)
 
-_PAUSE = Script("""
-local pause_end = tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+_PAUSE = Script(keys=("pause",), args=("pause_end", "now", "ramp_ms"), source="""
+local pause_end = tonumber(ARGV.pause_end)
+local current = tonumber(redis.call('GET', KEYS.pause) or '0')
 if pause_end > current then
-  redis.call('SET', KEYS[1], pause_end, 'PX', pause_end - tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  redis.call('SET', KEYS.pause, pause_end, 'PX', pause_end - tonumber(ARGV.now) + tonumber(ARGV.ramp_ms))
   return 1
 end
 return 0
@@ -295,21 +296,22 @@ async def exchange(
     rpm = (provider.rpm or 0) * SAFETY
     tpm = (provider.tpm or 0) * SAFETY
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    args: list[str | int | float] = [
-        now_ms, lease_ms, provider.max_concurrency or 0, rpm, tpm, int(RAMP_S * 1000), RAMP_DEFAULT_CONCURRENCY,
-        int(BURST_S * 1000), RAMP_START, OP_TTL_MS, 1 if provider.is_adaptive else 0, _ceiling(provider, slots),
-        provider.adaptive_start, provider.adaptive_decrease, WINDOW_TTL_MS, FULL_POLL_MS, len(releases),
-    ]
+    exchanges: list[str | int | float] = []
     for lease in releases:
-        args += list(lease)
+        exchanges += list(lease)
     for holder, cost in holders:
         # A request larger than a minute's budget still goes, alone.
-        args += [holder, min(cost, int(tpm)) if tpm else cost]
+        exchanges += [holder, min(cost, int(tpm)) if tpm else cost]
     admitted, wait, leased, window = await _EXCHANGE(
-        r, [keys.provider_inflight(provider.name), keys.provider_bucket(provider.name),
-            keys.provider_pause(provider.name), keys.provider_op(provider.name, op_id),
-            keys.provider_window(provider.name)],
-        args,
+        r, inflight=keys.provider_inflight(provider.name), bucket=keys.provider_bucket(provider.name),
+        pause=keys.provider_pause(provider.name), op=keys.provider_op(provider.name, op_id),
+        window=keys.provider_window(provider.name),
+        now=now_ms, lease_ms=lease_ms, cap=provider.max_concurrency or 0, rpm=rpm, tpm=tpm,
+        ramp_ms=int(RAMP_S * 1000), ramp_cap=RAMP_DEFAULT_CONCURRENCY, burst_ms=int(BURST_S * 1000),
+        ramp_start=RAMP_START, op_ttl_ms=OP_TTL_MS, adaptive=1 if provider.is_adaptive else 0,
+        ceiling=_ceiling(provider, slots), window_start=provider.adaptive_start,
+        decrease=provider.adaptive_decrease, window_ttl_ms=WINDOW_TTL_MS, full_poll_ms=FULL_POLL_MS,
+        released=len(releases), exchanges=exchanges,
     )
     window = window.decode() if isinstance(window, bytes) else window
     return Admission(int(admitted), int(wait), bool(int(leased)), float(window) if window else None)
@@ -521,16 +523,16 @@ class Limiter:
         if not leases:
             return 0
         now = int(time.time() * 1000)
-        return int(await _RENEW(self.redis, [keys.provider_inflight(provider_name)], [now, now + self.lease_ms, *leases]))
+        return int(await _RENEW(self.redis, inflight=keys.provider_inflight(provider_name), now=now,
+                                expiry=now + self.lease_ms, holders=leases))
 
     async def pause(self, provider: Provider, seconds: float) -> bool:
         """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""
         now = int(time.time() * 1000)
         self.pause_seen[provider.name] = (time.monotonic(), True)
         with contextlib.suppress(*REDIS_DOWN):
-            return bool(await _PAUSE(
-                self.redis, [keys.provider_pause(provider.name)], [now + int(seconds * 1000), now, int(RAMP_S * 1000)],
-            ))
+            return bool(await _PAUSE(self.redis, pause=keys.provider_pause(provider.name),
+                                     pause_end=now + int(seconds * 1000), now=now, ramp_ms=int(RAMP_S * 1000)))
         return False
 
     async def aclose(self) -> None:

@@ -57,14 +57,14 @@ ACTIVE_REFRESH_S = 0.1
 RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
 
-# KEYS: a batch's lines stream. ARGV: group, consumer, idle (ms), entry ids. Sets how long the
-# group believes these entries idle, for those this consumer still owns; returns how many.
-_SET_IDLE = Script("""
+# Sets how long the group believes these entries of a batch's lines stream idle, for those this
+# consumer still owns; returns how many.
+_SET_IDLE = Script(keys=("stream",), args=("group", "consumer", "idle_ms", "*entry_ids"), source="""
 local kept = 0
 for i = 4, #ARGV do
-  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  local owned = redis.call('XPENDING', KEYS.stream, ARGV.group, ARGV[i], ARGV[i], 1, ARGV.consumer)
   if #owned > 0 then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    redis.call('XCLAIM', KEYS.stream, ARGV.group, ARGV.consumer, 0, ARGV[i], 'IDLE', ARGV.idle_ms, 'JUSTID')
     kept = kept + 1
   end
 end
@@ -492,8 +492,8 @@ class Worker:
         for batch_id, entry_ids in by_batch.items():
             try:
                 # JUSTID leaves the delivery counter alone: it must count crashes, not renewals.
-                kept = await _SET_IDLE(self.redis, [keys.lines(batch_id)],
-                                       [keys.WORKER_GROUP, self.name, idle_ms, *entry_ids])
+                kept = await _SET_IDLE(self.redis, stream=keys.lines(batch_id), group=keys.WORKER_GROUP,
+                                       consumer=self.name, idle_ms=idle_ms, entry_ids=entry_ids)
             except Exception as e:
                 self.log.warning("lease_update_failed", batch_id=batch_id, idle_ms=idle_ms, error=str(e))
                 continue

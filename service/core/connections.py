@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hashlib
 import inspect
+import re
 import time
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence, TypedDict, cast
 from urllib.parse import parse_qs, urlsplit
@@ -346,25 +347,122 @@ class _DeferredPipeline:
             getattr(pipe, name)(*args, **kwargs)
         self._queued = []
         return list(await pipe.execute(raise_on_error=raise_on_error))
+# What a script's named parameter takes: one value, or a sequence of them for a variadic tail.
+Param = Value | Sequence[Value]
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class Signature:
+    """The names a script declares for its KEYS and its ARGV, and how a call's keywords fill them.
+
+    Each of ``keys`` and ``args`` lists names in slot order; the last one may be ``"*name"``, a
+    variadic tail that takes a sequence of values and fills the slots after the fixed ones.
+    """
+
+    def __init__(self, keys: Sequence[str], args: Sequence[str]) -> None:
+        self.keys, self.key_tail = _split(keys, "keys")
+        self.args, self.arg_tail = _split(args, "args")
+        tails = [t for t in (self.key_tail, self.arg_tail) if t]
+        names = [*self.keys, *self.args, *tails]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a script names one parameter twice: {names}")
+        self.names = frozenset(names)
+
+    def prologue(self) -> str:
+        """Lua binding each fixed name to its slot (``KEYS.lease = KEYS[1]``), on one line."""
+        bound = [f"KEYS.{n} = KEYS[{i}]" for i, n in enumerate(self.keys, 1)]
+        bound += [f"ARGV.{n} = ARGV[{i}]" for i, n in enumerate(self.args, 1)]
+        return " ".join(bound) + "\n" if bound else ""
+
+    def bind(self, params: Mapping[str, Param]) -> tuple[list[str], list[Value]]:
+        """The KEYS and ARGV of a call; TypeError for a missing or unknown name, or a wrong shape."""
+        if params.keys() != self.names:
+            missing = sorted(self.names - params.keys())
+            unknown = sorted(params.keys() - self.names)
+            raise TypeError(f"script parameters: missing {missing}, unknown {unknown}")
+        ks: list[str] = []
+        for name in self.keys:
+            value = params[name]
+            if not isinstance(value, str):
+                raise TypeError(f"key {name!r} must be a str, not {type(value).__name__}")
+            ks.append(value)
+        if self.key_tail:
+            for value in _tail(params, self.key_tail):
+                if not isinstance(value, str):
+                    raise TypeError(f"keys of {self.key_tail!r} must be str, not {type(value).__name__}")
+                ks.append(value)
+        argv: list[Value] = []
+        for name in self.args:
+            value = params[name]
+            if not isinstance(value, (str, bytes, int, float)):
+                raise TypeError(f"argument {name!r} takes one value, not {type(value).__name__}")
+            argv.append(value)
+        if self.arg_tail:
+            argv.extend(_tail(params, self.arg_tail))
+        return ks, argv
+
+
+def _split(names: Sequence[str], what: str) -> tuple[tuple[str, ...], str]:
+    fixed = list(names)
+    tail = fixed.pop()[1:] if fixed and fixed[-1].startswith("*") else ""
+    for name in [*fixed, *([tail] if tail else [])]:
+        if not _NAME.match(name):
+            raise ValueError(f"{what}: {name!r} is not a Lua identifier (only the last name may start with '*')")
+    return tuple(fixed), tail
+
+
+def _tail(params: Mapping[str, Param], name: str) -> Sequence[Value]:
+    value = params[name]
+    # A str is a sequence too: taken for a tail, it would spread into one slot per character.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"variadic {name!r} takes a sequence, not {type(value).__name__}")
+    return value
 
 
 class Script:
-    """A Lua script run by its SHA1 (EVALSHA), so Redis need not receive and hash it on every call."""
+    """A Lua script with named KEYS and ARGV, run by its SHA1 (EVALSHA, so Redis need not receive
+    and hash it on every call; EVAL once when Redis does not have it yet).
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+    It declares its parameters: ``Script(keys=("lease", "counter"), args=("holder", "ttl_ms"),
+    source=...)``, and is called with exactly those names as keywords:
+    ``await s(r, lease=k, counter=c, holder=h, ttl_ms=10_000)``; a missing or unknown name is a
+    TypeError before anything is sent.
 
-    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
-        """Run the script; the first call after Redis started sends its source once."""
+    Inside the Lua source, a prologue binds each fixed name to its slot, so the body reads
+    ``KEYS.lease`` and ``ARGV.holder`` (fields of the same tables: ``#KEYS``, ``#ARGV`` and
+    ``unpack`` still see the slots alone). The last name of ``keys`` or ``args`` may be a
+    variadic tail, ``"*lines"``: it is passed a sequence (list or tuple) whose values fill the
+    slots after the fixed ones, which the body reads by index (``for i = 3, #ARGV, 7``).
+
+    ``head`` is Lua that runs before the names are bound (a fence that takes slots of its own off
+    KEYS and ARGV, see ``leases.FencedScript``); such a caller passes those slots through
+    :meth:`run` and :meth:`enqueue`, which take the KEYS and ARGV as they are sent.
+    """
+
+    def __init__(self, *, keys: Sequence[str] = (), args: Sequence[str] = (), source: str, head: str = "") -> None:
+        self.signature = Signature(keys, args)
+        self.source = head + self.signature.prologue() + source
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, r: Redis, /, **params: Param) -> Any:
+        """Run the script with its named parameters; the first call after Redis started sends its source once."""
+        return await self.run(r, *self.signature.bind(params))
+
+    def queue(self, pipe: Pipeline, /, **params: Param) -> None:
+        """Add a call to a pipeline; if it fails with NoScriptError, ``load`` and execute again."""
+        self.enqueue(pipe, *self.signature.bind(params))
+
+    async def run(self, r: Redis, keys: Sequence[str], args: Sequence[Value]) -> Any:
+        """Run the script with KEYS and ARGV exactly as given (EVALSHA, else EVAL)."""
         try:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             # EVAL runs it and caches it under the same SHA for the next calls.
             return await r.eval(self.source, len(keys), *keys, *args)
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any] = ()) -> None:
-        """Add a call to a pipeline; if it fails with NoScriptError, ``load`` and execute again."""
+    def enqueue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Value]) -> None:
+        """:meth:`queue` with KEYS and ARGV exactly as given."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
     async def load(self, r: Redis) -> None:

@@ -90,13 +90,12 @@ class Planner:
         return [p.closed() for p in self.parts]
 
 
-# KEYS: the batch's delegation hash. ARGV: the parts' plans. Written once: a peer that validated
-# the same batch again (its lease ran out) must not reset parts already under way.
-_WRITE_PLAN = Script("""
-if redis.call('HEXISTS', KEYS[1], 'n') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'n', #ARGV)
+# The parts' plans, written once: a peer that validated the same batch again (its lease ran out) must not reset parts already under way.
+_WRITE_PLAN = Script(keys=("delegation",), args=("*plans",), source="""
+if redis.call('HEXISTS', KEYS.delegation, 'n') == 1 then return 0 end
+redis.call('HSET', KEYS.delegation, 'n', #ARGV)
 for i = 1, #ARGV do
-  redis.call('HSET', KEYS[1], (i - 1) .. ':plan', ARGV[i], (i - 1) .. ':state', 'planned', (i - 1) .. ':fence', 0)
+  redis.call('HSET', KEYS.delegation, (i - 1) .. ':plan', ARGV[i], (i - 1) .. ':state', 'planned')
 end
 return 1
 """)
@@ -105,7 +104,7 @@ return 1
 async def write_plan(r: Redis, batch_id: str, parts: list[Part]) -> None:
     """Record the batch's parts (before it starts; a second call changes nothing)."""
     if parts:
-        await _WRITE_PLAN(r, [keys.delegation(batch_id)], [msgspec.json.encode(p) for p in parts])
+        await _WRITE_PLAN(r, delegation=keys.delegation(batch_id), plans=[msgspec.json.encode(p) for p in parts])
 
 
 def decode_part(raw: bytes | str) -> Part:

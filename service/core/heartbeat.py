@@ -41,17 +41,17 @@ ROLES = ("web", "worker", "finalizer")
 # least once in this period (a reset after that is an ordinary counter reset to Prometheus).
 COUNTERS_TTL_S = 30 * 24 * 3600
 
-# KEYS: processes zset, process hash, then the counter hashes to keep alive.
-# ARGV: name, prune_s, counters_ttl_s, then the process fields as (name, value) pairs.
-_BEAT = Script("""
+# counters are the counter hashes to keep alive; fields the process's (name, value) pairs.
+_BEAT = Script(keys=("processes", "process", "*counters"), args=("name", "prune_s", "counters_ttl_s", "*fields"),
+               source="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', KEYS[2], 'seen_at', string.format('%.3f', now), unpack(ARGV, 4))
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+redis.call('HSET', KEYS.process, 'seen_at', string.format('%.3f', now), unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS.process, ARGV.prune_s)
+redis.call('ZADD', KEYS.processes, now, ARGV.name)
+redis.call('ZREMRANGEBYSCORE', KEYS.processes, '-inf', now - tonumber(ARGV.prune_s))
+redis.call('EXPIRE', KEYS.processes, ARGV.prune_s)
+for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV.counters_ttl_s) end
 return 1
 """)
 
@@ -106,9 +106,9 @@ class Heartbeat:
                      **{f"requests:{p}": n for p, n in self.tally.requests_in_flight.items()}}.items():
             flat += [k, v]
         try:
-            await _BEAT(self.redis, [keys.PROCESSES, keys.process(self.name), keys.METRICS_LINES,
-                                     keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
-                        [self.name, PRUNE_AFTER_S, COUNTERS_TTL_S, *flat])
+            await _BEAT(self.redis, processes=keys.PROCESSES, process=keys.process(self.name),
+                        counters=[keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
+                        name=self.name, prune_s=PRUNE_AFTER_S, counters_ttl_s=COUNTERS_TTL_S, fields=flat)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # REDIS_DOWN mostly; never let the heartbeat task die

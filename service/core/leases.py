@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import keys
-from .connections import Pipeline, Redis, Script
+from .connections import Param, Pipeline, Redis, Script, Value
 
 FENCED = "FENCED"
 
@@ -59,37 +59,37 @@ def holder_of(value: bytes | str | None) -> str:
     return text.partition(" ")[2]
 
 
-# KEYS: lease, token counter. ARGV: holder, ttl (ms). The lease's value, or false when another
-# holder has it. The holder already having it (a re-sent call) keeps its token.
-_TAKE = Script("""
-local current = redis.call('GET', KEYS[1])
+# The lease's value, or false when another holder has it. The holder already having it (a
+# re-sent call) keeps its token.
+_TAKE = Script(keys=("lease", "counter"), args=("holder", "ttl_ms"), source="""
+local current = redis.call('GET', KEYS.lease)
 if current then
   local sep = string.find(current, ' ', 1, true)
-  if sep and string.sub(current, sep + 1) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if sep and string.sub(current, sep + 1) == ARGV.holder then
+    redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms)
     return current
   end
   return false
 end
-local value = string.format('%d', redis.call('INCR', KEYS[2])) .. ' ' .. ARGV[1]
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+local value = string.format('%d', redis.call('INCR', KEYS.counter)) .. ' ' .. ARGV.holder
+redis.call('SET', KEYS.lease, value, 'PX', ARGV.ttl_ms)
 return value
 """)
 
 # Extend only the very lease given: an expired or re-taken one is never brought back.
-_RENEW = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+_RENEW = Script(keys=("lease",), args=("value", "ttl_ms"), source="""
+if redis.call('GET', KEYS.lease) == ARGV.value then return redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms) end
 return 0
 """)
 
-_DROP = Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+_DROP = Script(keys=("lease",), args=("value",), source="""
+if redis.call('GET', KEYS.lease) == ARGV.value then return redis.call('DEL', KEYS.lease) end
 return 0
 """)
 
-# Prepended to every fenced script: KEYS[1] is the lease key and ARGV[1] the value its holder
-# expects there ("" for an unfenced call); both are removed, so the script body sees its own
-# KEYS and ARGV from index 1, as if called without a fence.
+# The head of every fenced script: KEYS[1] is the lease key and ARGV[1] the value its holder
+# expects there ("" for an unfenced call); both are removed before the script's own names are
+# bound, so its body sees its own KEYS and ARGV from index 1, as if called without a fence.
 _FENCE = """
 local fence_key = table.remove(KEYS, 1)
 local fence = table.remove(ARGV, 1)
@@ -99,39 +99,56 @@ end
 """
 
 
-class FencedScript(Script):
-    """A script that runs only while the caller's lease is still its own.
+class FencedScript:
+    """A :class:`~service.core.connections.Script` that runs only while the caller's lease is still its own.
 
-    Call it with ``lease`` (or None for a caller that holds no lease, such as the API or the
-    workers, whose writes are guarded otherwise); ``keys``/``args`` are the script's own.
+    It declares ``keys``, ``args`` and ``source`` as a ``Script`` does (named parameters, an
+    optional variadic tail, ``KEYS.name``/``ARGV.name`` in the body). Call it with those names and
+    ``lease`` (None, the default, for a caller that holds no lease, such as the API or the workers,
+    whose writes are guarded otherwise); ``lease`` is therefore no name a fenced script may declare.
+    A call whose lease is no longer held changes nothing and raises :class:`LeaseLost`.
     """
 
-    def __init__(self, body: str) -> None:
-        super().__init__(_FENCE + body)
+    def __init__(self, *, keys: Sequence[str] = (), args: Sequence[str] = (), source: str) -> None:
+        if "lease" in (name.lstrip("*") for name in (*keys, *args)):
+            raise ValueError("'lease' names the fence of a FencedScript; call its key something else")
+        self.script = Script(keys=keys, args=args, source=source, head=_FENCE)
 
-    async def __call__(self, r: Redis, keys: Sequence[str], args: Sequence[Any] = (),
-                       lease: Lease | None = None) -> Any:
+    @property
+    def sha(self) -> str:
+        return self.script.sha
+
+    @property
+    def source(self) -> str:
+        return self.script.source
+
+    async def __call__(self, r: Redis, /, *, lease: Lease | None = None, **params: Param) -> Any:
+        """Run the script if ``lease`` (when given) is still held; :class:`LeaseLost` if not."""
         try:
-            return await super().__call__(r, *_fenced(lease, keys, args))
+            return await self.script.run(r, *_fenced(lease, *self.script.signature.bind(params)))
         except ResponseError as e:
             if str(e).startswith(FENCED):
                 raise LeaseLost(str(e)) from None
             raise
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Any] = (),
-              lease: Lease | None = None) -> None:
-        super().queue(pipe, *_fenced(lease, keys, args))
+    def queue(self, pipe: Pipeline, /, *, lease: Lease | None = None, **params: Param) -> None:
+        """Add a call to a pipeline (a fenced refusal is then an error reply among the replies)."""
+        self.script.enqueue(pipe, *_fenced(lease, *self.script.signature.bind(params)))
+
+    async def load(self, r: Redis) -> None:
+        """Make sure Redis has the script (after a restart wiped its script cache)."""
+        await self.script.load(r)
 
 
-def _fenced(lease: Lease | None, keys: Sequence[str], args: Sequence[Any]) -> tuple[list[str], list[Any]]:
+def _fenced(lease: Lease | None, keys: Sequence[str], args: Sequence[Value]) -> tuple[list[str], list[Value]]:
     # An unfenced call still names a key in the script's first slot (its own first key), so the
     # script's keys stay in one cluster slot.
     fence_key = lease.key if lease is not None else (keys[0] if keys else "")
     return [fence_key, *keys], [lease.value if lease is not None else "", *args]
 
 
-# ARGV: for each command, its number of words and then the words.
-_EXECUTE = FencedScript("""
+# Each command comes as its number of words and then the words.
+_EXECUTE = FencedScript(args=("*commands",), source="""
 local replies = {}
 local i = 1
 while i <= #ARGV do
@@ -150,7 +167,7 @@ async def take(r: Redis, key: str, holder: str, ttl_ms: int) -> Lease | None:
 
     If ``holder`` already has it, its TTL is renewed and the same token comes back.
     """
-    value = await _TAKE(r, [key, keys.LEASE_SEQ], [holder, ttl_ms])
+    value = await _TAKE(r, lease=key, counter=keys.LEASE_SEQ, holder=holder, ttl_ms=ttl_ms)
     return Lease.parse(key, value) if value else None
 
 
@@ -159,7 +176,7 @@ async def take_many(r: Redis, lease_keys: Sequence[str], holder: str, ttl_ms: in
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for key in lease_keys:
-            _TAKE.queue(pipe, [key, keys.LEASE_SEQ], [holder, ttl_ms])
+            _TAKE.queue(pipe, lease=key, counter=keys.LEASE_SEQ, holder=holder, ttl_ms=ttl_ms)
         try:
             values = await pipe.execute()
             break
@@ -172,7 +189,7 @@ async def take_many(r: Redis, lease_keys: Sequence[str], holder: str, ttl_ms: in
 
 async def renew(r: Redis, lease: Lease, ttl_ms: int) -> bool:
     """Extend ``lease`` by ``ttl_ms``; False when it is no longer held (expired or re-taken)."""
-    return bool(await _RENEW(r, [lease.key], [lease.value, ttl_ms]))
+    return bool(await _RENEW(r, lease=lease.key, value=lease.value, ttl_ms=ttl_ms))
 
 
 async def renew_many(r: Redis, held: Iterable[Lease], ttl_ms: int) -> list[Lease]:
@@ -183,7 +200,7 @@ async def renew_many(r: Redis, held: Iterable[Lease], ttl_ms: int) -> list[Lease
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for lease in held:
-            _RENEW.queue(pipe, [lease.key], [lease.value, ttl_ms])
+            _RENEW.queue(pipe, lease=lease.key, value=lease.value, ttl_ms=ttl_ms)
         try:
             answers = await pipe.execute()
             break
@@ -196,7 +213,7 @@ async def renew_many(r: Redis, held: Iterable[Lease], ttl_ms: int) -> list[Lease
 
 async def drop(r: Redis, lease: Lease) -> None:
     """Give ``lease`` up at once (a peer need not wait for it to expire), if it is still held."""
-    await _DROP(r, [lease.key], [lease.value])
+    await _DROP(r, lease=lease.key, value=lease.value)
 
 
 async def execute(r: Redis, lease: Lease | None, *commands: Sequence[Any]) -> list[Any]:
@@ -206,7 +223,7 @@ async def execute(r: Redis, lease: Lease | None, *commands: Sequence[Any]) -> li
     For plain commands without logic between them; a write that needs logic gets a
     :class:`FencedScript` of its own.
     """
-    argv: list[Any] = []
+    words: list[Value] = []
     for command in commands:
-        argv += [len(command), *command]
-    return list(await _EXECUTE(r, [], argv, lease=lease))
+        words += [len(command), *command]
+    return list(await _EXECUTE(r, lease=lease, commands=words))

@@ -10,14 +10,14 @@ import hashlib
 import re
 import secrets
 import time
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import Callable, Iterable, TypedDict, TypeVar, cast
 
 import msgspec
 import structlog
 from redis.exceptions import NoScriptError
 
 from . import counters, keys, leases
-from .connections import Pipeline, Script
+from .connections import Pipeline, Script, Value
 from .connections import Redis as Redis
 from .leases import FencedScript, Lease, execute
 from .records import BatchField, BatchRecord, FileField, FileRecord
@@ -83,33 +83,32 @@ _ABORTED = "!aborted"
 # How long an operation's answer is kept for a re-run: far beyond redis-py's retries of one call.
 OP_TTL_S = 24 * 3600
 
-# Record a file and charge its size to its owner, unless that passes the limit (ARGV[5] < 0: none).
-# KEYS: usage, op, file, owner files, owner files of the purpose, FILE_EXPIRY.
-# ARGV: op ttl, file id, seq, size, limit, expires_at ('' for none), expiry member, 2 * fields, fields.
-# The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
-_CREATE_FILE = FencedScript("""
-local prior = redis.call('GET', KEYS[2])
+# Record a file and charge its size to its owner, unless that passes the limit (< 0: none);
+# expires_at is '' for none, fields the record's (field, value) pairs. The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
+_CREATE_FILE = FencedScript(keys=("usage", "op", "file", "owner_files", "purpose_files", "file_expiry"),
+                            args=("op_ttl", "file_id", "seq", "size", "limit", "expires_at", "expiry_member",
+                                  "*fields"), source="""
+local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 local answer = ''
-local size = tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
-if limit >= 0 and tonumber(redis.call('HGET', KEYS[1], 'stored_bytes') or '0') + size > limit then
+local size = tonumber(ARGV.size)
+local limit = tonumber(ARGV.limit)
+if limit >= 0 and tonumber(redis.call('HGET', KEYS.usage, 'stored_bytes') or '0') + size > limit then
   answer = 'stored_bytes'
 else
-  local n = tonumber(ARGV[8])
-  redis.call('HSET', KEYS[3], unpack(ARGV, 9, 8 + n))
-  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
-  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
-  if redis.call('HSETNX', KEYS[3], 'charged', '1') == 1 then
-    redis.call('HINCRBY', KEYS[1], 'stored_bytes', size)
-    redis.call('HINCRBY', KEYS[1], 'rev', 1)
+  redis.call('HSET', KEYS.file, unpack(ARGV, 8))
+  redis.call('ZADD', KEYS.owner_files, ARGV.seq, ARGV.file_id)
+  redis.call('ZADD', KEYS.purpose_files, ARGV.seq, ARGV.file_id)
+  if redis.call('HSETNX', KEYS.file, 'charged', '1') == 1 then
+    redis.call('HINCRBY', KEYS.usage, 'stored_bytes', size)
+    redis.call('HINCRBY', KEYS.usage, 'rev', 1)
   end
-  if ARGV[6] ~= '' then
-    redis.call('EXPIREAT', KEYS[3], ARGV[6])
-    redis.call('ZADD', KEYS[6], ARGV[6], ARGV[7])
+  if ARGV.expires_at ~= '' then
+    redis.call('EXPIREAT', KEYS.file, ARGV.expires_at)
+    redis.call('ZADD', KEYS.file_expiry, ARGV.expires_at, ARGV.expiry_member)
   end
 end
-redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
 """)
 
@@ -137,12 +136,11 @@ async def create_file(
     for k, v in record.items():
         flat += [k, v]
     answer = _text(await _CREATE_FILE(
-        r,
-        [keys.owner_usage(owner), keys.owner_op(owner, file_id), keys.file(file_id), keys.owner_files(owner),
-         keys.owner_files(owner, purpose), keys.FILE_EXPIRY],
-        [OP_TTL_S, file_id, seq, size, -1 if max_stored_bytes is None else max_stored_bytes, expires_at or "",
-         expiry_member(file_id, storage_key, owner, size), len(flat), *flat],
-        lease=lease,
+        r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, file_id), file=keys.file(file_id),
+        owner_files=keys.owner_files(owner), purpose_files=keys.owner_files(owner, purpose),
+        file_expiry=keys.FILE_EXPIRY, op_ttl=OP_TTL_S, file_id=file_id, seq=seq, size=size,
+        limit=-1 if max_stored_bytes is None else max_stored_bytes, expires_at=expires_at or "",
+        expiry_member=expiry_member(file_id, storage_key, owner, size), fields=flat, lease=lease,
     ))
     _raise_for(answer)
     return file_from_record(FileRecord.from_hash(_as_hash(record)))
@@ -166,12 +164,12 @@ def _raise_for(answer: str | None) -> None:
 
 
 # Settle an operation whose call failed: record that it never ran (so a late copy of it does
-# nothing), unless it did run, then answer what it answered. KEYS: op. ARGV: op ttl, the marker.
-_SETTLE = Script("""
-local prior = redis.call('GET', KEYS[1])
+# nothing), unless it did run, then answer what it answered.
+_SETTLE = Script(keys=("op",), args=("op_ttl", "marker"), source="""
+local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
-return ARGV[2]
+redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
+return ARGV.marker
 """)
 
 
@@ -179,7 +177,7 @@ async def settle(r: Redis, owner: str, op_id: str) -> str | None:
     """After a call of ``create_file``/``create_batch`` failed: None if it did not apply (and never
     will), else its answer ("" when the object was created, else the field over its quota).
     """
-    answer = _text(await _SETTLE(r, [keys.owner_op(owner, op_id)], [OP_TTL_S, _ABORTED]))
+    answer = _text(await _SETTLE(r, op=keys.owner_op(owner, op_id), op_ttl=OP_TTL_S, marker=_ABORTED))
     return None if answer == _ABORTED else answer
 
 
@@ -220,34 +218,34 @@ FILE_TOMBSTONE_S = 600
 # removes that entry gives the bytes back. When no batch reads the content any more, a marker
 # (an expiry entry of size 0, due after the tombstone) is left for the expiry sweep: the caller
 # removes the content and then the marker, and if it dies in between the sweep does it.
-# KEYS: record, tombstone, usage, FILE_EXPIRY, refs, then the owner's indexes to drop the id from.
-# ARGV: owner, op id, tombstone ttl, expiry member ('' if none), size (for the expired case), file id,
-#       content marker, when the marker is due.
-# Returns {forgotten (0/1), batches still reading the content}.
-_FORGET_FILE = FencedScript("""
-local tomb = redis.call('GET', KEYS[2])
+# indexes are the owner's to drop the id from; expiry_member is '' if none; size is for the
+# expired case. Returns {forgotten (0/1), batches still reading the content}.
+_FORGET_FILE = FencedScript(keys=("record", "tombstone", "usage", "file_expiry", "refs", "*indexes"),
+                            args=("owner", "op_id", "tombstone_ttl", "expiry_member", "size", "file_id", "marker",
+                                  "marker_due"), source="""
+local tomb = redis.call('GET', KEYS.tombstone)
 if tomb then
-  if tomb == ARGV[2] then return {1, redis.call('SCARD', KEYS[5])} end
+  if tomb == ARGV.op_id then return {1, redis.call('SCARD', KEYS.refs)} end
   return {0, 0}
 end
-local owner = redis.call('HGET', KEYS[1], 'owner')
+local owner = redis.call('HGET', KEYS.record, 'owner')
 local size
 if owner then
-  if owner ~= ARGV[1] then return {0, 0} end
-  size = redis.call('HGET', KEYS[1], 'bytes')
-  redis.call('DEL', KEYS[1])
-  if ARGV[4] ~= '' then redis.call('ZREM', KEYS[4], ARGV[4]) end
-elseif ARGV[4] ~= '' and redis.call('ZREM', KEYS[4], ARGV[4]) == 1 then
-  size = ARGV[5]
+  if owner ~= ARGV.owner then return {0, 0} end
+  size = redis.call('HGET', KEYS.record, 'bytes')
+  redis.call('DEL', KEYS.record)
+  if ARGV.expiry_member ~= '' then redis.call('ZREM', KEYS.file_expiry, ARGV.expiry_member) end
+elseif ARGV.expiry_member ~= '' and redis.call('ZREM', KEYS.file_expiry, ARGV.expiry_member) == 1 then
+  size = ARGV.size
 else
   return {0, 0}
 end
-redis.call('HINCRBY', KEYS[3], 'stored_bytes', -tonumber(size))
-redis.call('HINCRBY', KEYS[3], 'rev', 1)
-for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[6]) end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-local refs = redis.call('SCARD', KEYS[5])
-if refs == 0 then redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7]) end
+redis.call('HINCRBY', KEYS.usage, 'stored_bytes', -tonumber(size))
+redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV.file_id) end
+redis.call('SET', KEYS.tombstone, ARGV.op_id, 'EX', ARGV.tombstone_ttl)
+local refs = redis.call('SCARD', KEYS.refs)
+if refs == 0 then redis.call('ZADD', KEYS.file_expiry, ARGV.marker_due, ARGV.marker) end
 return {1, refs}
 """)
 
@@ -258,10 +256,10 @@ async def _forget_file(
 ) -> tuple[bool, str | None]:
     marker = content_marker(file_id, storage_key, owner)
     forgotten, refs = await _FORGET_FILE(
-        r, [keys.file(file_id), keys.file_tombstone(file_id), keys.owner_usage(owner), keys.FILE_EXPIRY,
-            keys.file_refs(file_id), *indexes],
-        [owner, op_id, FILE_TOMBSTONE_S, member, size, file_id, marker, now() + FILE_TOMBSTONE_S + 60],
-        lease=lease,
+        r, record=keys.file(file_id), tombstone=keys.file_tombstone(file_id), usage=keys.owner_usage(owner),
+        file_expiry=keys.FILE_EXPIRY, refs=keys.file_refs(file_id), indexes=indexes,
+        owner=owner, op_id=op_id, tombstone_ttl=FILE_TOMBSTONE_S, expiry_member=member, size=size,
+        file_id=file_id, marker=marker, marker_due=now() + FILE_TOMBSTONE_S + 60, lease=lease,
     )
     return bool(forgotten), marker if forgotten and int(refs) == 0 else None
 
@@ -334,29 +332,27 @@ async def page(
 
 # ----------------------------------------------------------------------------- batches
 # Reserve a batch's quota (one active batch, its lines) and record it, queued for validation, in
-# one step, unless a quota would be passed. KEYS: usage, op, batch, owner batches, input file refs,
-# PENDING_VALIDATION. ARGV: op ttl, batch id, seq, lines, max active batches, max enqueued lines,
-# 2 * fields, fields. The answer ('' or the field over its limit) is recorded under the op key.
-_CREATE_BATCH = Script("""
-local prior = redis.call('GET', KEYS[2])
+# one step, unless a quota would be passed; fields are the record's (field, value) pairs. The answer ('' or the field over its limit) is recorded under the op key.
+_CREATE_BATCH = Script(keys=("usage", "op", "batch", "owner_batches", "file_refs", "pending_validation"),
+                       args=("op_ttl", "batch_id", "seq", "lines", "max_active", "max_enqueued", "*fields"), source="""
+local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 local answer = ''
-local lines = tonumber(ARGV[4])
-if tonumber(redis.call('HGET', KEYS[1], 'active_batches') or '0') + 1 > tonumber(ARGV[5]) then
+local lines = tonumber(ARGV.lines)
+if tonumber(redis.call('HGET', KEYS.usage, 'active_batches') or '0') + 1 > tonumber(ARGV.max_active) then
   answer = 'active_batches'
-elseif tonumber(redis.call('HGET', KEYS[1], 'enqueued_lines') or '0') + lines > tonumber(ARGV[6]) then
+elseif tonumber(redis.call('HGET', KEYS.usage, 'enqueued_lines') or '0') + lines > tonumber(ARGV.max_enqueued) then
   answer = 'enqueued_lines'
 else
-  redis.call('HINCRBY', KEYS[1], 'active_batches', 1)
-  redis.call('HINCRBY', KEYS[1], 'enqueued_lines', lines)
-  redis.call('HINCRBY', KEYS[1], 'rev', 1)
-  local n = tonumber(ARGV[7])
-  redis.call('HSET', KEYS[3], unpack(ARGV, 8, 7 + n))
-  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
-  redis.call('SADD', KEYS[5], ARGV[2])
-  redis.call('ZADD', KEYS[6], 0, ARGV[2])
+  redis.call('HINCRBY', KEYS.usage, 'active_batches', 1)
+  redis.call('HINCRBY', KEYS.usage, 'enqueued_lines', lines)
+  redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+  redis.call('HSET', KEYS.batch, unpack(ARGV, 7))
+  redis.call('ZADD', KEYS.owner_batches, ARGV.seq, ARGV.batch_id)
+  redis.call('SADD', KEYS.file_refs, ARGV.batch_id)
+  redis.call('ZADD', KEYS.pending_validation, 0, ARGV.batch_id)
 end
-redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
 """)
 
@@ -398,10 +394,10 @@ async def create_batch(
     for k, v in fields.items():
         flat += [k, v]
     answer = _text(await _CREATE_BATCH(
-        r,
-        [keys.owner_usage(owner), keys.owner_op(owner, batch_id), keys.batch(batch_id), keys.owner_batches(owner),
-         keys.file_refs(input_file_id), keys.PENDING_VALIDATION],
-        [OP_TTL_S, batch_id, seq, reserved_lines, max_active_batches, max_enqueued_lines, len(flat), *flat],
+        r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, batch_id), batch=keys.batch(batch_id),
+        owner_batches=keys.owner_batches(owner), file_refs=keys.file_refs(input_file_id),
+        pending_validation=keys.PENDING_VALIDATION, op_ttl=OP_TTL_S, batch_id=batch_id, seq=seq,
+        lines=reserved_lines, max_active=max_active_batches, max_enqueued=max_enqueued_lines, fields=flat,
     ))
     _raise_for(answer)
     return BatchRecord.from_hash(_as_hash(fields))
@@ -456,33 +452,33 @@ def _counts(rec: BatchRecord) -> RequestCounts:
     return RequestCounts(total=total, completed=completed + shown_completed, failed=failed + shown_failed)
 
 
-# Move a batch to a new state only if it is in one of the allowed states; optionally add it to
-# sets, remove it from others and delete keys, all atomically. KEYS: batch hash, sets to add to,
-# sets to remove from, keys to delete (ARGV[6 + n] of them), WEBHOOKS_DUE.
-_TRANSITION = FencedScript("""
-local st = redis.call('HGET', KEYS[1], 'status')
+# Move a batch to a new state only if it is in one of the allowed states (comma-separated); set
+# fields (pairs); optionally add it to sets, remove it from others and delete keys, all atomically:
+# sets holds the first ``adds`` sets to add to, then those to remove from, then ``dels`` keys to delete.
+_TRANSITION = FencedScript(keys=("batch", "webhooks_due", "*sets"),
+                           args=("batch_id", "allowed", "adds", "expire_s", "dels", "*fields"), source="""
+local st = redis.call('HGET', KEYS.batch, 'status')
 if not st then return {0, ''} end
 local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do
+for s in string.gmatch(ARGV.allowed, '[^,]+') do
   if s == st then allowed = true end
 end
 if not allowed then return {0, st} end
-local n = tonumber(ARGV[5])
-if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n)) end
-if tonumber(ARGV[4]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
+if #ARGV > 5 then redis.call('HSET', KEYS.batch, unpack(ARGV, 6)) end
+if tonumber(ARGV.expire_s) > 0 then
+  redis.call('EXPIRE', KEYS.batch, ARGV.expire_s)
   -- A terminal state: the client's provider key (BYOK) must not outlive the batch.
-  redis.call('HDEL', KEYS[1], 'byok')
+  redis.call('HDEL', KEYS.batch, 'byok')
   -- ... and its completion webhook is due now (once: this branch runs for one transition only).
-  if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
-    redis.call('ZADD', KEYS[#KEYS], 'NX', 0, ARGV[1])
+  if redis.call('HEXISTS', KEYS.batch, 'webhook_url') == 1 then
+    redis.call('ZADD', KEYS.webhooks_due, 'NX', 0, ARGV.batch_id)
   end
 end
-local adds = tonumber(ARGV[3])
-local dels = tonumber(ARGV[6 + n])
-for i = 2, 1 + adds do redis.call('SADD', KEYS[i], ARGV[1]) end
-for i = 2 + adds, #KEYS - 1 - dels do redis.call('SREM', KEYS[i], ARGV[1]) end
-for i = #KEYS - dels, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
+local adds = tonumber(ARGV.adds)
+local dels = tonumber(ARGV.dels)
+for i = 3, 2 + adds do redis.call('SADD', KEYS[i], ARGV.batch_id) end
+for i = 3 + adds, #KEYS - dels do redis.call('SREM', KEYS[i], ARGV.batch_id) end
+for i = #KEYS - dels + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return {1, st}
 """)
 
@@ -506,10 +502,10 @@ async def transition(
     for k, v in fields.items():
         flat += [k, v]
     add_to, delete = list(add_to), list(delete)
-    script_keys = [keys.batch(batch_id), *add_to, *remove_from, *delete, keys.WEBHOOKS_DUE]
     applied, before = await _TRANSITION(
-        r, script_keys, [batch_id, ",".join(allowed), len(add_to), expire_s, len(flat), *flat, len(delete)],
-        lease=lease,
+        r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, sets=[*add_to, *remove_from, *delete],
+        batch_id=batch_id, allowed=",".join(allowed), adds=len(add_to), expire_s=expire_s, dels=len(delete),
+        fields=flat, lease=lease,
     )
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
@@ -524,21 +520,23 @@ async def transition(
 # and the lines newly recorded move, in the same step, the batch's counters, the cluster counters
 # and the current minute's history (service/core/counters.py), and the batch's, the day's and the
 # token counters' usage (service/core/usage.py): no count is lost or doubled, whatever dies.
-# KEYS: done, results, batch, lines, metrics lines, upstream, latency, history minute, usage day,
-# token counters. ARGV: group, history TTL, then (index, entry_id, outcome, result, shape, micros,
-# usage) per line; usage is "" or "<input> <cached> <output> <reasoning> <provider>|<model>".
-_RECORD = FencedScript(("""
+# lines holds (index, entry_id, outcome, result, shape, micros, usage) per line; usage is "" or
+# "<input> <cached> <output> <reasoning> <provider>|<model>". counters.LUA_EXPAND reads the counter
+# keys by their slots (3, 5 to 8).
+_RECORD = FencedScript(keys=("done", "results", "batch", "lines", "metrics_lines", "metrics_upstream",
+                             "metrics_latency", "history", "usage_day", "metrics_tokens"),
+                       args=("group", "history_ttl", "*records"), source=("""
 local recorded = 0
-local alive = redis.call('EXISTS', KEYS[2]) == 1
+local alive = redis.call('EXISTS', KEYS.results) == 1
 local shapes, sums, used = {}, {}, {}
 for i = 3, #ARGV, 7 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
-    redis.call('XACK', KEYS[4], ARGV[1], entry)
-    redis.call('XDEL', KEYS[4], entry)
+    redis.call('XACK', KEYS.lines, ARGV.group, entry)
+    redis.call('XDEL', KEYS.lines, entry)
   end
-  if alive and redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 then
-    redis.call('XADD', KEYS[2], 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
+  if alive and redis.call('SETBIT', KEYS.done, ARGV[i], 1) == 0 then
+    redis.call('XADD', KEYS.results, 'NOMKSTREAM', '*', 'r', ARGV[i + 3], 'o', ARGV[i + 2])
     recorded = recorded + 1
     local shape = ARGV[i + 4]
     local s = sums[shape]
@@ -577,23 +575,23 @@ for i = 3, #ARGV, 7 do
 end
 if recorded == 0 then return 0 end
 if next(used) then
-  local owner = redis.call('HGET', KEYS[3], 'owner') or ''
+  local owner = redis.call('HGET', KEYS.batch, 'owner') or ''
   for model, t in pairs(used) do
     for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
       local n = t[k]
       if n > 0 then
         n = string.format('%d', n)
-        if k < 5 then redis.call('HINCRBY', KEYS[3], 'usage_' .. kind, n) end
-        redis.call('HINCRBY', KEYS[9], owner .. '|' .. model .. '|' .. kind, n)
-        redis.call('HINCRBY', KEYS[10], model .. '|' .. kind, n)
+        if k < 5 then redis.call('HINCRBY', KEYS.batch, 'usage_' .. kind, n) end
+        redis.call('HINCRBY', KEYS.usage_day, owner .. '|' .. model .. '|' .. kind, n)
+        redis.call('HINCRBY', KEYS.metrics_tokens, model .. '|' .. kind, n)
       end
     end
   end
-  redis.call('EXPIRE', KEYS[9], USAGE_TTL_S)
-  redis.call('EXPIRE', KEYS[10], USAGE_TTL_S)
+  redis.call('EXPIRE', KEYS.usage_day, USAGE_TTL_S)
+  redis.call('EXPIRE', KEYS.metrics_tokens, USAGE_TTL_S)
 end
 """ + counters.LUA_EXPAND + """
-redis.call('EXPIRE', KEYS[8], ARGV[2])
+redis.call('EXPIRE', KEYS.history, ARGV.history_ttl)
 return recorded
 """).replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
 
@@ -614,17 +612,37 @@ class Outcome:
     FAILED = "failed"
 
 
-def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> tuple[list[str], list[Any]]:
-    argv: list[str | int | bytes] = [keys.WORKER_GROUP, counters.HISTORY_TTL_S]
+class _RecordCall(TypedDict):
+    done: str
+    results: str
+    batch: str
+    lines: str
+    metrics_lines: str
+    metrics_upstream: str
+    metrics_latency: str
+    history: str
+    usage_day: str
+    metrics_tokens: str
+    group: str
+    history_ttl: int
+    records: list[Value]
+
+
+def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> _RecordCall:
+    records: list[Value] = []
     for result in results:
         index, entry_id, outcome, line, *rest = result
         tokens = rest[0] if len(rest) in (1, 3) else ""
         shape, micros = (rest[-2], rest[-1]) if len(rest) >= 2 else counters.unsent(outcome)
-        argv += [index, entry_id, outcome, line, shape, micros, tokens]
+        records += [index, entry_id, outcome, line, shape, micros, tokens]
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    return [keys.done(batch_id), keys.results(batch_id), keys.batch(batch_id), keys.lines(batch_id),
-            keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY, keys.history(minute),
-            keys.usage_day(day), keys.METRICS_TOKENS], argv
+    return _RecordCall(
+        done=keys.done(batch_id), results=keys.results(batch_id), batch=keys.batch(batch_id),
+        lines=keys.lines(batch_id), metrics_lines=keys.METRICS_LINES, metrics_upstream=keys.METRICS_UPSTREAM,
+        metrics_latency=keys.METRICS_LATENCY, history=keys.history(minute), usage_day=keys.usage_day(day),
+        metrics_tokens=keys.METRICS_TOKENS, group=keys.WORKER_GROUP, history_ttl=counters.HISTORY_TTL_S,
+        records=records,
+    )
 
 
 async def record_results(
@@ -638,15 +656,15 @@ async def record_results(
     counted in the cluster counters, the history and the usage in the same step. With ``lease``
     (the finalizer's), nothing is recorded unless it is still held (``LeaseLost``).
     """
-    ks, argv = _record_call(batch_id, results, counters.minute_of(time.time()))
-    if len(argv) == 2:
+    call = _record_call(batch_id, results, counters.minute_of(time.time()))
+    if not call["records"]:
         return 0
-    return int(await _RECORD(r, ks, argv, lease=lease))
+    return int(await _RECORD(r, lease=lease, **call))
 
 
 def queue_record(pipe: Pipeline, batch_id: str, results: Iterable[Result]) -> None:
     """Queue ``record_results`` on a pipeline, e.g. to record atomically with another write (MULTI)."""
-    _RECORD.queue(pipe, *_record_call(batch_id, results, counters.minute_of(time.time())))
+    _RECORD.queue(pipe, **_record_call(batch_id, results, counters.minute_of(time.time())))
 
 
 async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
@@ -655,7 +673,7 @@ async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for batch_id, results in by_batch.items():
-            _RECORD.queue(pipe, *_record_call(batch_id, results, minute))
+            _RECORD.queue(pipe, **_record_call(batch_id, results, minute))
         try:
             await pipe.execute()
             return
@@ -671,7 +689,7 @@ async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease 
     Safe to repeat. The content of an input file deleted while the batch ran is removed with
     the last claim. With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    await _RELEASE_BATCH(r, [keys.batch(rec.id), keys.owner_usage(rec.owner)], lease=lease)
+    await _RELEASE_BATCH(r, batch=keys.batch(rec.id), usage=keys.owner_usage(rec.owner), lease=lease)
     _, refs, exists = await execute(
         r, lease,
         ("SREM", keys.file_refs(rec.input_file_id), rec.id),
@@ -724,12 +742,12 @@ async def usage(r: Redis, owner: str, name: str) -> int:
 
 # Give a batch's quota back, once: the 'released' flag is set in the same step, and a record that
 # is gone (its retention ended) is not recreated.
-_RELEASE_BATCH = FencedScript("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HSETNX', KEYS[1], 'released', '1') == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], 'active_batches', -1)
-redis.call('HINCRBY', KEYS[2], 'enqueued_lines', -tonumber(redis.call('HGET', KEYS[1], 'reserved_lines') or '0'))
-redis.call('HINCRBY', KEYS[2], 'rev', 1)
+_RELEASE_BATCH = FencedScript(keys=("batch", "usage"), source="""
+if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
+if redis.call('HSETNX', KEYS.batch, 'released', '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS.usage, 'active_batches', -1)
+redis.call('HINCRBY', KEYS.usage, 'enqueued_lines', -tonumber(redis.call('HGET', KEYS.batch, 'reserved_lines') or '0'))
+redis.call('HINCRBY', KEYS.usage, 'rev', 1)
 return 1
 """)
 
@@ -746,20 +764,20 @@ _AUDIT_ATTEMPTS = 3
 
 # Overwrite an owner's counters with the recount, only if neither they nor 'rev' moved since they
 # were read; the answer is recorded under the op key (a re-run must not mistake its own write for a
-# move). KEYS: usage, op. ARGV: op ttl, rev read, then (field, value read, recount) triples.
-_AUDIT_APPLY = Script("""
-local prior = redis.call('GET', KEYS[2])
+# move). counters holds (field, value read, recount) triples.
+_AUDIT_APPLY = Script(keys=("usage", "op"), args=("op_ttl", "rev", "*counters"), source="""
+local prior = redis.call('GET', KEYS.op)
 if prior then return tonumber(prior) end
 local answer = 1
-if tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') ~= tonumber(ARGV[2]) then answer = 0 end
+if tonumber(redis.call('HGET', KEYS.usage, 'rev') or '0') ~= tonumber(ARGV.rev) then answer = 0 end
 for i = 3, #ARGV, 3 do
-  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') ~= tonumber(ARGV[i + 1]) then answer = 0 end
+  if tonumber(redis.call('HGET', KEYS.usage, ARGV[i]) or '0') ~= tonumber(ARGV[i + 1]) then answer = 0 end
 end
 if answer == 1 then
-  for i = 3, #ARGV, 3 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2]) end
-  redis.call('HINCRBY', KEYS[1], 'rev', 1)
+  for i = 3, #ARGV, 3 do redis.call('HSET', KEYS.usage, ARGV[i], ARGV[i + 2]) end
+  redis.call('HINCRBY', KEYS.usage, 'rev', 1)
 end
-redis.call('SET', KEYS[2], answer, 'EX', ARGV[1])
+redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
 """)
 
@@ -799,11 +817,12 @@ async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
             continue
         if counted == before:
             return 0
-        argv: list[str | int] = [OP_TTL_S, int(read[-1] or 0)]
+        triples: list[str | int] = []
         for name in USAGE_FIELDS:
-            argv += [name, before[name], counted[name]]
+            triples += [name, before[name], counted[name]]
         op = f"audit-{secrets.token_hex(8)}"
-        if int(await _AUDIT_APPLY(r, [keys.owner_usage(owner), keys.owner_op(owner, op)], argv)):
+        if int(await _AUDIT_APPLY(r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, op),
+                                  op_ttl=OP_TTL_S, rev=int(read[-1] or 0), counters=triples)):
             log.warning("usage_repaired", owner=owner, before=before, after=counted)
             return 1
     return 0

@@ -310,20 +310,20 @@ def payload(rec: BatchRecord) -> bytes:
 
 
 # Count an attempt on the batch record, unless the record is gone (no key without a TTL is made).
-# ARGV[1]: the attempts counted when the record was read. Only that value is bumped, so a re-run of
+# counted: the attempts counted when the record was read. Only that value is bumped, so a re-run of
 # the script (redis-py re-sending it after a lost reply) answers the same number without counting
 # the attempt twice.
-_BUMP = FencedScript("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local counted = tonumber(redis.call('HGET', KEYS[1], 'webhook_attempts') or '0')
-if counted ~= tonumber(ARGV[1]) then return counted end
-return redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
+_BUMP = FencedScript(keys=("batch",), args=("counted",), source="""
+if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
+local counted = tonumber(redis.call('HGET', KEYS.batch, 'webhook_attempts') or '0')
+if counted ~= tonumber(ARGV.counted) then return counted end
+return redis.call('HINCRBY', KEYS.batch, 'webhook_attempts', 1)
 """)
 
-# The delivery is over (ARGV[2]: delivered or failed): note it on the record, if any, and unqueue it.
-_DONE = FencedScript("""
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook_state', ARGV[2]) end
-redis.call('ZREM', KEYS[2], ARGV[1])
+# The delivery is over (state: delivered, failed or refused): note it on the record, if any, and unqueue it.
+_DONE = FencedScript(keys=("batch", "webhooks_due"), args=("batch_id", "state"), source="""
+if redis.call('EXISTS', KEYS.batch) == 1 then redis.call('HSET', KEYS.batch, 'webhook_state', ARGV.state) end
+redis.call('ZREM', KEYS.webhooks_due, ARGV.batch_id)
 """)
 
 
@@ -408,7 +408,7 @@ class WebhookSender:
             # The record expired or was deleted meanwhile.
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
-        attempt = int(await _BUMP(self.r, [keys.batch(batch_id)], [h.webhook_attempts],
+        attempt = int(await _BUMP(self.r, batch=keys.batch(batch_id), counted=h.webhook_attempts,
                                   lease=self.lease))
         if attempt == 0:
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
@@ -438,15 +438,18 @@ class WebhookSender:
             if refused := _forbidden(e):
                 # Not retried: the target is internal (its name now resolves there, or the URL came
                 # from before targets were checked).
-                await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "refused"])
+                await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
+                                 state="refused")
                 bound.warning("webhook_refused", reason=str(refused))
                 return
         outcome["seconds"] = round(time.monotonic() - started, 3)
         if ok:
-            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "delivered"], lease=self.lease)
+            await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
+                        state="delivered", lease=self.lease)
             bound.info("webhook_delivered", **outcome)
         elif attempt >= self.settings.webhook_max_attempts:
-            await _DONE(self.r, [keys.batch(batch_id), keys.WEBHOOKS_DUE], [batch_id, "failed"], lease=self.lease)
+            await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
+                        state="failed", lease=self.lease)
             bound.warning("webhook_given_up", **outcome)
         else:
             wait = backoff(self.settings, attempt)

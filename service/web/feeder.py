@@ -49,26 +49,26 @@ CHUNK = 500
 # its error neither floods the log nor holds up the other batches.
 REST_S = 5.0
 
-# KEYS: batch hash, lines stream. ARGV: feed_index expected, feed_offset after the last line read,
-# feed_index after it, the number of arguments per line, then (index, custom_id, body, provider,
-# cost) per line published (delegated lines are read and passed over), followed for a traced batch
-# by the time a sampled line is published ("" for the others). Returns the new feed_index, -1 when
-# the position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
-_FEED = FencedScript("""
-if redis.call('HGET', KEYS[1], 'feed_index') ~= ARGV[1] then return -1 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return -2 end
-local stride = tonumber(ARGV[4])
+# offset is the feed_offset after the last line read, next_index the feed_index after it, stride the
+# number of arguments per line in lines: (index, custom_id, body, provider, cost) per line published
+# (delegated lines are read and passed over), followed for a traced batch by the time a sampled
+# line is published ("" for the others). Returns the new feed_index, -1 when the position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
+_FEED = FencedScript(keys=("batch", "stream"),
+                     args=("expected_index", "offset", "next_index", "stride", "*lines"), source="""
+if redis.call('HGET', KEYS.batch, 'feed_index') ~= ARGV.expected_index then return -1 end
+if redis.call('EXISTS', KEYS.stream) == 0 then return -2 end
+local stride = tonumber(ARGV.stride)
 for i = 5, #ARGV, stride do
   local id = '0-' .. (tonumber(ARGV[i]) + 1)
   if stride == 6 and ARGV[i + 5] ~= '' then
-    redis.call('XADD', KEYS[2], id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4],
+    redis.call('XADD', KEYS.stream, id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4],
                '""" + tracing.QUEUED_FIELD + """', ARGV[i + 5])
   else
-    redis.call('XADD', KEYS[2], id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
+    redis.call('XADD', KEYS.stream, id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
   end
 end
-redis.call('HSET', KEYS[1], 'feed_index', ARGV[3], 'feed_offset', ARGV[2])
-return tonumber(ARGV[3])
+redis.call('HSET', KEYS.batch, 'feed_index', ARGV.next_index, 'feed_offset', ARGV.offset)
+return tonumber(ARGV.next_index)
 """)
 
 _F = BatchField
@@ -201,8 +201,9 @@ class Feeder:
                                                          traced)
                 if not read:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-                got = int(await _FEED(self.r, [keys.batch(batch_id), keys.lines(batch_id)],
-                                      [index, end, index + read, 6 if traced else 5, *argv], lease=lease))
+                got = int(await _FEED(self.r, batch=keys.batch(batch_id), stream=keys.lines(batch_id),
+                                      expected_index=index, offset=end, next_index=index + read,
+                                      stride=6 if traced else 5, lines=argv, lease=lease))
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)

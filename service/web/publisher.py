@@ -61,8 +61,8 @@ VALIDATION_READ_BYTES = 1024 * 1024
 # Models whose provider one validation remembers.
 MAX_CACHED_MODELS = 1000
 
-# KEYS: streams. ARGV: the consumer group of each. Creates each stream with its group, once.
-_CREATE_GROUPS = FencedScript("""
+# Creates each stream with its group (groups[i] for streams[i]), once.
+_CREATE_GROUPS = FencedScript(keys=("*streams",), args=("*groups",), source="""
 for i = 1, #KEYS do
   local reply = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i], '0', 'MKSTREAM')
   if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROUP', 1, true) then
@@ -267,8 +267,8 @@ class Publisher:
         self, h: BatchRecord, total: int, model: str, window: int, planner: Planner, lease: Lease,
     ) -> bool:
         batch_id = h.id
-        await _CREATE_GROUPS(self.r, [keys.lines(batch_id), keys.results(batch_id)], [keys.WORKER_GROUP, "finalizer"],
-                             lease=lease)
+        await _CREATE_GROUPS(self.r, streams=[keys.lines(batch_id), keys.results(batch_id)],
+                             groups=[keys.WORKER_GROUP, "finalizer"], lease=lease)
         F = BatchField
         fields: dict[str, str | int] = {F.STATUS: "in_progress", F.IN_PROGRESS_AT: store.now(), F.TOTAL: total,
                                         F.MODEL: model, F.FEED_INDEX: 0, F.FEED_OFFSET: 0, F.FEED_WINDOW: window,

@@ -57,11 +57,11 @@ async def test_a_failed_feed_call_skips_no_line(tmp_path, settings, monkeypatch)
     await _running_batch(r, storage, "batch_a", _jsonl("c", 10), 10, window=4)
     real, calls = feeder._FEED, []
 
-    async def flaky(client, script_keys, args, **options):
-        calls.append(args[0])
+    async def flaky(client, **params):
+        calls.append(params["expected_index"])
         if len(calls) == 2:
             raise RedisConnectionError("connection dropped before the script ran")
-        return await real(client, script_keys, args, **options)
+        return await real(client, **params)
 
     monkeypatch.setattr(feeder, "_FEED", flaky)
     f = feeder.Feeder(r, storage, settings, "web-1")

@@ -184,14 +184,15 @@ async def test_settle_before_and_after(r):
 
 async def test_audit_apply_twice_applies_once(r):
     await r.hset(keys.owner_usage(OWNER), mapping={"active_batches": 5, "rev": 9})
-    argv = [60, 9, "active_batches", 5, 2, "enqueued_lines", 0, 0, "stored_bytes", 0, 0]
-    op = [keys.owner_usage(OWNER), keys.owner_op(OWNER, "audit-1")]
-    assert await store._AUDIT_APPLY(r, op, argv) == 1
-    assert await store._AUDIT_APPLY(r, op, argv) == 1  # its own write is not mistaken for a move
+    args = dict(op_ttl=60, rev=9, counters=["active_batches", 5, 2, "enqueued_lines", 0, 0, "stored_bytes", 0, 0])
+    op = keys.owner_op(OWNER, "audit-1")
+    assert await store._AUDIT_APPLY(r, usage=keys.owner_usage(OWNER), op=op, **args) == 1
+    # Its own write is not mistaken for a move.
+    assert await store._AUDIT_APPLY(r, usage=keys.owner_usage(OWNER), op=op, **args) == 1
     assert await r.hmget(keys.owner_usage(OWNER), "active_batches", "rev") == [b"2", b"10"]
     # Read before a move: not applied.
-    stale = [keys.owner_usage(OWNER), keys.owner_op(OWNER, "audit-2")]
-    assert await store._AUDIT_APPLY(r, stale, argv) == 0
+    stale = keys.owner_op(OWNER, "audit-2")
+    assert await store._AUDIT_APPLY(r, usage=keys.owner_usage(OWNER), op=stale, **args) == 0
     assert await r.hget(keys.owner_usage(OWNER), "active_batches") == b"2"
 
 
@@ -233,9 +234,9 @@ async def test_webhook_attempt_counted_once(r):
 
     await r.hset(keys.batch(bid(1)), mapping={"status": "completed", "webhook_attempts": 2})
     for _ in range(2):  # the bump, and its re-run after a lost reply
-        assert await webhooks._BUMP(r, [keys.batch(bid(1))], [2]) == 3
+        assert await webhooks._BUMP(r, batch=keys.batch(bid(1)), counted=2) == 3
     assert await r.hget(keys.batch(bid(1)), "webhook_attempts") == b"3"
-    assert await webhooks._BUMP(r, [keys.batch(bid(2))], [0]) == 0  # record gone: nothing made
+    assert await webhooks._BUMP(r, batch=keys.batch(bid(2)), counted=0) == 0  # record gone: nothing made
     assert await r.exists(keys.batch(bid(2))) == 0
 
 
@@ -249,12 +250,12 @@ class LoseReplies:
     def __init__(self, script, *, run: bool, times: int = 1) -> None:
         self.script, self.run, self.times = script, run, times
 
-    async def __call__(self, r, keys_, args=(), **kwargs):
+    async def __call__(self, r, **params):
         if self.times <= 0:
-            return await self.script(r, keys_, args, **kwargs)
+            return await self.script(r, **params)
         self.times -= 1
         if self.run:
-            await self.script(r, keys_, args, **kwargs)
+            await self.script(r, **params)
         raise RedisConnectionError("Connection closed by server.")
 
 
@@ -459,13 +460,13 @@ class CancelMidCall:
     def __init__(self, script, *, run: bool, late: bool = False) -> None:
         self.script, self.run, self.late, self.pending = script, run, late, None
 
-    async def __call__(self, r, keys_, args=(), **kwargs):
+    async def __call__(self, r, **params):
         import asyncio
 
         if self.run:
-            await self.script(r, keys_, args, **kwargs)
+            await self.script(r, **params)
         elif self.late:
-            self.pending = (r, keys_, args)
+            self.pending = (r, params)
         raise asyncio.CancelledError()
 
 
@@ -482,7 +483,7 @@ async def test_upload_cancelled_mid_call(api, monkeypatch, ran):
     if not ran:
         # The command reaches Redis only now: settled as never applied, it records nothing.
         with pytest.raises(RuntimeError):
-            store._raise_for(store._text(await store._CREATE_FILE(*stand_in.pending)))
+            store._raise_for(store._text(await store._CREATE_FILE(stand_in.pending[0], **stand_in.pending[1])))
     listed = (await api.list_files()).ok()["data"]
     if ran:
         # It was recorded: the file exists, with its content, counted once.
