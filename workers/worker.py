@@ -37,7 +37,8 @@ from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, conne
 from service.core.counters import Attempts
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
-from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.lifecycle import process_name, run_until_signal
+from service.core.loop import run_loop, wait_first
 from service.core.results import abort_line, error_line
 from service.core.store import Outcome
 
@@ -159,27 +160,28 @@ class Worker:
 
     # ------------------------------------------------------------------ the loop
     async def _consume(self) -> None:
-        while not self.stop.is_set():
-            free = self.settings.worker_concurrency - len(self.inflight)
-            if free <= 0:
-                await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                plan = await self._pick_streams(free)
-                self.outage.ok()
-                if not plan:
-                    await self._sleep(IDLE_WAIT_S)
-                    continue
-                lines = await self._reclaim(sorted(self.batches), free)
-                aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
-                if not lines:
-                    lines, aborts, blocked = await self._read(plan)
-                    if not lines and not blocked:
-                        await self._sleep(IDLE_WAIT_S / 10)
-                if lines:
-                    await self._dispatch(lines, aborts)
-            except REDIS_DOWN as e:
-                await self._sleep(self.outage.failed(e))
+        await run_loop(self.step, stop=self.stop, outage=self.outage, log=self.log, error_event="worker_error")
+
+    async def step(self) -> float:
+        """One pass: read as many lines as there are free slots and start them; how long to wait
+        before the next pass."""
+        while (free := self.settings.worker_concurrency - len(self.inflight)) <= 0:
+            # Stop-aware: a stopping worker starts its drain now, not once some call ends.
+            await wait_first(self.stop, self.inflight)
+            if self.stop.is_set():
+                return 0.0
+        plan = await self._pick_streams(free)
+        if not plan:
+            return IDLE_WAIT_S
+        lines = await self._reclaim(sorted(self.batches), free)
+        aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
+        if not lines:
+            lines, aborts, blocked = await self._read(plan)
+            if not lines:
+                # A blocking read has waited already.
+                return 0.0 if blocked else IDLE_WAIT_S / 10
+        await self._dispatch(lines, aborts)
+        return 0.0
 
     async def _pick_streams(self, free: int) -> dict[str, int]:
         """How many lines to read from which running batch: ``free`` in all, as scheduling.py decides."""
@@ -485,9 +487,6 @@ class Worker:
         """Mark unfinished lines as idle past their lease, so live workers reclaim them at once."""
         await self._set_idle(lines, int(self.settings.lease_s * 1000) + 1)
         self.log.warning("left_unfinished", lines=len(lines))
-
-    async def _sleep(self, seconds: float) -> None:
-        await sleep_unless_stopped(self.stop, seconds)
 
 
 def run(settings: Settings) -> None:

@@ -19,10 +19,11 @@ import structlog
 
 from service.core import keys, leases, store, tracing
 from service.core.config import Settings
-from service.core.connections import REDIS_DOWN, Outage
+from service.core.connections import Outage
 from service.core.delegation import Planner, encode_providers, write_plan
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name
+from service.core.loop import run_loop
 from service.core.storage import Storage
 from service.core.validation import (
     check_line,
@@ -43,6 +44,8 @@ MAX_REPORTED_ERRORS = 1000
 CLAIM_LOOKAHEAD = 8
 # Lines validated between looks at the clock (to renew the lease in time).
 RENEW_CHECK_LINES = 500
+# With nothing to validate, how long until the queue is looked at again (a new batch wakes it sooner).
+IDLE_S = 1.0
 
 # KEYS: streams. ARGV: the consumer group of each. Creates each stream with its group, once.
 _CREATE_GROUPS = FencedScript("""
@@ -73,33 +76,23 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
-        outage = Outage(log)
-        while not stop.is_set():
-            try:
-                claimed = await self._claim()
-                outage.ok()
-                if claimed is None:
-                    self.wake.clear()
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                batch_id, lease = claimed
-                try:
-                    await self.process(batch_id, lease)
-                except LeaseLost as e:
-                    # Paused past the lease: a peer validates this batch now.
-                    log.warning("fenced_write_refused", batch_id=batch_id, error=str(e))
-                    continue
-                await leases.drop(self.r, lease)
-            except asyncio.CancelledError:
-                raise
-            except REDIS_DOWN as e:
-                await asyncio.sleep(outage.failed(e))
-            except Exception:
-                log.exception("publisher_error")
-                await asyncio.sleep(1.0)
+        await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="publisher_error",
+                       wake=self.wake)
+
+    async def step(self) -> float:
+        """Claim one due batch and validate it; how long to wait before the next pass."""
+        claimed = await self._claim()
+        if claimed is None:
+            return IDLE_S
+        batch_id, lease = claimed
+        try:
+            await self.process(batch_id, lease)
+        except LeaseLost as e:
+            # Paused past the lease: a peer validates this batch now.
+            log.warning("fenced_write_refused", batch_id=batch_id, error=str(e))
+            return 0.0
+        await leases.drop(self.r, lease)
+        return 0.0
 
     async def _claim(self) -> tuple[str, Lease] | None:
         """A due batch whose validator lease this process just took, or None."""
