@@ -142,7 +142,7 @@ class Worker:
             heartbeat.start()
             self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
             try:
-                await self._consume()
+                await run_loop(self.step, stop=self.stop, outage=self.outage, log=self.log, error_event="worker_error")
             finally:
                 self.draining = True
                 await self._drain()
@@ -159,9 +159,6 @@ class Worker:
                 "concurrency": self.settings.worker_concurrency, "batches": len(self.batches)}
 
     # ------------------------------------------------------------------ the loop
-    async def _consume(self) -> None:
-        await run_loop(self.step, stop=self.stop, outage=self.outage, log=self.log, error_event="worker_error")
-
     async def step(self) -> float:
         """One pass: read as many lines as there are free slots and start them; how long to wait
         before the next pass."""
