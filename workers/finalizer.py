@@ -44,7 +44,8 @@ from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
 from service.core.leases import FencedScript, Lease, LeaseLost
-from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.lifecycle import process_name, run_until_signal
+from service.core.loop import run_loop
 from service.core.records import BatchField, BatchRecord
 from service.core.results import abort_line, result_filename
 from service.core.storage import Storage, open_storage
@@ -155,15 +156,7 @@ class Finalizer:
         delegator = Delegator(self.settings, self.storage, self.name)  # every finalizer takes part
         delegator.start()
         try:
-            while not self.stop.is_set():
-                try:
-                    await self.tick()
-                    self.ticked_at = time.monotonic()
-                    outage.ok()
-                except REDIS_DOWN as e:
-                    await self._sleep(outage.failed(e))
-                    continue
-                await self._sleep(TICK_S)
+            await run_loop(self.step, stop=self.stop, outage=outage, log=log, error_event="finalizer_error")
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
@@ -244,6 +237,12 @@ class Finalizer:
                 log.info("batch_leased", batch_id=batch_id, token=taken.token)
 
     # ------------------------------------------------------------------ the tick
+    async def step(self) -> float:
+        """One pass (:meth:`tick`); how long to wait before the next."""
+        await self.tick()
+        self.ticked_at = time.monotonic()
+        return TICK_S
+
     async def tick(self) -> None:
         """Share the live batches out, advance the ones held, run the chores due."""
         await self._check_in()
@@ -476,9 +475,6 @@ class Finalizer:
             expires_at=created + ttl, created_at=created, lease=lease,
         )
         return file_id
-
-    async def _sleep(self, seconds: float) -> None:
-        await sleep_unless_stopped(self.stop, seconds)
 
 
 def run(settings: Settings) -> None:

@@ -37,7 +37,8 @@ from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, conne
 from service.core.counters import Attempts
 from service.core.crypto import unseal
 from service.core.heartbeat import Heartbeat, Tally
-from service.core.lifecycle import process_name, run_until_signal, sleep_unless_stopped
+from service.core.lifecycle import process_name, run_until_signal
+from service.core.loop import run_loop, wait_first
 from service.core.records import BatchField
 from service.core.results import abort_line, error_line
 from service.core.store import Outcome
@@ -147,7 +148,7 @@ class Worker:
             heartbeat.start()
             self.log.info("worker_started", concurrency=self.settings.worker_concurrency)
             try:
-                await self._consume()
+                await run_loop(self.step, stop=self.stop, outage=self.outage, log=self.log, error_event="worker_error")
             finally:
                 self.draining = True
                 await self._drain()
@@ -164,30 +165,28 @@ class Worker:
                 "concurrency": self.settings.worker_concurrency, "batches": len(self.batches)}
 
     # ------------------------------------------------------------------ the loop
-    async def _consume(self) -> None:
-        while not self.stop.is_set():
-            free = await self._free_slots()
-            if free <= 0:
-                continue
-            try:
-                plan = await self._pick_streams(free)
-                self.outage.ok()
-                if not plan:
-                    await self._sleep(IDLE_WAIT_S)
-                    continue
-                lines = await self._reclaim(sorted(self.batches), free)
-                aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
-                if not lines:
-                    lines, aborts, blocked = await self._read(plan)
-                    if not lines and not blocked:
-                        await self._sleep(IDLE_WAIT_S / 10)
-                if lines:
-                    await self._dispatch(lines, aborts)
-            except REDIS_DOWN as e:
-                await self._sleep(self.outage.failed(e))
+    async def step(self) -> float:
+        """One pass: read as many lines as there are free slots and start them; how long to wait
+        before the next pass."""
+        free = await self._free_slots()
+        if free <= 0:
+            return 0.0  # stopping
+        plan = await self._pick_streams(free)
+        if not plan:
+            return IDLE_WAIT_S
+        lines = await self._reclaim(sorted(self.batches), free)
+        aborts = await self._aborts({line.batch_id for line in lines}) if lines else {}
+        if not lines:
+            lines, aborts, blocked = await self._read(plan)
+            if not lines:
+                # A blocking read has waited already.
+                return 0.0 if blocked else IDLE_WAIT_S / 10
+        await self._dispatch(lines, aborts)
+        return 0.0
 
     async def _free_slots(self) -> int:
-        """How many slots are free, once there is one; with few free, after waiting briefly for more."""
+        """How many slots are free, once there is one; with few free, after waiting briefly for more
+        (0 when the worker is stopping)."""
         concurrency = self.settings.worker_concurrency
         want = max(1, concurrency // READ_FILL_SHARE)
         free = concurrency - len(self.inflight)
@@ -198,7 +197,14 @@ class Worker:
         while free < want and self.inflight:
             self.freed.clear()
             if deadline is None:
-                await self.freed.wait()
+                # Stop-aware: a stopping worker starts its drain now, not once some call ends.
+                freed = asyncio.ensure_future(self.freed.wait())
+                try:
+                    await wait_first(self.stop, [freed])
+                finally:
+                    freed.cancel()
+                if self.stop.is_set():
+                    return 0
             else:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -521,9 +527,6 @@ class Worker:
         """Mark unfinished lines as idle past their lease, so live workers reclaim them at once."""
         await self._set_idle(lines, int(self.settings.lease_s * 1000) + 1)
         self.log.warning("left_unfinished", lines=len(lines))
-
-    async def _sleep(self, seconds: float) -> None:
-        await sleep_unless_stopped(self.stop, seconds)
 
 
 def run(settings: Settings) -> None:

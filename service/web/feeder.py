@@ -34,7 +34,7 @@ from service.core import keys, leases, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage
 from service.core.leases import FencedScript, Lease, LeaseLost
-from service.core.lifecycle import sleep_unless_stopped
+from service.core.loop import run_loop
 from service.core.records import BatchField, BatchRecord
 from service.core.storage import Storage
 from service.core.validation import Line, check_line, iter_lines
@@ -104,25 +104,16 @@ class Feeder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Feed until ``stop`` is set, then give up the leases so a peer takes over at once."""
-        outage = Outage(log)
         try:
-            while not stop.is_set():
-                try:
-                    await self.tick()
-                    outage.ok()
-                except asyncio.CancelledError:
-                    raise
-                except REDIS_DOWN as e:
-                    await sleep_unless_stopped(stop, outage.failed(e))
-                    continue
-                except Exception:
-                    log.exception("feeder_error")
-                    await sleep_unless_stopped(stop, 1.0)
-                self.wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=TICK_S)
+            await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="feeder_error",
+                           wake=self.wake)
         finally:
             await self._let_go_all()
+
+    async def step(self) -> float:
+        """One pass (:meth:`tick`); how long to wait before the next (``wake`` cuts it short)."""
+        await self.tick()
+        return TICK_S
 
     async def tick(self) -> None:
         """One pass: top up every batch this process feeds (or can take over)."""

@@ -23,10 +23,11 @@ import structlog
 
 from service.core import keys, leases, store, tracing
 from service.core.config import Provider, Settings
-from service.core.connections import REDIS_DOWN, Outage
+from service.core.connections import Outage
 from service.core.delegation import Planner, encode_providers, write_plan
 from service.core.leases import FencedScript, Lease, LeaseLost
 from service.core.lifecycle import process_name
+from service.core.loop import run_loop
 from service.core.records import BatchField, BatchRecord
 from service.core.storage import Storage
 from service.core.validation import (
@@ -60,6 +61,8 @@ CLAIM_LOOKAHEAD = 8
 VALIDATION_READ_BYTES = 1024 * 1024
 # Models whose provider one validation remembers.
 MAX_CACHED_MODELS = 1000
+# With nothing to validate, how long until the queue is looked at again (a new batch wakes it sooner).
+IDLE_S = 1.0
 
 # Creates each stream with its group (groups[i] for streams[i]), once.
 _CREATE_GROUPS = FencedScript(keys=("*streams",), args=("*groups",), source="""
@@ -90,33 +93,23 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
-        outage = Outage(log)
-        while not stop.is_set():
-            try:
-                claimed = await self._claim()
-                outage.ok()
-                if claimed is None:
-                    self.wake.clear()
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                batch_id, lease = claimed
-                try:
-                    await self.process(batch_id, lease)
-                except LeaseLost as e:
-                    # Paused past the lease: a peer validates this batch now.
-                    log.warning("fenced_write_refused", batch_id=batch_id, error=str(e))
-                    continue
-                await leases.drop(self.r, lease)
-            except asyncio.CancelledError:
-                raise
-            except REDIS_DOWN as e:
-                await asyncio.sleep(outage.failed(e))
-            except Exception:
-                log.exception("publisher_error")
-                await asyncio.sleep(1.0)
+        await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="publisher_error",
+                       wake=self.wake)
+
+    async def step(self) -> float:
+        """Claim one due batch and validate it; how long to wait before the next pass."""
+        claimed = await self._claim()
+        if claimed is None:
+            return IDLE_S
+        batch_id, lease = claimed
+        try:
+            await self.process(batch_id, lease)
+        except LeaseLost as e:
+            # Paused past the lease: a peer validates this batch now.
+            log.warning("fenced_write_refused", batch_id=batch_id, error=str(e))
+            return 0.0
+        await leases.drop(self.r, lease)
+        return 0.0
 
     async def _claim(self) -> tuple[str, Lease] | None:
         """A due batch whose validator lease this process just took, or None."""

@@ -54,6 +54,33 @@ def test_sigterm_mid_batch_then_restart(stack_factory, wait_until):
     assert stack.mock_stats()["requests"] >= len(messages)
 
 
+def test_sigterm_with_every_slot_taken_drains_within_the_grace(stack_factory, wait_until):
+    # Every slot of the one worker is held at the mock's gate, which opens only after the worker
+    # is gone: it must start its drain at the SIGTERM (not once some call ends), hand the lines
+    # back when the grace (2 s in test stacks) runs out, and exit with 0.
+    stack = stack_factory.start(name="fullstop", workers=1, worker_concurrency=2, mock={"gates": True})
+    run = uuid.uuid4().hex[:8]
+    gate = f"full-{run}"
+    messages = {f"full-{run}-{i}": f"held {i}" for i in range(4)}
+    _, created = stack.submit([stack.chat_line(cid, msg, mock_hold=gate) for cid, msg in messages.items()])
+    stack.mock().wait_held(gate, 2)
+
+    worker = stack.process("worker-1")
+    worker.stopping = True
+    worker.signal(signal.SIGTERM)
+    # A failure deadline (ten times the grace, on a loaded machine), not a speed check: before,
+    # the worker waited on the gate for as long as it stayed shut.
+    wait_until(lambda: not worker.alive, timeout=20, message=worker.describe)
+    assert worker.returncode == 0, worker.describe()
+    assert '"left_unfinished"' in worker.tail(200), worker.tail(40)
+
+    stack.mock().release(gate)
+    stack.spawn("worker")
+    batch = stack.wait_for_batch(created.id, timeout=60)
+    assert batch.status == "completed", batch
+    _assert_exactly_once(stack, batch, messages)
+
+
 def test_worker_killed_mid_batch_work_is_reclaimed(stack_factory, wait_until):
     # Recording: the mock keeps every request that arrived, the dead worker's (never answered) included.
     stack = stack_factory.start(name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"},
