@@ -179,6 +179,25 @@ def pytest_configure(config):
     _RUN_ID = processes.begin_run()
     # The chaos suite (test_chaos.py, test_pause.py): kills, restarts and pauses under load.
     config.addinivalue_line("markers", "chaos: kills, pauses or restarts processes while batches run (-m chaos)")
+    # Set by pytest_collection_modifyitems; pytest-xdist registers it too, a run without it must not warn.
+    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
+
+
+_SHARED_SCOPES = ("module", "class", "package")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under `pytest -n N --dist loadgroup` (what `make test` runs), tests go to workers one by one, except
+    # those in one xdist_group, which one worker runs. A module whose tests share a fixture wider than a
+    # test (a module stack, say) becomes one group: its stack then starts once, as in a serial run, and
+    # its tests keep the order they were written in. Session fixtures (the default stack) start once per
+    # worker instead. xdist's own hook (trylast) turns the marks into node ids.
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        if any(defs and defs[-1].scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 def _runners_of(item: pytest.Item) -> list[ProcessRunner]:
@@ -205,21 +224,53 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"log tail: {proc.describe()}", proc.tail()))
 
 
+def _xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config) -> bool:
+    return config.pluginmanager.get_plugin("dsession") is not None
+
+
+_WORKER_LEAKS: list[str] = []  # on the xdist controller: the leak reports its workers sent
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown to a run without the plugin
+def pytest_testnodedown(node, error):
+    # On the xdist controller: a worker's own leak check ran in its sessionfinish and sent its report.
+    report = getattr(node, "workeroutput", {}).get("leaked_processes")
+    if report:
+        _WORKER_LEAKS.append(f"[{node.gateway.id}] {report}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    # trylast: after pytest's own sessionfinish has torn down the remaining fixtures.
+    # trylast: after pytest's own sessionfinish has torn down the remaining fixtures (and, on an xdist
+    # controller, after xdist has shut its workers down).
     processes.close_all_runners()
     if _RUN_ID is None:
         return
-    leaked = processes.kill_leftovers(_RUN_ID)
+    # Each xdist worker has a run id of its own (its marker extends the controller's), so it judges only
+    # what its own tests started. The controller starts no test process: its scan is the backstop for a
+    # worker that died before its own check, and skips the workers themselves (its direct children).
+    workers = processes.children_of(os.getpid()) if _xdist_controller(session.config) else set()
+    leaked = processes.kill_leftovers(_RUN_ID, spare=workers)
+    reports = list(_WORKER_LEAKS)
     if leaked:
         lines = "\n".join(f"  {desc}" for desc in leaked.values())
-        message = f"{len(leaked)} process(es) started by this test session were still running at its end " \
-                  f"(now killed):\n{lines}"
+        reports.append(f"{len(leaked)} process(es) started by this test session were still running at its end "
+                       f"(now killed):\n{lines}")
+    if not reports:
+        return
+    message = "\n".join(reports)
+    if _xdist_worker(session.config):
+        # A worker's terminal output is not shown: the controller prints this (pytest_testnodedown).
+        session.config.workeroutput["leaked_processes"] = message
+    else:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_sep("=", "leaked processes", red=True)
             reporter.write_line(message)
         else:
             print(message)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
