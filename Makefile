@@ -18,8 +18,12 @@ run: $(STAMP_RUN)
 	$(BIN)/sluice up
 
 # Lint first: it takes seconds and fails before anything is installed or started for the tests.
+# The suite runs on TEST_WORKERS pytest-xdist workers (its integration tests mostly wait on the
+# processes they start, so more workers than cores pays); a module whose tests share a stack stays on
+# one worker (tests/conftest.py groups them). `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 4
 test: lint redis-server chromium
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # ruff, then mypy (configured in setup.cfg's [mypy] sections; it takes no paths here).
 # ruff's options live here, since ruff reads no setup.cfg and pyproject.toml holds only the build
