@@ -179,25 +179,6 @@ def pytest_configure(config):
     _RUN_ID = processes.begin_run()
     # The chaos suite (test_chaos.py, test_pause.py): kills, restarts and pauses under load.
     config.addinivalue_line("markers", "chaos: kills, pauses or restarts processes while batches run (-m chaos)")
-    # Set by pytest_collection_modifyitems; pytest-xdist registers it too, a run without it must not warn.
-    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
-
-
-_SHARED_SCOPES = ("module", "class", "package")
-
-
-def pytest_collection_modifyitems(config, items):
-    # Under `pytest -n N --dist loadgroup` (what `make test` runs), tests go to workers one by one, except
-    # those in one xdist_group, which one worker runs. A module whose tests share a fixture wider than a
-    # test (a module stack, say) becomes one group: its stack then starts once, as in a serial run, and
-    # its tests keep the order they were written in. Session fixtures (the default stack) start once per
-    # worker instead. xdist's own hook (trylast) turns the marks into node ids.
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group") is not None:
-            continue
-        if any(defs and defs[-1].scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 def _runners_of(item: pytest.Item) -> list[ProcessRunner]:
