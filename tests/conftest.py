@@ -219,21 +219,53 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"log tail: {proc.describe()}", proc.tail()))
 
 
+def _xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config) -> bool:
+    return config.pluginmanager.get_plugin("dsession") is not None
+
+
+_WORKER_LEAKS: list[str] = []  # on the xdist controller: the leak reports its workers sent
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown to a run without the plugin
+def pytest_testnodedown(node, error):
+    # On the xdist controller: a worker's own leak check ran in its sessionfinish and sent its report.
+    report = getattr(node, "workeroutput", {}).get("leaked_processes")
+    if report:
+        _WORKER_LEAKS.append(f"[{node.gateway.id}] {report}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    # trylast: after pytest's own sessionfinish has torn down the remaining fixtures.
+    # trylast: after pytest's own sessionfinish has torn down the remaining fixtures (and, on an xdist
+    # controller, after xdist has shut its workers down).
     processes.close_all_runners()
     if _RUN_ID is None:
         return
-    leaked = processes.kill_leftovers(_RUN_ID)
+    # Each xdist worker has a run id of its own (its marker extends the controller's), so it judges only
+    # what its own tests started. The controller starts no test process: its scan is the backstop for a
+    # worker that died before its own check, and skips the workers themselves (its direct children).
+    workers = processes.children_of(os.getpid()) if _xdist_controller(session.config) else set()
+    leaked = processes.kill_leftovers(_RUN_ID, spare=workers)
+    reports = list(_WORKER_LEAKS)
     if leaked:
         lines = "\n".join(f"  {desc}" for desc in leaked.values())
-        message = f"{len(leaked)} process(es) started by this test session were still running at its end " \
-                  f"(now killed):\n{lines}"
+        reports.append(f"{len(leaked)} process(es) started by this test session were still running at its end "
+                       f"(now killed):\n{lines}")
+    if not reports:
+        return
+    message = "\n".join(reports)
+    if _xdist_worker(session.config):
+        # A worker's terminal output is not shown: the controller prints this (pytest_testnodedown).
+        session.config.workeroutput["leaked_processes"] = message
+    else:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_sep("=", "leaked processes", red=True)
             reporter.write_line(message)
         else:
             print(message)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

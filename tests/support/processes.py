@@ -103,12 +103,27 @@ def _describe_pid(pid: int) -> str:
     return f"pid {pid}: {cmd[:200]}"
 
 
-def leftover_processes(run_id: str) -> dict[int, str]:
-    """Live processes (not this one) whose environment carries ``run_id``: pid -> command line."""
-    found = {}
-    me = os.getpid()
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (an xdist controller's workers, say)."""
+    found = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def leftover_processes(run_id: str, *, spare: Iterable[int] = ()) -> dict[int, str]:
+    """Live processes (not this one, nor ``spare``) whose environment carries ``run_id``: pid -> command line."""
+    found = {}
+    skip = {os.getpid(), *spare}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
             continue
         pid = int(entry)
         marker = _environ_marker(pid)  # a zombie's environ is empty: it never matches
@@ -117,19 +132,21 @@ def leftover_processes(run_id: str) -> dict[int, str]:
     return found
 
 
-def kill_leftovers(run_id: str, *, grace: float = 5.0, timeout: float = 10.0) -> dict[int, str]:
+def kill_leftovers(run_id: str, *, grace: float = 5.0, timeout: float = 10.0,
+                   spare: Iterable[int] = ()) -> dict[int, str]:
     """SIGKILL every process :func:`leftover_processes` finds (until none is left, or ``timeout``).
 
     Processes already on their way out (stopped by their owner a moment ago: a browser's helpers,
     say) get ``grace`` seconds to go by themselves first. Returns the ones that were still alive
-    then and had to be killed (empty when the run left nothing behind).
+    then and had to be killed (empty when the run left nothing behind). ``spare`` is never touched.
     """
-    first = leftover_processes(run_id)
+    spare = set(spare)
+    first = leftover_processes(run_id, spare=spare)
     deadline = time.monotonic() + grace
     while first and time.monotonic() < deadline:
         _reap_children()
         time.sleep(0.1)
-        first = {pid: desc for pid, desc in leftover_processes(run_id).items() if pid in first}
+        first = {pid: desc for pid, desc in leftover_processes(run_id, spare=spare).items() if pid in first}
     deadline = time.monotonic() + timeout
     left = first
     while left and time.monotonic() < deadline:
@@ -140,7 +157,7 @@ def kill_leftovers(run_id: str, *, grace: float = 5.0, timeout: float = 10.0) ->
                 pass
         _reap_children()
         time.sleep(0.05)
-        left = leftover_processes(run_id)
+        left = leftover_processes(run_id, spare=spare)
     return first
 
 
