@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every process was stopped", file=sys.stderr)
         return 130
     finally:
-        processes.close_all_runners()
-        leaked = processes.kill_leftovers(run_id)
-        if leaked:
-            print("processes left running (now killed):\n" + "\n".join(leaked.values()), file=sys.stderr)
+        leaked = processes.end_run(run_id)
         shutil.rmtree(workdir, ignore_errors=True)
     # A process that outlived its stack is a harness bug: the run does not count as clean.
     ok = not any(r.get("error") for r in results) and not leaked

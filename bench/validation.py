@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.validation: {exc}", file=sys.stderr)
         return 1
     finally:
-        processes.close_all_runners()
-        leaked = processes.kill_leftovers(run_id)
-        if leaked:
-            print("processes left running (now killed):\n" + "\n".join(leaked.values()), file=sys.stderr)
+        leaked = processes.end_run(run_id)
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result, indent=2))
     return 1 if leaked else 0

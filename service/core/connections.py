@@ -174,18 +174,21 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3)
 
 
-def _single_client(url: str, max_connections: int) -> Redis:
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=None,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-        retry=_retry(),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+def _options(url: str, max_connections: int) -> dict[str, Any]:
+    # What both kinds of client are built with: the same timeouts, retries and TLS.
+    return {
+        "max_connections": max_connections,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 30,
+        "retry": _retry(),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         **tls_options(url),
-    )
+    }
+
+
+def _single_client(url: str, max_connections: int) -> Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **_options(url, max_connections))
     # No decode_responses: every reply is bytes, which is what the Redis protocol above promises.
     return cast(Redis, aioredis.Redis(connection_pool=pool))
 
@@ -222,16 +225,7 @@ def _cluster_client(url: str, max_connections: int) -> _Cluster:
     # SLOTS), connects to each master it names, and follows MOVED/ASK and failovers by itself.
     # Its retries re-send a command after a lost connection, a timeout or CLUSTERDOWN (a failover
     # under way), after refreshing the slot map.
-    return cast(_Cluster, _Cluster.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-        retry=_retry(),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **tls_options(url),
-    ))
+    return cast(_Cluster, _Cluster.from_url(url, **_options(url, max_connections)))
 
 
 async def is_cluster(r: Any) -> bool:

@@ -6,6 +6,8 @@ retry endpoint) looks it up here, so that an unknown id and another token's id a
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from aiohttp import web
 
 from service.core import store
@@ -14,20 +16,24 @@ from service.core.records import BatchRecord, FileRecord
 
 from . import appkeys
 
+R = TypeVar("R")
+
 
 async def owned_file(request: web.Request) -> FileRecord:
     """The record of the path's ``{file_id}`` if the caller owns it; else a 404 (``APIError``)."""
     file_id = request.match_info["file_id"]
-    rec = await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id)
-    if rec is None:
-        raise not_found("File", file_id, param="file_id")
-    return rec
+    return _or_404(await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id),
+                   "File", file_id, "file_id")
 
 
 async def owned_batch(request: web.Request) -> BatchRecord:
     """The record of the path's ``{batch_id}`` if the caller owns it; else a 404 (``APIError``)."""
     batch_id = request.match_info["batch_id"]
-    rec = await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id)
+    return _or_404(await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id),
+                   "Batch", batch_id, "batch_id")
+
+
+def _or_404(rec: R | None, kind: str, object_id: str, param: str) -> R:
     if rec is None:
-        raise not_found("Batch", batch_id, param="batch_id")
+        raise not_found(kind, object_id, param=param)
     return rec

@@ -67,20 +67,7 @@ def _procfile_types() -> list[str]:
 
 def _process_groups() -> dict[int, int]:
     """pid -> process group id of every process we can see (from /proc, not by name)."""
-    groups = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z":
-            continue
-        groups[int(entry)] = int(fields[2])
-    return groups
+    return {pid: int(fields[2]) for pid, fields in processes.proc_stats().items() if fields[0] != "Z"}
 
 
 def _members(pgids: set[int]) -> set[int]:

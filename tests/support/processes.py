@@ -103,9 +103,10 @@ def _describe_pid(pid: int) -> str:
     return f"pid {pid}: {cmd[:200]}"
 
 
-def children_of(pid: int) -> set[int]:
-    """The pids whose parent is ``pid`` (an xdist controller's workers, say)."""
-    found = set()
+def proc_stats() -> dict[int, list[str]]:
+    """pid -> the fields of ``/proc/<pid>/stat`` after the command name (state, ppid, pgrp, ...) of
+    every process we can see, read from /proc rather than by name."""
+    stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -113,9 +114,14 @@ def children_of(pid: int) -> set[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found.add(int(entry))
-    return found
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        stats[int(entry)] = stat[stat.rindex(")") + 2:].split()
+    return stats
+
+
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (an xdist controller's workers, say)."""
+    return {child for child, fields in proc_stats().items() if int(fields[1]) == pid}
 
 
 def leftover_processes(run_id: str, *, spare: Iterable[int] = ()) -> dict[int, str]:
@@ -425,6 +431,16 @@ def close_all_runners() -> None:
 
 
 atexit.register(close_all_runners)
+
+
+def end_run(run_id: str) -> dict[int, str]:
+    """Stop every runner, then kill and report (on stderr) any process of ``run_id`` still alive;
+    return those. The last step of a benchmark script, failed or not."""
+    close_all_runners()
+    leaked = kill_leftovers(run_id)
+    if leaked:
+        print("processes left running (now killed):\n" + "\n".join(leaked.values()), file=sys.stderr)
+    return leaked
 
 
 def fail_if_died(died: list[ManagedProcess], runner: ProcessRunner) -> None:
