@@ -44,7 +44,9 @@ WINDOW_KEY = "sluice:provider:default:window"
 SAMPLE_S = 0.1
 
 
-async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path, adaptive: bool = True) -> dict[str, Any]:
+async def run_one(
+    limit: int, latency_ms: float, seconds: float, workdir: Path, adaptive: bool = True
+) -> dict[str, Any]:
     """One stack against a mock allowing ``limit`` in flight; a batch sized to run about ``seconds``."""
     ideal = limit / (latency_ms / 1000)
     lines = int(ideal * seconds)
@@ -53,10 +55,17 @@ async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path, 
     factory = StackFactory(workdir)
     try:
         stack = factory.start(
-            name="aimd", workers=WORKERS, worker_concurrency=WORKER_CONCURRENCY, tokens=(TOKEN,),
-            mock=MockSpec(latency_ms=latency_ms, max_concurrency=limit, retry_after=False), upstream_suffix="/v1",
-            env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": "5",
-                 "SLUICE_ADAPTIVE_CONCURRENCY": "on" if adaptive else "off"},
+            name="aimd",
+            workers=WORKERS,
+            worker_concurrency=WORKER_CONCURRENCY,
+            tokens=(TOKEN,),
+            mock=MockSpec(latency_ms=latency_ms, max_concurrency=limit, retry_after=False),
+            upstream_suffix="/v1",
+            env={
+                "SLUICE_LOG_LEVEL": "warning",
+                "SLUICE_SHUTDOWN_GRACE_S": "5",
+                "SLUICE_ADAPTIVE_CONCURRENCY": "on" if adaptive else "off",
+            },
         )
         stack.wait_ready()
         procs = stack.runner
@@ -94,11 +103,18 @@ async def run_one(limit: int, latency_ms: float, seconds: float, workdir: Path, 
     rate = stats["accepted"] / span if span > 0 else 0.0
     steady = [w for t, w in windows if t - t0 >= 0.2 * elapsed] or [w for _, w in windows]
     return {
-        "hidden_limit": limit, "latency_ms": latency_ms, "lines": lines, "seconds": round(elapsed, 2),
-        "upstream_requests": stats["requests"], "accepted": stats["accepted"], "rejected_429": stats["rejected_429"],
+        "hidden_limit": limit,
+        "latency_ms": latency_ms,
+        "lines": lines,
+        "seconds": round(elapsed, 2),
+        "upstream_requests": stats["requests"],
+        "accepted": stats["accepted"],
+        "rejected_429": stats["rejected_429"],
         "share_429": round(stats["rejected_429"] / max(1, stats["requests"]), 4),
         "peak_in_flight": stats["max_in_flight"],
-        "lines_per_s": round(rate, 1), "ideal_lines_per_s": round(ideal, 1), "throughput_vs_ideal": round(rate / ideal, 3),
+        "lines_per_s": round(rate, 1),
+        "ideal_lines_per_s": round(ideal, 1),
+        "throughput_vs_ideal": round(rate / ideal, 3),
         "window_mean": round(statistics.fmean(steady), 2) if steady else None,
         "window_min": round(min(steady), 2) if steady else None,
         "window_max": round(max(steady), 2) if steady else None,
@@ -110,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", type=int, nargs="+", default=[8, 32], metavar="N", help="hidden limits (8 32)")
     parser.add_argument("--latency-ms", type=float, default=100.0, help="the mock's latency (100)")
     parser.add_argument("--seconds", type=float, default=30.0, help="about how long each batch runs (30)")
-    parser.add_argument("--no-adaptive", action="store_true",
-                        help="turn adaptive concurrency off (SLUICE_ADAPTIVE_CONCURRENCY=off), to compare")
+    parser.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="turn adaptive concurrency off (SLUICE_ADAPTIVE_CONCURRENCY=off), to compare",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = []
@@ -120,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"sluice-aimd-{limit}-") as tmp:
                 result = asyncio.run(run_one(limit, args.latency_ms, args.seconds, Path(tmp), not args.no_adaptive))
             results.append(result)
-            print(f"N={limit:>3}  lines={result['lines']:>6}  {result['seconds']:>6.1f}s  "
-                  f"429 share={result['share_429']:.2%} ({result['rejected_429']}/{result['upstream_requests']})  "
-                  f"throughput={result['lines_per_s']}/s = {result['throughput_vs_ideal']:.3f} x ideal "
-                  f"{result['ideal_lines_per_s']}/s  peak in flight={result['peak_in_flight']}  "
-                  f"window mean={result['window_mean']} min={result['window_min']} max={result['window_max']}",
-                  flush=True)
+            print(
+                f"N={limit:>3}  lines={result['lines']:>6}  {result['seconds']:>6.1f}s  "
+                f"429 share={result['share_429']:.2%} ({result['rejected_429']}/{result['upstream_requests']})  "
+                f"throughput={result['lines_per_s']}/s = {result['throughput_vs_ideal']:.3f} x ideal "
+                f"{result['ideal_lines_per_s']}/s  peak in flight={result['peak_in_flight']}  "
+                f"window mean={result['window_mean']} min={result['window_min']} max={result['window_max']}",
+                flush=True,
+            )
     except BenchError as e:
         print(f"bench.aimd: {e}", file=sys.stderr)
         return 1

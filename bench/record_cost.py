@@ -33,7 +33,10 @@ from service.core.counters import LATENCY_BUCKETS, Attempts
 
 # The recording script before exact counting (commit 961d74e), for comparison only: its body is
 # kept as it was then, reading its slots by index.
-_RECORD_BEFORE = Script(keys=("done", "results", "batch", "lines"), args=("group", "*records"), source="""
+_RECORD_BEFORE = Script(
+    keys=("done", "results", "batch", "lines"),
+    args=("group", "*records"),
+    source="""
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS[2]) == 1
 for i = 2, #ARGV, 4 do
@@ -49,19 +52,27 @@ for i = 2, #ARGV, 4 do
   end
 end
 return recorded
-""")
+""",
+)
 
-RESULT = b'{"id":"batch_req_x","custom_id":"c","response":{"status_code":200,"request_id":"req_1","body":' \
-         b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",' \
-         b'"content":"echo: hello there, this is a line of about the usual size"},"finish_reason":"stop"}],' \
-         b'"usage":{"prompt_tokens":12,"completion_tokens":12,"total_tokens":24}}},"error":null}'
+RESULT = (
+    b'{"id":"batch_req_x","custom_id":"c","response":{"status_code":200,"request_id":"req_1","body":'
+    b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+    b'"content":"echo: hello there, this is a line of about the usual size"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":12,"completion_tokens":12,"total_tokens":24}}},"error":null}'
+)
 
 
 def _tries(rng: random.Random) -> list[tuple[str, float, bool]]:
     """One line's attempts: (status, seconds, paused the provider)."""
     roll = rng.random()
-    first = [("500", rng.uniform(0.005, 0.05), False)] if roll < 0.03 else \
-        [("429", rng.uniform(0.005, 0.05), True)] if roll < 0.033 else []
+    first = (
+        [("500", rng.uniform(0.005, 0.05), False)]
+        if roll < 0.03
+        else [("429", rng.uniform(0.005, 0.05), True)]
+        if roll < 0.033
+        else []
+    )
     return [*first, ("200", rng.uniform(0.01, 0.6), False)]
 
 
@@ -99,7 +110,16 @@ async def _prepare(r: aioredis.Redis, batch_id: str, lines: int) -> list[str]:
     for start in range(0, lines, 1000):
         pipe = r.pipeline(transaction=False)
         for i in range(start, min(lines, start + 1000)):
-            pipe.xadd(keys.lines(batch_id), {streams.LINE_CUSTOM_ID: f"c{i}", streams.LINE_BODY: "{}", streams.LINE_PROVIDER: "default", streams.LINE_COST: 1}, id=f"0-{i + 1}")
+            pipe.xadd(
+                keys.lines(batch_id),
+                {
+                    streams.LINE_CUSTOM_ID: f"c{i}",
+                    streams.LINE_BODY: "{}",
+                    streams.LINE_PROVIDER: "default",
+                    streams.LINE_COST: 1,
+                },
+                id=f"0-{i + 1}",
+            )
         await pipe.execute()
     await r.xreadgroup(keys.WORKER_GROUP, "bench", {keys.lines(batch_id): ">"}, count=lines)
     return [f"0-{i + 1}" for i in range(lines)]
@@ -107,8 +127,9 @@ async def _prepare(r: aioredis.Redis, batch_id: str, lines: int) -> list[str]:
 
 async def _redis_cpu(r: aioredis.Redis) -> float:
     info = await r.info("cpu")
-    return float(info.get("used_cpu_sys_main_thread", info["used_cpu_sys"])) + \
-        float(info.get("used_cpu_user_main_thread", info["used_cpu_user"]))
+    return float(info.get("used_cpu_sys_main_thread", info["used_cpu_sys"])) + float(
+        info.get("used_cpu_user_main_thread", info["used_cpu_user"])
+    )
 
 
 async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: int) -> tuple[float, float]:
@@ -133,9 +154,15 @@ async def _run(r: aioredis.Redis, mode: str, lines: int, per_call: int, seed: in
                     tally.count("retries", "default")
                 argv += [i, entries[i], "completed", RESULT]
             pipe = r.pipeline(transaction=False)
-            _RECORD_BEFORE.queue(cast(Pipeline, pipe), done=keys.done(batch_id), results=keys.results(batch_id),
-                                 batch=keys.batch(batch_id), lines=keys.lines(batch_id), group=keys.WORKER_GROUP,
-                                 records=argv)
+            _RECORD_BEFORE.queue(
+                cast(Pipeline, pipe),
+                done=keys.done(batch_id),
+                results=keys.results(batch_id),
+                batch=keys.batch(batch_id),
+                lines=keys.lines(batch_id),
+                group=keys.WORKER_GROUP,
+                records=argv,
+            )
             await pipe.execute()
             for _ in chunk:
                 tally.line("completed")
@@ -189,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workdir = tempfile.mkdtemp(prefix="sluice-record-cost-")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

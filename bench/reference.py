@@ -33,7 +33,7 @@ def endpoint_url(base_url: str, path: str) -> str:
     """``base_url`` + ``path`` without doubling ``/v1`` when both carry it."""
     base = base_url.rstrip("/")
     if base.endswith("/v1") and path.startswith("/v1/"):
-        path = path[len("/v1"):]
+        path = path[len("/v1") :]
     return base + path
 
 

@@ -36,8 +36,9 @@ class _Columns:
         self.runs = runs
         self.ref = ref
 
-    def row(self, label: str, get: Callable[[dict[str, Any]], Any], ref_value: Any = None,
-            digits: int = 2) -> list[str]:
+    def row(
+        self, label: str, get: Callable[[dict[str, Any]], Any], ref_value: Any = None, digits: int = 2
+    ) -> list[str]:
         """``label``, ``get(run)`` for every run, and ``ref_value`` in the reference column."""
         cells = [label] + [_fmt(get(r), digits) for r in self.runs]
         return cells + ([_fmt(ref_value, digits)] if self.ref is not None else [])
@@ -72,10 +73,17 @@ def _cpu_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> l
     for name in names:
         ref_cpu = ref["cpu"]["per_1000_lines"] if ref is not None and name == "total" else None
         rows.append(cols.row(f"  {name}", functools.partial(_cpu_per_1000_lines, name), ref_cpu, 3))
-    rows.append(cols.row("  (mock provider, not counted)", lambda r: r["mock_provider_cpu_s"] * 1000 / r["lines"],
-                         None, 3))
-    rows.append(cols.row("Redis calls per line (scripts' inner calls too)",
-                         lambda r: r.get("redis_calls_per_line", {}).get("total"), None, 2))
+    rows.append(
+        cols.row("  (mock provider, not counted)", lambda r: r["mock_provider_cpu_s"] * 1000 / r["lines"], None, 3)
+    )
+    rows.append(
+        cols.row(
+            "Redis calls per line (scripts' inner calls too)",
+            lambda r: r.get("redis_calls_per_line", {}).get("total"),
+            None,
+            2,
+        )
+    )
     return rows
 
 
@@ -90,9 +98,12 @@ def _rss_rows(cols: _Columns, ref: dict[str, Any] | None, names: list[str]) -> l
 
 def _redis_rows(cols: _Columns) -> list[list[str]]:
     rows = [cols.heading("Redis used_memory MB")]
-    for key, label in (("idle", "idle"), ("peak_minus_idle", "peak - idle (sampled)"),
-                       ("info_peak_minus_idle", "used_memory_peak - idle"),
-                       ("after_minus_idle", "after delete - idle")):
+    for key, label in (
+        ("idle", "idle"),
+        ("peak_minus_idle", "peak - idle (sampled)"),
+        ("info_peak_minus_idle", "used_memory_peak - idle"),
+        ("after_minus_idle", "after delete - idle"),
+    ):
         rows.append(cols.row(f"  {label}", functools.partial(_redis_memory_mb, key)))
     rows.append(cols.row("  after - idle: dataset / clients", _after_breakdown))
     rows.append(cols.row("  keys after delete (bytes)", _keys_after))
@@ -142,9 +153,11 @@ def _hwm(rss: dict[str, Any] | None) -> str | None:
 def render_scenario(result: dict[str, Any]) -> str:
     """The scenario's table and targets as text."""
     cfg = result["config"]
-    title = (f"=== {result['name']}: {cfg['lines']:,} lines ({_fmt(cfg['file_mb'])} MB), mock latency "
-             f"{cfg['mock_latency_ms']:g} ms, {'/'.join(map(str, cfg['workers']))} worker(s) x "
-             f"{cfg['worker_concurrency']}, reference x {cfg['reference_concurrency']} ===")
+    title = (
+        f"=== {result['name']}: {cfg['lines']:,} lines ({_fmt(cfg['file_mb'])} MB), mock latency "
+        f"{cfg['mock_latency_ms']:g} ms, {'/'.join(map(str, cfg['workers']))} worker(s) x "
+        f"{cfg['worker_concurrency']}, reference x {cfg['reference_concurrency']} ==="
+    )
     runs, ref = result["sluice_runs"], result.get("reference")
     parts = [title]
     if runs:
@@ -156,8 +169,10 @@ def render_scenario(result: dict[str, Any]) -> str:
     parts.append(f"ratios Sluice/reference: {ratio_text}")
     parts.append("targets:")
     for t in result["targets"]:
-        parts.append(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {_fmt(t['measured'], 3)} {t['unit']} "
-                     f"(target {t['op']} {t['threshold']:g})")
+        parts.append(
+            f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {_fmt(t['measured'], 3)} {t['unit']} "
+            f"(target {t['op']} {t['threshold']:g})"
+        )
     return "\n".join(parts)
 
 
@@ -170,8 +185,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 3.4 * len(results)), squeeze=False)
     for ax, result in zip(axes[:, 0], results):
-        ax.set_title(f"{result['name']}: {result['config']['lines']:,} lines, "
-                     f"latency {result['config']['mock_latency_ms']:g} ms")
+        ax.set_title(
+            f"{result['name']}: {result['config']['lines']:,} lines, latency {result['config']['mock_latency_ms']:g} ms"
+        )
         series = [*result.get("sluice_runs", []), *([result["reference"]] if result.get("reference") else [])]
         for run in series:
             t, done = zip(*((p[0], p[1]) for p in run["progress"])) if run["progress"] else ((), ())

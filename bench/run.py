@@ -57,19 +57,30 @@ INTERRUPTED = threading.Event()
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description="Benchmark Sluice against a "
-                                     "plain asyncio client.")
-    parser.add_argument("--scenario", action="append", metavar="NAME",
-                        help=f"one of {', '.join(SCENARIOS)} or all (repeatable or comma list; default all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description="Benchmark Sluice against a plain asyncio client."
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help=f"one of {', '.join(SCENARIOS)} or all (repeatable or comma list; default all)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny scenarios that finish in well under a minute")
     parser.add_argument("--lines", type=int, help="override every scenario's line count")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs under OUT/logs-<timestamp>")
-    parser.add_argument("--timeout", type=float, help=f"seconds per scenario ({DEFAULT_TIMEOUT_S:g}; "
-                        f"{SMOKE_TIMEOUT_S:g} with --smoke)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="more environment for the Sluice processes (repeatable), e.g. "
-                             "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 (see bench/otlp_sink.py)")
+    parser.add_argument(
+        "--timeout", type=float, help=f"seconds per scenario ({DEFAULT_TIMEOUT_S:g}; {SMOKE_TIMEOUT_S:g} with --smoke)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more environment for the Sluice processes (repeatable), e.g. "
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 (see bench/otlp_sink.py)",
+    )
     args = parser.parse_args(argv)
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -126,10 +137,17 @@ def _describe_failure(exc: Exception, timeout: float) -> str:
 
 def host_info() -> dict[str, Any]:
     """What the numbers depend on."""
-    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
-                                   timeout=30).stdout.strip() if shutil.which("redis-server") else None
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "redis_server": redis_version}
+    redis_version = (
+        subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        if shutil.which("redis-server")
+        else None
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "redis_server": redis_version,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     # A process that outlived its stack is a harness bug: the run does not count as clean.
     ok = not any(r.get("error") for r in results) and not leaked
-    report = {"started_at": started, "smoke": args.smoke, "argv": sys.argv[1:], "ok": ok, "mb": "MiB (2**20 bytes)",
-              "host": host_info(), "scenarios": results}
+    report = {
+        "started_at": started,
+        "smoke": args.smoke,
+        "argv": sys.argv[1:],
+        "ok": ok,
+        "mb": "MiB (2**20 bytes)",
+        "host": host_info(),
+        "scenarios": results,
+    }
     json_path, png_path = write_outputs(report, args.out, stamp)
     print(f"results: {json_path}\nchart:   {png_path}")
     if args.keep_logs:

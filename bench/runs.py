@@ -72,9 +72,15 @@ class BenchStack:
 def start_stack(factory: StackFactory, scenario: Scenario, workers: int, log_dir: Path) -> BenchStack:
     """Redis, mock, web, ``workers`` workers and the finalizer (tests/support's stack), once web is ready."""
     stack = factory.start(
-        name=f"{workers}w", workers=workers, worker_concurrency=scenario.worker_concurrency, tokens=(TOKEN,),
-        mock=MockSpec(latency_ms=scenario.latency_ms), upstream_suffix="/v1", stop_grace=STOP_GRACE_S,
-        log_dir=log_dir, env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S), **EXTRA_ENV},
+        name=f"{workers}w",
+        workers=workers,
+        worker_concurrency=scenario.worker_concurrency,
+        tokens=(TOKEN,),
+        mock=MockSpec(latency_ms=scenario.latency_ms),
+        upstream_suffix="/v1",
+        stop_grace=STOP_GRACE_S,
+        log_dir=log_dir,
+        env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S), **EXTRA_ENV},
     )
     stack.wait_ready()
     measured = {"web": stack.process("web")}
@@ -164,13 +170,14 @@ class Timeline:
         """Record one batch object seen at ``t``."""
         self.first_seen.setdefault(batch["status"], round(t, 4))
         counts = batch.get("request_counts") or {}
-        self.progress.append([round(t, 3), counts.get("completed", 0) + counts.get("failed", 0),
-                              counts.get("failed", 0)])
+        self.progress.append(
+            [round(t, 3), counts.get("completed", 0) + counts.get("failed", 0), counts.get("failed", 0)]
+        )
         self.polls += 1
 
     def reached(self, status: str) -> float | None:
         """First time ``status`` or any later state was seen (a poll can miss a short state)."""
-        later = STATE_ORDER[STATE_ORDER.index(status):]
+        later = STATE_ORDER[STATE_ORDER.index(status) :]
         seen = [self.first_seen[s] for s in later if s in self.first_seen]
         return min(seen) if seen else None
 
@@ -184,8 +191,9 @@ class Timeline:
         return out
 
 
-async def poll_until_done(api: Api, batch: dict[str, Any], t_create: float, procs: ProcessRunner) -> tuple[
-        Timeline, dict[str, Any]]:
+async def poll_until_done(
+    api: Api, batch: dict[str, Any], t_create: float, procs: ProcessRunner
+) -> tuple[Timeline, dict[str, Any]]:
     """Poll every ``POLL_S`` until the batch is terminal; returns the timeline and the last object."""
     timeline = Timeline()
     timeline.observe(time.monotonic() - t_create, batch)
@@ -197,8 +205,10 @@ async def poll_until_done(api: Api, batch: dict[str, Any], t_create: float, proc
         batch = await api.batch(batch["id"])
         timeline.observe(time.monotonic() - t_create, batch)
     if batch["status"] != "completed":
-        raise BenchError(f"batch {batch['id']} ended {batch['status']}: errors={batch.get('errors')} "
-                         f"counts={batch.get('request_counts')}")
+        raise BenchError(
+            f"batch {batch['id']} ended {batch['status']}: errors={batch.get('errors')} "
+            f"counts={batch.get('request_counts')}"
+        )
     return timeline, batch
 
 
@@ -224,8 +234,9 @@ def per_1000(cpu: dict[str, float], lines: int) -> dict[str, dict[str, float]]:
     return out
 
 
-async def run_sluice(scenario: Scenario, workers: int, input_path: Path, file_bytes: int, workdir: Path,
-                     log_dir: Path) -> dict[str, Any]:
+async def run_sluice(
+    scenario: Scenario, workers: int, input_path: Path, file_bytes: int, workdir: Path, log_dir: Path
+) -> dict[str, Any]:
     """One Sluice run on a fresh stack; returns its measurements."""
     factory = StackFactory(workdir)
     try:
@@ -235,20 +246,31 @@ async def run_sluice(scenario: Scenario, workers: int, input_path: Path, file_by
         timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                result = await _measure_batch(bench, Api(session, bench.stack.base_url, bench.procs), redis_client,
-                                              scenario, input_path, file_bytes)
+                result = await _measure_batch(
+                    bench,
+                    Api(session, bench.stack.base_url, bench.procs),
+                    redis_client,
+                    scenario,
+                    input_path,
+                    file_bytes,
+                )
         finally:
             await redis_client.aclose()
         bench.procs.check_alive()
     finally:
         factory.close()
-    result.update(label=f"Sluice {workers}w", workers=workers, worker_concurrency=scenario.worker_concurrency,
-                  settled_before_start=settled)
+    result.update(
+        label=f"Sluice {workers}w",
+        workers=workers,
+        worker_concurrency=scenario.worker_concurrency,
+        settled_before_start=settled,
+    )
     return result
 
 
-async def _measure_batch(stack: BenchStack, api: Api, redis_client: aioredis.Redis, scenario: Scenario,
-                         input_path: Path, file_bytes: int) -> dict[str, Any]:
+async def _measure_batch(
+    stack: BenchStack, api: Api, redis_client: aioredis.Redis, scenario: Scenario, input_path: Path, file_bytes: int
+) -> dict[str, Any]:
     redis_mem = RedisMemorySampler(redis_client)
     rss = RssSampler(stack.measured)
     counted = {**stack.measured, "mock-provider": stack.mock}
@@ -268,8 +290,9 @@ async def _measure_batch(stack: BenchStack, api: Api, redis_client: aioredis.Red
     return {
         "batch_id": batch["id"],
         **throughput(upload_s, timeline, scenario.lines, file_bytes),
-        "server_timestamps": {k: batch.get(k) for k in ("created_at", "in_progress_at", "finalizing_at",
-                                                           "completed_at")},
+        "server_timestamps": {
+            k: batch.get(k) for k in ("created_at", "in_progress_at", "finalizing_at", "completed_at")
+        },
         "cpu": per_1000(cpu, scenario.lines),
         "mock_provider_cpu_s": round(cpu_after["mock-provider"] - cpu_before["mock-provider"], 3),
         "redis_calls_per_line": calls_per_line(calls_before, calls_after, scenario.lines),
@@ -362,8 +385,14 @@ async def run_reference(scenario: Scenario, input_path: Path, workdir: Path, log
         # The only child reaped while the reference runs is the reference itself (the mock outlives
         # it), so the RUSAGE_CHILDREN delta is exactly its CPU, start-up and exit included.
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        argv = [sys.executable, str(REFERENCE), str(input_path), f"{mock.url}/v1",
-                str(scenario.reference_concurrency), str(output_path)]
+        argv = [
+            sys.executable,
+            str(REFERENCE),
+            str(input_path),
+            f"{mock.url}/v1",
+            str(scenario.reference_concurrency),
+            str(output_path),
+        ]
         proc = procs.start("reference", argv, env=base_env(), stop_stage=2, stdout_path=summary_path, oneshot=True)
         rss = RssSampler({"reference": proc})
         async with sampling(PROC_SAMPLE_S, rss.sample):
@@ -391,8 +420,7 @@ def verify_file(path: Path, lines: int, what: str) -> None:
     ids.verify(lines, what)
 
 
-def _reference_result(scenario: Scenario, summary: dict[str, Any], cpu: float, max_rss: float | None
-                      ) -> dict[str, Any]:
+def _reference_result(scenario: Scenario, summary: dict[str, Any], cpu: float, max_rss: float | None) -> dict[str, Any]:
     return {
         "label": "reference",
         "concurrency": scenario.reference_concurrency,
@@ -411,8 +439,13 @@ def _reference_result(scenario: Scenario, summary: dict[str, Any], cpu: float, m
 
 def new_result(scenario: Scenario) -> dict[str, Any]:
     """The result record of ``scenario``, filled in as its runs finish."""
-    return {"name": scenario.name, "description": scenario.description, "config": _config(scenario, None),
-            "sluice_runs": [], "reference": None}
+    return {
+        "name": scenario.name,
+        "description": scenario.description,
+        "config": _config(scenario, None),
+        "sluice_runs": [],
+        "reference": None,
+    }
 
 
 async def run_scenario(scenario: Scenario, result: dict[str, Any], workdir: Path, log_dir: Path) -> None:

@@ -30,7 +30,7 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     # The command name may hold spaces and parentheses; the fields start after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
     return (utime + stime + cutime + cstime) / CLK_TCK
 
@@ -70,8 +70,9 @@ async def wait_settled(procs: Mapping[str, Any], check_alive: Callable[[], None]
 
 
 @contextlib.asynccontextmanager
-async def sampling(interval: float, sample: Callable[[], Awaitable[None]], *,
-                   stop_wait: float = SAMPLER_STOP_WAIT_S) -> AsyncIterator[None]:
+async def sampling(
+    interval: float, sample: Callable[[], Awaitable[None]], *, stop_wait: float = SAMPLER_STOP_WAIT_S
+) -> AsyncIterator[None]:
     """Call ``sample`` every ``interval`` seconds in the background while the block runs.
 
     Leaving the block sets a stop flag that the sampler checks between samples, and waits at most
@@ -107,8 +108,9 @@ async def _stop_sampler(task: asyncio.Task, stop: asyncio.Event, wait: float) ->
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=wait)
     if not done:
-        print(f"warning: {task.get_name()} did not stop within {2 * wait:.0f}s; left behind",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {task.get_name()} did not stop within {2 * wait:.0f}s; left behind", file=sys.stderr, flush=True
+        )
         return None
     return None if task.cancelled() else task.exception()
 

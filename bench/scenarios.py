@@ -70,8 +70,9 @@ def _bigfile_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     redis_mem = run["redis_memory_mb"]
     checks.append(check("Redis peak used_memory above idle", redis_mem["peak_minus_idle"], "<=", 64, "MB"))
     after = redis_mem["after_minus_idle"]
-    checks.append(check("Redis used_memory after delete, |after - idle|", None if after is None else abs(after),
-                        "<=", 2, "MB"))
+    checks.append(
+        check("Redis used_memory after delete, |after - idle|", None if after is None else abs(after), "<=", 2, "MB")
+    )
     return checks
 
 
@@ -123,8 +124,7 @@ def select_scenarios(names: Iterable[str], *, smoke: bool, lines: int | None) ->
 def request_line(n: int, line_bytes: int | None = None) -> str:
     """Request line ``n`` (custom_id ``req-n``) as JSON, padded to ``line_bytes`` with its newline."""
     message = {"role": "user", "content": f"Say hello to number {n}."}
-    line = {"custom_id": f"req-{n}", "method": "POST", "url": CHAT_URL,
-            "body": {"model": MODEL, "messages": [message]}}
+    line = {"custom_id": f"req-{n}", "method": "POST", "url": CHAT_URL, "body": {"model": MODEL, "messages": [message]}}
     text = json.dumps(line, separators=(",", ":"))
     pad = (line_bytes or 0) - len(text) - 2  # the joining space and the newline
     if pad > 0:

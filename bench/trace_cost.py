@@ -62,8 +62,15 @@ print(json.dumps({"cpu_s": time.process_time() - start, "traced": traced_lines,
 def _child(lines: int, endpoint: str, sample: float) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SLUICE_"))}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(lines), endpoint, str(sample)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(lines), endpoint, str(sample)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", "--port", str(port)], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.otlp_sink", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -90,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit("the OTLP sink did not start") from None
                 time.sleep(0.05)
         endpoint = f"http://127.0.0.1:{port}/v1/traces"
-        modes = (("off", "", 0.01), ("on, sample 0.01", endpoint, 0.01), (f"on, sample {args.sample:g}", endpoint,
-                                                                            args.sample))
+        modes = (
+            ("off", "", 0.01),
+            ("on, sample 0.01", endpoint, 0.01),
+            (f"on, sample {args.sample:g}", endpoint, args.sample),
+        )
         best: dict[str, dict] = {}
         for _ in range(args.repeat):
             for name, url, sample in modes:

@@ -58,12 +58,22 @@ async def validate_alone(path: Path, lines: int, workdir: Path, profile: Path | 
         storage_path.hardlink_to(path)
     except OSError:
         shutil.copyfile(path, storage_path)
-    settings = Settings(data_dir=workdir / "storage", max_batch_lines=max(lines, Settings.max_batch_lines),
-                        providers=(Provider(name="mock", base_url="http://127.0.0.1:9/v1"),))
+    settings = Settings(
+        data_dir=workdir / "storage",
+        max_batch_lines=max(lines, Settings.max_batch_lines),
+        providers=(Provider(name="mock", base_url="http://127.0.0.1:9/v1"),),
+    )
     r = cast(store.Redis, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
     publisher = Publisher(r, storage, settings, asyncio.Event(), name="bench")
-    h = BatchRecord.from_hash({b"id": b"batch_bench", b"input_key": key.encode(), b"input_file_id": key.encode(),
-                               b"endpoint": CHAT_URL.encode(), b"completion_window": b"24h"})
+    h = BatchRecord.from_hash(
+        {
+            b"id": b"batch_bench",
+            b"input_key": key.encode(),
+            b"input_file_id": key.encode(),
+            b"endpoint": CHAT_URL.encode(),
+            b"completion_window": b"24h",
+        }
+    )
     lease = await leases.take(r, "sluice:{batch_bench}:validator", "bench", publisher.lease_ms)
     assert lease is not None
     profiler = cProfile.Profile() if profile else None
@@ -79,8 +89,13 @@ async def validate_alone(path: Path, lines: int, workdir: Path, profile: Path | 
     await r.aclose()
     if total != lines or errors:
         raise BenchError(f"validation saw {total} lines and {len(errors)} errors, e.g. {errors[:1]}")
-    return {"lines": total, "seconds": round(seconds, 3), "lines_per_s": round(total / seconds),
-            "cpu_s": round(cpu, 3), "lines_per_cpu_s": round(total / cpu)}
+    return {
+        "lines": total,
+        "seconds": round(seconds, 3),
+        "lines_per_s": round(total / seconds),
+        "cpu_s": round(cpu, 3),
+        "lines_per_cpu_s": round(total / cpu),
+    }
 
 
 async def end_to_end(path: Path, lines: int, workdir: Path, run_s: float, complete: bool) -> dict[str, Any]:
@@ -88,8 +103,13 @@ async def end_to_end(path: Path, lines: int, workdir: Path, run_s: float, comple
     factory = StackFactory(workdir / "stack")
     try:
         stack = factory.start(
-            name="validation", workers=1, worker_concurrency=32, tokens=(TOKEN,), mock=MockSpec(latency_ms=0),
-            upstream_suffix="/v1", max_batch_lines=max(lines, 50_000),
+            name="validation",
+            workers=1,
+            worker_concurrency=32,
+            tokens=(TOKEN,),
+            mock=MockSpec(latency_ms=0),
+            upstream_suffix="/v1",
+            max_batch_lines=max(lines, 50_000),
             env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_MAX_BATCH_LINES": str(max(lines, 50_000))},
         )
         stack.wait_ready()
@@ -120,10 +140,16 @@ async def end_to_end(path: Path, lines: int, workdir: Path, run_s: float, comple
                 raise BenchError(f"batch {batch['id']} ended {batch['status']}: {batch.get('errors')}")
         report = rss.report()["web"]
         counts = batch["request_counts"]
-        return {"upload_s": round(upload_s, 2), "create_to_in_progress_s": _round(in_progress_s),
-                "status": batch["status"], "completed": counts["completed"], "failed": counts["failed"],
-                "web_idle_rss_mb": round(idle["VmRSS"], 1), "web_peak_rss_mb": report["hwm"],
-                "web_max_sampled_rss_mb": report["max_sampled"]}
+        return {
+            "upload_s": round(upload_s, 2),
+            "create_to_in_progress_s": _round(in_progress_s),
+            "status": batch["status"],
+            "completed": counts["completed"],
+            "failed": counts["failed"],
+            "web_idle_rss_mb": round(idle["VmRSS"], 1),
+            "web_peak_rss_mb": report["hwm"],
+            "web_max_sampled_rss_mb": report["max_sampled"],
+        }
     finally:
         factory.close()
 
@@ -140,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of the validation alone (the best is kept)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the validation alone here")
     parser.add_argument("--skip-stack", action="store_true", help="only the validation alone")
-    parser.add_argument("--run-s", type=float, default=10.0, help="seconds to run the batch once in_progress, "
-                        "before cancelling it (default 10)")
+    parser.add_argument(
+        "--run-s",
+        type=float,
+        default=10.0,
+        help="seconds to run the batch once in_progress, before cancelling it (default 10)",
+    )
     parser.add_argument("--complete", action="store_true", help="run the batch to the end instead")
     args = parser.parse_args(argv)
     run_id = processes.begin_run()
@@ -151,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         path = workdir / "input.jsonl"
         size = write_batch_file(path, args.lines, args.line_bytes)
         result: dict[str, Any] = {"lines": args.lines, "file_mb": round(size / 2**20, 1)}
-        runs = [asyncio.run(validate_alone(path, args.lines, workdir / f"alone-{i}", args.profile))
-                for i in range(args.repeat)]
+        runs = [
+            asyncio.run(validate_alone(path, args.lines, workdir / f"alone-{i}", args.profile))
+            for i in range(args.repeat)
+        ]
         result["validation_alone"] = max(runs, key=lambda r: r["lines_per_s"])
         result["validation_alone_runs"] = [r["lines_per_s"] for r in runs]
         print(json.dumps(result), file=sys.stderr, flush=True)

@@ -74,12 +74,44 @@ from tests.support.waiting import WaitTimeout, async_wait_until, wait_until
 # Test modules written before tests/support existed import these from here: keep them working
 # (new code imports from tests.support).
 __all__ = [
-    "CHAT_URL", "DEFAULT_MODEL", "ROOT", "S3_CREDENTIALS", "STARTUP_TIMEOUT_S", "STOP_GRACE_S", "TERMINAL_STATUSES",
-    "TOKENS", "UPSTREAM_API_KEY", "HttpResult", "ManagedProcess", "MockServer", "MockSpec", "MotoServer",
-    "ProcessDied", "ProcessRunner", "RedisServer", "S3Bucket", "Stack", "StackFactory", "WaitTimeout",
-    "_LIVE_RUNNERS", "_base_env", "_fail_if_died", "_mock_spec", "_raise_if_exited", "_sluice_cmd",
-    "assert_error_envelope", "async_wait_until", "chat_line", "free_port", "http_request", "parse_jsonl",
-    "start_mock", "start_moto", "start_redis", "to_jsonl", "wait_until",
+    "CHAT_URL",
+    "DEFAULT_MODEL",
+    "ROOT",
+    "S3_CREDENTIALS",
+    "STARTUP_TIMEOUT_S",
+    "STOP_GRACE_S",
+    "TERMINAL_STATUSES",
+    "TOKENS",
+    "UPSTREAM_API_KEY",
+    "HttpResult",
+    "ManagedProcess",
+    "MockServer",
+    "MockSpec",
+    "MotoServer",
+    "ProcessDied",
+    "ProcessRunner",
+    "RedisServer",
+    "S3Bucket",
+    "Stack",
+    "StackFactory",
+    "WaitTimeout",
+    "_LIVE_RUNNERS",
+    "_base_env",
+    "_fail_if_died",
+    "_mock_spec",
+    "_raise_if_exited",
+    "_sluice_cmd",
+    "assert_error_envelope",
+    "async_wait_until",
+    "chat_line",
+    "free_port",
+    "http_request",
+    "parse_jsonl",
+    "start_mock",
+    "start_moto",
+    "start_redis",
+    "to_jsonl",
+    "wait_until",
 ]
 
 _RUN_ID: str | None = None
@@ -253,8 +285,10 @@ def pytest_sessionfinish(session, exitstatus):
     reports = list(_WORKER_LEAKS)
     if leaked:
         lines = "\n".join(f"  {desc}" for desc in leaked.values())
-        reports.append(f"{len(leaked)} process(es) started by this test session were still running at its end "
-                       f"(now killed):\n{lines}")
+        reports.append(
+            f"{len(leaked)} process(es) started by this test session were still running at its end "
+            f"(now killed):\n{lines}"
+        )
     if not reports:
         return
     message = "\n".join(reports)

@@ -41,10 +41,15 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     # A managed process: in its own group, stopped (SIGTERM: the bench then stops its stacks) whatever
     # happens here; the bench's own children die with it if it is killed.
     with ProcessRunner(root / "logs", grace=30) as runner:
-        bench = runner.start("bench", [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
-                             stdout_path=stdout, oneshot=True)
-        wait_until(lambda: not bench.alive, timeout=RUN_BOUND_S, interval=0.5,
-                   message=lambda: f"the smoke run to end; its log so far:\n{bench.tail()}")
+        bench = runner.start(
+            "bench", [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)], stdout_path=stdout, oneshot=True
+        )
+        wait_until(
+            lambda: not bench.alive,
+            timeout=RUN_BOUND_S,
+            interval=0.5,
+            message=lambda: f"the smoke run to end; its log so far:\n{bench.tail()}",
+        )
         result = SmokeRun(bench.returncode, stdout.read_text(), bench.tail(400), out)
     fail_if_died(runner.died(), runner)
     return result
@@ -79,7 +84,8 @@ def test_json_has_every_scenario_with_throughput_and_cpu(smoke_run):
             assert run["lines_per_s"] > 0, f"{name} {run['label']}"
             assert run["output"]["output_lines"] == scenario["config"]["lines"]
             expected = {"web", "finalizer", "redis-server", "total"} | {
-                f"worker-{i}" for i in range(1, run["workers"] + 1)}
+                f"worker-{i}" for i in range(1, run["workers"] + 1)
+            }
             assert set(run["cpu"]) == expected, f"{name} {run['label']}: {sorted(run['cpu'])}"
             for proc_name, cpu in run["cpu"].items():
                 assert cpu["seconds"] >= 0 and cpu["per_1000_lines"] >= 0, f"{name} {proc_name}: {cpu}"

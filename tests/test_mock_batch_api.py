@@ -20,8 +20,12 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
 
 
 def _row(custom_id: str, content: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra},
+    }
 
 
 async def _upload(client: Any, data: bytes, name: str = "in.jsonl") -> dict[str, Any]:
@@ -34,8 +38,10 @@ async def _upload(client: Any, data: bytes, name: str = "in.jsonl") -> dict[str,
 
 
 async def _create(client: Any, file_id: str, **metadata: str) -> dict[str, Any]:
-    resp = await client.post("/v1/batches", json={"input_file_id": file_id, "endpoint": CHAT,
-                                                  "completion_window": "24h", "metadata": metadata or None})
+    resp = await client.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h", "metadata": metadata or None},
+    )
     assert resp.status == 200, await resp.text()
     return await resp.json()
 
@@ -112,8 +118,9 @@ async def _until_done(client: Any, batch_id: str, n: int) -> None:
     await async_wait_until(completed, timeout=30, interval=0.01, message=f"{n} lines of {batch_id} to complete")
 
 
-@pytest.mark.parametrize("marker, status", [({"mock_batch_expire": True}, "expired"),
-                                             ({"mock_batch_fail": "quota exceeded"}, "failed")])
+@pytest.mark.parametrize(
+    "marker, status", [({"mock_batch_expire": True}, "expired"), ({"mock_batch_fail": "quota exceeded"}, "failed")]
+)
 async def test_markers_make_a_batch_expire_or_fail(aiohttp_client: Any, marker: dict, status: str) -> None:
     client = await aiohttp_client(create_app())
     rows = [_row("a"), _row("b"), _row("c", **marker), _row("d")]
@@ -142,7 +149,9 @@ async def test_batch_list_pages_newest_first(aiohttp_client: Any) -> None:
     ids = [(await _create(client, f["id"], n=str(i)))["id"] for i in range(5)]
     seen, after = [], None
     while True:
-        page = await (await client.get("/v1/batches", params={"limit": "2", **({"after": after} if after else {})})).json()
+        page = await (
+            await client.get("/v1/batches", params={"limit": "2", **({"after": after} if after else {})})
+        ).json()
         seen += [b["id"] for b in page["data"]]
         if not page["has_more"]:
             break
@@ -152,8 +161,9 @@ async def test_batch_list_pages_newest_first(aiohttp_client: Any) -> None:
 
 async def test_bad_requests_get_openai_errors(aiohttp_client: Any) -> None:
     client = await aiohttp_client(create_app())
-    resp = await client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": CHAT,
-                                                  "completion_window": "24h"})
+    resp = await client.post(
+        "/v1/batches", json={"input_file_id": "file-nope", "endpoint": CHAT, "completion_window": "24h"}
+    )
     assert resp.status == 400 and set((await resp.json())["error"]) == {"message", "type", "param", "code"}
     assert (await client.get("/v1/batches/batch_nope")).status == 404
     form = aiohttp.FormData()

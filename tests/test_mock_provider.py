@@ -377,7 +377,9 @@ async def test_concurrency_limit_rejects_at_once_and_not_in_flight(aiohttp_clien
     # An accepted request without mock_latency_ms would sleep a minute, so an answer to the
     # extra request proves the rejection came before the latency sleep.
     client = await aiohttp_client(create_app(latency_ms=60_000, max_concurrency=2))
-    holders = [asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": HOLD_MS, "n": i})) for i in range(2)]
+    holders = [
+        asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": HOLD_MS, "n": i})) for i in range(2)
+    ]
     await wait_for_stats(client, lambda s: s["in_flight"] == 2)
 
     status, answer, headers = await asyncio.wait_for(post(client, CHAT, {"model": "m"}, Authorization="Bearer x"), 20.0)
@@ -408,8 +410,9 @@ async def test_concurrency_limit_rejects_at_once_and_not_in_flight(aiohttp_clien
 
 
 async def test_no_retry_after_leaves_the_header_off_every_429(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_app(latency_ms=60_000, max_concurrency=1, error_rate=1.0, seed=3,
-                                             retry_after=False))
+    client = await aiohttp_client(
+        create_app(latency_ms=60_000, max_concurrency=1, error_rate=1.0, seed=3, retry_after=False)
+    )
     holder = asyncio.create_task(post(client, CHAT, {"model": "m", "mock_latency_ms": 300, "mock_status": 200}))
     await wait_for_stats(client, lambda s: s["in_flight"] == 1)
     status, answer, headers = await post(client, CHAT, {"model": "m"})
@@ -548,8 +551,7 @@ async def test_run_serves_until_sigterm() -> None:
 
 async def test_mock_fail_times_makes_a_fault_transient(aiohttp_client):
     client = await aiohttp_client(create_app())
-    body = {"model": "m", "messages": [{"role": "user", "content": "flaky"}], "mock_status": 503,
-            "mock_fail_times": 2}
+    body = {"model": "m", "messages": [{"role": "user", "content": "flaky"}], "mock_status": 503, "mock_fail_times": 2}
     statuses = []
     for _ in range(3):
         resp = await client.post("/v1/chat/completions", json=body)

@@ -20,8 +20,13 @@ WITHOUT_AIOBOTOCORE = (
 
 @pytest.mark.parametrize("command", ["web", "finalizer", "worker"])
 def test_s3_storage_without_the_extra_names_it(command):
-    env = {**base_env(), "SLUICE_STORAGE_URL": "s3://sluice-files/prefix", "REDIS_URL": "redis://127.0.0.1:9/0",
-           "SLUICE_UPSTREAM_URL": "http://127.0.0.1:9", "SLUICE_API_TOKENS": "tok"}
+    env = {
+        **base_env(),
+        "SLUICE_STORAGE_URL": "s3://sluice-files/prefix",
+        "REDIS_URL": "redis://127.0.0.1:9/0",
+        "SLUICE_UPSTREAM_URL": "http://127.0.0.1:9",
+        "SLUICE_API_TOKENS": "tok",
+    }
     done = processes.run([sys.executable, "-c", WITHOUT_AIOBOTOCORE, command], env=env, timeout=60)
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert "S3 storage needs the s3 extra: pip install 'sluice[s3]'" in done.stderr, done.stderr
@@ -29,7 +34,9 @@ def test_s3_storage_without_the_extra_names_it(command):
 
 
 def test_local_storage_needs_no_aiobotocore():
-    probe = "import sys; sys.modules['aiobotocore'] = None; from service.core.config import Settings; " \
-            "print(Settings.from_env({}).s3)"
+    probe = (
+        "import sys; sys.modules['aiobotocore'] = None; from service.core.config import Settings; "
+        "print(Settings.from_env({}).s3)"
+    )
     done = processes.run([sys.executable, "-c", probe], env=base_env(), timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "None", (done.stdout, done.stderr)

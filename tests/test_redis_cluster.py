@@ -36,16 +36,24 @@ def test_cluster_forms_serves_and_fails_over(redis_cluster, wait_until):
         old = redis_cluster.failover(replica)
         assert old.port == master.port
         assert redis_cluster.master_of_key("key-0").port == replica.port
-        wait_until(lambda: client.get("key-0") == b"KEY-0", timeout=30, message="key-0 after the failover",
-                   ignore=(ConnectionError, OSError, _redis_errors()))
+        wait_until(
+            lambda: client.get("key-0") == b"KEY-0",
+            timeout=30,
+            message="key-0 after the failover",
+            ignore=(ConnectionError, OSError, _redis_errors()),
+        )
 
         # A master killed outright: its replica is promoted and still has the data.
         victim = redis_cluster.master_of_key("key-1")
         killed, promoted = redis_cluster.kill_master(victim)
         assert killed.port == victim.port and promoted.port != victim.port
         assert redis_cluster.master_of_key("key-1").port == promoted.port
-        wait_until(lambda: client.get("key-1") == b"KEY-1", timeout=30, message="key-1 after the kill",
-                   ignore=(ConnectionError, OSError, _redis_errors()))
+        wait_until(
+            lambda: client.get("key-1") == b"KEY-1",
+            timeout=30,
+            message="key-1 after the kill",
+            ignore=(ConnectionError, OSError, _redis_errors()),
+        )
         client.set("after-kill", "1")
         assert client.get("after-kill") == b"1"
     finally:

@@ -111,9 +111,10 @@ class _WriteCall(TypedDict):
 # ('' leaves them); fields: field, value pairs. Returns 1, 0 when the batch is gone, -1 when the part is already
 # settled. Safe to run twice (a retry after a lost reply): values are absolute and the
 # settle branch runs once.
-_WRITE = FencedScript(keys=("delegation", "batch", "delegated_batches"),
-                      args=("part", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
-                      source="""
+_WRITE = FencedScript(
+    keys=("delegation", "batch", "delegated_batches"),
+    args=("part", "batch_id", "delay_ms", "settle", "shown_completed", "shown_failed", "*fields"),
+    source="""
 local p = ARGV.part .. ':'
 if redis.call('HGET', KEYS.delegation, p .. 'state') == 'settled' then return -1 end
 if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
@@ -139,7 +140,8 @@ if ARGV.settle == '1' then
   end
 end
 return 1
-""")
+""",
+)
 
 
 # ----------------------------------------------------------------------------- the provider's API
@@ -178,8 +180,9 @@ class ProviderAPI:
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         timeout = kwargs.pop("timeout", self.timeout)
         try:
-            async with self.session.request(method, self.base + path, headers=self.headers, timeout=timeout,
-                                            **kwargs) as resp:
+            async with self.session.request(
+                method, self.base + path, headers=self.headers, timeout=timeout, **kwargs
+            ) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -202,8 +205,16 @@ class ProviderAPI:
             return await self._json("POST", "/files", data=form, timeout=self.stream_timeout)
 
     async def create(self, input_file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        return await self._json("POST", "/batches", json={"input_file_id": input_file_id, "endpoint": endpoint,
-                                                          "completion_window": window, "metadata": metadata})
+        return await self._json(
+            "POST",
+            "/batches",
+            json={
+                "input_file_id": input_file_id,
+                "endpoint": endpoint,
+                "completion_window": window,
+                "metadata": metadata,
+            },
+        )
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/batches/{batch_id}")
@@ -233,8 +244,11 @@ class ProviderAPI:
             async with self.session.get(self.base + path, headers=self.headers, timeout=self.stream_timeout) as resp:
                 if resp.status >= 400:
                     data = await resp.read()
-                    raise ProviderError(f"GET {path}: {_error_message(resp.status, data)}", status=resp.status,
-                                        permanent=resp.status == 404)
+                    raise ProviderError(
+                        f"GET {path}: {_error_message(resp.status, data)}",
+                        status=resp.status,
+                        permanent=resp.status == 404,
+                    )
                 rest = bytearray()
                 async for chunk in resp.content.iter_any():
                     nl = chunk.rfind(b"\n")
@@ -243,7 +257,7 @@ class ProviderAPI:
                         continue
                     rest += chunk[:nl]
                     complete = bytes(rest).split(b"\n")
-                    rest = bytearray(chunk[nl + 1:])
+                    rest = bytearray(chunk[nl + 1 :])
                     yield [line for line in complete if line.strip()]
                 if bytes(rest).strip():
                     yield [bytes(rest)]
@@ -309,8 +323,12 @@ class _Step:
 
     @property
     def log(self) -> FilteringBoundLogger:
-        return log.bind(batch_id=self.batch_id, part=self.part_no, provider=self.plan.provider,
-                        provider_batch=self.f.get("pbatch") or None)
+        return log.bind(
+            batch_id=self.batch_id,
+            part=self.part_no,
+            provider=self.plan.provider,
+            provider_batch=self.f.get("pbatch") or None,
+        )
 
 
 def _part_fields(raw: dict[bytes, bytes]) -> dict[int, dict[str, str]]:
@@ -401,8 +419,9 @@ class Delegator:
                 lease = await leases.take(self.r, keys.part_lease(batch_id, part_no), holder, self.lease_ms)
                 if lease is not None:
                     key = (batch_id, part_no)
-                    self.steps[key] = asyncio.create_task(self._run_step(batch_id, part_no, lease, h),
-                                                          name=f"delegate-{batch_id}-{part_no}")
+                    self.steps[key] = asyncio.create_task(
+                        self._run_step(batch_id, part_no, lease, h), name=f"delegate-{batch_id}-{part_no}"
+                    )
                     self.steps[key].add_done_callback(functools.partial(self._forget_step, key))
 
     def _forget_step(self, key: tuple[str, int], _: asyncio.Task[None]) -> None:
@@ -465,13 +484,21 @@ class Delegator:
 
     # ------------------------------------------------------------------ state writes
     async def _write(
-        self, step: _Step, *, delay_s: float | None = None, settle: bool = False,
-        shown: tuple[int, int] | None = None, **fields: str | int,
+        self,
+        step: _Step,
+        *,
+        delay_s: float | None = None,
+        settle: bool = False,
+        shown: tuple[int, int] | None = None,
+        **fields: str | int,
     ) -> None:
         """Write the part's state if this step still holds it (else raise :class:`Stale`)."""
         try:
-            result = await _WRITE(self.r, lease=step.lease,
-                                  **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields))
+            result = await _WRITE(
+                self.r,
+                lease=step.lease,
+                **self._write_call(step, delay_s=delay_s, settle=settle, shown=shown, **fields),
+            )
         except LeaseLost:
             raise Stale from None
         if result == 1 or (result == -1 and settle):
@@ -480,18 +507,30 @@ class Delegator:
 
     @staticmethod
     def _write_call(
-        step: _Step, *, delay_s: float | None = None, settle: bool = False,
-        shown: tuple[int, int] | None = None, **fields: str | int,
+        step: _Step,
+        *,
+        delay_s: float | None = None,
+        settle: bool = False,
+        shown: tuple[int, int] | None = None,
+        **fields: str | int,
     ) -> _WriteCall:
         flat: list[Value] = []
         for k, v in fields.items():
             flat += [k, v]
             step.f[k] = str(v)
         completed, failed = shown if shown is not None else ("", "")
-        return _WriteCall(delegation=keys.delegation(step.batch_id), batch=keys.batch(step.batch_id),
-                          delegated_batches=keys.DELEGATED_BATCHES, part=step.part_no, batch_id=step.batch_id,
-                          delay_ms="" if delay_s is None else int(delay_s * 1000), settle="1" if settle else "",
-                          shown_completed=completed, shown_failed=failed, fields=flat)
+        return _WriteCall(
+            delegation=keys.delegation(step.batch_id),
+            batch=keys.batch(step.batch_id),
+            delegated_batches=keys.DELEGATED_BATCHES,
+            part=step.part_no,
+            batch_id=step.batch_id,
+            delay_ms="" if delay_s is None else int(delay_s * 1000),
+            settle="1" if settle else "",
+            shown_completed=completed,
+            shown_failed=failed,
+            fields=flat,
+        )
 
     def _poll_s(self, step: _Step) -> float:
         return step.provider.batch_poll_s if step.provider else 10.0
@@ -510,8 +549,9 @@ class Delegator:
         step.provider = self.settings.provider(step.plan.provider)
         abort = h.abort
         if step.provider is None:
-            await self._fill_and_settle(step, "provider_not_configured",
-                                        f"No provider named '{step.plan.provider}' is configured any more.")
+            await self._fill_and_settle(
+                step, "provider_not_configured", f"No provider named '{step.plan.provider}' is configured any more."
+            )
             return
         sealed = h.byok
         api_key = unseal(self.settings.secret_key, sealed) if sealed else step.provider.api_key
@@ -553,8 +593,9 @@ class Delegator:
         except ProviderError as e:
             if not e.permanent:
                 raise
-            await self._fill_and_settle(step, "provider_batch_rejected",
-                                        f"The provider '{plan.provider}' refused the batch input file: {e}")
+            await self._fill_and_settle(
+                step, "provider_batch_rejected", f"The provider '{plan.provider}' refused the batch input file: {e}"
+            )
             return
         file_id = str(uploaded.get("id") or "")
         if not file_id:
@@ -581,8 +622,10 @@ class Delegator:
                 buf.clear()
         if (lines, size) != (step.plan.lines, step.plan.bytes):
             # The routing changed since the batch was planned: the declared length would be a lie.
-            raise RuntimeError(f"part {step.part_no} of {step.batch_id} now reads {lines} lines / {size} bytes, "
-                               f"planned {step.plan.lines} / {step.plan.bytes}")
+            raise RuntimeError(
+                f"part {step.part_no} of {step.batch_id} now reads {lines} lines / {size} bytes, "
+                f"planned {step.plan.lines} / {step.plan.bytes}"
+            )
         if buf:
             yield bytes(buf)
 
@@ -595,8 +638,11 @@ class Delegator:
         while True:
             page = await api.list_files(after)
             data = [d for d in page.get("data") or [] if isinstance(d, dict)]
-            found += [d["id"] for d in data
-                      if d.get("filename") == filename and d.get("bytes") == step.plan.bytes and d.get("id")]
+            found += [
+                d["id"]
+                for d in data
+                if d.get("filename") == filename and d.get("bytes") == step.plan.bytes and d.get("id")
+            ]
             if not page.get("has_more") or not data or min(int(d.get("created_at") or 0) for d in data) < since:
                 break
             after = data[-1].get("id")
@@ -611,8 +657,9 @@ class Delegator:
             await self._write(step, reconciled=1)
             return
         keep = min(matches, key=lambda b: (int(b.get("created_at") or 0), str(b.get("id"))))
-        await self._write(step, state="created", pbatch=keep["id"], pstatus=str(keep.get("status")), reconciled=1,
-                          delay_s=0)
+        await self._write(
+            step, state="created", pbatch=keep["id"], pstatus=str(keep.get("status")), reconciled=1, delay_s=0
+        )
         step.log.warning("delegate_batch_adopted", found=len(matches))
         await self._cancel_strays(step, matches)
 
@@ -627,8 +674,12 @@ class Delegator:
             data = [d for d in page.get("data") or [] if isinstance(d, dict)]
             for b in data:
                 md = b.get("metadata") or {}
-                if (isinstance(md, dict) and md.get("sluice_batch_id") == step.batch_id
-                        and md.get("sluice_part") == str(step.part_no) and b.get("id")):
+                if (
+                    isinstance(md, dict)
+                    and md.get("sluice_batch_id") == step.batch_id
+                    and md.get("sluice_part") == str(step.part_no)
+                    and b.get("id")
+                ):
                     found.append(b)
             if not page.get("has_more") or not data or min(int(d.get("created_at") or 0) for d in data) < since:
                 return found
@@ -648,8 +699,11 @@ class Delegator:
         api, plan, h = step.api, step.plan, step.h
         assert api is not None
         await self._write(step, intent_at=store.now())
-        metadata = {"sluice_batch_id": step.batch_id, "sluice_part": str(step.part_no),
-                    "sluice_lines": f"{plan.first}-{plan.last}"}
+        metadata = {
+            "sluice_batch_id": step.batch_id,
+            "sluice_part": str(step.part_no),
+            "sluice_lines": f"{plan.first}-{plan.last}",
+        }
         try:
             # The provider's window is OpenAI's 24 h, whatever Sluice's is (only windows >= 24 h delegate).
             created = await api.create(step.f["file"], h.endpoint, "24h", metadata)
@@ -657,15 +711,17 @@ class Delegator:
             if not e.permanent:
                 raise
             await self._delete_files(step, [step.f.get("file")])
-            await self._fill_and_settle(step, "provider_batch_rejected",
-                                        f"The provider '{plan.provider}' refused to create the batch: {e}")
+            await self._fill_and_settle(
+                step, "provider_batch_rejected", f"The provider '{plan.provider}' refused to create the batch: {e}"
+            )
             return
         pbatch = str(created.get("id") or "")
         if not pbatch:
             raise ProviderError("POST /batches: the answer has no batch id")
         try:
-            await self._write(step, state="created", pbatch=pbatch, pstatus=str(created.get("status")),
-                              delay_s=self._poll_s(step))
+            await self._write(
+                step, state="created", pbatch=pbatch, pstatus=str(created.get("status")), delay_s=self._poll_s(step)
+            )
         except Stale:
             # A peer took over while this create was under way. If it recorded a batch of its
             # own, this one is a second batch for the same lines: cancel it. If it recorded none
@@ -696,8 +752,11 @@ class Delegator:
         except ProviderError as e:
             if e.status != 404:
                 raise
-            await self._fill_and_settle(step, "provider_batch_not_found",
-                                        f"The provider '{step.plan.provider}' no longer knows its batch {f['pbatch']}.")
+            await self._fill_and_settle(
+                step,
+                "provider_batch_not_found",
+                f"The provider '{step.plan.provider}' no longer knows its batch {f['pbatch']}.",
+            )
             return
         status = str(pbatch.get("status"))
         reported = pbatch.get("request_counts")
@@ -716,8 +775,10 @@ class Delegator:
     # ------------------------------------------------------------------ collecting results
     async def _index(self, step: _Step) -> dict[str, int]:
         if step.index_of is None:
-            step.index_of = {request.custom_id: index async for index, request, _ in
-                             part_lines(self.storage, self.settings, step.h, step.plan)}
+            step.index_of = {
+                request.custom_id: index
+                async for index, request, _ in part_lines(self.storage, self.settings, step.h, step.plan)
+            }
         return step.index_of
 
     async def _collect(self, step: _Step, pbatch: dict[str, Any], status: str, done: tuple[int, int]) -> None:
@@ -739,10 +800,12 @@ class Delegator:
                             step.log.warning("delegate_unexpected_line", line=line[:200].decode("utf-8", "replace"))
                             continue
                         recorded.add(index)
-                        tokens = usage.from_result_line(step.plan.provider, got[2]) if got[1] == Outcome.COMPLETED else ""
+                        tokens = (
+                            usage.from_result_line(step.plan.provider, got[2]) if got[1] == Outcome.COMPLETED else ""
+                        )
                         results.append((index, "", got[1], got[2], tokens))
                     for i in range(0, len(results), RECORD_CHUNK):
-                        chunk = results[i:i + RECORD_CHUNK]
+                        chunk = results[i : i + RECORD_CHUNK]
                         for result in chunk:
                             seen[result[2] == Outcome.FAILED] += 1
                         await self._record(step, chunk, done, seen)
@@ -754,16 +817,22 @@ class Delegator:
         await self._fill(step, code, message)
         if status == "expired" and not step.h.abort:
             # The provider's window ran out: so did the batch's (its unfinished lines end as batch_expired).
-            await store.transition(self.r, step.batch_id, allowed=["in_progress"], fields={_F.ABORT: "batch_expired"},
-                                   remove_from=[keys.ACTIVE_BATCHES])
+            await store.transition(
+                self.r,
+                step.batch_id,
+                allowed=["in_progress"],
+                fields={_F.ABORT: "batch_expired"},
+                remove_from=[keys.ACTIVE_BATCHES],
+            )
         await self._delete_files(step, [step.f.get("file"), pbatch.get("output_file_id"), pbatch.get("error_file_id")])
         if step.f.get("reconciled"):
             await self._cancel_strays(step, await self._find_batches(step))
         await self._write(step, settle=True, pstatus=status)
         step.log.info("delegate_settled", status=status, completed=seen[0], failed=seen[1])
 
-    async def _record(self, step: _Step, results: list[tuple[int, str, str, bytes, str]], done: tuple[int, int],
-                      seen: list[int]) -> None:
+    async def _record(
+        self, step: _Step, results: list[tuple[int, str, str, bytes, str]], done: tuple[int, int], seen: list[int]
+    ) -> None:
         # The part's shown counts drop as its results land, in one transaction: the batch's
         # request_counts neither count a line twice nor dip while results are downloaded.
         shown = (max(0, done[0] - seen[0]), max(0, done[1] - seen[1]))
@@ -793,9 +862,14 @@ class Delegator:
             reason = abort or "batch_cancelled"
             if abort:
                 return reason, ABORT_MESSAGES.get(reason, reason)
-            return reason, f"The provider '{step.plan.provider}' cancelled its batch {pbatch.get('id')} before this request ran."
-        return "provider_missing_result", (f"The provider '{step.plan.provider}' finished its batch {pbatch.get('id')} "
-                                           "without a result for this request.")
+            return (
+                reason,
+                f"The provider '{step.plan.provider}' cancelled its batch {pbatch.get('id')} before this request ran.",
+            )
+        return "provider_missing_result", (
+            f"The provider '{step.plan.provider}' finished its batch {pbatch.get('id')} "
+            "without a result for this request."
+        )
 
     async def _fill(self, step: _Step, code: str, message: str) -> None:
         """Give every line of the part still without a result an error line."""
@@ -834,4 +908,3 @@ def _filename(step: _Step) -> str:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-

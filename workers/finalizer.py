@@ -69,17 +69,23 @@ _DRAIN_FIELDS = (_F.FIN_CURSOR, _F.FIN_OUT_BYTES, _F.FIN_ERR_BYTES, _F.FIN_OUT_L
 _COMPLETED = Outcome.COMPLETED.encode()
 
 # What has been drained so far and the results after it, read in one step while the lease is held: the offsets always match the results.
-_DRAIN_READ = FencedScript(keys=("batch", "results"), args=("count",), source="""
+_DRAIN_READ = FencedScript(
+    keys=("batch", "results"),
+    args=("count",),
+    source="""
 local drained = redis.call('HMGET', KEYS.batch, 'fin_cursor', 'fin_out_bytes', 'fin_err_bytes', 'fin_out_lines',
                            'fin_err_lines')
 local cursor = drained[1] or '0-0'
 return {drained, redis.call('XRANGE', KEYS.results, '(' .. cursor, '+', 'COUNT', ARGV.count)}
-""")
+""",
+)
 
 # keep_from is the first id to keep, fields the drain fields and values. Records a drain step once:
 # a re-sent call finds its own cursor and changes nothing.
-_DRAIN_COMMIT = FencedScript(keys=("batch", "results"), args=("cursor_from", "cursor_to", "keep_from", "*fields"),
-                             source="""
+_DRAIN_COMMIT = FencedScript(
+    keys=("batch", "results"),
+    args=("cursor_from", "cursor_to", "keep_from", "*fields"),
+    source="""
 local cursor = redis.call('HGET', KEYS.batch, 'fin_cursor') or '0-0'
 if cursor ~= ARGV.cursor_from then
   if cursor == ARGV.cursor_to then return 0 end
@@ -88,18 +94,23 @@ end
 redis.call('HSET', KEYS.batch, unpack(ARGV, 4, #ARGV))
 redis.call('XTRIM', KEYS.results, 'MINID', ARGV.keep_from)
 return 1
-""")
+""",
+)
 
 # window_ms: how long a finalizer counts after its last check-in. Returns how many finalizers are
 # at work (this one included), by Redis's clock.
-_CHECK_IN = Script(keys=("finalizers",), args=("name", "window_ms"), source="""
+_CHECK_IN = Script(
+    keys=("finalizers",),
+    args=("name", "window_ms"),
+    source="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS.finalizers, now, ARGV.name)
 redis.call('ZREMRANGEBYSCORE', KEYS.finalizers, '-inf', now - tonumber(ARGV.window_ms))
 redis.call('PEXPIRE', KEYS.finalizers, 10 * tonumber(ARGV.window_ms))
 return redis.call('ZCARD', KEYS.finalizers)
-""")
+""",
+)
 
 
 def _bit(bitmap: bytes, index: int) -> bool:
@@ -141,8 +152,12 @@ class Finalizer:
 
     def _beat_fields(self) -> dict[str, str | int | float]:
         """What the finalizer's heartbeat says (see ``service.heartbeat``)."""
-        return {"state": "stopping" if self.stop.is_set() else "running", "leased_batches": len(self.held),
-                "live_batches": self.live, "since_tick_s": round(time.monotonic() - self.ticked_at, 3)}
+        return {
+            "state": "stopping" if self.stop.is_set() else "running",
+            "leased_batches": len(self.held),
+            "live_batches": self.live,
+            "since_tick_s": round(time.monotonic() - self.ticked_at, 3),
+        }
 
     async def run(self) -> None:
         """Tick until ``stop`` is set, then give every lease up so peers take over at once."""
@@ -178,8 +193,9 @@ class Finalizer:
 
     # ------------------------------------------------------------------ leases
     async def _check_in(self) -> None:
-        self.finalizers = max(1, int(await _CHECK_IN(self.redis, finalizers=keys.FINALIZERS, name=self.name,
-                                                       window_ms=self.lease_ms)))
+        self.finalizers = max(
+            1, int(await _CHECK_IN(self.redis, finalizers=keys.FINALIZERS, name=self.name, window_ms=self.lease_ms))
+        )
 
     async def _keep_leases(self) -> None:
         """Renew every lease held, often enough that a slow step never loses one."""
@@ -230,8 +246,9 @@ class Finalizer:
         free = [b for b, holder in zip(candidates, holders) if holder is None]
         random.shuffle(free)  # peers looking at the same free batches mostly pick different ones
         free = free[:want]
-        for batch_id, taken in zip(free, await leases.take_many(
-                self.redis, [keys.finalizer(b) for b in free], self.name, self.lease_ms)):
+        for batch_id, taken in zip(
+            free, await leases.take_many(self.redis, [keys.finalizer(b) for b in free], self.name, self.lease_ms)
+        ):
             if taken is not None:
                 self.held[batch_id] = taken
                 log.info("batch_leased", batch_id=batch_id, token=taken.token)
@@ -307,10 +324,15 @@ class Finalizer:
         if h is None or h.status in TERMINAL_STATUSES:
             await self._clean_up(batch_id, h, lease)
             return
-        if (h.status == "in_progress" and not h.abort and h.expires_at is not None
-                and time.time() >= h.expires_at):
-            await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                   fields={_F.ABORT: "batch_expired"}, remove_from=[keys.ACTIVE_BATCHES], lease=lease)
+        if h.status == "in_progress" and not h.abort and h.expires_at is not None and time.time() >= h.expires_at:
+            await store.transition(
+                self.redis,
+                batch_id,
+                allowed=["in_progress"],
+                fields={_F.ABORT: "batch_expired"},
+                remove_from=[keys.ACTIVE_BATCHES],
+                lease=lease,
+            )
             log.info("batch_expiring", batch_id=batch_id)
             h = await store.get_batch_record(self.redis, batch_id) or h
         # Lines on a provider's own Batch API are settled by workers/delegate.py first.
@@ -327,7 +349,10 @@ class Finalizer:
             await store.release(self.redis, self.storage, h, lease=lease)
         others = [k for k in keys.work_keys(batch_id) if k != lease.key]
         await leases.execute(
-            self.redis, lease, ("DEL", *others), ("ZREM", keys.PENDING_VALIDATION, batch_id),
+            self.redis,
+            lease,
+            ("DEL", *others),
+            ("ZREM", keys.PENDING_VALIDATION, batch_id),
             *(("SREM", s, batch_id) for s in (keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES)),
         )
         self.held.pop(batch_id, None)
@@ -364,7 +389,11 @@ class Finalizer:
             return True
         # Live workers renew their leases; entries idle longer than a lease belong to dead ones.
         stale = await self.redis.xpending_range(
-            keys.lines(batch_id), keys.WORKER_GROUP, min="-", max="+", count=summary["pending"],
+            keys.lines(batch_id),
+            keys.WORKER_GROUP,
+            min="-",
+            max="+",
+            count=summary["pending"],
             idle=int(self.settings.lease_s * 1000),
         )
         return len(stale) == summary["pending"]
@@ -373,8 +402,9 @@ class Finalizer:
         """Append the results recorded since the last drain to the files; ``h`` follows the drain fields."""
         batch_id = h.id
         while True:
-            drained, entries = await _DRAIN_READ(self.redis, batch=keys.batch(batch_id),
-                                                 results=keys.results(batch_id), count=DRAIN_COUNT, lease=lease)
+            drained, entries = await _DRAIN_READ(
+                self.redis, batch=keys.batch(batch_id), results=keys.results(batch_id), count=DRAIN_COUNT, lease=lease
+            )
             state = BatchRecord.from_values(_DRAIN_FIELDS, (_text(v).encode() or None for v in drained))
             h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = state.fin_cursor, state.fin_out_bytes, state.fin_err_bytes
             h.fin_out_lines, h.fin_err_lines = state.fin_out_lines, state.fin_err_lines
@@ -387,25 +417,36 @@ class Finalizer:
             for _, flat in entries:
                 fields = dict(zip(flat[::2], flat[1::2]))
                 chunks["out" if fields[streams.RESULT_OUTCOME] == _COMPLETED else "err"].append(
-                    fields[streams.RESULT_LINE])
+                    fields[streams.RESULT_LINE]
+                )
             for name, lines in chunks.items():
                 if lines:
                     data = b"\n".join(lines) + b"\n"
-                    offsets[name] = await self.storage.append(self._spool_key(batch_id, name), data, offsets[name],
-                                                              token=lease.token)
+                    offsets[name] = await self.storage.append(
+                        self._spool_key(batch_id, name), data, offsets[name], token=lease.token
+                    )
                     counts[name] += len(lines)
             last = _text(entries[-1][0])
             update: dict[str, str | int] = {
                 _F.FIN_CURSOR: last,
-                _F.FIN_OUT_BYTES: offsets["out"], _F.FIN_ERR_BYTES: offsets["err"],
-                _F.FIN_OUT_LINES: counts["out"], _F.FIN_ERR_LINES: counts["err"],
+                _F.FIN_OUT_BYTES: offsets["out"],
+                _F.FIN_ERR_BYTES: offsets["err"],
+                _F.FIN_OUT_LINES: counts["out"],
+                _F.FIN_ERR_LINES: counts["err"],
             }
             flat_update: list[str | int] = []
             for k, v in update.items():
                 flat_update += [k, v]
-            await _DRAIN_COMMIT(self.redis, batch=keys.batch(batch_id), results=keys.results(batch_id),
-                                cursor_from=cursor, cursor_to=last, keep_from=_next_id(last), fields=flat_update,
-                                lease=lease)
+            await _DRAIN_COMMIT(
+                self.redis,
+                batch=keys.batch(batch_id),
+                results=keys.results(batch_id),
+                cursor_from=cursor,
+                cursor_to=last,
+                keep_from=_next_id(last),
+                fields=flat_update,
+                lease=lease,
+            )
             h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = last, offsets["out"], offsets["err"]
             h.fin_out_lines, h.fin_err_lines = counts["out"], counts["err"]
 
@@ -418,8 +459,13 @@ class Finalizer:
         now = store.now()
         finishing_since = time.time_ns()
         if h.status == "in_progress" and not h.abort:
-            applied, _ = await store.transition(self.redis, batch_id, allowed=["in_progress"],
-                                                fields={_F.STATUS: "finalizing", _F.FINALIZING_AT: now}, lease=lease)
+            applied, _ = await store.transition(
+                self.redis,
+                batch_id,
+                allowed=["in_progress"],
+                fields={_F.STATUS: "finalizing", _F.FINALIZING_AT: now},
+                lease=lease,
+            )
             if not applied:
                 return  # cancelled at the last moment: the next tick finishes it as cancelled
             h.status = "finalizing"
@@ -434,12 +480,19 @@ class Finalizer:
         # this (each step is idempotent), a crash after it leaves nothing to do.
         await store.release(self.redis, self.storage, h, lease=lease)
         applied, _ = await store.transition(
-            self.redis, batch_id, allowed=allowed,
-            fields={_F.STATUS: final, stamp: now,
-                    _F.OUTPUT_FILE_ID: file_ids["out"] or "", _F.ERROR_FILE_ID: file_ids["err"] or ""},
+            self.redis,
+            batch_id,
+            allowed=allowed,
+            fields={
+                _F.STATUS: final,
+                stamp: now,
+                _F.OUTPUT_FILE_ID: file_ids["out"] or "",
+                _F.ERROR_FILE_ID: file_ids["err"] or "",
+            },
             remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
             delete=[k for k in keys.work_keys(batch_id) if k != lease.key],
-            expire_s=self.settings.retention_s, lease=lease,
+            expire_s=self.settings.retention_s,
+            lease=lease,
         )
         if not applied:
             return
@@ -447,8 +500,15 @@ class Finalizer:
         await leases.execute(self.redis, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
-        log.info("batch_finished", batch_id=batch_id, status=final, completed=str(h.completed),
-                 failed=str(h.failed), total=str(h.total), **tracing.log_fields(h))
+        log.info(
+            "batch_finished",
+            batch_id=batch_id,
+            status=final,
+            completed=str(h.completed),
+            failed=str(h.failed),
+            total=str(h.total),
+            **tracing.log_fields(h),
+        )
 
     async def _register_file(self, h: BatchRecord, name: str, lease: Lease) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""
@@ -462,17 +522,27 @@ class Finalizer:
             # A stale finalizer drawing a number here only wastes it: the id is fixed below, fenced.
             fresh_id, fresh_seq = await store.new_id(self.redis, "file-")
             _, value = await leases.execute(
-                self.redis, lease, ("HSETNX", keys.batch(h.id), field, f"{fresh_id}:{fresh_seq}"),
-                ("HGET", keys.batch(h.id), field))
+                self.redis,
+                lease,
+                ("HSETNX", keys.batch(h.id), field, f"{fresh_id}:{fresh_seq}"),
+                ("HGET", keys.batch(h.id), field),
+            )
             fixed = _text(value)
         file_id, seq = fixed.split(":")
         created = store.now()
         ttl = h.output_expires_after or OUTPUT_TTL_S
         await store.create_file(
-            self.redis, owner=h.owner, file_id=file_id, seq=int(seq),
-            filename=self._spool_key(h.id, name), purpose="batch_output",
-            size=size, storage_key=self._spool_key(h.id, name),
-            expires_at=created + ttl, created_at=created, lease=lease,
+            self.redis,
+            owner=h.owner,
+            file_id=file_id,
+            seq=int(seq),
+            filename=self._spool_key(h.id, name),
+            purpose="batch_output",
+            size=size,
+            storage_key=self._spool_key(h.id, name),
+            expires_at=created + ttl,
+            created_at=created,
+            lease=lease,
         )
         return file_id
 

@@ -95,10 +95,29 @@ NO_SIGNAL = "none"  # no answer to learn from (a connection error, a cancelled c
 # start at 18.
 # Returns {admitted (the first of those waiting), ms to wait for the rest, 1 if they hold leases,
 #          the window after the call ('' when adaptive concurrency is off)}.
-_EXCHANGE = Script(keys=("inflight", "bucket", "pause", "op", "window"),
-                   args=("now", "lease_ms", "cap", "rpm", "tpm", "ramp_ms", "ramp_cap", "burst_ms", "ramp_start",
-                         "op_ttl_ms", "adaptive", "ceiling", "window_start", "decrease", "window_ttl_ms",
-                         "full_poll_ms", "released", "*exchanges"), source="""
+_EXCHANGE = Script(
+    keys=("inflight", "bucket", "pause", "op", "window"),
+    args=(
+        "now",
+        "lease_ms",
+        "cap",
+        "rpm",
+        "tpm",
+        "ramp_ms",
+        "ramp_cap",
+        "burst_ms",
+        "ramp_start",
+        "op_ttl_ms",
+        "adaptive",
+        "ceiling",
+        "window_start",
+        "decrease",
+        "window_ttl_ms",
+        "full_poll_ms",
+        "released",
+        "*exchanges",
+    ),
+    source="""
 local now = tonumber(ARGV.now)
 local lease_ms = tonumber(ARGV.lease_ms)
 local cap = tonumber(ARGV.cap)
@@ -240,10 +259,14 @@ if granted > first then
   end
 end
 return {granted, wait, leased, window}
-""")
+""",
+)
 
 # Extends the leases of holders still running (expiry: their new one, ms); an expired one stays expired (the next acquire prunes it). Returns how many were kept.
-_RENEW = Script(keys=("inflight",), args=("now", "expiry", "*holders"), source="""
+_RENEW = Script(
+    keys=("inflight",),
+    args=("now", "expiry", "*holders"),
+    source="""
 local kept = 0
 for i = 3, #ARGV do
   local expiry = redis.call('ZSCORE', KEYS.inflight, ARGV[i])
@@ -253,9 +276,13 @@ for i = 3, #ARGV do
   end
 end
 return kept
-""")
+""",
+)
 
-_PAUSE = Script(keys=("pause",), args=("pause_end", "now", "ramp_ms"), source="""
+_PAUSE = Script(
+    keys=("pause",),
+    args=("pause_end", "now", "ramp_ms"),
+    source="""
 local pause_end = tonumber(ARGV.pause_end)
 local current = tonumber(redis.call('GET', KEYS.pause) or '0')
 if pause_end > current then
@@ -263,7 +290,8 @@ if pause_end > current then
   return 1
 end
 return 0
-""")
+""",
+)
 
 
 @dataclass(frozen=True)
@@ -281,8 +309,15 @@ def _ceiling(provider: Provider, slots: int) -> int:
 
 
 async def exchange(
-    r: Redis, provider: Provider, *, releases: Sequence[tuple[str, str, int]] = (), holders: Sequence[tuple[str, int]] = (),
-    lease_ms: int, op_id: str, slots: int = 0, now_ms: int | None = None,
+    r: Redis,
+    provider: Provider,
+    *,
+    releases: Sequence[tuple[str, str, int]] = (),
+    holders: Sequence[tuple[str, int]] = (),
+    lease_ms: int,
+    op_id: str,
+    slots: int = 0,
+    now_ms: int | None = None,
 ) -> Admission:
     """Give back ``releases`` (``(holder, outcome, admitted at ms)``; the outcome, ``OK``, ``CONGESTED`` or
     ``NO_SIGNAL``, moves the adaptive window), then admit as many of ``holders`` (``(holder, cost)``, in
@@ -303,30 +338,58 @@ async def exchange(
         # A request larger than a minute's budget still goes, alone.
         exchanges += [holder, min(cost, int(tpm)) if tpm else cost]
     admitted, wait, leased, window = await _EXCHANGE(
-        r, inflight=keys.provider_inflight(provider.name), bucket=keys.provider_bucket(provider.name),
-        pause=keys.provider_pause(provider.name), op=keys.provider_op(provider.name, op_id),
+        r,
+        inflight=keys.provider_inflight(provider.name),
+        bucket=keys.provider_bucket(provider.name),
+        pause=keys.provider_pause(provider.name),
+        op=keys.provider_op(provider.name, op_id),
         window=keys.provider_window(provider.name),
-        now=now_ms, lease_ms=lease_ms, cap=provider.max_concurrency or 0, rpm=rpm, tpm=tpm,
-        ramp_ms=int(RAMP_S * 1000), ramp_cap=RAMP_DEFAULT_CONCURRENCY, burst_ms=int(BURST_S * 1000),
-        ramp_start=RAMP_START, op_ttl_ms=OP_TTL_MS, adaptive=1 if provider.is_adaptive else 0,
-        ceiling=_ceiling(provider, slots), window_start=provider.adaptive_start,
-        decrease=provider.adaptive_decrease, window_ttl_ms=WINDOW_TTL_MS, full_poll_ms=FULL_POLL_MS,
-        released=len(releases), exchanges=exchanges,
+        now=now_ms,
+        lease_ms=lease_ms,
+        cap=provider.max_concurrency or 0,
+        rpm=rpm,
+        tpm=tpm,
+        ramp_ms=int(RAMP_S * 1000),
+        ramp_cap=RAMP_DEFAULT_CONCURRENCY,
+        burst_ms=int(BURST_S * 1000),
+        ramp_start=RAMP_START,
+        op_ttl_ms=OP_TTL_MS,
+        adaptive=1 if provider.is_adaptive else 0,
+        ceiling=_ceiling(provider, slots),
+        window_start=provider.adaptive_start,
+        decrease=provider.adaptive_decrease,
+        window_ttl_ms=WINDOW_TTL_MS,
+        full_poll_ms=FULL_POLL_MS,
+        released=len(releases),
+        exchanges=exchanges,
     )
     window = window.decode() if isinstance(window, bytes) else window
     return Admission(int(admitted), int(wait), bool(int(leased)), float(window) if window else None)
 
 
 async def admit(
-    r: Redis, provider: Provider, holders: list[tuple[str, int]], *, lease_ms: int, op_id: str,
-    slots: int = 0, now_ms: int | None = None,
+    r: Redis,
+    provider: Provider,
+    holders: list[tuple[str, int]],
+    *,
+    lease_ms: int,
+    op_id: str,
+    slots: int = 0,
+    now_ms: int | None = None,
 ) -> Admission:
     """Admit as many of ``holders`` as ``provider``'s limits allow now (``exchange`` giving nothing back)."""
     return await exchange(r, provider, holders=holders, lease_ms=lease_ms, op_id=op_id, slots=slots, now_ms=now_ms)
 
 
 async def acquire(
-    r: Redis, provider: Provider, holder: str, cost: int, *, lease_ms: int, op_id: str, now_ms: int | None = None,
+    r: Redis,
+    provider: Provider,
+    holder: str,
+    cost: int,
+    *,
+    lease_ms: int,
+    op_id: str,
+    now_ms: int | None = None,
     slots: int = 0,
 ) -> int:
     """One attempt at admitting ``holder`` to ``provider``: ms to wait, or 0 (go) / -1 (go, holding a lease)."""
@@ -337,7 +400,12 @@ async def acquire(
 
 
 async def release(
-    r: Redis, provider: Provider, leases: list[tuple[str, str, int]], *, slots: int = 0, now_ms: int | None = None,
+    r: Redis,
+    provider: Provider,
+    leases: list[tuple[str, str, int]],
+    *,
+    slots: int = 0,
+    now_ms: int | None = None,
 ) -> float | None:
     """Give back ``leases`` (``exchange`` admitting nothing); the window after (None: not adaptive)."""
     answer = await exchange(r, provider, releases=leases, lease_ms=0, op_id="release", slots=slots, now_ms=now_ms)
@@ -464,9 +532,14 @@ class Limiter:
             queue.released.clear()
             try:
                 answer = await exchange(
-                    self.redis, provider, releases=[(t.holder, t.outcome, t.admitted_ms) for t, _ in releases],
-                    holders=[(t.holder, t.cost) for t, _ in batch], lease_ms=self.lease_ms,
-                    op_id=secrets.token_hex(8), slots=await self._slots())
+                    self.redis,
+                    provider,
+                    releases=[(t.holder, t.outcome, t.admitted_ms) for t, _ in releases],
+                    holders=[(t.holder, t.cost) for t, _ in batch],
+                    lease_ms=self.lease_ms,
+                    op_id=secrets.token_hex(8),
+                    slots=await self._slots(),
+                )
             except Exception as e:
                 # Everyone in the call sees it (REDIS_DOWN: requests wait for Redis and come back).
                 for _, done in releases:
@@ -523,16 +596,30 @@ class Limiter:
         if not leases:
             return 0
         now = int(time.time() * 1000)
-        return int(await _RENEW(self.redis, inflight=keys.provider_inflight(provider_name), now=now,
-                                expiry=now + self.lease_ms, holders=leases))
+        return int(
+            await _RENEW(
+                self.redis,
+                inflight=keys.provider_inflight(provider_name),
+                now=now,
+                expiry=now + self.lease_ms,
+                holders=leases,
+            )
+        )
 
     async def pause(self, provider: Provider, seconds: float) -> bool:
         """Stop every worker from sending to ``provider`` for ``seconds`` (a 429's Retry-After)."""
         now = int(time.time() * 1000)
         self.pause_seen[provider.name] = (time.monotonic(), True)
         with contextlib.suppress(*REDIS_DOWN):
-            return bool(await _PAUSE(self.redis, pause=keys.provider_pause(provider.name),
-                                     pause_end=now + int(seconds * 1000), now=now, ramp_ms=int(RAMP_S * 1000)))
+            return bool(
+                await _PAUSE(
+                    self.redis,
+                    pause=keys.provider_pause(provider.name),
+                    pause_end=now + int(seconds * 1000),
+                    now=now,
+                    ramp_ms=int(RAMP_S * 1000),
+                )
+            )
         return False
 
     async def aclose(self) -> None:

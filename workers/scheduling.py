@@ -146,9 +146,18 @@ class Scheduler:
             if c.batch_id in self.live_before:
                 continue
             peers = [self.batch_pass.get(p.batch_id, 0.0) for p in staying if p.owner == c.owner]
-            base = min(peers) if peers else min((self.batch_pass.get(p.batch_id, 0.0) for p in live
-                                                 if p.owner == c.owner and p.batch_id in self.batch_pass),
-                                                default=0.0)
+            base = (
+                min(peers)
+                if peers
+                else min(
+                    (
+                        self.batch_pass.get(p.batch_id, 0.0)
+                        for p in live
+                        if p.owner == c.owner and p.batch_id in self.batch_pass
+                    ),
+                    default=0.0,
+                )
+            )
             self.batch_pass[c.batch_id] = max(self.batch_pass.get(c.batch_id, base), base)
         urgent_now = any(c.urgent for c in live)
         if urgent_now and not self.urgent_before:

@@ -79,7 +79,11 @@ class Upstream:
     """Sends request lines to their providers, through the limiter shared by all workers."""
 
     def __init__(
-        self, settings: Settings, session: aiohttp.ClientSession, limiter: Limiter, tally: Tally | None = None,
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        limiter: Limiter,
+        tally: Tally | None = None,
     ) -> None:
         self.settings = settings
         self.session = session
@@ -87,8 +91,17 @@ class Upstream:
         self.tally = tally if tally is not None else Tally()
 
     async def call(
-        self, provider: Provider, endpoint: str, custom_id: str, body: bytes, *,
-        api_key: str, holder: str, cost: int, log: FilteringBoundLogger, attempts: Attempts | None = None,
+        self,
+        provider: Provider,
+        endpoint: str,
+        custom_id: str,
+        body: bytes,
+        *,
+        api_key: str,
+        holder: str,
+        cost: int,
+        log: FilteringBoundLogger,
+        attempts: Attempts | None = None,
     ) -> CallResult:
         """Send one request; retry transient failures; return the final result line.
 
@@ -121,16 +134,28 @@ class Upstream:
                 except asyncio.TimeoutError:
                     label = "timeout"
                     ticket.outcome = CONGESTED
-                    result = CallResult(Outcome.FAILED, error_line(
-                        custom_id, "request_timeout",
-                        f"The request to the provider timed out after {provider.timeout_s:g} s."), attempt)
+                    result = CallResult(
+                        Outcome.FAILED,
+                        error_line(
+                            custom_id,
+                            "request_timeout",
+                            f"The request to the provider timed out after {provider.timeout_s:g} s.",
+                        ),
+                        attempt,
+                    )
                     status, retry_after = None, None
                 except aiohttp.ClientError as e:
                     label = "connection_error"
                     ticket.outcome = NO_SIGNAL
-                    result = CallResult(Outcome.FAILED, error_line(
-                        custom_id, "upstream_connection_error",
-                        f"Could not reach the provider: {type(e).__name__}: {e}"), attempt)
+                    result = CallResult(
+                        Outcome.FAILED,
+                        error_line(
+                            custom_id,
+                            "upstream_connection_error",
+                            f"Could not reach the provider: {type(e).__name__}: {e}",
+                        ),
+                        attempt,
+                    )
                     status, retry_after = None, None
                 else:
                     result = self._answer(custom_id, resp.status, request_id, data, attempt, provider.name)
@@ -148,8 +173,9 @@ class Upstream:
             if attempt < max_attempts:
                 # After a pause the provider's pause holds every worker back: no extra sleep here.
                 delay = 0.0 if paused else backoff_s(attempt, retry_after)
-                log.info("upstream_retry", provider=provider.name, attempt=attempt, status=status,
-                         delay_s=round(delay, 3))
+                log.info(
+                    "upstream_retry", provider=provider.name, attempt=attempt, status=status, delay_s=round(delay, 3)
+                )
                 await asyncio.sleep(delay)
         log.warning("upstream_gave_up", provider=provider.name, attempt=attempt, attempts=max_attempts, status=status)
         return result
@@ -159,13 +185,24 @@ class Upstream:
         body = json_body(data)
         if body is None:
             text = data[:2000].decode("utf-8", "replace")
-            body = msgspec.Raw(msgspec.json.encode({"error": {
-                "message": f"The provider answered with a body that is not JSON: {text}",
-                "type": "invalid_upstream_response", "param": None, "code": None,
-            }}))
+            body = msgspec.Raw(
+                msgspec.json.encode(
+                    {
+                        "error": {
+                            "message": f"The provider answered with a body that is not JSON: {text}",
+                            "type": "invalid_upstream_response",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
+            )
             ok = False
         else:
             ok = 200 <= status < 300
-        return CallResult(Outcome.COMPLETED if ok else Outcome.FAILED,
-                          response_line(custom_id, status, request_id, body), attempt,
-                          usage.from_body(provider, data) if ok else "")
+        return CallResult(
+            Outcome.COMPLETED if ok else Outcome.FAILED,
+            response_line(custom_id, status, request_id, body),
+            attempt,
+            usage.from_body(provider, data) if ok else "",
+        )

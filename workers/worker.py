@@ -60,7 +60,10 @@ POISON_CODE = "poison_line"
 
 # Sets how long the group believes these entries of a batch's lines stream idle, for those this
 # consumer still owns; returns how many.
-_SET_IDLE = Script(keys=("stream",), args=("group", "consumer", "idle_ms", "*entry_ids"), source="""
+_SET_IDLE = Script(
+    keys=("stream",),
+    args=("group", "consumer", "idle_ms", "*entry_ids"),
+    source="""
 local kept = 0
 for i = 4, #ARGV do
   local owned = redis.call('XPENDING', KEYS.stream, ARGV.group, ARGV[i], ARGV[i], 1, ARGV.consumer)
@@ -70,7 +73,8 @@ for i = 4, #ARGV do
   end
 end
 return kept
-""")
+""",
+)
 # How often the worker reads the running batches' progress (for their deadlines).
 PROGRESS_S = 1.0
 # With fewer than 1/READ_FILL_SHARE of its slots free, a worker waits up to READ_FILL_S for more to
@@ -161,8 +165,12 @@ class Worker:
 
     def _beat_fields(self) -> dict[str, str | int]:
         """What this worker's heartbeat says besides the counters (see ``service.heartbeat``)."""
-        return {"state": "draining" if self.draining else "running", "in_flight": len(self.inflight),
-                "concurrency": self.settings.worker_concurrency, "batches": len(self.batches)}
+        return {
+            "state": "draining" if self.draining else "running",
+            "in_flight": len(self.inflight),
+            "concurrency": self.settings.worker_concurrency,
+            "batches": len(self.batches),
+        }
 
     # ------------------------------------------------------------------ the loop
     async def step(self) -> float:
@@ -227,7 +235,8 @@ class Worker:
         await self._observe_progress()
         candidates = [
             Candidate(b, info.owner, info.weight, info.expires_at, self.deadlines.urgent(b))
-            for b in active if (info := self.batches.get(b)) is not None
+            for b in active
+            if (info := self.batches.get(b)) is not None
         ]
         self.candidates = candidates
         return self.scheduler.plan(candidates, free, asyncio.get_running_loop().time())
@@ -244,8 +253,13 @@ class Worker:
             pipe.hmget(keys.batch(batch_id), BatchField.TOTAL, BatchField.COMPLETED, BatchField.FAILED)
         wall = time.time()
         for batch_id, (total, completed, failed) in zip(ids, await pipe.execute()):
-            self.deadlines.observe(batch_id, wall, int(completed or 0) + int(failed or 0), int(total or 0),
-                                   self.batches[batch_id].expires_at)
+            self.deadlines.observe(
+                batch_id,
+                wall,
+                int(completed or 0) + int(failed or 0),
+                int(total or 0),
+                self.batches[batch_id].expires_at,
+            )
         self.deadlines.forget(set(ids))
 
     async def _active(self) -> list[str]:
@@ -262,13 +276,27 @@ class Worker:
             return
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in missing:
-            pipe.hmget(keys.batch(batch_id), BatchField.OWNER, BatchField.ENDPOINT, BatchField.BYOK,
-                       BatchField.PRIORITY, BatchField.EXPIRES_AT, BatchField.TRACEPARENT)
-        for batch_id, (owner, endpoint, sealed, priority, expires_at, traceparent) in zip(missing, await pipe.execute()):
+            pipe.hmget(
+                keys.batch(batch_id),
+                BatchField.OWNER,
+                BatchField.ENDPOINT,
+                BatchField.BYOK,
+                BatchField.PRIORITY,
+                BatchField.EXPIRES_AT,
+                BatchField.TRACEPARENT,
+            )
+        for batch_id, (owner, endpoint, sealed, priority, expires_at, traceparent) in zip(
+            missing, await pipe.execute()
+        ):
             if owner and endpoint:
-                self.batches[batch_id] = BatchInfo(owner.decode(), endpoint.decode(), (sealed or b"").decode(),
-                                                   weight((priority or b"").decode()), float(expires_at or 0),
-                                                   (traceparent or b"").decode())
+                self.batches[batch_id] = BatchInfo(
+                    owner.decode(),
+                    endpoint.decode(),
+                    (sealed or b"").decode(),
+                    weight((priority or b"").decode()),
+                    float(expires_at or 0),
+                    (traceparent or b"").decode(),
+                )
         # Forget batches that ended, so the cache stays as small as the active set.
         for batch_id in set(self.batches) - set(batch_ids) - {line.batch_id for line in self.inflight.values()}:
             del self.batches[batch_id]
@@ -291,13 +319,14 @@ class Worker:
         block = BLOCK_MS if len(by_count) == 1 and len(plan) >= len(self.candidates) else None
         pipe = self.redis.pipeline(transaction=False)
         for count, batch_ids in by_count.items():
-            pipe.xreadgroup(keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids},
-                            count=count, block=block)
+            pipe.xreadgroup(
+                keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids}, count=count, block=block
+            )
         batch_ids = list(plan)
         for batch_id in batch_ids:
             pipe.hget(keys.batch(batch_id), BatchField.ABORT)
         replies = await pipe.execute(raise_on_error=False)
-        reads, reasons = replies[:len(by_count)], replies[len(by_count):]
+        reads, reasons = replies[: len(by_count)], replies[len(by_count) :]
         lines: list[Line] = []
         got: dict[str, int] = {}
         for reply in reads:
@@ -333,8 +362,14 @@ class Worker:
         for batch_id in batch_ids:
             stream = keys.lines(batch_id)
             try:
-                reply = await self.redis.xautoclaim(stream, keys.WORKER_GROUP, self.name, lease_ms,
-                                                    start_id=self.claim_cursors.get(batch_id, "0-0"), count=free)
+                reply = await self.redis.xautoclaim(
+                    stream,
+                    keys.WORKER_GROUP,
+                    self.name,
+                    lease_ms,
+                    start_id=self.claim_cursors.get(batch_id, "0-0"),
+                    count=free,
+                )
             except ResponseError:
                 continue
             # The cursor must survive between calls, or entries past the first page are never seen.
@@ -352,37 +387,59 @@ class Worker:
     async def _drop_poison(self, batch_id: str, lines: list[Line]) -> list[Line]:
         """Record lines delivered too often (they keep killing workers) as errors; return the rest."""
         details = await self.redis.xpending_range(
-            keys.lines(batch_id), keys.WORKER_GROUP, min=lines[0].entry_id, max=lines[-1].entry_id,
-            count=len(lines) * 2, consumername=self.name,
+            keys.lines(batch_id),
+            keys.WORKER_GROUP,
+            min=lines[0].entry_id,
+            max=lines[-1].entry_id,
+            count=len(lines) * 2,
+            consumername=self.name,
         )
         deliveries = {d["message_id"].decode(): d["times_delivered"] for d in details}
         limit = self.settings.max_deliveries
         poison = [line for line in lines if deliveries.get(line.entry_id, 0) > limit]
         if poison:
             self.log.error("poison_lines", batch_id=batch_id, custom_ids=[line.custom_id for line in poison])
-            message = f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
-            await store.record_results(self.redis, batch_id, [
-                (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
-                for line in poison
-            ])
+            message = (
+                f"This request was delivered {limit} times and every worker handling it stopped; it was not retried."
+            )
+            await store.record_results(
+                self.redis,
+                batch_id,
+                [
+                    (line.index, line.entry_id, Outcome.FAILED, error_line(line.custom_id, POISON_CODE, message))
+                    for line in poison
+                ],
+            )
         return [line for line in lines if line not in poison]
 
     @staticmethod
     def _line(batch_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Line:
         entry = entry_id.decode()
         queued = fields.get(streams.LINE_QUEUED_NS)
-        return Line(batch_id, entry, int(entry.split("-")[1]) - 1, fields[streams.LINE_CUSTOM_ID].decode(),
-                    fields[streams.LINE_BODY], fields[streams.LINE_PROVIDER].decode(), int(fields[streams.LINE_COST]),
-                    int(queued) if queued else 0)
+        return Line(
+            batch_id,
+            entry,
+            int(entry.split("-")[1]) - 1,
+            fields[streams.LINE_CUSTOM_ID].decode(),
+            fields[streams.LINE_BODY],
+            fields[streams.LINE_PROVIDER].decode(),
+            int(fields[streams.LINE_COST]),
+            int(queued) if queued else 0,
+        )
 
     async def _dispatch(self, lines: list[Line], aborts: dict[str, str]) -> None:
         """Record the lines of aborting batches as such, unsent; start a task for every other line."""
         for batch_id, reason in aborts.items():
             skipped = [line for line in lines if line.batch_id == batch_id]
             if skipped:
-                await store.record_results(self.redis, batch_id, [
-                    (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason)) for line in skipped
-                ])
+                await store.record_results(
+                    self.redis,
+                    batch_id,
+                    [
+                        (line.index, line.entry_id, Outcome.FAILED, abort_line(line.custom_id, reason))
+                        for line in skipped
+                    ],
+                )
         for line in lines:
             if line.batch_id not in aborts:
                 task = asyncio.create_task(self._process(line))
@@ -413,8 +470,17 @@ class Worker:
             traced.upstream(attempts.provider, called, attempts)
         recording = time.time_ns() if traced else 0
         try:
-            await self.recorder.record(line.batch_id, (line.index, line.entry_id, result.outcome, result.line,
-                                                       result.usage, *attempts.encode(result.outcome)))
+            await self.recorder.record(
+                line.batch_id,
+                (
+                    line.index,
+                    line.entry_id,
+                    result.outcome,
+                    result.line,
+                    result.usage,
+                    *attempts.encode(result.outcome),
+                ),
+            )
         except Exception:
             # Left pending: the line is delivered again after its lease.
             bound.exception("record_failed")
@@ -433,15 +499,25 @@ class Worker:
         """This line's spans when it is sampled; the batch's trace id in this task's log lines either way."""
         if not tracing.enabled():
             return None
-        traced = tracing.line_trace(info.traceparent, batch_id=line.batch_id, index=line.index,
-                                    custom_id=line.custom_id, queued_ns=line.queued_ns)
+        traced = tracing.line_trace(
+            info.traceparent,
+            batch_id=line.batch_id,
+            index=line.index,
+            custom_id=line.custom_id,
+            queued_ns=line.queued_ns,
+        )
         # Each line runs in a task of its own: these context variables are the line's alone.
         structlog.contextvars.bind_contextvars(
-            **(traced.log_ids if traced else {"trace_id": tracing.trace_id_of(info.traceparent)}))
+            **(traced.log_ids if traced else {"trace_id": tracing.trace_id_of(info.traceparent)})
+        )
         return traced
 
     async def _outcome(
-        self, line: Line, info: BatchInfo, bound: structlog.BoundLogger, attempts: Attempts,
+        self,
+        line: Line,
+        info: BatchInfo,
+        bound: structlog.BoundLogger,
+        attempts: Attempts,
     ) -> CallResult:
         """The provider's answer, retries included; an internal error becomes a failed result."""
         while True:
@@ -455,19 +531,37 @@ class Worker:
             except Exception as e:
                 # A bug must end the line visibly, not leave it to be redelivered into the same bug.
                 bound.exception("line_failed")
-                return CallResult(Outcome.FAILED, error_line(
-                    line.custom_id, "internal_error", f"Sluice failed while handling this request: {type(e).__name__}"),
-                    0)
+                return CallResult(
+                    Outcome.FAILED,
+                    error_line(
+                        line.custom_id,
+                        "internal_error",
+                        f"Sluice failed while handling this request: {type(e).__name__}",
+                    ),
+                    0,
+                )
 
     async def _call(self, line: Line, info: BatchInfo, log: FilteringBoundLogger, attempts: Attempts) -> CallResult:
         provider = self.settings.provider(line.provider)
         if provider is None:
-            return CallResult(Outcome.FAILED, error_line(
-                line.custom_id, "provider_not_configured", f"This worker has no provider named '{line.provider}'."), 0)
+            return CallResult(
+                Outcome.FAILED,
+                error_line(
+                    line.custom_id, "provider_not_configured", f"This worker has no provider named '{line.provider}'."
+                ),
+                0,
+            )
         api_key = unseal(self.settings.secret_key, info.sealed_key) if info.sealed_key else provider.api_key
         return await self.upstream.call(
-            provider, info.endpoint, line.custom_id, line.body,
-            api_key=api_key, holder=line.holder, cost=line.cost, log=log, attempts=attempts,
+            provider,
+            info.endpoint,
+            line.custom_id,
+            line.body,
+            api_key=api_key,
+            holder=line.holder,
+            cost=line.cost,
+            log=log,
+            attempts=attempts,
         )
 
     # ------------------------------------------------------------------ leases and shutdown
@@ -498,8 +592,14 @@ class Worker:
         for batch_id, entry_ids in by_batch.items():
             try:
                 # JUSTID leaves the delivery counter alone: it must count crashes, not renewals.
-                kept = await _SET_IDLE(self.redis, stream=keys.lines(batch_id), group=keys.WORKER_GROUP,
-                                       consumer=self.name, idle_ms=idle_ms, entry_ids=entry_ids)
+                kept = await _SET_IDLE(
+                    self.redis,
+                    stream=keys.lines(batch_id),
+                    group=keys.WORKER_GROUP,
+                    consumer=self.name,
+                    idle_ms=idle_ms,
+                    entry_ids=entry_ids,
+                )
             except Exception as e:
                 self.log.warning("lease_update_failed", batch_id=batch_id, idle_ms=idle_ms, error=str(e))
                 continue

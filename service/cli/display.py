@@ -120,8 +120,6 @@ def progress_text(batch: dict[str, Any], rate: float | None) -> str:
     return text
 
 
-
-
 def progress_bar(done: int, total: int, width: int = 24) -> str:
     """``[#########...............]``: the share of ``total`` done, for a line redrawn on a terminal."""
     fill = min(width, int(width * done / total)) if total else 0
@@ -180,8 +178,10 @@ def print_batch_errors(batch: dict[str, Any], local: Path | None, out: TextIO, *
     for e in file_errors:
         print(f"the file as a whole (nothing was sent upstream): {e.get('code')}: {e.get('message')}", file=out)
         if e.get("code") == "too_many_tasks":
-            print("  `sluice submit FILE --wait --out DIR` runs a file over the server's limits as several batches",
-                  file=out)
+            print(
+                "  `sluice submit FILE --wait --out DIR` runs a file over the server's limits as several batches",
+                file=out,
+            )
 
 
 def describe_failure(batch: dict[str, Any]) -> str:
@@ -191,6 +191,7 @@ def describe_failure(batch: dict[str, Any]) -> str:
     reasons = [f"{n} invalid line{'s' if n != 1 else ''}"] if n else []
     for e in data:
         if not e.get("line"):
-            reasons.append("too many requests for one batch" if e.get("code") == "too_many_tasks"
-                           else f"{e.get('code')}")
+            reasons.append(
+                "too many requests for one batch" if e.get("code") == "too_many_tasks" else f"{e.get('code')}"
+            )
     return " and ".join(reasons)

@@ -96,8 +96,11 @@ def resolve_target(args: argparse.Namespace, client: ClientSettings | None = Non
     url = url or DEFAULT_URL
     token = token or _dev_token(client)
     if not token:
-        raise ClientError("no token: pass --token TOKEN or set SLUICE_TOKEN (the token `sluice up` printed, "
-                          "or one of SLUICE_API_TOKENS)", EXIT_USAGE)
+        raise ClientError(
+            "no token: pass --token TOKEN or set SLUICE_TOKEN (the token `sluice up` printed, "
+            "or one of SLUICE_API_TOKENS)",
+            EXIT_USAGE,
+        )
     return Target(normalize_url(url), token)
 
 
@@ -123,8 +126,10 @@ class Client:
 
     def _unreachable(self, exc: BaseException) -> ClientError:
         reason = str(exc) or type(exc).__name__
-        return ClientError(f"cannot reach Sluice at {self.target.url}: {reason}\n"
-                           "Check --url or SLUICE_URL (is `sluice web` or `sluice up` running there?)")
+        return ClientError(
+            f"cannot reach Sluice at {self.target.url}: {reason}\n"
+            "Check --url or SLUICE_URL (is `sluice web` or `sluice up` running there?)"
+        )
 
     async def _error_from(self, resp: aiohttp.ClientResponse) -> APIStatusError:
         raw = await resp.read()
@@ -139,15 +144,21 @@ class Client:
             return APIStatusError(
                 f"{self.target.url} did not answer like Sluice (HTTP {resp.status} for {resp.method} {resp.url.path}, "
                 f"{resp.content_type or 'no content type'}); check --url or SLUICE_URL",
-                resp.status, None,
+                resp.status,
+                None,
             )
         message = str(body.get("message") or "")
         if resp.status == 401:
-            return APIStatusError(f"the token was refused by Sluice at {self.target.url} ({message.rstrip('.')}); "
-                                  "check --token or SLUICE_TOKEN", 401, body)
+            return APIStatusError(
+                f"the token was refused by Sluice at {self.target.url} ({message.rstrip('.')}); "
+                "check --token or SLUICE_TOKEN",
+                401,
+                body,
+            )
         details = ", ".join(f"{k} {body[k]}" for k in ("code", "param") if body.get(k))
-        return APIStatusError(f"{message}" + (f" ({details})" if details else "") + f" [HTTP {resp.status}]",
-                              resp.status, body)
+        return APIStatusError(
+            f"{message}" + (f" ({details})" if details else "") + f" [HTTP {resp.status}]", resp.status, body
+        )
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One API call; the decoded JSON answer, or a ClientError saying what went wrong."""
@@ -160,19 +171,31 @@ class Client:
                 try:
                     return json.loads(raw)
                 except ValueError:
-                    raise ClientError(f"{self.target.url} did not answer like Sluice (not JSON from "
-                                      f"{method} {resp.url.path}); check --url or SLUICE_URL") from None
+                    raise ClientError(
+                        f"{self.target.url} did not answer like Sluice (not JSON from "
+                        f"{method} {resp.url.path}); check --url or SLUICE_URL"
+                    ) from None
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.InvalidURL, OSError) as exc:
             raise self._unreachable(exc) from None
 
-    async def upload(self, path: Path, purpose: str, progress: Progress | None, *, start: int = 0,
-                     end: int | None = None, filename: str | None = None) -> dict[str, Any]:
+    async def upload(
+        self,
+        path: Path,
+        purpose: str,
+        progress: Progress | None,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        filename: str | None = None,
+    ) -> dict[str, Any]:
         """POST /files as multipart/form-data, streaming the file (or its bytes ``start:end``) and counting them."""
         boundary = f"sluice-{uuid.uuid4().hex}"
         name = (filename or path.name).replace('"', "'").replace("\r", "").replace("\n", "")
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-                f"Content-Type: application/jsonl\r\n\r\n").encode()
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         end = (await asyncio.to_thread(path.stat)).st_size if end is None else end
         size = end - start
@@ -190,8 +213,10 @@ class Client:
                         progress.advance(len(chunk))
             yield tail
 
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
-                   "Content-Length": str(len(head) + size + len(tail))}
+        headers = {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(head) + size + len(tail)),
+        }
         return await self.request("POST", "/files", data=body(), headers=headers)
 
     async def download(self, file_id: str, dest: Path | None, *, overwrite: bool = False) -> int:
@@ -242,5 +267,6 @@ class Client:
 
 def refuse_overwrite(dest: Path) -> ClientError:
     """The error for a download that would replace a file the user has."""
-    return ClientError(f"{dest} exists already; not overwriting it (pass --force to replace it, "
-                       "or -o to save elsewhere)")
+    return ClientError(
+        f"{dest} exists already; not overwriting it (pass --force to replace it, or -o to save elsewhere)"
+    )

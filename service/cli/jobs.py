@@ -205,8 +205,11 @@ async def follow_events(client: Client, batch_id: str, state: dict[str, Any], wa
     assert client._session is not None
     url = f"{client.target.api}/batches/{batch_id}/events"
     try:
-        async with client._session.get(url, headers={"Accept": "text/event-stream"},
-                                       timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)) as resp:
+        async with client._session.get(
+            url,
+            headers={"Accept": "text/event-stream"},
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=60),
+        ) as resp:
             if resp.status != 200 or resp.content_type != "text/event-stream":
                 return False
             event, data = "", []
@@ -247,8 +250,10 @@ async def create_batch(client: Client, body: dict[str, Any], file_id: str) -> di
 async def refused(client: Client, exc: APIStatusError, file_id: str) -> ClientError:
     """The error for a refused batch, after deleting the file uploaded for it (a 5xx may hide a batch: kept)."""
     if exc.status >= 500:
-        return ClientError(f"{exc.message}\nthe uploaded file {file_id} stays on the server "
-                           f"(`sluice files delete {file_id}` deletes it)")
+        return ClientError(
+            f"{exc.message}\nthe uploaded file {file_id} stays on the server "
+            f"(`sluice files delete {file_id}` deletes it)"
+        )
     try:
         await client.request("DELETE", f"/files/{file_id}")
         left = f"deleted the uploaded file {file_id}: nothing is left on the server"
@@ -261,8 +266,9 @@ async def refused(client: Client, exc: APIStatusError, file_id: str) -> ClientEr
 class Job:
     """Runs a job to its end (or until interrupted), merging each part's results as it ends."""
 
-    def __init__(self, client: Client, state: JobState, path: Path, args: argparse.Namespace, *,
-                 parallel: int = DEFAULT_PARALLEL) -> None:
+    def __init__(
+        self, client: Client, state: JobState, path: Path, args: argparse.Namespace, *, parallel: int = DEFAULT_PARALLEL
+    ) -> None:
         self.client = client
         self.state = state
         self.path = path
@@ -305,8 +311,11 @@ class Job:
             if part.file_id is None and part.uploading_at is not None:
                 page = await self.client.request("GET", "/files", params={"purpose": "batch", "limit": "10000"})
                 for f in page.get("data", []):
-                    if (f.get("filename") == part.upload_name and f.get("bytes") == part.end - part.start
-                            and (f.get("created_at") or 0) >= int(part.uploading_at) - 1):
+                    if (
+                        f.get("filename") == part.upload_name
+                        and f.get("bytes") == part.end - part.start
+                        and (f.get("created_at") or 0) >= int(part.uploading_at) - 1
+                    ):
                         part.file_id = f["id"]
                         break
                 part.uploading_at = None if part.file_id is None else part.uploading_at
@@ -319,8 +328,11 @@ class Job:
                     page = await self.client.request("GET", "/batches", params=params)
                     data = page.get("data", [])
                     found = next((b for b in data if b.get("input_file_id") == part.file_id), None)
-                    if (not page.get("has_more") or not data
-                            or (data[-1].get("created_at") or 0) < int(part.creating_at) - 1):
+                    if (
+                        not page.get("has_more")
+                        or not data
+                        or (data[-1].get("created_at") or 0) < int(part.creating_at) - 1
+                    ):
                         break
                     after = data[-1]["id"]
                 if found is not None:
@@ -342,12 +354,16 @@ class Job:
                 continue
             if part.file_id is None:
                 await self.upload(part)
-            body: dict[str, Any] = {"input_file_id": part.file_id, "endpoint": self.state.endpoint,
-                                    "completion_window": "24h"}
+            body: dict[str, Any] = {
+                "input_file_id": part.file_id,
+                "endpoint": self.state.endpoint,
+                "completion_window": "24h",
+            }
             metadata = dict(self.state.metadata)
             if not self.state.single and len(metadata) + 2 <= MAX_METADATA:
-                metadata.update({JOB_METADATA: self.state.job_id,
-                                 PART_METADATA: f"{part.index + 1}/{len(self.state.parts)}"})
+                metadata.update(
+                    {JOB_METADATA: self.state.job_id, PART_METADATA: f"{part.index + 1}/{len(self.state.parts)}"}
+                )
             if metadata:
                 body["metadata"] = metadata
             part.creating_at = time.time()
@@ -368,8 +384,10 @@ class Job:
             self.batches[part.index] = batch
             self.quota_note = ""
             self.save()
-            self.note(f"created batch {batch['id']}{self.label(part)} (endpoint {self.state.endpoint})"
-                      + ("; waiting for it to end, Ctrl-C to stop" if self.state.single else ""))
+            self.note(
+                f"created batch {batch['id']}{self.label(part)} (endpoint {self.state.endpoint})"
+                + ("; waiting for it to end, Ctrl-C to stop" if self.state.single else "")
+            )
 
     async def _create_or_wait(self, part: PartState, body: dict[str, Any]) -> dict[str, Any] | None:
         """Create the part's batch; None when a quota refuses it until one of the job's batches ends."""
@@ -396,15 +414,19 @@ class Job:
             progress = Progress(f"uploading {what}", size, self.err)
         part.uploading_at = time.time()
         self.save()
-        uploaded = await self.client.upload(self.local, "batch", progress, start=part.start, end=part.end,
-                                            filename=part.upload_name)
+        uploaded = await self.client.upload(
+            self.local, "batch", progress, start=part.start, end=part.end, filename=part.upload_name
+        )
         if progress is not None:
             progress.finish()
         part.file_id = uploaded["id"]
         self.save()
         what = "" if self.state.single else f" part {part.index + 1}/{len(self.state.parts)} of"
-        self.note(f"uploaded{what} {self.local} ({human_bytes(uploaded['bytes'])}"
-                  + ("" if self.state.single else f", {part.lines} requests") + f") as {uploaded['id']}")
+        self.note(
+            f"uploaded{what} {self.local} ({human_bytes(uploaded['bytes'])}"
+            + ("" if self.state.single else f", {part.lines} requests")
+            + f") as {uploaded['id']}"
+        )
 
     # -- following
     def follow(self, part: PartState) -> None:
@@ -530,7 +552,9 @@ class Job:
         completed, failed = self.counts()
         done, total = completed + failed, self.state.total
         status = self.status_word()
-        text = f"{self.state.job_id} {status}: {done}/{total} ({done / total:.0%}), {completed} completed, {failed} failed"
+        text = (
+            f"{self.state.job_id} {status}: {done}/{total} ({done / total:.0%}), {completed} completed, {failed} failed"
+        )
         if r is not None and status == "in_progress":
             text += f", {r:.1f} req/s"
             if r > 0 and done < total:
@@ -557,8 +581,11 @@ class Job:
             self._open_line = True
             return
         first = line.split(":")[0]
-        if line != self._last_line and (now - self._last_print >= 2.0 or first != self._last_line.split(":")[0]
-                                        or self.status_word() in TERMINAL_STATUSES):
+        if line != self._last_line and (
+            now - self._last_print >= 2.0
+            or first != self._last_line.split(":")[0]
+            or self.status_word() in TERMINAL_STATUSES
+        ):
             print(line, file=self.err, flush=True)
             self._last_line, self._last_print = line, now
 
@@ -621,8 +648,12 @@ class Job:
                     raise
                 print(f"too late to cancel {part.batch_id}: {exc.body.get('message')}", file=self.err)
         self.cancelled_by_us = True
-        print(f"cancelling {', '.join(str(p.batch_id) for p in running) or self.state.job_id}; waiting for the "
-              "partial results (Ctrl-C again to stop waiting)", file=self.err, flush=True)
+        print(
+            f"cancelling {', '.join(str(p.batch_id) for p in running) or self.state.job_id}; waiting for the "
+            "partial results (Ctrl-C again to stop waiting)",
+            file=self.err,
+            flush=True,
+        )
         return False
 
     async def run(self) -> int:
@@ -688,24 +719,32 @@ class Job:
                 batch_id = self.state.parts[0].batch_id
                 print_json(await self.client.request("GET", f"/batches/{batch_id}"))
             else:
-                print_json({
-                    "id": self.state.job_id, "object": "sluice.job", "status": status,
-                    "request_counts": {"total": self.state.total, "completed": completed, "failed": failed},
-                    "batches": [p.batch_id for p in self.state.parts],
-                    "output_file": str(paths["output"]) if paths["output"].exists() else None,
-                    "error_file": str(paths["error"]) if paths["error"].exists() else None,
-                })
+                print_json(
+                    {
+                        "id": self.state.job_id,
+                        "object": "sluice.job",
+                        "status": status,
+                        "request_counts": {"total": self.state.total, "completed": completed, "failed": failed},
+                        "batches": [p.batch_id for p in self.state.parts],
+                        "output_file": str(paths["output"]) if paths["output"].exists() else None,
+                        "error_file": str(paths["error"]) if paths["error"].exists() else None,
+                    }
+                )
         elif self.state.single:
             part = self.state.parts[0]
             batch = self.batches.get(0) or {}
             if part.status == "failed" and (batch.get("errors") or {}).get("data"):
                 print(f"{part.batch_id} failed: {describe_failure(batch)}, nothing was sent upstream; {files}")
             else:
-                print(f"{part.batch_id} {part.status}: {completed} completed, {failed} failed of {self.state.total} "
-                      f"in {human_duration(seconds)}; {files}")
+                print(
+                    f"{part.batch_id} {part.status}: {completed} completed, {failed} failed of {self.state.total} "
+                    f"in {human_duration(seconds)}; {files}"
+                )
         else:
-            print(f"{self.state.job_id} {status}: {completed} completed, {failed} failed of {self.state.total} in "
-                  f"{human_duration(seconds)} ({len(self.state.parts)} batches); {files}")
+            print(
+                f"{self.state.job_id} {status}: {completed} completed, {failed} failed of {self.state.total} in "
+                f"{human_duration(seconds)} ({len(self.state.parts)} batches); {files}"
+            )
         self.path.unlink(missing_ok=True)
         return code
 
@@ -716,13 +755,32 @@ def _extra(exc: ClientError) -> tuple[Any, ...]:
     return (exc.code,)
 
 
-def new_state(job_id: str, local: Path, spans: list[Any], endpoint: str, metadata: dict[str, str], url: str,
-              total: int) -> JobState:
+def new_state(
+    job_id: str, local: Path, spans: list[Any], endpoint: str, metadata: dict[str, str], url: str, total: int
+) -> JobState:
     """The state of a job that has not started."""
     size, mtime_ns = file_signature(local)
     n = len(spans)
-    parts = [PartState(index=i, start=s.start, end=s.end, lines=s.lines, first_line=s.first_line,
-                       upload_name=local.name if n == 1 else f"{local.stem}.{job_id}.part{i + 1:03d}-of-{n:03d}.jsonl")
-             for i, s in enumerate(spans)]
-    return JobState(job_id=job_id, input=str(local.resolve()), input_size=size, input_mtime_ns=mtime_ns,
-                    endpoint=endpoint, metadata=metadata, url=url, total=total, created_at=time.time(), parts=parts)
+    parts = [
+        PartState(
+            index=i,
+            start=s.start,
+            end=s.end,
+            lines=s.lines,
+            first_line=s.first_line,
+            upload_name=local.name if n == 1 else f"{local.stem}.{job_id}.part{i + 1:03d}-of-{n:03d}.jsonl",
+        )
+        for i, s in enumerate(spans)
+    ]
+    return JobState(
+        job_id=job_id,
+        input=str(local.resolve()),
+        input_size=size,
+        input_mtime_ns=mtime_ns,
+        endpoint=endpoint,
+        metadata=metadata,
+        url=url,
+        total=total,
+        created_at=time.time(),
+        parts=parts,
+    )

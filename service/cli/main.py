@@ -104,8 +104,9 @@ def _admin_settings() -> Settings:
         return settings
     stack = localstack.find(client)
     if stack is None:
-        localstack.announce(f"REDIS_URL is not set and no `sluice up` stack runs here; "
-                            f"using {redact_url(settings.redis_url)}")
+        localstack.announce(
+            f"REDIS_URL is not set and no `sluice up` stack runs here; using {redact_url(settings.redis_url)}"
+        )
         return settings
     localstack.announce(f"using Redis {redact_url(stack.redis_url)} of {stack.describe()}")
     settings = dataclasses.replace(settings, redis_url=stack.redis_url)
@@ -120,8 +121,10 @@ def _web(args: argparse.Namespace) -> None:
 
     settings = _settings()
     if not settings.api_tokens:
-        print("sluice: SLUICE_API_TOKENS is empty; only tokens made with `sluice tokens create` will work",
-              file=sys.stderr)
+        print(
+            "sluice: SLUICE_API_TOKENS is empty; only tokens made with `sluice tokens create` will work",
+            file=sys.stderr,
+        )
     run(settings)
 
 
@@ -186,64 +189,123 @@ def _status(args: argparse.Namespace) -> None:
         raise SystemExit(0) from None
 
 
-def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
-             epilog: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 78), epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+def _command(
+    sub: argparse._SubParsersAction, name: str, summary: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 78),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sluice`` command."""
     parser = argparse.ArgumentParser(
-        prog="sluice", description="Self-hosted OpenAI-compatible Batch API service.",
-        epilog="`sluice COMMAND --help` tells what a command does and which environment variables it reads.")
+        prog="sluice",
+        description="Self-hosted OpenAI-compatible Batch API service.",
+        epilog="`sluice COMMAND --help` tells what a command does and which environment variables it reads.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _command(sub, "web", "serve the Files and Batches APIs on $PORT",
-             "Serve the Files and Batches APIs, validate new batches and feed their lines to the workers. "
-             "Stops on SIGTERM or Ctrl-C, letting requests under way finish.", WEB_ENV).set_defaults(func=_web)
-    _command(sub, "worker", "call the provider for queued request lines",
-             "Read request lines from Redis, call the provider, record each result once. Stops on SIGTERM or "
-             "Ctrl-C, letting requests in flight finish and handing the rest back.", WORKER_ENV
-             ).set_defaults(func=_worker)
-    _command(sub, "finalizer", "write result files and end batches",
-             "Write the output and error files of running batches and move them to their final state "
-             "(run any number: they share the running batches, a lease per batch).", FINALIZER_ENV).set_defaults(func=_finalizer)
-    _command(sub, "up", "run the whole stack locally (its own Redis, mock provider unless configured)",
-             "Run Redis, the web, one worker, the finalizer and a mock provider on this machine, print how to use "
-             "them, and write their connection details to $SLUICE_DATA_DIR/stack.json for the other commands. "
-             "Ctrl-C stops them in order: the web, the worker (drained), the finalizer, Redis last; a second "
-             "Ctrl-C kills them.", UP_ENV).set_defaults(func=_up)
-    status = _command(sub, "status", "show live workers, running batches and provider state",
-                      "The cluster at a glance, read from Redis: processes and their heartbeats, running batches, "
-                      "providers. Exits with 1 when Redis does not answer.", STATUS_ENV)
+    _command(
+        sub,
+        "web",
+        "serve the Files and Batches APIs on $PORT",
+        "Serve the Files and Batches APIs, validate new batches and feed their lines to the workers. "
+        "Stops on SIGTERM or Ctrl-C, letting requests under way finish.",
+        WEB_ENV,
+    ).set_defaults(func=_web)
+    _command(
+        sub,
+        "worker",
+        "call the provider for queued request lines",
+        "Read request lines from Redis, call the provider, record each result once. Stops on SIGTERM or "
+        "Ctrl-C, letting requests in flight finish and handing the rest back.",
+        WORKER_ENV,
+    ).set_defaults(func=_worker)
+    _command(
+        sub,
+        "finalizer",
+        "write result files and end batches",
+        "Write the output and error files of running batches and move them to their final state "
+        "(run any number: they share the running batches, a lease per batch).",
+        FINALIZER_ENV,
+    ).set_defaults(func=_finalizer)
+    _command(
+        sub,
+        "up",
+        "run the whole stack locally (its own Redis, mock provider unless configured)",
+        "Run Redis, the web, one worker, the finalizer and a mock provider on this machine, print how to use "
+        "them, and write their connection details to $SLUICE_DATA_DIR/stack.json for the other commands. "
+        "Ctrl-C stops them in order: the web, the worker (drained), the finalizer, Redis last; a second "
+        "Ctrl-C kills them.",
+        UP_ENV,
+    ).set_defaults(func=_up)
+    status = _command(
+        sub,
+        "status",
+        "show live workers, running batches and provider state",
+        "The cluster at a glance, read from Redis: processes and their heartbeats, running batches, "
+        "providers. Exits with 1 when Redis does not answer.",
+        STATUS_ENV,
+    )
     status.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     status.set_defaults(func=_status)
-    tokens = _command(sub, "tokens", "manage API tokens stored (as digests) in Redis",
-                      "Create, list and revoke API tokens kept in Redis (only as SHA-256 digests), besides the "
-                      "static SLUICE_API_TOKENS.", TOKENS_ENV)
+    tokens = _command(
+        sub,
+        "tokens",
+        "manage API tokens stored (as digests) in Redis",
+        "Create, list and revoke API tokens kept in Redis (only as SHA-256 digests), besides the "
+        "static SLUICE_API_TOKENS.",
+        TOKENS_ENV,
+    )
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="{create,list,revoke}")
-    create = _command(tokens_sub, "create", "create a token and print it once",
-                      "Create a token and print it on stdout, once: it is stored only as a digest. Quotas not "
-                      "given are the defaults ([quotas] of SLUICE_CONFIG).", TOKENS_ENV)
+    create = _command(
+        tokens_sub,
+        "create",
+        "create a token and print it once",
+        "Create a token and print it on stdout, once: it is stored only as a digest. Quotas not "
+        "given are the defaults ([quotas] of SLUICE_CONFIG).",
+        TOKENS_ENV,
+    )
     create.add_argument("--name", required=True, help="a unique name, to list and revoke it by")
     create.add_argument("--max-active-batches", type=int, metavar="N", help="unfinished batches at a time")
     create.add_argument("--max-stored-bytes", type=int, metavar="N", help="bytes of files kept (uploads and results)")
     create.add_argument("--max-enqueued-lines", type=int, metavar="N", help="lines of unfinished batches")
-    _command(tokens_sub, "list", "list tokens (never the tokens themselves)",
-             "List the managed tokens: name, id (a digest prefix), creation time, quotas.", TOKENS_ENV
-             ).add_argument("--json", action="store_true", help="print a JSON array")
-    _command(tokens_sub, "revoke", "revoke a token by name",
-             "Revoke a token: every web process refuses it within 5 s.", TOKENS_ENV
-             ).add_argument("name", help="the name given at creation")
+    _command(
+        tokens_sub,
+        "list",
+        "list tokens (never the tokens themselves)",
+        "List the managed tokens: name, id (a digest prefix), creation time, quotas.",
+        TOKENS_ENV,
+    ).add_argument("--json", action="store_true", help="print a JSON array")
+    _command(
+        tokens_sub,
+        "revoke",
+        "revoke a token by name",
+        "Revoke a token: every web process refuses it within 5 s.",
+        TOKENS_ENV,
+    ).add_argument("name", help="the name given at creation")
     tokens.set_defaults(func=_tokens)
-    mock = _command(sub, "mock-provider", "run a fake OpenAI-compatible upstream (development)",
-                    "A deterministic fake upstream: chat completions, completions, embeddings, responses and "
-                    "moderations.", MOCK_ENV)
+    mock = _command(
+        sub,
+        "mock-provider",
+        "run a fake OpenAI-compatible upstream (development)",
+        "A deterministic fake upstream: chat completions, completions, embeddings, responses and moderations.",
+        MOCK_ENV,
+    )
     mock.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001; 0: any free port)")
     mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     mock.add_argument("--latency-ms", type=float, default=0.0, metavar="MS", help="delay before each answer")
-    mock.add_argument("--error-rate", type=float, default=0.0, metavar="R",
-                      help="share of requests failed, half with 429 and half with 500 (0..1)")
+    mock.add_argument(
+        "--error-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="share of requests failed, half with 429 and half with 500 (0..1)",
+    )
     mock.add_argument("--seed", type=int, default=None, help="seed of the random errors")
     mock.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="answer 429 beyond N in flight")
     mock.add_argument("--rpm", type=int, default=None, metavar="N", help="accepted requests per minute (sliding)")
@@ -255,8 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-line-ms", type=float, default=0.0, metavar="MS", help="time each batch line takes")
     batch.add_argument("--batch-start-ms", type=float, default=0.0, metavar="MS", help="time a batch validates")
     batch.add_argument("--batch-cancel-ms", type=float, default=0.0, metavar="MS", help="time a batch cancels")
-    batch.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
-                       help="a batch still running this long after creation expires")
+    batch.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="a batch still running this long after creation expires",
+    )
     mock.set_defaults(func=_mock_provider)
     from .commands import (
         add_client_commands,  # submit, batches, files: an HTTP client of the API

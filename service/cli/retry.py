@@ -62,8 +62,13 @@ async def follow(client: Client, batch_id: str, interval: float, quiet: bool) ->
         batch = await client.request("GET", f"/batches/{batch_id}")
         counts = batch.get("request_counts") or {}
         if not quiet:
-            print(f"\r{batch_id} {batch['status']}: {counts.get('completed', 0) + counts.get('failed', 0)}/"
-                  f"{counts.get('total', 0)}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{batch_id} {batch['status']}: {counts.get('completed', 0) + counts.get('failed', 0)}/"
+                f"{counts.get('total', 0)}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         if batch["status"] in TERMINAL_STATUSES:
             if not quiet:
                 print(file=sys.stderr)
@@ -153,6 +158,8 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(done, indent=2))
     else:
         c = done.get("request_counts") or {}
-        print(f"{done['id']} {done['status']}: {c.get('completed', 0)} completed, {c.get('failed', 0)} failed; "
-              f"merged into {paths['output']} ({counts['output']} lines) and {paths['error']} ({counts['error']} lines)")
+        print(
+            f"{done['id']} {done['status']}: {c.get('completed', 0)} completed, {c.get('failed', 0)} failed; "
+            f"merged into {paths['output']} ({counts['output']} lines) and {paths['error']} ({counts['error']} lines)"
+        )
     return EXIT_OK if done["status"] == "completed" else EXIT_FAILED

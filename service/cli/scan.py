@@ -73,7 +73,7 @@ def _raw_lines(f: IO[bytes]) -> Iterator[tuple[int, int, bytes | None]]:
             yield number, pos, None
             continue
         if number == 1 and raw.startswith(BOM):
-            raw = raw[len(BOM):]
+            raw = raw[len(BOM) :]
         yield number, pos, raw
 
 
@@ -99,10 +99,15 @@ def scan(path: Path, endpoint: str, *, max_lines: int, max_bytes: int, progress:
                 h = hash(checked.custom_id) & HASH_MASK
                 buckets[h % BUCKETS].append(h)
             if end - line_start > max_bytes:
-                result.add_error(BatchError(
-                    code="line_too_long", line=number, param=None,
-                    message=f"This line ({end - line_start} bytes) is bigger than a batch file may be on this "
-                            f"server ({max_bytes} bytes)."))
+                result.add_error(
+                    BatchError(
+                        code="line_too_long",
+                        line=number,
+                        param=None,
+                        message=f"This line ({end - line_start} bytes) is bigger than a batch file may be on this "
+                        f"server ({max_bytes} bytes).",
+                    )
+                )
             if part_lines and (part_lines >= max_lines or end - part_start > max_bytes):
                 result.spans.append(Span(part_start, last_request_end, part_lines, part_first))
                 part_start, part_lines, part_first = last_request_end, 0, last_request_number + 1

@@ -36,11 +36,13 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
     out: list[str] = []
     live = [p for p in snap.processes if p.live]
     workers = [p for p in live if p.role == "worker"]
-    out.append(f"sluice status  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.now))}  "
-               f"web live: {sum(1 for p in live if p.role == 'web')}  workers live: {len(workers)}  "
-               f"finalizers live: {sum(1 for p in live if p.role == 'finalizer')}  "
-               f"stale: {sum(1 for p in snap.processes if not p.live)}  "
-               f"lines in flight: {sum(p.int('in_flight') for p in workers)}")
+    out.append(
+        f"sluice status  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.now))}  "
+        f"web live: {sum(1 for p in live if p.role == 'web')}  workers live: {len(workers)}  "
+        f"finalizers live: {sum(1 for p in live if p.role == 'finalizer')}  "
+        f"stale: {sum(1 for p in snap.processes if not p.live)}  "
+        f"lines in flight: {sum(p.int('in_flight') for p in workers)}"
+    )
     out.append("")
     out.append("PROCESSES")
     rows = []
@@ -56,8 +58,11 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
             n = snap.leased_batches(p.name)
             state += f" ({n} batch{'' if n == 1 else 'es'})"
         rows.append([p.role, p.name, p.host, p.pid, in_flight, state, _age(p.age_s), "LIVE" if p.live else "STALE"])
-    out += text_table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows) \
-        if rows else ["  (no process has beaten in the last 10 minutes)"]
+    out += (
+        text_table(["ROLE", "NAME", "HOST", "PID", "IN-FLIGHT", "STATE", "LAST BEAT", "HEALTH"], rows)
+        if rows
+        else ["  (no process has beaten in the last 10 minutes)"]
+    )
     out.append("")
     out.append("BATCHES")
     rows = []
@@ -72,10 +77,28 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
             rate = 0.0
         pct = f"{100 * done / b.total:.0f}%" if b.total else "-"
         status = b.status + (f" ({b.aborting})" if b.aborting else "")
-        rows.append([b.id, b.owner[:8], status, f"{done}/{b.total}", pct, str(b.failed), str(b.pending),
-                     b.provider or "-", f"{rate:.1f}", str(b.undrained)])
-    out += text_table(["BATCH", "OWNER", "STATUS", "DONE/TOTAL", "%", "FAILED", "PENDING", "PROVIDER", "LINES/S",
-                   "UNWRITTEN"], rows) if rows else ["  (no running batch)"]
+        rows.append(
+            [
+                b.id,
+                b.owner[:8],
+                status,
+                f"{done}/{b.total}",
+                pct,
+                str(b.failed),
+                str(b.pending),
+                b.provider or "-",
+                f"{rate:.1f}",
+                str(b.undrained),
+            ]
+        )
+    out += (
+        text_table(
+            ["BATCH", "OWNER", "STATUS", "DONE/TOTAL", "%", "FAILED", "PENDING", "PROVIDER", "LINES/S", "UNWRITTEN"],
+            rows,
+        )
+        if rows
+        else ["  (no running batch)"]
+    )
     out.append("")
     out.append("PROVIDERS")
     rows = []
@@ -93,14 +116,28 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
             kind, _, name = k.partition("|")
             if name == prov.name:
                 counts[kind] = counts.get(kind, 0) + v
-        rows.append([prov.name, state, str(prov.requests_in_flight), f"{prov.leases}/{cap}", limit,
-                     str(counts.get("rate_limited", 0)), str(counts.get("retries", 0))])
-    out += text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "LIMIT NOW/MAX", "429s", "RETRIES"], rows) \
-        if rows else ["  (no provider configured here)"]
+        rows.append(
+            [
+                prov.name,
+                state,
+                str(prov.requests_in_flight),
+                f"{prov.leases}/{cap}",
+                limit,
+                str(counts.get("rate_limited", 0)),
+                str(counts.get("retries", 0)),
+            ]
+        )
+    out += (
+        text_table(["PROVIDER", "STATE", "IN-FLIGHT", "LEASES/MAX", "LIMIT NOW/MAX", "429s", "RETRIES"], rows)
+        if rows
+        else ["  (no provider configured here)"]
+    )
     lines = snap.lines
     out.append("")
-    out.append(f"lines recorded since the counters started (exact): completed {lines.get('completed', 0)}, "
-               f"failed {lines.get('failed', 0)}")
+    out.append(
+        f"lines recorded since the counters started (exact): completed {lines.get('completed', 0)}, "
+        f"failed {lines.get('failed', 0)}"
+    )
     return "\n".join(out)
 
 

@@ -15,8 +15,11 @@ from service.core.tokens import create, list_tokens, revoke
 
 
 def _quotas_from(args: Any, defaults: Quotas) -> Quotas | None:
-    given = {k: getattr(args, k) for k in ("max_active_batches", "max_stored_bytes", "max_enqueued_lines")
-             if getattr(args, k) is not None}
+    given = {
+        k: getattr(args, k)
+        for k in ("max_active_batches", "max_stored_bytes", "max_enqueued_lines")
+        if getattr(args, k) is not None
+    }
     return msgspec.structs.replace(defaults, **given) if given else None
 
 
@@ -45,13 +48,26 @@ async def _run(r: Any, args: Any, settings: Settings) -> int:
     if args.tokens_command == "list":
         rows = await list_tokens(r)
         if args.json:
-            print(json.dumps([{"id": i, "name": rec.name, "created_at": rec.created_at,
-                               **msgspec.to_builtins(rec.quotas or settings.quotas)} for i, rec in rows]))
+            print(
+                json.dumps(
+                    [
+                        {
+                            "id": i,
+                            "name": rec.name,
+                            "created_at": rec.created_at,
+                            **msgspec.to_builtins(rec.quotas or settings.quotas),
+                        }
+                        for i, rec in rows
+                    ]
+                )
+            )
         else:
             for i, rec in rows:
                 q = rec.quotas or settings.quotas
-                print(f"{rec.name:24} id={i} created_at={rec.created_at} active_batches<={q.max_active_batches} "
-                      f"stored_bytes<={q.max_stored_bytes} enqueued_lines<={q.max_enqueued_lines}")
+                print(
+                    f"{rec.name:24} id={i} created_at={rec.created_at} active_batches<={q.max_active_batches} "
+                    f"stored_bytes<={q.max_stored_bytes} enqueued_lines<={q.max_enqueued_lines}"
+                )
         return 0
     if await revoke(r, args.name):
         print(f"Revoked token {args.name!r}.", file=sys.stderr)

@@ -145,8 +145,9 @@ class Stack:
         self._preexec = _parent_death_signal()
 
     def spawn(self, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
-        popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                 preexec_fn=self._preexec)
+        popen = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=self._preexec
+        )
         child = Child(role, popen)
         self.children.append(child)
         return child
@@ -160,18 +161,41 @@ class Stack:
         if binary:
             redis_dir = data_dir / "redis"
             redis_dir.mkdir(parents=True, exist_ok=True)
-            child = self.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-                                         "--appendonly", "yes", "--save", "", "--logfile", str(redis_dir / "redis.log")])
+            child = self.spawn(
+                "redis",
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                    "--logfile",
+                    str(redis_dir / "redis.log"),
+                ],
+            )
             alive = lambda: child.alive  # noqa: E731
         else:
             try:
                 from fakeredis import TcpFakeServer
             except ImportError:
-                raise SystemExit("sluice up: no redis-server on PATH and fakeredis is not installed; "
-                                 "install redis-server or `pip install fakeredis[lua]`") from None
-            print("=" * 72, "\nWARNING: no redis-server binary found; using fakeredis's in-process TCP server.\n"
-                  "It keeps nothing on disk and is several times slower. Install redis-server for real use.\n",
-                  "=" * 72, sep="", flush=True)
+                raise SystemExit(
+                    "sluice up: no redis-server on PATH and fakeredis is not installed; "
+                    "install redis-server or `pip install fakeredis[lua]`"
+                ) from None
+            print(
+                "=" * 72,
+                "\nWARNING: no redis-server binary found; using fakeredis's in-process TCP server.\n"
+                "It keeps nothing on disk and is several times slower. Install redis-server for real use.\n",
+                "=" * 72,
+                sep="",
+                flush=True,
+            )
             server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
             threading.Thread(target=server.serve_forever, daemon=True, name="fakeredis").start()
             self.fake_redis = server
@@ -220,8 +244,10 @@ def run(settings: Settings, client: ClientSettings) -> None:
     stack_path = data_dir / localstack.FILE_NAME
     other = localstack.load(stack_path)
     if other is not None and other.pid != os.getpid():
-        raise SystemExit(f"sluice up: another `sluice up` (pid {other.pid}) runs with this data dir ({data_dir}); "
-                         "stop it first, or give this one another SLUICE_DATA_DIR")
+        raise SystemExit(
+            f"sluice up: another `sluice up` (pid {other.pid}) runs with this data dir ({data_dir}); "
+            "stop it first, or give this one another SLUICE_DATA_DIR"
+        )
     if _port_taken(settings.port):
         raise SystemExit(f"sluice up: port {settings.port} is already in use; stop what listens there or set PORT")
 
@@ -246,18 +272,35 @@ def run(settings: Settings, client: ClientSettings) -> None:
         mock_url = ""
         if not settings.providers:
             mock_port = free_port()
-            stack.sluice("mock-provider", ["mock-provider", "--port", str(mock_port), "--latency-ms", "50",
-                                           "--batch-start-ms", "1000", "--batch-line-ms", "20"], env)
+            stack.sluice(
+                "mock-provider",
+                [
+                    "mock-provider",
+                    "--port",
+                    str(mock_port),
+                    "--latency-ms",
+                    "50",
+                    "--batch-start-ms",
+                    "1000",
+                    "--batch-line-ms",
+                    "20",
+                ],
+                env,
+            )
             mock_url = f"http://127.0.0.1:{mock_port}"
             upstream = f"mock provider at {mock_url}"
             env.update({"SLUICE_UPSTREAM_URL": mock_url, "SLUICE_UPSTREAM_API_KEY": "mock-key"})
             if not env.get("SLUICE_CONFIG"):
                 env["SLUICE_CONFIG"] = str(_mock_batch_config(data_dir, mock_port))
-                upstream += ("\n             (x-sluice-provider: mock-batch delegates a batch to its own Batch API)")
-        env.update({
-            "REDIS_URL": redis_url, "PORT": str(settings.port), "SLUICE_DATA_DIR": str(data_dir),
-            "SLUICE_API_TOKENS": ",".join(tokens),
-        })
+                upstream += "\n             (x-sluice-provider: mock-batch delegates a batch to its own Batch API)"
+        env.update(
+            {
+                "REDIS_URL": redis_url,
+                "PORT": str(settings.port),
+                "SLUICE_DATA_DIR": str(data_dir),
+                "SLUICE_API_TOKENS": ",".join(tokens),
+            }
+        )
         for role in ("web", "worker", "finalizer"):
             stack.sluice(role, [role], env)
         web = next(c for c in stack.children if c.role == "web")
@@ -266,11 +309,20 @@ def run(settings: Settings, client: ClientSettings) -> None:
                 raise SystemExit(f"sluice up: the web process did not start on port {settings.port}")
         else:
             api = f"http://localhost:{settings.port}"
-            localstack.write(stack_path, localstack.LocalStack(
-                api_url=api, dashboard_url=f"{api}/dashboard/", redis_url=redis_url, token=tokens[0],
-                data_dir=str(data_dir), pid=os.getpid(), started_at=int(time.time()),
-                processes={c.role: c.popen.pid for c in stack.children}, upstream_url=mock_url,
-            ))
+            localstack.write(
+                stack_path,
+                localstack.LocalStack(
+                    api_url=api,
+                    dashboard_url=f"{api}/dashboard/",
+                    redis_url=redis_url,
+                    token=tokens[0],
+                    data_dir=str(data_dir),
+                    pid=os.getpid(),
+                    started_at=int(time.time()),
+                    processes={c.role: c.popen.pid for c in stack.children},
+                    upstream_url=mock_url,
+                ),
+            )
             print(_banner(api, tokens[0], redis_url, upstream, data_dir, stack_path), flush=True)
         while not stopping.is_set():
             gone = stack.exited()
@@ -282,8 +334,11 @@ def run(settings: Settings, client: ClientSettings) -> None:
     finally:
         stopping.set()
         stop_started = time.monotonic()
-        log.info("up_stopping", reason=reason[0] if reason else "start-up failed",
-                 hint="Ctrl-C again to kill everything at once")
+        log.info(
+            "up_stopping",
+            reason=reason[0] if reason else "start-up failed",
+            hint="Ctrl-C again to kill everything at once",
+        )
         try:
             stack.stop(force)
         finally:

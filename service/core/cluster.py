@@ -131,8 +131,17 @@ def as_int(v: bytes | str | int | None) -> int:
 
 
 _F = BatchField
-_BATCH_FIELDS = (_F.OWNER, _F.STATUS, _F.TOTAL, _F.COMPLETED, _F.FAILED, _F.PROVIDER, _F.MODEL, _F.IN_PROGRESS_AT,
-                 _F.ABORT)
+_BATCH_FIELDS = (
+    _F.OWNER,
+    _F.STATUS,
+    _F.TOTAL,
+    _F.COMPLETED,
+    _F.FAILED,
+    _F.PROVIDER,
+    _F.MODEL,
+    _F.IN_PROGRESS_AT,
+    _F.ABORT,
+)
 
 
 async def snapshot(r: Redis, settings: Settings) -> Snapshot:
@@ -172,13 +181,25 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
         if not isinstance(h, dict) or not h:
             continue  # expired: the zset entry goes with the next heartbeat's prune
         f = {_s(k): _s(v) for k, v in h.items()}
-        snap.processes.append(ProcessState(
-            name=name, role=f.get("role", "?"), host=f.get("host", ""), pid=f.get("pid", ""),
-            started_at=float(f.get("started_at") or 0), age_s=max(0.0, now - seen), fields=f,
-        ))
+        snap.processes.append(
+            ProcessState(
+                name=name,
+                role=f.get("role", "?"),
+                host=f.get("host", ""),
+                pid=f.get("pid", ""),
+                started_at=float(f.get("started_at") or 0),
+                age_s=max(0.0, now - seen),
+                fields=f,
+            )
+        )
     for b in batch_ids:
-        values, pending, undrained, first, lease = (next(replies), next(replies), next(replies), next(replies),
-                                                    next(replies))
+        values, pending, undrained, first, lease = (
+            next(replies),
+            next(replies),
+            next(replies),
+            next(replies),
+            next(replies),
+        )
         if isinstance(values, Exception) or not values or values[1] is None or _s(values[1]) in TERMINAL_STATUSES:
             continue  # gone, or ended and about to leave the live set
         h = BatchRecord.from_values(_BATCH_FIELDS, values)
@@ -189,13 +210,23 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
         oldest = 0.0
         if isinstance(first, list) and first:
             oldest = max(0.0, now - int(_s(first[0][0]).split("-")[0]) / 1000)
-        snap.batches.append(BatchState(
-            id=b, owner=h.owner, status=h.status or "", total=h.total, completed=h.completed,
-            failed=h.failed, provider=provider, in_progress_at=h.in_progress_at or 0, aborting=h.abort,
-            pending=pending["pending"] if isinstance(pending, dict) else 0,
-            undrained=undrained if isinstance(undrained, int) else 0, oldest_undrained_s=oldest,
-            finalizer=holder_of(lease) if isinstance(lease, (bytes, str)) else "",
-        ))
+        snap.batches.append(
+            BatchState(
+                id=b,
+                owner=h.owner,
+                status=h.status or "",
+                total=h.total,
+                completed=h.completed,
+                failed=h.failed,
+                provider=provider,
+                in_progress_at=h.in_progress_at or 0,
+                aborting=h.abort,
+                pending=pending["pending"] if isinstance(pending, dict) else 0,
+                undrained=undrained if isinstance(undrained, int) else 0,
+                oldest_undrained_s=oldest,
+                finalizer=holder_of(lease) if isinstance(lease, (bytes, str)) else "",
+            )
+        )
     live_workers = [p for p in snap.processes if p.live and p.role == "worker"]
     slots = sum(w.int("concurrency") for w in live_workers)
     for p in settings.providers:
@@ -209,13 +240,19 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
             except ValueError:
                 win = float(p.adaptive_start)
             win = max(1.0, min(win, ceiling)) if ceiling else win  # as the workers read it
-        snap.providers.append(ProviderState(
-            name=p.name, paused_for_s=max(0.0, (pause_end - now_ms) / 1000),
-            ramping=bool(pause_end) and 0 <= now_ms - pause_end < RAMP_S * 1000,
-            leases=leases if isinstance(leases, int) else 0, max_concurrency=p.max_concurrency,
-            requests_in_flight=sum(w.int(f"requests:{p.name}") for w in live_workers),
-            adaptive=p.is_adaptive, window=win, ceiling=ceiling,
-        ))
+        snap.providers.append(
+            ProviderState(
+                name=p.name,
+                paused_for_s=max(0.0, (pause_end - now_ms) / 1000),
+                ramping=bool(pause_end) and 0 <= now_ms - pause_end < RAMP_S * 1000,
+                leases=leases if isinstance(leases, int) else 0,
+                max_concurrency=p.max_concurrency,
+                requests_in_flight=sum(w.int(f"requests:{p.name}") for w in live_workers),
+                adaptive=p.is_adaptive,
+                window=win,
+                ceiling=ceiling,
+            )
+        )
     snap.lines = {_s(k): as_int(v) for k, v in lines.items()}
     snap.upstream = {_s(k): as_int(v) for k, v in upstream.items()}
     snap.latency = {_s(k): _s(v) for k, v in latency.items()}

@@ -50,7 +50,12 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, m
 
 
 def _float(
-    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None,
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
 ) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -190,8 +195,12 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """
         if self.batch_api == "delegate":
             return True
-        return (self.batch_api == "auto" and self.has_batch_api and (window_hours(completion_window) or 0) >= 24
-                and window_s >= DAY_S)
+        return (
+            self.batch_api == "auto"
+            and self.has_batch_api
+            and (window_hours(completion_window) or 0) >= 24
+            and window_s >= DAY_S
+        )
 
 
 class Quotas(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -227,23 +236,38 @@ def load_providers(env: Mapping[str, str]) -> tuple[tuple[Provider, ...], Quotas
         quotas = parsed.quotas
         for name, p in parsed.providers.items():
             if p.batch_poll_max_s < p.batch_poll_s:
-                raise ConfigError(f"SLUICE_CONFIG {path}: provider {name!r}: batch_poll_max_s ({p.batch_poll_max_s:g}) "
-                                  f"is below batch_poll_s ({p.batch_poll_s:g})")
+                raise ConfigError(
+                    f"SLUICE_CONFIG {path}: provider {name!r}: batch_poll_max_s ({p.batch_poll_max_s:g}) "
+                    f"is below batch_poll_s ({p.batch_poll_s:g})"
+                )
             key = ""
             if p.api_key_env:
                 key = env.get(p.api_key_env, "")
                 if not key:
                     raise ConfigError(f"provider {name!r}: environment variable {p.api_key_env} is empty")
-            providers.append(msgspec.structs.replace(p, name=name, api_key=key, base_url=p.base_url.rstrip("/"),
-                                                     adaptive=adaptive if p.adaptive is None else p.adaptive))
+            providers.append(
+                msgspec.structs.replace(
+                    p,
+                    name=name,
+                    api_key=key,
+                    base_url=p.base_url.rstrip("/"),
+                    adaptive=adaptive if p.adaptive is None else p.adaptive,
+                )
+            )
     upstream = env.get("SLUICE_UPSTREAM_URL", "").strip().rstrip("/")
     if upstream:
         if any(p.name == "default" for p in providers):
             raise ConfigError("SLUICE_UPSTREAM_URL adds a provider named 'default'; the config file has one too")
-        providers.append(Provider(
-            name="default", base_url=upstream, models=("*",), api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
-            timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1), adaptive=adaptive,
-        ))
+        providers.append(
+            Provider(
+                name="default",
+                base_url=upstream,
+                models=("*",),
+                api_key=env.get("SLUICE_UPSTREAM_API_KEY", "").strip(),
+                timeout_s=_float(env, "SLUICE_REQUEST_TIMEOUT_S", 600.0, minimum=0.1),
+                adaptive=adaptive,
+            )
+        )
     return tuple(providers), quotas
 
 
@@ -287,22 +311,32 @@ def parse_storage(env: Mapping[str, str]) -> S3Location | None:
     if not sep or scheme.lower() != "s3":
         raise ConfigError(f"{usage}, got {shown}")
     if "@" in rest or "?" in rest or "#" in rest:
-        raise ConfigError(f"{usage} (credentials go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, options in "
-                          f"their own variables), got {shown}")
+        raise ConfigError(
+            f"{usage} (credentials go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, options in "
+            f"their own variables), got {shown}"
+        )
     bucket, _, prefix = rest.partition("/")
     if not _BUCKET.match(bucket) or ".." in bucket:
-        raise ConfigError(f"{usage}: {bucket!r} is not a valid bucket name (3 to 63 lowercase letters, digits, "
-                          f"dots and hyphens)")
+        raise ConfigError(
+            f"{usage}: {bucket!r} is not a valid bucket name (3 to 63 lowercase letters, digits, dots and hyphens)"
+        )
     prefix = "/".join(seg for seg in prefix.split("/") if seg)
-    endpoint = next((env[n].strip() for n in ("SLUICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-                     if env.get(n, "").strip()), "")
+    endpoint = next(
+        (
+            env[n].strip()
+            for n in ("SLUICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+            if env.get(n, "").strip()
+        ),
+        "",
+    )
     if endpoint and not endpoint.lower().startswith(("http://", "https://")):
         raise ConfigError(f"the S3 endpoint must be an http:// or https:// URL, got {endpoint!r}")
     region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
     # aiobotocore is an optional extra: say so at start-up rather than at the first upload.
     if importlib.util.find_spec("aiobotocore") is None:
-        raise ConfigError("SLUICE_STORAGE_URL names an S3 bucket, but S3 storage needs the s3 extra: "
-                          "pip install 'sluice[s3]'")
+        raise ConfigError(
+            "SLUICE_STORAGE_URL names an S3 bucket, but S3 storage needs the s3 extra: pip install 'sluice[s3]'"
+        )
     return S3Location(bucket=bucket, prefix=prefix, endpoint_url=endpoint.rstrip("/"), region=region)
 
 
@@ -331,8 +365,9 @@ def otel_traces_endpoint(env: Mapping[str, str]) -> str:
         for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
             protocol = env.get(name, "").strip()
             if protocol and protocol != OTLP_PROTOCOL:
-                raise ConfigError(f"{name}: Sluice exports traces with OTLP over HTTP ({OTLP_PROTOCOL}), "
-                                  f"got {protocol!r}")
+                raise ConfigError(
+                    f"{name}: Sluice exports traces with OTLP over HTTP ({OTLP_PROTOCOL}), got {protocol!r}"
+                )
     return endpoint
 
 
@@ -345,7 +380,7 @@ def derive_webhook_secret(secret_key: str) -> str:
 def webhook_key(secret: str) -> bytes:
     """The HMAC key of a webhook secret: a ``whsec_<base64>`` secret is decoded, any other is its UTF-8 bytes."""
     if secret.startswith("whsec_"):
-        return base64.b64decode(secret[len("whsec_"):], validate=True)
+        return base64.b64decode(secret[len("whsec_") :], validate=True)
     return secret.encode()
 
 
@@ -475,8 +510,9 @@ class Settings:
         providers, quotas = load_providers(env)
         return cls(
             redis_url=env.get("REDIS_URL", "").strip() or cls.redis_url,
-            redis_cluster=cast(RedisClusterMode,
-                               _choice(env, "SLUICE_REDIS_CLUSTER", cls.redis_cluster, REDIS_CLUSTER_MODES)),
+            redis_cluster=cast(
+                RedisClusterMode, _choice(env, "SLUICE_REDIS_CLUSTER", cls.redis_cluster, REDIS_CLUSTER_MODES)
+            ),
             port=_int(env, "PORT", cls.port, minimum=0),
             data_dir=Path(env.get("SLUICE_DATA_DIR", "").strip() or cls.data_dir),
             api_tokens=tokens,
@@ -505,10 +541,10 @@ class Settings:
             webhook_allow_private=_bool(env, "SLUICE_WEBHOOK_ALLOW_PRIVATE", cls.webhook_allow_private),
             # 4: file, purpose and the two expires_after[...] fields of a complete upload form.
             max_form_fields=_int(env, "SLUICE_MAX_FORM_FIELDS", cls.max_form_fields, minimum=4, maximum=1000),
-            header_timeout_s=_float(env, "SLUICE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.1,
-                                    maximum=3600.0),
-            body_idle_timeout_s=_float(env, "SLUICE_BODY_IDLE_TIMEOUT_S", cls.body_idle_timeout_s, minimum=0.1,
-                                       maximum=3600.0),
+            header_timeout_s=_float(env, "SLUICE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.1, maximum=3600.0),
+            body_idle_timeout_s=_float(
+                env, "SLUICE_BODY_IDLE_TIMEOUT_S", cls.body_idle_timeout_s, minimum=0.1, maximum=3600.0
+            ),
             sweep_interval_s=_float(env, "SLUICE_SWEEP_INTERVAL_S", cls.sweep_interval_s, minimum=0.1),
             readyz_storage_cache_s=_float(env, "SLUICE_READYZ_STORAGE_CACHE_S", cls.readyz_storage_cache_s),
             otel_traces_endpoint=otel_traces_endpoint(env),

@@ -84,8 +84,10 @@ class Attempts:
         if not self.provider or not self.tries:
             return unsent(outcome)
         micros = self.micros
-        return ("\t".join((outcome, self.provider, *self.tries)),
-                str(micros[0]) if len(micros) == 1 else ",".join(map(str, micros)))
+        return (
+            "\t".join((outcome, self.provider, *self.tries)),
+            str(micros[0]) if len(micros) == 1 else ",".join(map(str, micros)),
+        )
 
 
 def unsent(outcome: str) -> tuple[str, str]:
@@ -189,7 +191,11 @@ def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, li
 
 
 async def read_history(
-    r: Redis, *, now: float, minutes: int, providers: tuple[str, ...] = (),
+    r: Redis,
+    *,
+    now: float,
+    minutes: int,
+    providers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The last ``minutes`` minutes of the history (the current, partial one last), as the JSON
     ``GET /v1/sluice/history`` serves: one array per series, aligned with ``minutes``.

@@ -91,14 +91,18 @@ class Planner:
 
 
 # The parts' plans, written once: a peer that validated the same batch again (its lease ran out) must not reset parts already under way.
-_WRITE_PLAN = Script(keys=("delegation",), args=("*plans",), source="""
+_WRITE_PLAN = Script(
+    keys=("delegation",),
+    args=("*plans",),
+    source="""
 if redis.call('HEXISTS', KEYS.delegation, 'n') == 1 then return 0 end
 redis.call('HSET', KEYS.delegation, 'n', #ARGV)
 for i = 1, #ARGV do
   redis.call('HSET', KEYS.delegation, (i - 1) .. ':plan', ARGV[i], (i - 1) .. ':state', 'planned')
 end
 return 1
-""")
+""",
+)
 
 
 async def write_plan(r: Redis, batch_id: str, parts: list[Part]) -> None:
@@ -118,7 +122,10 @@ def encode_providers(names: set[str]) -> str:
 
 
 async def part_lines(
-    storage: Storage, settings: Settings, rec: BatchRecord, part: Part,
+    storage: Storage,
+    settings: Settings,
+    rec: BatchRecord,
+    part: Part,
 ) -> AsyncIterator[tuple[int, Request, bytes]]:
     """The lines of ``part`` as ``(index, request, line bytes)``, read again from the batch's input file."""
     index = part.first

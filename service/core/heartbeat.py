@@ -42,8 +42,10 @@ ROLES = ("web", "worker", "finalizer")
 COUNTERS_TTL_S = 30 * 24 * 3600
 
 # counters are the counter hashes to keep alive; fields the process's (name, value) pairs.
-_BEAT = Script(keys=("processes", "process", "*counters"), args=("name", "prune_s", "counters_ttl_s", "*fields"),
-               source="""
+_BEAT = Script(
+    keys=("processes", "process", "*counters"),
+    args=("name", "prune_s", "counters_ttl_s", "*fields"),
+    source="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', KEYS.process, 'seen_at', string.format('%.3f', now), unpack(ARGV, 4))
@@ -53,7 +55,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS.processes, '-inf', now - tonumber(ARGV.prune
 redis.call('EXPIRE', KEYS.processes, ARGV.prune_s)
 for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV.counters_ttl_s) end
 return 1
-""")
+""",
+)
 
 
 class Tally:
@@ -75,8 +78,14 @@ class Heartbeat:
     """Publishes one process's heartbeat every ``BEAT_S``; see the module docstring."""
 
     def __init__(
-        self, redis: Redis, name: str, role: str, *, tally: Tally | None = None,
-        fields: Callable[[], Mapping[str, str | int | float]] | None = None, interval: float = BEAT_S,
+        self,
+        redis: Redis,
+        name: str,
+        role: str,
+        *,
+        tally: Tally | None = None,
+        fields: Callable[[], Mapping[str, str | int | float]] | None = None,
+        interval: float = BEAT_S,
     ) -> None:
         self.redis = redis
         self.name = name
@@ -84,8 +93,12 @@ class Heartbeat:
         self.tally = tally if tally is not None else Tally()
         self.fields = fields
         self.interval = interval
-        self.static: dict[str, str | int | float] = {"role": role, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started_at": f"{time.time():.3f}"}
+        self.static: dict[str, str | int | float] = {
+            "role": role,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": f"{time.time():.3f}",
+        }
         self.task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.failing = False
@@ -102,13 +115,23 @@ class Heartbeat:
     async def beat(self) -> bool:
         """Publish now; False when Redis does not answer."""
         flat: list[str | int | float] = []
-        for k, v in {**self.static, **(self.fields() if self.fields else {}),
-                     **{f"requests:{p}": n for p, n in self.tally.requests_in_flight.items()}}.items():
+        for k, v in {
+            **self.static,
+            **(self.fields() if self.fields else {}),
+            **{f"requests:{p}": n for p, n in self.tally.requests_in_flight.items()},
+        }.items():
             flat += [k, v]
         try:
-            await _BEAT(self.redis, processes=keys.PROCESSES, process=keys.process(self.name),
-                        counters=[keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
-                        name=self.name, prune_s=PRUNE_AFTER_S, counters_ttl_s=COUNTERS_TTL_S, fields=flat)
+            await _BEAT(
+                self.redis,
+                processes=keys.PROCESSES,
+                process=keys.process(self.name),
+                counters=[keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
+                name=self.name,
+                prune_s=PRUNE_AFTER_S,
+                counters_ttl_s=COUNTERS_TTL_S,
+                fields=flat,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # REDIS_DOWN mostly; never let the heartbeat task die

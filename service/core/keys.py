@@ -222,5 +222,12 @@ def provider_pause(name: str) -> str:
 
 def work_keys(batch_id: str) -> tuple[str, ...]:
     """The keys that only matter while a batch runs; deleted when it ends."""
-    return (lines(batch_id), results(batch_id), done(batch_id), feeder(batch_id), delegation(batch_id),
-            validator(batch_id), finalizer(batch_id))
+    return (
+        lines(batch_id),
+        results(batch_id),
+        done(batch_id),
+        feeder(batch_id),
+        delegation(batch_id),
+        validator(batch_id),
+        finalizer(batch_id),
+    )

@@ -61,7 +61,10 @@ def holder_of(value: bytes | str | None) -> str:
 
 # The lease's value, or false when another holder has it. The holder already having it (a
 # re-sent call) keeps its token.
-_TAKE = Script(keys=("lease", "counter"), args=("holder", "ttl_ms"), source="""
+_TAKE = Script(
+    keys=("lease", "counter"),
+    args=("holder", "ttl_ms"),
+    source="""
 local current = redis.call('GET', KEYS.lease)
 if current then
   local sep = string.find(current, ' ', 1, true)
@@ -74,18 +77,27 @@ end
 local value = string.format('%d', redis.call('INCR', KEYS.counter)) .. ' ' .. ARGV.holder
 redis.call('SET', KEYS.lease, value, 'PX', ARGV.ttl_ms)
 return value
-""")
+""",
+)
 
 # Extend only the very lease given: an expired or re-taken one is never brought back.
-_RENEW = Script(keys=("lease",), args=("value", "ttl_ms"), source="""
+_RENEW = Script(
+    keys=("lease",),
+    args=("value", "ttl_ms"),
+    source="""
 if redis.call('GET', KEYS.lease) == ARGV.value then return redis.call('PEXPIRE', KEYS.lease, ARGV.ttl_ms) end
 return 0
-""")
+""",
+)
 
-_DROP = Script(keys=("lease",), args=("value",), source="""
+_DROP = Script(
+    keys=("lease",),
+    args=("value",),
+    source="""
 if redis.call('GET', KEYS.lease) == ARGV.value then return redis.call('DEL', KEYS.lease) end
 return 0
-""")
+""",
+)
 
 # The head of every fenced script: KEYS[1] is the lease key and ARGV[1] the value its holder
 # expects there ("" for an unfenced call); both are removed before the script's own names are
@@ -148,7 +160,9 @@ def _fenced(lease: Lease | None, keys: Sequence[str], args: Sequence[Value]) -> 
 
 
 # Each command comes as its number of words and then the words.
-_EXECUTE = FencedScript(args=("*commands",), source="""
+_EXECUTE = FencedScript(
+    args=("*commands",),
+    source="""
 local replies = {}
 local i = 1
 while i <= #ARGV do
@@ -159,7 +173,8 @@ while i <= #ARGV do
   i = i + n + 1
 end
 return replies
-""")
+""",
+)
 
 
 async def take(r: Redis, key: str, holder: str, ttl_ms: int) -> Lease | None:

@@ -24,8 +24,18 @@ REDACTED = "[redacted]"
 
 # A key holding any of these (case-insensitive, ``-`` and ``_`` alike) names a secret.
 SECRET_KEY_PARTS = (
-    "authorization", "api_key", "apikey", "token", "secret", "password", "passwd",
-    "provider_key", "access_key", "credential", "cookie", "signature",
+    "authorization",
+    "api_key",
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "provider_key",
+    "access_key",
+    "credential",
+    "cookie",
+    "signature",
 )
 # Short configured secrets are only redacted where a value is exactly the secret: replacing every
 # occurrence of a 3-character string inside other values would mangle the logs.
@@ -48,9 +58,13 @@ def redact_url(url: str) -> str:
 
 def settings_secrets(settings: Settings) -> tuple[str, ...]:
     """Every secret a process configured with ``settings`` knows, for :func:`configure_logging`."""
-    found = [*settings.api_tokens, settings.secret_key, getattr(settings, "metrics_token", ""),
-             getattr(settings, "webhook_secret", ""),
-             *(p.api_key for p in settings.providers)]
+    found = [
+        *settings.api_tokens,
+        settings.secret_key,
+        getattr(settings, "metrics_token", ""),
+        getattr(settings, "webhook_secret", ""),
+        *(p.api_key for p in settings.providers),
+    ]
     try:
         password = urlsplit(settings.redis_url).password
     except ValueError:
@@ -147,7 +161,11 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(
-    level: str = "info", *, process: str = "", secrets: Iterable[str] = (), stream: TextIO | None = None,
+    level: str = "info",
+    *,
+    process: str = "",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
 ) -> None:
     """Configure structlog and stdlib logging once per process.
 
@@ -165,7 +183,8 @@ def configure_logging(
         tty = False
     renderer = (
         structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-        if tty else structlog.processors.JSONRenderer()
+        if tty
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

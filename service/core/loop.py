@@ -67,8 +67,7 @@ async def run_loop(
             await _pause(stop, wake, wait)
 
 
-async def wait_first(stop: asyncio.Event, aws: Iterable[asyncio.Future[Any]],
-                     timeout: float | None = None) -> None:
+async def wait_first(stop: asyncio.Event, aws: Iterable[asyncio.Future[Any]], timeout: float | None = None) -> None:
     """Wait until one of ``aws`` is done, ``stop`` is set, or ``timeout`` seconds have passed."""
     stopped = asyncio.ensure_future(stop.wait())
     try:

@@ -158,14 +158,17 @@ class FileRecord(msgspec.Struct, kw_only=True):
         g = raw.get
         expires_at = g(b"expires_at")
         return cls(
-            id=g(b"id", b"").decode(), owner=g(b"owner", b"").decode(), bytes=int(g(b"bytes") or 0),
-            created_at=int(g(b"created_at") or 0), filename=g(b"filename", b"").decode(),
-            purpose=g(b"purpose", b"").decode(), storage_key=g(b"storage_key", b"").decode(),
-            expires_at=int(expires_at) if expires_at else None, lines=int(g(b"lines") or 0),
+            id=g(b"id", b"").decode(),
+            owner=g(b"owner", b"").decode(),
+            bytes=int(g(b"bytes") or 0),
+            created_at=int(g(b"created_at") or 0),
+            filename=g(b"filename", b"").decode(),
+            purpose=g(b"purpose", b"").decode(),
+            storage_key=g(b"storage_key", b"").decode(),
+            expires_at=int(expires_at) if expires_at else None,
+            lines=int(g(b"lines") or 0),
             charged=bool(g(b"charged")),
         )
-
-
 
 
 class BatchField:

@@ -59,17 +59,26 @@ def json_body(data: bytes) -> msgspec.Raw | None:
 
 def response_line(custom_id: str, status: int, request_id: str, body: msgspec.Raw) -> bytes:
     """A result carrying the provider's HTTP answer."""
-    return json_encoder.encode(ResultLine(
-        id=result_id(), custom_id=custom_id,
-        response=ResultResponse(status_code=status, request_id=request_id, body=body), error=None,
-    ))
+    return json_encoder.encode(
+        ResultLine(
+            id=result_id(),
+            custom_id=custom_id,
+            response=ResultResponse(status_code=status, request_id=request_id, body=body),
+            error=None,
+        )
+    )
 
 
 def error_line(custom_id: str, code: str, message: str) -> bytes:
     """A result for a request that got no HTTP answer (transport failure, cancel, expiry)."""
-    return json_encoder.encode(ResultLine(
-        id=result_id(), custom_id=custom_id, response=None, error=ResultError(code=code, message=message),
-    ))
+    return json_encoder.encode(
+        ResultLine(
+            id=result_id(),
+            custom_id=custom_id,
+            response=None,
+            error=ResultError(code=code, message=message),
+        )
+    )
 
 
 def abort_line(custom_id: str, reason: str) -> bytes:

@@ -201,8 +201,16 @@ class S3Storage:
     """
 
     def __init__(
-        self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
-        part_size: int = 8 * MiB, read_window: int = 1 * MiB, merge_below: int = 1 * MiB, max_connections: int = 64,
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        part_size: int = 8 * MiB,
+        read_window: int = 1 * MiB,
+        merge_below: int = 1 * MiB,
+        max_connections: int = 64,
         orphan_upload_age_s: float = ORPHAN_UPLOAD_AGE_S,
     ) -> None:
         if part_size < 5 * MiB:
@@ -239,9 +247,14 @@ class S3Storage:
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
                     )
-                    self._client = await self._stack.enter_async_context(get_session().create_client(
-                        "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config,
-                    ))
+                    self._client = await self._stack.enter_async_context(
+                        get_session().create_client(
+                            "s3",
+                            endpoint_url=self.endpoint_url,
+                            region_name=self.region,
+                            config=config,
+                        )
+                    )
         return self._client
 
     async def aclose(self) -> None:
@@ -269,8 +282,9 @@ class S3Storage:
                 self._live_uploads.add(upload_id)
             body, buf = bytes(buf), bytearray()
             number = len(parts) + 1
-            answer = await s3.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number,
-                                          Body=body)
+            answer = await s3.upload_part(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=body
+            )
             parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
         try:
@@ -284,8 +298,9 @@ class S3Storage:
             else:
                 if buf:
                     await flush()
-                await s3.complete_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id,
-                                                   MultipartUpload={"Parts": parts})
+                await s3.complete_multipart_upload(
+                    Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
         except BaseException:
             if upload_id is not None:
                 # The parts uploaded so far are dropped; the object never existed.
@@ -314,8 +329,9 @@ class S3Storage:
         async for chunk in self._read_layout(s3, _layout(listing), offset, None, chunk_size):
             yield chunk
 
-    async def _read_layout(self, s3: Any, layout: list[_Run], start: int, stop: int | None,
-                           chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+    async def _read_layout(
+        self, s3: Any, layout: list[_Run], start: int, stop: int | None, chunk_size: int = CHUNK
+    ) -> AsyncIterator[bytes]:
         """The bytes from ``start`` to ``stop`` (None: the end) of a file laid out by :func:`_layout`."""
         for run in layout:
             lo, hi = max(run.begin, start), run.end if stop is None else min(run.end, stop)
@@ -324,8 +340,9 @@ class S3Storage:
             async for chunk in self._read_object(s3, run.name, lo - run.origin, chunk_size, hi - run.origin):
                 yield chunk
 
-    async def _read_object(self, s3: Any, name: str, start: int, chunk_size: int,
-                           stop: int | None = None) -> AsyncIterator[bytes]:
+    async def _read_object(
+        self, s3: Any, name: str, start: int, chunk_size: int, stop: int | None = None
+    ) -> AsyncIterator[bytes]:
         """The bytes of object ``name`` from ``start`` on (up to ``stop``), one ranged GET per window."""
         from botocore.exceptions import ClientError
 
@@ -357,12 +374,12 @@ class S3Storage:
             else:  # the whole object came back
                 data, total = data[pos:], len(data)
             end = total if end is None else min(end, total)
-            data = data[:max(0, end - pos)]
+            data = data[: max(0, end - pos)]
             if not data:
                 return
             pos += len(data)
             for i in range(0, len(data), chunk_size):
-                yield data[i:i + chunk_size]
+                yield data[i : i + chunk_size]
 
     async def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
@@ -386,8 +403,10 @@ class S3Storage:
         await s3.delete_object(Bucket=self.bucket, Key=name)
         stale = await self._listing(s3, key)
         for i in range(0, len(stale), 1000):
-            await s3.delete_objects(Bucket=self.bucket, Delete={
-                "Objects": [{"Key": part.name} for part in stale[i:i + 1000]], "Quiet": True})
+            await s3.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": part.name} for part in stale[i : i + 1000]], "Quiet": True},
+            )
 
     async def remove_orphans(self, idle_s: float) -> int:
         """Abort multipart uploads under the prefix started more than ``orphan_upload_age_s`` ago (at least ``idle_s``).
@@ -460,7 +479,7 @@ class S3Storage:
         found = []
         async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", ()):
-                match = _PART.match(obj["Key"][len(prefix):])
+                match = _PART.match(obj["Key"][len(prefix) :])
                 if match:
                     found.append(_Part(int(match[1]), int(obj["Size"]), int(match[2] or 0), obj["Key"]))
         found.sort(key=lambda p: (p.start, p.token))
@@ -533,6 +552,7 @@ def open_storage(settings: "Settings | Path | str") -> Storage:
     if isinstance(settings, (str, os.PathLike)):
         return LocalStorage(Path(settings))
     if settings.s3 is not None:
-        return S3Storage(settings.s3.bucket, settings.s3.prefix, endpoint_url=settings.s3.endpoint_url,
-                         region=settings.s3.region)
+        return S3Storage(
+            settings.s3.bucket, settings.s3.prefix, endpoint_url=settings.s3.endpoint_url, region=settings.s3.region
+        )
     return LocalStorage(settings.data_dir)

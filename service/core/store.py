@@ -85,9 +85,10 @@ OP_TTL_S = 24 * 3600
 
 # Record a file and charge its size to its owner, unless that passes the limit (< 0: none);
 # expires_at is '' for none, fields the record's (field, value) pairs. The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
-_CREATE_FILE = FencedScript(keys=("usage", "op", "file", "owner_files", "purpose_files", "file_expiry"),
-                            args=("op_ttl", "file_id", "seq", "size", "limit", "expires_at", "expiry_member",
-                                  "*fields"), source="""
+_CREATE_FILE = FencedScript(
+    keys=("usage", "op", "file", "owner_files", "purpose_files", "file_expiry"),
+    args=("op_ttl", "file_id", "seq", "size", "limit", "expires_at", "expiry_member", "*fields"),
+    source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 local answer = ''
@@ -110,13 +111,25 @@ else
 end
 redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
-""")
+""",
+)
 
 
 async def create_file(
-    r: Redis, *, owner: str, file_id: str, seq: int, filename: str, purpose: str,
-    size: int, storage_key: str, expires_at: int | None, created_at: int | None = None, lines: int = 0,
-    max_stored_bytes: int | None = None, lease: Lease | None = None,
+    r: Redis,
+    *,
+    owner: str,
+    file_id: str,
+    seq: int,
+    filename: str,
+    purpose: str,
+    size: int,
+    storage_key: str,
+    expires_at: int | None,
+    created_at: int | None = None,
+    lines: int = 0,
+    max_stored_bytes: int | None = None,
+    lease: Lease | None = None,
 ) -> FileObject:
     """Record a stored file's metadata, index it for its owner and charge its size, in one step.
 
@@ -128,20 +141,39 @@ async def create_file(
     """
     created = created_at or now()
     record: dict[str, str | int] = {
-        FileField.ID: file_id, FileField.OWNER: owner, FileField.BYTES: size, FileField.CREATED_AT: created,
-        FileField.FILENAME: filename, FileField.PURPOSE: purpose, FileField.STORAGE_KEY: storage_key,
-        FileField.EXPIRES_AT: expires_at or "", FileField.LINES: lines,
+        FileField.ID: file_id,
+        FileField.OWNER: owner,
+        FileField.BYTES: size,
+        FileField.CREATED_AT: created,
+        FileField.FILENAME: filename,
+        FileField.PURPOSE: purpose,
+        FileField.STORAGE_KEY: storage_key,
+        FileField.EXPIRES_AT: expires_at or "",
+        FileField.LINES: lines,
     }
     flat: list[str | int] = []
     for k, v in record.items():
         flat += [k, v]
-    answer = _text(await _CREATE_FILE(
-        r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, file_id), file=keys.file(file_id),
-        owner_files=keys.owner_files(owner), purpose_files=keys.owner_files(owner, purpose),
-        file_expiry=keys.FILE_EXPIRY, op_ttl=OP_TTL_S, file_id=file_id, seq=seq, size=size,
-        limit=-1 if max_stored_bytes is None else max_stored_bytes, expires_at=expires_at or "",
-        expiry_member=expiry_member(file_id, storage_key, owner, size), fields=flat, lease=lease,
-    ))
+    answer = _text(
+        await _CREATE_FILE(
+            r,
+            usage=keys.owner_usage(owner),
+            op=keys.owner_op(owner, file_id),
+            file=keys.file(file_id),
+            owner_files=keys.owner_files(owner),
+            purpose_files=keys.owner_files(owner, purpose),
+            file_expiry=keys.FILE_EXPIRY,
+            op_ttl=OP_TTL_S,
+            file_id=file_id,
+            seq=seq,
+            size=size,
+            limit=-1 if max_stored_bytes is None else max_stored_bytes,
+            expires_at=expires_at or "",
+            expiry_member=expiry_member(file_id, storage_key, owner, size),
+            fields=flat,
+            lease=lease,
+        )
+    )
     _raise_for(answer)
     return file_from_record(FileRecord.from_hash(_as_hash(record)))
 
@@ -165,12 +197,16 @@ def _raise_for(answer: str | None) -> None:
 
 # Settle an operation whose call failed: record that it never ran (so a late copy of it does
 # nothing), unless it did run, then answer what it answered.
-_SETTLE = Script(keys=("op",), args=("op_ttl", "marker"), source="""
+_SETTLE = Script(
+    keys=("op",),
+    args=("op_ttl", "marker"),
+    source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
 return ARGV.marker
-""")
+""",
+)
 
 
 async def settle(r: Redis, owner: str, op_id: str) -> str | None:
@@ -184,7 +220,11 @@ async def settle(r: Redis, owner: str, op_id: str) -> str | None:
 def file_from_record(rec: FileRecord) -> FileObject:
     """The wire object for a file's record."""
     return FileObject(
-        id=rec.id, bytes=rec.bytes, created_at=rec.created_at, filename=rec.filename, purpose=rec.purpose,
+        id=rec.id,
+        bytes=rec.bytes,
+        created_at=rec.created_at,
+        filename=rec.filename,
+        purpose=rec.purpose,
         expires_at=rec.expires_at,
     )
 
@@ -220,9 +260,10 @@ FILE_TOMBSTONE_S = 600
 # removes the content and then the marker, and if it dies in between the sweep does it.
 # indexes are the owner's to drop the id from; expiry_member is '' if none; size is for the
 # expired case. Returns {forgotten (0/1), batches still reading the content}.
-_FORGET_FILE = FencedScript(keys=("record", "tombstone", "usage", "file_expiry", "refs", "*indexes"),
-                            args=("owner", "op_id", "tombstone_ttl", "expiry_member", "size", "file_id", "marker",
-                                  "marker_due"), source="""
+_FORGET_FILE = FencedScript(
+    keys=("record", "tombstone", "usage", "file_expiry", "refs", "*indexes"),
+    args=("owner", "op_id", "tombstone_ttl", "expiry_member", "size", "file_id", "marker", "marker_due"),
+    source="""
 local tomb = redis.call('GET', KEYS.tombstone)
 if tomb then
   if tomb == ARGV.op_id then return {1, redis.call('SCARD', KEYS.refs)} end
@@ -247,19 +288,40 @@ redis.call('SET', KEYS.tombstone, ARGV.op_id, 'EX', ARGV.tombstone_ttl)
 local refs = redis.call('SCARD', KEYS.refs)
 if refs == 0 then redis.call('ZADD', KEYS.file_expiry, ARGV.marker_due, ARGV.marker) end
 return {1, refs}
-""")
+""",
+)
 
 
 async def _forget_file(
-    r: Redis, *, file_id: str, storage_key: str, owner: str, op_id: str, member: str, size: int | str,
-    indexes: list[str], lease: Lease | None = None,
+    r: Redis,
+    *,
+    file_id: str,
+    storage_key: str,
+    owner: str,
+    op_id: str,
+    member: str,
+    size: int | str,
+    indexes: list[str],
+    lease: Lease | None = None,
 ) -> tuple[bool, str | None]:
     marker = content_marker(file_id, storage_key, owner)
     forgotten, refs = await _FORGET_FILE(
-        r, record=keys.file(file_id), tombstone=keys.file_tombstone(file_id), usage=keys.owner_usage(owner),
-        file_expiry=keys.FILE_EXPIRY, refs=keys.file_refs(file_id), indexes=indexes,
-        owner=owner, op_id=op_id, tombstone_ttl=FILE_TOMBSTONE_S, expiry_member=member, size=size,
-        file_id=file_id, marker=marker, marker_due=now() + FILE_TOMBSTONE_S + 60, lease=lease,
+        r,
+        record=keys.file(file_id),
+        tombstone=keys.file_tombstone(file_id),
+        usage=keys.owner_usage(owner),
+        file_expiry=keys.FILE_EXPIRY,
+        refs=keys.file_refs(file_id),
+        indexes=indexes,
+        owner=owner,
+        op_id=op_id,
+        tombstone_ttl=FILE_TOMBSTONE_S,
+        expiry_member=member,
+        size=size,
+        file_id=file_id,
+        marker=marker,
+        marker_due=now() + FILE_TOMBSTONE_S + 60,
+        lease=lease,
     )
     return bool(forgotten), marker if forgotten and int(refs) == 0 else None
 
@@ -286,8 +348,14 @@ async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str 
     """
     member = expiry_member(rec.id, rec.storage_key, rec.owner, rec.bytes) if rec.expires_at else ""
     return await _forget_file(
-        r, file_id=rec.id, storage_key=rec.storage_key, owner=rec.owner, op_id=op_id, member=member,
-        size=rec.bytes, indexes=[keys.owner_files(rec.owner), keys.owner_files(rec.owner, rec.purpose)],
+        r,
+        file_id=rec.id,
+        storage_key=rec.storage_key,
+        owner=rec.owner,
+        op_id=op_id,
+        member=member,
+        size=rec.bytes,
+        indexes=[keys.owner_files(rec.owner), keys.owner_files(rec.owner, rec.purpose)],
     )
 
 
@@ -300,8 +368,14 @@ R = TypeVar("R")
 
 
 async def page(
-    r: Redis, zkey: str, record_key: Callable[[str], str], decode: Callable[[dict[bytes, bytes]], R], *,
-    after: str | None, limit: int, desc: bool,
+    r: Redis,
+    zkey: str,
+    record_key: Callable[[str], str],
+    decode: Callable[[dict[bytes, bytes]], R],
+    *,
+    after: str | None,
+    limit: int,
+    desc: bool,
 ) -> tuple[list[R], bool]:
     """One page of records from an owner index (each decoded with ``decode``, e.g.
     ``BatchRecord.from_hash``), after the cursor id, and whether more follow.
@@ -333,8 +407,10 @@ async def page(
 # ----------------------------------------------------------------------------- batches
 # Reserve a batch's quota (one active batch, its lines) and record it, queued for validation, in
 # one step, unless a quota would be passed; fields are the record's (field, value) pairs. The answer ('' or the field over its limit) is recorded under the op key.
-_CREATE_BATCH = Script(keys=("usage", "op", "batch", "owner_batches", "file_refs", "pending_validation"),
-                       args=("op_ttl", "batch_id", "seq", "lines", "max_active", "max_enqueued", "*fields"), source="""
+_CREATE_BATCH = Script(
+    keys=("usage", "op", "batch", "owner_batches", "file_refs", "pending_validation"),
+    args=("op_ttl", "batch_id", "seq", "lines", "max_active", "max_enqueued", "*fields"),
+    source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 local answer = ''
@@ -354,14 +430,30 @@ else
 end
 redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
-""")
+""",
+)
 
 
 async def create_batch(
-    r: Redis, *, owner: str, batch_id: str, seq: int, endpoint: str, input_file_id: str,
-    input_key: str, completion_window: str, window_s: int, metadata: dict[str, str] | None,
-    output_expires_after: int | None, provider: str = "", sealed_key: str = "", reserved_lines: int = 0,
-    webhook_url: str = "", priority: str = "normal", max_active_batches: int, max_enqueued_lines: int,
+    r: Redis,
+    *,
+    owner: str,
+    batch_id: str,
+    seq: int,
+    endpoint: str,
+    input_file_id: str,
+    input_key: str,
+    completion_window: str,
+    window_s: int,
+    metadata: dict[str, str] | None,
+    output_expires_after: int | None,
+    provider: str = "",
+    sealed_key: str = "",
+    reserved_lines: int = 0,
+    webhook_url: str = "",
+    priority: str = "normal",
+    max_active_batches: int,
+    max_enqueued_lines: int,
     trace: dict[str, str] | None = None,
 ) -> BatchRecord:
     """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
@@ -376,11 +468,22 @@ async def create_batch(
     created = now()
     F = BatchField
     fields: dict[str, str | int] = {
-        F.ID: batch_id, F.OWNER: owner, F.ENDPOINT: endpoint, F.INPUT_FILE_ID: input_file_id,
-        F.INPUT_KEY: input_key, F.COMPLETION_WINDOW: completion_window, F.STATUS: "validating", F.CREATED_AT: created,
-        F.EXPIRES_AT: created + window_s, F.TOTAL: 0, F.COMPLETED: 0, F.FAILED: 0,
+        F.ID: batch_id,
+        F.OWNER: owner,
+        F.ENDPOINT: endpoint,
+        F.INPUT_FILE_ID: input_file_id,
+        F.INPUT_KEY: input_key,
+        F.COMPLETION_WINDOW: completion_window,
+        F.STATUS: "validating",
+        F.CREATED_AT: created,
+        F.EXPIRES_AT: created + window_s,
+        F.TOTAL: 0,
+        F.COMPLETED: 0,
+        F.FAILED: 0,
         F.METADATA: msgspec.json.encode(metadata).decode() if metadata is not None else "",
-        F.OUTPUT_EXPIRES_AFTER: output_expires_after or "", F.PROVIDER: provider, F.RESERVED_LINES: reserved_lines,
+        F.OUTPUT_EXPIRES_AFTER: output_expires_after or "",
+        F.PROVIDER: provider,
+        F.RESERVED_LINES: reserved_lines,
         **(trace or {}),
     }
     fields[F.PRIORITY] = priority
@@ -393,12 +496,24 @@ async def create_batch(
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    answer = _text(await _CREATE_BATCH(
-        r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, batch_id), batch=keys.batch(batch_id),
-        owner_batches=keys.owner_batches(owner), file_refs=keys.file_refs(input_file_id),
-        pending_validation=keys.PENDING_VALIDATION, op_ttl=OP_TTL_S, batch_id=batch_id, seq=seq,
-        lines=reserved_lines, max_active=max_active_batches, max_enqueued=max_enqueued_lines, fields=flat,
-    ))
+    answer = _text(
+        await _CREATE_BATCH(
+            r,
+            usage=keys.owner_usage(owner),
+            op=keys.owner_op(owner, batch_id),
+            batch=keys.batch(batch_id),
+            owner_batches=keys.owner_batches(owner),
+            file_refs=keys.file_refs(input_file_id),
+            pending_validation=keys.PENDING_VALIDATION,
+            op_ttl=OP_TTL_S,
+            batch_id=batch_id,
+            seq=seq,
+            lines=reserved_lines,
+            max_active=max_active_batches,
+            max_enqueued=max_enqueued_lines,
+            fields=flat,
+        )
+    )
     _raise_for(answer)
     return BatchRecord.from_hash(_as_hash(fields))
 
@@ -422,23 +537,37 @@ async def get_owned_batch(r: Redis, owner: str, batch_id: str) -> BatchRecord | 
 def batch_from_record(rec: BatchRecord) -> Batch:
     """The wire object for a batch's record."""
     return Batch(
-        id=rec.id, endpoint=rec.endpoint, input_file_id=rec.input_file_id, completion_window=rec.completion_window,
+        id=rec.id,
+        endpoint=rec.endpoint,
+        input_file_id=rec.input_file_id,
+        completion_window=rec.completion_window,
         status=cast(BatchStatus, rec.status),  # None only in a partial record, which no API call answers with
-        created_at=rec.created_at, model=rec.model or None,
+        created_at=rec.created_at,
+        model=rec.model or None,
         errors=BatchErrors(data=rec.errors) if rec.errors else None,
-        output_file_id=rec.output_file_id or None, error_file_id=rec.error_file_id or None,
-        request_counts=_counts(rec), usage=batch_usage(rec), metadata=rec.metadata,
-        in_progress_at=rec.in_progress_at, expires_at=rec.expires_at, finalizing_at=rec.finalizing_at,
-        completed_at=rec.completed_at, failed_at=rec.failed_at, expired_at=rec.expired_at,
-        cancelling_at=rec.cancelling_at, cancelled_at=rec.cancelled_at,
+        output_file_id=rec.output_file_id or None,
+        error_file_id=rec.error_file_id or None,
+        request_counts=_counts(rec),
+        usage=batch_usage(rec),
+        metadata=rec.metadata,
+        in_progress_at=rec.in_progress_at,
+        expires_at=rec.expires_at,
+        finalizing_at=rec.finalizing_at,
+        completed_at=rec.completed_at,
+        failed_at=rec.failed_at,
+        expired_at=rec.expired_at,
+        cancelling_at=rec.cancelling_at,
+        cancelled_at=rec.cancelled_at,
     )
 
 
 def batch_usage(rec: BatchRecord) -> BatchUsage:
     """The batch's token usage so far (``usage_*`` fields, counted as each line is recorded)."""
     return BatchUsage(
-        input_tokens=rec.usage_input, input_tokens_details=InputTokensDetails(cached_tokens=rec.usage_cached),
-        output_tokens=rec.usage_output, output_tokens_details=OutputTokensDetails(reasoning_tokens=rec.usage_reasoning),
+        input_tokens=rec.usage_input,
+        input_tokens_details=InputTokensDetails(cached_tokens=rec.usage_cached),
+        output_tokens=rec.usage_output,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=rec.usage_reasoning),
         total_tokens=rec.usage_input + rec.usage_output,
     )
 
@@ -455,8 +584,10 @@ def _counts(rec: BatchRecord) -> RequestCounts:
 # Move a batch to a new state only if it is in one of the allowed states (comma-separated); set
 # fields (pairs); optionally add it to sets, remove it from others and delete keys, all atomically:
 # sets holds the first ``adds`` sets to add to, then those to remove from, then ``dels`` keys to delete.
-_TRANSITION = FencedScript(keys=("batch", "webhooks_due", "*sets"),
-                           args=("batch_id", "allowed", "adds", "expire_s", "dels", "*fields"), source="""
+_TRANSITION = FencedScript(
+    keys=("batch", "webhooks_due", "*sets"),
+    args=("batch_id", "allowed", "adds", "expire_s", "dels", "*fields"),
+    source="""
 local st = redis.call('HGET', KEYS.batch, 'status')
 if not st then return {0, ''} end
 local allowed = false
@@ -480,12 +611,20 @@ for i = 3, 2 + adds do redis.call('SADD', KEYS[i], ARGV.batch_id) end
 for i = 3 + adds, #KEYS - dels do redis.call('SREM', KEYS[i], ARGV.batch_id) end
 for i = #KEYS - dels + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return {1, st}
-""")
+""",
+)
 
 
 async def transition(
-    r: Redis, batch_id: str, *, allowed: Iterable[str], fields: dict[str, str | int],
-    add_to: Iterable[str] = (), remove_from: Iterable[str] = (), expire_s: int = 0, delete: Iterable[str] = (),
+    r: Redis,
+    batch_id: str,
+    *,
+    allowed: Iterable[str],
+    fields: dict[str, str | int],
+    add_to: Iterable[str] = (),
+    remove_from: Iterable[str] = (),
+    expire_s: int = 0,
+    delete: Iterable[str] = (),
     lease: Lease | None = None,
 ) -> tuple[bool, str]:
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
@@ -503,9 +642,17 @@ async def transition(
         flat += [k, v]
     add_to, delete = list(add_to), list(delete)
     applied, before = await _TRANSITION(
-        r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, sets=[*add_to, *remove_from, *delete],
-        batch_id=batch_id, allowed=",".join(allowed), adds=len(add_to), expire_s=expire_s, dels=len(delete),
-        fields=flat, lease=lease,
+        r,
+        batch=keys.batch(batch_id),
+        webhooks_due=keys.WEBHOOKS_DUE,
+        sets=[*add_to, *remove_from, *delete],
+        batch_id=batch_id,
+        allowed=",".join(allowed),
+        adds=len(add_to),
+        expire_s=expire_s,
+        dels=len(delete),
+        fields=flat,
+        lease=lease,
     )
     before = before.decode() if isinstance(before, bytes) else str(before)
     # Already in the target state: redis-py retried the script after a dropped connection (its
@@ -523,9 +670,22 @@ async def transition(
 # lines holds (index, entry_id, outcome, result, shape, micros, usage) per line; usage is "" or
 # "<input> <cached> <output> <reasoning> <provider>|<model>". counters.LUA_EXPAND reads the counter
 # keys by their slots (3, 5 to 8).
-_RECORD = FencedScript(keys=("done", "results", "batch", "lines", "metrics_lines", "metrics_upstream",
-                             "metrics_latency", "history", "usage_day", "metrics_tokens"),
-                       args=("group", "history_ttl", "*records"), source=("""
+_RECORD = FencedScript(
+    keys=(
+        "done",
+        "results",
+        "batch",
+        "lines",
+        "metrics_lines",
+        "metrics_upstream",
+        "metrics_latency",
+        "history",
+        "usage_day",
+        "metrics_tokens",
+    ),
+    args=("group", "history_ttl", "*records"),
+    source=(
+        """
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS.results) == 1
 local shapes, sums, used = {}, {}, {}
@@ -590,17 +750,23 @@ if next(used) then
   redis.call('EXPIRE', KEYS.usage_day, USAGE_TTL_S)
   redis.call('EXPIRE', KEYS.metrics_tokens, USAGE_TTL_S)
 end
-""" + counters.LUA_EXPAND + """
+"""
+        + counters.LUA_EXPAND
+        + """
 redis.call('EXPIRE', KEYS.history, ARGV.history_ttl)
 return recorded
-""").replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)))
+"""
+    ).replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)),
+)
 
 
 # One line's result: (index, stream entry id, outcome, result line JSON), optionally followed by its
 # usage ("" or ``usage.encode``), then by its (shape, micros) from ``counters.Attempts.encode`` when
 # it was sent upstream.
 Result = (
-    tuple[int, str, str, bytes] | tuple[int, str, str, bytes, str] | tuple[int, str, str, bytes, str, str]
+    tuple[int, str, str, bytes]
+    | tuple[int, str, str, bytes, str]
+    | tuple[int, str, str, bytes, str, str]
     | tuple[int, str, str, bytes, str, str, str]
 )
 
@@ -637,16 +803,28 @@ def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> _Reco
         records += [index, entry_id, outcome, line, shape, micros, tokens]
     day = time.strftime("%Y-%m-%d", time.gmtime())
     return _RecordCall(
-        done=keys.done(batch_id), results=keys.results(batch_id), batch=keys.batch(batch_id),
-        lines=keys.lines(batch_id), metrics_lines=keys.METRICS_LINES, metrics_upstream=keys.METRICS_UPSTREAM,
-        metrics_latency=keys.METRICS_LATENCY, history=keys.history(minute), usage_day=keys.usage_day(day),
-        metrics_tokens=keys.METRICS_TOKENS, group=keys.WORKER_GROUP, history_ttl=counters.HISTORY_TTL_S,
+        done=keys.done(batch_id),
+        results=keys.results(batch_id),
+        batch=keys.batch(batch_id),
+        lines=keys.lines(batch_id),
+        metrics_lines=keys.METRICS_LINES,
+        metrics_upstream=keys.METRICS_UPSTREAM,
+        metrics_latency=keys.METRICS_LATENCY,
+        history=keys.history(minute),
+        usage_day=keys.usage_day(day),
+        metrics_tokens=keys.METRICS_TOKENS,
+        group=keys.WORKER_GROUP,
+        history_ttl=counters.HISTORY_TTL_S,
         records=records,
     )
 
 
 async def record_results(
-    r: Redis, batch_id: str, results: Iterable[Result], *, lease: Lease | None = None,
+    r: Redis,
+    batch_id: str,
+    results: Iterable[Result],
+    *,
+    lease: Lease | None = None,
 ) -> int:
     """Record ``(index, entry_id, outcome, result_json[, usage][, shape, micros])`` tuples; return
     how many were new.
@@ -691,7 +869,8 @@ async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease 
     """
     await _RELEASE_BATCH(r, batch=keys.batch(rec.id), usage=keys.owner_usage(rec.owner), lease=lease)
     _, refs, exists = await execute(
-        r, lease,
+        r,
+        lease,
         ("SREM", keys.file_refs(rec.input_file_id), rec.id),
         ("SCARD", keys.file_refs(rec.input_file_id)),
         ("EXISTS", keys.file(rec.input_file_id)),
@@ -718,8 +897,15 @@ async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, l
         if purpose:
             indexes.append(keys.owner_files(owner, purpose.decode()))
         forgotten, marker = await _forget_file(
-            r, file_id=file_id, storage_key=storage_key, owner=owner, op_id=f"expiry-{new_op_id()}",
-            member=member, size=size, indexes=indexes, lease=lease,
+            r,
+            file_id=file_id,
+            storage_key=storage_key,
+            owner=owner,
+            op_id=f"expiry-{new_op_id()}",
+            member=member,
+            size=size,
+            indexes=indexes,
+            lease=lease,
         )
         if not forgotten:
             continue  # a DELETE got there first and takes care of the content
@@ -742,14 +928,17 @@ async def usage(r: Redis, owner: str, name: str) -> int:
 
 # Give a batch's quota back, once: the 'released' flag is set in the same step, and a record that
 # is gone (its retention ended) is not recreated.
-_RELEASE_BATCH = FencedScript(keys=("batch", "usage"), source="""
+_RELEASE_BATCH = FencedScript(
+    keys=("batch", "usage"),
+    source="""
 if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
 if redis.call('HSETNX', KEYS.batch, 'released', '1') == 0 then return 0 end
 redis.call('HINCRBY', KEYS.usage, 'active_batches', -1)
 redis.call('HINCRBY', KEYS.usage, 'enqueued_lines', -tonumber(redis.call('HGET', KEYS.batch, 'reserved_lines') or '0'))
 redis.call('HINCRBY', KEYS.usage, 'rev', 1)
 return 1
-""")
+""",
+)
 
 
 # ----------------------------------------------------------------------------- usage audit
@@ -765,7 +954,10 @@ _AUDIT_ATTEMPTS = 3
 # Overwrite an owner's counters with the recount, only if neither they nor 'rev' moved since they
 # were read; the answer is recorded under the op key (a re-run must not mistake its own write for a
 # move). counters holds (field, value read, recount) triples.
-_AUDIT_APPLY = Script(keys=("usage", "op"), args=("op_ttl", "rev", "*counters"), source="""
+_AUDIT_APPLY = Script(
+    keys=("usage", "op"),
+    args=("op_ttl", "rev", "*counters"),
+    source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return tonumber(prior) end
 local answer = 1
@@ -779,7 +971,8 @@ if answer == 1 then
 end
 redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
-""")
+""",
+)
 
 
 async def audit_usage(r: Redis, storage: Storage, holder: str) -> int:
@@ -821,8 +1014,16 @@ async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
         for name in USAGE_FIELDS:
             triples += [name, before[name], counted[name]]
         op = f"audit-{secrets.token_hex(8)}"
-        if int(await _AUDIT_APPLY(r, usage=keys.owner_usage(owner), op=keys.owner_op(owner, op),
-                                  op_ttl=OP_TTL_S, rev=int(read[-1] or 0), counters=triples)):
+        if int(
+            await _AUDIT_APPLY(
+                r,
+                usage=keys.owner_usage(owner),
+                op=keys.owner_op(owner, op),
+                op_ttl=OP_TTL_S,
+                rev=int(read[-1] or 0),
+                counters=triples,
+            )
+        ):
             log.warning("usage_repaired", owner=owner, before=before, after=counted)
             return 1
     return 0
@@ -842,7 +1043,7 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchReco
     batch_ids = [b.decode() for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
     for i in range(0, len(batch_ids), _CHUNK):
         pipe = r.pipeline(transaction=False)
-        for batch_id in batch_ids[i:i + _CHUNK]:
+        for batch_id in batch_ids[i : i + _CHUNK]:
             pipe.hmget(keys.batch(batch_id), *fields)
         for values in await pipe.execute():
             rec = BatchRecord.from_values(fields, values)
@@ -855,7 +1056,7 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchReco
     found: set[str] = set()
     file_ids = [f.decode() for f in await r.zrange(keys.owner_files(owner), 0, -1)]
     for i in range(0, len(file_ids), _CHUNK):
-        chunk = file_ids[i:i + _CHUNK]
+        chunk = file_ids[i : i + _CHUNK]
         pipe = r.pipeline(transaction=False)
         for file_id in chunk:
             pipe.hget(keys.file(file_id), FileField.BYTES)

@@ -55,7 +55,9 @@ async def revoke(r: store.Redis, name: str) -> bool:
 
 async def list_tokens(r: store.Redis) -> list[tuple[str, TokenRecord]]:
     """Every managed token's id (a digest prefix, safe to show) and record, by name."""
-    rows = [(d.decode()[:12], msgspec.json.decode(v, type=TokenRecord)) for d, v in (await r.hgetall(keys.TOKENS)).items()]
+    rows = [
+        (d.decode()[:12], msgspec.json.decode(v, type=TokenRecord)) for d, v in (await r.hgetall(keys.TOKENS)).items()
+    ]
     return sorted(rows, key=lambda row: row[1].name)
 
 

@@ -182,8 +182,16 @@ def _context(trace_id: int, span_id: int) -> Any:
     return api.set_span_in_context(api.NonRecordingSpan(parent))
 
 
-def _emit(name: str, parent: tuple[int, int] | None, start_ns: int, end_ns: int, *,
-          ids: tuple[int, int] | None = None, attributes: dict[str, Any] | None = None, error: str = "") -> None:
+def _emit(
+    name: str,
+    parent: tuple[int, int] | None,
+    start_ns: int,
+    end_ns: int,
+    *,
+    ids: tuple[int, int] | None = None,
+    attributes: dict[str, Any] | None = None,
+    error: str = "",
+) -> None:
     """A finished span, optionally with fixed ids, under ``parent`` (trace id, span id)."""
     api = _state.api
     from opentelemetry.context import Context
@@ -208,9 +216,11 @@ def phase(rec: BatchRecord, name: str, **attributes: Any) -> Iterator[None]:
     if ids is None:
         yield
         return
-    span = _state.tracer.start_span(name, context=_context(*ids), attributes={"sluice.batch_id": rec.id,
-                                                                           **attributes})
-    with structlog.contextvars.bound_contextvars(trace_id=f"{ids[0]:032x}"), _state.api.use_span(span, end_on_exit=True):
+    span = _state.tracer.start_span(name, context=_context(*ids), attributes={"sluice.batch_id": rec.id, **attributes})
+    with (
+        structlog.contextvars.bound_contextvars(trace_id=f"{ids[0]:032x}"),
+        _state.api.use_span(span, end_on_exit=True),
+    ):
         yield
 
 
@@ -219,8 +229,9 @@ def feeding_done(rec: BatchRecord, lines: int) -> None:
     ids = _ids(rec) if _state.tracer is not None else None
     start = rec.trace_running_ns
     if ids and start:
-        _emit("sluice.feeding", ids, start, time.time_ns(), attributes={"sluice.batch_id": rec.id,
-                                                                        "sluice.lines": lines})
+        _emit(
+            "sluice.feeding", ids, start, time.time_ns(), attributes={"sluice.batch_id": rec.id, "sluice.lines": lines}
+        )
 
 
 def batch_finished(rec: BatchRecord, status: str, finishing_since_ns: int = 0) -> None:
@@ -235,13 +246,25 @@ def batch_finished(rec: BatchRecord, status: str, finishing_since_ns: int = 0) -
     if running:
         done = finishing_since_ns or now
         counts = {"sluice.total": rec.total, "sluice.completed": rec.completed, "sluice.failed": rec.failed}
-        _emit("sluice.running", ids, running, done, ids=(trace_id, _derived_span_id(trace_id, "running")),
-              attributes={**batch, **counts})
+        _emit(
+            "sluice.running",
+            ids,
+            running,
+            done,
+            ids=(trace_id, _derived_span_id(trace_id, "running")),
+            attributes={**batch, **counts},
+        )
         _emit("sluice.finalizing", ids, done, now, attributes=batch)
     parent = int(rec.trace_parent, 16) if rec.trace_parent else 0
-    _emit("sluice.batch", (trace_id, parent) if parent else None, rec.trace_started_ns or now, now,
-          ids=ids, attributes={**batch, "sluice.status": status, "sluice.endpoint": rec.endpoint},
-          error="" if status == "completed" else status)
+    _emit(
+        "sluice.batch",
+        (trace_id, parent) if parent else None,
+        rec.trace_started_ns or now,
+        now,
+        ids=ids,
+        attributes={**batch, "sluice.status": status, "sluice.endpoint": rec.endpoint},
+        error="" if status == "completed" else status,
+    )
 
 
 # ----------------------------------------------------------------------------- lines
@@ -272,8 +295,12 @@ class LineTrace:
         trace_id = int(m.group(1), 16)
         read = time.time_ns()
         parent = _context(trace_id, _derived_span_id(trace_id, "running"))
-        self.span = _state.tracer.start_span("sluice.line", context=parent, start_time=queued_ns or read, attributes={
-            "sluice.batch_id": batch_id, "sluice.line": index, "sluice.custom_id": custom_id})
+        self.span = _state.tracer.start_span(
+            "sluice.line",
+            context=parent,
+            start_time=queued_ns or read,
+            attributes={"sluice.batch_id": batch_id, "sluice.line": index, "sluice.custom_id": custom_id},
+        )
         self.context = _state.api.set_span_in_context(self.span)
         if queued_ns:
             _state.tracer.start_span("sluice.queue", context=self.context, start_time=queued_ns).end(end_time=read)
@@ -283,15 +310,21 @@ class LineTrace:
     def upstream(self, provider: str, started_ns: int, attempts: Any) -> None:
         """The provider call that started at ``started_ns`` and just ended, with its attempts."""
         end = time.time_ns()
-        span = _state.tracer.start_span("sluice.upstream", context=self.context, start_time=started_ns,
-                                        attributes={"sluice.provider": provider,
-                                                    "sluice.attempts": len(attempts.tries)})
+        span = _state.tracer.start_span(
+            "sluice.upstream",
+            context=self.context,
+            start_time=started_ns,
+            attributes={"sluice.provider": provider, "sluice.attempts": len(attempts.tries)},
+        )
         inner = _state.api.set_span_in_context(span)
         for token, micros, ended in zip(attempts.tries, attempts.micros, attempts.ends_ns):
             status = token.split(":", 1)[0]
-            attempt = _state.tracer.start_span("sluice.attempt", context=inner, start_time=ended - micros * 1000,
-                                               attributes={"http.response.status_code": status,
-                                                           "sluice.paused_provider": token.endswith(":p")})
+            attempt = _state.tracer.start_span(
+                "sluice.attempt",
+                context=inner,
+                start_time=ended - micros * 1000,
+                attributes={"http.response.status_code": status, "sluice.paused_provider": token.endswith(":p")},
+            )
             attempt.end(end_time=ended)
         span.end(end_time=end)
 

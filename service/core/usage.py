@@ -76,8 +76,9 @@ def _encode(provider: str, body: _Body | None) -> str:
     tokens_in = _n(u.input_tokens) or _n(u.prompt_tokens)
     tokens_out = _n(u.output_tokens) or _n(u.completion_tokens)
     cached = _detail(u.input_tokens_details, "cached_tokens") or _detail(u.prompt_tokens_details, "cached_tokens")
-    reasoning = (_detail(u.output_tokens_details, "reasoning_tokens")
-                 or _detail(u.completion_tokens_details, "reasoning_tokens"))
+    reasoning = _detail(u.output_tokens_details, "reasoning_tokens") or _detail(
+        u.completion_tokens_details, "reasoning_tokens"
+    )
     model = body.model if isinstance(body.model, str) else ""
     return f"{tokens_in} {cached} {tokens_out} {reasoning} {_label(provider)}|{_label(model)}"
 
@@ -118,11 +119,17 @@ async def report(r: Redis, owner: str, days: int) -> tuple[list[UsageRow], str, 
             counts.setdefault((provider, model), {})[kind] = amount
         for (provider, model), n in sorted(counts.items()):
             get = n.get
-            rows.append(UsageRow(
-                date=date, provider=provider, model=model, requests=get("requests", 0),
-                input_tokens=get("input", 0), input_tokens_details=InputTokensDetails(cached_tokens=get("cached", 0)),
-                output_tokens=get("output", 0),
-                output_tokens_details=OutputTokensDetails(reasoning_tokens=get("reasoning", 0)),
-                total_tokens=get("input", 0) + get("output", 0),
-            ))
+            rows.append(
+                UsageRow(
+                    date=date,
+                    provider=provider,
+                    model=model,
+                    requests=get("requests", 0),
+                    input_tokens=get("input", 0),
+                    input_tokens_details=InputTokensDetails(cached_tokens=get("cached", 0)),
+                    output_tokens=get("output", 0),
+                    output_tokens_details=OutputTokensDetails(reasoning_tokens=get("reasoning", 0)),
+                    total_tokens=get("input", 0) + get("output", 0),
+                )
+            )
     return rows, dates[-1], dates[0]

@@ -101,7 +101,12 @@ async def _read_ahead(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[byt
 
 
 async def iter_blocks(
-    storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0, chunk_size: int = CHUNK,
+    storage: Storage,
+    key: str,
+    *,
+    max_line: int = MAX_LINE_BYTES,
+    start: int = 0,
+    chunk_size: int = CHUNK,
     read_ahead: bool = False,
 ) -> AsyncGenerator[Block, None]:
     """Yield a stored file as blocks of whole lines, one per read of ``chunk_size``, tolerating a BOM.
@@ -120,7 +125,7 @@ async def iter_blocks(
     skipping = False
     async for chunk in chunks:
         if pos == 0 and chunk.startswith(BOM):
-            chunk = chunk[len(BOM):]
+            chunk = chunk[len(BOM) :]
             pos = line_start = len(BOM)
         last = chunk.rfind(b"\n")
         begin = 0
@@ -132,7 +137,7 @@ async def iter_blocks(
                 number += 1
                 line_start = pos + begin
             if last + 1 > begin:
-                data = chunk[begin:last + 1]
+                data = chunk[begin : last + 1]
                 if parts:
                     data = b"".join((*parts, data))
                     parts.clear()
@@ -156,7 +161,11 @@ async def iter_blocks(
 
 
 async def iter_lines(
-    storage: Storage, key: str, *, max_line: int = MAX_LINE_BYTES, start: int = 0,
+    storage: Storage,
+    key: str,
+    *,
+    max_line: int = MAX_LINE_BYTES,
+    start: int = 0,
 ) -> AsyncGenerator[Line, None]:
     """Yield the non-blank lines of a stored file, tolerating a BOM, CRLF and a missing final newline.
 
@@ -214,10 +223,15 @@ def check_line(line: Line, endpoint: str) -> Request | BatchError:
         return _err("invalid_request", "Model parameter must be a non-empty string.", "body.model", n)
     if body.stream is True:
         return _err("streaming_unsupported", "Streaming is not supported in the Batch API.", "body.stream", n)
-    max_tokens = next((v for v in (body.max_tokens, body.max_completion_tokens, body.max_output_tokens)
-                       if isinstance(v, int) and not isinstance(v, bool)), 0)
-    return Request(custom_id=parsed.custom_id, body=raw, model=body.model,
-                   cost=estimate_tokens(len(raw), max_tokens))
+    max_tokens = next(
+        (
+            v
+            for v in (body.max_tokens, body.max_completion_tokens, body.max_output_tokens)
+            if isinstance(v, int) and not isinstance(v, bool)
+        ),
+        0,
+    )
+    return Request(custom_id=parsed.custom_id, body=raw, model=body.model, cost=estimate_tokens(len(raw), max_tokens))
 
 
 class _QuickBody(msgspec.Struct):
@@ -253,8 +267,13 @@ def quick_check(data: bytes, endpoint: str) -> tuple[str, str] | None:
     except JSON_ERRORS:
         return None
     body = parsed.body
-    if (parsed.method != "POST" or parsed.url != endpoint or not parsed.custom_id or not body.model
-            or body.stream is True):
+    if (
+        parsed.method != "POST"
+        or parsed.url != endpoint
+        or not parsed.custom_id
+        or not body.model
+        or body.stream is True
+    ):
         return None
     return parsed.custom_id, body.model
 
@@ -321,13 +340,16 @@ def estimate_tokens(body_len: int, max_tokens: int) -> int:
 
 def model_error(model: str, line: int) -> BatchError:
     """The error for a model that no configured provider serves."""
-    return _err("model_not_found", f"The provided model '{model[:200]}' is not served by any provider.",
-                "body.model", line)
+    return _err(
+        "model_not_found", f"The provided model '{model[:200]}' is not served by any provider.", "body.model", line
+    )
 
 
 def duplicate_error(line: int) -> BatchError:
     """The error for a custom_id already used by an earlier line."""
-    return _err("duplicate_custom_id", "The custom_id for this request is a duplicate of another request.", "custom_id", line)
+    return _err(
+        "duplicate_custom_id", "The custom_id for this request is a duplicate of another request.", "custom_id", line
+    )
 
 
 def too_many_error(limit: int) -> BatchError:

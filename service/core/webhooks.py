@@ -65,26 +65,32 @@ METADATA_HOSTS = frozenset({"metadata.google.internal"})
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 
 # Checked in order: the first match names the reason.
-_FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple((ipaddress.IPv4Network(net), why) for net, why in (
-    ("0.0.0.0/8", "an unspecified address"),
-    ("127.0.0.0/8", "a loopback address"),
-    ("10.0.0.0/8", "a private (RFC 1918) address"),
-    ("172.16.0.0/12", "a private (RFC 1918) address"),
-    ("192.168.0.0/16", "a private (RFC 1918) address"),
-    ("169.254.0.0/16", "a link-local address"),
-    ("100.64.0.0/10", "a shared (CGNAT) address"),
-    ("224.0.0.0/4", "a multicast address"),
-    ("240.0.0.0/4", "a reserved address"),
-    # Python before 3.12 counts this one as global; Oracle Cloud's metadata service is in it.
-    ("192.0.0.0/24", "a reserved (IETF protocol assignment) address"),
-))
-_FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple((ipaddress.IPv6Network(net), why) for net, why in (
-    ("::/128", "an unspecified address"),
-    ("::1/128", "a loopback address"),
-    ("fe80::/10", "a link-local address"),
-    ("fc00::/7", "a unique-local address"),
-    ("ff00::/8", "a multicast address"),
-))
+_FORBIDDEN_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
+    (ipaddress.IPv4Network(net), why)
+    for net, why in (
+        ("0.0.0.0/8", "an unspecified address"),
+        ("127.0.0.0/8", "a loopback address"),
+        ("10.0.0.0/8", "a private (RFC 1918) address"),
+        ("172.16.0.0/12", "a private (RFC 1918) address"),
+        ("192.168.0.0/16", "a private (RFC 1918) address"),
+        ("169.254.0.0/16", "a link-local address"),
+        ("100.64.0.0/10", "a shared (CGNAT) address"),
+        ("224.0.0.0/4", "a multicast address"),
+        ("240.0.0.0/4", "a reserved address"),
+        # Python before 3.12 counts this one as global; Oracle Cloud's metadata service is in it.
+        ("192.0.0.0/24", "a reserved (IETF protocol assignment) address"),
+    )
+)
+_FORBIDDEN_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.IPv6Network(net), why)
+    for net, why in (
+        ("::/128", "an unspecified address"),
+        ("::1/128", "a loopback address"),
+        ("fe80::/10", "a link-local address"),
+        ("fc00::/7", "a unique-local address"),
+        ("ff00::/8", "a multicast address"),
+    )
+)
 # IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
 _EMBEDS_V4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
 
@@ -217,11 +223,17 @@ async def url_from_header(value: str | None, settings: Settings) -> str:
     if problem:
         raise bad_request(f"Invalid {HEADER}: {problem}.", param=HEADER, code="invalid_value")
     if not settings.webhook_secret:
-        raise bad_request("This server cannot sign webhooks: set SLUICE_WEBHOOK_SECRET or SLUICE_SECRET_KEY.",
-                          param=HEADER, code="webhooks_unavailable")
+        raise bad_request(
+            "This server cannot sign webhooks: set SLUICE_WEBHOOK_SECRET or SLUICE_SECRET_KEY.",
+            param=HEADER,
+            code="webhooks_unavailable",
+        )
     if not settings.webhook_allow_private and (problem := await target_problem(raw)):
-        raise bad_request(f"Invalid {HEADER}: {problem}. Webhooks are only sent to public addresses.",
-                          param=HEADER, code="webhook_target_forbidden")
+        raise bad_request(
+            f"Invalid {HEADER}: {problem}. Webhooks are only sent to public addresses.",
+            param=HEADER,
+            code="webhook_target_forbidden",
+        )
     return raw
 
 
@@ -240,7 +252,10 @@ class PublicOnlyResolver(AbstractResolver):
         self._inner = DefaultResolver()
 
     async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
+        self,
+        host: str,
+        port: int = 0,
+        family: socket.AddressFamily = socket.AF_INET,
     ) -> list[ResolveResult]:
         """The resolved addresses of ``host`` that are public; ForbiddenTarget if none is."""
         found = await self._inner.resolve(host, port, family)
@@ -303,28 +318,41 @@ def payload(rec: BatchRecord) -> bytes:
     """The JSON body announcing that the batch of record ``rec`` ended."""
     batch = store.batch_from_record(rec)
     at = getattr(batch, f"{batch.status}_at", None) or store.now()
-    return json_encoder.encode({
-        "id": message_id(rec.id), "object": "event", "type": f"batch.{batch.status}", "created_at": at,
-        "data": batch,
-    })
+    return json_encoder.encode(
+        {
+            "id": message_id(rec.id),
+            "object": "event",
+            "type": f"batch.{batch.status}",
+            "created_at": at,
+            "data": batch,
+        }
+    )
 
 
 # Count an attempt on the batch record, unless the record is gone (no key without a TTL is made).
 # counted: the attempts counted when the record was read. Only that value is bumped, so a re-run of
 # the script (redis-py re-sending it after a lost reply) answers the same number without counting
 # the attempt twice.
-_BUMP = FencedScript(keys=("batch",), args=("counted",), source="""
+_BUMP = FencedScript(
+    keys=("batch",),
+    args=("counted",),
+    source="""
 if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
 local counted = tonumber(redis.call('HGET', KEYS.batch, 'webhook_attempts') or '0')
 if counted ~= tonumber(ARGV.counted) then return counted end
 return redis.call('HINCRBY', KEYS.batch, 'webhook_attempts', 1)
-""")
+""",
+)
 
 # The delivery is over (state: delivered, failed or refused): note it on the record, if any, and unqueue it.
-_DONE = FencedScript(keys=("batch", "webhooks_due"), args=("batch_id", "state"), source="""
+_DONE = FencedScript(
+    keys=("batch", "webhooks_due"),
+    args=("batch_id", "state"),
+    source="""
 if redis.call('EXISTS', KEYS.batch) == 1 then redis.call('HSET', KEYS.batch, 'webhook_state', ARGV.state) end
 redis.call('ZREM', KEYS.webhooks_due, ARGV.batch_id)
-""")
+""",
+)
 
 
 def backoff(settings: Settings, attempt: int) -> float:
@@ -408,8 +436,7 @@ class WebhookSender:
             # The record expired or was deleted meanwhile.
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
-        attempt = int(await _BUMP(self.r, batch=keys.batch(batch_id), counted=h.webhook_attempts,
-                                  lease=self.lease))
+        attempt = int(await _BUMP(self.r, batch=keys.batch(batch_id), counted=h.webhook_attempts, lease=self.lease))
         if attempt == 0:
             await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
             return
@@ -422,8 +449,9 @@ class WebhookSender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(self.settings.webhook_secret, msg_id, timestamp, body),
         }
-        bound = log.bind(batch_id=batch_id, webhook_id=msg_id, target=where(url), attempt=attempt,
-                         event_type=f"batch.{h.status}")
+        bound = log.bind(
+            batch_id=batch_id, webhook_id=msg_id, target=where(url), attempt=attempt, event_type=f"batch.{h.status}"
+        )
         started = time.monotonic()
         outcome: dict[str, Any]
         try:
@@ -438,18 +466,35 @@ class WebhookSender:
             if refused := _forbidden(e):
                 # Not retried: the target is internal (its name now resolves there, or the URL came
                 # from before targets were checked).
-                await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
-                                 state="refused")
+                await _DONE(
+                    self.r,
+                    batch=keys.batch(batch_id),
+                    webhooks_due=keys.WEBHOOKS_DUE,
+                    batch_id=batch_id,
+                    state="refused",
+                )
                 bound.warning("webhook_refused", reason=str(refused))
                 return
         outcome["seconds"] = round(time.monotonic() - started, 3)
         if ok:
-            await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
-                        state="delivered", lease=self.lease)
+            await _DONE(
+                self.r,
+                batch=keys.batch(batch_id),
+                webhooks_due=keys.WEBHOOKS_DUE,
+                batch_id=batch_id,
+                state="delivered",
+                lease=self.lease,
+            )
             bound.info("webhook_delivered", **outcome)
         elif attempt >= self.settings.webhook_max_attempts:
-            await _DONE(self.r, batch=keys.batch(batch_id), webhooks_due=keys.WEBHOOKS_DUE, batch_id=batch_id,
-                        state="failed", lease=self.lease)
+            await _DONE(
+                self.r,
+                batch=keys.batch(batch_id),
+                webhooks_due=keys.WEBHOOKS_DUE,
+                batch_id=batch_id,
+                state="failed",
+                lease=self.lease,
+            )
             bound.warning("webhook_given_up", **outcome)
         else:
             wait = backoff(self.settings, attempt)

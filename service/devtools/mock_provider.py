@@ -368,9 +368,11 @@ class _MockProvider:
         """Accept the request (recording it) or return the 429 that rejects it."""
         if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
             message = f"Too many concurrent requests (limit {self.max_concurrency}); retry after 1 second."
-            return 429, _error_body(message, type="rate_limit_error", code="concurrency_limit_exceeded"), {
-                "Retry-After": "1"
-            }
+            return (
+                429,
+                _error_body(message, type="rate_limit_error", code="concurrency_limit_exceeded"),
+                {"Retry-After": "1"},
+            )
         now = time.monotonic()
         if self.window_allowance is not None:
             horizon = now - self.window_s
@@ -382,9 +384,11 @@ class _MockProvider:
                     f"Rate limit reached for requests: limit {self.window_allowance} per {self.window_s:g}s; "
                     f"retry after {retry_after} seconds."
                 )
-                return 429, _error_body(message, type="rate_limit_error", code="rate_limit_exceeded"), {
-                    "Retry-After": str(retry_after)
-                }
+                return (
+                    429,
+                    _error_body(message, type="rate_limit_error", code="rate_limit_exceeded"),
+                    {"Retry-After": str(retry_after)},
+                )
             self.window.append(now)
         self.accepted += 1
         wall = time.time()
@@ -459,7 +463,9 @@ class _MockProvider:
             return _bad_request("you must provide a model parameter", "model")
 
         fail_times = body.get("mock_fail_times")
-        if fail_times is not None and (not isinstance(fail_times, int) or isinstance(fail_times, bool) or fail_times < 0):
+        if fail_times is not None and (
+            not isinstance(fail_times, int) or isinstance(fail_times, bool) or fail_times < 0
+        ):
             return _bad_request("mock_fail_times must be a non-negative integer", "mock_fail_times")
         if forced is not None and forced != 200:
             # With mock_fail_times, only the first N deliveries of this exact body fail: a transient fault.
@@ -496,8 +502,9 @@ class _InputLine(msgspec.Struct):
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, body=msgspec.json.encode(payload), content_type="application/json", headers=headers
+    )
 
 
 def _not_found(kind: str, object_id: str) -> web.Response:
@@ -519,10 +526,17 @@ def _page(items: list[dict[str, Any]], request: web.Request, default_limit: int,
     after = request.query.get("after")
     if after:
         ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        items = items[ids.index(after) + 1 :] if after in ids else []
     data = items[:limit]
-    return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                  "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit})
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(items) > limit,
+        }
+    )
 
 
 def _marker(lines: list[tuple[Any, bytes]], name: str) -> Any:
@@ -542,8 +556,9 @@ def _delay_s(value: Any) -> float:
 class _BatchAPI:
     """The mock's own Files and Batches API, in memory (see the module docstring)."""
 
-    def __init__(self, provider: _MockProvider, *, line_ms: float, start_ms: float, cancel_ms: float,
-                 window_ms: float | None) -> None:
+    def __init__(
+        self, provider: _MockProvider, *, line_ms: float, start_ms: float, cancel_ms: float, window_ms: float | None
+    ) -> None:
         self.provider = provider
         self.line_ms = line_ms
         self.start_ms = start_ms
@@ -579,8 +594,15 @@ class _BatchAPI:
         file_id = self._id("file-mock")
         created = int(time.time())
         self.files[file_id] = {
-            "id": file_id, "object": "file", "bytes": len(content), "created_at": created, "filename": filename,
-            "purpose": purpose, "status": "processed", "expires_at": created + 30 * 86400, "status_details": None,
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": created,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": created + 30 * 86400,
+            "status_details": None,
         }
         self.contents[file_id] = content
         return self.files[file_id]
@@ -639,7 +661,7 @@ class _BatchAPI:
             lines = data.splitlines(keepends=True)
             step = max(1, math.ceil(len(lines) / 10))
             for i in range(0, len(lines), step):
-                await response.write(b"".join(lines[i:i + step]))
+                await response.write(b"".join(lines[i : i + step]))
                 await asyncio.sleep(pause)
         else:
             await response.write(data)
@@ -674,16 +696,34 @@ class _BatchAPI:
         if body.get("completion_window") != "24h":
             return _invalid("completion_window must be '24h'.", "completion_window")
         metadata = body.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
             return _invalid("metadata must map strings to strings.", "metadata")
         created = int(time.time())
         batch: dict[str, Any] = {
-            "id": self._id("batch_mock"), "object": "batch", "endpoint": endpoint, "errors": None,
-            "input_file_id": file_id, "completion_window": "24h", "status": "validating", "output_file_id": None,
-            "error_file_id": None, "created_at": created, "in_progress_at": None, "expires_at": created + 86400,
-            "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
-            "cancelling_at": None, "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-            "metadata": metadata, "model": None, "usage": None,
+            "id": self._id("batch_mock"),
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": created,
+            "in_progress_at": None,
+            "expires_at": created + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
+            "model": None,
+            "usage": None,
         }
         self.batches[batch["id"]] = batch
         lines = self._lines(self.contents[file_id]) or []
@@ -708,8 +748,11 @@ class _BatchAPI:
         if batch is None:
             return _not_found("Batch", batch_id)
         if batch["status"] in _BATCH_TERMINAL:
-            return _json(_error_body(f"Cannot cancel a batch with status '{batch['status']}'.",
-                                     type="invalid_request_error"), 409, {"x-should-retry": "false"})
+            return _json(
+                _error_body(f"Cannot cancel a batch with status '{batch['status']}'.", type="invalid_request_error"),
+                409,
+                {"x-should-retry": "false"},
+            )
         if batch["status"] != "cancelling":
             batch.update(status="cancelling", cancelling_at=int(time.time()))
         return _json(batch)
@@ -720,8 +763,14 @@ class _BatchAPI:
         await asyncio.sleep(self.start_ms / 1000)
         failure = _marker(lines, "mock_batch_fail")
         if batch["status"] == "validating" and failure is not None:
-            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
-                {"code": "mock_batch_failed", "message": str(failure), "param": None, "line": None}]})
+            batch.update(
+                status="failed",
+                failed_at=int(time.time()),
+                errors={
+                    "object": "list",
+                    "data": [{"code": "mock_batch_failed", "message": str(failure), "param": None, "line": None}],
+                },
+            )
             return
         if batch["status"] == "validating":
             batch.update(status="in_progress", in_progress_at=int(time.time()))
@@ -738,18 +787,26 @@ class _BatchAPI:
                 break
             body = msgspec.json.decode(raw)
             if (isinstance(body, dict) and body.get("mock_batch_expire") is True) or (
-                    self.window_ms is not None and (time.monotonic() - started) * 1000 >= self.window_ms):
+                self.window_ms is not None and (time.monotonic() - started) * 1000 >= self.window_ms
+            ):
                 ended = "expired"
                 break
-            wait = _delay_s(body.get("mock_latency_ms")) if isinstance(body, dict) and "mock_latency_ms" in body \
+            wait = (
+                _delay_s(body.get("mock_latency_ms"))
+                if isinstance(body, dict) and "mock_latency_ms" in body
                 else self.line_ms / 1000
+            )
             if wait:
                 await asyncio.sleep(wait)
             elif done % 500 == 0:
                 await asyncio.sleep(0)
             status, payload = _batch_answer(raw, build)
-            result = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id, "response": {
-                "status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": payload}, "error": None}
+            result = {
+                "id": f"batch_req_{secrets.token_hex(12)}",
+                "custom_id": custom_id,
+                "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": payload},
+                "error": None,
+            }
             (out if status == 200 else err).append(msgspec.json.encode(result))
             batch["request_counts"]["completed" if status == 200 else "failed"] += 1
             done += 1
@@ -758,10 +815,19 @@ class _BatchAPI:
                 ended = "cancelled"
         if ended == "expired":
             for custom_id, _ in lines[done:]:
-                err.append(msgspec.json.encode({
-                    "id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id, "response": None,
-                    "error": {"code": "batch_expired", "message": "This request could not be executed before the "
-                                                                 "completion window expired."}}))
+                err.append(
+                    msgspec.json.encode(
+                        {
+                            "id": f"batch_req_{secrets.token_hex(12)}",
+                            "custom_id": custom_id,
+                            "response": None,
+                            "error": {
+                                "code": "batch_expired",
+                                "message": "This request could not be executed before the completion window expired.",
+                            },
+                        }
+                    )
+                )
         if ended == "cancelled":
             await asyncio.sleep(self.cancel_ms / 1000)
         elif ended == "completed":
@@ -769,8 +835,9 @@ class _BatchAPI:
         pause = _delay_s(_marker(lines, "mock_content_delay_ms"))
         for field, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
-                stored = self._store_file(f"{batch['id']}_{field.split('_')[0]}.jsonl", "batch_output",
-                                          b"\n".join(rows) + b"\n")
+                stored = self._store_file(
+                    f"{batch['id']}_{field.split('_')[0]}.jsonl", "batch_output", b"\n".join(rows) + b"\n"
+                )
                 batch[field] = stored["id"]
                 if pause:
                     self.slow[stored["id"]] = pause
@@ -784,10 +851,14 @@ class _BatchAPI:
     def add_routes(self, app: web.Application) -> None:
         for prefix in ("/v1", ""):
             for method, path, handle in (
-                ("POST", "/files", self.upload), ("GET", "/files", self.list_files),
-                ("GET", "/files/{file_id}", self.get_file), ("DELETE", "/files/{file_id}", self.delete_file),
-                ("GET", "/files/{file_id}/content", self.content), ("POST", "/batches", self.create),
-                ("GET", "/batches", self.list_batches), ("GET", "/batches/{batch_id}", self.get_batch),
+                ("POST", "/files", self.upload),
+                ("GET", "/files", self.list_files),
+                ("GET", "/files/{file_id}", self.get_file),
+                ("DELETE", "/files/{file_id}", self.delete_file),
+                ("GET", "/files/{file_id}/content", self.content),
+                ("POST", "/batches", self.create),
+                ("GET", "/batches", self.list_batches),
+                ("GET", "/batches/{batch_id}", self.get_batch),
                 ("POST", "/batches/{batch_id}/cancel", self.cancel),
             ):
                 app.router.add_route(method, prefix + path, self.counted(handle))
@@ -856,8 +927,9 @@ def create_app(
         raise ValueError("batch_* times must be >= 0")
     provider = _MockProvider(latency_ms, error_rate, seed, max_concurrency, rpm, window_s, retry_after)
     app = web.Application(client_max_size=512 * 1024 * 1024)
-    _BatchAPI(provider, line_ms=batch_line_ms, start_ms=batch_start_ms, cancel_ms=batch_cancel_ms,
-              window_ms=batch_window_ms).add_routes(app)
+    _BatchAPI(
+        provider, line_ms=batch_line_ms, start_ms=batch_start_ms, cancel_ms=batch_cancel_ms, window_ms=batch_window_ms
+    ).add_routes(app)
     for path, build in _ENDPOINTS.items():
         handle = provider.handler(build)
         app.router.add_post(path, handle)

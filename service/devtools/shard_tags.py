@@ -37,7 +37,7 @@ def key_slot(key: str | bytes) -> int:
     if start != -1:
         end = raw.find(b"}", start + 1)
         if end > start + 1:
-            raw = raw[start + 1:end]
+            raw = raw[start + 1 : end]
     return crc16(raw) % SLOTS
 
 

@@ -71,12 +71,21 @@ def check_declared_length(request: web.Request) -> None:
     if request.match_info.handler is upload_file:
         settings = request.app[appkeys.SETTINGS]
         if declared > upload_body_limit(settings):
-            raise APIError(413, f"Request body is too large: {declared} bytes declared, and uploads are limited to "
-                                f"{max(settings.max_file_bytes, settings.max_batch_file_bytes)} bytes per file.",
-                           param="file", code="file_too_large", close=True)
+            raise APIError(
+                413,
+                f"Request body is too large: {declared} bytes declared, and uploads are limited to "
+                f"{max(settings.max_file_bytes, settings.max_batch_file_bytes)} bytes per file.",
+                param="file",
+                code="file_too_large",
+                close=True,
+            )
     elif declared > MAX_JSON_BODY_BYTES:
-        raise APIError(413, f"Request body is too large: {declared} bytes declared, the limit is "
-                            f"{MAX_JSON_BODY_BYTES} bytes.", code="request_too_large", close=True)
+        raise APIError(
+            413,
+            f"Request body is too large: {declared} bytes declared, the limit is {MAX_JSON_BODY_BYTES} bytes.",
+            code="request_too_large",
+            close=True,
+        )
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
@@ -95,10 +104,13 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
     try:
         value = int(raw)
     except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer, got '{raw[:64]}'.", param=name,
-                          code="invalid_type") from None
+        raise bad_request(
+            f"Invalid '{name}': expected an integer, got '{raw[:64]}'.", param=name, code="invalid_type"
+        ) from None
     if not lo <= value <= hi:
-        raise bad_request(f"Invalid '{name}': {value}. It must be between {lo} and {hi}.", param=name, code="invalid_value")
+        raise bad_request(
+            f"Invalid '{name}': {value}. It must be between {lo} and {hi}.", param=name, code="invalid_value"
+        )
     return value
 
 
@@ -113,8 +125,10 @@ def _query_after(request: web.Request, prefix: str) -> str | None:
 
 def _page(items: list[Any], has_more: bool) -> Page:
     return Page(
-        data=items, has_more=has_more,
-        first_id=items[0].id if items else None, last_id=items[-1].id if items else None,
+        data=items,
+        has_more=has_more,
+        first_id=items[0].id if items else None,
+        last_id=items[-1].id if items else None,
     )
 
 
@@ -146,7 +160,7 @@ class _FirstLineCheck:
         if not self.started:
             self.started = True
             if chunk.startswith(BOM):
-                chunk = chunk[len(BOM):]
+                chunk = chunk[len(BOM) :]
         self.buf += chunk
         while self.verdict is None:
             nl = self.buf.find(b"\n")
@@ -225,26 +239,40 @@ async def upload_file(request: web.Request) -> web.Response:
                 parts += 1
                 if parts > settings.max_form_fields:
                     # Refused before parsing more: each part costs CPU, and the form needs only four.
-                    raise APIError(400, f"Too many form fields: an upload takes at most {settings.max_form_fields} "
-                                        "('file', 'purpose', 'expires_after[anchor]', 'expires_after[seconds]').",
-                                   code="too_many_fields", close=True)
+                    raise APIError(
+                        400,
+                        f"Too many form fields: an upload takes at most {settings.max_form_fields} "
+                        "('file', 'purpose', 'expires_after[anchor]', 'expires_after[seconds]').",
+                        code="too_many_fields",
+                        close=True,
+                    )
                 if not isinstance(part, BodyPartReader):
                     raise bad_request("Nested multipart bodies are not supported.")
                 name = _part_name(part)
                 if name == "file":
                     if stored is not None:
                         raise bad_request("Only one 'file' may be uploaded per request.", param="file")
-                    stored = await _store_upload(r, storage, settings, part, fields.get("purpose"),
-                                                 request[appkeys.OWNER], request[appkeys.QUOTAS])
+                    stored = await _store_upload(
+                        r,
+                        storage,
+                        settings,
+                        part,
+                        fields.get("purpose"),
+                        request[appkeys.OWNER],
+                        request[appkeys.QUOTAS],
+                    )
                 elif name in ("purpose", "expires_after[anchor]", "expires_after[seconds]"):
                     fields[name] = await _read_field(part, idle_s)
                 else:
-                    raise bad_request(f"Unrecognized request argument supplied: {name}", param=name,
-                                      code="unknown_parameter")
+                    raise bad_request(
+                        f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter"
+                    )
         except (ValueError, AssertionError, HttpProcessingError) as e:
             # aiohttp signals malformed multipart bodies (and part headers) with these.
             raise bad_request(f"Malformed multipart body: {e}") from None
-        return json_response(await _finish_upload(r, settings, request[appkeys.OWNER], request[appkeys.QUOTAS], fields, stored))
+        return json_response(
+            await _finish_upload(r, settings, request[appkeys.OWNER], request[appkeys.QUOTAS], fields, stored)
+        )
     except BaseException:
         if stored is not None and not stored.recorded:
             await storage.delete(stored.file_id)
@@ -253,8 +281,11 @@ async def upload_file(request: web.Request) -> web.Response:
 
 def storage_quota_error(quotas: Quotas) -> APIError:
     """The 429 of an upload (or a retry's input file) that would pass the token's storage quota."""
-    return quota_error(f"Storing this file would exceed this token's storage quota of {quotas.max_stored_bytes} "
-                       "bytes. Delete files you no longer need.", "storage_quota_exceeded")
+    return quota_error(
+        f"Storing this file would exceed this token's storage quota of {quotas.max_stored_bytes} "
+        "bytes. Delete files you no longer need.",
+        "storage_quota_exceeded",
+    )
 
 
 def quota_error(message: str, code: str) -> APIError:
@@ -263,8 +294,13 @@ def quota_error(message: str, code: str) -> APIError:
 
 
 async def _store_upload(
-    r: store.Redis, storage: Storage, settings: Settings, part: BodyPartReader, purpose: str | None,
-    owner: str, quotas: Quotas,
+    r: store.Redis,
+    storage: Storage,
+    settings: Settings,
+    part: BodyPartReader,
+    purpose: str | None,
+    owner: str,
+    quotas: Quotas,
 ) -> _Stored:
     # Before 'purpose' is known only the general cap applies; the batch cap is checked after.
     limit = settings.max_batch_file_bytes if purpose == "batch" else settings.max_file_bytes
@@ -278,8 +314,9 @@ async def _store_upload(
         while chunk := await edge.within_idle(part.read_chunk(CHUNK), settings.body_idle_timeout_s):
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"File is too large: the limit is {limit} bytes.", param="file",
-                               code="file_too_large")
+                raise APIError(
+                    413, f"File is too large: the limit is {limit} bytes.", param="file", code="file_too_large"
+                )
             if size > room:
                 raise storage_quota_error(quotas)
             check.feed(chunk)
@@ -293,7 +330,12 @@ async def _store_upload(
 
 
 async def _finish_upload(
-    r: store.Redis, settings: Settings, owner: str, quotas: Quotas, fields: dict[str, str], stored: _Stored | None,
+    r: store.Redis,
+    settings: Settings,
+    owner: str,
+    quotas: Quotas,
+    fields: dict[str, str],
+    stored: _Stored | None,
 ) -> FileObject:
     purpose = fields.get("purpose")
     if not purpose:
@@ -301,7 +343,8 @@ async def _finish_upload(
     if purpose not in UPLOAD_PURPOSES:
         raise bad_request(
             f"Invalid value for 'purpose': '{purpose[:64]}'. Supported values are: {', '.join(UPLOAD_PURPOSES)}.",
-            param="purpose", code="invalid_value",
+            param="purpose",
+            code="invalid_value",
         )
     if stored is None:
         raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
@@ -310,21 +353,37 @@ async def _finish_upload(
     expires_at = created + BATCH_FILE_TTL_S if purpose == "batch" else None
     if "expires_after[anchor]" in fields or "expires_after[seconds]" in fields:
         expires_at = created + _expires_after_seconds(
-            fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"), "expires_after",
+            fields.get("expires_after[anchor]"),
+            fields.get("expires_after[seconds]"),
+            "expires_after",
         )
     if purpose == "batch":
         if size > settings.max_batch_file_bytes:
-            raise APIError(413, f"Batch input files are limited to {settings.max_batch_file_bytes} bytes.",
-                           param="file", code="file_too_large")
+            raise APIError(
+                413,
+                f"Batch input files are limited to {settings.max_batch_file_bytes} bytes.",
+                param="file",
+                code="file_too_large",
+            )
         verdict = stored.check.finish()
         if verdict:
             raise bad_request(verdict, param="file", code="invalid_file_format")
     # The check while streaming saw usage as it was; this one, atomic with the record, counts
     # concurrent uploads too. The file id is the operation's id (see store.settle).
     record = functools.partial(
-        store.create_file, r, owner=owner, file_id=stored.file_id, seq=stored.seq, filename=stored.filename,
-        purpose=purpose, size=size, storage_key=stored.file_id, expires_at=expires_at, created_at=created,
-        lines=stored.check.lines, max_stored_bytes=quotas.max_stored_bytes,
+        store.create_file,
+        r,
+        owner=owner,
+        file_id=stored.file_id,
+        seq=stored.seq,
+        filename=stored.filename,
+        purpose=purpose,
+        size=size,
+        storage_key=stored.file_id,
+        expires_at=expires_at,
+        created_at=created,
+        lines=stored.check.lines,
+        max_stored_bytes=quotas.max_stored_bytes,
     )
     stored.recorded = True  # until known otherwise: an orphan content is harmless, a record without one is not
     try:
@@ -349,15 +408,15 @@ async def _finish_upload(
 
 def _expires_after_seconds(anchor: Any, seconds: Any, param: str) -> int:
     if anchor != "created_at":
-        raise bad_request("Invalid value for 'anchor': only 'created_at' is supported.", param=f"{param}.anchor",
-                          code="invalid_value")
+        raise bad_request(
+            "Invalid value for 'anchor': only 'created_at' is supported.", param=f"{param}.anchor", code="invalid_value"
+        )
     try:
         value = int(seconds)
     except (TypeError, ValueError):
         raise bad_request("'seconds' must be an integer.", param=f"{param}.seconds", code="invalid_type") from None
     if isinstance(seconds, bool) or not 3600 <= value <= 2592000:
-        raise bad_request("'seconds' must be between 3600 and 2592000.", param=f"{param}.seconds",
-                          code="invalid_value")
+        raise bad_request("'seconds' must be between 3600 and 2592000.", param=f"{param}.seconds", code="invalid_value")
     return value
 
 
@@ -373,8 +432,15 @@ async def list_files(request: web.Request) -> web.Response:
         raise bad_request("Invalid value for 'order': must be 'asc' or 'desc'.", param="order", code="invalid_value")
     limit = _query_int(request, "limit", 10000, 1, 10000)
     after = _query_after(request, "file-")
-    records, has_more = await store.page(r, keys.owner_files(owner, purpose), keys.file, FileRecord.from_hash,
-                                         after=after, limit=limit, desc=order == "desc")
+    records, has_more = await store.page(
+        r,
+        keys.owner_files(owner, purpose),
+        keys.file,
+        FileRecord.from_hash,
+        after=after,
+        limit=limit,
+        desc=order == "desc",
+    )
     return json_response(_page([store.file_from_record(rec) for rec in records], has_more))
 
 
@@ -410,10 +476,12 @@ async def file_content(request: web.Request) -> web.StreamResponse:
             first = await anext(chunks, b"")
         except FileNotFoundError:
             raise not_found("File", h.id, param="file_id") from None
-        response = web.StreamResponse(headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(h.filename, safe='')}",
-        })
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(h.filename, safe='')}",
+            }
+        )
         response.content_length = h.bytes
         await response.prepare(request)
         await response.write(first)
@@ -430,15 +498,19 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 that says what is wrong."""
     content_type = request.content_type
     # No Content-Type at all is tolerated; a different one is a client mistake worth naming.
-    if request.headers.get("Content-Type") and not (content_type == "application/json" or content_type.endswith("+json")):
-        raise bad_request(f"Invalid Content-Type '{content_type}': send the body as application/json.",
-                          code="invalid_content_type")
+    if request.headers.get("Content-Type") and not (
+        content_type == "application/json" or content_type.endswith("+json")
+    ):
+        raise bad_request(
+            f"Invalid Content-Type '{content_type}': send the body as application/json.", code="invalid_content_type"
+        )
     body = await _read_body(request, MAX_JSON_BODY_BYTES, request.app[appkeys.SETTINGS].body_idle_timeout_s)
     try:
         value = msgspec.json.decode(body)
     except JSON_ERRORS:
-        raise bad_request("We could not parse the JSON body of your request. The body must be a JSON object.",
-                          code="invalid_json") from None
+        raise bad_request(
+            "We could not parse the JSON body of your request. The body must be a JSON object.", code="invalid_json"
+        ) from None
     if not isinstance(value, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return value
@@ -450,8 +522,9 @@ async def _read_body(request: web.Request, limit: int, idle_s: float) -> bytes:
     while chunk := await edge.within_idle(request.content.readany(), idle_s):
         body += chunk
         if len(body) > limit:
-            raise APIError(413, f"Request body is too large: the limit is {limit} bytes.", code="request_too_large",
-                           close=True)
+            raise APIError(
+                413, f"Request body is too large: the limit is {limit} bytes.", code="request_too_large", close=True
+            )
     return bytes(body)
 
 
@@ -460,37 +533,58 @@ def _required_str(body: dict[str, Any], name: str) -> str:
         raise bad_request(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
     value = body[name]
     if not isinstance(value, str):
-        raise bad_request(f"Invalid type for '{name}': expected a string, but got {_json_type(value)} instead.",
-                          param=name, code="invalid_type")
+        raise bad_request(
+            f"Invalid type for '{name}': expected a string, but got {_json_type(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     return value
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", bool: "a boolean", int: "an integer", float: "a number",
-            str: "a string", type(None): "null"}.get(type(value), "a value")
+    return {
+        dict: "an object",
+        list: "an array",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }.get(type(value), "a value")
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise bad_request(f"Invalid type for 'metadata': expected an object, but got {_json_type(value)} instead.",
-                          param="metadata", code="invalid_type")
+        raise bad_request(
+            f"Invalid type for 'metadata': expected an object, but got {_json_type(value)} instead.",
+            param="metadata",
+            code="invalid_type",
+        )
     if len(value) > 16:
-        raise bad_request("Invalid 'metadata': at most 16 key-value pairs are allowed.", param="metadata",
-                          code="invalid_value")
+        raise bad_request(
+            "Invalid 'metadata': at most 16 key-value pairs are allowed.", param="metadata", code="invalid_value"
+        )
     for k, v in value.items():
         if len(k) > 64:
-            raise bad_request(f"Invalid 'metadata': key '{k[:64]}...' is longer than 64 characters.",
-                              param="metadata", code="invalid_value")
+            raise bad_request(
+                f"Invalid 'metadata': key '{k[:64]}...' is longer than 64 characters.",
+                param="metadata",
+                code="invalid_value",
+            )
         if not isinstance(v, str):
             raise bad_request(
                 f"Invalid type for 'metadata.{k}': expected a string, but got {_json_type(v)} instead.",
-                param=f"metadata.{k}", code="invalid_type",
+                param=f"metadata.{k}",
+                code="invalid_type",
             )
         if len(v) > 512:
-            raise bad_request(f"Invalid 'metadata.{k}': values are limited to 512 characters.",
-                              param=f"metadata.{k}", code="invalid_value")
+            raise bad_request(
+                f"Invalid 'metadata.{k}': values are limited to 512 characters.",
+                param=f"metadata.{k}",
+                code="invalid_value",
+            )
     return value
 
 
@@ -501,18 +595,26 @@ async def create_batch(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     for name in body:
         if name not in BATCH_CREATE_FIELDS:
-            raise bad_request(f"Unrecognized request argument supplied: {name[:64]}", param=name[:64],
-                              code="unknown_parameter")
+            raise bad_request(
+                f"Unrecognized request argument supplied: {name[:64]}", param=name[:64], code="unknown_parameter"
+            )
     input_file_id = _required_str(body, "input_file_id")
     endpoint = _required_str(body, "endpoint")
     if endpoint not in BATCH_ENDPOINTS:
-        raise bad_request(f"Invalid value: '{endpoint[:64]}'. Supported values are: {', '.join(BATCH_ENDPOINTS)}.",
-                          param="endpoint", code="invalid_value")
+        raise bad_request(
+            f"Invalid value: '{endpoint[:64]}'. Supported values are: {', '.join(BATCH_ENDPOINTS)}.",
+            param="endpoint",
+            code="invalid_value",
+        )
     window = _required_str(body, "completion_window")
     if window_hours(window) is None:
-        raise bad_request(f"Invalid value for 'completion_window': '{window[:64]}'. Supported values are '24h' and, "
-                          "as a Sluice extension, durations from '1h' to '7d' in whole hours ('1h'..'168h') or days "
-                          "('1d'..'7d').", param="completion_window", code="invalid_value")
+        raise bad_request(
+            f"Invalid value for 'completion_window': '{window[:64]}'. Supported values are '24h' and, "
+            "as a Sluice extension, durations from '1h' to '7d' in whole hours ('1h'..'168h') or days "
+            "('1d'..'7d').",
+            param="completion_window",
+            code="invalid_value",
+        )
     metadata = _metadata(body.get("metadata"))
     priority = priority_choice(request, metadata)
     if priority is not None:
@@ -522,8 +624,11 @@ async def create_batch(request: web.Request) -> web.Response:
     if body.get("output_expires_after") is not None:
         oea = body["output_expires_after"]
         if not isinstance(oea, dict):
-            raise bad_request("Invalid type for 'output_expires_after': expected an object.",
-                              param="output_expires_after", code="invalid_type")
+            raise bad_request(
+                "Invalid type for 'output_expires_after': expected an object.",
+                param="output_expires_after",
+                code="invalid_type",
+            )
         output_expires_after = _expires_after_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
     provider, sealed_key = provider_choice(request, settings)
     webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
@@ -531,20 +636,38 @@ async def create_batch(request: web.Request) -> web.Response:
     if file is None:
         raise not_found("File", input_file_id, param="input_file_id")
     if file.purpose != "batch":
-        raise bad_request(f"File {input_file_id} has purpose '{file.purpose}'; batch input files must have "
-                          "purpose 'batch'.", param="input_file_id", code="invalid_value")
+        raise bad_request(
+            f"File {input_file_id} has purpose '{file.purpose}'; batch input files must have purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_value",
+        )
     record = await record_batch(
-        request, endpoint=endpoint, file=file, completion_window=window, metadata=metadata,
-        output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key, webhook_url=webhook_url,
+        request,
+        endpoint=endpoint,
+        file=file,
+        completion_window=window,
+        metadata=metadata,
+        output_expires_after=output_expires_after,
+        provider=provider,
+        sealed_key=sealed_key,
+        webhook_url=webhook_url,
         priority=priority or DEFAULT_PRIORITY,
     )
     return json_response(store.batch_from_record(record))
 
 
 async def record_batch(
-    request: web.Request, *, endpoint: str, file: FileRecord, completion_window: str,
-    metadata: dict[str, str] | None, output_expires_after: int | None, provider: str, sealed_key: str,
-    webhook_url: str, priority: str,
+    request: web.Request,
+    *,
+    endpoint: str,
+    file: FileRecord,
+    completion_window: str,
+    metadata: dict[str, str] | None,
+    output_expires_after: int | None,
+    provider: str,
+    sealed_key: str,
+    webhook_url: str,
+    priority: str,
 ) -> BatchRecord:
     """Reserve the token's quota and record a batch of ``file`` (a checked input file record), queued
     for validation; a 429 names the quota it would pass."""
@@ -555,11 +678,24 @@ async def record_batch(
     # Reserving the quota and recording the batch are one step: no failure can come in between. The
     # batch id is the operation's id (see store.settle).
     create = functools.partial(
-        store.create_batch, r, owner=owner, batch_id=batch_id, seq=seq, endpoint=endpoint,
-        input_file_id=file.id, input_key=file.storage_key, completion_window=completion_window,
-        window_s=window_seconds(completion_window, settings.completion_window_s), metadata=metadata,
-        output_expires_after=output_expires_after, provider=provider, sealed_key=sealed_key, reserved_lines=lines,
-        webhook_url=webhook_url, priority=priority, max_active_batches=quotas.max_active_batches,
+        store.create_batch,
+        r,
+        owner=owner,
+        batch_id=batch_id,
+        seq=seq,
+        endpoint=endpoint,
+        input_file_id=file.id,
+        input_key=file.storage_key,
+        completion_window=completion_window,
+        window_s=window_seconds(completion_window, settings.completion_window_s),
+        metadata=metadata,
+        output_expires_after=output_expires_after,
+        provider=provider,
+        sealed_key=sealed_key,
+        reserved_lines=lines,
+        webhook_url=webhook_url,
+        priority=priority,
+        max_active_batches=quotas.max_active_batches,
         max_enqueued_lines=quotas.max_enqueued_lines,
         trace=tracing.new_batch_fields(request.headers.get("traceparent")),
     )
@@ -574,11 +710,16 @@ async def record_batch(
             record = await create()  # it ran: the same call answers what it answered then
     except store.QuotaExceeded as e:
         if e.field == "active_batches":
-            raise quota_error(f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
-                              "Wait for one to end, or cancel one.", "active_batches_quota_exceeded") from None
-        raise quota_error(f"This batch's {lines} lines would exceed this token's quota of "
-                          f"{quotas.max_enqueued_lines} enqueued lines. Wait for running batches to end.",
-                          "enqueued_lines_quota_exceeded") from None
+            raise quota_error(
+                f"This token already has {quotas.max_active_batches} unfinished batches, its quota. "
+                "Wait for one to end, or cancel one.",
+                "active_batches_quota_exceeded",
+            ) from None
+        raise quota_error(
+            f"This batch's {lines} lines would exceed this token's quota of "
+            f"{quotas.max_enqueued_lines} enqueued lines. Wait for running batches to end.",
+            "enqueued_lines_quota_exceeded",
+        ) from None
     request.app[appkeys.PUBLISHER].wake.set()
     return record
 
@@ -592,17 +733,26 @@ DEFAULT_PRIORITY = "normal"
 def priority_choice(request: web.Request, metadata: dict[str, str] | None) -> str | None:
     """The priority a create asked for (``x-sluice-priority``, or ``metadata["sluice_priority"]``), or None."""
     chosen: str | None = None
-    for value, param in ((request.headers.get(PRIORITY_HEADER), PRIORITY_HEADER),
-                         ((metadata or {}).get(PRIORITY_METADATA), f"metadata.{PRIORITY_METADATA}")):
+    for value, param in (
+        (request.headers.get(PRIORITY_HEADER), PRIORITY_HEADER),
+        ((metadata or {}).get(PRIORITY_METADATA), f"metadata.{PRIORITY_METADATA}"),
+    ):
         if value is None:
             continue
         value = value.strip()
         if value not in PRIORITIES:
-            raise bad_request(f"Invalid value for '{param}': '{value[:64]}'. Supported values are: "
-                              f"{', '.join(PRIORITIES)}.", param=param, code="invalid_value")
+            raise bad_request(
+                f"Invalid value for '{param}': '{value[:64]}'. Supported values are: {', '.join(PRIORITIES)}.",
+                param=param,
+                code="invalid_value",
+            )
         if chosen is not None and value != chosen:
-            raise bad_request(f"{PRIORITY_HEADER} says '{chosen}' but metadata.{PRIORITY_METADATA} says '{value}': "
-                              "give one priority.", param=PRIORITY_HEADER, code="invalid_value")
+            raise bad_request(
+                f"{PRIORITY_HEADER} says '{chosen}' but metadata.{PRIORITY_METADATA} says '{value}': "
+                "give one priority.",
+                param=PRIORITY_HEADER,
+                code="invalid_value",
+            )
         chosen = value
     return chosen
 
@@ -617,14 +767,23 @@ def provider_choice(request: web.Request, settings: Settings) -> tuple[str, str]
     key = request.headers.get(PROVIDER_KEY_HEADER, "").strip()
     if name and settings.provider(name) is None:
         names = ", ".join(p.name for p in settings.providers) or "none"
-        raise bad_request(f"Unknown provider '{name[:64]}' in {PROVIDER_HEADER}. Configured providers: {names}.",
-                          param=PROVIDER_HEADER, code="invalid_value")
+        raise bad_request(
+            f"Unknown provider '{name[:64]}' in {PROVIDER_HEADER}. Configured providers: {names}.",
+            param=PROVIDER_HEADER,
+            code="invalid_value",
+        )
     if key and not name:
-        raise bad_request(f"{PROVIDER_KEY_HEADER} needs {PROVIDER_HEADER}: name the provider the key is for.",
-                          param=PROVIDER_HEADER, code="missing_required_parameter")
+        raise bad_request(
+            f"{PROVIDER_KEY_HEADER} needs {PROVIDER_HEADER}: name the provider the key is for.",
+            param=PROVIDER_HEADER,
+            code="missing_required_parameter",
+        )
     if key and not settings.secret_key:
-        raise bad_request("This server cannot store provider keys: SLUICE_SECRET_KEY is not set.",
-                          param=PROVIDER_KEY_HEADER, code="byok_unavailable")
+        raise bad_request(
+            "This server cannot store provider keys: SLUICE_SECRET_KEY is not set.",
+            param=PROVIDER_KEY_HEADER,
+            code="byok_unavailable",
+        )
     return name, seal(settings.secret_key, key) if key else ""
 
 
@@ -638,8 +797,15 @@ async def list_batches(request: web.Request) -> web.Response:
     r = request.app[appkeys.REDIS]
     limit = _query_int(request, "limit", 20, 1, 100)
     after = _query_after(request, "batch_")
-    records, has_more = await store.page(r, keys.owner_batches(request[appkeys.OWNER]), keys.batch,
-                                         BatchRecord.from_hash, after=after, limit=limit, desc=True)
+    records, has_more = await store.page(
+        r,
+        keys.owner_batches(request[appkeys.OWNER]),
+        keys.batch,
+        BatchRecord.from_hash,
+        after=after,
+        limit=limit,
+        desc=True,
+    )
     return json_response(_page([store.batch_from_record(rec) for rec in records], has_more))
 
 
@@ -648,9 +814,14 @@ async def cancel_batch(request: web.Request) -> web.Response:
     r = request.app[appkeys.REDIS]
     h = await owned_batch(request)
     applied, before = await store.transition(
-        r, h.id, allowed=["validating", "in_progress"],
-        fields={BatchField.STATUS: "cancelling", BatchField.CANCELLING_AT: store.now(),
-                BatchField.ABORT: "batch_cancelled"},
+        r,
+        h.id,
+        allowed=["validating", "in_progress"],
+        fields={
+            BatchField.STATUS: "cancelling",
+            BatchField.CANCELLING_AT: store.now(),
+            BatchField.ABORT: "batch_cancelled",
+        },
         remove_from=[keys.ACTIVE_BATCHES],
     )
     if not applied and before not in ("cancelling", "cancelled"):
@@ -680,5 +851,3 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/batches/{{batch_id}}", retrieve_batch)
         app.router.add_post(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch, expect_handler=expect_handler)
         app.router.add_get(f"{prefix}/sluice/usage", usage_report)
-
-

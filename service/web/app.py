@@ -68,8 +68,13 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
             raise
         finally:
             level = "debug" if request.method in ("GET", "HEAD") and status is not None and status < 400 else "info"
-            getattr(log, level)("http_request", method=request.method, path=request.path, status=status,
-                                ms=round((time.monotonic() - started) * 1000, 1))
+            getattr(log, level)(
+                "http_request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
 
 
 async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -127,13 +132,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except REDIS_DOWN as e:
         request.app[appkeys.OUTAGE].failed(e)
-        return edge.error_response(APIError(503, "The service is temporarily unavailable; please retry.",
-                                            type="server_error", code="service_unavailable",
-                                            headers={"Retry-After": "1"}))
+        return edge.error_response(
+            APIError(
+                503,
+                "The service is temporarily unavailable; please retry.",
+                type="server_error",
+                code="service_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        )
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
-        return edge.error_response(APIError(500, "The server had an error while processing your request.",
-                                            type="server_error"))
+        return edge.error_response(
+            APIError(500, "The server had an error while processing your request.", type="server_error")
+        )
 
 
 @web.middleware
@@ -153,8 +165,12 @@ def auth_middleware(auth: TokenAuth) -> Callable:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "You didn't provide an API key. Provide it in an Authorization header using "
-                                "Bearer auth (Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
+            raise APIError(
+                401,
+                "You didn't provide an API key. Provide it in an Authorization header using "
+                "Bearer auth (Authorization: Bearer YOUR_KEY).",
+                code="invalid_api_key",
+            )
         resolved = await auth.resolve(token.strip())
         if resolved is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -200,8 +216,10 @@ class StorageCheck:
 async def readyz(request: web.Request) -> web.Response:
     """Redis answers and storage answers (see :class:`StorageCheck`): the process can serve requests."""
     checks: dict[str, str] = {}
-    for name, probe in (("redis", lambda: request.app[appkeys.REDIS].ping()),
-                        ("storage", request.app[appkeys.STORAGE_CHECK])):
+    for name, probe in (
+        ("redis", lambda: request.app[appkeys.REDIS].ping()),
+        ("storage", request.app[appkeys.STORAGE_CHECK]),
+    ):
         try:
             await asyncio.wait_for(probe(), timeout=READY_TIMEOUT_S)
             checks[name] = "ok"
@@ -219,13 +237,20 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return await metrics.handler(request, request.app[appkeys.REDIS], request.app[appkeys.SETTINGS])
 
 
-def create_app(settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, redis: store.Redis | None = None, storage: Storage | None = None
+) -> web.Application:
     """Build the web application; ``redis``/``storage`` may be injected (tests use fakeredis)."""
     in_flight = InFlight()
     r = redis if redis is not None else connect(settings)
     app = web.Application(
-        middlewares=[request_id_middleware, in_flight.middleware, error_middleware, declared_length_middleware,
-                     auth_middleware(TokenAuth(settings, r))],
+        middlewares=[
+            request_id_middleware,
+            in_flight.middleware,
+            error_middleware,
+            declared_length_middleware,
+            auth_middleware(TokenAuth(settings, r)),
+        ],
         client_max_size=api.MAX_JSON_BODY_BYTES,
         # Long (hostile) URLs reach the app and get a JSON 404 instead of aiohttp's text/plain 400.
         handler_args={"max_line_size": 65536},
@@ -244,16 +269,22 @@ def create_app(settings: Settings, *, redis: store.Redis | None = None, storage:
 
     def beat_fields() -> dict[str, str | int]:
         stopping = appkeys.EVENTS_STOP in app and app[appkeys.EVENTS_STOP].is_set()
-        return {"state": "stopping" if stopping else "serving", "in_flight": in_flight.count,
-                "feeding": len(feeder.renew_at), "port": settings.port}
+        return {
+            "state": "stopping" if stopping else "serving",
+            "in_flight": in_flight.count,
+            "feeding": len(feeder.renew_at),
+            "port": settings.port,
+        }
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         heartbeat = Heartbeat(app[appkeys.REDIS], name, "web", fields=beat_fields)
         heartbeat.start()
-        tasks = [asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
-                 asyncio.create_task(feeder.run(stop), name="feeder"),
-                 asyncio.create_task(edge.sweep_orphans(app[appkeys.STORAGE], settings, stop), name="orphans")]
+        tasks = [
+            asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
+            asyncio.create_task(feeder.run(stop), name="feeder"),
+            asyncio.create_task(edge.sweep_orphans(app[appkeys.STORAGE], settings, stop), name="orphans"),
+        ]
         yield
         stop.set()
         app[appkeys.PUBLISHER].wake.set()
@@ -290,8 +321,9 @@ class WebServer:
         """Serve on ``$PORT``; after ``stop``, stop listening and drain within the grace period."""
         grace = self.settings.shutdown_grace_s
         app = create_app(self.settings)
-        runner = edge.EdgeRunner(app, head_timeout=self.settings.header_timeout_s, access_log=None,
-                                 shutdown_timeout=grace)
+        runner = edge.EdgeRunner(
+            app, head_timeout=self.settings.header_timeout_s, access_log=None, shutdown_timeout=grace
+        )
         await runner.setup()
         site = web.TCPSite(runner, host="0.0.0.0", port=self.settings.port)
         await site.start()

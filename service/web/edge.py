@@ -115,8 +115,13 @@ class EdgeServer(web.Server):
     def __init__(self, made: web.Server, head_timeout: float) -> None:
         # The same handler, request factory and handler arguments (max_line_size, access log, ...)
         # as the server the runner made.
-        super().__init__(made.request_handler, request_factory=made.request_factory,
-                         handler_cancellation=made.handler_cancellation, loop=made._loop, **made._kwargs)
+        super().__init__(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
         self.head_timeout = head_timeout
 
     def __call__(self) -> RequestHandler:
@@ -141,8 +146,12 @@ async def within_idle(read: Awaitable[T], seconds: float) -> T:
         async with asyncio.timeout(seconds):
             return await read
     except TimeoutError:
-        raise APIError(408, f"The request body stalled: no data arrived for {seconds:g} s, so the request was "
-                            "aborted.", code="request_timeout", close=True) from None
+        raise APIError(
+            408,
+            f"The request body stalled: no data arrived for {seconds:g} s, so the request was aborted.",
+            code="request_timeout",
+            close=True,
+        ) from None
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -151,8 +160,9 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     if request.version != HttpVersion11:
         return None
     if expect.lower() != "100-continue":
-        return error_response(APIError(417, f"Unsupported Expect header: {expect[:64]!r}.",
-                                       code="expectation_failed", close=True))
+        return error_response(
+            APIError(417, f"Unsupported Expect header: {expect[:64]!r}.", code="expectation_failed", close=True)
+        )
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     # The interim answer does not count as the response having started.
     request.writer.output_size = 0

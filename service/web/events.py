@@ -52,10 +52,13 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
     h: BatchRecord | None = await owned_batch(request)  # 404 for unknown and foreign ids
     assert h is not None
     batch_id = h.id
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",  # proxies such as nginx must pass events on at once
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # proxies such as nginx must pass events on at once
+        }
+    )
     await response.prepare(request)
     loop = asyncio.get_running_loop()
     sent: tuple[object, ...] | None = None

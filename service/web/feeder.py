@@ -53,8 +53,10 @@ REST_S = 5.0
 # number of arguments per line in lines: (index, custom_id, body, provider, cost) per line published
 # (delegated lines are read and passed over), followed for a traced batch by the time a sampled
 # line is published ("" for the others). Returns the new feed_index, -1 when the position is stale (a peer fed meanwhile) or -2 when the batch's stream is gone (it ended).
-_FEED = FencedScript(keys=("batch", "stream"),
-                     args=("expected_index", "offset", "next_index", "stride", "*lines"), source="""
+_FEED = FencedScript(
+    keys=("batch", "stream"),
+    args=("expected_index", "offset", "next_index", "stride", "*lines"),
+    source="""
 if redis.call('HGET', KEYS.batch, 'feed_index') ~= ARGV.expected_index then return -1 end
 if redis.call('EXISTS', KEYS.stream) == 0 then return -2 end
 local stride = tonumber(ARGV.stride)
@@ -62,18 +64,35 @@ for i = 5, #ARGV, stride do
   local id = '0-' .. (tonumber(ARGV[i]) + 1)
   if stride == 6 and ARGV[i + 5] ~= '' then
     redis.call('XADD', KEYS.stream, id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4],
-               '""" + tracing.QUEUED_FIELD + """', ARGV[i + 5])
+               '"""
+    + tracing.QUEUED_FIELD
+    + """', ARGV[i + 5])
   else
     redis.call('XADD', KEYS.stream, id, 'c', ARGV[i + 1], 'b', ARGV[i + 2], 'p', ARGV[i + 3], 't', ARGV[i + 4])
   end
 end
 redis.call('HSET', KEYS.batch, 'feed_index', ARGV.next_index, 'feed_offset', ARGV.offset)
 return tonumber(ARGV.next_index)
-""")
+""",
+)
 
 _F = BatchField
-_FIELDS = (_F.STATUS, _F.ABORT, _F.TOTAL, _F.COMPLETED, _F.FAILED, _F.FEED_INDEX, _F.FEED_OFFSET, _F.FEED_WINDOW,
-           _F.INPUT_KEY, _F.ENDPOINT, _F.PROVIDER, _F.DELEG_PROVIDERS, _F.TRACEPARENT, _F.TRACE_RUNNING_NS)
+_FIELDS = (
+    _F.STATUS,
+    _F.ABORT,
+    _F.TOTAL,
+    _F.COMPLETED,
+    _F.FAILED,
+    _F.FEED_INDEX,
+    _F.FEED_OFFSET,
+    _F.FEED_WINDOW,
+    _F.INPUT_KEY,
+    _F.ENDPOINT,
+    _F.PROVIDER,
+    _F.DELEG_PROVIDERS,
+    _F.TRACEPARENT,
+    _F.TRACE_RUNNING_NS,
+)
 # Delegated lines passed over per script call, at most: a long run of them is read in steps.
 SKIP_CHUNK = 20 * CHUNK
 
@@ -105,8 +124,9 @@ class Feeder:
     async def run(self, stop: asyncio.Event) -> None:
         """Feed until ``stop`` is set, then give up the leases so a peer takes over at once."""
         try:
-            await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="feeder_error",
-                           wake=self.wake)
+            await run_loop(
+                self.step, stop=stop, outage=Outage(log), log=log, error_event="feeder_error", wake=self.wake
+            )
         finally:
             await self._let_go_all()
 
@@ -188,13 +208,24 @@ class Feeder:
         traced = tracing.enabled() and bool(h.traceparent)
         try:
             while room > 0 and index < total:
-                argv, read, end = await self._next_lines(cursor, h, index, min(room, CHUNK, total - index), delegated,
-                                                         traced)
+                argv, read, end = await self._next_lines(
+                    cursor, h, index, min(room, CHUNK, total - index), delegated, traced
+                )
                 if not read:
                     raise RuntimeError(f"batch {batch_id}: input ended after {index} of {total} lines")
-                got = int(await _FEED(self.r, batch=keys.batch(batch_id), stream=keys.lines(batch_id),
-                                      expected_index=index, offset=end, next_index=index + read,
-                                      stride=6 if traced else 5, lines=argv, lease=lease))
+                got = int(
+                    await _FEED(
+                        self.r,
+                        batch=keys.batch(batch_id),
+                        stream=keys.lines(batch_id),
+                        expected_index=index,
+                        offset=end,
+                        next_index=index + read,
+                        stride=6 if traced else 5,
+                        lines=argv,
+                        lease=lease,
+                    )
+                )
                 if got < 0:
                     # A peer fed meanwhile, or the batch ended: start over from what Redis says.
                     await self._close(batch_id)
@@ -210,7 +241,12 @@ class Feeder:
             raise
 
     async def _next_lines(
-        self, cursor: _Cursor, h: BatchRecord, index: int, count: int, delegated: frozenset[str],
+        self,
+        cursor: _Cursor,
+        h: BatchRecord,
+        index: int,
+        count: int,
+        delegated: frozenset[str],
         traced: bool = False,
     ) -> tuple[list, int, int]:
         """Script arguments for up to ``count`` more lines to publish, how many lines were read (those

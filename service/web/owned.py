@@ -22,15 +22,23 @@ R = TypeVar("R")
 async def owned_file(request: web.Request) -> FileRecord:
     """The record of the path's ``{file_id}`` if the caller owns it; else a 404 (``APIError``)."""
     file_id = request.match_info["file_id"]
-    return _or_404(await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id),
-                   "File", file_id, "file_id")
+    return _or_404(
+        await store.get_file_record(request.app[appkeys.REDIS], request[appkeys.OWNER], file_id),
+        "File",
+        file_id,
+        "file_id",
+    )
 
 
 async def owned_batch(request: web.Request) -> BatchRecord:
     """The record of the path's ``{batch_id}`` if the caller owns it; else a 404 (``APIError``)."""
     batch_id = request.match_info["batch_id"]
-    return _or_404(await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id),
-                   "Batch", batch_id, "batch_id")
+    return _or_404(
+        await store.get_owned_batch(request.app[appkeys.REDIS], request[appkeys.OWNER], batch_id),
+        "Batch",
+        batch_id,
+        "batch_id",
+    )
 
 
 def _or_404(rec: R | None, kind: str, object_id: str, param: str) -> R:

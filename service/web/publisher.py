@@ -65,7 +65,10 @@ MAX_CACHED_MODELS = 1000
 IDLE_S = 1.0
 
 # Creates each stream with its group (groups[i] for streams[i]), once.
-_CREATE_GROUPS = FencedScript(keys=("*streams",), args=("*groups",), source="""
+_CREATE_GROUPS = FencedScript(
+    keys=("*streams",),
+    args=("*groups",),
+    source="""
 for i = 1, #KEYS do
   local reply = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i], '0', 'MKSTREAM')
   if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROUP', 1, true) then
@@ -73,14 +76,16 @@ for i = 1, #KEYS do
   end
 end
 return 1
-""")
+""",
+)
 
 
 class Publisher:
     """Claims pending batches, validates them and publishes their lines."""
 
-    def __init__(self, r: store.Redis, storage: Storage, settings: Settings, feeder_wake: asyncio.Event,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, r: store.Redis, storage: Storage, settings: Settings, feeder_wake: asyncio.Event, name: str | None = None
+    ) -> None:
         self.r = r
         self.storage = storage
         self.settings = settings
@@ -93,8 +98,7 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; ``wake`` shortens the wait after a batch is created."""
-        await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="publisher_error",
-                       wake=self.wake)
+        await run_loop(self.step, stop=stop, outage=Outage(log), log=log, error_event="publisher_error", wake=self.wake)
 
     async def step(self) -> float:
         """Claim one due batch and validate it; how long to wait before the next pass."""
@@ -120,8 +124,9 @@ class Publisher:
             if lease is None:
                 continue  # a peer is validating it
             # Peers skip it while the lease lasts; if this process dies, it is due again then.
-            await leases.execute(self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX", now + self.lease_ms / 1000,
-                                                 batch_id))
+            await leases.execute(
+                self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX", now + self.lease_ms / 1000, batch_id)
+            )
             self.renew_at = time.monotonic() + self.lease_ms / 4000
             return batch_id, lease
         return None
@@ -133,8 +138,9 @@ class Publisher:
         if not await leases.renew(self.r, lease, self.lease_ms):
             log.warning("lease_lost", batch_id=batch_id, lease=lease.key, token=lease.token)
             raise LeaseLost(f"{lease.key} is no longer held by {lease.value}")
-        await leases.execute(self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX",
-                                             time.time() + self.lease_ms / 1000, batch_id))
+        await leases.execute(
+            self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX", time.time() + self.lease_ms / 1000, batch_id)
+        )
         self.renew_at = time.monotonic() + self.lease_ms / 4000
 
     async def process(self, batch_id: str, lease: Lease) -> None:
@@ -150,8 +156,13 @@ class Publisher:
             started = time.monotonic()
             with tracing.phase(h, "sluice.validation"):
                 total, size, model, errors, planner = await self._validate(h, lease)
-                bound.info("validated", lines=total, errors=len(errors),
-                           seconds=round(time.monotonic() - started, 3), delegated=planner.lines)
+                bound.info(
+                    "validated",
+                    lines=total,
+                    errors=len(errors),
+                    seconds=round(time.monotonic() - started, 3),
+                    delegated=planner.lines,
+                )
             if errors:
                 await self._fail(h, errors, lease)
                 return
@@ -182,9 +193,20 @@ class Publisher:
             if suspects:
                 await self._recheck(h, lease, scan, suspects)
         except FileNotFoundError:
-            return 0, 0, "", [BatchError(
-                code="invalid_request", message=f"Cannot find file {h.input_file_id}.", param="file_id", line=None,
-            )], planner
+            return (
+                0,
+                0,
+                "",
+                [
+                    BatchError(
+                        code="invalid_request",
+                        message=f"Cannot find file {h.input_file_id}.",
+                        param="file_id",
+                        line=None,
+                    )
+                ],
+                planner,
+            )
         errors = scan.errors
         if scan.total == 0:
             errors.append(empty_error())
@@ -194,8 +216,9 @@ class Publisher:
 
     def _blocks(self, h: BatchRecord) -> contextlib.aclosing[AsyncGenerator[Block, None]]:
         # Closed on the way out: a read-ahead may be under way when validation stops early.
-        return contextlib.aclosing(iter_blocks(self.storage, h.input_key, chunk_size=VALIDATION_READ_BYTES,
-                                               read_ahead=True))
+        return contextlib.aclosing(
+            iter_blocks(self.storage, h.input_key, chunk_size=VALIDATION_READ_BYTES, read_ahead=True)
+        )
 
     async def _recheck(self, h: BatchRecord, lease: Lease, scan: "_Scan", suspects: set[int]) -> None:
         """The second pass: the exact errors of the lines whose custom_id hash is in ``suspects``
@@ -230,9 +253,13 @@ class Publisher:
         now = store.now()
         encoded = msgspec.json.encode(errors).decode()
         applied, before = await store.transition(
-            self.r, h.id, allowed=["validating"],
-            fields={BatchField.STATUS: "failed", BatchField.FAILED_AT: now, BatchField.ERRORS: encoded}, expire_s=self.settings.retention_s,
-            delete=_work_keys_but(lease), lease=lease,
+            self.r,
+            h.id,
+            allowed=["validating"],
+            fields={BatchField.STATUS: "failed", BatchField.FAILED_AT: now, BatchField.ERRORS: encoded},
+            expire_s=self.settings.retention_s,
+            delete=_work_keys_but(lease),
+            lease=lease,
         )
         if not applied and before == "cancelling":
             await self._cancel_unstarted(h, lease)
@@ -247,9 +274,13 @@ class Publisher:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain (the
         # streams an earlier, interrupted attempt may have created go in the same step).
         applied, _ = await store.transition(
-            self.r, h.id, allowed=["cancelling"],
+            self.r,
+            h.id,
+            allowed=["cancelling"],
             fields={BatchField.STATUS: "cancelled", BatchField.CANCELLED_AT: store.now()},
-            expire_s=self.settings.retention_s, delete=_work_keys_but(lease), lease=lease,
+            expire_s=self.settings.retention_s,
+            delete=_work_keys_but(lease),
+            lease=lease,
         )
         if applied:
             tracing.batch_finished(h, "cancelled")
@@ -257,15 +288,32 @@ class Publisher:
         await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h.id))
 
     async def _start(
-        self, h: BatchRecord, total: int, model: str, window: int, planner: Planner, lease: Lease,
+        self,
+        h: BatchRecord,
+        total: int,
+        model: str,
+        window: int,
+        planner: Planner,
+        lease: Lease,
     ) -> bool:
         batch_id = h.id
-        await _CREATE_GROUPS(self.r, streams=[keys.lines(batch_id), keys.results(batch_id)],
-                             groups=[keys.WORKER_GROUP, "finalizer"], lease=lease)
+        await _CREATE_GROUPS(
+            self.r,
+            streams=[keys.lines(batch_id), keys.results(batch_id)],
+            groups=[keys.WORKER_GROUP, "finalizer"],
+            lease=lease,
+        )
         F = BatchField
-        fields: dict[str, str | int] = {F.STATUS: "in_progress", F.IN_PROGRESS_AT: store.now(), F.TOTAL: total,
-                                        F.MODEL: model, F.FEED_INDEX: 0, F.FEED_OFFSET: 0, F.FEED_WINDOW: window,
-                                        **tracing.running_fields(h)}
+        fields: dict[str, str | int] = {
+            F.STATUS: "in_progress",
+            F.IN_PROGRESS_AT: store.now(),
+            F.TOTAL: total,
+            F.MODEL: model,
+            F.FEED_INDEX: 0,
+            F.FEED_OFFSET: 0,
+            F.FEED_WINDOW: window,
+            **tracing.running_fields(h),
+        }
         # Lines for a provider's own Batch API are run by the finalizers (workers/delegate.py); the
         # workers and the feeder only see the batch if some of its lines are executed here.
         add_to = [keys.LIVE_BATCHES]
@@ -274,11 +322,21 @@ class Publisher:
         parts = planner.plan()
         if parts:
             await write_plan(self.r, batch_id, parts)
-            fields.update({F.DELEG_OPEN: len(parts), F.DELEG_LINES: planner.lines,
-                           F.DELEG_PROVIDERS: encode_providers(planner.providers)})
+            fields.update(
+                {
+                    F.DELEG_OPEN: len(parts),
+                    F.DELEG_LINES: planner.lines,
+                    F.DELEG_PROVIDERS: encode_providers(planner.providers),
+                }
+            )
             add_to.append(keys.DELEGATED_BATCHES)
         applied, before = await store.transition(
-            self.r, batch_id, allowed=["validating"], fields=fields, add_to=add_to, lease=lease,
+            self.r,
+            batch_id,
+            allowed=["validating"],
+            fields=fields,
+            add_to=add_to,
+            lease=lease,
         )
         if applied:
             return True
@@ -287,8 +345,9 @@ class Publisher:
         elif before in TERMINAL_STATUSES or not before:
             # Ended meanwhile (its record expired or was deleted): the streams created above would
             # outlive the batch.
-            await leases.execute(self.r, lease, ("DEL", *_work_keys_but(lease)),
-                                 ("ZREM", keys.PENDING_VALIDATION, batch_id))
+            await leases.execute(
+                self.r, lease, ("DEL", *_work_keys_but(lease)), ("ZREM", keys.PENDING_VALIDATION, batch_id)
+            )
         return False
 
 
@@ -356,8 +415,9 @@ class _Scan:
                 self.size = offset if offset < end else end
                 add_id(id_hash(found[0]))
                 self.model = self.model or found[1]
-            elif found is not None or (not fast and quick and not long
-                                        and (found := quick_check(raw, endpoint)) is not None):
+            elif found is not None or (
+                not fast and quick and not long and (found := quick_check(raw, endpoint)) is not None
+            ):
                 if self._valid(number, raw, min(offset, end), *found):
                     return True
             elif long and len(raw) > MAX_LINE_BYTES:

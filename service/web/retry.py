@@ -73,12 +73,17 @@ async def retry_batch(request: web.Request) -> web.Response:
     h = await owned_batch(request)
     batch_id, status = h.id, h.status
     if status not in TERMINAL_STATUSES:
-        raise APIError(409, f"Cannot retry batch {batch_id}: its status is '{status}'. Only a finished batch "
-                            f"({', '.join(RETRIABLE_STATUSES)}) can be retried; wait for it to end, or cancel it.",
-                       code="batch_not_finished")
+        raise APIError(
+            409,
+            f"Cannot retry batch {batch_id}: its status is '{status}'. Only a finished batch "
+            f"({', '.join(RETRIABLE_STATUSES)}) can be retried; wait for it to end, or cancel it.",
+            code="batch_not_finished",
+        )
     if status == "failed":
-        raise nothing_to_retry(f"Batch {batch_id} failed validation: none of its requests ran, so there is nothing "
-                               "to retry. Fix its input file and create a new batch.")
+        raise nothing_to_retry(
+            f"Batch {batch_id} failed validation: none of its requests ran, so there is nothing "
+            "to retry. Fix its input file and create a new batch."
+        )
     metadata = dict(h.metadata or {})
     metadata[RETRY_OF_METADATA] = batch_id
     priority = h.priority or api.DEFAULT_PRIORITY
@@ -88,39 +93,58 @@ async def retry_batch(request: web.Request) -> web.Response:
         metadata[api.PRIORITY_METADATA] = priority
     provider, sealed_key = api.provider_choice(request, settings)
     if h.byok_used and not sealed_key:
-        raise bad_request(f"Batch {batch_id} ran with your own provider key, which Sluice does not keep past a "
-                          f"batch: send it again in {api.PROVIDER_KEY_HEADER} (with {api.PROVIDER_HEADER}).",
-                          param=api.PROVIDER_KEY_HEADER, code="missing_required_parameter")
+        raise bad_request(
+            f"Batch {batch_id} ran with your own provider key, which Sluice does not keep past a "
+            f"batch: send it again in {api.PROVIDER_KEY_HEADER} (with {api.PROVIDER_HEADER}).",
+            param=api.PROVIDER_KEY_HEADER,
+            code="missing_required_parameter",
+        )
     webhook_url = await webhooks.url_from_header(request.headers.get(webhooks.HEADER), settings)
     if not h.error_file_id:
         raise nothing_to_retry(f"Batch {batch_id} has no failed requests: nothing to retry.")
     error_file = await store.get_file_record(r, owner, h.error_file_id)
     if error_file is None:
-        raise bad_request(f"The error file {h.error_file_id} of batch {batch_id} was deleted: the failures to "
-                          "retry cannot be told any more.", code="error_file_deleted")
+        raise bad_request(
+            f"The error file {h.error_file_id} of batch {batch_id} was deleted: the failures to "
+            "retry cannot be told any more.",
+            code="error_file_deleted",
+        )
     try:
         ids = await retryable_ids(storage, error_file.storage_key)
     except FileNotFoundError:
-        raise bad_request(f"The error file {error_file.id} of batch {batch_id} is gone from storage.",
-                          code="error_file_deleted") from None
+        raise bad_request(
+            f"The error file {error_file.id} of batch {batch_id} is gone from storage.", code="error_file_deleted"
+        ) from None
     if not ids:
-        raise nothing_to_retry(f"Batch {batch_id} has no retryable failures: only 429 and 5xx answers, timeouts, "
-                               "unreachable providers, batch_expired and batch_cancelled are retried, never a 4xx "
-                               "answer.")
+        raise nothing_to_retry(
+            f"Batch {batch_id} has no retryable failures: only 429 and 5xx answers, timeouts, "
+            "unreachable providers, batch_expired and batch_cancelled are retried, never a 4xx "
+            "answer."
+        )
     input_file = await store.get_file_record(r, owner, h.input_file_id)
     if input_file is None:
-        raise bad_request(f"The input file {h.input_file_id} of batch {batch_id} was deleted: the requests to "
-                          "retry are gone with it.", code="input_file_deleted")
+        raise bad_request(
+            f"The input file {h.input_file_id} of batch {batch_id} was deleted: the requests to "
+            "retry are gone with it.",
+            code="input_file_deleted",
+        )
     try:
         file = await _write_input(request, h, input_file, ids)
     except FileNotFoundError:
-        raise bad_request(f"The input file {input_file.id} of batch {batch_id} is gone from storage.",
-                          code="input_file_deleted") from None
+        raise bad_request(
+            f"The input file {input_file.id} of batch {batch_id} is gone from storage.", code="input_file_deleted"
+        ) from None
     try:
         record = await api.record_batch(
-            request, endpoint=h.endpoint, file=file, completion_window=h.completion_window, metadata=metadata,
+            request,
+            endpoint=h.endpoint,
+            file=file,
+            completion_window=h.completion_window,
+            metadata=metadata,
             output_expires_after=h.output_expires_after or None,
-            provider=provider or h.provider, sealed_key=sealed_key, webhook_url=webhook_url,
+            provider=provider or h.provider,
+            sealed_key=sealed_key,
+            webhook_url=webhook_url,
             priority=priority,
         )
     except BaseException:
@@ -131,8 +155,7 @@ async def retry_batch(request: web.Request) -> web.Response:
     return api.json_response(store.batch_from_record(record))
 
 
-async def _write_input(request: web.Request, h: BatchRecord, input_file: FileRecord,
-                       ids: set[str]) -> FileRecord:
+async def _write_input(request: web.Request, h: BatchRecord, input_file: FileRecord, ids: set[str]) -> FileRecord:
     """Store the input lines of ``ids`` as a new batch input file; its record, charged to the token."""
     r, storage = request.app[appkeys.REDIS], request.app[appkeys.STORAGE]
     owner, quotas = request[appkeys.OWNER], request[appkeys.QUOTAS]
@@ -167,8 +190,17 @@ async def _write_input(request: web.Request, h: BatchRecord, input_file: FileRec
         raise nothing_to_retry(f"None of the requests to retry were found in the input file {input_file.id}.")
     # The file id is the operation's id (see store.settle), as for an upload.
     create = functools.partial(
-        store.create_file, r, owner=owner, file_id=file_id, seq=seq, filename=f"{h.id}_retry_input.jsonl",
-        purpose="batch", size=size, storage_key=file_id, expires_at=store.now() + api.BATCH_FILE_TTL_S, lines=kept,
+        store.create_file,
+        r,
+        owner=owner,
+        file_id=file_id,
+        seq=seq,
+        filename=f"{h.id}_retry_input.jsonl",
+        purpose="batch",
+        size=size,
+        storage_key=file_id,
+        expires_at=store.now() + api.BATCH_FILE_TTL_S,
+        lines=kept,
         max_stored_bytes=quotas.max_stored_bytes,
     )
     try:

@@ -26,15 +26,19 @@ def _limit(stack) -> tuple[float | None, float | None]:
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(res.body.decode()):
         for s in family.samples:
-            if s.labels.get("provider") == "default" and s.name in ("sluice_provider_concurrency_limit",
-                                                                     "sluice_provider_concurrency_max"):
+            if s.labels.get("provider") == "default" and s.name in (
+                "sluice_provider_concurrency_limit",
+                "sluice_provider_concurrency_max",
+            ):
                 found[s.name] = s.value
     return found.get("sluice_provider_concurrency_limit"), found.get("sluice_provider_concurrency_max")
 
 
 def test_window_finds_a_hidden_concurrency_limit(stack_factory):
     stack = stack_factory.start(
-        name="hidden-limit", workers=2, worker_concurrency=64,
+        name="hidden-limit",
+        workers=2,
+        worker_concurrency=64,
         mock={"latency_ms": 100, "max_concurrency": HIDDEN_LIMIT, "retry_after": False},
     )
     client = stack.client()
@@ -57,10 +61,12 @@ def test_window_finds_a_hidden_concurrency_limit(stack_factory):
     stats = stack.mock_stats()
     share = stats["rejected_429"] / max(1, stats["requests"])
     late = sorted(limit for done, limit, _ in samples if done >= n // 2)
-    print(f"\n[adaptive] hidden limit {HIDDEN_LIMIT}: requests={stats['requests']} 429={stats['rejected_429']} "
-          f"({share:.1%}) peak_in_flight={stats['max_in_flight']}; limit in the second half of the run: "
-          f"min={late[0] if late else None} median={late[len(late) // 2] if late else None} "
-          f"max={late[-1] if late else None} ({len(late)} samples); bound {samples[-1][2] if samples else None}")
+    print(
+        f"\n[adaptive] hidden limit {HIDDEN_LIMIT}: requests={stats['requests']} 429={stats['rejected_429']} "
+        f"({share:.1%}) peak_in_flight={stats['max_in_flight']}; limit in the second half of the run: "
+        f"min={late[0] if late else None} median={late[len(late) // 2] if late else None} "
+        f"max={late[-1] if late else None} ({len(late)} samples); bound {samples[-1][2] if samples else None}"
+    )
 
     assert batch.status == "completed", batch
     assert batch.request_counts.completed == n and batch.request_counts.failed == 0, batch.request_counts
@@ -77,14 +83,17 @@ def test_window_finds_a_hidden_concurrency_limit(stack_factory):
 def test_a_configured_limit_bounds_the_window(stack_factory):
     """max_concurrency stays the bound: the window never passes it, and no 429 comes back."""
     stack = stack_factory.start(
-        name="bounded", workers=2, worker_concurrency=32, mock={"latency_ms": 50, "max_concurrency": 6},
-        upstream=False, env={"BOUNDED_KEY": "k"},
+        name="bounded",
+        workers=2,
+        worker_concurrency=32,
+        mock={"latency_ms": 50, "max_concurrency": 6},
+        upstream=False,
+        env={"BOUNDED_KEY": "k"},
         config_toml='[providers.default]\nbase_url = "${mock_url}"\napi_key_env = "BOUNDED_KEY"\nmax_concurrency = 6\n',
     )
     client = stack.client()
     run = uuid.uuid4().hex[:8]
-    _, created = stack.submit([stack.chat_line(f"bd-{run}-{i:03d}", f"bounded {i}") for i in range(300)],
-                              client=client)
+    _, created = stack.submit([stack.chat_line(f"bd-{run}-{i:03d}", f"bounded {i}") for i in range(300)], client=client)
     batch = stack.wait_for_batch(created.id, client=client, timeout=120)
     stats = stack.mock_stats()
     assert batch.status == "completed" and batch.request_counts.completed == 300, batch

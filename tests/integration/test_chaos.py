@@ -53,10 +53,18 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     rng = random.Random(seed)
     print(f"chaos seed {seed}")
     stack = stack_factory.start(
-        name="chaos", workers=2, worker_concurrency=16, mock_latency_ms=30, redis_aof=True,
+        name="chaos",
+        workers=2,
+        worker_concurrency=16,
+        mock_latency_ms=30,
+        redis_aof=True,
         # A small window: the web process is killed while it feeds, not only while it validates.
-        env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_SHUTDOWN_GRACE_S": "2",
-             "SLUICE_WINDOW_LINES": "300"},
+        env={
+            "SLUICE_LEASE_S": "2",
+            "SLUICE_MAX_ATTEMPTS": "8",
+            "SLUICE_SHUTDOWN_GRACE_S": "2",
+            "SLUICE_WINDOW_LINES": "300",
+        },
     )
     client = stack.client(timeout=10)
     run = uuid.uuid4().hex[:8]
@@ -74,22 +82,32 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     redis_at = rng.randrange(KILLS)
     for i, fraction in enumerate(schedule):
         target = int(fraction * LINES)
-        wait_until(lambda target=target: (_progress(client, batch.id) or 0) >= target, timeout=90,
-                   message=f"batch {batch.id} to reach {target} results (seed {seed})", check=stack.check_alive)
+        wait_until(
+            lambda target=target: (_progress(client, batch.id) or 0) >= target,
+            timeout=90,
+            message=f"batch {batch.id} to reach {target} results (seed {seed})",
+            check=stack.check_alive,
+        )
         if i == redis_at:
             stack.redis.restart(sig=signal.SIGKILL)
         _kill_and_replace(stack, rng.choice(ROLES))
 
     done = wait_until(
-        lambda: (b := client.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled", "expired") and b,
-        timeout=120, ignore=(openai.APIConnectionError, openai.InternalServerError),
-        message=f"batch {batch.id} to finish (seed {seed})", check=stack.check_alive,
+        lambda: (
+            (b := client.batches.retrieve(batch.id)).status in ("completed", "failed", "cancelled", "expired") and b
+        ),
+        timeout=120,
+        ignore=(openai.APIConnectionError, openai.InternalServerError),
+        message=f"batch {batch.id} to finish (seed {seed})",
+        check=stack.check_alive,
     )
     assert done.status == "completed", f"seed {seed}: {done}"
 
     output, errors = stack.results(done, client=client)
     seen = Counter(line["custom_id"] for line in output + errors)
-    assert set(seen) == set(messages), f"seed {seed}: missing {len(set(messages) - set(seen))}, extra {set(seen) - set(messages)}"
+    assert set(seen) == set(messages), (
+        f"seed {seed}: missing {len(set(messages) - set(seen))}, extra {set(seen) - set(messages)}"
+    )
     twice = {cid: n for cid, n in seen.items() if n != 1}
     assert not twice, f"seed {seed}: lines recorded more than once: {list(twice.items())[:5]}"
     for line in output:
@@ -97,12 +115,15 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     for line in errors:
         assert line["response"] is None and line["error"]["code"] in ACCEPTED_ERROR_CODES, line
     counts = done.request_counts
-    assert (counts.total, counts.completed, counts.failed) == (LINES, len(output), len(errors)), f"seed {seed}: {counts}"
+    assert (counts.total, counts.completed, counts.failed) == (LINES, len(output), len(errors)), (
+        f"seed {seed}: {counts}"
+    )
 
     r = stack.redis.client()
     try:
-        leftovers = [k.decode() for k in r.scan_iter("sluice:*")
-                     if r.ttl(k) == -1 and not k.decode().startswith(GLOBAL_KEYS)]
+        leftovers = [
+            k.decode() for k in r.scan_iter("sluice:*") if r.ttl(k) == -1 and not k.decode().startswith(GLOBAL_KEYS)
+        ]
         assert leftovers == [], f"seed {seed}: keys without expiry: {leftovers}"
         assert not [k for k in r.scan_iter(f"*{batch.id}*") if r.ttl(k) == -1], f"seed {seed}"
     finally:

@@ -42,11 +42,16 @@ def client_env(stack, *, url: str | None = None, token: str | None = None) -> di
     return env
 
 
-def cli(stack, *args: str, url: str | None = None, token: str | None = None, cwd: Path = ROOT,
-        timeout: float = 60.0) -> subprocess.CompletedProcess:
+def cli(
+    stack, *args: str, url: str | None = None, token: str | None = None, cwd: Path = ROOT, timeout: float = 60.0
+) -> subprocess.CompletedProcess:
     """Run ``sluice ARGS`` to completion; ``timeout`` is a failure deadline (the command's group is killed)."""
-    return processes.run([sys.executable, "-m", "service.cli", *args], env=client_env(stack, url=url, token=token),
-                         cwd=cwd, timeout=timeout)
+    return processes.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=client_env(stack, url=url, token=token),
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def write_rows(path: Path, rows) -> Path:
@@ -103,8 +108,9 @@ def test_submit_without_wait_and_json(cstack, tmp_path):
     assert batch_id.startswith("batch_") and status in ("validating", "in_progress"), res.stdout
     cstack.wait_for_batch(batch_id)
 
-    res = cli(cstack, "submit", str(src), "--json", "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2",
-              "--poll")  # polling only, as against a server without the event stream
+    res = cli(
+        cstack, "submit", str(src), "--json", "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2", "--poll"
+    )  # polling only, as against a server without the event stream
     assert res.returncode == 0, res
     batch = json.loads(res.stdout)
     assert batch["object"] == "batch" and batch["status"] == "completed", batch
@@ -127,8 +133,12 @@ def test_big_upload_reports_progress(cstack, tmp_path):
 def test_validation_failure_shows_the_offending_line_before_anything_is_uploaded(cstack, tmp_path):
     tag = f"vf-{uuid.uuid4().hex[:6]}"
     good = rows_of(cstack, tag, 3)
-    bad = {"custom_id": f"{tag}-nomodel", "method": "POST", "url": "/v1/chat/completions",
-           "body": {"messages": [{"role": "user", "content": "z" * 500}]}}
+    bad = {
+        "custom_id": f"{tag}-nomodel",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "z" * 500}]},
+    }
     src = write_rows(tmp_path / "v.jsonl", [good[0], good[1], "", bad, good[2], good[0]])
     before = cli(cstack, "files", "list", "--json").stdout
     res = cli(cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2")
@@ -185,8 +195,17 @@ def test_wrong_url_and_bad_token(cstack, tmp_path):
         assert "not-a-token" not in res.stderr
 
     # Flags win over the environment (the OpenAI CLI's names work too).
-    res = cli(cstack, "batches", "list", "--api-base", cstack.api_url, "--api-key", cstack.token, url=dead,
-              token="not-a-token")
+    res = cli(
+        cstack,
+        "batches",
+        "list",
+        "--api-base",
+        cstack.api_url,
+        "--api-key",
+        cstack.token,
+        url=dead,
+        token="not-a-token",
+    )
     assert res.returncode == 0, res
 
 
@@ -230,7 +249,9 @@ def test_batches_list_get_cancel(cstack, tmp_path):
     assert got["id"] == first["id"] and got["output_file_id"]
 
     res = cli(cstack, "batches", "cancel", second["id"], token=token)
-    assert res.returncode == 0 and res.stdout.split() in ([second["id"], "cancelling"], [second["id"], "cancelled"]), res
+    assert res.returncode == 0 and res.stdout.split() in ([second["id"], "cancelling"], [second["id"], "cancelled"]), (
+        res
+    )
     cstack.mock().release(tag)
     assert cstack.wait_for_batch(second["id"], client=cstack.client(token=token), timeout=60).status == "cancelled"
     res = cli(cstack, "batches", "cancel", first["id"], token=token)
@@ -290,9 +311,21 @@ def _start_waiting(stack, tmp_path, tag: str, **popen_kwargs) -> tuple[subproces
     # The lines wait at the mock's gate named ``tag``: the batch runs until the test releases it.
     src = write_rows(tmp_path / f"{tag}.jsonl", rows_of(stack, tag, 30, mock_hold=tag))
     proc = processes.popen(
-        [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(tmp_path / "o"),
-         "--poll-interval", "0.2"],
-        env=client_env(stack), cwd=str(ROOT), **popen_kwargs,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "submit",
+            str(src),
+            "--wait",
+            "--out",
+            str(tmp_path / "o"),
+            "--poll-interval",
+            "0.2",
+        ],
+        env=client_env(stack),
+        cwd=str(ROOT),
+        **popen_kwargs,
     )
     return proc, src
 
@@ -303,8 +336,11 @@ def test_ctrl_c_on_a_pipe_prints_how_to_cancel(cstack, tmp_path, wait_until):
     with open(err_path, "wb") as err:
         proc, _ = _start_waiting(cstack, tmp_path, tag, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     try:
-        m = wait_until(lambda: re.search(r"(batch_\w+) in_progress", err_path.read_text()), timeout=30,
-                       message=lambda: f"the batch to be in progress; stderr: {err_path.read_text()}")
+        m = wait_until(
+            lambda: re.search(r"(batch_\w+) in_progress", err_path.read_text()),
+            timeout=30,
+            message=lambda: f"the batch to be in progress; stderr: {err_path.read_text()}",
+        )
         batch_id = m.group(1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 130
@@ -346,29 +382,47 @@ def test_ctrl_c_on_a_terminal_offers_to_cancel(cstack, tmp_path, wait_until):
         return seen.decode(errors="replace")
 
     try:
-        m = wait_until(lambda: re.search(r"(batch_\w+) in_progress", read_some()), timeout=30,
-                       message=lambda: f"progress on the terminal: {seen[-2000:]!r}")
+        m = wait_until(
+            lambda: re.search(r"(batch_\w+) in_progress", read_some()),
+            timeout=30,
+            message=lambda: f"progress on the terminal: {seen[-2000:]!r}",
+        )
         batch_id = m.group(1)
         assert "\r" in read_some(), "a terminal gets a line redrawn in place"
         proc.send_signal(signal.SIGINT)
-        wait_until(lambda: f"Cancel batch {batch_id}? [y/N]" in read_some(), timeout=15,
-                   message=lambda: f"the prompt: {seen[-2000:]!r}")
+        wait_until(
+            lambda: f"Cancel batch {batch_id}? [y/N]" in read_some(),
+            timeout=15,
+            message=lambda: f"the prompt: {seen[-2000:]!r}",
+        )
         os.write(primary, b"y\n")
-        wait_until(lambda: cstack.client().batches.retrieve(batch_id).status in ("cancelling", "cancelled"),
-                   timeout=60, message="the client's cancel to reach the server")
+        wait_until(
+            lambda: cstack.client().batches.retrieve(batch_id).status in ("cancelling", "cancelled"),
+            timeout=60,
+            message="the client's cancel to reach the server",
+        )
         cstack.mock().release(tag)  # the held lines may finish now; the others end batch_cancelled
-        wait_until(lambda: proc.poll() is not None and (read_some() or True), timeout=60,
-                   message=lambda: f"the client to end: {seen[-2000:]!r}")
+        wait_until(
+            lambda: proc.poll() is not None and (read_some() or True),
+            timeout=60,
+            message=lambda: f"the client to end: {seen[-2000:]!r}",
+        )
         read_some()
         text = seen.decode(errors="replace")
         assert proc.returncode == 1, text
         assert re.search(rf"{batch_id} cancelled: \d+ completed, \d+ failed of 30", text), text
         assert cstack.client().batches.retrieve(batch_id).status == "cancelled"
         errors = tmp_path / "o" / f"{batch_id}_error.jsonl"
-        assert errors.exists() and len(custom_ids(errors)) + (
-            len(custom_ids(tmp_path / "o" / f"{batch_id}_output.jsonl"))
-            if (tmp_path / "o" / f"{batch_id}_output.jsonl").exists() else 0
-        ) == 30
+        assert (
+            errors.exists()
+            and len(custom_ids(errors))
+            + (
+                len(custom_ids(tmp_path / "o" / f"{batch_id}_output.jsonl"))
+                if (tmp_path / "o" / f"{batch_id}_output.jsonl").exists()
+                else 0
+            )
+            == 30
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -384,8 +438,9 @@ def test_wait_follows_the_event_stream_when_the_server_has_one(cstack, tmp_path)
     src = write_rows(tmp_path / "r.jsonl", rows_of(cstack, tag, 5, mock_latency_ms=300))
     # Polling every hour would never finish within the deadline; the event stream wakes the client as
     # the batch moves (in seconds, however busy the machine).
-    res = cli(cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "3600",
-              timeout=150)
+    res = cli(
+        cstack, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "3600", timeout=150
+    )
     assert res.returncode == 0, res
     m = SUMMARY.match(res.stdout.strip().splitlines()[-1])
     assert m and m.group(2) == "completed" and m.group(3) == "5", res.stdout
@@ -421,8 +476,10 @@ def test_download_never_overwrites_without_force(cstack, tmp_path):
     mine.write_text("my own edits\n")  # the server's copy has the same name
     res = cli(cstack, "files", "download", file_id, cwd=work)
     assert res.returncode == 1, res
-    assert res.stderr.strip() == ("sluice: requests.jsonl exists already; not overwriting it (pass --force to "
-                                  "replace it, or -o to save elsewhere)"), res.stderr
+    assert res.stderr.strip() == (
+        "sluice: requests.jsonl exists already; not overwriting it (pass --force to "
+        "replace it, or -o to save elsewhere)"
+    ), res.stderr
     assert mine.read_text() == "my own edits\n"
     assert not list(work.glob("*.part"))
     res = cli(cstack, "files", "download", file_id, "--force", cwd=work)
@@ -432,14 +489,29 @@ def test_download_never_overwrites_without_force(cstack, tmp_path):
 def test_closed_pipe_exits_quietly(cstack, tmp_path):
     src = write_rows(tmp_path / "p.jsonl", rows_of(cstack, f"cp-{uuid.uuid4().hex[:6]}", 1))
     file_id = json.loads(cli(cstack, "submit", str(src), "--json").stdout)["input_file_id"]
-    for args in (["batches", "--limit", "5"], ["files", "download", file_id, "-o", "-"], ["batches", "get", "--json",
-                 json.loads(cli(cstack, "batches", "--limit", "1", "--json").stdout)["data"][0]["id"]]):
+    for args in (
+        ["batches", "--limit", "5"],
+        ["files", "download", file_id, "-o", "-"],
+        [
+            "batches",
+            "get",
+            "--json",
+            json.loads(cli(cstack, "batches", "--limit", "1", "--json").stdout)["data"][0]["id"],
+        ],
+    ):
         read_end, write_end = os.pipe()
         os.close(read_end)  # like `| head` that has already gone
         try:
-            proc = subprocess.run([sys.executable, "-m", "service.cli", *args], env=client_env(cstack), cwd=str(ROOT),
-                                  stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, text=True,
-                                  timeout=60)
+            proc = subprocess.run(
+                [sys.executable, "-m", "service.cli", *args],
+                env=client_env(cstack),
+                cwd=str(ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
         finally:
             os.close(write_end)
         assert proc.returncode == 1, (args, proc.stderr)
@@ -450,8 +522,15 @@ def test_unreachable_redis_and_server_are_one_line(cstack, tmp_path):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     env = {**client_env(cstack), "REDIS_URL": dead}
     for args in (["tokens", "list"], ["tokens", "create", "--name", "x"], ["status"]):
-        proc = subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, cwd=str(tmp_path),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env=env,
+            cwd=str(tmp_path),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 1, (args, proc)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
         assert f"127.0.0.1:{dead.split(':')[2].split('/')[0]}" in proc.stderr, proc.stderr
@@ -482,9 +561,13 @@ SMALL_BYTES = 20_000  # bytes per batch file on the small stack
 
 @pytest.fixture(scope="module")
 def small(module_stack_factory):
-    return module_stack_factory.start(name="small-batches", workers=1, worker_concurrency=16,
-                                      max_batch_lines=SMALL_LINES,
-                                      env={"SLUICE_MAX_BATCH_FILE_BYTES": str(SMALL_BYTES)})
+    return module_stack_factory.start(
+        name="small-batches",
+        workers=1,
+        worker_concurrency=16,
+        max_batch_lines=SMALL_LINES,
+        env={"SLUICE_MAX_BATCH_FILE_BYTES": str(SMALL_BYTES)},
+    )
 
 
 def job_batches(stack, job_id: str) -> list[dict]:
@@ -527,8 +610,18 @@ def test_a_job_is_split_by_bytes_too(small, tmp_path):
     tag = f"sb-{uuid.uuid4().hex[:6]}"
     rows = [small.chat_line(f"{tag}-{i}", "y" * 900) for i in range(30)]  # about 1 KB each: 30 KB in all
     src = write_rows(tmp_path / "wide.jsonl", rows)
-    res = cli(small, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2", "--json",
-              timeout=120)
+    res = cli(
+        small,
+        "submit",
+        str(src),
+        "--wait",
+        "--out",
+        str(tmp_path / "o"),
+        "--poll-interval",
+        "0.2",
+        "--json",
+        timeout=120,
+    )
     assert res.returncode == 0, res
     job = json.loads(res.stdout)
     assert job["object"] == "sluice.job" and job["status"] == "completed" and len(job["batches"]) >= 2, job
@@ -556,8 +649,11 @@ def test_too_many_lines_without_wait_says_how_to_split(small, tmp_path):
     src = write_rows(tmp_path / "many.jsonl", rows_of(small, f"tm-{uuid.uuid4().hex[:6]}", SMALL_LINES + 1))
     res = cli(small, "submit", str(src))
     assert res.returncode == 2, res
-    assert f"holds {SMALL_LINES + 1} requests, more than one batch may on this server ({SMALL_LINES} requests" in \
-        res.stderr and "--wait --out DIR" in res.stderr, res.stderr
+    assert (
+        f"holds {SMALL_LINES + 1} requests, more than one batch may on this server ({SMALL_LINES} requests"
+        in res.stderr
+        and "--wait --out DIR" in res.stderr
+    ), res.stderr
 
 
 def test_a_file_with_too_many_lines_is_reported_as_such(small, tmp_path):
@@ -567,8 +663,10 @@ def test_a_file_with_too_many_lines_is_reported_as_such(small, tmp_path):
     res = cli(small, "batches", "get", batch.id)
     assert res.returncode == 0, res
     assert "invalid line" not in res.stdout, res.stdout
-    assert (f"the file as a whole (nothing was sent upstream): too_many_tasks: The batch input file has more than "
-            f"{SMALL_LINES} requests.") in res.stdout, res.stdout
+    assert (
+        f"the file as a whole (nothing was sent upstream): too_many_tasks: The batch input file has more than "
+        f"{SMALL_LINES} requests."
+    ) in res.stdout, res.stdout
 
 
 def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path, wait_until):
@@ -578,10 +676,29 @@ def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path
     out = tmp_path / "out"
     small.mock_reset()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(out), "--parallel", "2",
-         "--poll-interval", "0.2"], env=client_env(small), cwd=str(ROOT), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "submit",
+            str(src),
+            "--wait",
+            "--out",
+            str(out),
+            "--parallel",
+            "2",
+            "--poll-interval",
+            "0.2",
+        ],
+        env=client_env(small),
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def some_merged_some_not():
             states = list(out.glob("job_*.submit.json"))
             if not states:
@@ -589,8 +706,10 @@ def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path
             parts = json.loads(states[0].read_text())["parts"]
             merged = sum(p["merged"] for p in parts)
             return states[0] if 0 < merged < len(parts) else None
-        state_file = wait_until(some_merged_some_not, timeout=90, interval=0.05,
-                                message="a job with some parts merged and some not")
+
+        state_file = wait_until(
+            some_merged_some_not, timeout=90, interval=0.05, message="a job with some parts merged and some not"
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -603,8 +722,9 @@ def test_submit_resumes_after_sigkill_without_rerunning_anything(small, tmp_path
     assert f"resuming {job_id}" in res.stderr, res.stderr
     m = JOB_SUMMARY.match(res.stdout.strip().splitlines()[-1])
     assert m and m.group(1) == job_id and m.group(2, 3, 4, 5, 6) == ("completed", "200", "0", "200", "5"), res.stdout
-    assert sorted(custom_ids(out / f"{job_id}_output.jsonl")) == sorted(r["custom_id"] for r in rows), \
+    assert sorted(custom_ids(out / f"{job_id}_output.jsonl")) == sorted(r["custom_id"] for r in rows), (
         "every custom_id exactly once"
+    )
     assert len(job_batches(small, job_id)) == 5, "no part ran twice"
     assert small.mock_stats()["requests"] == 200, "no request was sent twice"
     assert not state_file.exists()
@@ -617,8 +737,18 @@ def test_a_job_waits_for_its_own_batches_when_a_quota_is_full(small, tmp_path):
     token = small.sluice("tokens", "create", "--name", name, "--max-active-batches", "1", check=True).stdout.strip()
     rows = rows_of(small, name, 3 * SMALL_LINES)
     src = write_rows(tmp_path / "q.jsonl", rows)
-    res = cli(small, "submit", str(src), "--wait", "--out", str(tmp_path / "o"), "--poll-interval", "0.2",
-              token=token, timeout=120)
+    res = cli(
+        small,
+        "submit",
+        str(src),
+        "--wait",
+        "--out",
+        str(tmp_path / "o"),
+        "--poll-interval",
+        "0.2",
+        token=token,
+        timeout=120,
+    )
     assert res.returncode == 0, res
     assert "waits for a batch of this job to end (active_batches_quota_exceeded)" in res.stderr, res.stderr
     m = JOB_SUMMARY.match(res.stdout.strip().splitlines()[-1])
@@ -637,10 +767,27 @@ def test_cancelling_a_job_on_a_terminal_accounts_for_every_line(small, tmp_path,
     src = write_rows(tmp_path / "c.jsonl", rows)
     primary, secondary = os.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "submit", str(src), "--wait", "--out", str(tmp_path / "o"),
-         "--parallel", "1", "--poll-interval", "0.2"],
-        env=client_env(small), cwd=str(ROOT), start_new_session=True, stdin=secondary, stdout=secondary,
-        stderr=secondary)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "submit",
+            str(src),
+            "--wait",
+            "--out",
+            str(tmp_path / "o"),
+            "--parallel",
+            "1",
+            "--poll-interval",
+            "0.2",
+        ],
+        env=client_env(small),
+        cwd=str(ROOT),
+        start_new_session=True,
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+    )
     os.close(secondary)
     seen = bytearray()
 
@@ -656,14 +803,23 @@ def test_cancelling_a_job_on_a_terminal_accounts_for_every_line(small, tmp_path,
         return seen.decode(errors="replace")
 
     try:
-        wait_until(lambda: re.search(r"job_\w+ in_progress: [1-9]", read_some()), timeout=60,
-                   message=lambda: f"the job under way: {seen[-2000:]!r}")
+        wait_until(
+            lambda: re.search(r"job_\w+ in_progress: [1-9]", read_some()),
+            timeout=60,
+            message=lambda: f"the job under way: {seen[-2000:]!r}",
+        )
         proc.send_signal(signal.SIGINT)
-        wait_until(lambda: "running batches, 2 not started)? [y/N]" in read_some(), timeout=15,
-                   message=lambda: f"the prompt: {seen[-2000:]!r}")
+        wait_until(
+            lambda: "running batches, 2 not started)? [y/N]" in read_some(),
+            timeout=15,
+            message=lambda: f"the prompt: {seen[-2000:]!r}",
+        )
         os.write(primary, b"y\n")
-        wait_until(lambda: proc.poll() is not None and (read_some() or True), timeout=90,
-                   message=lambda: f"the client to end: {seen[-2000:]!r}")
+        wait_until(
+            lambda: proc.poll() is not None and (read_some() or True),
+            timeout=90,
+            message=lambda: f"the client to end: {seen[-2000:]!r}",
+        )
         read_some()
         text = seen.decode(errors="replace")
         assert proc.returncode == 1, text

@@ -39,14 +39,17 @@ def test_in_flight_bound_across_workers_and_upstream_auth(stack_factory):
 
 
 def test_small_batch_is_not_stuck_behind_a_big_one(stack_factory, wait_until):
-    stack = stack_factory.start(name="fairness", workers=2, worker_concurrency=8,
-                                mock={"latency_ms": 100, "gates": True})
+    stack = stack_factory.start(
+        name="fairness", workers=2, worker_concurrency=8, mock={"latency_ms": 100, "gates": True}
+    )
     client = stack.client()
     run = uuid.uuid4().hex[:8]
     # The big batch's last line waits at the gate: it cannot finish before the test is done with it.
     gate = f"big-{run}"
-    big_rows = [stack.chat_line(f"big-{run}-{i:04d}", f"big {i}", **({"mock_hold": gate} if i == 2999 else {}))
-                for i in range(3000)]
+    big_rows = [
+        stack.chat_line(f"big-{run}-{i:04d}", f"big {i}", **({"mock_hold": gate} if i == 2999 else {}))
+        for i in range(3000)
+    ]
     _, big = stack.submit(big_rows, client=client)
 
     # The big batch is running (and occupying the workers) before the small one exists.

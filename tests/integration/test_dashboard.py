@@ -23,14 +23,22 @@ CHROMIUM = "/usr/bin/chromium"
 # What the machine's probe launched Chromium with: no sandbox (root), and no background traffic
 # towards hosts a closed network refuses.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCREENSHOTS = os.environ.get("SLUICE_SCREENSHOTS", "")
 
 if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium when run as root "
-                "(or: sudo apt-get install chromium)", allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing: `make test` installs Debian's chromium when run as root "
+        "(or: sudo apt-get install chromium)",
+        allow_module_level=True,
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is not installed")
 expect = sync_api.expect
 
@@ -153,16 +161,21 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     lines = [json.loads(line) for line in Path(download.path()).read_text().splitlines() if line.strip()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"q-{run}-{i:02d}" for i in range(38))
     assert all(line["response"]["status_code"] == 200 for line in lines)
-    assert Path(download.path()).read_bytes() == client.files.content(
-        client.batches.retrieve(quick.id).output_file_id).content
+    assert (
+        Path(download.path()).read_bytes()
+        == client.files.content(client.batches.retrieve(quick.id).output_file_id).content
+    )
 
     # Cancel the slow batch with its button (two clicks: arm, confirm).
     cancel = slow_row.locator(".cancel")
     cancel.click()
     expect(cancel).to_have_text("Confirm cancel")
     cancel.click()
-    wait_until(lambda: client.batches.retrieve(slow.id).status in ("cancelling", "cancelled"), timeout=60,
-               message="the page's cancel to reach the server")
+    wait_until(
+        lambda: client.batches.retrieve(slow.id).status in ("cancelling", "cancelled"),
+        timeout=60,
+        message="the page's cancel to reach the server",
+    )
     # Only now may the held lines finish: they drain into the output, the rest end batch_cancelled.
     dstack.mock().release(gate)
     expect(slow_row.locator(".status")).to_have_text("cancelled")
@@ -177,7 +190,7 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
     expect(page.locator("#cluster-view")).to_be_visible()
     expect(page.locator('#processes tbody tr[data-role="worker"]')).to_have_count(2)
     expect(page.locator('#processes tbody tr[data-role="finalizer"]')).to_have_count(1)
-    for cell in page.locator('#processes tbody tr td .health').all():
+    for cell in page.locator("#processes tbody tr td .health").all():
         expect(cell).to_have_text("live")
     expect(page.locator('#providers tbody tr[data-provider="default"]')).to_be_visible()
     # Its concurrency limit now and what bounds it (the workers' slots: no max_concurrency here).
@@ -194,10 +207,23 @@ def test_progress_download_cancel_and_cluster(dstack, page, wait_until):
 
 def test_falls_back_to_polling_without_an_event_stream(dstack, page):
     # A server without GET /v1/batches/{id}/events answers it with a JSON 404 unknown_url.
-    page.route("**/events", lambda route: route.fulfill(
-        status=404, content_type="application/json",
-        body=json.dumps({"error": {"message": "Invalid URL", "type": "invalid_request_error", "param": None,
-                                   "code": "unknown_url"}})))
+    page.route(
+        "**/events",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/json",
+            body=json.dumps(
+                {
+                    "error": {
+                        "message": "Invalid URL",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "unknown_url",
+                    }
+                }
+            ),
+        ),
+    )
     sign_in(page, dstack, dstack.token)
     expect(page.locator("#batches-view")).to_be_visible()
     run = uuid.uuid4().hex[:6]

@@ -41,14 +41,22 @@ BATCHY_KEY = "batchy-provider-key"
 @pytest.fixture(scope="module")
 def dstack(module_stack_factory):
     return module_stack_factory.start(
-        name="delegate", workers=1, upstream=False, config_toml=CONFIG, mock={"record": True},
+        name="delegate",
+        workers=1,
+        upstream=False,
+        config_toml=CONFIG,
+        mock={"record": True},
         env={"EXEC_KEY": "exec-key", "BATCHY_KEY": BATCHY_KEY, "SLUICE_LEASE_S": "2"},
     )
 
 
 def _rows(stack, run: str, n: int, *, model: str = "gpt-4o-mini", prefix: str = "d", **extra: Any) -> dict[str, dict]:
-    return {f"{prefix}-{run}-{i:04d}": stack.chat_line(f"{prefix}-{run}-{i:04d}", f"line {i} of {run}", model=model,
-                                                       **extra) for i in range(n)}
+    return {
+        f"{prefix}-{run}-{i:04d}": stack.chat_line(
+            f"{prefix}-{run}-{i:04d}", f"line {i} of {run}", model=model, **extra
+        )
+        for i in range(n)
+    }
 
 
 def _provider_batches(stack, sluice_batch_id: str) -> list[dict]:
@@ -115,8 +123,9 @@ def test_a_delegated_batch_costs_one_upload_one_create_and_polls(dstack):
     assert calls[("POST", "/v1/files")] == 1
     assert calls[("POST", "/v1/batches")] == 1
     assert calls[("GET", "/v1/batches/{batch}")] >= 1
-    assert not [r for r in log if r["path"].endswith(("/chat/completions", "/embeddings", "/responses"))], \
+    assert not [r for r in log if r["path"].endswith(("/chat/completions", "/embeddings", "/responses"))], (
         "a delegated line must not be sent to the real-time endpoint"
+    )
     assert {r["authorization"] for r in log} == {f"Bearer {BATCHY_KEY}"}
     # Merged, then deleted at the provider: input, output and error files.
     assert calls[("DELETE", f"/v1/files/{pbatch['input_file_id']}")] == 1
@@ -130,8 +139,12 @@ def test_cancel_mid_run_cancels_the_provider_batch_and_keeps_partial_results(dst
     rows = _rows(dstack, run, 24, mock_latency_ms=250)
     _, created = dstack.submit(list(rows.values()), client=client)
     # The provider's progress shows in request_counts before anything was downloaded.
-    wait_until(lambda: client.batches.retrieve(created.id).request_counts.completed >= 3, timeout=60,
-               message="the provider's progress to show in request_counts", check=dstack.check_alive)
+    wait_until(
+        lambda: client.batches.retrieve(created.id).request_counts.completed >= 3,
+        timeout=60,
+        message="the provider's progress to show in request_counts",
+        check=dstack.check_alive,
+    )
     assert client.batches.cancel(created.id).status == "cancelling"
     batch = dstack.wait_for_batch(created.id, client=client, timeout=60)
     assert batch.status == "cancelled", batch
@@ -240,8 +253,9 @@ def test_a_mixed_batch_is_partly_delegated_and_partly_executed(dstack):
     (pbatch,) = _provider_batches(dstack, batch.id)
     assert pbatch["request_counts"]["total"] == 12
     realtime = [r for r in _log(dstack) if r["path"] == "/v1/chat/completions"]
-    assert sorted(r["content"] for r in realtime) == sorted(r["body"]["messages"][-1]["content"]
-                                                          for r in executed.values())
+    assert sorted(r["content"] for r in realtime) == sorted(
+        r["body"]["messages"][-1]["content"] for r in executed.values()
+    )
     assert {r["model"] for r in realtime} == {"exec-small"}
 
 
@@ -253,9 +267,12 @@ def test_finalizer_killed_mid_upload(dstack, wait_until):
     rows = _rows(dstack, run, 8)
     next(iter(rows.values()))["body"]["mock_upload_delay_ms"] = 4000
     _, created = dstack.submit(list(rows.values()), client=client)
-    wait_until(lambda: any(r["method"] == "POST" and r["path"] == "/v1/files" and r["status"] is None
-                           for r in _log(dstack)), timeout=60, message="the upload to be under way",
-               check=dstack.check_alive)
+    wait_until(
+        lambda: any(r["method"] == "POST" and r["path"] == "/v1/files" and r["status"] is None for r in _log(dstack)),
+        timeout=60,
+        message="the upload to be under way",
+        check=dstack.check_alive,
+    )
     _kill_finalizer_and_replace(dstack)
     batch = dstack.wait_for_batch(created.id, client=client, timeout=90)
     assert batch.status == "completed", batch
@@ -274,9 +291,15 @@ def test_finalizer_killed_after_create_before_recording_the_id(dstack, wait_unti
     rows = _rows(dstack, run, 8)
     next(iter(rows.values()))["body"]["mock_create_delay_ms"] = 4000
     _, created = dstack.submit(list(rows.values()), client=client)
-    wait_until(lambda: _provider_batches(dstack, created.id) and any(
-        r["method"] == "POST" and r["path"] == "/v1/batches" and r["status"] is None for r in _log(dstack)),
-        timeout=60, message="the provider batch to exist while its create is unanswered", check=dstack.check_alive)
+    wait_until(
+        lambda: (
+            _provider_batches(dstack, created.id)
+            and any(r["method"] == "POST" and r["path"] == "/v1/batches" and r["status"] is None for r in _log(dstack))
+        ),
+        timeout=60,
+        message="the provider batch to exist while its create is unanswered",
+        check=dstack.check_alive,
+    )
     _kill_finalizer_and_replace(dstack)
     batch = dstack.wait_for_batch(created.id, client=client, timeout=90)
     assert batch.status == "completed", batch
@@ -299,8 +322,13 @@ def test_finalizer_killed_mid_download(dstack, wait_until):
     r = dstack.redis.client()
     try:
         done_key = f"sluice:{{{created.id}}}:done"
-        wait_until(lambda: 0 < r.bitcount(done_key) < n, timeout=60, interval=0.02,
-                   message="some results to be recorded while the download goes on", check=dstack.check_alive)
+        wait_until(
+            lambda: 0 < r.bitcount(done_key) < n,
+            timeout=60,
+            interval=0.02,
+            message="some results to be recorded while the download goes on",
+            check=dstack.check_alive,
+        )
     finally:
         r.close()
     _kill_finalizer_and_replace(dstack)
@@ -323,19 +351,33 @@ def test_finalizer_paused_past_its_lease_mid_create_writes_nothing_when_resumed(
     rows = _rows(dstack, run, 8)
     next(iter(rows.values()))["body"]["mock_create_delay_ms"] = 3000
     _, created = dstack.submit(list(rows.values()), client=client)
-    wait_until(lambda: _provider_batches(dstack, created.id), timeout=60, message="the provider batch to exist",
-               check=dstack.check_alive)
+    wait_until(
+        lambda: _provider_batches(dstack, created.id),
+        timeout=60,
+        message="the provider batch to exist",
+        check=dstack.check_alive,
+    )
     victim = next(p for p in dstack.processes if p.name.startswith("finalizer") and p.alive and not p.stopping)
     victim.signal(signal.SIGSTOP)
     try:
         peer = dstack.spawn("finalizer")
-        wait_until(lambda: peer.name in dstack.logs_containing("delegate_batch_adopted"), timeout=60,
-                   message="the peer to adopt the provider batch", check=dstack.check_alive)
+        wait_until(
+            lambda: peer.name in dstack.logs_containing("delegate_batch_adopted"),
+            timeout=60,
+            message="the peer to adopt the provider batch",
+            check=dstack.check_alive,
+        )
     finally:
         victim.signal(signal.SIGCONT)
-    wait_until(lambda: victim.name in dstack.logs_containing("delegate_step_stale")
-               or victim.name in dstack.logs_containing("delegate_lease_lost"), timeout=60,
-               message="the resumed holder to find itself fenced off", check=dstack.check_alive)
+    wait_until(
+        lambda: (
+            victim.name in dstack.logs_containing("delegate_step_stale")
+            or victim.name in dstack.logs_containing("delegate_lease_lost")
+        ),
+        timeout=60,
+        message="the resumed holder to find itself fenced off",
+        check=dstack.check_alive,
+    )
     batch = dstack.wait_for_batch(created.id, client=client, timeout=90)
     assert batch.status == "completed", batch
     output, errors = dstack.results(batch, client=client)
@@ -346,8 +388,13 @@ def test_finalizer_paused_past_its_lease_mid_create_writes_nothing_when_resumed(
 
 
 def test_sluice_expiry_cancels_the_provider_batch(stack_factory):
-    stack = stack_factory.start(name="delegate-expiry", workers=1, upstream=False, config_toml=CONFIG,
-                                env={"EXEC_KEY": "e", "BATCHY_KEY": "b", "SLUICE_COMPLETION_WINDOW_S": "4"})
+    stack = stack_factory.start(
+        name="delegate-expiry",
+        workers=1,
+        upstream=False,
+        config_toml=CONFIG,
+        env={"EXEC_KEY": "e", "BATCHY_KEY": "b", "SLUICE_COMPLETION_WINDOW_S": "4"},
+    )
     client = stack.client()
     run = uuid.uuid4().hex[:8]
     rows = _rows(stack, run, 20, mock_latency_ms=400)  # 8 s at the provider: Sluice's 4 s window ends first
@@ -366,7 +413,9 @@ def test_sluice_expiry_cancels_the_provider_batch(stack_factory):
 def test_a_sluice_stack_delegating_to_another_sluice_stack(stack_factory):
     provider = stack_factory.start(name="provider-sluice", workers=1)
     front = stack_factory.start(
-        name="front-sluice", workers=1, upstream=False,
+        name="front-sluice",
+        workers=1,
+        upstream=False,
         config_toml=f"""
 [providers.downstream]
 base_url = "{provider.api_url}"
@@ -375,7 +424,8 @@ batch_api = "auto"
 has_batch_api = true
 batch_poll_s = 0.2
 batch_poll_max_s = 0.5
-""", env={"DOWNSTREAM_TOKEN": provider.token},
+""",
+        env={"DOWNSTREAM_TOKEN": provider.token},
     )
     run = uuid.uuid4().hex[:8]
     rows = _rows(front, run, 15)

@@ -76,8 +76,11 @@ def _members(pgids: set[int]) -> set[int]:
 
 def _clean_env() -> dict[str, str]:
     """The test's environment without any Sluice configuration: the .env must supply it all."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLUICE_", "OPENAI_", "HONCHO_")) and k not in ("REDIS_URL", "PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLUICE_", "OPENAI_", "HONCHO_")) and k not in ("REDIS_URL", "PORT")
+    }
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -98,7 +101,11 @@ class Honcho:
             # Only honcho gets our SIGTERM, as a platform signals its process manager.
             self.popen = processes.popen(
                 [*exe, "start", "-f", str(ROOT / "Procfile"), "-e", str(env_file), "-d", str(ROOT), "--no-colour"],
-                cwd=str(ROOT), env=_clean_env(), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                cwd=str(ROOT),
+                env=_clean_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
             )
 
     def output(self) -> str:
@@ -155,8 +162,13 @@ class Honcho:
 
 def _wait_batch(client, batch_id: str, check, timeout: float = 60):
     return wait_until(
-        lambda: (b := client.batches.retrieve(batch_id)).status in ("completed", "failed", "expired", "cancelled") and b,
-        timeout=timeout, interval=0.2, message=f"batch {batch_id} to finish under honcho", check=check,
+        lambda: (
+            (b := client.batches.retrieve(batch_id)).status in ("completed", "failed", "expired", "cancelled") and b
+        ),
+        timeout=timeout,
+        interval=0.2,
+        message=f"batch {batch_id} to finish under honcho",
+        check=check,
         ignore=(OSError,),
     )
 
@@ -172,8 +184,12 @@ def test_procfile_runs_under_honcho(tmp_path):
     # The grace must fit in honcho's real SIGKILL deadline, as SLUICE_SHUTDOWN_GRACE_S in a platform's.
     assert GRACE_S < honcho.manager.KILL_WAIT == HONCHO_KILL_WAIT_S
     # honcho itself, with only its SIGKILL deadline raised (see TEST_KILL_WAIT_S).
-    exe = [sys.executable, "-c", "import sys, honcho.manager as m; from honcho.command import main; "
-           f"m.KILL_WAIT = {TEST_KILL_WAIT_S}; sys.argv[0] = 'honcho'; sys.exit(main())"]
+    exe = [
+        sys.executable,
+        "-c",
+        "import sys, honcho.manager as m; from honcho.command import main; "
+        f"m.KILL_WAIT = {TEST_KILL_WAIT_S}; sys.argv[0] = 'honcho'; sys.exit(main())",
+    ]
 
     runner = ProcessRunner(tmp_path / "logs")
     runs: list[Honcho] = []
@@ -185,28 +201,37 @@ def test_procfile_runs_under_honcho(tmp_path):
         web_port = free_port()
         token = "tok-honcho"
         env_file = tmp_path / ".env"
-        env_file.write_text("\n".join([
-            f"REDIS_URL={redis.url}",
-            f"SLUICE_UPSTREAM_URL={mock.url}",
-            "SLUICE_UPSTREAM_API_KEY=upstream-secret",
-            f"SLUICE_API_TOKENS={token}",
-            f"SLUICE_DATA_DIR={tmp_path / 'data'}",
-            f"SLUICE_SHUTDOWN_GRACE_S={GRACE_S}",
-            f"SLUICE_LEASE_S={LEASE_S}",
-            # honcho gives the first process type PORT and each later one PORT + 100 (PORT in the
-            # .env wins over -p), so web, first in the Procfile, listens exactly here.
-            f"PORT={web_port}",
-            "",
-        ]))
+        env_file.write_text(
+            "\n".join(
+                [
+                    f"REDIS_URL={redis.url}",
+                    f"SLUICE_UPSTREAM_URL={mock.url}",
+                    "SLUICE_UPSTREAM_API_KEY=upstream-secret",
+                    f"SLUICE_API_TOKENS={token}",
+                    f"SLUICE_DATA_DIR={tmp_path / 'data'}",
+                    f"SLUICE_SHUTDOWN_GRACE_S={GRACE_S}",
+                    f"SLUICE_LEASE_S={LEASE_S}",
+                    # honcho gives the first process type PORT and each later one PORT + 100 (PORT in the
+                    # .env wins over -p), so web, first in the Procfile, listens exactly here.
+                    f"PORT={web_port}",
+                    "",
+                ]
+            )
+        )
         base = f"http://127.0.0.1:{web_port}"
 
         def start() -> Honcho:
             h = Honcho(exe, env_file, tmp_path / f"honcho-{len(runs) + 1}.out", runner)
             runs.append(h)
             h.wait_started()
-            wait_until(lambda: http_request("GET", f"{base}/healthz", timeout=2).status == 200, timeout=30,
-                       interval=0.1, ignore=(OSError,), message=f"web under honcho on PORT={web_port}",
-                       check=h.check_alive)
+            wait_until(
+                lambda: http_request("GET", f"{base}/healthz", timeout=2).status == 200,
+                timeout=30,
+                interval=0.1,
+                ignore=(OSError,),
+                message=f"web under honcho on PORT={web_port}",
+                check=h.check_alive,
+            )
             return h
 
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=15)
@@ -231,16 +256,18 @@ def test_procfile_runs_under_honcho(tmp_path):
             mock.reset()
             slow = [chat_line(f"slow-{i}", f"slow {i}", mock_hold="quick" if i % 2 else "stuck") for i in range(8)]
             f2 = client.files.create(file=("slow.jsonl", to_jsonl(slow)), purpose="batch")
-            batch2 = client.batches.create(input_file_id=f2.id, endpoint="/v1/chat/completions",
-                                           completion_window="24h")
+            batch2 = client.batches.create(
+                input_file_id=f2.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
             for gate in ("quick", "stuck"):
                 mock.wait_held(gate, 4)
             print(f"honcho stop with lines in flight: {first.stop(after_sigterm=lambda: mock.release('quick')):.2f}s")
             mock.release("stuck")
             stopped = first.output()
             assert '"draining"' in stopped, stopped[-4000:]
-            handed_back = [json.loads(line.split("| ", 1)[1]) for line in stopped.splitlines()
-                           if '"left_unfinished"' in line]
+            handed_back = [
+                json.loads(line.split("| ", 1)[1]) for line in stopped.splitlines() if '"left_unfinished"' in line
+            ]
             assert [e["lines"] for e in handed_back] == [4], stopped[-4000:]
             restarted = time.monotonic()
             second = start()
@@ -270,7 +297,9 @@ def _working_tree_files() -> list[str]:
     """Tracked files plus new ones not ignored: what the next commit (and git push) would hold."""
     listed = subprocess.run(
         ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        check=True, capture_output=True, timeout=30,
+        check=True,
+        capture_output=True,
+        timeout=30,
     ).stdout.decode()
     return [p for p in listed.split("\0") if p and (ROOT / p).is_file()]
 
@@ -289,7 +318,8 @@ def test_buildpack_install(tmp_path):
     assert (app / "requirements.txt").is_file(), "no requirements.txt: the buildpack would not detect a Python app"
     version = (app / ".python-version").read_text().split()[0]
     assert version == f"{sys.version_info.major}.{sys.version_info.minor}", (
-        f".python-version pins {version}; this test runs Python {sys.version_info.major}.{sys.version_info.minor}")
+        f".python-version pins {version}; this test runs Python {sys.version_info.major}.{sys.version_info.minor}"
+    )
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -299,28 +329,56 @@ def test_buildpack_install(tmp_path):
     # The buildpack's command, from the app root.
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-input", "-r", "requirements.txt"],
-        cwd=str(app), env=env, capture_output=True, text=True, timeout=480, check=False,
+        cwd=str(app),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+        check=False,
     )
-    assert install.returncode == 0, f"pip install -r requirements.txt failed:\n{install.stdout[-3000:]}\n{install.stderr[-3000:]}"
+    assert install.returncode == 0, (
+        f"pip install -r requirements.txt failed:\n{install.stdout[-3000:]}\n{install.stderr[-3000:]}"
+    )
 
     # Run the way the Procfile does, from the app root with the venv's bin on PATH...
     run_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
-    cli = subprocess.run(["sluice", "--help"], cwd=str(app), env=run_env, capture_output=True, text=True, timeout=60, check=False)
+    cli = subprocess.run(
+        ["sluice", "--help"], cwd=str(app), env=run_env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert cli.returncode == 0, cli.stderr
     for command in ("web", "worker", "finalizer"):
         assert command in cli.stdout, cli.stdout
     imports = "import service.web, workers.worker, workers.finalizer"
-    probe = subprocess.run([str(python), "-c", imports], cwd=str(app), env=run_env, capture_output=True, text=True, check=False,
-                           timeout=60)
+    probe = subprocess.run(
+        [str(python), "-c", imports], cwd=str(app), env=run_env, capture_output=True, text=True, check=False, timeout=60
+    )
     assert probe.returncode == 0, probe.stderr
     # Deploys keep file contents in an object store: the install carries the s3 extra.
-    s3 = subprocess.run([str(python), "-c", "from service.core.config import Settings; "
-                         "Settings.from_env({'SLUICE_STORAGE_URL': 's3://sluice-deploy/files'}); import aiobotocore"],
-                        cwd=str(app), env=run_env, capture_output=True, text=True, check=False, timeout=60)
+    s3 = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "from service.core.config import Settings; "
+            "Settings.from_env({'SLUICE_STORAGE_URL': 's3://sluice-deploy/files'}); import aiobotocore",
+        ],
+        cwd=str(app),
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert s3.returncode == 0, f"the buildpack's install cannot use S3 storage:\n{s3.stderr}"
     # ...and from elsewhere: the package itself was installed, not only found in the app root.
-    where = subprocess.run([str(python), "-c", imports + "; import service; print(service.__file__)"],
-                           cwd=str(tmp_path), env=run_env, capture_output=True, text=True, timeout=60, check=False)
+    where = subprocess.run(
+        [str(python), "-c", imports + "; import service; print(service.__file__)"],
+        cwd=str(tmp_path),
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert where.returncode == 0, where.stderr
     assert str(venv) in where.stdout, where.stdout
 
@@ -379,8 +437,9 @@ def _documented_names() -> set[str]:
 def test_deploy_files_name_only_variables_sluice_reads():
     read = _names_read_by_sluice()
     assert {"SLUICE_API_TOKENS", "SLUICE_STORAGE_URL"} <= read  # the scan itself works
-    unknown = sorted(n for n in _documented_names()
-                     if n not in read and n not in STANDARD_VARS and not n.startswith("AWS_"))
+    unknown = sorted(
+        n for n in _documented_names() if n not in read and n not in STANDARD_VARS and not n.startswith("AWS_")
+    )
     assert not unknown, f"deploy/ names variables Sluice never reads: {unknown}"
 
 

@@ -36,7 +36,9 @@ BOUNDARY = "edgeBoundary7f3a"
 @pytest.fixture(scope="module")
 def estack(module_stack_factory):
     return module_stack_factory.start(
-        name="edge", workers=0, finalizer=False,
+        name="edge",
+        workers=0,
+        finalizer=False,
         env={"SLUICE_HEADER_TIMEOUT_S": str(TIMEOUT_S), "SLUICE_BODY_IDLE_TIMEOUT_S": str(TIMEOUT_S)},
     )
 
@@ -54,11 +56,14 @@ def _form(*parts: bytes) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def _head(method: str, path: str, token: str, length: int, *, content_type: str | None = None,
-          extra: str = "") -> bytes:
+def _head(
+    method: str, path: str, token: str, length: int, *, content_type: str | None = None, extra: str = ""
+) -> bytes:
     ctype = content_type or f"multipart/form-data; boundary={BOUNDARY}"
-    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n{extra}\r\n"
+    ).encode()
 
 
 def _connect(stack, timeout: float = 30.0) -> socket.socket:
@@ -100,8 +105,13 @@ def _honest_upload(stack) -> float:
     rows = [stack.chat_line(f"honest-{uuid.uuid4().hex[:8]}", "hi")]
     body = _form(_part("purpose", b"batch"), _part("file", stack.to_jsonl(rows), "honest.jsonl"))
     started = time.monotonic()
-    res = stack.http("POST", "/v1/files", data=body, timeout=30,
-                     headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    res = stack.http(
+        "POST",
+        "/v1/files",
+        data=body,
+        timeout=30,
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
     assert res.status == 200, res.body[:300]
     return time.monotonic() - started
 
@@ -188,14 +198,16 @@ def test_100k_field_body_refused_fast_while_others_are_served(estack):
     assert outcome.get("status") == 400 and outcome.get("code") == "too_many_fields", outcome
     # "Well under a second", with a margin of 10x for a busy machine.
     assert outcome["seconds"] < 10, outcome
-    print(f"\n100,000 fields ({len(body)} bytes): refused in {outcome['seconds']:.3f} s; web CPU {cpu_s:.2f} s "
-          f"(hostile + {len(honest)} honest); honest uploads meanwhile: max {max(honest):.3f} s, "
-          f"median {statistics.median(honest):.3f} s")
+    print(
+        f"\n100,000 fields ({len(body)} bytes): refused in {outcome['seconds']:.3f} s; web CPU {cpu_s:.2f} s "
+        f"(hostile + {len(honest)} honest); honest uploads meanwhile: max {max(honest):.3f} s, "
+        f"median {statistics.median(honest):.3f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- declared size
 def test_declared_10_gib_upload_is_413_before_any_body(estack):
-    ten_gib = 10 * 1024 ** 3
+    ten_gib = 10 * 1024**3
     with _connect(estack) as upload, _connect(estack) as expecting, _connect(estack) as create:
         upload.sendall(_head("POST", "/v1/files", estack.token, ten_gib))
         expecting.sendall(_head("POST", "/v1/files", estack.token, ten_gib, extra="Expect: 100-continue\r\n"))
@@ -217,7 +229,9 @@ def test_declared_10_gib_upload_is_413_before_any_body(estack):
 
 # ----------------------------------------------------------------------------- request heads
 def test_half_sent_request_heads_are_closed_by_the_header_timeout(estack):
-    half = b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + estack.token.encode() + b"\r\nConte"
+    half = (
+        b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + estack.token.encode() + b"\r\nConte"
+    )
     socks: list[tuple[socket.socket, float]] = []
     try:
         for _ in range(300):
@@ -263,9 +277,11 @@ def test_half_sent_request_heads_are_closed_by_the_header_timeout(estack):
     assert len(closed_after) == len(socks) + 2, f"{len(closed_after)} of {len(socks) + 2} closed within 60 s"
     # The deadline runs from the connection (or the last response): never earlier than that.
     assert min(closed_after) >= TIMEOUT_S - 0.01, min(closed_after)
-    print(f"\nheader timeout {TIMEOUT_S} s: {len(closed_after)} of {len(socks) + 2} half-head connections closed, "
-          f"after {min(closed_after):.2f}-{max(closed_after):.2f} s (median {statistics.median(closed_after):.2f} s);"
-          f" honest request meanwhile {honest_s:.3f} s")
+    print(
+        f"\nheader timeout {TIMEOUT_S} s: {len(closed_after)} of {len(socks) + 2} half-head connections closed, "
+        f"after {min(closed_after):.2f}-{max(closed_after):.2f} s (median {statistics.median(closed_after):.2f} s);"
+        f" honest request meanwhile {honest_s:.3f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -278,8 +294,12 @@ def test_stalled_upload_is_aborted_and_its_partial_file_removed(estack, wait_unt
         stalled_at = time.monotonic()  # no later than the server's last read
         sock.sendall(_head("POST", "/v1/files", estack.token, len(body)) + sent)
         # The first half is being stored: a partial file exists ...
-        wait_until(lambda: any(p.stat().st_size > 0 for p in _tmp_files(estack)), timeout=30,
-                   message="the partial upload in the tmp folder", ignore=(FileNotFoundError,))
+        wait_until(
+            lambda: any(p.stat().st_size > 0 for p in _tmp_files(estack)),
+            timeout=30,
+            message="the partial upload in the tmp folder",
+            ignore=(FileNotFoundError,),
+        )
         honest_s = _honest_upload(estack)  # ... while an honest client is served
         status, headers, reply = _read_response(sock)
         answered_after = time.monotonic() - stalled_at
@@ -296,24 +316,32 @@ def test_stalled_upload_is_aborted_and_its_partial_file_removed(estack, wait_unt
         sock.sendall(_head("POST", "/v1/batches", estack.token, 100, content_type="application/json") + b'{"input')
         status, _, reply = _read_response(sock)
     assert status == 408 and _error_code(reply) == "request_timeout", reply[:300]
-    print(f"\nstalled upload aborted {answered_after:.2f} s after its last byte (body idle timeout {TIMEOUT_S} s); "
-          f"honest upload meanwhile {honest_s:.3f} s")
+    print(
+        f"\nstalled upload aborted {answered_after:.2f} s after its last byte (body idle timeout {TIMEOUT_S} s); "
+        f"honest upload meanwhile {honest_s:.3f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- leftovers
 def test_tmp_orphans_of_a_killed_upload_are_removed_at_start_up(stack_factory, wait_until):
-    stack = stack_factory.start(name="orphans", workers=0, finalizer=False,
-                                env={"SLUICE_BODY_IDLE_TIMEOUT_S": str(TIMEOUT_S)})
+    stack = stack_factory.start(
+        name="orphans", workers=0, finalizer=False, env={"SLUICE_BODY_IDLE_TIMEOUT_S": str(TIMEOUT_S)}
+    )
     r = stack.redis.client()
     owner = store.owner_of(stack.token)
     chunk = b'{"custom_id": "big", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n' * 12_000
     declared = 100 * 1024 * 1024
     head = _part("purpose", b"batch") + (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode())
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
+    )
     with _connect(stack) as sock:
         sock.sendall(_head("POST", "/v1/files", stack.token, declared) + head + chunk)
-        wait_until(lambda: any(p.stat().st_size >= len(chunk) // 2 for p in _tmp_files(stack)), timeout=30,
-                   message="the upload to be under way", ignore=(FileNotFoundError,))
+        wait_until(
+            lambda: any(p.stat().st_size >= len(chunk) // 2 for p in _tmp_files(stack)),
+            timeout=30,
+            message="the upload to be under way",
+            ignore=(FileNotFoundError,),
+        )
         web = stack.process("web")
         web.stopping = True
         web.signal(signal.SIGKILL)
@@ -331,7 +359,11 @@ def test_tmp_orphans_of_a_killed_upload_are_removed_at_start_up(stack_factory, w
 
     stack.spawn("web")
     stack.wait_healthy()
-    wait_until(lambda: not killed.exists() and not planted.exists(), timeout=30,
-               message="the orphaned tmp files to be removed at start-up", check=stack.check_alive)
+    wait_until(
+        lambda: not killed.exists() and not planted.exists(),
+        timeout=30,
+        message="the orphaned tmp files to be removed at start-up",
+        check=stack.check_alive,
+    )
     assert live.exists()
     assert _honest_upload(stack) >= 0

@@ -52,8 +52,15 @@ class Receiver:
         with self.lock:
             n = sum(1 for d in self.got if d["path"] == request.path) + 1
             status = 500 if n <= self.fail_first.get(request.path, 0) else 200
-            self.got.append({"path": request.path, "headers": dict(request.headers), "body": body,
-                             "status": status, "at": time.monotonic()})
+            self.got.append(
+                {
+                    "path": request.path,
+                    "headers": dict(request.headers),
+                    "body": body,
+                    "status": status,
+                    "at": time.monotonic(),
+                }
+            )
         return web.Response(status=status, text="no" if status == 500 else "ok")
 
     async def _start(self) -> None:
@@ -77,10 +84,17 @@ class Receiver:
 @pytest.fixture(scope="module")
 def wstack(module_stack_factory):
     return module_stack_factory.start(
-        name="events", workers=1, worker_concurrency=2, mock={"gates": True},
+        name="events",
+        workers=1,
+        worker_concurrency=2,
+        mock={"gates": True},
         # The receiver listens on loopback, which only SLUICE_WEBHOOK_ALLOW_PRIVATE lets webhooks reach.
-        env={"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.3", "SLUICE_WEBHOOK_MAX_ATTEMPTS": "6",
-             "SLUICE_WEBHOOK_ALLOW_PRIVATE": "1"},
+        env={
+            "SLUICE_WEBHOOK_SECRET": SECRET,
+            "SLUICE_WEBHOOK_BACKOFF_S": "0.3",
+            "SLUICE_WEBHOOK_MAX_ATTEMPTS": "6",
+            "SLUICE_WEBHOOK_ALLOW_PRIVATE": "1",
+        },
     )
 
 
@@ -98,15 +112,17 @@ def _verify(delivery: dict[str, Any]) -> dict:
     msg_id, timestamp, signature = h["webhook-id"], h["webhook-timestamp"], h["webhook-signature"]
     assert abs(int(timestamp) - time.time()) < 300, timestamp
     key = base64.b64decode(SECRET.removeprefix("whsec_"))
-    expected = base64.b64encode(hmac.new(key, f"{msg_id}.{timestamp}.".encode() + delivery["body"],
-                                         hashlib.sha256).digest()).decode()
+    expected = base64.b64encode(
+        hmac.new(key, f"{msg_id}.{timestamp}.".encode() + delivery["body"], hashlib.sha256).digest()
+    ).decode()
     assert any(hmac.compare_digest(f"v1,{expected}", s) for s in signature.split(" ")), (signature, expected)
     assert h["Content-Type"] == "application/json"
     return json.loads(delivery["body"])
 
 
-async def _read_events(url: str, token: str, timeout: float = 120,
-                       events: list[tuple[str, dict]] | None = None) -> list[tuple[str, dict]]:
+async def _read_events(
+    url: str, token: str, timeout: float = 120, events: list[tuple[str, dict]] | None = None
+) -> list[tuple[str, dict]]:
     """Every event of an SSE stream until the server ends it (appended to ``events`` as they come)."""
     events = [] if events is None else events
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
@@ -133,14 +149,16 @@ def test_sse_follows_a_batch_to_completion(wstack):
     run = uuid.uuid4().hex[:8]
     gate = f"sse-{run}"
     # The second half waits at the gate: the batch stays part-done until the stream has shown it so.
-    rows = [wstack.chat_line(f"sse-{run}-{i}", f"hello {i}", **({"mock_hold": gate} if i >= 8 else {}))
-            for i in range(16)]
+    rows = [
+        wstack.chat_line(f"sse-{run}-{i}", f"hello {i}", **({"mock_hold": gate} if i >= 8 else {})) for i in range(16)
+    ]
     _, created = wstack.submit(rows, client=client)
 
     async def follow() -> list[tuple[str, dict]]:
         events: list[tuple[str, dict]] = []
         reader = asyncio.create_task(
-            _read_events(f"{wstack.api_url}/batches/{created.id}/events", wstack.token, events=events))
+            _read_events(f"{wstack.api_url}/batches/{created.id}/events", wstack.token, events=events)
+        )
         deadline = time.monotonic() + 120  # a failure deadline: the part-done state comes in a second or two
         while not any(name == "batch" and data["request_counts"]["completed"] == 8 for name, data in events):
             assert not reader.done() and time.monotonic() < deadline, f"no part-done event: {events}"
@@ -180,13 +198,21 @@ def test_webhook_retried_until_accepted(wstack, receiver, wait_until):
     run = uuid.uuid4().hex[:8]
     rows = [wstack.chat_line(f"wh-{run}-{i}", f"hook {i}") for i in range(3)]
     f = wstack.upload_jsonl(rows, client=client)
-    created = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                    extra_headers={HEADER: receiver.url("/fails-twice")})
+    created = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={HEADER: receiver.url("/fails-twice")},
+    )
     batch = wstack.wait_for_batch(created.id, client=client)
     assert batch.status == "completed", batch
 
-    accepted = wait_until(lambda: [d for d in receiver.deliveries("/fails-twice") if d["status"] == 200],
-                          timeout=30, message="an accepted webhook delivery", check=wstack.check_alive)
+    accepted = wait_until(
+        lambda: [d for d in receiver.deliveries("/fails-twice") if d["status"] == 200],
+        timeout=30,
+        message="an accepted webhook delivery",
+        check=wstack.check_alive,
+    )
     tries = receiver.deliveries("/fails-twice")
     assert [d["status"] for d in tries] == [500, 500, 200], [d["status"] for d in tries]
     assert tries[1]["at"] - tries[0]["at"] >= 0.25 and tries[2]["at"] - tries[1]["at"] >= 0.5  # backoff doubles
@@ -199,8 +225,11 @@ def test_webhook_retried_until_accepted(wstack, receiver, wait_until):
     # Nothing more is sent once it was accepted.
     due = wstack.redis.client()
     try:
-        wait_until(lambda: due.zscore("sluice:webhooks:due", created.id) is None, timeout=10,
-                   message="the delivery to leave the queue")
+        wait_until(
+            lambda: due.zscore("sluice:webhooks:due", created.id) is None,
+            timeout=10,
+            message="the delivery to leave the queue",
+        )
     finally:
         due.close()
     assert len(receiver.deliveries("/fails-twice")) == 3
@@ -214,16 +243,21 @@ def test_cancelled_batch_gets_batch_cancelled(wstack, receiver, wait_until):
     gate = f"whc-{run}"
     rows = [wstack.chat_line(f"whc-{run}-{i}", f"held {i}", mock_hold=gate) for i in range(20)]
     f = wstack.upload_jsonl(rows, client=client)
-    created = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                    extra_headers={HEADER: receiver.url("/cancelled")})
+    created = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={HEADER: receiver.url("/cancelled")},
+    )
     wstack.wait_for_batch(created.id, client=client, statuses=("in_progress",), interval=0.02)
     client.batches.cancel(created.id)
     wstack.mock().release(gate)  # only now may the lines in flight finish
     batch = wstack.wait_for_batch(created.id, client=client)
     assert batch.status == "cancelled", batch
 
-    got = wait_until(lambda: receiver.deliveries("/cancelled"), timeout=30, message="the cancelled webhook",
-                     check=wstack.check_alive)
+    got = wait_until(
+        lambda: receiver.deliveries("/cancelled"), timeout=30, message="the cancelled webhook", check=wstack.check_alive
+    )
     assert len(got) == 1 and got[0]["status"] == 200
     event = _verify(got[0])
     assert event["type"] == "batch.cancelled" and event["data"]["id"] == created.id
@@ -234,10 +268,15 @@ def test_failed_batch_gets_batch_failed(wstack, receiver, wait_until):
     client = wstack.client()
     good = wstack.chat_line(f"whf-{uuid.uuid4().hex[:8]}", "ok")
     f = wstack.upload_jsonl([good, json.dumps({**good, "custom_id": "other", "method": "GET"})], client=client)
-    created = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                    extra_headers={HEADER: receiver.url("/failed")})
-    got = wait_until(lambda: receiver.deliveries("/failed"), timeout=30, message="the failed webhook",
-                     check=wstack.check_alive)
+    created = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={HEADER: receiver.url("/failed")},
+    )
+    got = wait_until(
+        lambda: receiver.deliveries("/failed"), timeout=30, message="the failed webhook", check=wstack.check_alive
+    )
     event = _verify(got[0])
     assert event["type"] == "batch.failed" and event["data"]["status"] == "failed"
     assert event["data"]["id"] == created.id
@@ -246,16 +285,21 @@ def test_failed_batch_gets_batch_failed(wstack, receiver, wait_until):
 
 def test_webhook_header_validated(wstack):
     f = wstack.upload_jsonl([wstack.chat_line(f"whv-{uuid.uuid4().hex[:8]}", "x")])
-    res = wstack.http("POST", "/v1/batches", headers={HEADER: "ftp://example.com/"},
-                      json_body={"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    res = wstack.http(
+        "POST",
+        "/v1/batches",
+        headers={HEADER: "ftp://example.com/"},
+        json_body={"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
     wstack.assert_error(res, 400, param=HEADER, code="invalid_value")
 
 
 def test_open_stream_does_not_hold_web_shutdown(stack_factory):
     """A stopping web process ends its event streams at once instead of waiting out the grace."""
     # A long grace, so "at once" and "waited it out" are far apart whatever the machine's speed.
-    st = stack_factory.start(name="sse-stop", workers=0, finalizer=False,
-                             env={"SLUICE_SHUTDOWN_GRACE_S": str(SSE_STOP_GRACE_S)})
+    st = stack_factory.start(
+        name="sse-stop", workers=0, finalizer=False, env={"SLUICE_SHUTDOWN_GRACE_S": str(SSE_STOP_GRACE_S)}
+    )
     _, created = st.submit([st.chat_line(f"stop-{uuid.uuid4().hex[:8]}", "never answered")])
     st.wait_for_batch(created.id, statuses=("in_progress",), interval=0.02)
     web_proc = st.process("web")
@@ -263,15 +307,17 @@ def test_open_stream_does_not_hold_web_shutdown(stack_factory):
     async def scenario() -> tuple[list[str], float]:
         names: list[str] = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * SSE_STOP_GRACE_S)) as session:
-            async with session.get(f"{st.api_url}/batches/{created.id}/events",
-                                   headers={"Authorization": f"Bearer {st.token}"}) as resp:
+            async with session.get(
+                f"{st.api_url}/batches/{created.id}/events", headers={"Authorization": f"Bearer {st.token}"}
+            ) as resp:
                 first = await resp.content.readline()
                 while first.strip() != b"event: batch":
                     first = await resp.content.readline()
                 names.append("batch")
                 started = time.monotonic()
                 stopping = asyncio.get_running_loop().run_in_executor(
-                    None, lambda: st.runner.stop([web_proc], grace=SSE_STOP_GRACE_S + 30))
+                    None, lambda: st.runner.stop([web_proc], grace=SSE_STOP_GRACE_S + 30)
+                )
                 async for raw in resp.content:
                     if raw.startswith(b"event:"):
                         names.append(raw.decode()[6:].strip())

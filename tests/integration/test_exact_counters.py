@@ -49,8 +49,11 @@ def _kill_and_replace(stack, role: str) -> None:
 def _metrics(stack) -> dict[tuple, float]:
     res = stack.http("GET", "/metrics", token=None)
     assert res.status == 200, res.body[:300]
-    return {(s.name, *sorted(s.labels.items())): s.value
-            for f in text_string_to_metric_families(res.body.decode()) for s in f.samples}
+    return {
+        (s.name, *sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(res.body.decode())
+        for s in f.samples
+    }
 
 
 def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until):
@@ -58,7 +61,11 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
     rng = random.Random(seed)
     print(f"exact-counters seed {seed}")
     stack = stack_factory.start(
-        name="exact", workers=2, worker_concurrency=16, mock_latency_ms=30, redis_aof=True,
+        name="exact",
+        workers=2,
+        worker_concurrency=16,
+        mock_latency_ms=30,
+        redis_aof=True,
         env={"SLUICE_LEASE_S": "2", "SLUICE_MAX_ATTEMPTS": "8", "SLUICE_WINDOW_LINES": "300"},
     )
     client = stack.client(timeout=10)
@@ -69,8 +76,15 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
         for i in range(n):
             cid = f"{name}-{run}-{i:05d}"
             roll = rng.random()
-            fault = ({"mock_status": 400} if roll < 0.03 else {"mock_status": 500, "mock_fail_times": 2} if roll < 0.06
-                     else {"mock_status": 429, "mock_fail_times": 1} if roll < 0.063 else {})
+            fault = (
+                {"mock_status": 400}
+                if roll < 0.03
+                else {"mock_status": 500, "mock_fail_times": 2}
+                if roll < 0.06
+                else {"mock_status": 429, "mock_fail_times": 1}
+                if roll < 0.063
+                else {}
+            )
             out.append(stack.chat_line(cid, f"{name} {i}", **fault, **extra))
         return out
 
@@ -87,8 +101,9 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
         batch = _retrieve(client, c.id)
         return batch is not None and batch.request_counts.completed + batch.request_counts.failed >= 30
 
-    wait_until(c_started, timeout=120, interval=0.1, message=f"batch {c.id} to run (seed {seed})",
-               check=stack.check_alive)
+    wait_until(
+        c_started, timeout=120, interval=0.1, message=f"batch {c.id} to run (seed {seed})", check=stack.check_alive
+    )
     client.batches.cancel(c.id)
     for role, fraction in SCHEDULE:
         target = int(fraction * total)
@@ -102,26 +117,35 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
                 done += batch.request_counts.completed + batch.request_counts.failed
             return done >= target  # noqa: B023 (called at once, within this iteration)
 
-        wait_until(progress, timeout=120, interval=0.1, message=f"{target} results (seed {seed})",
-                   check=stack.check_alive)
+        wait_until(
+            progress, timeout=120, interval=0.1, message=f"{target} results (seed {seed})", check=stack.check_alive
+        )
         _kill_and_replace(stack, role)
 
     finals = {}
     for batch_id in (a.id, b.id, c.id):
         finals[batch_id] = wait_until(
             lambda batch_id=batch_id: (x := _retrieve(client, batch_id)) is not None and x.status in TERMINAL and x,
-            timeout=180, interval=0.2, message=f"batch {batch_id} to end (seed {seed})", check=stack.check_alive)
+            timeout=180,
+            interval=0.2,
+            message=f"batch {batch_id} to end (seed {seed})",
+            check=stack.check_alive,
+        )
     assert [finals[x].status for x in (a.id, b.id, c.id)] == ["completed", "completed", "cancelled"], (seed, finals)
     assert finals[c.id].request_counts.total == 400 and finals[c.id].request_counts.failed > 0, finals[c.id]
 
     completed = sum(x.request_counts.completed for x in finals.values())
     failed = sum(x.request_counts.failed for x in finals.values())
     m = _metrics(stack)
-    counted = (m.get(("sluice_lines_total", ("outcome", "completed")), 0),
-               m.get(("sluice_lines_total", ("outcome", "failed")), 0))
-    print(f"seed {seed}: request_counts completed={completed} failed={failed}; "
-          f"sluice_lines_total completed={counted[0]:.0f} failed={counted[1]:.0f}; "
-          f"error {counted[0] - completed:+.0f} / {counted[1] - failed:+.0f}")
+    counted = (
+        m.get(("sluice_lines_total", ("outcome", "completed")), 0),
+        m.get(("sluice_lines_total", ("outcome", "failed")), 0),
+    )
+    print(
+        f"seed {seed}: request_counts completed={completed} failed={failed}; "
+        f"sluice_lines_total completed={counted[0]:.0f} failed={counted[1]:.0f}; "
+        f"error {counted[0] - completed:+.0f} / {counted[1] - failed:+.0f}"
+    )
     assert counted == (completed, failed), f"seed {seed}"
 
     # Upstream requests: every completed line has exactly one 200 recorded, every line failed by a
@@ -133,8 +157,11 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
             if line.get("response"):
                 code = line["response"]["status_code"]
                 statuses[code] = statuses.get(code, 0) + 1
-    requests = {labels[1][1]: v for (name, *labels), v in m.items()
-                if name == "sluice_upstream_requests_total" and labels[0] == ("provider", "default")}
+    requests = {
+        labels[1][1]: v
+        for (name, *labels), v in m.items()
+        if name == "sluice_upstream_requests_total" and labels[0] == ("provider", "default")
+    }
     assert requests.get("200", 0) == statuses.get(200, 0) == completed, (seed, requests, statuses)
     assert requests.get("400", 0) == statuses.get(400, 0), (seed, requests, statuses)
     assert m[("sluice_upstream_rate_limited_total", ("provider", "default"))] == requests.get("429", 0)

@@ -76,9 +76,7 @@ def test_provider_limits_hold_across_workers(stack_factory):
     assert stats["authorization"] == ["Bearer limited-key"], stats["authorization"]
     # Sluice aims at 95% of the rate; a loaded machine's scheduling delays only slow it further, so
     # the floor is low enough to hold there, and still far above a stalled limiter's rate.
-    assert rate >= 0.6 * allowed_per_s, (
-        f"achieved {rate:.2f} requests/s, below 60% of the allowed {allowed_per_s:g}/s"
-    )
+    assert rate >= 0.6 * allowed_per_s, f"achieved {rate:.2f} requests/s, below 60% of the allowed {allowed_per_s:g}/s"
 
 
 CONCURRENCY_TOML = """
@@ -350,8 +348,10 @@ def test_byok_key_is_used_for_its_batch_only_and_never_kept(stack_factory, wait_
     client_key = f"client-key-{uuid.uuid4().hex}"
     # One line waits at p1's gate: the BYOK batch is certainly still running when its key is looked for.
     hold = f"bk-{run}"
-    byok_rows = [stack.chat_line(f"bk-{run}-{i:02d}", f"byok {run} {i}", **({"mock_hold": hold} if i == 0 else {}))
-                 for i in range(40)]
+    byok_rows = [
+        stack.chat_line(f"bk-{run}-{i:02d}", f"byok {run} {i}", **({"mock_hold": hold} if i == 0 else {}))
+        for i in range(40)
+    ]
     # One transient failure, so the retry path runs with the client's key too.
     byok_rows.append(stack.chat_line(f"bk-{run}-retry", f"byok {run} retry", mock_status=500, mock_fail_times=1))
     plain_rows = [stack.chat_line(f"pl-{run}-{i:02d}", f"plain {run} {i}") for i in range(40)]

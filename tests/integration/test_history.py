@@ -15,9 +15,14 @@ ROLES = ("web", "worker", "finalizer")
 
 def _sums(history: dict) -> dict:
     """Each series of the history summed over its minutes (None entries skipped)."""
+
     def total(series: dict) -> dict:
-        return {name: sum(v for v in values if v is not None) for name, values in series.items()
-                if not name.startswith("latency")}
+        return {
+            name: sum(v for v in values if v is not None)
+            for name, values in series.items()
+            if not name.startswith("latency")
+        }
+
     return {"total": total(history["total"]), **{p: total(s) for p, s in history["providers"].items()}}
 
 

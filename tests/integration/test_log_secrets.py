@@ -44,10 +44,10 @@ def test_no_secret_nor_body_in_the_logs(stack_factory):
     content = f"private prompt {uuid.uuid4().hex}"
     rows = [stack.chat_line(f"ok-{run}-{i}", f"{content} {i}") for i in range(10)]
     rows += [
-        stack.chat_line(f"retry-{run}", content, mock_status=500, mock_fail_times=1),   # retried, then fine
+        stack.chat_line(f"retry-{run}", content, mock_status=500, mock_fail_times=1),  # retried, then fine
         stack.chat_line(f"paused-{run}", content, mock_status=429, mock_fail_times=1),  # pauses the provider
-        stack.chat_line(f"gaveup-{run}", content, mock_status=503),                      # 2 attempts, then given up
-        stack.chat_line(f"final-{run}", content, mock_status=404),                       # final at once
+        stack.chat_line(f"gaveup-{run}", content, mock_status=503),  # 2 attempts, then given up
+        stack.chat_line(f"final-{run}", content, mock_status=404),  # final at once
     ]
     byok_keys = []
     for token in TOKENS:
@@ -59,8 +59,9 @@ def test_no_secret_nor_body_in_the_logs(stack_factory):
         # A BYOK batch: the client's key travels in a header and is sealed with the server secret.
         byok_keys.append(f"sk-client-{uuid.uuid4().hex}")
         f = stack.upload_jsonl([stack.chat_line(f"byok-{run}", content)], client=client)
-        byok = stack.create_batch(f.id, client=client, extra_headers={
-            "x-sluice-provider": "default", "x-sluice-provider-key": byok_keys[-1]})
+        byok = stack.create_batch(
+            f.id, client=client, extra_headers={"x-sluice-provider": "default", "x-sluice-provider-key": byok_keys[-1]}
+        )
         assert stack.wait_for_batch(byok.id, client=client, timeout=30).status == "completed"
     # Rejected tokens go through the auth path's logging, if any.
     assert stack.http("GET", "/v1/batches", token=f"sk-wrong-{uuid.uuid4().hex}").status == 401

@@ -124,8 +124,14 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
         return proxy.url
 
     stack = stack_factory.start(
-        name="lost-replies", workers=2, worker_concurrency=16, tokens=(TOKEN,), upstream=False,
-        mock={"max_concurrency": CAP}, config_toml=CONFIG_TOML, redis_via=via_proxy,
+        name="lost-replies",
+        workers=2,
+        worker_concurrency=16,
+        tokens=(TOKEN,),
+        upstream=False,
+        mock={"max_concurrency": CAP},
+        config_toml=CONFIG_TOML,
+        redis_via=via_proxy,
         # Short leases: a lost XREADGROUP reply leaves its lines pending until their lease ends.
         env={"SLUICE_LEASE_S": "2", "SLUICE_SWEEP_INTERVAL_S": "3600", "LOST_REPLY_PROVIDER_KEY": "k"},
     )
@@ -158,8 +164,11 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
 
     def create(file_id: str):
         try:
-            b = _retrying(lambda: client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
-                                                        completion_window="24h"))
+            b = _retrying(
+                lambda: client.batches.create(
+                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+            )
         except openai.RateLimitError as e:
             assert _quota_code(e) == "active_batches_quota_exceeded", e
             counts["refused_batches"] += 1
@@ -181,8 +190,13 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
         b = create(f.id)
         if b is None:
             # Wait for one of ours to end (bounded), then try once more: a refusal is churn too.
-            wait_until(lambda: len(unfinished()) < MAX_ACTIVE, timeout=60, interval=0.2,
-                       message="one of the token's batches to end", check=stack.check_alive)
+            wait_until(
+                lambda: len(unfinished()) < MAX_ACTIVE,
+                timeout=60,
+                interval=0.2,
+                message="one of the token's batches to end",
+                check=stack.check_alive,
+            )
             b = create(f.id)
         if b is not None and i % 3 == 0:
             try:
@@ -197,12 +211,21 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
     dropped, replies = proxy.dropped, proxy.replies
 
     proxy.heal()
-    wait_until(lambda: not unfinished(), timeout=120, interval=0.2,
-               message=lambda: f"every batch to end: {[(b, client.batches.retrieve(b).status) for b in unfinished()]}",
-               check=stack.check_alive)
+    wait_until(
+        lambda: not unfinished(),
+        timeout=120,
+        interval=0.2,
+        message=lambda: f"every batch to end: {[(b, client.batches.retrieve(b).status) for b in unfinished()]}",
+        check=stack.check_alive,
+    )
     try:
-        wait_until(lambda: not _all_released(stack, batches), timeout=60, interval=0.1,
-                   message="every ended batch to give its quota back", check=stack.check_alive)
+        wait_until(
+            lambda: not _all_released(stack, batches),
+            timeout=60,
+            interval=0.1,
+            message="every ended batch to give its quota back",
+            check=stack.check_alive,
+        )
     except AssertionError:  # WaitTimeout: measured and reported below
         pass
     unreleased = _all_released(stack, batches)
@@ -213,10 +236,12 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
     churn_error = {k: after_churn[k] - expected[k] for k in expected}
     _delete_all_files(stack, client)
     emptied = _usage(stack, owner)
-    print(f"\n[lost-replies] rounds={ROUNDS} churn_s={churn_s:.1f} {counts} dropped_replies={dropped} "
-          f"of {replies} replies ({dropped / max(1, replies):.1%}); counters after churn {after_churn}, "
-          f"expected {expected}, error {churn_error}; after deleting every file {emptied}; "
-          f"ended batches that never gave their quota back: {unreleased}")
+    print(
+        f"\n[lost-replies] rounds={ROUNDS} churn_s={churn_s:.1f} {counts} dropped_replies={dropped} "
+        f"of {replies} replies ({dropped / max(1, replies):.1%}); counters after churn {after_churn}, "
+        f"expected {expected}, error {churn_error}; after deleting every file {emptied}; "
+        f"ended batches that never gave their quota back: {unreleased}"
+    )
     assert dropped >= 20, f"the proxy dropped only {dropped} of {replies} replies: the test proved nothing"
     assert counts["batches"] >= 10 and counts["deletes"] >= 20, counts
     assert unreleased == [], "ended batches kept their quota"
@@ -229,16 +254,18 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
     slow = {"mock_latency_ms": 120_000}  # keeps the final batches unfinished while we look
     kept = []
     for i in range(MAX_FILES):
-        kept.append(client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-{i}", 1, SIZE, **slow)),
-                                        purpose="batch"))
+        kept.append(
+            client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-{i}", 1, SIZE, **slow)), purpose="batch")
+        )
     with pytest.raises(openai.RateLimitError) as e:
         client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-over", 1, SIZE, **slow)), purpose="batch")
     assert _quota_code(e.value) == "storage_quota_exceeded"
     for f in kept[:MAX_ACTIVE]:
         client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.RateLimitError) as e:
-        client.batches.create(input_file_id=kept[MAX_ACTIVE].id, endpoint="/v1/chat/completions",
-                              completion_window="24h")
+        client.batches.create(
+            input_file_id=kept[MAX_ACTIVE].id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
     assert _quota_code(e.value) == "active_batches_quota_exceeded"
     assert stack.logs_containing("usage_repaired") == [], "the audit repaired counters: they had drifted"
 
@@ -246,8 +273,13 @@ def test_quotas_exact_under_lost_replies(stack_factory, proxies, wait_until):
 def test_audit_repairs_planted_drift(stack_factory, wait_until):
     """Counters knocked off by hand are put right by the finalizer's periodic audit, which logs it."""
     stack = stack_factory.start(
-        name="usage-audit", workers=1, worker_concurrency=8, tokens=(TOKEN,), config_toml=CONFIG_TOML,
-        upstream=False, env={"SLUICE_SWEEP_INTERVAL_S": "0.5", "LOST_REPLY_PROVIDER_KEY": "k"},
+        name="usage-audit",
+        workers=1,
+        worker_concurrency=8,
+        tokens=(TOKEN,),
+        config_toml=CONFIG_TOML,
+        upstream=False,
+        env={"SLUICE_SWEEP_INTERVAL_S": "0.5", "LOST_REPLY_PROVIDER_KEY": "k"},
     )
     owner = hashlib.sha256(TOKEN.encode()).hexdigest()[:32]
     client = stack.client(token=TOKEN)
@@ -268,8 +300,13 @@ def test_audit_repairs_planted_drift(stack_factory, wait_until):
         r.hincrby(f"sluice:owner:{owner}:usage", "stored_bytes", -50_000)
     finally:
         r.close()
-    wait_until(lambda: _usage(stack, owner) == exact, timeout=30, interval=0.2,
-               message=lambda: f"the audit to repair {_usage(stack, owner)} into {exact}", check=stack.check_alive)
+    wait_until(
+        lambda: _usage(stack, owner) == exact,
+        timeout=30,
+        interval=0.2,
+        message=lambda: f"the audit to repair {_usage(stack, owner)} into {exact}",
+        check=stack.check_alive,
+    )
     assert stack.logs_containing('"usage_repaired"') == ["finalizer"]
     line = next(x for x in stack.process("finalizer").log_path.read_text().splitlines() if "usage_repaired" in x)
     assert f'"owner": "{owner}"' in line and '"before"' in line and '"after"' in line, line
@@ -278,8 +315,10 @@ def test_audit_repairs_planted_drift(stack_factory, wait_until):
     _delete_all_files(stack, client)
     assert _usage(stack, owner) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
     slow = {"mock_latency_ms": 120_000}
-    files = [client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-{i}", 1, SIZE, **slow)), purpose="batch")
-             for i in range(MAX_ACTIVE + 1)]
+    files = [
+        client.files.create(file=("q.jsonl", _sized(stack, f"q{run}-{i}", 1, SIZE, **slow)), purpose="batch")
+        for i in range(MAX_ACTIVE + 1)
+    ]
     for f in files[:MAX_ACTIVE]:
         client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.RateLimitError) as e:

@@ -39,8 +39,13 @@ def _get(fams: dict[str, list], family: str, sample: str | None = None, **labels
 
 def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     # The running batch below holds its lines at the mock's gate: it stays running while observed.
-    stack = stack_factory.start(name="observe", workers=2, worker_concurrency=8, mock={"gates": True},
-                                env={"SLUICE_READYZ_STORAGE_CACHE_S": "1"})
+    stack = stack_factory.start(
+        name="observe",
+        workers=2,
+        worker_concurrency=8,
+        mock={"gates": True},
+        env={"SLUICE_READYZ_STORAGE_CACHE_S": "1"},
+    )
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"ok-{run}-{i:02d}", f"fine {i}") for i in range(20)]
     rows += [stack.chat_line(f"bad-{run}-{i}", f"bad {i}", mock_status=400) for i in range(3)]
@@ -59,8 +64,10 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     for status, n in (("200", 22), ("400", 3), ("500", 1), ("429", 1)):
         assert _get(fams, H, H + "_count", provider="default", status=status) == n, (status, fams[H])
         assert _get(fams, H, H + "_bucket", provider="default", status=status, le="+Inf") == n
-        assert _get(fams, "sluice_upstream_requests", "sluice_upstream_requests_total",
-                    provider="default", status=status) == n
+        assert (
+            _get(fams, "sluice_upstream_requests", "sluice_upstream_requests_total", provider="default", status=status)
+            == n
+        )
     assert _get(fams, H, H + "_sum", provider="default", status="200") > 0
     assert _get(fams, "sluice_upstream_retries", "sluice_upstream_retries_total", provider="default") == 2
     assert _get(fams, "sluice_upstream_rate_limited", "sluice_upstream_rate_limited_total", provider="default") == 1
@@ -90,8 +97,9 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
         leased = _get(f, "sluice_finalizer_leased_batches")  # the only finalizer holds the running batch
         return f if waiting == 40 and pending > 0 and busy > 0 and leased == 1 else None
 
-    fams = wait_until(running_visible, timeout=60, interval=0.25, message="the running batch in /metrics",
-                      check=stack.check_alive)
+    fams = wait_until(
+        running_visible, timeout=60, interval=0.25, message="the running batch in /metrics", check=stack.check_alive
+    )
     assert _get(fams, "sluice_provider_lines_waiting", provider="default") >= 40
     status = stack.sluice("status", check=True).stdout
     assert running.id in status and "/40" in status, status
@@ -106,13 +114,16 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
 
     def stale():
         f = _scrape(stack)
-        ok = (_get(f, "sluice_processes", role="worker", state="stale") == 1
-              and _get(f, "sluice_processes", role="worker", state="live") == 1)
+        ok = (
+            _get(f, "sluice_processes", role="worker", state="stale") == 1
+            and _get(f, "sluice_processes", role="worker", state="live") == 1
+        )
         return f if ok else None
 
     # Stale after 6 s without a heartbeat (service/core/heartbeat.py).
-    fams = wait_until(stale, timeout=90, interval=0.5, message="the killed worker to show as stale",
-                      check=stack.check_alive)
+    fams = wait_until(
+        stale, timeout=90, interval=0.5, message="the killed worker to show as stale", check=stack.check_alive
+    )
     dead = [s for s in fams["sluice_process_up"] if s.value == 0]
     assert len(dead) == 1 and dead[0].labels["role"] == "worker", fams["sluice_process_up"]
     assert dead[0].labels["process"].split("-")[-2] == str(victim.pid), dead
@@ -130,14 +141,23 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     files.rename(aside)
     files.write_bytes(b"not a directory")  # root ignores permissions, not file types
     try:
-        res = wait_until(lambda: (r := stack.http("GET", "/readyz", token=None)).status == 503 and r, timeout=30,
-                         interval=0.25, message="/readyz to notice the storage outage", check=stack.check_alive)
+        res = wait_until(
+            lambda: (r := stack.http("GET", "/readyz", token=None)).status == 503 and r,
+            timeout=30,
+            interval=0.25,
+            message="/readyz to notice the storage outage",
+            check=stack.check_alive,
+        )
         assert res.json()["redis"] == "ok" and res.json()["storage"] != "ok", res.json()
     finally:
         files.unlink()
         aside.rename(files)
-    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=30, interval=0.25,
-               check=stack.check_alive)
+    wait_until(
+        lambda: stack.http("GET", "/readyz", token=None).status == 200,
+        timeout=30,
+        interval=0.25,
+        check=stack.check_alive,
+    )
 
     stack.redis.process.signal(signal.SIGSTOP)
     try:
@@ -146,8 +166,12 @@ def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
         assert res.json()["redis"] != "ok", res.json()
     finally:
         stack.redis.process.signal(signal.SIGCONT)
-    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=60, interval=0.25,
-               check=stack.check_alive)
+    wait_until(
+        lambda: stack.http("GET", "/readyz", token=None).status == 200,
+        timeout=60,
+        interval=0.25,
+        check=stack.check_alive,
+    )
     assert stack.http("GET", "/healthz", token=None).status == 200
 
 
@@ -168,16 +192,27 @@ def _scrape_with(stack, token: str) -> dict[str, list]:
 def test_web_processes_beat_and_a_killed_one_turns_stale(stack_factory, wait_until, free_port):
     stack = stack_factory.start(name="web-beats", workers=1)
     port = free_port()
-    second = stack.runner.start("web-b", [sys.executable, "-m", "service.cli", "web"],
-                                env={**stack.env, "PORT": str(port)})
-    wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200,
-               timeout=30, ignore=(OSError,), check=stack.check_alive, message="the second web process to serve")
+    second = stack.runner.start(
+        "web-b", [sys.executable, "-m", "service.cli", "web"], env={**stack.env, "PORT": str(port)}
+    )
+    wait_until(
+        lambda: http_request("GET", f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200,
+        timeout=30,
+        ignore=(OSError,),
+        check=stack.check_alive,
+        message="the second web process to serve",
+    )
 
     def web_rows(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("web ")]
 
-    rows = wait_until(lambda: len(rows := web_rows(stack.sluice("status", check=True).stdout)) == 2 and rows,
-                      timeout=20, interval=0.25, message="both web processes in sluice status", check=stack.check_alive)
+    rows = wait_until(
+        lambda: len(rows := web_rows(stack.sluice("status", check=True).stdout)) == 2 and rows,
+        timeout=20,
+        interval=0.25,
+        message="both web processes in sluice status",
+        check=stack.check_alive,
+    )
     assert all(row.rstrip().endswith("LIVE") and "serving" in row for row in rows), rows
     assert {str(stack.process("web").pid), str(second.pid)} == {row.split()[3] for row in rows}, rows
 
@@ -189,12 +224,15 @@ def test_web_processes_beat_and_a_killed_one_turns_stale(stack_factory, wait_unt
     def stale():
         res = http_request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)
         f = {fam.name: fam.samples for fam in text_string_to_metric_families(res.body.decode())}
-        ok = (_get(f, "sluice_processes", role="web", state="stale") == 1
-              and _get(f, "sluice_processes", role="web", state="live") == 1)
+        ok = (
+            _get(f, "sluice_processes", role="web", state="stale") == 1
+            and _get(f, "sluice_processes", role="web", state="live") == 1
+        )
         return f if ok else None
 
-    fams = wait_until(stale, timeout=30, interval=0.5, message="the killed web process to show as stale",
-                      check=stack.check_alive)
+    fams = wait_until(
+        stale, timeout=30, interval=0.5, message="the killed web process to show as stale", check=stack.check_alive
+    )
     dead = [s for s in fams["sluice_process_up"] if s.value == 0]
     assert [(s.labels["role"], s.labels["process"].split("-")[-2]) for s in dead] == [("web", str(victim.pid))]
     rows = web_rows(stack.sluice("status", check=True).stdout)

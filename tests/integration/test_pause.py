@@ -80,8 +80,10 @@ def _check_exactly_once(client, batch, messages: dict[str, str]) -> None:
         for line in raw.decode().splitlines():
             record = json.loads(line)
             seen[record["custom_id"]] += 1
-            assert record["response"]["body"]["choices"][0]["message"]["content"] == \
-                "echo: " + messages[record["custom_id"]], record
+            assert (
+                record["response"]["body"]["choices"][0]["message"]["content"]
+                == "echo: " + messages[record["custom_id"]]
+            ), record
     missing = set(messages) - set(seen)
     assert not missing, f"{len(missing)} custom_ids missing, e.g. {sorted(missing)[:3]}"
     twice = {cid: n for cid, n in seen.items() if n != 1}
@@ -111,8 +113,12 @@ def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory
         # one step after another without a pause, and a SIGSTOP right after a step lands mid-drain.
         _, created = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=client)
         batch_id = created.id
-        wait_until(lambda: int(redis.hget(keys.batch(batch_id), "completed") or 0) == len(messages),
-                   timeout=180, check=stack.check_alive, message="the workers to answer every line")
+        wait_until(
+            lambda: int(redis.hget(keys.batch(batch_id), "completed") or 0) == len(messages),
+            timeout=180,
+            check=stack.check_alive,
+            message="the workers to answer every line",
+        )
     batch_key, lease_key = keys.batch(batch_id), keys.finalizer(batch_id)
 
     def drained() -> int:
@@ -124,28 +130,48 @@ def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory
     def stepped(past: int, not_by: int | None = None):
         """The holder, once it holds the batch and has recorded a drain step beyond ``past`` (or
         there is nothing left to drain: then it is finishing the batch)."""
+
         def check() -> ManagedProcess | None:
             now = holder()
             if now is None or now.pid == not_by or not (drained() > past or drained() == len(messages)):
                 return None
             return now
+
         return check
 
-    first = wait_until(stepped(0), timeout=60, interval=0.001, check=stack.check_alive,
-                       message="a finalizer to record its first drain step")
+    first = wait_until(
+        stepped(0),
+        timeout=60,
+        interval=0.001,
+        check=stack.check_alive,
+        message="a finalizer to record its first drain step",
+    )
     first.signal(signal.SIGSTOP)
     try:
         # Past the lease: the other finalizer takes the batch and drains on from what Redis says...
-        second = wait_until(stepped(drained(), not_by=first.pid), timeout=60, interval=0.001,
-                            check=stack.check_alive, message="the other finalizer to take the batch over")
+        second = wait_until(
+            stepped(drained(), not_by=first.pid),
+            timeout=60,
+            interval=0.001,
+            check=stack.check_alive,
+            message="the other finalizer to take the batch over",
+        )
         # ... and is paused in turn, right after a drain step of its own, before the first resumes.
         second.signal(signal.SIGSTOP)
     finally:
         first.signal(signal.SIGCONT)
     with _paused(second):
-        wait_until(lambda: (now := holder()) is not None and now.pid == first.pid
-                   or redis.hget(batch_key, "status") == b"completed", timeout=60, interval=0.001,
-                   check=stack.check_alive, message="the resumed finalizer to take the batch back")
+        wait_until(
+            lambda: (
+                (now := holder()) is not None
+                and now.pid == first.pid
+                or redis.hget(batch_key, "status") == b"completed"
+            ),
+            timeout=60,
+            interval=0.001,
+            check=stack.check_alive,
+            message="the resumed finalizer to take the batch back",
+        )
 
     batch = stack.wait_for_batch(batch_id, client=client, timeout=180)
     _check_exactly_once(client, batch, messages)
@@ -159,8 +185,9 @@ def test_finalizers_paused_while_draining_change_nothing_they_lost(stack_factory
 
 def test_worker_paused_with_lines_in_flight(stack_factory, wait_until):
     """A worker paused past its lease with requests in flight; a peer reclaims and answers them."""
-    stack = stack_factory.start(name="pause-worker", workers=2, worker_concurrency=8, mock_latency_ms=1500,
-                                env=LEASE_ENV)
+    stack = stack_factory.start(
+        name="pause-worker", workers=2, worker_concurrency=8, mock_latency_ms=1500, env=LEASE_ENV
+    )
     client = stack.client()
     run = uuid.uuid4().hex[:8]
     messages = {f"pw-{run}-{i:03d}": f"line {i}" for i in range(120)}
@@ -174,13 +201,22 @@ def test_worker_paused_with_lines_in_flight(stack_factory, wait_until):
         return sum(c["pending"] for c in summary["consumers"] if _pid(c["name"].decode()) == proc.pid)
 
     # (The stream and its group appear once the batch is validated.)
-    wait_until(lambda: in_flight(victim) > 0, timeout=30, ignore=(ResponseError,), check=stack.check_alive,
-               message="worker-1 to have lines in flight")
+    wait_until(
+        lambda: in_flight(victim) > 0,
+        timeout=30,
+        ignore=(ResponseError,),
+        check=stack.check_alive,
+        message="worker-1 to have lines in flight",
+    )
     with _paused(victim):
         held = in_flight(victim)
         # Past the lease: the other worker reclaims every line the paused one held.
-        wait_until(lambda: in_flight(victim) == 0, timeout=60, check=stack.check_alive,
-                   message=f"the other worker to reclaim the {held} lines of the paused one")
+        wait_until(
+            lambda: in_flight(victim) == 0,
+            timeout=60,
+            check=stack.check_alive,
+            message=f"the other worker to reclaim the {held} lines of the paused one",
+        )
 
     batch = stack.wait_for_batch(created.id, client=client, timeout=120)
     _check_exactly_once(client, batch, messages)
@@ -192,19 +228,26 @@ def test_web_paused_while_feeding(stack_factory, wait_until):
     """Two web processes; the one feeding a batch (a window of 2,000 of its 8,000 lines) is paused in
     the middle of topping the window up, and resumed once the other has taken the feeding over."""
     window, chunk = 2000, 500  # feeder.CHUNK lines per script call: a top-up of >= 1,000 takes several
-    stack = stack_factory.start(name="pause-web", workers=2, worker_concurrency=32,
-                                env={**LEASE_ENV, "SLUICE_WINDOW_LINES": str(window)})
+    stack = stack_factory.start(
+        name="pause-web", workers=2, worker_concurrency=32, env={**LEASE_ENV, "SLUICE_WINDOW_LINES": str(window)}
+    )
     other_port = free_port()
     stack.runner.start("web-b", _sluice_cmd("web"), env={**stack.env, "PORT": str(other_port)})
-    wait_until(lambda: http_request("GET", f"http://127.0.0.1:{other_port}/healthz", timeout=2).status == 200,
-               timeout=30, ignore=(OSError,), check=stack.check_alive, message="the second web process to start")
-    clients = {stack.port: stack.client(timeout=60),
-               other_port: stack.client(base_url=f"http://127.0.0.1:{other_port}/v1", timeout=60)}
+    wait_until(
+        lambda: http_request("GET", f"http://127.0.0.1:{other_port}/healthz", timeout=2).status == 200,
+        timeout=30,
+        ignore=(OSError,),
+        check=stack.check_alive,
+        message="the second web process to start",
+    )
+    clients = {
+        stack.port: stack.client(timeout=60),
+        other_port: stack.client(base_url=f"http://127.0.0.1:{other_port}/v1", timeout=60),
+    }
     run = uuid.uuid4().hex[:8]
     # Long lines: reading and checking the next chunk of a top-up takes the feeder a while.
     messages = {f"pweb-{run}-{i:04d}": f"line {i} " + "y" * 1500 for i in range(8000)}
-    _, created = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()],
-                              client=clients[stack.port])
+    _, created = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=clients[stack.port])
     redis = stack.redis.client()
     batch_key, lease_key = keys.batch(created.id), keys.feeder(created.id)
 
@@ -222,13 +265,21 @@ def test_web_paused_while_feeding(stack_factory, wait_until):
             return None
         return _by_pid(stack, _pid(_holder(redis, lease_key)))
 
-    feeder = wait_until(topping_up, timeout=60, interval=0.001, check=stack.check_alive,
-                        message="a web process to be topping the batch's window up")
+    feeder = wait_until(
+        topping_up,
+        timeout=60,
+        interval=0.001,
+        check=stack.check_alive,
+        message="a web process to be topping the batch's window up",
+    )
     with _paused(feeder):
         at_pause = fed()
-        wait_until(lambda: _pid(_holder(redis, lease_key)) not in (None, feeder.pid) and fed() > at_pause,
-                   timeout=60, check=stack.check_alive,
-                   message="the other web process to take the feeding over")
+        wait_until(
+            lambda: _pid(_holder(redis, lease_key)) not in (None, feeder.pid) and fed() > at_pause,
+            timeout=60,
+            check=stack.check_alive,
+            message="the other web process to take the feeding over",
+        )
 
     # Asked of the web process that was never paused.
     client = clients[other_port if feeder.name == "web" else stack.port]
@@ -243,12 +294,17 @@ def test_web_paused_while_feeding(stack_factory, wait_until):
 
 def test_three_finalizers_finish_batches_concurrently(stack_factory, wait_until):
     """N finalizers share the running batches: each finishes some, each batch is finished once."""
-    stack = stack_factory.start(name="three-finalizers", workers=2, worker_concurrency=32, mock_latency_ms=500,
-                                env=LEASE_ENV)
+    stack = stack_factory.start(
+        name="three-finalizers", workers=2, worker_concurrency=32, mock_latency_ms=500, env=LEASE_ENV
+    )
     finalizers = [stack.process("finalizer"), stack.spawn("finalizer"), stack.spawn("finalizer")]
     redis = stack.redis.client()
-    wait_until(lambda: redis.zcard(keys.FINALIZERS) == 3, timeout=30, check=stack.check_alive,
-               message="the three finalizers to check in")
+    wait_until(
+        lambda: redis.zcard(keys.FINALIZERS) == 3,
+        timeout=30,
+        check=stack.check_alive,
+        message="the three finalizers to check in",
+    )
     client = stack.client()
     run = uuid.uuid4().hex[:8]
     batches = {}
@@ -261,8 +317,12 @@ def test_three_finalizers_finish_batches_concurrently(stack_factory, wait_until)
         return {_pid(leases.holder_of(v)) for v in redis.mget([keys.finalizer(b) for b in batches])} - {None}
 
     # At once: while the batches run, every finalizer holds some of them.
-    wait_until(lambda: holders() == {p.pid for p in finalizers}, timeout=60, check=stack.check_alive,
-               message=lambda: f"each finalizer to hold running batches (holders {holders()})")
+    wait_until(
+        lambda: holders() == {p.pid for p in finalizers},
+        timeout=60,
+        check=stack.check_alive,
+        message=lambda: f"each finalizer to hold running batches (holders {holders()})",
+    )
     for batch_id, messages in batches.items():
         _check_exactly_once(client, stack.wait_for_batch(batch_id, client=client, timeout=120), messages)
     finished = {p.pid: [r["batch_id"] for r in _events(p) if r["event"] == "batch_finished"] for p in finalizers}
@@ -273,8 +333,7 @@ def test_three_finalizers_finish_batches_concurrently(stack_factory, wait_until)
 
 def test_a_lone_finalizer_paused_past_its_lease_takes_its_batch_back(stack_factory, wait_until):
     """Paused mid-drain with no peer: its lease expires, and once resumed it takes it anew and finishes."""
-    stack = stack_factory.start(name="pause-alone", workers=2, worker_concurrency=16, mock_latency_ms=20,
-                                env=LEASE_ENV)
+    stack = stack_factory.start(name="pause-alone", workers=2, worker_concurrency=16, mock_latency_ms=20, env=LEASE_ENV)
     finalizer = stack.process("finalizer")
     client = stack.client()
     run = uuid.uuid4().hex[:8]
@@ -282,12 +341,21 @@ def test_a_lone_finalizer_paused_past_its_lease_takes_its_batch_back(stack_facto
     _, created = stack.submit([stack.chat_line(cid, msg) for cid, msg in messages.items()], client=client)
     redis = stack.redis.client()
     lease_key = keys.finalizer(created.id)
-    wait_until(lambda: 0 < int(redis.hget(keys.batch(created.id), "fin_out_lines") or 0) < 3000, timeout=60,
-               interval=0.002, check=stack.check_alive, message="the finalizer to be draining the batch")
+    wait_until(
+        lambda: 0 < int(redis.hget(keys.batch(created.id), "fin_out_lines") or 0) < 3000,
+        timeout=60,
+        interval=0.002,
+        check=stack.check_alive,
+        message="the finalizer to be draining the batch",
+    )
     first = redis.get(lease_key)
     with _paused(finalizer):
-        wait_until(lambda: redis.get(lease_key) is None, timeout=30, check=stack.check_alive,
-                   message="the paused finalizer's lease to expire")
+        wait_until(
+            lambda: redis.get(lease_key) is None,
+            timeout=30,
+            check=stack.check_alive,
+            message="the paused finalizer's lease to expire",
+        )
     _check_exactly_once(client, stack.wait_for_batch(created.id, client=client, timeout=120), messages)
     assert _fenced(finalizer), finalizer.tail()
     taken = [r["token"] for r in _events(finalizer) if r["event"] == "batch_leased"]

@@ -25,16 +25,23 @@ ACTIVE = {"validating", "in_progress"}
 
 def _saturated(stack_factory, name: str, latency_ms: int, **kw):
     return stack_factory.start(
-        name=name, workers=2, worker_concurrency=16, mock={"latency_ms": latency_ms, "max_concurrency": 8},
-        upstream=False, config_toml=SATURATED_TOML, env={"PRIO_PROVIDER_KEY": "k", **kw.pop("env", {})}, **kw,
+        name=name,
+        workers=2,
+        worker_concurrency=16,
+        mock={"latency_ms": latency_ms, "max_concurrency": 8},
+        upstream=False,
+        config_toml=SATURATED_TOML,
+        env={"PRIO_PROVIDER_KEY": "k", **kw.pop("env", {})},
+        **kw,
     )
 
 
 def _batch(stack, client, tag: str, n: int, *, priority: str | None = None, window: str = "24h"):
     f = stack.upload_jsonl([stack.chat_line(f"{tag}-{i:05d}", f"{tag} {i}") for i in range(n)], client=client)
     headers = {"x-sluice-priority": priority} if priority else {}
-    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window=window,
-                                 extra_headers=headers)
+    return client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window=window, extra_headers=headers
+    )
 
 
 def _done(client, batch_id: str) -> tuple[int, str]:
@@ -45,24 +52,32 @@ def _done(client, batch_id: str) -> tuple[int, str]:
 def _shares(stack, wait_until, batches: dict[str, tuple], *, warm_up: int, window: int) -> dict[str, float]:
     """Each batch's share of the lines finished between two snapshots, ``window`` lines apart in all,
     taken once ``warm_up`` lines are done; every batch must still run at the second one."""
+
     def snapshot():
         return {name: _done(client, b.id) for name, (client, b) in batches.items()}
 
     def warmed_up():
         s = snapshot()
-        return s if all(st == "in_progress" for _, st in s.values()) and sum(d for d, _ in s.values()) >= warm_up \
-            else None
+        return (
+            s if all(st == "in_progress" for _, st in s.values()) and sum(d for d, _ in s.values()) >= warm_up else None
+        )
 
-    first = wait_until(warmed_up, timeout=120, interval=0.2, message="every batch to run and the warm-up to pass",
-                       check=stack.check_alive)
+    first = wait_until(
+        warmed_up,
+        timeout=120,
+        interval=0.2,
+        message="every batch to run and the warm-up to pass",
+        check=stack.check_alive,
+    )
     base = sum(d for d, _ in first.values())
 
     def window_done():
         s = snapshot()
         return s if sum(d for d, _ in s.values()) >= base + window else None
 
-    second = wait_until(window_done, timeout=120, interval=0.1, message=f"{window} more lines to finish",
-                        check=stack.check_alive)
+    second = wait_until(
+        window_done, timeout=120, interval=0.1, message=f"{window} more lines to finish", check=stack.check_alive
+    )
     assert all(st in ACTIVE for _, st in second.values()), f"a batch ended inside the window: {second}"
     delta = {name: second[name][0] - first[name][0] for name in batches}
     total = sum(delta.values())
@@ -80,11 +95,15 @@ def test_priorities_share_a_saturated_provider_4_2_1(stack_factory, wait_until):
     stack = _saturated(stack_factory, "priorities", 50)
     client = stack.client()
     run = uuid.uuid4().hex[:6]
-    made = {prio: (client, _batch(stack, client, f"{prio}-{run}", 2000, priority=prio))
-            for prio in ("high", "normal", "low")}
+    made = {
+        prio: (client, _batch(stack, client, f"{prio}-{run}", 2000, priority=prio))
+        for prio in ("high", "normal", "low")
+    }
     shares = _shares(stack, wait_until, made, warm_up=200, window=840)
-    print(f"[shares] high {shares['high']:.3f} normal {shares['normal']:.3f} low {shares['low']:.3f} "
-          f"(ideal {4 / 7:.3f} {2 / 7:.3f} {1 / 7:.3f})")
+    print(
+        f"[shares] high {shares['high']:.3f} normal {shares['normal']:.3f} low {shares['low']:.3f} "
+        f"(ideal {4 / 7:.3f} {2 / 7:.3f} {1 / 7:.3f})"
+    )
     for prio, weight in (("high", 4), ("normal", 2), ("low", 1)):
         ideal = weight / 7
         assert abs(shares[prio] - ideal) <= 0.2 * ideal, f"{prio}: share {shares[prio]:.3f}, ideal {ideal:.3f}"
@@ -119,17 +138,24 @@ def test_a_1h_batch_overtakes_24h_batches_to_meet_its_deadline(stack_factory, wa
     client = stack.client()
     run = uuid.uuid4().hex[:6]
     long_ones = [_batch(stack, client, f"day{k}-{run}", 3000, priority="high") for k in range(3)]
-    wait_until(lambda: sum(_done(client, b.id)[0] for b in long_ones) >= 100, timeout=60, interval=0.2,
-               message="the 24 h batches to saturate the provider", check=stack.check_alive)
+    wait_until(
+        lambda: sum(_done(client, b.id)[0] for b in long_ones) >= 100,
+        timeout=60,
+        interval=0.2,
+        message="the 24 h batches to saturate the provider",
+        check=stack.check_alive,
+    )
     urgent = _batch(stack, client, f"hour-{run}", 320, priority="low", window="1h")
     assert urgent.expires_at - urgent.created_at == 80
 
     finished = stack.wait_for_batch(urgent.id, client=client, timeout=150, interval=0.2)
     others = [client.batches.retrieve(b.id) for b in long_ones]
     ended = finished.completed_at or finished.expired_at or finished.created_at
-    print(f"\n[deadline] the 1h batch (80 s here) ended {finished.status} after {ended - finished.created_at} s; "
-          f"the 24h batches then had "
-          f"{[o.request_counts.completed for o in others]} of 3000 lines done")
+    print(
+        f"\n[deadline] the 1h batch (80 s here) ended {finished.status} after {ended - finished.created_at} s; "
+        f"the 24h batches then had "
+        f"{[o.request_counts.completed for o in others]} of 3000 lines done"
+    )
     assert finished.status == "completed", finished
     assert finished.request_counts.completed == 320 and finished.request_counts.failed == 0, finished.request_counts
     for o in others:

@@ -37,7 +37,11 @@ def qstack(module_stack_factory):
     # Batches that must stay active while the test checks a quota hold their lines at the mock's
     # gate until the test releases them.
     return module_stack_factory.start(
-        name="quotas", workers=2, worker_concurrency=32, tokens=TOKENS, config_toml=QUOTAS_TOML,
+        name="quotas",
+        workers=2,
+        worker_concurrency=32,
+        tokens=TOKENS,
+        config_toml=QUOTAS_TOML,
         mock={"gates": True},
     )
 
@@ -169,8 +173,17 @@ def test_tokens_cli(qstack, wait_until):
     stack = qstack
     name = f"team-{uuid.uuid4().hex[:6]}"
     created = stack.sluice(
-        "tokens", "create", "--name", name, "--max-active-batches", "1", "--max-stored-bytes", "100000",
-        "--max-enqueued-lines", "100", check=True,
+        "tokens",
+        "create",
+        "--name",
+        name,
+        "--max-active-batches",
+        "1",
+        "--max-stored-bytes",
+        "100000",
+        "--max-enqueued-lines",
+        "100",
+        check=True,
     )
     token = created.stdout.splitlines()[0].strip()
     assert token and " " not in token, created.stdout
@@ -220,7 +233,9 @@ def test_tokens_cli(qstack, wait_until):
     assert (mine["max_active_batches"], mine["max_stored_bytes"], mine["max_enqueued_lines"]) == (1, 100000, 100)
     p = entries[plain_name]
     assert (p["max_active_batches"], p["max_stored_bytes"], p["max_enqueued_lines"]) == (
-        MAX_ACTIVE, MAX_STORED, MAX_LINES
+        MAX_ACTIVE,
+        MAX_STORED,
+        MAX_LINES,
     ), p
     for out in (listed, as_json):
         assert token not in out.stdout + out.stderr and plain_token not in out.stdout + out.stderr

@@ -35,8 +35,9 @@ def test_readyz_on_s3_writes_nothing_per_probe_and_fails_during_an_outage(stack_
     moto.client().create_bucket(Bucket=bucket.name)
     moto.client().put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
     # No cache: every probe reaches the object store, the worst case for its bill.
-    stack = stack_factory.start(name="readyz-s3", workers=0, finalizer=False,
-                                env={**bucket.env, "SLUICE_READYZ_STORAGE_CACHE_S": "0"})
+    stack = stack_factory.start(
+        name="readyz-s3", workers=0, finalizer=False, env={**bucket.env, "SLUICE_READYZ_STORAGE_CACHE_S": "0"}
+    )
 
     for _ in range(PROBES):
         res = stack.http("GET", "/readyz", token=None)
@@ -56,12 +57,22 @@ def test_readyz_on_s3_writes_nothing_per_probe_and_fails_during_an_outage(stack_
     # An S3 outage (the server frozen) makes /readyz fail, within its timeout (3 s): 10x margin.
     moto.process.signal(signal.SIGSTOP)
     try:
-        res = wait_until(lambda: (r := stack.http("GET", "/readyz", token=None, timeout=30)).status == 503 and r,
-                         timeout=60, interval=0.2, message="/readyz to fail while S3 is frozen", check=stack.check_alive)
+        res = wait_until(
+            lambda: (r := stack.http("GET", "/readyz", token=None, timeout=30)).status == 503 and r,
+            timeout=60,
+            interval=0.2,
+            message="/readyz to fail while S3 is frozen",
+            check=stack.check_alive,
+        )
         body = res.json()
         assert body["redis"] == "ok" and body["storage"] != "ok", body
     finally:
         moto.process.signal(signal.SIGCONT)
-    wait_until(lambda: stack.http("GET", "/readyz", token=None).status == 200, timeout=60, interval=0.2,
-               message="/readyz to recover with S3", check=stack.check_alive)
+    wait_until(
+        lambda: stack.http("GET", "/readyz", token=None).status == 200,
+        timeout=60,
+        interval=0.2,
+        message="/readyz to recover with S3",
+        check=stack.check_alive,
+    )
     assert len(_writes(bucket)) == 1, _writes(bucket)

@@ -83,8 +83,9 @@ def test_sigterm_with_every_slot_taken_drains_within_the_grace(stack_factory, wa
 
 def test_worker_killed_mid_batch_work_is_reclaimed(stack_factory, wait_until):
     # Recording: the mock keeps every request that arrived, the dead worker's (never answered) included.
-    stack = stack_factory.start(name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"},
-                                mock={"gates": True, "record": True})
+    stack = stack_factory.start(
+        name="kill", workers=2, worker_concurrency=4, env={"SLUICE_LEASE_S": "2"}, mock={"gates": True, "record": True}
+    )
     run = uuid.uuid4().hex[:8]
     gate = f"kill-{run}"
     messages = {f"kill-{run}-{i:02d}": f"survive {i}" for i in range(40)}

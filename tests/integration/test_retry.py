@@ -27,8 +27,15 @@ MAX_ATTEMPTS = 2
 def _cli(stack, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "OPENAI_")) and k != "REDIS_URL"}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", SLUICE_URL=stack.base_url, SLUICE_TOKEN=stack.token)
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, cwd=str(ROOT),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _lines(path: Path) -> list[dict]:
@@ -36,14 +43,17 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_retry_reruns_only_retryable_failures_and_the_cli_merges_them(stack_factory, tmp_path):
-    stack = stack_factory.start(name="retry", workers=2, worker_concurrency=8,
-                                env={"SLUICE_MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+    stack = stack_factory.start(
+        name="retry", workers=2, worker_concurrency=8, env={"SLUICE_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
+    )
     run = uuid.uuid4().hex[:6]
     # Transient faults outlast the batch's attempts (so they end in the error file) but not a retry's.
     transient = {"mock_fail_times": MAX_ATTEMPTS}
     plan = {
         **{f"ok-{i}": {} for i in range(5)},
-        "bad-0": {"mock_status": 400}, "bad-1": {"mock_status": 422}, "gone": {"mock_status": 404},
+        "bad-0": {"mock_status": 400},
+        "bad-1": {"mock_status": 422},
+        "gone": {"mock_status": 404},
         **{f"s500-{i}": {"mock_status": 500, **transient} for i in range(3)},
         "s503": {"mock_status": 503, **transient},
         "s429": {"mock_status": 429, **transient},
@@ -65,8 +75,9 @@ def test_retry_reruns_only_retryable_failures_and_the_cli_merges_them(stack_fact
     out_file, err_file = out / f"{first.id}_output.jsonl", out / f"{first.id}_error.jsonl"
     assert {x["custom_id"] for x in _lines(err_file)} == retryable | final_4xx
 
-    retried = _cli(stack, "batches", "retry", first.id, "--wait", "--out", str(out), "--json", "-q",
-                   "--poll-interval", "0.2")
+    retried = _cli(
+        stack, "batches", "retry", first.id, "--wait", "--out", str(out), "--json", "-q", "--poll-interval", "0.2"
+    )
     assert retried.returncode == 0, retried.stderr
     second = client.batches.retrieve(json.loads(retried.stdout)["id"])
     assert second.id != first.id and second.metadata == {"sluice_retry_of": first.id}, second
@@ -94,7 +105,9 @@ def test_retry_reruns_only_retryable_failures_and_the_cli_merges_them(stack_fact
 
 def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     stack = stack_factory.start(
-        name="retry-states", workers=2, worker_concurrency=1,
+        name="retry-states",
+        workers=2,
+        worker_concurrency=1,
         env={"SLUICE_MAX_ATTEMPTS": "1", "SLUICE_SECRET_KEY": "retry-test-secret-0123456789"},
         config_toml="[quotas]\nmax_active_batches = 1\n",
     )
@@ -102,8 +115,9 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     run = uuid.uuid4().hex[:6]
 
     # A 4xx is never retried.
-    _, only_4xx = stack.submit([stack.chat_line(f"nf-{run}-{i}", "x", mock_status=404) for i in range(2)],
-                               client=client)
+    _, only_4xx = stack.submit(
+        [stack.chat_line(f"nf-{run}-{i}", "x", mock_status=404) for i in range(2)], client=client
+    )
     assert stack.wait_for_batch(only_4xx.id, client=client).status == "completed"
     stack.assert_error(stack.http("POST", f"/v1/batches/{only_4xx.id}/retry"), 400, code="nothing_to_retry")
     # A batch that failed validation ran nothing.
@@ -113,8 +127,9 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
 
     # With the client's own provider key (BYOK), which Sluice drops when the batch ends.
     own_key = {"x-sluice-provider": "default", "x-sluice-provider-key": f"sk-client-{run}"}
-    flaky_file = stack.upload_jsonl([stack.chat_line(f"fl-{run}-{i}", "x", mock_status=500) for i in range(2)],
-                                    client=client)
+    flaky_file = stack.upload_jsonl(
+        [stack.chat_line(f"fl-{run}-{i}", "x", mock_status=500) for i in range(2)], client=client
+    )
     flaky = stack.create_batch(flaky_file.id, client=client, extra_headers=own_key)
     assert stack.wait_for_batch(flaky.id, client=client).status == "completed"
 
@@ -124,12 +139,17 @@ def test_retry_states_quotas_and_cancelled_lines(stack_factory, wait_until):
     # Unfinished: 409. And a retry is a batch creation like any: the token's one active batch is taken.
     stack.assert_error(stack.http("POST", f"/v1/batches/{slow.id}/retry"), 409, code="batch_not_finished")
     files_before = {f.id for f in client.files.list()}
-    stack.assert_error(stack.http("POST", f"/v1/batches/{flaky.id}/retry", headers=own_key), 429,
-                       code="active_batches_quota_exceeded")
+    stack.assert_error(
+        stack.http("POST", f"/v1/batches/{flaky.id}/retry", headers=own_key), 429, code="active_batches_quota_exceeded"
+    )
     assert {f.id for f in client.files.list()} == files_before, "a refused retry left its input file behind"
 
-    wait_until(lambda: client.batches.retrieve(slow.id).request_counts.completed >= 2, timeout=60,
-               message="a few slow lines to finish", check=stack.check_alive)
+    wait_until(
+        lambda: client.batches.retrieve(slow.id).request_counts.completed >= 2,
+        timeout=60,
+        message="a few slow lines to finish",
+        check=stack.check_alive,
+    )
     client.batches.cancel(slow.id)
     cancelled = stack.wait_for_batch(slow.id, client=client, timeout=60)
     assert cancelled.status == "cancelled", cancelled

@@ -67,8 +67,13 @@ def test_batch_across_hosts_sharing_only_redis_and_s3(stack_factory, s3_bucket):
 
 
 def test_large_upload_streams_through_multipart_and_a_refused_one_leaves_nothing(stack_factory, s3_bucket):
-    stack = stack_factory.start(name="s3-upload", workers=0, finalizer=False, separate_data_dirs=True,
-                                env={**s3_bucket.env, "SLUICE_MAX_FILE_BYTES": str(20 * 1024 * 1024)})
+    stack = stack_factory.start(
+        name="s3-upload",
+        workers=0,
+        finalizer=False,
+        separate_data_dirs=True,
+        env={**s3_bucket.env, "SLUICE_MAX_FILE_BYTES": str(20 * 1024 * 1024)},
+    )
     client = stack.client(timeout=120.0)
     block = bytes(range(256)) * 4096  # 1 MiB
     data = block * 17 + b"tail"
@@ -79,8 +84,13 @@ def test_large_upload_streams_through_multipart_and_a_refused_one_leaves_nothing
     assert client.files.content(uploaded.id).content == data
 
     before = s3_bucket.keys()
-    res = stack.http("POST", "/v1/files", data=_multipart(block * 21), timeout=120,
-                     headers={"Content-Type": "multipart/form-data; boundary=sluiceboundary"})
+    res = stack.http(
+        "POST",
+        "/v1/files",
+        data=_multipart(block * 21),
+        timeout=120,
+        headers={"Content-Type": "multipart/form-data; boundary=sluiceboundary"},
+    )
     assert res.status == 413, res.body[:300]
     assert s3_bucket.keys() == before
     uploads = s3_bucket.server.client().list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
@@ -89,9 +99,11 @@ def test_large_upload_streams_through_multipart_and_a_refused_one_leaves_nothing
 
 
 def _multipart(content: bytes) -> bytes:
-    return (b"--sluiceboundary\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
-            b"--sluiceboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n"
-            b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n--sluiceboundary--\r\n")
+    return (
+        b'--sluiceboundary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+        b'--sluiceboundary\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n--sluiceboundary--\r\n"
+    )
 
 
 def _torn_append(s3_bucket, key: str, offset: int) -> None:
@@ -117,8 +129,13 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
     # 16 requests in flight at 100 ms each: about 160 lines/s. The lines come in three parts, each
     # held at a gate of the mock until the round before it is over, and the very last line until
     # the end: every round has lines left to drain, and the batch cannot finish before the last kill.
-    stack = stack_factory.start(name="s3-kill", separate_data_dirs=True, worker_concurrency=8,
-                                env={**s3_bucket.env, "SLUICE_LEASE_S": "3"}, mock={"gates": True})
+    stack = stack_factory.start(
+        name="s3-kill",
+        separate_data_dirs=True,
+        worker_concurrency=8,
+        env={**s3_bucket.env, "SLUICE_LEASE_S": "3"},
+        mock={"gates": True},
+    )
     redis = stack.redis.client()
     run = uuid.uuid4().hex[:8]
     messages = {f"k-{run}-{i:04d}": f"line {i} " + "x" * (i % 50) for i in range(3000)}
@@ -129,7 +146,9 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
             return {"mock_hold": gates[2]}
         return {"mock_hold": gates[i // 1000 - 1]} if i >= 1000 else {}
 
-    rows = [stack.chat_line(cid, msg, mock_latency_ms=100, **gate_of(i)) for i, (cid, msg) in enumerate(messages.items())]
+    rows = [
+        stack.chat_line(cid, msg, mock_latency_ms=100, **gate_of(i)) for i, (cid, msg) in enumerate(messages.items())
+    ]
     _, created = stack.submit(rows)
     batch_key = keys.batch(created.id)
     rng = random.Random(run)
@@ -140,8 +159,13 @@ def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_b
     seen = 0
     for round_ in range(3):
         # Each finalizer dies soon after it has appended something: while it drains more.
-        wait_until(lambda seen=seen: drained() > seen, timeout=60, interval=0.01, check=stack.check_alive,
-                   message=f"a finalizer to drain past {seen} lines")
+        wait_until(
+            lambda seen=seen: drained() > seen,
+            timeout=60,
+            interval=0.01,
+            check=stack.check_alive,
+            message=f"a finalizer to drain past {seen} lines",
+        )
         time.sleep(rng.uniform(0, 0.15))
         finalizer = next(p for p in stack.processes if p.name.startswith("finalizer") and p.alive)
         finalizer.stopping = True

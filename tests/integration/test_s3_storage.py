@@ -21,8 +21,14 @@ async def s3(s3_bucket, monkeypatch):
             monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
-    storage = S3Storage(s3_bucket.name, s3_bucket.prefix, endpoint_url=s3_bucket.server.url, part_size=5 * MiB,
-                        read_window=64 * 1024, merge_below=1500)
+    storage = S3Storage(
+        s3_bucket.name,
+        s3_bucket.prefix,
+        endpoint_url=s3_bucket.server.url,
+        part_size=5 * MiB,
+        read_window=64 * 1024,
+        merge_below=1500,
+    )
     yield storage
     await storage.aclose()
 
@@ -73,14 +79,14 @@ async def test_empty_file_and_missing_key(s3):
 async def test_large_write_is_a_multipart_upload(s3, s3_bucket):
     data = _pattern(11 * MiB + 123, seed=7)
     # 256 KiB chunks, as the upload handler sends them: parts of 5 MiB, 5 MiB and the rest.
-    chunks = [data[i:i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
+    chunks = [data[i : i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
     assert await s3.write("file-big", _chunks(*chunks)) == len(data)
     head = s3_bucket.server.client().head_object(Bucket=s3_bucket.name, Key=f"{s3_bucket.prefix}/file-big")
     assert head["ContentLength"] == len(data)
     assert head["ETag"].strip('"').endswith("-3"), head["ETag"]  # a multipart ETag names its part count
     assert await s3.size("file-big") == len(data)
     assert await _read(s3, "file-big", chunk_size=256 * 1024) == data
-    assert await _read(s3, "file-big", 6 * MiB + 5) == data[6 * MiB + 5:]
+    assert await _read(s3, "file-big", 6 * MiB + 5) == data[6 * MiB + 5 :]
 
 
 @pytest.mark.parametrize("fail_after", [3 * MiB, 7 * MiB])
@@ -204,8 +210,9 @@ async def test_a_redo_under_a_newer_token_drops_the_leftovers_of_an_older_one(s3
     await s3.append(key, first, 0, token=1)
     await s3.append(key, b"?" * 5000, 1400, token=1)  # never recorded
     # ... and a part after a gap, not part of the file (from an even older interrupted attempt).
-    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Body=b"?" * 10,
-                                         Key=f"{s3_bucket.prefix}/{key}.parts/{9000:020d}-{1:020d}")
+    s3_bucket.server.client().put_object(
+        Bucket=s3_bucket.name, Body=b"?" * 10, Key=f"{s3_bucket.prefix}/{key}.parts/{9000:020d}-{1:020d}"
+    )
     assert await s3.append(key, b"2" * 300, 1400, token=2) == 1700
     assert await _read(s3, key) == first + b"2" * 300
     assert await s3.size(key) == 1700
@@ -227,8 +234,13 @@ async def test_remove_orphans_aborts_only_old_multipart_uploads(s3, s3_bucket, m
     client = await s3._s3()
     # An upload whose writer died (it never completes nor aborts), and one outside the prefix.
     dead = await client.create_multipart_upload(Bucket=s3_bucket.name, Key=f"{s3_bucket.prefix}/file-dead")
-    await client.upload_part(Bucket=s3_bucket.name, Key=f"{s3_bucket.prefix}/file-dead", UploadId=dead["UploadId"],
-                             PartNumber=1, Body=b"x" * 100)
+    await client.upload_part(
+        Bucket=s3_bucket.name,
+        Key=f"{s3_bucket.prefix}/file-dead",
+        UploadId=dead["UploadId"],
+        PartNumber=1,
+        Body=b"x" * 100,
+    )
     await client.create_multipart_upload(Bucket=s3_bucket.name, Key="elsewhere/file-other")
 
     async def in_progress() -> dict[str, datetime]:
@@ -257,22 +269,38 @@ async def test_default_storage_is_local_and_s3_is_selected_by_url(tmp_path):
     local = open_storage(Settings.from_env({"SLUICE_DATA_DIR": str(tmp_path)}))
     assert isinstance(local, LocalStorage)
     await local.aclose()
-    env = {"SLUICE_STORAGE_URL": "s3://my-bucket/a/b/", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
-           "SLUICE_DATA_DIR": str(tmp_path / "unused")}
+    env = {
+        "SLUICE_STORAGE_URL": "s3://my-bucket/a/b/",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "SLUICE_DATA_DIR": str(tmp_path / "unused"),
+    }
     settings = Settings.from_env(env)
     assert settings.s3 == S3Location(bucket="my-bucket", prefix="a/b", endpoint_url="http://127.0.0.1:9000")
     storage = open_storage(settings)
     assert isinstance(storage, S3Storage) and storage.prefix == "a/b"
     await storage.aclose()
     assert not (tmp_path / "unused").exists()  # nothing local is needed on S3
-    assert Settings.from_env({**env, "SLUICE_S3_ENDPOINT_URL": "https://s3.example"}).s3.endpoint_url == \
-        "https://s3.example"
-    assert Settings.from_env({"SLUICE_STORAGE_URL": "s3://bkt", "AWS_REGION": "eu-west-3"}).s3 == \
-        S3Location(bucket="bkt", region="eu-west-3")
+    assert (
+        Settings.from_env({**env, "SLUICE_S3_ENDPOINT_URL": "https://s3.example"}).s3.endpoint_url
+        == "https://s3.example"
+    )
+    assert Settings.from_env({"SLUICE_STORAGE_URL": "s3://bkt", "AWS_REGION": "eu-west-3"}).s3 == S3Location(
+        bucket="bkt", region="eu-west-3"
+    )
 
 
-@pytest.mark.parametrize("url", ["file:///tmp/x", "bucket/prefix", "s3://", "s3://Bad_Bucket/x", "s3://ab",
-                                 "s3://b?x=1", "s3://key:secret@bucket/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///tmp/x",
+        "bucket/prefix",
+        "s3://",
+        "s3://Bad_Bucket/x",
+        "s3://ab",
+        "s3://b?x=1",
+        "s3://key:secret@bucket/x",
+    ],
+)
 def test_bad_storage_url_is_a_config_error(url):
     with pytest.raises(ConfigError, match="SLUICE_STORAGE_URL") as info:
         Settings.from_env({"SLUICE_STORAGE_URL": url})

@@ -51,30 +51,52 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-            decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "redis.crt", directory / "redis.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
     return cert_path, key_path
 
 
 def _tls_client(port: int, **kwargs) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, ssl=True, ssl_cert_reqs="none",
-                       socket_timeout=2, socket_connect_timeout=2, **kwargs)
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        password=PASSWORD,
+        ssl=True,
+        ssl_cert_reqs="none",
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        **kwargs,
+    )
 
 
 def _start_tls_redis(runner: ProcessRunner, workdir: Path, cert: Path, key: Path) -> RedisServer:
@@ -85,16 +107,45 @@ def _start_tls_redis(runner: ProcessRunner, workdir: Path, cert: Path, key: Path
     last: BaseException | None = None
     for _ in range(3):
         port = free_port()
-        proc = runner.start("redis", [
-            exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-            "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-            "--save", "", "--appendonly", "no", "--dir", str(workdir), *REDIS_KEEP_ENVIRON,
-        ], stop_stage=0)
+        proc = runner.start(
+            "redis",
+            [
+                exe,
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-ca-cert-file",
+                str(cert),
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                *REDIS_KEEP_ENVIRON,
+            ],
+            stop_stage=0,
+        )
         client = _tls_client(port)
         try:
-            wait_until(client.ping, timeout=20, message=f"redis-server (TLS) on port {port} to answer PING",
-                       ignore=(redis.ConnectionError, redis.TimeoutError, OSError), check=runner.check_alive)
+            wait_until(
+                client.ping,
+                timeout=20,
+                message=f"redis-server (TLS) on port {port} to answer PING",
+                ignore=(redis.ConnectionError, redis.TimeoutError, OSError),
+                check=runner.check_alive,
+            )
             return RedisServer(port, f"rediss://:{PASSWORD}@127.0.0.1:{port}/0", proc, runner)
         except ProcessDied as exc:
             proc.stopping = True
@@ -132,8 +183,17 @@ def tls(tmp_path_factory):
         for i in range(2):
             runner.start(f"worker-{i + 1}", sluice_cmd("worker"), env=env)
         runner.start("finalizer", sluice_cmd("finalizer"), env=env)
-        stack = Stack(name="tls", runner=runner, redis=server, port=web_port, mock_port=mock.port,
-                      data_dir=data_dir, env=env, tokens=TOKENS, mocks={"default": mock})
+        stack = Stack(
+            name="tls",
+            runner=runner,
+            redis=server,
+            port=web_port,
+            mock_port=mock.port,
+            data_dir=data_dir,
+            env=env,
+            tokens=TOKENS,
+            mocks={"default": mock},
+        )
         mock.wait_ready(runner)
         stack.wait_healthy()
         yield stack, cert
@@ -145,8 +205,9 @@ def tls(tmp_path_factory):
 def test_plain_tcp_is_refused(tls):
     """The server really speaks TLS only: a plain client gets nowhere."""
     stack, _ = tls
-    plain = redis.Redis(host="127.0.0.1", port=stack.redis.port, password=PASSWORD,
-                        socket_timeout=2, socket_connect_timeout=2)
+    plain = redis.Redis(
+        host="127.0.0.1", port=stack.redis.port, password=PASSWORD, socket_timeout=2, socket_connect_timeout=2
+    )
     try:
         with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
             plain.ping()

@@ -15,8 +15,10 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2",
-                                    reason="the opentelemetry packages (test extra) are not installed")
+trace_service = pytest.importorskip(
+    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+    reason="the opentelemetry packages (test extra) are not installed",
+)
 
 PHASES = {"sluice.validation", "sluice.feeding", "sluice.running", "sluice.finalizing"}
 
@@ -66,12 +68,20 @@ class Collector:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    found.append({
-                        "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                        "parent": s.parent_span_id.hex(), "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
-                        "attributes": {a.key: _value(a.value) for a in s.attributes}, "status": s.status.code,
-                        "role": resource.get("sluice.role"), "service": resource.get("service.name"),
-                    })
+                    found.append(
+                        {
+                            "name": s.name,
+                            "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(),
+                            "parent": s.parent_span_id.hex(),
+                            "start": s.start_time_unix_nano,
+                            "end": s.end_time_unix_nano,
+                            "attributes": {a.key: _value(a.value) for a in s.attributes},
+                            "status": s.status.code,
+                            "role": resource.get("sluice.role"),
+                            "service": resource.get("service.name"),
+                        }
+                    )
         with self.lock:
             self.spans += found
 
@@ -94,10 +104,16 @@ def collector():
 
 
 def test_a_batch_is_traced_across_processes(stack_factory, collector, wait_until):
-    stack = stack_factory.start(name="traced", workers=1, env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "SLUICE_TRACE_LINE_SAMPLE": "1",
-        "OTEL_SERVICE_NAME": "sluice-test", "OTEL_BSP_SCHEDULE_DELAY": "100",
-    })
+    stack = stack_factory.start(
+        name="traced",
+        workers=1,
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "SLUICE_TRACE_LINE_SAMPLE": "1",
+            "OTEL_SERVICE_NAME": "sluice-test",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"ok-{run}-{i}", f"fine {i}") for i in range(8)]
     flaky = f"flaky-{run}"
@@ -106,8 +122,12 @@ def test_a_batch_is_traced_across_processes(stack_factory, collector, wait_until
     upload = stack.upload_jsonl(rows, client=client)
     # The client's own trace: the batch's spans join it.
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
-    created = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                    extra_headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+    created = client.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+    )
     assert stack.wait_for_batch(created.id, timeout=60).status == "completed"
 
     def complete():
@@ -116,8 +136,13 @@ def test_a_batch_is_traced_across_processes(stack_factory, collector, wait_until
         ready = "sluice.batch" in names and names.count("sluice.line") == len(rows) and PHASES <= set(names)
         return spans if ready else None
 
-    spans = wait_until(complete, timeout=30, interval=0.2, message=lambda: "every span of the batch; got "
-                       f"{sorted(s['name'] for s in collector.of(trace_id))}", check=stack.check_alive)
+    spans = wait_until(
+        complete,
+        timeout=30,
+        interval=0.2,
+        message=lambda: f"every span of the batch; got {sorted(s['name'] for s in collector.of(trace_id))}",
+        check=stack.check_alive,
+    )
     by_name: dict[str, list[dict]] = {}
     for s in spans:
         by_name.setdefault(s["name"], []).append(s)
@@ -142,8 +167,10 @@ def test_a_batch_is_traced_across_processes(stack_factory, collector, wait_until
         kids = sorted(k["name"] for k in children.get(line["span_id"], []))
         assert kids == ["sluice.queue", "sluice.record", "sluice.upstream"], (line, kids)
         (upstream,) = [k for k in children[line["span_id"]] if k["name"] == "sluice.upstream"]
-        statuses = [a["attributes"]["http.response.status_code"]
-                    for a in sorted(children.get(upstream["span_id"], []), key=lambda a: a["start"])]
+        statuses = [
+            a["attributes"]["http.response.status_code"]
+            for a in sorted(children.get(upstream["span_id"], []), key=lambda a: a["start"])
+        ]
         assert statuses == (["500", "200"] if line["attributes"]["sluice.custom_id"] == flaky else ["200"]), statuses
         assert line["attributes"]["sluice.outcome"] == "completed"
 

@@ -31,8 +31,15 @@ from tests.conftest import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-STOP_ORDER = ["up_stopping", "web_stopped", "worker_stopped", "finalizer_stopped", "mock_provider_stopped",
-              "redis_stopped", "up_stopped"]
+STOP_ORDER = [
+    "up_stopping",
+    "web_stopped",
+    "worker_stopped",
+    "finalizer_stopped",
+    "mock_provider_stopped",
+    "redis_stopped",
+    "up_stopped",
+]
 
 
 class Up:
@@ -44,8 +51,13 @@ class Up:
         env = {**_base_env(), "PORT": str(self.port), "SLUICE_SHUTDOWN_GRACE_S": str(grace_s)}
         self.proc = runner.start(f"up-{self.port}", [sys.executable, "-m", "service.cli", "up"], env=env, cwd=workdir)
         self.stack_file = workdir / "var" / "data" / "stack.json"
-        self.stack = wait_until(self._stack, timeout=60, interval=0.1, check=runner.check_alive,
-                                message=lambda: f"sluice up to write {self.stack_file}:\n{self.proc.tail()}")
+        self.stack = wait_until(
+            self._stack,
+            timeout=60,
+            interval=0.1,
+            check=runner.check_alive,
+            message=lambda: f"sluice up to write {self.stack_file}:\n{self.proc.tail()}",
+        )
 
     def _stack(self) -> dict | None:
         try:
@@ -68,9 +80,15 @@ class Up:
 
     def sluice(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """The CLI as a user runs it beside `sluice up`: same directory, nothing set."""
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**_base_env(), **(env or {})},
-                              cwd=str(self.workdir), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args],
+            env={**_base_env(), **(env or {})},
+            cwd=str(self.workdir),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def kill_leftovers(self) -> None:
         for pid in self.children().values():
@@ -97,16 +115,23 @@ def test_status_tokens_and_the_client_find_the_stack_by_themselves(process_runne
     try:
         banner = up.proc.tail(200)
         api = f"http://localhost:{up.port}"
-        for needle in (f"{api}/v1", f"Dashboard:  {api}/dashboard/", f"Token:      {up.stack['token']}",
-                       "submit requests.jsonl --wait --out results/"):
+        for needle in (
+            f"{api}/v1",
+            f"Dashboard:  {api}/dashboard/",
+            f"Token:      {up.stack['token']}",
+            "submit requests.jsonl --wait --out results/",
+        ):
             assert needle in banner, banner
         assert up.stack["api_url"] == api and up.stack["redis_url"].startswith("redis://127.0.0.1:")
         assert up.stack_file.stat().st_mode & 0o777 == 0o600
         # The children are in sessions of their own: a Ctrl-C at the terminal reaches `sluice up` only.
         assert all(os.getpgid(pid) != os.getpgid(up.proc.pid) for pid in up.children().values())
 
-        status = wait_until(lambda: (r := up.sluice("status")).returncode == 0 and "workers live: 1" in r.stdout and r,
-                            timeout=30, message="sluice status to see the stack's worker")
+        status = wait_until(
+            lambda: (r := up.sluice("status")).returncode == 0 and "workers live: 1" in r.stdout and r,
+            timeout=30,
+            message="sluice status to see the stack's worker",
+        )
         assert f"using Redis {up.stack['redis_url']} of the `sluice up` stack (pid {up.proc.pid}" in status.stderr
         assert "no provider configured" not in status.stdout and "default" in status.stdout, status.stdout
 
@@ -142,12 +167,17 @@ def test_ctrl_c_stops_the_stack_in_order_without_warnings(process_runner, tmp_pa
     rows = [chat_line(f"c{i:03d}", "x", mock_latency_ms=1000) for i in range(100)]
     try:
         f = json.loads(_upload(api, token, to_jsonl(rows)))
-        batch = http_request("POST", f"{api}/v1/batches", token=token, json_body={
-            "input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json()
+        batch = http_request(
+            "POST",
+            f"{api}/v1/batches",
+            token=token,
+            json_body={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ).json()
 
         def in_flight() -> bool:
             b = http_request("GET", f"{api}/v1/batches/{batch['id']}", token=token).json()
             return b["status"] == "in_progress" and b["request_counts"]["completed"] >= 1
+
         wait_until(in_flight, timeout=60, interval=0.1, message="the batch to be under way")
 
         up.proc.popen.send_signal(signal.SIGINT)  # to `sluice up` only, as the terminal now does
@@ -175,9 +205,11 @@ def test_ctrl_c_stops_the_stack_in_order_without_warnings(process_runner, tmp_pa
     api = f"http://localhost:{again.port}"
     assert again.stack["token"] == token, "the dev token survives a restart"
     try:
+
         def finished():
             b = http_request("GET", f"{api}/v1/batches/{batch['id']}", token=token).json()
             return b if b["status"] == "completed" else None
+
         done = wait_until(finished, timeout=120, interval=0.2, message="the batch to complete after the restart")
         assert done["request_counts"] == {"total": 100, "completed": 100, "failed": 0}
         out = http_request("GET", f"{api}/v1/files/{done['output_file_id']}/content", token=token).body.decode()
@@ -190,11 +222,22 @@ def test_ctrl_c_stops_the_stack_in_order_without_warnings(process_runner, tmp_pa
 
 def _upload(api: str, token: str, data: bytes) -> bytes:
     boundary = "b" + uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="r.jsonl"\r\n'
-            "Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    res = http_request("POST", f"{api}/v1/files", token=token, data=body,
-                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    res = http_request(
+        "POST",
+        f"{api}/v1/files",
+        token=token,
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert res.status == 200, res.body
     return res.body
 
@@ -202,9 +245,15 @@ def _upload(api: str, token: str, data: bytes) -> bytes:
 def test_a_second_sluice_up_on_the_same_data_dir_is_refused(process_runner, tmp_path):
     up = Up(process_runner, tmp_path)
     try:
-        other = subprocess.run([sys.executable, "-m", "service.cli", "up"], cwd=str(tmp_path),
-                               env={**_base_env(), "PORT": str(free_port())}, stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=60)
+        other = subprocess.run(
+            [sys.executable, "-m", "service.cli", "up"],
+            cwd=str(tmp_path),
+            env={**_base_env(), "PORT": str(free_port())},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert other.returncode != 0 and f"another `sluice up` (pid {up.proc.pid})" in other.stderr, other
     finally:
         process_runner.stop([up.proc])

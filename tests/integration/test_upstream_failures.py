@@ -123,20 +123,29 @@ def test_expiry(stack_factory, wait_until):
     # gate until the window has closed, so they certainly cannot finish in time.
     window = 20
     stack = stack_factory.start(
-        name="expiry", workers=2, worker_concurrency=2, env={"SLUICE_COMPLETION_WINDOW_S": str(window)},
+        name="expiry",
+        workers=2,
+        worker_concurrency=2,
+        env={"SLUICE_COMPLETION_WINDOW_S": str(window)},
         mock={"gates": True},
     )
     client = stack.client()
     run = uuid.uuid4().hex[:6]
     gate = f"late-{run}"
     messages = {f"{run}-{i:02d}": f"hurry {i}" for i in range(30)}
-    rows = [stack.chat_line(cid, m, **({"mock_hold": gate} if i >= 4 else {}))
-            for i, (cid, m) in enumerate(messages.items())]
+    rows = [
+        stack.chat_line(cid, m, **({"mock_hold": gate} if i >= 4 else {}))
+        for i, (cid, m) in enumerate(messages.items())
+    ]
     _, created = stack.submit(rows, client=client)
     assert created.expires_at == created.created_at + window
     stack.mock().wait_held(gate, 4, timeout=window + 60)
-    wait_until(lambda: time.time() > created.expires_at + 1, timeout=window + 60, interval=0.2,
-               message="the completion window to close")
+    wait_until(
+        lambda: time.time() > created.expires_at + 1,
+        timeout=window + 60,
+        interval=0.2,
+        message="the completion window to close",
+    )
     stack.mock().release(gate)  # the lines in flight now finish; the unsent ones must not be sent
 
     batch = stack.wait_for_batch(created.id, client=client, timeout=60)

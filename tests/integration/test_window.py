@@ -66,8 +66,9 @@ def _assert_every_line_once(stack, batch, custom_ids: list[str]) -> None:
 
 
 def test_stream_never_holds_more_than_the_window(stack_factory, wait_until):
-    stack = stack_factory.start(name="window", workers=2, worker_concurrency=8, mock_latency_ms=20,
-                                env={"SLUICE_WINDOW_LINES": str(WINDOW)})
+    stack = stack_factory.start(
+        name="window", workers=2, worker_concurrency=8, mock_latency_ms=20, env={"SLUICE_WINDOW_LINES": str(WINDOW)}
+    )
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"w-{run}-{i:04d}", f"window {i}") for i in range(2000)]
     _, lengths = _run_watched(stack, rows)
@@ -79,8 +80,13 @@ def test_stream_never_holds_more_than_the_window(stack_factory, wait_until):
 
 def test_byte_bound_shrinks_the_window_for_big_lines(stack_factory):
     # 64 KiB of window with ~2 KB lines: about 32 lines, raised to the floor of 64.
-    stack = stack_factory.start(name="window-bytes", workers=1, worker_concurrency=4, mock_latency_ms=20,
-                                env={"SLUICE_WINDOW_BYTES": str(64 * 1024)})
+    stack = stack_factory.start(
+        name="window-bytes",
+        workers=1,
+        worker_concurrency=4,
+        mock_latency_ms=20,
+        env={"SLUICE_WINDOW_BYTES": str(64 * 1024)},
+    )
     run = uuid.uuid4().hex[:8]
     rows = [stack.chat_line(f"wb-{run}-{i:03d}", f"{i} " + "x" * 2000) for i in range(300)]
     _, lengths = _run_watched(stack, rows)
@@ -89,17 +95,28 @@ def test_byte_bound_shrinks_the_window_for_big_lines(stack_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_feeding_resumes_after_the_web_process_stops(stack_factory, wait_until, sig):
-    stack = stack_factory.start(name=f"refeed-{sig.name.lower()}", workers=2, worker_concurrency=8,
-                                mock={"latency_ms": 20, "gates": True}, env={"SLUICE_WINDOW_LINES": str(WINDOW)})
+    stack = stack_factory.start(
+        name=f"refeed-{sig.name.lower()}",
+        workers=2,
+        worker_concurrency=8,
+        mock={"latency_ms": 20, "gates": True},
+        env={"SLUICE_WINDOW_LINES": str(WINDOW)},
+    )
     run = uuid.uuid4().hex[:8]
     # From line 350 on, lines wait at the gate: once they fill the workers' slots, feeding stops about
     # a window further, so the web process certainly stops mid-batch.
     gate = f"rf-{run}"
-    rows = [stack.chat_line(f"rf-{run}-{i:04d}", f"refeed {i}", **({"mock_hold": gate} if i >= 350 else {}))
-            for i in range(1500)]
+    rows = [
+        stack.chat_line(f"rf-{run}-{i:04d}", f"refeed {i}", **({"mock_hold": gate} if i >= 350 else {}))
+        for i in range(1500)
+    ]
     _, created = stack.submit(rows)
-    wait_until(lambda: _feed_index(stack, created.id) >= 3 * WINDOW, timeout=60, check=stack.check_alive,
-               message="the feeder to be a few windows in")
+    wait_until(
+        lambda: _feed_index(stack, created.id) >= 3 * WINDOW,
+        timeout=60,
+        check=stack.check_alive,
+        message="the feeder to be a few windows in",
+    )
 
     web = stack.process("web")
     web.stopping = True

@@ -40,7 +40,7 @@ def reply_end(buf: bytes | bytearray, pos: int = 0) -> int | None:
         return None
     if kind in _SIMPLE:
         return eol + 2
-    n = int(buf[pos + 1:eol])
+    n = int(buf[pos + 1 : eol])
     if kind in _BULK:
         if n < 0:
             return eol + 2
@@ -62,7 +62,12 @@ class LostReplyProxy:
     """Proxies 127.0.0.1:<port> to a Redis server, losing about ``drop_rate`` of its replies."""
 
     def __init__(
-        self, upstream_port: int, *, upstream_host: str = "127.0.0.1", drop_rate: float = 0.05, seed: int = 0,
+        self,
+        upstream_port: int,
+        *,
+        upstream_host: str = "127.0.0.1",
+        drop_rate: float = 0.05,
+        seed: int = 0,
         max_drops: int = 5000,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -88,7 +93,8 @@ class LostReplyProxy:
         """Listen on a free port of 127.0.0.1 and serve in the background; returns self."""
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop).result(timeout=10)
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
+        ).result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -108,8 +108,11 @@ class MockServer:
 
     def wait_held(self, gate: str, count: int = 1, *, timeout: float = 60.0) -> int:
         """Wait until at least ``count`` requests are held at ``gate``; return how many are."""
-        return wait_until(lambda: (n := self.held().get(gate, 0)) >= count and n, timeout=timeout,
-                          message=f"{count} request(s) held at gate {gate!r} of mock {self.name}")
+        return wait_until(
+            lambda: (n := self.held().get(gate, 0)) >= count and n,
+            timeout=timeout,
+            message=f"{count} request(s) held at gate {gate!r} of mock {self.name}",
+        )
 
     def release(self, gate: str) -> None:
         """Open ``gate``: the requests it holds are answered, and later ones pass straight through."""

@@ -29,8 +29,13 @@ class MotoServer:
         """A boto3 S3 client for it (synchronous: for set-up and checks)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
 
 def start_moto(runner: ProcessRunner, *, attempts: int = 3) -> MotoServer:
@@ -38,13 +43,22 @@ def start_moto(runner: ProcessRunner, *, attempts: int = 3) -> MotoServer:
     last_error: BaseException | None = None
     for _ in range(attempts):
         port = free_port()
-        proc = runner.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**base_env(), **S3_CREDENTIALS}, stop_stage=0)
+        proc = runner.start(
+            "moto",
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env={**base_env(), **S3_CREDENTIALS},
+            stop_stage=0,
+        )
         server = MotoServer(port, proc)
         try:
-            wait_until(lambda server=server: http_request("GET", f"{server.url}/moto-api/", timeout=2).status < 500,
-                       timeout=STARTUP_TIMEOUT_S, interval=0.1, message=f"moto server on port {port} to answer",
-                       ignore=(OSError,), check=lambda proc=proc: raise_if_exited(proc))
+            wait_until(
+                lambda server=server: http_request("GET", f"{server.url}/moto-api/", timeout=2).status < 500,
+                timeout=STARTUP_TIMEOUT_S,
+                interval=0.1,
+                message=f"moto server on port {port} to answer",
+                ignore=(OSError,),
+                check=lambda proc=proc: raise_if_exited(proc),
+            )
             return server
         except ProcessDied as exc:  # most likely the port was taken in the meantime: retry
             last_error = exc
@@ -63,8 +77,11 @@ class S3Bucket:
     @property
     def env(self) -> dict[str, str]:
         """Environment that makes a Sluice process store file contents here."""
-        return {**S3_CREDENTIALS, "SLUICE_STORAGE_URL": f"s3://{self.name}/{self.prefix}",
-                "SLUICE_S3_ENDPOINT_URL": self.server.url}
+        return {
+            **S3_CREDENTIALS,
+            "SLUICE_STORAGE_URL": f"s3://{self.name}/{self.prefix}",
+            "SLUICE_S3_ENDPOINT_URL": self.server.url,
+        }
 
     def keys(self) -> list[str]:
         """Every object name in the bucket."""

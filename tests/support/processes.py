@@ -91,7 +91,7 @@ def _environ_marker(pid: int) -> list[str] | None:
     prefix = RUN_MARKER_VAR.encode() + b"="
     for item in raw.split(b"\0"):
         if item.startswith(prefix):
-            return item[len(prefix):].decode(errors="replace").split(":")
+            return item[len(prefix) :].decode(errors="replace").split(":")
     return None
 
 
@@ -115,7 +115,7 @@ def proc_stats() -> dict[int, list[str]]:
         except OSError:
             continue
         # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        stats[int(entry)] = stat[stat.rindex(")") + 2:].split()
+        stats[int(entry)] = stat[stat.rindex(")") + 2 :].split()
     return stats
 
 
@@ -138,8 +138,9 @@ def leftover_processes(run_id: str, *, spare: Iterable[int] = ()) -> dict[int, s
     return found
 
 
-def kill_leftovers(run_id: str, *, grace: float = 5.0, timeout: float = 10.0,
-                   spare: Iterable[int] = ()) -> dict[int, str]:
+def kill_leftovers(
+    run_id: str, *, grace: float = 5.0, timeout: float = 10.0, spare: Iterable[int] = ()
+) -> dict[int, str]:
     """SIGKILL every process :func:`leftover_processes` finds (until none is left, or ``timeout``).
 
     Processes already on their way out (stopped by their owner a moment ago: a browser's helpers,
@@ -209,7 +210,10 @@ def popen(args: list[str], *, env: Mapping[str, str] | None = None, **kwargs) ->
     main = threading.current_thread() is threading.main_thread()
     preexec = (lambda: _die_with_parent(parent)) if main else None
     return subprocess.Popen(
-        args, env=marker_env(os.environ if env is None else env), start_new_session=True, preexec_fn=preexec,
+        args,
+        env=marker_env(os.environ if env is None else env),
+        start_new_session=True,
+        preexec_fn=preexec,
         **kwargs,
     )
 
@@ -222,14 +226,22 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def run(args: list[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: Path = ROOT,
-        input: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: Path = ROOT, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run a command to completion (text output captured); on timeout kill its whole group, then raise.
 
     ``subprocess.run`` would kill only the direct child and leave its children running.
     """
-    proc = popen(list(args), env=env, cwd=str(cwd), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen(
+        list(args),
+        env=env,
+        cwd=str(cwd),
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(input, timeout=timeout)
     finally:
@@ -247,8 +259,16 @@ class ManagedProcess:
     """
 
     def __init__(
-        self, name: str, args: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path, stop_stage: int,
-        stdout_path: Path | None = None, oneshot: bool = False,
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path,
+        log_path: Path,
+        stop_stage: int,
+        stdout_path: Path | None = None,
+        oneshot: bool = False,
     ):
         self.name = name
         self.args = list(args)
@@ -260,8 +280,12 @@ class ManagedProcess:
         self._stdout = open(stdout_path, "wb") if stdout_path is not None else None
         try:
             self.popen = popen(
-                self.args, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                stdout=self._stdout or self._log, stderr=self._log if self._stdout else subprocess.STDOUT,
+                self.args,
+                env=env,
+                cwd=str(cwd),
+                stdin=subprocess.DEVNULL,
+                stdout=self._stdout or self._log,
+                stderr=self._log if self._stdout else subprocess.STDOUT,
             )
         except BaseException:
             self.close_log()
@@ -372,7 +396,10 @@ class ProcessRunner:
                 # Sluice processes exit 0 on SIGTERM: a clean exit mid-run means someone signalled them.
                 hint = " (a clean exit or a signal: were they stopped from outside, e.g. by pkill?)"
             raise ProcessDied(
-                "process(es) exited unexpectedly: " + ", ".join(p.describe() for p in dead) + hint + "\n"
+                "process(es) exited unexpectedly: "
+                + ", ".join(p.describe() for p in dead)
+                + hint
+                + "\n"
                 + self.tails(dead)
             )
 
@@ -382,8 +409,7 @@ class ProcessRunner:
             parts.append(f"----- {p.describe()} -----\n{p.tail(lines)}")
         return "\n".join(parts)
 
-    def stop(self, procs: Iterable[ManagedProcess], *, grace: float | None = None,
-             sig: int = signal.SIGTERM) -> None:
+    def stop(self, procs: Iterable[ManagedProcess], *, grace: float | None = None, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to ``procs``, wait up to ``grace`` seconds, SIGKILL the groups of the rest."""
         procs = list(procs)
         try:
@@ -449,8 +475,7 @@ def fail_if_died(died: list[ManagedProcess], runner: ProcessRunner) -> None:
         import pytest
 
         pytest.fail(
-            "process(es) exited before teardown: " + ", ".join(p.describe() for p in died) + "\n"
-            + runner.tails(died),
+            "process(es) exited before teardown: " + ", ".join(p.describe() for p in died) + "\n" + runner.tails(died),
             pytrace=False,
         )
 

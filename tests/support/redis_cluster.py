@@ -137,7 +137,10 @@ class RedisClusterServers:
         """Wait until every live node reports ``cluster_state:ok``, knows every live node as
         connected and not failing, and every replica's link to its master is up."""
         wait_until(
-            self._settled, timeout=timeout, interval=0.1, message=self._describe,
+            self._settled,
+            timeout=timeout,
+            interval=0.1,
+            message=self._describe,
             ignore=(OSError, ConnectionError, _redis_errors()),
             check=self._check_processes,
         )
@@ -182,8 +185,9 @@ class RedisClusterServers:
         for node in self.alive():
             raise_if_exited(node.process)
 
-    def kill_master(self, master: ClusterNodeProcess | None = None, *,
-                    timeout: float = CLUSTER_TIMEOUT_S) -> tuple[ClusterNodeProcess, ClusterNodeProcess]:
+    def kill_master(
+        self, master: ClusterNodeProcess | None = None, *, timeout: float = CLUSTER_TIMEOUT_S
+    ) -> tuple[ClusterNodeProcess, ClusterNodeProcess]:
         """SIGKILL ``master`` (default: the first master) and wait until its replica has taken its slots
         and the cluster is ok again; return (the killed master, the promoted replica)."""
         master = master or self.masters()[0]
@@ -192,9 +196,14 @@ class RedisClusterServers:
         master.process.signal(signal.SIGKILL)
         master.process.wait(15)
         self.killed.append(master)
-        wait_until(lambda: replica.info("replication")["role"] == "master", timeout=timeout, interval=0.1,
-                   message=f"replica {replica.name} to be promoted after {master.name} was killed",
-                   ignore=(OSError, _redis_errors()), check=self._check_processes)
+        wait_until(
+            lambda: replica.info("replication")["role"] == "master",
+            timeout=timeout,
+            interval=0.1,
+            message=f"replica {replica.name} to be promoted after {master.name} was killed",
+            ignore=(OSError, _redis_errors()),
+            check=self._check_processes,
+        )
         self.wait_ok(timeout)
         return master, replica
 
@@ -214,8 +223,14 @@ class RedisClusterServers:
             info = old.info("replication")
             return info["role"] != "master" and int(info.get("master_port", 0)) == replica.port
 
-        wait_until(swapped, timeout=timeout, interval=0.1, message=f"{replica.name} to take over from {old.name}",
-                   ignore=(OSError, _redis_errors()), check=self._check_processes)
+        wait_until(
+            swapped,
+            timeout=timeout,
+            interval=0.1,
+            message=f"{replica.name} to take over from {old.name}",
+            ignore=(OSError, _redis_errors()),
+            check=self._check_processes,
+        )
         self.wait_ok(timeout)
         return old
 
@@ -260,8 +275,15 @@ def _cluster_nodes(client: Any) -> dict[int, set[str]]:
     return out
 
 
-def start_cluster(runner: ProcessRunner, workdir: Path, *, masters: int = 3, replicas: int = 1,
-                  node_timeout_ms: int = NODE_TIMEOUT_MS, attempts: int = 3) -> RedisClusterServers:
+def start_cluster(
+    runner: ProcessRunner,
+    workdir: Path,
+    *,
+    masters: int = 3,
+    replicas: int = 1,
+    node_timeout_ms: int = NODE_TIMEOUT_MS,
+    attempts: int = 3,
+) -> RedisClusterServers:
     """Start ``masters`` x (1 + ``replicas``) cluster nodes under ``workdir`` and form a cluster of them.
 
     Every process goes through ``runner``: the caller closes it (even when this raises).
@@ -274,17 +296,22 @@ def start_cluster(runner: ProcessRunner, workdir: Path, *, masters: int = 3, rep
     nodes: list[ClusterNodeProcess] = []
     for i in range(masters * (1 + replicas)):
         nodes.append(_start_node(runner, exe, workdir / f"node{i + 1}", node_timeout_ms, attempts))
-    result = run([cli, "--cluster", "create", *(n.name for n in nodes), "--cluster-replicas", str(replicas),
-                  "--cluster-yes"], timeout=CLUSTER_TIMEOUT_S)
+    result = run(
+        [cli, "--cluster", "create", *(n.name for n in nodes), "--cluster-replicas", str(replicas), "--cluster-yes"],
+        timeout=CLUSTER_TIMEOUT_S,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"redis-cli --cluster create failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"redis-cli --cluster create failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     cluster = RedisClusterServers(nodes, runner)
     cluster.wait_ok()
     return cluster
 
 
-def _start_node(runner: ProcessRunner, exe: str, workdir: Path, node_timeout_ms: int,
-                attempts: int) -> ClusterNodeProcess:
+def _start_node(
+    runner: ProcessRunner, exe: str, workdir: Path, node_timeout_ms: int, attempts: int
+) -> ClusterNodeProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     last_error: BaseException | None = None
     for _ in range(attempts):
@@ -293,9 +320,28 @@ def _start_node(runner: ProcessRunner, exe: str, workdir: Path, node_timeout_ms:
             continue
         proc = runner.start(
             f"redis-{workdir.name}",
-            [exe, "--port", str(port), "--bind", HOST, "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
-             "--cluster-config-file", str(workdir / "nodes.conf"), "--cluster-node-timeout", str(node_timeout_ms),
-             "--save", "", "--appendonly", "no", "--dir", str(workdir)] + REDIS_KEEP_ENVIRON,
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(bus_port),
+                "--cluster-config-file",
+                str(workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ]
+            + REDIS_KEEP_ENVIRON,
             stop_stage=0,
         )
         node = ClusterNodeProcess(port, bus_port, workdir, proc)
@@ -312,7 +358,12 @@ def _start_node(runner: ProcessRunner, exe: str, workdir: Path, node_timeout_ms:
 def _wait_for_ping(node: ClusterNodeProcess) -> None:
     client = node.client(socket_timeout=1, socket_connect_timeout=1)
     try:
-        wait_until(client.ping, timeout=STARTUP_TIMEOUT_S, message=f"cluster node {node.name} to answer PING",
-                   ignore=(OSError, _redis_errors()), check=lambda: raise_if_exited(node.process))
+        wait_until(
+            client.ping,
+            timeout=STARTUP_TIMEOUT_S,
+            message=f"cluster node {node.name} to answer PING",
+            ignore=(OSError, _redis_errors()),
+            check=lambda: raise_if_exited(node.process),
+        )
     finally:
         client.close()

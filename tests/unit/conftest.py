@@ -46,9 +46,27 @@ DEFAULT_SETTINGS = dict(
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 BATCH_FIELDS = {
-    "id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at", "model",
-    "errors", "output_file_id", "error_file_id", "in_progress_at", "expires_at", "finalizing_at",
-    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "usage",
+    "id",
+    "object",
+    "endpoint",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "created_at",
+    "model",
+    "errors",
+    "output_file_id",
+    "error_file_id",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "usage",
     "metadata",
 }
 FILE_FIELDS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "status_details"}
@@ -78,7 +96,9 @@ async def poll(predicate, *, timeout: float = 30.0, interval: float = 0.01, mess
         await asyncio.sleep(interval)
 
 
-def line(custom_id: str, *, model: str | None = MODEL, url: str = CHAT, method: str = "POST", **body_extra: Any) -> dict:
+def line(
+    custom_id: str, *, model: str | None = MODEL, url: str = CHAT, method: str = "POST", **body_extra: Any
+) -> dict:
     """A valid chat-completions request line (``model=None`` leaves the model out)."""
     body: dict[str, Any] = {"messages": [{"role": "user", "content": f"hello {custom_id}"}], **body_extra}
     if model is not None:
@@ -179,7 +199,13 @@ class Api:
         self.settings = settings
 
     async def request(
-        self, method: str, path: str | URL, *, token: Any = TOKEN_A, headers: dict | None = None, **kwargs: Any,
+        self,
+        method: str,
+        path: str | URL,
+        *,
+        token: Any = TOKEN_A,
+        headers: dict | None = None,
+        **kwargs: Any,
     ) -> Response:
         hdrs = dict(headers or {})
         if token is not None and token is not _NO_AUTH:
@@ -221,7 +247,12 @@ class Api:
     # ---- batches
 
     async def create_batch(
-        self, input_file_id: str | None = None, *, token: Any = TOKEN_A, prefix: str = "/v1", **extra: Any,
+        self,
+        input_file_id: str | None = None,
+        *,
+        token: Any = TOKEN_A,
+        prefix: str = "/v1",
+        **extra: Any,
     ) -> Response:
         body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": CHAT, "completion_window": "24h"}
         body.update(extra)
@@ -236,12 +267,15 @@ class Api:
     async def get_batch(self, batch_id: str, token: Any = TOKEN_A) -> dict:
         return (await self.request("GET", f"/v1/batches/{batch_id}", token=token)).ok()
 
-    async def wait_batch(self, batch_id: str, *, token: Any = TOKEN_A, leave: str = "validating",
-                         timeout: float = 30.0) -> dict:
+    async def wait_batch(
+        self, batch_id: str, *, token: Any = TOKEN_A, leave: str = "validating", timeout: float = 30.0
+    ) -> dict:
         """Poll the batch until its status is no longer ``leave``; return it."""
+
         async def done():
             b = await self.get_batch(batch_id, token=token)
             return b if b["status"] != leave else None
+
         return await poll(done, timeout=timeout, message=f"batch {batch_id} to leave {leave!r}")
 
     async def run_batch(self, content: bytes, **extra: Any) -> dict:

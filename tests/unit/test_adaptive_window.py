@@ -27,8 +27,9 @@ async def r():
 
 
 async def _admit(r, holders, now, provider=P, op="op"):
-    return await limits.admit(r, provider, [(h, 1) for h in holders], lease_ms=60_000, op_id=op, slots=SLOTS,
-                              now_ms=now)
+    return await limits.admit(
+        r, provider, [(h, 1) for h in holders], lease_ms=60_000, op_id=op, slots=SLOTS, now_ms=now
+    )
 
 
 async def _release(r, leases, now, provider=P):

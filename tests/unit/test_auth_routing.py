@@ -31,8 +31,9 @@ async def test_second_token_is_accepted(api):
 
 
 async def test_auth_is_checked_before_body_parsing(api):
-    resp = await api.request("POST", "/v1/batches", token=NO_AUTH, data=b"{not json",
-                             headers={"Content-Type": "application/json"})
+    resp = await api.request(
+        "POST", "/v1/batches", token=NO_AUTH, data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     resp.error(401, code="invalid_api_key")
 
 
@@ -53,15 +54,18 @@ async def test_unknown_route_is_404_envelope(api, path):
     assert "html" not in resp.content_type
 
 
-@pytest.mark.parametrize("method,path", [
-    ("PUT", "/v1/files"),
-    ("DELETE", "/v1/batches"),
-    ("PATCH", "/v1/batches"),
-    ("POST", "/v1/files/file-000000000001aaaaaaaaaaaa"),
-    ("GET", "/v1/batches/batch_000000000001aaaaaaaaaaaa/cancel"),
-    ("DELETE", "/v1/batches/batch_000000000001aaaaaaaaaaaa"),
-    ("PUT", "/files"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("PUT", "/v1/files"),
+        ("DELETE", "/v1/batches"),
+        ("PATCH", "/v1/batches"),
+        ("POST", "/v1/files/file-000000000001aaaaaaaaaaaa"),
+        ("GET", "/v1/batches/batch_000000000001aaaaaaaaaaaa/cancel"),
+        ("DELETE", "/v1/batches/batch_000000000001aaaaaaaaaaaa"),
+        ("PUT", "/files"),
+    ],
+)
 async def test_wrong_method_is_405_envelope(api, method, path):
     resp = await api.request(method, path)
     resp.error(405)

@@ -40,7 +40,8 @@ async def test_bare_paths_validate_and_authenticate_the_same(api):
     (await api.upload(good_jsonl(), purpose="nope", prefix="")).error(400, param="purpose", code="invalid_value")
     (await api.create_batch("file-0000000fffff0123456789ab", prefix="")).error(404, param="input_file_id")
     (await api.request("POST", "/batches", json={"endpoint": "/v1/chat/completions"})).error(
-        400, param="input_file_id", code="missing_required_parameter")
+        400, param="input_file_id", code="missing_required_parameter"
+    )
     (await api.request("GET", "/batches", params={"limit": "0"})).error(400, param="limit")
     (await api.request("GET", "/files", params={"limit": "10001"})).error(400, param="limit")
     (await api.request("PUT", "/batches")).error(405)

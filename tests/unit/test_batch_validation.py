@@ -82,7 +82,7 @@ async def test_line_that_is_a_json_array(api):
     assert await _fails_with(api, content) == [("invalid_json_line", None, 2)]
 
 
-@pytest.mark.parametrize("value", ["\"just a string\"", "42", "null", "true"])
+@pytest.mark.parametrize("value", ['"just a string"', "42", "null", "true"])
 async def test_line_that_is_a_json_scalar(api, value):
     content = jsonl([line("a"), value])
     assert await _fails_with(api, content) == [("invalid_json_line", None, 2)]
@@ -109,8 +109,10 @@ async def test_duplicate_custom_id_reports_second_occurrence(api):
 
 async def test_duplicate_custom_id_each_repeat_reported(api):
     content = jsonl([line("x"), line("x"), line("y"), line("x")])
-    assert await _fails_with(api, content) == [("duplicate_custom_id", "custom_id", 2),
-                                               ("duplicate_custom_id", "custom_id", 4)]
+    assert await _fails_with(api, content) == [
+        ("duplicate_custom_id", "custom_id", 2),
+        ("duplicate_custom_id", "custom_id", 4),
+    ]
 
 
 @pytest.mark.parametrize("method", ["GET", "post", "PUT", "DELETE"])
@@ -119,8 +121,10 @@ async def test_invalid_method(api, method):
     assert await _fails_with(api, content) == [("invalid_method", "method", 2)]
 
 
-@pytest.mark.parametrize("url", ["/v1/embeddings", "/v1/chat/completions/", "https://api.openai.com/v1/chat/completions",
-                                 "/chat/completions"])
+@pytest.mark.parametrize(
+    "url",
+    ["/v1/embeddings", "/v1/chat/completions/", "https://api.openai.com/v1/chat/completions", "/chat/completions"],
+)
 async def test_url_mismatch(api, url):
     content = jsonl([line("a", url=url), line("b")])
     assert await _fails_with(api, content) == [("invalid_url", "url", 1)]
@@ -184,16 +188,16 @@ async def test_several_bad_lines_reported_together(make_api):
     no_url = line("d")
     del no_url["url"]
     rows = [
-        line("a"),                      # 1 ok
-        "not json",                     # 2
-        line("b"),                      # 3 ok
-        line("c", method="GET"),        # 4
-        no_url,                         # 5
-        line("a"),                      # 6 duplicate of line 1
-        line("e", stream=True),         # 7
-        line("f", model=None),          # 8
+        line("a"),  # 1 ok
+        "not json",  # 2
+        line("b"),  # 3 ok
+        line("c", method="GET"),  # 4
+        no_url,  # 5
+        line("a"),  # 6 duplicate of line 1
+        line("e", stream=True),  # 7
+        line("f", model=None),  # 8
         line("g", url="/v1/embeddings"),  # 9
-        line("h"),                      # 10 ok
+        line("h"),  # 10 ok
     ]
     assert await _fails_with(api, jsonl(rows)) == [
         ("invalid_json_line", None, 2),
@@ -231,7 +235,7 @@ async def test_custom_id_must_be_a_non_empty_string(api, custom_id):
     assert _entries(batch) == [("invalid_type", "custom_id", 2)]
 
 
-@pytest.mark.parametrize("body", ["\"text\"", "[1, 2]", "42"])
+@pytest.mark.parametrize("body", ['"text"', "[1, 2]", "42"])
 async def test_body_must_be_an_object(api, body):
     raw = '{"custom_id": "b", "method": "POST", "url": "%s", "body": %s}' % (CHAT, body)
     batch = await api.run_batch(jsonl([line("a"), raw]))
@@ -273,8 +277,9 @@ async def _is_set(event) -> bool:
 
 
 async def _big_api(make_api, lines: int, **overrides):
-    return await make_api(max_batch_lines=lines, max_batch_file_bytes=8 * 1024 * 1024, max_file_bytes=8 * 1024 * 1024,
-                          **overrides)
+    return await make_api(
+        max_batch_lines=lines, max_batch_file_bytes=8 * 1024 * 1024, max_file_bytes=8 * 1024 * 1024, **overrides
+    )
 
 
 async def test_duplicate_far_apart_is_reported(make_api):

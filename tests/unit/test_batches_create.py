@@ -9,8 +9,16 @@ import pytest
 from .conftest import BATCH_FIELDS, CHAT, OMIT, TOKEN_B, good_jsonl
 
 WINDOW_S = 24 * 3600
-ENDPOINTS = ["/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations",
-             "/v1/images/generations", "/v1/images/edits", "/v1/videos"]
+ENDPOINTS = [
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+]
 
 
 @pytest.fixture
@@ -36,11 +44,27 @@ async def test_created_batch_is_complete_validating_object(api, input_file):
     assert b["expires_at"] == b["created_at"] + WINDOW_S
     assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert b["metadata"] == {"project": "alpha", "run": "7"}
-    for name in ("model", "errors", "output_file_id", "error_file_id", "in_progress_at", "finalizing_at",
-                 "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at"):
+    for name in (
+        "model",
+        "errors",
+        "output_file_id",
+        "error_file_id",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    ):
         assert b[name] is None, (name, b[name])
-    assert b["usage"] == {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
-                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
+    assert b["usage"] == {
+        "input_tokens": 0,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 0,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 0,
+    }
     # retrieve right away: same identity fields
     got = await api.get_batch(b["id"])
     for name in ("id", "endpoint", "input_file_id", "completion_window", "created_at", "expires_at", "metadata"):
@@ -73,8 +97,10 @@ async def test_metadata_unicode_echoed(api, input_file):
     assert b["metadata"] == metadata
 
 
-@pytest.mark.parametrize("value,kind", [(["a"], "array"), (1, "integer"), (True, "boolean"), ({"a": "b"}, "object"),
-                                        (None, "null"), (1.5, "number")])
+@pytest.mark.parametrize(
+    "value,kind",
+    [(["a"], "array"), (1, "integer"), (True, "boolean"), ({"a": "b"}, "object"), (None, "null"), (1.5, "number")],
+)
 async def test_metadata_non_string_value(api, input_file, value, kind):
     resp = await api.create_batch(input_file["id"], metadata={"ok": "fine", "tags": value})
     err = resp.error(400, param="metadata.tags", code="invalid_type")
@@ -82,11 +108,14 @@ async def test_metadata_non_string_value(api, input_file, value, kind):
     assert await _batch_count(api) == 0
 
 
-@pytest.mark.parametrize("metadata,param", [
-    ({f"k{i}": "v" for i in range(17)}, "metadata"),
-    ({"k" * 65: "v"}, "metadata"),
-    ({"key": "v" * 513}, "metadata.key"),
-])
+@pytest.mark.parametrize(
+    "metadata,param",
+    [
+        ({f"k{i}": "v" for i in range(17)}, "metadata"),
+        ({"k" * 65: "v"}, "metadata"),
+        ({"key": "v" * 513}, "metadata.key"),
+    ],
+)
 async def test_metadata_limits(api, input_file, metadata, param):
     resp = await api.create_batch(input_file["id"], metadata=metadata)
     resp.error(400, param=param)
@@ -98,7 +127,7 @@ async def test_metadata_not_an_object(api, input_file, metadata):
     (await api.create_batch(input_file["id"], metadata=metadata)).error(400, param="metadata", code="invalid_type")
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"{\"input_file_id\": ", b"\xff\xfe", b"nul", b"{'a': 1}"])
+@pytest.mark.parametrize("body", [b"{not json", b'{"input_file_id": ', b"\xff\xfe", b"nul", b"{'a': 1}"])
 async def test_malformed_json(api, body):
     resp = await api.request("POST", "/v1/batches", data=body, headers={"Content-Type": "application/json"})
     resp.error(400)
@@ -107,8 +136,9 @@ async def test_malformed_json(api, body):
 
 @pytest.mark.parametrize("value", [[], [1, 2], "string", 42, None, True])
 async def test_json_that_is_not_an_object(api, value):
-    resp = await api.request("POST", "/v1/batches", data=json.dumps(value).encode(),
-                             headers={"Content-Type": "application/json"})
+    resp = await api.request(
+        "POST", "/v1/batches", data=json.dumps(value).encode(), headers={"Content-Type": "application/json"}
+    )
     resp.error(400)
 
 
@@ -118,8 +148,9 @@ async def test_empty_body(api):
 
 
 async def test_form_encoded_body_is_rejected(api, input_file):
-    resp = await api.request("POST", "/v1/batches",
-                             data={"input_file_id": input_file["id"], "endpoint": CHAT, "completion_window": "24h"})
+    resp = await api.request(
+        "POST", "/v1/batches", data={"input_file_id": input_file["id"], "endpoint": CHAT, "completion_window": "24h"}
+    )
     resp.error(400)
     assert await _batch_count(api) == 0
 
@@ -150,15 +181,26 @@ async def test_missing_required_parameter(api, input_file, missing, how):
     assert await _batch_count(api) == 0
 
 
-@pytest.mark.parametrize("name,value", [("input_file_id", 123), ("endpoint", ["/v1/chat/completions"]),
-                                        ("completion_window", 24)])
+@pytest.mark.parametrize(
+    "name,value", [("input_file_id", 123), ("endpoint", ["/v1/chat/completions"]), ("completion_window", 24)]
+)
 async def test_wrong_type_parameter(api, input_file, name, value):
     resp = await api.create_batch(**{"input_file_id": input_file["id"], name: value})
     resp.error(400, param=name, code="invalid_type")
 
 
-@pytest.mark.parametrize("endpoint", ["/v1/chat", "/chat/completions", "v1/chat/completions", "/v1/chat/completions/",
-                                      "", "/v1/audio/speech", "/V1/CHAT/COMPLETIONS"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "/v1/chat",
+        "/chat/completions",
+        "v1/chat/completions",
+        "/v1/chat/completions/",
+        "",
+        "/v1/audio/speech",
+        "/V1/CHAT/COMPLETIONS",
+    ],
+)
 async def test_bad_endpoint(api, input_file, endpoint):
     resp = await api.create_batch(input_file["id"], endpoint=endpoint)
     resp.error(400, param="endpoint", code="invalid_value")
@@ -212,22 +254,24 @@ async def test_input_file_with_wrong_purpose_is_400(api, purpose):
 
 
 async def test_output_expires_after_valid(api, input_file):
-    b = (await api.create_batch(input_file["id"],
-                                output_expires_after={"anchor": "created_at", "seconds": 3600})).ok()
+    b = (await api.create_batch(input_file["id"], output_expires_after={"anchor": "created_at", "seconds": 3600})).ok()
     assert b["status"] == "validating"
     assert "output_expires_after" not in b
 
 
-@pytest.mark.parametrize("value,param", [
-    ({"anchor": "created_at", "seconds": 10}, "output_expires_after.seconds"),
-    ({"anchor": "created_at", "seconds": 2592001}, "output_expires_after.seconds"),
-    ({"anchor": "created_at", "seconds": "soon"}, "output_expires_after.seconds"),
-    ({"anchor": "created_at", "seconds": True}, "output_expires_after.seconds"),
-    ({"anchor": "created_at"}, "output_expires_after.seconds"),
-    ({"anchor": "other", "seconds": 3600}, "output_expires_after.anchor"),
-    ({"seconds": 3600}, "output_expires_after.anchor"),
-    ("3600", "output_expires_after"),
-])
+@pytest.mark.parametrize(
+    "value,param",
+    [
+        ({"anchor": "created_at", "seconds": 10}, "output_expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": 2592001}, "output_expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": "soon"}, "output_expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": True}, "output_expires_after.seconds"),
+        ({"anchor": "created_at"}, "output_expires_after.seconds"),
+        ({"anchor": "other", "seconds": 3600}, "output_expires_after.anchor"),
+        ({"seconds": 3600}, "output_expires_after.anchor"),
+        ("3600", "output_expires_after"),
+    ],
+)
 async def test_output_expires_after_invalid(api, input_file, value, param):
     resp = await api.create_batch(input_file["id"], output_expires_after=value)
     resp.error(400, param=param)
@@ -244,16 +288,28 @@ async def test_many_batches_on_one_file(api, input_file):
 
 
 async def test_oversized_json_body_is_413(api, input_file):
-    body = json.dumps({"input_file_id": input_file["id"], "endpoint": CHAT, "completion_window": "24h",
-                       "metadata": {"k": "v" * (1024 * 1024 + 10)}}).encode()
+    body = json.dumps(
+        {
+            "input_file_id": input_file["id"],
+            "endpoint": CHAT,
+            "completion_window": "24h",
+            "metadata": {"k": "v" * (1024 * 1024 + 10)},
+        }
+    ).encode()
     resp = await api.request("POST", "/v1/batches", data=body, headers={"Content-Type": "application/json"})
     resp.error(413)
     assert await _batch_count(api) == 0
 
 
 async def test_unknown_headers_are_ignored(api, input_file):
-    headers = {"OpenAI-Organization": "org-x", "OpenAI-Project": "proj-y", "x-stainless-retry-count": "0",
-               "x-stainless-lang": "python", "accept": "application/json", "user-agent": "OpenAI/Python 3.54.0"}
+    headers = {
+        "OpenAI-Organization": "org-x",
+        "OpenAI-Project": "proj-y",
+        "x-stainless-retry-count": "0",
+        "x-stainless-lang": "python",
+        "accept": "application/json",
+        "user-agent": "OpenAI/Python 3.54.0",
+    }
     body = {"input_file_id": input_file["id"], "endpoint": CHAT, "completion_window": "24h"}
     b = (await api.request("POST", "/v1/batches", json=body, headers=headers)).ok()
     assert b["status"] == "validating"
@@ -263,8 +319,10 @@ async def test_unknown_headers_are_ignored(api, input_file):
 # Sluice extensions: completion windows from 1h to 7d, priorities
 
 
-@pytest.mark.parametrize(("window", "hours"), [("1h", 1), ("6h", 6), ("24h", 24), ("48h", 48), ("168h", 168),
-                                               ("1d", 24), ("2d", 48), ("7d", 168)])
+@pytest.mark.parametrize(
+    ("window", "hours"),
+    [("1h", 1), ("6h", 6), ("24h", 24), ("48h", 48), ("168h", 168), ("1d", 24), ("2d", 48), ("7d", 168)],
+)
 async def test_completion_windows_from_1h_to_7d(api, input_file, window, hours):
     b = (await api.create_batch(input_file["id"], completion_window=window)).ok()
     assert b["completion_window"] == window
@@ -286,8 +344,9 @@ async def test_priority_header_is_echoed_in_metadata(api, input_file, priority):
 async def test_priority_from_metadata_as_the_sdk_sends_it(api, input_file):
     b = (await _create_with(api, input_file["id"], metadata={"sluice_priority": "low"})).ok()
     assert b["metadata"] == {"sluice_priority": "low"}
-    same = (await _create_with(api, input_file["id"], {"x-sluice-priority": "low"},
-                               metadata={"sluice_priority": "low"})).ok()
+    same = (
+        await _create_with(api, input_file["id"], {"x-sluice-priority": "low"}, metadata={"sluice_priority": "low"})
+    ).ok()
     assert same["metadata"] == {"sluice_priority": "low"}
 
 
@@ -295,13 +354,16 @@ async def test_no_priority_leaves_metadata_alone(api, input_file):
     assert (await _create_with(api, input_file["id"])).ok()["metadata"] is None
 
 
-@pytest.mark.parametrize(("headers", "metadata", "param"), [
-    ({"x-sluice-priority": "urgent"}, None, "x-sluice-priority"),
-    ({"x-sluice-priority": "HIGH"}, None, "x-sluice-priority"),
-    ({"x-sluice-priority": ""}, None, "x-sluice-priority"),
-    (None, {"sluice_priority": "1"}, "metadata.sluice_priority"),
-    ({"x-sluice-priority": "high"}, {"sluice_priority": "low"}, "x-sluice-priority"),
-])
+@pytest.mark.parametrize(
+    ("headers", "metadata", "param"),
+    [
+        ({"x-sluice-priority": "urgent"}, None, "x-sluice-priority"),
+        ({"x-sluice-priority": "HIGH"}, None, "x-sluice-priority"),
+        ({"x-sluice-priority": ""}, None, "x-sluice-priority"),
+        (None, {"sluice_priority": "1"}, "metadata.sluice_priority"),
+        ({"x-sluice-priority": "high"}, {"sluice_priority": "low"}, "x-sluice-priority"),
+    ],
+)
 async def test_bad_priority_is_a_400(api, input_file, headers, metadata, param):
     extra = {"metadata": metadata} if metadata is not None else {}
     resp = await _create_with(api, input_file["id"], headers, **extra)

@@ -216,4 +216,5 @@ async def test_batch_cancelled_before_the_publisher_claims_it(api):
 def _set(event):
     async def check():
         return event.is_set()
+
     return check

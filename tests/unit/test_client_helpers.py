@@ -11,13 +11,16 @@ from service.cli import commands, display, http
 from service.cli.main import build_parser
 
 
-@pytest.mark.parametrize("raw, url", [
-    ("http://h:8000", "http://h:8000"),
-    ("http://h:8000/", "http://h:8000"),
-    ("http://h:8000/v1", "http://h:8000"),
-    ("https://h/sluice/v1/", "https://h/sluice"),
-    ("localhost:8000", "http://localhost:8000"),
-])
+@pytest.mark.parametrize(
+    "raw, url",
+    [
+        ("http://h:8000", "http://h:8000"),
+        ("http://h:8000/", "http://h:8000"),
+        ("http://h:8000/v1", "http://h:8000"),
+        ("https://h/sluice/v1/", "https://h/sluice"),
+        ("localhost:8000", "http://localhost:8000"),
+    ],
+)
 def test_normalize_url(raw, url):
     assert http.normalize_url(raw) == url
 
@@ -67,7 +70,8 @@ def test_rate_and_progress_text():
     assert rate.add(2.0, 20) == pytest.approx(10.0)
     batch = {"id": "batch_1", "status": "in_progress", "request_counts": {"total": 100, "completed": 18, "failed": 2}}
     assert display.progress_text(batch, 10.0) == (
-        "batch_1 in_progress: 20/100 (20%), 18 completed, 2 failed, 10.0 req/s, ETA 0:08")
+        "batch_1 in_progress: 20/100 (20%), 18 completed, 2 failed, 10.0 req/s, ETA 0:08"
+    )
     assert display.progress_text({"id": "b", "status": "validating", "request_counts": {}}, None) == "b validating"
 
 
@@ -85,11 +89,20 @@ def test_upload_progress_plain_lines():
 def test_print_batch_errors_with_local_lines(tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_text('{"ok": 1}\n{"custom_id": "x"}\n')
-    batch = {"id": "batch_1", "errors": {"data": [
-        {"code": "missing_required_parameter", "message": "Missing required parameter: 'method'.",
-         "param": "method", "line": 2},
-        {"code": "too_many_tasks", "message": "Too many.", "param": None, "line": None},
-    ]}}
+    batch = {
+        "id": "batch_1",
+        "errors": {
+            "data": [
+                {
+                    "code": "missing_required_parameter",
+                    "message": "Missing required parameter: 'method'.",
+                    "param": "method",
+                    "line": 2,
+                },
+                {"code": "too_many_tasks", "message": "Too many.", "param": None, "line": None},
+            ]
+        },
+    }
     out = io.StringIO()
     commands.print_batch_errors(batch, f, out)
     # A whole-file error is no "invalid line" (issue 13: a file with too many lines read "1 invalid line").
@@ -104,22 +117,36 @@ def test_print_batch_errors_with_local_lines(tmp_path):
 
 
 def test_too_many_lines_alone_is_not_an_invalid_line():
-    batch = {"id": "batch_1", "errors": {"data": [
-        {"code": "too_many_tasks", "message": "The batch input file has more than 5 requests.", "param": None,
-         "line": None}]}}
+    batch = {
+        "id": "batch_1",
+        "errors": {
+            "data": [
+                {
+                    "code": "too_many_tasks",
+                    "message": "The batch input file has more than 5 requests.",
+                    "param": None,
+                    "line": None,
+                }
+            ]
+        },
+    }
     out = io.StringIO()
     commands.print_batch_errors(batch, None, out)
     assert "invalid line" not in out.getvalue()
-    assert out.getvalue().startswith("the file as a whole (nothing was sent upstream): too_many_tasks: The batch "
-                                     "input file has more than 5 requests.")
+    assert out.getvalue().startswith(
+        "the file as a whole (nothing was sent upstream): too_many_tasks: The batch "
+        "input file has more than 5 requests."
+    )
     assert commands.describe_failure(batch) == "too many requests for one batch"
 
 
 def test_print_batch_errors_of_a_part_shows_the_lines_of_the_whole_file(tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_text("".join(f'{{"n": {i}}}\n' for i in range(1, 11)))
-    batch = {"id": "batch_1", "errors": {"data": [{"code": "invalid_request", "message": "M.", "param": None,
-                                                   "line": 2}]}}
+    batch = {
+        "id": "batch_1",
+        "errors": {"data": [{"code": "invalid_request", "message": "M.", "param": None, "line": 2}]},
+    }
     out = io.StringIO()
     commands.print_batch_errors(batch, f, out, line_offset=6)  # the part starts at line 7
     assert out.getvalue().splitlines()[1:] == ["  line 8: invalid_request: M.", '    > {"n": 8}']
@@ -145,12 +172,18 @@ def test_every_command_names_the_environment_it_reads():
     import contextlib
 
     for argv, names in [
-        (["web"], ["REDIS_URL", "PORT", "SLUICE_API_TOKENS"]), (["worker"], ["SLUICE_UPSTREAM_URL"]),
-        (["finalizer"], ["SLUICE_STORAGE_URL"]), (["up"], ["PORT", "SLUICE_DATA_DIR", "REDIS_URL"]),
-        (["mock-provider"], ["reads no environment variable"]), (["status"], ["REDIS_URL", "stack.json"]),
-        (["tokens"], ["REDIS_URL"]), (["tokens", "create"], ["REDIS_URL", "SLUICE_CONFIG"]),
-        (["tokens", "list"], ["REDIS_URL"]), (["tokens", "revoke"], ["REDIS_URL"]),
-        (["submit"], ["SLUICE_URL", "SLUICE_TOKEN", "--resume"]), (["batches"], ["SLUICE_URL", "SLUICE_TOKEN"]),
+        (["web"], ["REDIS_URL", "PORT", "SLUICE_API_TOKENS"]),
+        (["worker"], ["SLUICE_UPSTREAM_URL"]),
+        (["finalizer"], ["SLUICE_STORAGE_URL"]),
+        (["up"], ["PORT", "SLUICE_DATA_DIR", "REDIS_URL"]),
+        (["mock-provider"], ["reads no environment variable"]),
+        (["status"], ["REDIS_URL", "stack.json"]),
+        (["tokens"], ["REDIS_URL"]),
+        (["tokens", "create"], ["REDIS_URL", "SLUICE_CONFIG"]),
+        (["tokens", "list"], ["REDIS_URL"]),
+        (["tokens", "revoke"], ["REDIS_URL"]),
+        (["submit"], ["SLUICE_URL", "SLUICE_TOKEN", "--resume"]),
+        (["batches"], ["SLUICE_URL", "SLUICE_TOKEN"]),
         (["files"], ["SLUICE_URL", "SLUICE_TOKEN"]),
     ]:
         out = io.StringIO()

@@ -75,9 +75,15 @@ async def test_history_serves_what_recording_counted(api):
     fast.add("200", 0.04)
     slow.add("429", 0.02)
     slow.add("200", 0.3)
-    await store.record_results(r, b["id"], [(0, "", "completed", b"{}", *fast.encode("completed")),
-                                            (1, "", "completed", b"{}", *slow.encode("completed")),
-                                            (2, "", "failed", b"{}")])
+    await store.record_results(
+        r,
+        b["id"],
+        [
+            (0, "", "completed", b"{}", *fast.encode("completed")),
+            (1, "", "completed", b"{}", *slow.encode("completed")),
+            (2, "", "failed", b"{}"),
+        ],
+    )
     body = (await api.request("GET", "/sluice/history?minutes=2", token=TOKEN_B)).ok()
     assert body["minutes"][1] - body["minutes"][0] == body["minute_s"] == 60
     assert body["minutes"][1] <= body["now"] < body["minutes"][1] + 60

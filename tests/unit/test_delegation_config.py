@@ -15,13 +15,20 @@ def _settings(tmp_path, body: str, **env: str) -> Settings:
 
 def test_defaults_execute_and_openai_limits(tmp_path):
     p = _settings(tmp_path, '[providers.a]\nbase_url = "http://a"\n').provider("a")
-    assert (p.batch_api, p.has_batch_api, p.batch_max_lines, p.batch_max_bytes) == ("execute", False, 50_000, 200 * 2**20)
+    assert (p.batch_api, p.has_batch_api, p.batch_max_lines, p.batch_max_bytes) == (
+        "execute",
+        False,
+        50_000,
+        200 * 2**20,
+    )
     assert p.batch_delete_files is True and p.batch_poll_s <= p.batch_poll_max_s
     assert not p.delegates("24h", 86400)
 
 
 def test_modes(tmp_path):
-    s = _settings(tmp_path, """
+    s = _settings(
+        tmp_path,
+        """
 [providers.d]
 base_url = "http://d"
 batch_api = "delegate"
@@ -37,7 +44,8 @@ has_batch_api = true
 [providers.auto_no]
 base_url = "http://n"
 batch_api = "auto"
-""")
+""",
+    )
     assert s.provider("d").delegates("24h", 86400) and s.provider("d").batch_max_lines == 3
     assert s.provider("auto_yes").delegates("24h", 86400)
     assert not s.provider("auto_no").delegates("24h", 86400), "auto needs has_batch_api"
@@ -47,13 +55,16 @@ batch_api = "auto"
     assert short.provider("d").delegates("24h", short.completion_window_s)
 
 
-@pytest.mark.parametrize("line, needle", [
-    ('batch_api = "sometimes"', "batch_api"),
-    ("batch_max_lines = 0", "batch_max_lines"),
-    ("batch_poll_s = 0", "batch_poll_s"),
-    ("batch_poll_s = 10\nbatch_poll_max_s = 5", "batch_poll_max_s"),
-    ("batch_delete_files = 3", "batch_delete_files"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('batch_api = "sometimes"', "batch_api"),
+        ("batch_max_lines = 0", "batch_max_lines"),
+        ("batch_poll_s = 0", "batch_poll_s"),
+        ("batch_poll_s = 10\nbatch_poll_max_s = 5", "batch_poll_max_s"),
+        ("batch_delete_files = 3", "batch_delete_files"),
+    ],
+)
 def test_bad_values_name_the_setting(tmp_path, line, needle):
     with pytest.raises(ConfigError) as info:
         _settings(tmp_path, f'[providers.a]\nbase_url = "http://a"\n{line}\n')
@@ -65,12 +76,22 @@ def test_only_windows_of_24h_or_more_delegate(tmp_path):
 
     s = _settings(tmp_path, '[providers.auto]\nbase_url = "http://y"\nbatch_api = "auto"\nhas_batch_api = true\n')
     p = s.provider("auto")
-    for window, delegated in (("1h", False), ("6h", False), ("23h", False), ("24h", True), ("1d", True),
-                              ("48h", True), ("7d", True)):
+    for window, delegated in (
+        ("1h", False),
+        ("6h", False),
+        ("23h", False),
+        ("24h", True),
+        ("1d", True),
+        ("48h", True),
+        ("7d", True),
+    ):
         assert p.delegates(window, window_seconds(window, s.completion_window_s)) is delegated, window
     # Shortened for tests, "48h" lasts less than the provider's 24 h: executed here.
-    short = _settings(tmp_path, '[providers.auto]\nbase_url = "http://y"\nbatch_api = "auto"\nhas_batch_api = true\n',
-                      SLUICE_COMPLETION_WINDOW_S="600")
+    short = _settings(
+        tmp_path,
+        '[providers.auto]\nbase_url = "http://y"\nbatch_api = "auto"\nhas_batch_api = true\n',
+        SLUICE_COMPLETION_WINDOW_S="600",
+    )
     assert not short.provider("auto").delegates("48h", window_seconds("48h", short.completion_window_s))
 
 

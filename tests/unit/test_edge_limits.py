@@ -39,21 +39,32 @@ async def test_chunked_json_body_over_the_limit_is_413(api):
 
 async def test_declared_length_checked_before_auth_and_body(api):
     body = json.dumps({"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h"}).encode()
-    resp = await api.request("POST", "/v1/batches", token=None, data=body + b" " * MAX_JSON_BODY_BYTES,
-                             headers={"Content-Type": "application/json"})
+    resp = await api.request(
+        "POST",
+        "/v1/batches",
+        token=None,
+        data=body + b" " * MAX_JSON_BODY_BYTES,
+        headers={"Content-Type": "application/json"},
+    )
     resp.error(413, code="request_too_large")
 
 
 def test_edge_settings_and_their_bounds():
     s = Settings.from_env({})
     assert (s.max_form_fields, s.header_timeout_s, s.body_idle_timeout_s) == (16, 10.0, 30.0)
-    s = Settings.from_env({"SLUICE_MAX_FORM_FIELDS": "8", "SLUICE_HEADER_TIMEOUT_S": "2.5",
-                           "SLUICE_BODY_IDLE_TIMEOUT_S": "5"})
+    s = Settings.from_env(
+        {"SLUICE_MAX_FORM_FIELDS": "8", "SLUICE_HEADER_TIMEOUT_S": "2.5", "SLUICE_BODY_IDLE_TIMEOUT_S": "5"}
+    )
     assert (s.max_form_fields, s.header_timeout_s, s.body_idle_timeout_s) == (8, 2.5, 5.0)
     assert upload_body_limit(s) > max(s.max_file_bytes, s.max_batch_file_bytes)
-    for name, value in (("SLUICE_MAX_FORM_FIELDS", "3"), ("SLUICE_MAX_FORM_FIELDS", "1001"),
-                        ("SLUICE_HEADER_TIMEOUT_S", "0"), ("SLUICE_HEADER_TIMEOUT_S", "nan"),
-                        ("SLUICE_HEADER_TIMEOUT_S", "3601"), ("SLUICE_BODY_IDLE_TIMEOUT_S", "-1"),
-                        ("SLUICE_BODY_IDLE_TIMEOUT_S", "soon")):
+    for name, value in (
+        ("SLUICE_MAX_FORM_FIELDS", "3"),
+        ("SLUICE_MAX_FORM_FIELDS", "1001"),
+        ("SLUICE_HEADER_TIMEOUT_S", "0"),
+        ("SLUICE_HEADER_TIMEOUT_S", "nan"),
+        ("SLUICE_HEADER_TIMEOUT_S", "3601"),
+        ("SLUICE_BODY_IDLE_TIMEOUT_S", "-1"),
+        ("SLUICE_BODY_IDLE_TIMEOUT_S", "soon"),
+    ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: value})

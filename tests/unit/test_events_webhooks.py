@@ -83,8 +83,9 @@ async def _running_batch(api, **kwargs) -> dict:
 
 
 async def _finish(r, batch_id: str, status: str = "completed", allowed=("in_progress",)) -> None:
-    applied, _ = await store.transition(r, batch_id, allowed=list(allowed),
-                                        fields={"status": status, f"{status}_at": store.now()}, expire_s=3600)
+    applied, _ = await store.transition(
+        r, batch_id, allowed=list(allowed), fields={"status": status, f"{status}_at": store.now()}, expire_s=3600
+    )
     assert applied
 
 
@@ -172,13 +173,17 @@ async def test_events_client_disconnect_is_quiet(api, monkeypatch, caplog, capsy
     monkeypatch.setattr(events, "POLL_S", 0.02)
     batch = await _running_batch(api)
     for _ in range(3):
-        async with api.client.get(f"/v1/batches/{batch['id']}/events",
-                                  headers={"Authorization": "Bearer tok-a"}) as resp:
+        async with api.client.get(
+            f"/v1/batches/{batch['id']}/events", headers={"Authorization": "Bearer tok-a"}
+        ) as resp:
             assert (await SSE(resp).next())[0] == "batch"
     await redis_of(api).hincrby(keys.batch(batch["id"]), "completed", 1)
     # The handlers notice the closed connections on their next poll, and end.
-    await poll(lambda: asyncio.sleep(0, not _running(events.batch_events)), timeout=30,
-               message="the event handlers of the closed connections to end")
+    await poll(
+        lambda: asyncio.sleep(0, not _running(events.batch_events)),
+        timeout=30,
+        message="the event handlers of the closed connections to end",
+    )
     assert (await api.get_batch(batch["id"]))["request_counts"]["completed"] == 1
     assert not [rec for rec in caplog.records if rec.levelname in ("ERROR", "CRITICAL")], caplog.text
     out = capsys.readouterr()
@@ -187,34 +192,54 @@ async def test_events_client_disconnect_is_quiet(api, monkeypatch, caplog, capsy
 
 
 # ----------------------------------------------------------------------------- webhook header
-@pytest.mark.parametrize("value", [
-    "ftp://example.com/hook", "example.com/hook", "/relative", "https://", "http://exa mple.com/",
-    "https://example.com/" + "a" * 2100, "javascript:alert(1)", "https://example.com/#frag",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ftp://example.com/hook",
+        "example.com/hook",
+        "/relative",
+        "https://",
+        "http://exa mple.com/",
+        "https://example.com/" + "a" * 2100,
+        "javascript:alert(1)",
+        "https://example.com/#frag",
+    ],
+)
 async def test_webhook_header_rejected(make_api, value):
     api = await make_api(webhook_secret=SECRET)
     f = await api.upload_ok()
-    res = await api.request("POST", "/v1/batches", headers={HEADER: value},
-                            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                  "completion_window": "24h"})
+    res = await api.request(
+        "POST",
+        "/v1/batches",
+        headers={HEADER: value},
+        json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
     res.error(400, param=HEADER, code="invalid_value")
     assert (await api.request("GET", "/v1/batches")).ok()["data"] == []
 
 
 async def test_webhook_header_needs_a_secret(api):
     f = await api.upload_ok()
-    res = await api.request("POST", "/v1/batches", headers={HEADER: "https://example.com/hook"},
-                            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                  "completion_window": "24h"})
+    res = await api.request(
+        "POST",
+        "/v1/batches",
+        headers={HEADER: "https://example.com/hook"},
+        json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
     res.error(400, param=HEADER, code="webhooks_unavailable")
 
 
 async def test_webhook_url_stored_and_queued_once_at_the_end(make_api):
     api = await make_api(webhook_secret=SECRET)
     f = await api.upload_ok()
-    created = (await api.request("POST", "/v1/batches", headers={HEADER: " https://example.com/hook?x=1 "},
-                                 json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                       "completion_window": "24h"})).ok()
+    created = (
+        await api.request(
+            "POST",
+            "/v1/batches",
+            headers={HEADER: " https://example.com/hook?x=1 "},
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
+    ).ok()
     assert "webhook" not in json.dumps(created)
     r = redis_of(api)
     assert await r.hget(keys.batch(created["id"]), "webhook_url") == b"https://example.com/hook?x=1"
@@ -223,8 +248,9 @@ async def test_webhook_url_stored_and_queued_once_at_the_end(make_api):
     await _finish(r, created["id"])
     assert await r.zrange(keys.WEBHOOKS_DUE, 0, -1) == [created["id"].encode()]
     # Repeating the transition (a retried script) queues nothing more.
-    assert (await store.transition(r, created["id"], allowed=["in_progress"], fields={"status": "completed"},
-                                   expire_s=3600))[0]
+    assert (
+        await store.transition(r, created["id"], allowed=["in_progress"], fields={"status": "completed"}, expire_s=3600)
+    )[0]
     assert await r.zcard(keys.WEBHOOKS_DUE) == 1
 
 
@@ -246,21 +272,29 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
     app.router.add_post("/hook", receive)
     server = await aiohttp_server(app)
     # The receiver listens on loopback, which only SLUICE_WEBHOOK_ALLOW_PRIVATE lets webhooks reach.
-    api = await make_api(webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_max_attempts=4,
-                         webhook_allow_private=True)
+    api = await make_api(
+        webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_max_attempts=4, webhook_allow_private=True
+    )
     url = str(server.make_url("/hook"))
     f = await api.upload_ok()
-    created = (await api.request("POST", "/v1/batches", headers={HEADER: url},
-                                 json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                       "completion_window": "24h"})).ok()
+    created = (
+        await api.request(
+            "POST",
+            "/v1/batches",
+            headers={HEADER: url},
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
+    ).ok()
     await api.wait_batch(created["id"])
     r = redis_of(api)
     await _finish(r, created["id"], "cancelled", allowed=["in_progress"])
     sender = WebhookSender(r, api.settings)
     try:
+
         async def delivered():
             await sender.run_pass()
             return len(got) >= 3 and await r.zcard(keys.WEBHOOKS_DUE) == 0
+
         await poll(delivered, timeout=30, interval=0.02, message="the third attempt to be accepted")
         assert await sender.run_pass() == 0
     finally:
@@ -282,20 +316,32 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
 
 
 async def test_webhook_given_up_after_max_attempts(make_api):
-    api = await make_api(webhook_secret=SECRET, webhook_backoff_s=0.01, webhook_max_attempts=2,
-                         webhook_timeout_s=1.0, webhook_allow_private=True)
+    api = await make_api(
+        webhook_secret=SECRET,
+        webhook_backoff_s=0.01,
+        webhook_max_attempts=2,
+        webhook_timeout_s=1.0,
+        webhook_allow_private=True,
+    )
     f = await api.upload_ok()
-    created = (await api.request("POST", "/v1/batches", headers={HEADER: "http://127.0.0.1:9/hook"},
-                                 json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                       "completion_window": "24h"})).ok()
+    created = (
+        await api.request(
+            "POST",
+            "/v1/batches",
+            headers={HEADER: "http://127.0.0.1:9/hook"},
+            json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
+    ).ok()
     await api.wait_batch(created["id"])
     r = redis_of(api)
     await _finish(r, created["id"])
     sender = WebhookSender(r, api.settings)
     try:
+
         async def gone():
             await sender.run_pass()
             return await r.zcard(keys.WEBHOOKS_DUE) == 0
+
         await poll(gone, timeout=30, interval=0.02, message="the webhook to be given up")
     finally:
         await sender.aclose()
@@ -307,8 +353,10 @@ def test_sign_matches_standard_webhooks_example():
     # The example of the Standard Webhooks specification (and its reference libraries).
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = b'{"test": 2432232314}'
-    assert sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == \
-        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert (
+        sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+        == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
 
 
 def test_webhook_secret_settings():
@@ -318,8 +366,9 @@ def test_webhook_secret_settings():
     assert derive_webhook_secret("k").startswith("whsec_") and derive_webhook_secret("k") != derive_webhook_secret("j")
     with pytest.raises(ConfigError):
         webhook_secret({"SLUICE_WEBHOOK_SECRET": "whsec_not base64!"})
-    s = Settings.from_env({"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.5",
-                           "SLUICE_WEBHOOK_MAX_ATTEMPTS": "3"})
+    s = Settings.from_env(
+        {"SLUICE_WEBHOOK_SECRET": SECRET, "SLUICE_WEBHOOK_BACKOFF_S": "0.5", "SLUICE_WEBHOOK_MAX_ATTEMPTS": "3"}
+    )
     assert (s.webhook_secret, s.webhook_backoff_s, s.webhook_max_attempts) == (SECRET, 0.5, 3)
     assert SECRET not in repr(s)
 

@@ -27,16 +27,19 @@ async def test_resuming_at_any_line_end_yields_exactly_the_rest(tmp_path):
     assert lines[-1].end == len(CONTENT)
     for i, line in enumerate(lines):
         rest = await _collect(storage, "in", start=line.end)
-        assert [r.data for r in rest] == [r.data for r in lines[i + 1:]]
-        assert [r.end for r in rest] == [r.end for r in lines[i + 1:]]
+        assert [r.data for r in rest] == [r.data for r in lines[i + 1 :]]
+        assert [r.end for r in rest] == [r.end for r in lines[i + 1 :]]
 
 
-@pytest.mark.parametrize("file_bytes, lines, expected", [
-    (100 * 200, 100, 10_000),          # small lines: the line bound
-    (50_000 * 4096, 50_000, 4096),     # 4 KB lines: 16 MiB of them
-    (10 * 8 * MB, 10, MIN_WINDOW_LINES),  # huge lines: never below the floor
-    (0, 0, 10_000),
-])
+@pytest.mark.parametrize(
+    "file_bytes, lines, expected",
+    [
+        (100 * 200, 100, 10_000),  # small lines: the line bound
+        (50_000 * 4096, 50_000, 4096),  # 4 KB lines: 16 MiB of them
+        (10 * 8 * MB, 10, MIN_WINDOW_LINES),  # huge lines: never below the floor
+        (0, 0, 10_000),
+    ],
+)
 def test_window_is_bounded_in_lines_and_bytes(file_bytes, lines, expected):
     assert Settings().window(file_bytes, lines) == expected
 

@@ -21,18 +21,35 @@ CHAT = "/v1/chat/completions"
 
 
 def _jsonl(prefix: str, n: int) -> bytes:
-    return b"".join(json.dumps({"custom_id": f"{prefix}{i}", "method": "POST", "url": CHAT,
-                                "body": {"model": "m", "messages": []}}).encode() + b"\n" for i in range(n))
+    return b"".join(
+        json.dumps(
+            {"custom_id": f"{prefix}{i}", "method": "POST", "url": CHAT, "body": {"model": "m", "messages": []}}
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    )
 
 
 async def _running_batch(r, storage, batch_id: str, data: bytes, n: int, window: int) -> None:
     async def chunks():
         yield data
+
     await storage.write(batch_id, chunks())
-    await r.hset(keys.batch(batch_id), mapping={
-        "status": "in_progress", "total": n, "completed": 0, "failed": 0, "feed_index": 0, "feed_offset": 0,
-        "feed_window": window, "input_key": batch_id, "endpoint": CHAT, "provider": "",
-    })
+    await r.hset(
+        keys.batch(batch_id),
+        mapping={
+            "status": "in_progress",
+            "total": n,
+            "completed": 0,
+            "failed": 0,
+            "feed_index": 0,
+            "feed_offset": 0,
+            "feed_window": window,
+            "input_key": batch_id,
+            "endpoint": CHAT,
+            "provider": "",
+        },
+    )
     await r.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
     await r.sadd(keys.FEEDING_BATCHES, batch_id)
 

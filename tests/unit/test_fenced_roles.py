@@ -67,8 +67,11 @@ async def test_a_paused_validator_writes_nothing_for_a_batch_a_peer_holds(make_a
     assert peer is not None
     with capture_logs() as logged:
         api.storage.release()
-        await poll(lambda: _logged(logged, "fenced_write_refused"), timeout=10,
-                   message="the resumed validator to have its writes refused")
+        await poll(
+            lambda: _logged(logged, "fenced_write_refused"),
+            timeout=10,
+            message="the resumed validator to have its writes refused",
+        )
     h = await r.hgetall(keys.batch(batch["id"]))
     assert h[b"status"] == b"validating" and h[b"total"] == b"0", h
     assert not await r.exists(keys.lines(batch["id"])), "the resumed validator created the batch's streams"
@@ -107,14 +110,17 @@ async def test_a_paused_worker_does_not_take_back_lines_a_peer_reclaimed(setting
     await r.xclaim(stream, keys.WORKER_GROUP, "peer", 0, ["0-1"])
     lines = [Line("batch_a", f"0-{i}", i - 1, f"c{i}", b"{}", "default", 1) for i in (1, 2)]
     await worker._set_idle(lines, 0)  # what its lease renewal does once resumed
-    owners = {p["message_id"].decode(): p["consumer"].decode()
-              for p in await r.xpending_range(stream, keys.WORKER_GROUP, min="-", max="+", count=10)}
+    owners = {
+        p["message_id"].decode(): p["consumer"].decode()
+        for p in await r.xpending_range(stream, keys.WORKER_GROUP, min="-", max="+", count=10)
+    }
     assert owners == {"0-1": "peer", "0-2": worker.name}, owners
 
 
 def _set(event):
     async def check():
         return event.is_set()
+
     return check()
 
 

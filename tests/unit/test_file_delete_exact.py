@@ -109,6 +109,7 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     h = await _record(api, f["id"])
     await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
     await r.delete(keys.file(f["id"]))  # what its TTL does at expires_at
+
     async def delete_like_the_handler():
         deleted, marker = await store.delete_file(r, h, "op-racing")
         if marker:
@@ -117,8 +118,9 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
         return int(deleted)
 
     # The sweep and a DELETE that had read the record just before it expired race for it.
-    results = await asyncio.gather(store.sweep_expired_files(r, api.storage), delete_like_the_handler(),
-                                   store.sweep_expired_files(r, api.storage))
+    results = await asyncio.gather(
+        store.sweep_expired_files(r, api.storage), delete_like_the_handler(), store.sweep_expired_files(r, api.storage)
+    )
     assert sum(results) == 1, results
     assert await _stored_bytes(api) == before - f["bytes"]
     assert api.storage.stored_files() == []

@@ -143,8 +143,18 @@ async def test_unknown_but_well_formed_cursor(api):
     assert len(resp.ok()["data"]) == 2
 
 
-@pytest.mark.parametrize("after", ["../etc", "../../etc/passwd", "file-x", "batch_000000000001aaaaaaaaaaaa",
-                                   "file-000000000001aaaaaaaaaaaa/../x", "%00", "file-" + "0" * 200])
+@pytest.mark.parametrize(
+    "after",
+    [
+        "../etc",
+        "../../etc/passwd",
+        "file-x",
+        "batch_000000000001aaaaaaaaaaaa",
+        "file-000000000001aaaaaaaaaaaa/../x",
+        "%00",
+        "file-" + "0" * 200,
+    ],
+)
 async def test_garbage_after_is_400(api, after):
     await _upload_n(api, 1)
     (await api.list_files(after=after)).error(400, param="after")
@@ -170,8 +180,19 @@ async def test_unknown_file_is_404(api, method, suffix):
     resp.error(404)
 
 
-@pytest.mark.parametrize("raw", ["..%2F..%2Fetc", "..%2F..%2Fetc%2Fpasswd", "%2E%2E", "file-..%2F..%2Fx",
-                                 "file-000000000001aaaaaaaaaaaa%2F..", "..", "%00", "file-%0Ax"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "..%2F..%2Fetc",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2E%2E",
+        "file-..%2F..%2Fx",
+        "file-000000000001aaaaaaaaaaaa%2F..",
+        "..",
+        "%00",
+        "file-%0Ax",
+    ],
+)
 @pytest.mark.parametrize("method,suffix", [("GET", ""), ("GET", "/content"), ("DELETE", "")])
 async def test_path_characters_in_file_id_are_404(api, raw, method, suffix):
     await api.upload_ok()

@@ -144,40 +144,50 @@ async def test_two_file_parts_rejected(api):
     assert api.storage.stored_files() == []
 
 
-@pytest.mark.parametrize("content_type,data", [
-    ("application/json", json.dumps({"purpose": "batch", "file": "x"}).encode()),
-    ("application/x-www-form-urlencoded", b"purpose=batch&file=x"),
-    ("text/plain", b"hello"),
-])
+@pytest.mark.parametrize(
+    "content_type,data",
+    [
+        ("application/json", json.dumps({"purpose": "batch", "file": "x"}).encode()),
+        ("application/x-www-form-urlencoded", b"purpose=batch&file=x"),
+        ("text/plain", b"hello"),
+    ],
+)
 async def test_non_multipart_body(api, content_type, data):
     resp = await api.request("POST", "/v1/files", data=data, headers={"Content-Type": content_type})
     resp.error(400)
 
 
 async def test_multipart_without_body(api):
-    resp = await api.request("POST", "/v1/files", data=b"",
-                             headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    resp = await api.request(
+        "POST", "/v1/files", data=b"", headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     assert resp.status == 400, resp
     resp.error(400)
 
 
 async def test_truncated_multipart_body(api):
-    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{\"a\": 1}\n")
-    resp = await api.request("POST", "/v1/files", data=body,
-                             headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{"a": 1}\n'
+    )
+    resp = await api.request(
+        "POST", "/v1/files", data=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     resp.error(400)
     assert api.storage.stored_files() == []
 
 
-@pytest.mark.parametrize("content", [
-    b"not json\n" + good_jsonl(),
-    b"[1, 2, 3]\n" + good_jsonl(),
-    b"\"a string\"\n",
-    b"42",
-    b"{\"unterminated\": \n",
-    b"\n\n  \nnope\n",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json\n" + good_jsonl(),
+        b"[1, 2, 3]\n" + good_jsonl(),
+        b'"a string"\n',
+        b"42",
+        b'{"unterminated": \n',
+        b"\n\n  \nnope\n",
+    ],
+)
 async def test_batch_file_whose_first_line_is_not_a_json_object(api, content):
     resp = await api.upload(content)
     resp.error(400, param="file")
@@ -265,26 +275,53 @@ async def test_general_file_limit_applies_to_other_purposes(api):
 
 @pytest.mark.parametrize("purpose", ["batch", "user_data"])
 async def test_expires_after_valid(api, purpose):
-    f = await api.upload_ok(good_jsonl(), purpose=purpose,
-                            fields=[("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "3600")])
+    f = await api.upload_ok(
+        good_jsonl(),
+        purpose=purpose,
+        fields=[("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "3600")],
+    )
     assert f["expires_at"] == f["created_at"] + 3600
 
 
 async def test_expires_after_upper_bound(api):
-    f = await api.upload_ok(good_jsonl(),
-                            fields=[("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "2592000")])
+    f = await api.upload_ok(
+        good_jsonl(), fields=[("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "2592000")]
+    )
     assert f["expires_at"] == f["created_at"] + 2592000
 
 
-@pytest.mark.parametrize("fields,param,code", [
-    ([("expires_after[anchor]", "last_active_at"), ("expires_after[seconds]", "3600")], "expires_after.anchor", "invalid_value"),
-    ([("expires_after[seconds]", "3600")], "expires_after.anchor", "invalid_value"),
-    ([("expires_after[anchor]", "created_at")], "expires_after.seconds", "invalid_type"),
-    ([("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "abc")], "expires_after.seconds", "invalid_type"),
-    ([("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "3599")], "expires_after.seconds", "invalid_value"),
-    ([("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "2592001")], "expires_after.seconds", "invalid_value"),
-    ([("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "-3600")], "expires_after.seconds", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "fields,param,code",
+    [
+        (
+            [("expires_after[anchor]", "last_active_at"), ("expires_after[seconds]", "3600")],
+            "expires_after.anchor",
+            "invalid_value",
+        ),
+        ([("expires_after[seconds]", "3600")], "expires_after.anchor", "invalid_value"),
+        ([("expires_after[anchor]", "created_at")], "expires_after.seconds", "invalid_type"),
+        (
+            [("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "abc")],
+            "expires_after.seconds",
+            "invalid_type",
+        ),
+        (
+            [("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "3599")],
+            "expires_after.seconds",
+            "invalid_value",
+        ),
+        (
+            [("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "2592001")],
+            "expires_after.seconds",
+            "invalid_value",
+        ),
+        (
+            [("expires_after[anchor]", "created_at"), ("expires_after[seconds]", "-3600")],
+            "expires_after.seconds",
+            "invalid_value",
+        ),
+    ],
+)
 async def test_expires_after_invalid(api, fields, param, code):
     resp = await api.upload(good_jsonl(), fields=fields)
     resp.error(400, param=param, code=code)
@@ -309,12 +346,14 @@ async def test_sdk_encoded_multipart_is_accepted(api):
 
     content = good_jsonl(2)
     req = httpx2.Request(
-        "POST", "http://sluice/v1/files",
+        "POST",
+        "http://sluice/v1/files",
         data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "7200"},
         files={"file": ("batch input ✓.jsonl", content, "application/octet-stream")},
     )
-    resp = await api.request("POST", "/v1/files", data=req.read(),
-                             headers={"Content-Type": req.headers["content-type"]})
+    resp = await api.request(
+        "POST", "/v1/files", data=req.read(), headers={"Content-Type": req.headers["content-type"]}
+    )
     f = resp.ok()
     assert f["filename"] == "batch input ✓.jsonl"
     assert f["bytes"] == len(content)
@@ -325,16 +364,22 @@ async def test_sdk_encoded_multipart_is_accepted(api):
 _PURPOSE_PART = b'--x\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
 
 
-@pytest.mark.parametrize("content_type,body,param", [
-    ("multipart/form-data", b"--x\r\n\r\n", None),  # no boundary parameter
-    ("multipart/form-data; boundary=x", b"garbage", None),
-    ("multipart/form-data; boundary=x", b"--x--\r\n", "purpose"),  # no parts at all
-    ("multipart/form-data; boundary=x", _PURPOSE_PART + b"\xff\xfe\r\n--x--\r\n", "purpose"),  # not UTF-8
-    ("multipart/form-data; boundary=x", _PURPOSE_PART + b"a" * 5000 + b"\r\n--x--\r\n", "purpose"),  # huge field
-    ("multipart/form-data; boundary=x",
-     b'--x\r\nContent-Type: multipart/mixed; boundary=y\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
-     b"--y\r\n\r\nabc\r\n--y--\r\n--x--\r\n", None),  # nested multipart
-])
+@pytest.mark.parametrize(
+    "content_type,body,param",
+    [
+        ("multipart/form-data", b"--x\r\n\r\n", None),  # no boundary parameter
+        ("multipart/form-data; boundary=x", b"garbage", None),
+        ("multipart/form-data; boundary=x", b"--x--\r\n", "purpose"),  # no parts at all
+        ("multipart/form-data; boundary=x", _PURPOSE_PART + b"\xff\xfe\r\n--x--\r\n", "purpose"),  # not UTF-8
+        ("multipart/form-data; boundary=x", _PURPOSE_PART + b"a" * 5000 + b"\r\n--x--\r\n", "purpose"),  # huge field
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Type: multipart/mixed; boundary=y\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
+            b"--y\r\n\r\nabc\r\n--y--\r\n--x--\r\n",
+            None,
+        ),  # nested multipart
+    ],
+)
 async def test_malformed_multipart_is_400(api, content_type, body, param):
     resp = await api.request("POST", "/v1/files", data=body, headers={"Content-Type": content_type})
     resp.error(400, param=param)

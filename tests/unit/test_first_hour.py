@@ -25,8 +25,9 @@ CHAT = "/v1/chat/completions"
 
 
 def row(custom_id: str, **body) -> str:
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": CHAT,
-                       "body": {"model": "m", "messages": [], **body}})
+    return json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": CHAT, "body": {"model": "m", "messages": [], **body}}
+    )
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -50,18 +51,30 @@ def test_scan_refuses_a_custom_id_used_twice_anywhere(tmp_path):
 
 def test_scan_tells_hash_collisions_from_duplicates(tmp_path, monkeypatch):
     monkeypatch.setattr(scan, "hash", lambda value: 42, raising=False)  # every custom_id collides
-    found = scan.scan(write(tmp_path / "f.jsonl", [row(f"c{i}") for i in range(50)] + [row("c3")]), CHAT,
-                      max_lines=1000, max_bytes=10**9)
+    found = scan.scan(
+        write(tmp_path / "f.jsonl", [row(f"c{i}") for i in range(50)] + [row("c3")]),
+        CHAT,
+        max_lines=1000,
+        max_bytes=10**9,
+    )
     assert [(e.code, e.line) for e in found.errors] == [("duplicate_custom_id", 51)]
 
 
 def test_scan_validates_every_line_as_the_server_does(tmp_path):
-    lines = [row("a"), json.dumps({"custom_id": "b", "method": "GET", "url": CHAT, "body": {"model": "m"}}),
-             "not json", json.dumps({"custom_id": "d", "method": "POST", "url": CHAT, "body": {}}),
-             row("e", stream=True)] + [row(f"x{i}") for i in range(30)]
+    lines = [
+        row("a"),
+        json.dumps({"custom_id": "b", "method": "GET", "url": CHAT, "body": {"model": "m"}}),
+        "not json",
+        json.dumps({"custom_id": "d", "method": "POST", "url": CHAT, "body": {}}),
+        row("e", stream=True),
+    ] + [row(f"x{i}") for i in range(30)]
     found = scan.scan(write(tmp_path / "f.jsonl", lines), CHAT, max_lines=10, max_bytes=10**9)
     assert [(e.line, e.code) for e in found.errors] == [
-        (2, "invalid_method"), (3, "invalid_json_line"), (4, "invalid_request"), (5, "streaming_unsupported")]
+        (2, "invalid_method"),
+        (3, "invalid_json_line"),
+        (4, "invalid_request"),
+        (5, "streaming_unsupported"),
+    ]
     assert found.lines == 35
 
 
@@ -79,20 +92,21 @@ def test_scan_cuts_parts_that_fit_and_cover_every_line_once(tmp_path, max_lines,
     for span in found.spans:
         assert span.start == previous_end, "parts are contiguous"
         previous_end = span.end
-        chunk = data[span.start:span.end]
+        chunk = data[span.start : span.end]
         assert len(chunk) <= max_bytes and span.lines <= max_lines
         requests = [ln for ln in chunk.removeprefix(b"\xef\xbb\xbf").split(b"\n") if ln.strip()]
         assert len(requests) == span.lines
         # first_line is the physical line number of the part's first byte in the whole file
-        assert data[:span.start].count(b"\n") + 1 == span.first_line
+        assert data[: span.start].count(b"\n") + 1 == span.first_line
         ids += [json.loads(r)["custom_id"] for r in requests]
     assert ids == ["first"] + [f"c{i}" for i in range(60)], "every request once, in order"
     assert len(found.spans) > 1
 
 
 def test_scan_names_a_line_bigger_than_a_batch_file(tmp_path):
-    found = scan.scan(write(tmp_path / "f.jsonl", [row("a"), row("b", pad="x" * 2000), row("c")]), CHAT,
-                      max_lines=100, max_bytes=1000)
+    found = scan.scan(
+        write(tmp_path / "f.jsonl", [row("a"), row("b", pad="x" * 2000), row("c")]), CHAT, max_lines=100, max_bytes=1000
+    )
     assert [(e.code, e.line) for e in found.errors] == [("line_too_long", 2)]
 
 
@@ -101,9 +115,15 @@ def test_scan_names_a_line_bigger_than_a_batch_file(tmp_path):
 
 
 def _stack(data_dir: Path, pid: int) -> localstack.LocalStack:
-    return localstack.LocalStack(api_url="http://localhost:18999", dashboard_url="http://localhost:18999/dashboard/",
-                                 redis_url="redis://127.0.0.1:1/0", token="sk-sluice-dev-t", data_dir=str(data_dir),
-                                 pid=pid, started_at=0)
+    return localstack.LocalStack(
+        api_url="http://localhost:18999",
+        dashboard_url="http://localhost:18999/dashboard/",
+        redis_url="redis://127.0.0.1:1/0",
+        token="sk-sluice-dev-t",
+        data_dir=str(data_dir),
+        pid=pid,
+        started_at=0,
+    )
 
 
 def _dead_pid() -> int:
@@ -128,12 +148,12 @@ def test_stack_file_is_private_and_ignored_once_its_sluice_up_is_gone(tmp_path):
 def test_client_uses_the_stack_when_nothing_is_set(tmp_path, capsys):
     localstack.write(tmp_path / localstack.FILE_NAME, _stack(tmp_path, os.getpid()))
     client = ClientSettings.from_env({"SLUICE_DATA_DIR": str(tmp_path)})
-    assert http.resolve_target(argparse.Namespace(), client) == http.Target("http://localhost:18999",
-                                                                            "sk-sluice-dev-t")
+    assert http.resolve_target(argparse.Namespace(), client) == http.Target("http://localhost:18999", "sk-sluice-dev-t")
     assert "using http://localhost:18999 of the `sluice up` stack (pid" in capsys.readouterr().err
     # The environment wins, and then nothing is said.
-    client = ClientSettings.from_env({"SLUICE_DATA_DIR": str(tmp_path), "SLUICE_URL": "http://elsewhere:1",
-                                      "SLUICE_TOKEN": "t"})
+    client = ClientSettings.from_env(
+        {"SLUICE_DATA_DIR": str(tmp_path), "SLUICE_URL": "http://elsewhere:1", "SLUICE_TOKEN": "t"}
+    )
     assert http.resolve_target(argparse.Namespace(), client) == http.Target("http://elsewhere:1", "t")
     assert capsys.readouterr().err == ""
 
@@ -156,10 +176,19 @@ def test_result_file_names_are_the_servers():
         result_filename("batch_1", "errors")
 
 
-@pytest.mark.parametrize("given, kept", [
-    ("abc-123", True), ("x" * 200, True), ("with space/and:punct", True),
-    ("x" * 201, False), ("", False), (None, False), ("tab\there", False), ("é", False),
-])
+@pytest.mark.parametrize(
+    "given, kept",
+    [
+        ("abc-123", True),
+        ("x" * 200, True),
+        ("with space/and:punct", True),
+        ("x" * 201, False),
+        ("", False),
+        (None, False),
+        ("tab\there", False),
+        ("é", False),
+    ],
+)
 def test_request_id_is_the_clients_when_sane(given, kept):
     rid = request_id(given)
     if kept:
@@ -174,14 +203,19 @@ async def test_every_response_carries_a_request_id_and_its_log_lines_too(api):
     try:
         ok = await api.request("GET", "/v1/batches", headers={"x-request-id": "client-chosen-1"})
         assert ok.status == 200 and ok.headers["x-request-id"] == "client-chosen-1"
-        for method, path, token, status in [("GET", "/v1/nowhere", "tok-a", 404), ("GET", "/v1/batches", "bad", 401),
-                                            ("GET", "/v1/batches/batch_nope", "tok-a", 404),
-                                            ("GET", "/healthz", None, 200), ("GET", "/dashboard", None, 302)]:
+        for method, path, token, status in [
+            ("GET", "/v1/nowhere", "tok-a", 404),
+            ("GET", "/v1/batches", "bad", 401),
+            ("GET", "/v1/batches/batch_nope", "tok-a", 404),
+            ("GET", "/healthz", None, 200),
+            ("GET", "/dashboard", None, 302),
+        ]:
             res = await api.request(method, path, token=token, allow_redirects=False)
             assert res.status == status, res
             assert res.headers.get("x-request-id", "").startswith("req_"), (path, dict(res.headers))
-        created = await api.request("POST", "/v1/batches", json={"input_file_id": "file-x"},
-                                    headers={"x-request-id": "client-chosen-2"})
+        created = await api.request(
+            "POST", "/v1/batches", json={"input_file_id": "file-x"}, headers={"x-request-id": "client-chosen-2"}
+        )
         assert created.status == 400 and created.headers["x-request-id"] == "client-chosen-2"
     finally:
         structlog.reset_defaults()

@@ -89,9 +89,17 @@ async def test_a_stale_holders_writes_are_refused(r):
 async def test_fenced_store_writes(r):
     """transition, record_results, create_file and release all refuse a stale lease and change nothing."""
     batch_id = "batch_x"
-    await r.hset(keys.batch(batch_id), mapping={"id": batch_id, "status": "in_progress", "owner": "o",
-                                                "input_file_id": "file-in", "input_key": "file-in",
-                                                "reserved_lines": 3})
+    await r.hset(
+        keys.batch(batch_id),
+        mapping={
+            "id": batch_id,
+            "status": "in_progress",
+            "owner": "o",
+            "input_file_id": "file-in",
+            "input_key": "file-in",
+            "reserved_lines": 3,
+        },
+    )
     await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "seed", streams.RESULT_OUTCOME: "completed"})
     await r.hset(keys.owner_usage("o"), mapping={"active_batches": 1, "enqueued_lines": 3})
     lease = await leases.take(r, keys.finalizer(batch_id), "a", 10_000)
@@ -103,8 +111,18 @@ async def test_fenced_store_writes(r):
     with pytest.raises(LeaseLost):
         await store.record_results(r, batch_id, [(0, "", "completed", b"{}")], lease=lease)
     with pytest.raises(LeaseLost):
-        await store.create_file(r, owner="o", file_id="file-out", seq=1, filename="x", purpose="batch_output",
-                                size=10, storage_key="x", expires_at=None, lease=lease)
+        await store.create_file(
+            r,
+            owner="o",
+            file_id="file-out",
+            seq=1,
+            filename="x",
+            purpose="batch_output",
+            size=10,
+            storage_key="x",
+            expires_at=None,
+            lease=lease,
+        )
     with pytest.raises(LeaseLost):
         await store.release(r, None, await store.get_batch_record(r, batch_id), lease=lease)
     after = {k: await r.dump(k) for k in await r.keys("*") if k != keys.LEASE_SEQ.encode()}
@@ -200,17 +218,35 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
     proxy, r = proxied
     storage = LocalStorage(tmp_path)
     for batch_id, owner in (("batch_w", "w"), ("batch_x", "o")):
-        await r.hset(keys.batch(batch_id), mapping={"id": batch_id, "status": "in_progress", "owner": owner,
-                                                    "input_file_id": "file-in", "input_key": "file-in",
-                                                    "reserved_lines": 3})
+        await r.hset(
+            keys.batch(batch_id),
+            mapping={
+                "id": batch_id,
+                "status": "in_progress",
+                "owner": owner,
+                "input_file_id": "file-in",
+                "input_key": "file-in",
+                "reserved_lines": 3,
+            },
+        )
         await r.hset(keys.owner_usage(owner), mapping={"active_batches": 1, "enqueued_lines": 3})
         await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "seed", streams.RESULT_OUTCOME: "completed"})
     warm = await leases.take(r, keys.finalizer("batch_w"), "a", 10_000)
     lease = await leases.take(r, keys.finalizer("batch_x"), "a", 10_000)
 
     async def file_out(file_id: str, owner: str, the_lease) -> None:
-        await store.create_file(r, owner=owner, file_id=file_id, seq=1, filename="out", purpose="batch_output",
-                                size=10, storage_key="out", expires_at=None, lease=the_lease)
+        await store.create_file(
+            r,
+            owner=owner,
+            file_id=file_id,
+            seq=1,
+            filename="out",
+            purpose="batch_output",
+            size=10,
+            storage_key="out",
+            expires_at=None,
+            lease=the_lease,
+        )
 
     # Every script runs once first (on other keys), so that the armed calls run by EVALSHA.
     await store.record_results(r, "batch_w", [(0, "", "completed", b"{}")], lease=warm)
@@ -232,8 +268,9 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
     await once(store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-out"))), store.new_op_id()))
     assert await store.usage(r, "o", "stored_bytes") == 0, "the re-sent delete gave the bytes back twice"
     proxy.arm(b"EVALSHA")
-    applied, _ = await store.transition(r, "batch_x", allowed=["in_progress"], fields={"status": "finalizing"},
-                                        lease=lease)
+    applied, _ = await store.transition(
+        r, "batch_x", allowed=["in_progress"], fields={"status": "finalizing"}, lease=lease
+    )
     assert applied and proxy.dropped == 4, "the re-sent transition must still count as applied"
     assert await r.hget(keys.batch("batch_x"), "status") == b"finalizing"
     await once(store.release(r, storage, await store.get_batch_record(r, "batch_x"), lease=lease))

@@ -43,8 +43,17 @@ SETTINGS = Settings(
     metrics_token=METRICS_TOKEN,
 )
 ALL_SECRETS = (
-    API_TOKEN, MANAGED_TOKEN, PROVIDER_KEY, SECOND_PROVIDER_KEY, SERVER_SECRET, REDIS_PASSWORD, METRICS_TOKEN,
-    BEARER_CREDENTIAL, OPENAI_KEY, BYOK_KEY, PASSWORD,
+    API_TOKEN,
+    MANAGED_TOKEN,
+    PROVIDER_KEY,
+    SECOND_PROVIDER_KEY,
+    SERVER_SECRET,
+    REDIS_PASSWORD,
+    METRICS_TOKEN,
+    BEARER_CREDENTIAL,
+    OPENAI_KEY,
+    BYOK_KEY,
+    PASSWORD,
 )
 
 
@@ -75,17 +84,29 @@ def _log_everything() -> None:
     log = structlog.get_logger("sluice.test").bind(batch_id="batch_abc", custom_id="req-1", provider="openai")
     # Keys that name a secret.
     log.info(
-        "secret_keys", authorization=f"Bearer {BEARER_CREDENTIAL}", api_key=OPENAI_KEY, token=API_TOKEN,
-        x_sluice_provider_key=BYOK_KEY, password=PASSWORD, secret=SERVER_SECRET, attempt=2, max_tokens=64,
+        "secret_keys",
+        authorization=f"Bearer {BEARER_CREDENTIAL}",
+        api_key=OPENAI_KEY,
+        token=API_TOKEN,
+        x_sluice_provider_key=BYOK_KEY,
+        password=PASSWORD,
+        secret=SERVER_SECRET,
+        attempt=2,
+        max_tokens=64,
     )
     # Secrets inside ordinary values, nested.
     log.warning(
         "secret_values",
         note=f"calling openai with key {PROVIDER_KEY} for token {API_TOKEN}",
-        headers={"Authorization": f"Bearer {BEARER_CREDENTIAL}", "X-Sluice-Provider-Key": BYOK_KEY,
-                 "content-type": "application/json"},
-        nested={"level1": [{"level2": f"redis at rediss://:{REDIS_PASSWORD}@redis.example:6380/0"}],
-                "tuple": (SERVER_SECRET, SECOND_PROVIDER_KEY)},
+        headers={
+            "Authorization": f"Bearer {BEARER_CREDENTIAL}",
+            "X-Sluice-Provider-Key": BYOK_KEY,
+            "content-type": "application/json",
+        },
+        nested={
+            "level1": [{"level2": f"redis at rediss://:{REDIS_PASSWORD}@redis.example:6380/0"}],
+            "tuple": (SERVER_SECRET, SECOND_PROVIDER_KEY),
+        },
         managed=MANAGED_TOKEN,
         scrape=f"GET /metrics with {METRICS_TOKEN}",
         header_line=f"authorization: bearer {BEARER_CREDENTIAL}",
@@ -129,8 +150,11 @@ def test_no_secret_reaches_json_output():
     assert keys["attempt"] == 2 and keys["max_tokens"] == 64
 
     assert values["note"] == f"calling openai with key {REDACTED} for token {REDACTED}"
-    assert values["headers"] == {"Authorization": REDACTED, "X-Sluice-Provider-Key": REDACTED,
-                                 "content-type": "application/json"}
+    assert values["headers"] == {
+        "Authorization": REDACTED,
+        "X-Sluice-Provider-Key": REDACTED,
+        "content-type": "application/json",
+    }
     assert values["nested"]["level1"][0]["level2"] == f"redis at rediss://:{REDACTED}@redis.example:6380/0"
     assert values["nested"]["tuple"] == [REDACTED, REDACTED]
     assert values["managed"] == REDACTED
@@ -169,8 +193,9 @@ def test_default_stream_is_stderr(capsys):
 def test_stdlib_log_records_are_redacted_too():
     out = io.StringIO()
     _configure(out)
-    logging.getLogger("aiohttp.server").error("request with Authorization: Bearer %s failed (%s)",
-                                              BEARER_CREDENTIAL, PROVIDER_KEY)
+    logging.getLogger("aiohttp.server").error(
+        "request with Authorization: Bearer %s failed (%s)", BEARER_CREDENTIAL, PROVIDER_KEY
+    )
     try:
         raise OSError(f"cannot reach rediss://:{REDIS_PASSWORD}@redis.example:6380")
     except OSError:
@@ -194,16 +219,31 @@ def test_debug_lines_are_dropped_at_info_and_redacted_at_debug():
 
 def test_settings_secrets_lists_every_configured_secret():
     found = settings_secrets(SETTINGS)
-    assert set(found) == {API_TOKEN, "tok-b2", PROVIDER_KEY, SECOND_PROVIDER_KEY, SERVER_SECRET, REDIS_PASSWORD,
-                          METRICS_TOKEN}
+    assert set(found) == {
+        API_TOKEN,
+        "tok-b2",
+        PROVIDER_KEY,
+        SECOND_PROVIDER_KEY,
+        SERVER_SECRET,
+        REDIS_PASSWORD,
+        METRICS_TOKEN,
+    }
     assert "" not in found
     assert settings_secrets(Settings()) == ()
 
 
 def test_redactor_leaves_ordinary_values_alone():
     r = Redactor(["abc", "long-secret-1"])
-    event = {"event": "batch_finished", "batch_id": "batch_123", "status": "completed", "completed": 10,
-             "ids": ["req-1", "req-2"], "file": "file-abc123", "tokens": None, "ok": True}
+    event = {
+        "event": "batch_finished",
+        "batch_id": "batch_123",
+        "status": "completed",
+        "completed": 10,
+        "ids": ["req-1", "req-2"],
+        "file": "file-abc123",
+        "tokens": None,
+        "ok": True,
+    }
     assert r(None, "info", dict(event)) == event
     # A short configured secret is redacted only where a value is exactly that secret.
     assert r.scrub("abc") == REDACTED
@@ -224,7 +264,8 @@ def test_every_process_configures_logging_with_its_secrets(capsys):
 
         async def run(self) -> None:
             structlog.get_logger("sluice.test").warning(
-                "started", note=f"{API_TOKEN} {PROVIDER_KEY} {SECOND_PROVIDER_KEY} {SERVER_SECRET} {REDIS_PASSWORD}")
+                "started", note=f"{API_TOKEN} {PROVIDER_KEY} {SECOND_PROVIDER_KEY} {SERVER_SECRET} {REDIS_PASSWORD}"
+            )
 
     run_until_signal("unit", SETTINGS, Component)
     err = capsys.readouterr().err

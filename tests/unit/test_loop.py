@@ -64,8 +64,9 @@ def sleeps(monkeypatch):
 
 def _start(step, stop: asyncio.Event, **options) -> asyncio.Task[None]:
     log = structlog.get_logger("test.loop")
-    return asyncio.create_task(loop.run_loop(step, stop=stop, outage=Outage(log), log=log, error_event="test_error",
-                                             **options))
+    return asyncio.create_task(
+        loop.run_loop(step, stop=stop, outage=Outage(log), log=log, error_event="test_error", **options)
+    )
 
 
 def _events(logged: list[dict], *names: str) -> list[str]:
@@ -147,8 +148,7 @@ async def test_an_outage_backs_off_and_is_logged_once_then_its_end(sleeps):
 
 async def test_a_second_outage_is_logged_again_and_backs_off_from_the_start(sleeps):
     stop = asyncio.Event()
-    step = Script(RedisConnectionError("a"), RedisConnectionError("a"), 0.0, RedisConnectionError("b"), 0.0,
-                  FOREVER_S)
+    step = Script(RedisConnectionError("a"), RedisConnectionError("a"), 0.0, RedisConnectionError("b"), 0.0, FOREVER_S)
     with capture_logs() as logged:
         task = _start(step, stop)
         await step.wait_calls(6)
@@ -156,7 +156,11 @@ async def test_a_second_outage_is_logged_again_and_backs_off_from_the_start(slee
         await asyncio.wait_for(task, DEADLINE_S)
     assert sleeps == [0.1, 0.2, 0.1]
     assert _events(logged, "redis_unavailable", "redis_reconnected") == [
-        "redis_unavailable", "redis_reconnected", "redis_unavailable", "redis_reconnected"]
+        "redis_unavailable",
+        "redis_reconnected",
+        "redis_unavailable",
+        "redis_reconnected",
+    ]
 
 
 async def test_an_unexpected_exception_is_logged_with_its_traceback_and_the_loop_carries_on(sleeps):

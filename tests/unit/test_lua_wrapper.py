@@ -15,21 +15,33 @@ from service.core.connections import Script
 from service.core.leases import FencedScript, LeaseLost
 
 # Answers what the body sees: the named slots, and the variadic tails by index.
-_ECHO = Script(keys=("first", "second", "*rest"), args=("a", "b", "*tail"), source="""
+_ECHO = Script(
+    keys=("first", "second", "*rest"),
+    args=("a", "b", "*tail"),
+    source="""
 local rest, tail = {}, {}
 for i = 3, #KEYS do rest[#rest + 1] = KEYS[i] end
 for i = 3, #ARGV do tail[#tail + 1] = ARGV[i] end
 return {KEYS.first, KEYS.second, ARGV.a, ARGV.b, rest, tail, #KEYS, #ARGV}
-""")
+""",
+)
 
-_SET = Script(keys=("target",), args=("value",), source="""
+_SET = Script(
+    keys=("target",),
+    args=("value",),
+    source="""
 return redis.call('SET', KEYS.target, ARGV.value)
-""")
+""",
+)
 
-_FENCED_SET = FencedScript(keys=("target",), args=("value", "*more"), source="""
+_FENCED_SET = FencedScript(
+    keys=("target",),
+    args=("value", "*more"),
+    source="""
 redis.call('SET', KEYS.target, ARGV.value)
 return #ARGV
-""")
+""",
+)
 
 
 @pytest.fixture
@@ -49,11 +61,14 @@ async def test_empty_variadic_tails(r):
     assert got == [b"k1", b"k2", b"1", b"2", [], [], 2, 2]
 
 
-@pytest.mark.parametrize("params, word", [
-    (dict(first="k1", second="k2", a=1, rest=[], tail=[]), "missing ['b']"),
-    (dict(first="k1", second="k2", a=1, b=2, rest=[], tail=[], c=3), "unknown ['c']"),
-    (dict(first="k1", second="k2", a=1, b=2, tail=[]), "missing ['rest']"),
-])
+@pytest.mark.parametrize(
+    "params, word",
+    [
+        (dict(first="k1", second="k2", a=1, rest=[], tail=[]), "missing ['b']"),
+        (dict(first="k1", second="k2", a=1, b=2, rest=[], tail=[], c=3), "unknown ['c']"),
+        (dict(first="k1", second="k2", a=1, b=2, tail=[]), "missing ['rest']"),
+    ],
+)
 async def test_a_missing_or_unknown_name_is_a_type_error(r, params, word):
     with pytest.raises(TypeError, match=word.replace("[", r"\[").replace("]", r"\]")):
         await _ECHO(r, **params)
@@ -61,12 +76,15 @@ async def test_a_missing_or_unknown_name_is_a_type_error(r, params, word):
         _ECHO.queue(r.pipeline(transaction=False), **params)
 
 
-@pytest.mark.parametrize("params", [
-    dict(first="k1", second="k2", a=1, b=2, rest=[], tail="ab"),  # a str would spread into characters
-    dict(first="k1", second="k2", a=[1], b=2, rest=[], tail=[]),  # a list for one value
-    dict(first=b"k1", second="k2", a=1, b=2, rest=[], tail=[]),  # keys are str
-    dict(first="k1", second="k2", a=1, b=2, rest=[1], tail=[]),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(first="k1", second="k2", a=1, b=2, rest=[], tail="ab"),  # a str would spread into characters
+        dict(first="k1", second="k2", a=[1], b=2, rest=[], tail=[]),  # a list for one value
+        dict(first=b"k1", second="k2", a=1, b=2, rest=[], tail=[]),  # keys are str
+        dict(first="k1", second="k2", a=1, b=2, rest=[1], tail=[]),
+    ],
+)
 async def test_a_value_of_the_wrong_shape_is_a_type_error(r, params):
     with pytest.raises(TypeError):
         await _ECHO(r, **params)

@@ -22,8 +22,10 @@ from service.core.storage import LocalStorage
 from service.web import metrics
 from service.web.app import READY_MARKER, create_app
 
-PROVIDERS = (Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
-             Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)))
+PROVIDERS = (
+    Provider(name="limited", base_url="http://127.0.0.1:9", models=("x-*",), max_concurrency=4),
+    Provider(name="default", base_url="http://127.0.0.1:9", models=("*",)),
+)
 
 
 def _dead_redis() -> aioredis.Redis:
@@ -66,10 +68,12 @@ async def test_recording_moves_exact_counters(redis):
     retried.add("200", 0.7)
     fast = Attempts("default")
     fast.add("200", 0.03)
-    results = [(0, "", "completed", b"{}", *retried.encode("completed")),
-               (1, "", "completed", b"{}", *fast.encode("completed")),
-               (2, "", "failed", b"{}", *fast.encode("failed")),
-               (3, "", "failed", b"{}")]  # never sent: counts as a line only
+    results = [
+        (0, "", "completed", b"{}", *retried.encode("completed")),
+        (1, "", "completed", b"{}", *fast.encode("completed")),
+        (2, "", "failed", b"{}", *fast.encode("failed")),
+        (3, "", "failed", b"{}"),
+    ]  # never sent: counts as a line only
     assert await store.record_results(redis, "batch_a", results) == 4
     # Recorded again (a redelivery, or redis-py re-sending the script after a lost reply): no change.
     assert await store.record_results(redis, "batch_a", results) == 0
@@ -97,8 +101,10 @@ async def test_recording_moves_exact_counters(redis):
     assert _value(hist, name + "_sum", provider="default", status="200") == pytest.approx(0.76)
     assert _value(hist, name + "_count", provider="default", status="429") == 1
     assert _value(hist, name + "_count", provider="default", status="500") == 1
-    assert _value(fams["sluice_upstream_requests"], "sluice_upstream_requests_total",
-                  provider="default", status="429") == 1
+    assert (
+        _value(fams["sluice_upstream_requests"], "sluice_upstream_requests_total", provider="default", status="429")
+        == 1
+    )
     assert _value(fams["sluice_upstream_rate_limited"], "sluice_upstream_rate_limited_total", provider="default") == 1
     assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="default") == 2
     assert _value(fams["sluice_upstream_retries"], "sluice_upstream_retries_total", provider="limited") == 0
@@ -108,8 +114,10 @@ async def test_recording_moves_exact_counters(redis):
     assert _value(fams["sluice_processes"], "sluice_processes", role="web", state="live") == 1
     assert _value(fams["sluice_web_requests_in_flight"], "sluice_web_requests_in_flight", process="web-a") == 3
     assert _value(fams["sluice_worker_lines_in_flight"], "sluice_worker_lines_in_flight", process="w-a") == 1
-    assert _value(fams["sluice_upstream_requests_in_flight"], "sluice_upstream_requests_in_flight",
-                  provider="default") == 1
+    assert (
+        _value(fams["sluice_upstream_requests_in_flight"], "sluice_upstream_requests_in_flight", provider="default")
+        == 1
+    )
 
     # A batch that ended (its work keys deleted) records nothing, and counts nothing.
     await redis.delete(*keys.work_keys("batch_a"))
@@ -137,11 +145,23 @@ async def test_failed_beat_is_reported_not_raised():
 
 async def test_batch_provider_and_finalizer_gauges(redis):
     now_ms = int((await redis.time())[0] * 1000)
-    for batch_id, st, total, done, model in (("batch_a", "in_progress", 10, 4, "gpt-4o"),
-                                              ("batch_b", "in_progress", 5, 0, "x-small")):
-        await redis.hset(keys.batch(batch_id), mapping={"owner": "o" * 32, "status": st, "total": total,
-                                                        "completed": done, "failed": 0, "model": model,
-                                                        "provider": "", "in_progress_at": now_ms // 1000 - 10})
+    for batch_id, st, total, done, model in (
+        ("batch_a", "in_progress", 10, 4, "gpt-4o"),
+        ("batch_b", "in_progress", 5, 0, "x-small"),
+    ):
+        await redis.hset(
+            keys.batch(batch_id),
+            mapping={
+                "owner": "o" * 32,
+                "status": st,
+                "total": total,
+                "completed": done,
+                "failed": 0,
+                "model": model,
+                "provider": "",
+                "in_progress_at": now_ms // 1000 - 10,
+            },
+        )
         await redis.sadd(keys.LIVE_BATCHES, batch_id)
     await redis.xadd(keys.lines("batch_a"), {streams.LINE_CUSTOM_ID: "x"}, id="0-1")
     await redis.xgroup_create(keys.lines("batch_a"), keys.WORKER_GROUP, id="0")
@@ -162,8 +182,11 @@ async def test_batch_provider_and_finalizer_gauges(redis):
     assert _value(fams["sluice_finalizer_lag_lines"], "sluice_finalizer_lag_lines") == 2
     assert _value(fams["sluice_finalizer_lag_seconds"], "sluice_finalizer_lag_seconds") >= 0
     # 600 s from when it was set, less however long this test took since (a minute at the very worst).
-    assert 540 < _value(fams["sluice_provider_paused_seconds"], "sluice_provider_paused_seconds",
-                        provider="default") <= 600
+    assert (
+        540
+        < _value(fams["sluice_provider_paused_seconds"], "sluice_provider_paused_seconds", provider="default")
+        <= 600
+    )
     assert _value(fams["sluice_provider_leases"], "sluice_provider_leases", provider="limited") == 2
     assert _value(fams["sluice_batches"], "sluice_batches", status="in_progress") == 2
     text = status.render(snap)
@@ -280,11 +303,14 @@ async def test_concurrency_limit_now_and_its_bound(redis):
     assert "7/16 (adaptive)" in text and "4/4 (adaptive)" in text
 
     # Adaptive concurrency off: the limit is max_concurrency, and a provider without one has none.
-    fixed = (Provider(name="limited", base_url="http://127.0.0.1:9", max_concurrency=4, adaptive=False),
-             Provider(name="default", base_url="http://127.0.0.1:9", adaptive=False))
+    fixed = (
+        Provider(name="limited", base_url="http://127.0.0.1:9", max_concurrency=4, adaptive=False),
+        Provider(name="default", base_url="http://127.0.0.1:9", adaptive=False),
+    )
     snap = await cluster.snapshot(redis, Settings(api_tokens=("tok-a",), providers=fixed))
     fams = _families(metrics.exposition(snap).decode())
-    assert _value(fams["sluice_provider_concurrency_limit"], "sluice_provider_concurrency_limit",
-                  provider="limited") == 4
+    assert (
+        _value(fams["sluice_provider_concurrency_limit"], "sluice_provider_concurrency_limit", provider="limited") == 4
+    )
     assert [s for s in fams.get("sluice_provider_concurrency_limit", []) if s.labels["provider"] == "default"] == []
     assert fams.get("sluice_provider_concurrency_window", []) == []

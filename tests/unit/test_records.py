@@ -14,15 +14,41 @@ def _raw(**fields: object) -> dict[bytes, bytes]:
 
 
 def test_a_batch_record_decodes_its_fields_to_their_types():
-    rec = BatchRecord.from_hash(_raw(
-        id="batch_1", owner="o", endpoint="/v1/chat/completions", input_file_id="file-1", input_key="k",
-        completion_window="24h", status="in_progress", created_at=100, expires_at=86500, total=10, completed=4,
-        failed=1, metadata='{"job":"a"}', reserved_lines=10, released=1, byok_used=1, in_progress_at=101,
-        feed_index=5, feed_offset=512, deleg_providers='["p1","p2"]', usage_input=7, usage_cached=2,
-        errors='[{"code":"invalid_json","message":"bad","param":null,"line":3}]', fin_cursor="1-0",
-    ))
+    rec = BatchRecord.from_hash(
+        _raw(
+            id="batch_1",
+            owner="o",
+            endpoint="/v1/chat/completions",
+            input_file_id="file-1",
+            input_key="k",
+            completion_window="24h",
+            status="in_progress",
+            created_at=100,
+            expires_at=86500,
+            total=10,
+            completed=4,
+            failed=1,
+            metadata='{"job":"a"}',
+            reserved_lines=10,
+            released=1,
+            byok_used=1,
+            in_progress_at=101,
+            feed_index=5,
+            feed_offset=512,
+            deleg_providers='["p1","p2"]',
+            usage_input=7,
+            usage_cached=2,
+            errors='[{"code":"invalid_json","message":"bad","param":null,"line":3}]',
+            fin_cursor="1-0",
+        )
+    )
     assert (rec.id, rec.status, rec.created_at, rec.expires_at, rec.in_progress_at) == (
-        "batch_1", "in_progress", 100, 86500, 101)
+        "batch_1",
+        "in_progress",
+        100,
+        86500,
+        101,
+    )
     assert (rec.total, rec.completed, rec.failed, rec.reserved_lines) == (10, 4, 1, 10)
     assert rec.metadata == {"job": "a"}
     assert rec.released is True and rec.byok_used is True
@@ -46,8 +72,9 @@ def test_missing_fields_take_their_defaults():
 
 def test_empty_values_are_unset_options():
     # create_batch writes an unset option as "" (it is a field of the hash all the same).
-    rec = BatchRecord.from_hash(_raw(id="batch_1", status="validating", output_expires_after="", metadata="",
-                                     provider="", expires_at=5))
+    rec = BatchRecord.from_hash(
+        _raw(id="batch_1", status="validating", output_expires_after="", metadata="", provider="", expires_at=5)
+    )
     assert rec.output_expires_after is None and rec.metadata is None and rec.provider == "" and rec.expires_at == 5
 
 
@@ -74,11 +101,29 @@ def test_a_value_of_the_wrong_type_is_an_error_not_a_silent_default():
 
 
 def test_a_file_record_decodes_and_tolerates_missing_and_unknown_fields():
-    rec = FileRecord.from_hash(_raw(id="file-1", owner="o", bytes=123, created_at=9, filename="in.jsonl",
-                                    purpose="batch", storage_key="file-1", expires_at="", lines=4, charged=1,
-                                    later_field="z"))
+    rec = FileRecord.from_hash(
+        _raw(
+            id="file-1",
+            owner="o",
+            bytes=123,
+            created_at=9,
+            filename="in.jsonl",
+            purpose="batch",
+            storage_key="file-1",
+            expires_at="",
+            lines=4,
+            charged=1,
+            later_field="z",
+        )
+    )
     assert (rec.id, rec.bytes, rec.created_at, rec.expires_at, rec.lines, rec.charged) == (
-        "file-1", 123, 9, None, 4, True)
+        "file-1",
+        123,
+        9,
+        None,
+        4,
+        True,
+    )
     assert FileRecord.from_hash(_raw(id="file-2", expires_at=77)).expires_at == 77
     assert FileRecord.from_hash({b"bytes": b"5"}) == FileRecord(bytes=5)
 

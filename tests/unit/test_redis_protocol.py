@@ -27,8 +27,9 @@ def _commands(protocol: type) -> list[str]:
     return sorted(name for name, value in vars(protocol).items() if not name.startswith("_") and callable(value))
 
 
-@pytest.mark.parametrize("protocol, real", [(Redis, aioredis.Redis), (Pipeline, RealPipeline)],
-                         ids=["Redis", "Pipeline"])
+@pytest.mark.parametrize(
+    "protocol, real", [(Redis, aioredis.Redis), (Pipeline, RealPipeline)], ids=["Redis", "Pipeline"]
+)
 def test_every_command_exists_on_the_real_client_with_the_parameters_given(protocol: type, real: type) -> None:
     for name in _commands(protocol):
         assert hasattr(real, name), f"{real.__name__} has no {name}"
@@ -54,13 +55,17 @@ def _conforms(value: Any, hint: Any) -> bool:
         return any(_conforms(value, a) for a in args)
     if typing.is_typeddict(hint):
         fields = get_type_hints(hint)
-        return isinstance(value, dict) and set(value) == set(fields) and all(
-            _conforms(value[k], t) for k, t in fields.items())
+        return (
+            isinstance(value, dict)
+            and set(value) == set(fields)
+            and all(_conforms(value[k], t) for k, t in fields.items())
+        )
     if origin in (list, set):
         return isinstance(value, origin) and all(_conforms(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
-                                               for k, v in value.items())
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
     if origin is tuple:
         return isinstance(value, tuple) and len(value) == len(args) and all(map(_conforms, value, args))
     if hint is int:
@@ -82,14 +87,28 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
     sha = await r.script_load("return 1")
     # Every command of the protocol, with arguments that give a non-empty answer where one can.
     calls: dict[str, list[tuple[Any, ...]]] = {
-        "eval": [("return 1", 0)], "evalsha": [(sha, 0)], "exists": [("p:k", "p:none")],
-        "get": [("p:k",), ("p:none",)], "hget": [("p:h", "a"), ("p:h", "none")], "hgetall": [("p:h",)],
-        "hmget": [("p:h", ["a", "none"])], "hset": [("p:h2", "a", "1")], "hsetnx": [("p:h2", "a", "2")],
-        "incr": [("p:n",)], "mget": [(["p:k", "p:none"],)], "ping": [()], "script_load": [("return 2",)],
-        "smembers": [("p:set",)], "srem": [("p:set", "y")], "xlen": [("p:stream",)],
-        "xautoclaim": [("p:stream", "g", "c2", 0, "0-0", 10)], "xpending": [("p:stream", "g")],
-        "xpending_range": [("p:stream", "g", "-", "+", 10)], "zrange": [("p:z", 0, -1)],
-        "zrangebyscore": [("p:z", "-inf", "+inf", 0, 10)], "zrevrangebyscore": [("p:z", "+inf", "-inf", 0, 10)],
+        "eval": [("return 1", 0)],
+        "evalsha": [(sha, 0)],
+        "exists": [("p:k", "p:none")],
+        "get": [("p:k",), ("p:none",)],
+        "hget": [("p:h", "a"), ("p:h", "none")],
+        "hgetall": [("p:h",)],
+        "hmget": [("p:h", ["a", "none"])],
+        "hset": [("p:h2", "a", "1")],
+        "hsetnx": [("p:h2", "a", "2")],
+        "incr": [("p:n",)],
+        "mget": [(["p:k", "p:none"],)],
+        "ping": [()],
+        "script_load": [("return 2",)],
+        "smembers": [("p:set",)],
+        "srem": [("p:set", "y")],
+        "xlen": [("p:stream",)],
+        "xautoclaim": [("p:stream", "g", "c2", 0, "0-0", 10)],
+        "xpending": [("p:stream", "g")],
+        "xpending_range": [("p:stream", "g", "-", "+", 10)],
+        "zrange": [("p:z", 0, -1)],
+        "zrangebyscore": [("p:z", "-inf", "+inf", 0, 10)],
+        "zrevrangebyscore": [("p:z", "+inf", "-inf", 0, 10)],
         "zrem": [("p:z", "m1")],
     }
     iterators: dict[str, tuple[Any, ...]] = {"hscan_iter": ("p:h",), "scan_iter": ("p:*",)}
@@ -107,11 +126,24 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
             assert items and all(_conforms(item, get_args(hint)[0]) for item in items), f"{name}: {items!r}"
 
         pipe = r.pipeline(transaction=False)
-        queued = {"delete": ("p:none",), "get": ("p:k",), "hdel": ("p:h2", b"none"), "hget": ("p:h", "a"),
-                  "hgetall": ("p:h",), "hmget": ("p:h", "a", "b"), "smembers": ("p:set",), "time": (),
-                  "xlen": ("p:stream",), "xpending": ("p:stream", "g"), "xrange": ("p:stream", "-", "+", 1),
-                  "xreadgroup": ("g", "c3", {"p:stream": "0"}, 1), "zcount": ("p:z", 0, "+inf"),
-                  "zrange": ("p:z", 0, -1, True), "zrem": ("p:z", "none"), "evalsha": (sha, 0)}
+        queued = {
+            "delete": ("p:none",),
+            "get": ("p:k",),
+            "hdel": ("p:h2", b"none"),
+            "hget": ("p:h", "a"),
+            "hgetall": ("p:h",),
+            "hmget": ("p:h", "a", "b"),
+            "smembers": ("p:set",),
+            "time": (),
+            "xlen": ("p:stream",),
+            "xpending": ("p:stream", "g"),
+            "xrange": ("p:stream", "-", "+", 1),
+            "xreadgroup": ("g", "c3", {"p:stream": "0"}, 1),
+            "zcount": ("p:z", 0, "+inf"),
+            "zrange": ("p:z", 0, -1, True),
+            "zrem": ("p:z", "none"),
+            "evalsha": (sha, 0),
+        }
         assert set(_commands(Pipeline)) == {*queued, "execute"}, "a pipeline command this test does not queue"
         for name, args in queued.items():
             assert getattr(pipe, name)(*args) is pipe, f"{name} does not return the pipeline"

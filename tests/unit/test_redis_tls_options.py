@@ -10,14 +10,17 @@ from service.core.config import Settings
 from service.core.connections import connect, tls_options
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("redis://localhost:6379/0", {}),
-    ("unix:///tmp/redis.sock", {}),
-    ("rediss://:pw@redis.example:6380/0", {"ssl_cert_reqs": "none"}),
-    ("REDISS://redis.example:6380", {"ssl_cert_reqs": "none"}),
-    ("rediss://redis.example:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem", {}),
-    ("rediss://redis.example:6380/0?ssl_check_hostname=false", {"ssl_cert_reqs": "none"}),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("redis://localhost:6379/0", {}),
+        ("unix:///tmp/redis.sock", {}),
+        ("rediss://:pw@redis.example:6380/0", {"ssl_cert_reqs": "none"}),
+        ("REDISS://redis.example:6380", {"ssl_cert_reqs": "none"}),
+        ("rediss://redis.example:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem", {}),
+        ("rediss://redis.example:6380/0?ssl_check_hostname=false", {"ssl_cert_reqs": "none"}),
+    ],
+)
 def test_tls_options(url, expected):
     assert tls_options(url) == expected
 

@@ -7,8 +7,7 @@ from collections import Counter
 from workers.scheduling import Candidate, Deadlines, Scheduler, weight
 
 
-def _run(scheduler: Scheduler, candidates: list[Candidate], reads: int, *, free: int = 1,
-         now: float = 0.0) -> Counter:
+def _run(scheduler: Scheduler, candidates: list[Candidate], reads: int, *, free: int = 1, now: float = 0.0) -> Counter:
     """``reads`` plans of ``free`` lines each, every planned line really read; lines per batch."""
     got: Counter = Counter()
     for _ in range(reads):
@@ -54,8 +53,11 @@ def test_a_newcomer_starts_level_and_a_dry_batch_yields_its_turns():
 
 
 def test_at_risk_batches_go_first_by_deadline_and_leave_a_share():
-    c = [Candidate("late", "A", 1, 5000.0, urgent=True), Candidate("soon", "A", 1, 1000.0, urgent=True),
-         Candidate("other", "B", 4, 1e9)]
+    c = [
+        Candidate("late", "A", 1, 5000.0, urgent=True),
+        Candidate("soon", "A", 1, 1000.0, urgent=True),
+        Candidate("other", "B", 4, 1e9),
+    ]
     got = _run(Scheduler(), c, 1000)
     # 90% to the earliest deadline; the other 10% shared as usual (tokens A and B half each).
     assert got == Counter({"soon": 900 + 25, "other": 50, "late": 25}), got

@@ -7,8 +7,24 @@ from redis.crc import key_slot as redis_key_slot
 from service.devtools.shard_tags import key_slot, shard_tags
 
 # The list docs/cluster-design.md gives (python -m service.devtools.shard_tags).
-DOC_TAGS = ["smj1", "segi", "s4et", "s4a4", "s85k", "se2c", "s4tv", "s4p6",
-            "sgao", "sol7", "s6g2", "s6cr", "sg4e", "sv25", "s628", "s66x"]
+DOC_TAGS = [
+    "smj1",
+    "segi",
+    "s4et",
+    "s4a4",
+    "s85k",
+    "se2c",
+    "s4tv",
+    "s4p6",
+    "sgao",
+    "sol7",
+    "s6g2",
+    "s6cr",
+    "sg4e",
+    "sv25",
+    "s628",
+    "s66x",
+]
 
 
 def test_the_slot_rule_is_redis_own():

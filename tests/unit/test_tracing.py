@@ -43,8 +43,14 @@ TRACING_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter")
 
 def _probe(env: dict[str, str], *, absent: bool = False) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SLUICE_"))}
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(env), "absent" if absent else "installed"],
-                         cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(env), "absent" if absent else "installed"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -64,18 +70,30 @@ def test_off_needs_and_loads_no_tracing_code():
 
 def test_settings():
     assert Settings.from_env({}).otel_traces_endpoint == ""
-    assert Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}).otel_traces_endpoint == \
-        "http://c:4318/v1/traces"
-    assert Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
-                              "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"}).otel_traces_endpoint == "http://t/x"
-    assert Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_SDK_DISABLED": "true"}
-                             ).otel_traces_endpoint == ""
+    assert (
+        Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}).otel_traces_endpoint
+        == "http://c:4318/v1/traces"
+    )
+    assert (
+        Settings.from_env(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"}
+        ).otel_traces_endpoint
+        == "http://t/x"
+    )
+    assert (
+        Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_SDK_DISABLED": "true"}).otel_traces_endpoint
+        == ""
+    )
     assert Settings.from_env({}).trace_line_sample == 0.01
-    for env, name in (({"SLUICE_TRACE_LINE_SAMPLE": "1.5"}, "SLUICE_TRACE_LINE_SAMPLE"),
-                      ({"SLUICE_TRACE_LINE_SAMPLE": "nan"}, "SLUICE_TRACE_LINE_SAMPLE"),
-                      ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
-                      ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-                       "OTEL_EXPORTER_OTLP_PROTOCOL")):
+    for env, name in (
+        ({"SLUICE_TRACE_LINE_SAMPLE": "1.5"}, "SLUICE_TRACE_LINE_SAMPLE"),
+        ({"SLUICE_TRACE_LINE_SAMPLE": "nan"}, "SLUICE_TRACE_LINE_SAMPLE"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+    ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env(env)
 

@@ -11,28 +11,60 @@ from service.core import usage
 from .conftest import NO_AUTH
 
 
-@pytest.mark.parametrize("body, expected", [
-    ({"model": "gpt-4o", "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
-                                   "prompt_tokens_details": {"cached_tokens": 3},
-                                   "completion_tokens_details": {"reasoning_tokens": 2}}}, "11 3 7 2 p|gpt-4o"),
-    ({"model": "o3", "usage": {"input_tokens": 5, "output_tokens": 9, "input_tokens_details": {"cached_tokens": 1},
-                               "output_tokens_details": {"reasoning_tokens": 4}}}, "5 1 9 4 p|o3"),
-    ({"model": "text-embedding-3-small", "data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}},
-     "8 0 0 0 p|text-embedding-3-small"),
-    ({"model": "a|b", "usage": {"prompt_tokens": 1}}, "1 0 0 0 p|a_b"),
-    ({"usage": {"prompt_tokens": -4, "completion_tokens": "many", "prompt_tokens_details": None}}, "0 0 0 0 p|unknown"),
-    ({"model": "m"}, ""),
-    ({"model": "m", "usage": None}, ""),
-    ({"model": "m", "usage": [1, 2]}, ""),
-    ([1, 2], ""),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            {
+                "model": "gpt-4o",
+                "usage": {
+                    "prompt_tokens": 11,
+                    "completion_tokens": 7,
+                    "total_tokens": 18,
+                    "prompt_tokens_details": {"cached_tokens": 3},
+                    "completion_tokens_details": {"reasoning_tokens": 2},
+                },
+            },
+            "11 3 7 2 p|gpt-4o",
+        ),
+        (
+            {
+                "model": "o3",
+                "usage": {
+                    "input_tokens": 5,
+                    "output_tokens": 9,
+                    "input_tokens_details": {"cached_tokens": 1},
+                    "output_tokens_details": {"reasoning_tokens": 4},
+                },
+            },
+            "5 1 9 4 p|o3",
+        ),
+        (
+            {"model": "text-embedding-3-small", "data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}},
+            "8 0 0 0 p|text-embedding-3-small",
+        ),
+        ({"model": "a|b", "usage": {"prompt_tokens": 1}}, "1 0 0 0 p|a_b"),
+        (
+            {"usage": {"prompt_tokens": -4, "completion_tokens": "many", "prompt_tokens_details": None}},
+            "0 0 0 0 p|unknown",
+        ),
+        ({"model": "m"}, ""),
+        ({"model": "m", "usage": None}, ""),
+        ({"model": "m", "usage": [1, 2]}, ""),
+        ([1, 2], ""),
+    ],
+)
 def test_usage_is_read_from_the_body_and_garbage_is_harmless(body, expected):
     assert usage.from_body("p", json.dumps(body).encode()) == expected
 
 
 def test_usage_of_a_result_line_and_of_broken_ones():
-    line = {"id": "batch_req_1", "custom_id": "c", "error": None,
-            "response": {"status_code": 200, "request_id": "r", "body": {"model": "m", "usage": {"prompt_tokens": 2}}}}
+    line = {
+        "id": "batch_req_1",
+        "custom_id": "c",
+        "error": None,
+        "response": {"status_code": 200, "request_id": "r", "body": {"model": "m", "usage": {"prompt_tokens": 2}}},
+    }
     assert usage.from_result_line("prov", json.dumps(line).encode()) == "2 0 0 0 prov|m"
     for broken in (b"not json", b"{}", b'{"response": null}', b'{"response": {"body": 3}}', b"\xff"):
         assert usage.from_result_line("prov", broken) == ""
@@ -57,22 +89,44 @@ async def test_a_line_recorded_twice_counts_its_tokens_once():
     r = fakeredis.FakeAsyncRedis()
     await r.hset(keys.batch("batch_u"), mapping={"owner": "owner1", "completed": 0, "failed": 0})
     await r.xgroup_create(keys.results("batch_u"), "finalizer", id="0", mkstream=True)
-    first = [(0, "", "completed", b'{"custom_id": "a"}', "10 2 5 1 prov|model-x"),
-             (1, "", "failed", b'{"custom_id": "b"}', "")]
+    first = [
+        (0, "", "completed", b'{"custom_id": "a"}', "10 2 5 1 prov|model-x"),
+        (1, "", "failed", b'{"custom_id": "b"}', ""),
+    ]
     assert await store.record_results(r, "batch_u", first) == 2
     # A redelivery of line 0 (with its usage) and a new line 2 in one call: only line 2 counts.
     again = [first[0], (2, "", "completed", b'{"custom_id": "c"}', "1 0 1 0 prov|model-x")]
     assert await store.record_results(r, "batch_u", again) == 1
-    b = store.batch_from_record(BatchRecord.from_hash(await r.hgetall(keys.batch("batch_u")) | {
-        b"id": b"batch_u", b"endpoint": b"/v1/chat/completions", b"input_file_id": b"f", b"completion_window": b"24h",
-        b"status": b"in_progress", b"created_at": b"1"}))
-    assert (b.usage.input_tokens, b.usage.input_tokens_details.cached_tokens, b.usage.output_tokens,
-            b.usage.output_tokens_details.reasoning_tokens, b.usage.total_tokens) == (11, 2, 6, 1, 17)
+    b = store.batch_from_record(
+        BatchRecord.from_hash(
+            await r.hgetall(keys.batch("batch_u"))
+            | {
+                b"id": b"batch_u",
+                b"endpoint": b"/v1/chat/completions",
+                b"input_file_id": b"f",
+                b"completion_window": b"24h",
+                b"status": b"in_progress",
+                b"created_at": b"1",
+            }
+        )
+    )
+    assert (
+        b.usage.input_tokens,
+        b.usage.input_tokens_details.cached_tokens,
+        b.usage.output_tokens,
+        b.usage.output_tokens_details.reasoning_tokens,
+        b.usage.total_tokens,
+    ) == (11, 2, 6, 1, 17)
     day_keys = [k.decode() for k in await r.keys("sluice:usage:*")]
     assert len(day_keys) == 1
     day = {k.decode(): int(v) for k, v in (await r.hgetall(day_keys[0])).items()}
-    assert day == {"owner1|prov|model-x|input": 11, "owner1|prov|model-x|cached": 2, "owner1|prov|model-x|output": 6,
-                   "owner1|prov|model-x|reasoning": 1, "owner1|prov|model-x|requests": 2}
+    assert day == {
+        "owner1|prov|model-x|input": 11,
+        "owner1|prov|model-x|cached": 2,
+        "owner1|prov|model-x|output": 6,
+        "owner1|prov|model-x|reasoning": 1,
+        "owner1|prov|model-x|requests": 2,
+    }
     tokens = {k.decode(): int(v) for k, v in (await r.hgetall(keys.METRICS_TOKENS)).items()}
     assert tokens["prov|model-x|input"] == 11 and tokens["prov|model-x|requests"] == 2
     assert await r.ttl(day_keys[0]) > 0 and await r.ttl(keys.METRICS_TOKENS) > 0

@@ -36,20 +36,38 @@ async def usage(r, owner: str = OWNER) -> dict[str, int]:
     return {name: int(v or 0) for name, v in zip(FIELDS, values)}
 
 
-async def new_file(r, file_id: str, size: int, *, limit: int | None = 10_000, expires_at: int | None = None,
-                   owner: str = OWNER):
+async def new_file(
+    r, file_id: str, size: int, *, limit: int | None = 10_000, expires_at: int | None = None, owner: str = OWNER
+):
     return await store.create_file(
-        r, owner=owner, file_id=file_id, seq=store.seq_of(file_id) or 1, filename="f.jsonl", purpose="batch",
-        size=size, storage_key=file_id, expires_at=expires_at, max_stored_bytes=limit,
+        r,
+        owner=owner,
+        file_id=file_id,
+        seq=store.seq_of(file_id) or 1,
+        filename="f.jsonl",
+        purpose="batch",
+        size=size,
+        storage_key=file_id,
+        expires_at=expires_at,
+        max_stored_bytes=limit,
     )
 
 
-async def new_batch(r, batch_id: str, lines: int, *, max_active: int = 3, max_lines: int = 100,
-                    owner: str = OWNER):
+async def new_batch(r, batch_id: str, lines: int, *, max_active: int = 3, max_lines: int = 100, owner: str = OWNER):
     return await store.create_batch(
-        r, owner=owner, batch_id=batch_id, seq=store.seq_of(batch_id) or 1, endpoint="/v1/chat/completions",
-        input_file_id="file-000000000001aaaaaaaaaaaa", input_key="k", completion_window="24h", window_s=86400,
-        metadata=None, output_expires_after=None, reserved_lines=lines, max_active_batches=max_active,
+        r,
+        owner=owner,
+        batch_id=batch_id,
+        seq=store.seq_of(batch_id) or 1,
+        endpoint="/v1/chat/completions",
+        input_file_id="file-000000000001aaaaaaaaaaaa",
+        input_key="k",
+        completion_window="24h",
+        window_s=86400,
+        metadata=None,
+        output_expires_after=None,
+        reserved_lines=lines,
+        max_active_batches=max_active,
         max_enqueued_lines=max_lines,
     )
 
@@ -352,8 +370,11 @@ async def test_audit_repairs_planted_drift_and_logs_it(r, tmp_path, logs):
     repaired = [e for e in logs if e["event"] == "usage_repaired"]
     assert len(repaired) == 1, logs
     # Before: what was found once the ended batch had given its quota back (1 batch, 2 lines).
-    assert repaired[0]["before"] == {**drifted, "active_batches": drifted["active_batches"] - 1,
-                                     "enqueued_lines": drifted["enqueued_lines"] - 2}
+    assert repaired[0]["before"] == {
+        **drifted,
+        "active_batches": drifted["active_batches"] - 1,
+        "enqueued_lines": drifted["enqueued_lines"] - 2,
+    }
     assert repaired[0]["after"] == exact and repaired[0]["owner"] == OWNER
     assert await r.exists(keys.USAGE_AUDIT_LOCK) == 0  # given up at the end
 
@@ -422,8 +443,14 @@ async def test_finalizer_releases_a_batch_whose_finish_was_interrupted(r, tmp_pa
     fin.redis = r
     await new_batch(r, bid(1), 4)
     # The transition ran (it leaves the batch live until released), then the finalizer died.
-    await store.transition(r, bid(1), allowed=["validating"], fields={"status": "completed"},
-                           remove_from=[keys.ACTIVE_BATCHES], expire_s=3600)
+    await store.transition(
+        r,
+        bid(1),
+        allowed=["validating"],
+        fields={"status": "completed"},
+        remove_from=[keys.ACTIVE_BATCHES],
+        expire_s=3600,
+    )
     await r.sadd(keys.LIVE_BATCHES, bid(1))
     from service.core import leases
 

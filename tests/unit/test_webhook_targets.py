@@ -27,38 +27,44 @@ PUBLIC = "93.184.215.14"  # a public address (no DNS needed)
 
 async def _create(api, url: str):
     f = await api.upload_ok()
-    return await api.request("POST", "/v1/batches", headers={HEADER: url},
-                             json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                                   "completion_window": "24h"})
+    return await api.request(
+        "POST",
+        "/v1/batches",
+        headers={HEADER: url},
+        json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
 
 
-@pytest.mark.parametrize("url,why", [
-    ("http://127.0.0.1:6379/", "loopback"),
-    ("http://[::1]:8000/", "loopback"),
-    ("http://0x7f000001/", "loopback"),
-    ("http://2130706433/", "loopback"),
-    ("http://127.1/", "loopback"),
-    ("http://0177.0.0.1/", "loopback"),
-    ("http://127.0.0.1./hook", "loopback"),
-    ("http://[::ffff:127.0.0.1]/", "loopback"),
-    ("http://localhost:9/", "loopback"),
-    ("http://LOCALHOST/hook", "loopback"),
-    ("http://10.1.2.3/", "private"),
-    ("http://172.16.0.1/", "private"),
-    ("http://192.168.1.1/", "private"),
-    ("http://169.254.1.1/", "link-local"),
-    ("http://[fe80::1]/", "link-local"),
-    ("http://[fd12:3456::1]/", "unique-local"),
-    ("http://100.64.0.1/", "CGNAT"),
-    ("http://0.0.0.0:8000/", "unspecified"),
-    ("http://[::]/", "unspecified"),
-    ("http://224.0.0.1/", "multicast"),
-    ("http://[ff02::1]/", "multicast"),
-    ("http://169.254.169.254/latest/meta-data/", "metadata"),
-    ("http://[fd00:ec2::254]/", "metadata"),
-    ("http://metadata.google.internal/computeMetadata/v1/", "metadata"),
-    ("http://1.2.3.4.5/", "not a valid IPv4 address"),
-])
+@pytest.mark.parametrize(
+    "url,why",
+    [
+        ("http://127.0.0.1:6379/", "loopback"),
+        ("http://[::1]:8000/", "loopback"),
+        ("http://0x7f000001/", "loopback"),
+        ("http://2130706433/", "loopback"),
+        ("http://127.1/", "loopback"),
+        ("http://0177.0.0.1/", "loopback"),
+        ("http://127.0.0.1./hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]/", "loopback"),
+        ("http://localhost:9/", "loopback"),
+        ("http://LOCALHOST/hook", "loopback"),
+        ("http://10.1.2.3/", "private"),
+        ("http://172.16.0.1/", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://169.254.1.1/", "link-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://[fd12:3456::1]/", "unique-local"),
+        ("http://100.64.0.1/", "CGNAT"),
+        ("http://0.0.0.0:8000/", "unspecified"),
+        ("http://[::]/", "unspecified"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://[ff02::1]/", "multicast"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("http://[fd00:ec2::254]/", "metadata"),
+        ("http://metadata.google.internal/computeMetadata/v1/", "metadata"),
+        ("http://1.2.3.4.5/", "not a valid IPv4 address"),
+    ],
+)
 async def test_non_public_webhook_target_refused_at_creation(make_api, url, why):
     api = await make_api(webhook_secret=SECRET)
     res = await _create(api, url)
@@ -82,23 +88,40 @@ def test_allow_private_setting():
         Settings.from_env({"SLUICE_WEBHOOK_ALLOW_PRIVATE": "maybe"})
 
 
-@pytest.mark.parametrize("host,address", [
-    ("0x7f000001", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("127.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"),
-    ("10.0x10.1", "10.16.0.1"), ("127.0.0.1.", "127.0.0.1"), ("::ffff:7f00:1", "::ffff:7f00:1"),
-    ("fe80::1%eth0", "fe80::1"), ("example.com", None), ("1example", None),
-])
+@pytest.mark.parametrize(
+    "host,address",
+    [
+        ("0x7f000001", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("10.0x10.1", "10.16.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("::ffff:7f00:1", "::ffff:7f00:1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("example.com", None),
+        ("1example", None),
+    ],
+)
 def test_literal_addresses_in_every_spelling(host, address):
     got = literal_address(host)
     assert (str(got) if got is not None else None) == address
 
 
-@pytest.mark.parametrize("address,public", [
-    ("8.8.8.8", True), ("2606:4700::1111", True), ("127.0.0.2", False), ("192.0.0.192", False),
-    ("2002:7f00:1::", False),  # 6to4 around 127.0.0.1
-    ("64:ff9b::a00:1", False),  # NAT64 around 10.0.0.1
-    ("64:ff9b::808:808", True),  # NAT64 around 8.8.8.8
-    ("255.255.255.255", False), ("198.18.0.1", False),
-])
+@pytest.mark.parametrize(
+    "address,public",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.2", False),
+        ("192.0.0.192", False),
+        ("2002:7f00:1::", False),  # 6to4 around 127.0.0.1
+        ("64:ff9b::a00:1", False),  # NAT64 around 10.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 around 8.8.8.8
+        ("255.255.255.255", False),
+        ("198.18.0.1", False),
+    ],
+)
 def test_forbidden_reason(address, public):
     assert (forbidden_reason(ipaddress.ip_address(address)) is None) == public
 
@@ -122,8 +145,13 @@ async def _finished_batch_with_webhook(api, url: str) -> str:
     created = (await _create(api, url)).ok()
     await api.wait_batch(created["id"])
     r = api.client.app[REDIS]
-    applied, _ = await store.transition(r, created["id"], allowed=["in_progress", "failed"],
-                                        fields={"status": "cancelled", "cancelled_at": store.now()}, expire_s=3600)
+    applied, _ = await store.transition(
+        r,
+        created["id"],
+        allowed=["in_progress", "failed"],
+        fields={"status": "cancelled", "cancelled_at": store.now()},
+        expire_s=3600,
+    )
     assert applied
     return created["id"]
 

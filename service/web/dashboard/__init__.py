@@ -42,7 +42,7 @@ PUBLIC_PATHS = frozenset({"/dashboard", "/dashboard/", *(f"/dashboard/{name}" fo
 # The page runs only its own script and talks only to its own origin.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -57,8 +57,9 @@ async def _asset(request: web.Request) -> web.StreamResponse:
     name = request.match_info.get("name") or "index.html"
     if name not in ASSETS:
         raise web.HTTPNotFound()
-    return web.Response(body=(HERE / name).read_bytes(), content_type=ASSETS[name], charset="utf-8",
-                        headers=SECURITY_HEADERS)
+    return web.Response(
+        body=(HERE / name).read_bytes(), content_type=ASSETS[name], charset="utf-8", headers=SECURITY_HEADERS
+    )
 
 
 async def cluster(request: web.Request) -> web.Response:
@@ -68,15 +69,22 @@ async def cluster(request: web.Request) -> web.Response:
     owner = request[appkeys.OWNER]
     processes = []
     for p in sorted(snap.processes, key=lambda p: (p.role, not p.live, p.name)):
-        processes.append({
-            "name": p.name, "role": p.role, "host": p.host, "pid": p.pid,
-            "live": p.live, "last_beat_s": round(p.age_s, 1), "started_at": p.started_at,
-            "state": p.fields.get("state", ""),
-            "leased_batches": snap.leased_batches(p.name) if p.role == "finalizer" else None,
-            # Lines for a worker, HTTP requests for a web process.
-            "in_flight": p.int("in_flight") if p.role in ("worker", "web") else None,
-            "concurrency": p.int("concurrency") if p.role == "worker" else None,
-        })
+        processes.append(
+            {
+                "name": p.name,
+                "role": p.role,
+                "host": p.host,
+                "pid": p.pid,
+                "live": p.live,
+                "last_beat_s": round(p.age_s, 1),
+                "started_at": p.started_at,
+                "state": p.fields.get("state", ""),
+                "leased_batches": snap.leased_batches(p.name) if p.role == "finalizer" else None,
+                # Lines for a worker, HTTP requests for a web process.
+                "in_flight": p.int("in_flight") if p.role in ("worker", "web") else None,
+                "concurrency": p.int("concurrency") if p.role == "worker" else None,
+            }
+        )
     providers = []
     for prov in snap.providers:
         counts: dict[str, int] = {}
@@ -85,24 +93,38 @@ async def cluster(request: web.Request) -> web.Response:
             if name == prov.name:
                 counts[kind] = counts.get(kind, 0) + v
         state = f"paused {prov.paused_for_s:.1f}s" if prov.paused_for_s > 0 else "ramping up" if prov.ramping else "ok"
-        providers.append({
-            "name": prov.name, "state": state, "paused_for_s": round(prov.paused_for_s, 1),
-            "requests_in_flight": prov.requests_in_flight, "leases": prov.leases, "max_concurrency": prov.max_concurrency,
-            # The limit every worker follows now (the adaptive window), and what bounds it.
-            "adaptive": prov.adaptive, "concurrency_limit": prov.limit, "concurrency_max": prov.ceiling,
-            "rate_limited": counts.get("rate_limited", 0), "retries": counts.get("retries", 0),
-        })
-    return api.json_response({
-        "object": "sluice.cluster",
-        "now": snap.now,
-        "processes": processes,
-        "providers": providers,
-        "lines": {"completed": snap.lines.get("completed", 0), "failed": snap.lines.get("failed", 0)},
-        "running_batches": {"total": len(snap.batches), "yours": sum(1 for b in snap.batches if b.owner == owner)},
-        # What one batch may hold here: `sluice submit` splits bigger jobs into batches that fit.
-        "limits": {"max_batch_lines": settings.max_batch_lines, "max_batch_file_bytes": settings.max_batch_file_bytes,
-                   "max_file_bytes": settings.max_file_bytes},
-    })
+        providers.append(
+            {
+                "name": prov.name,
+                "state": state,
+                "paused_for_s": round(prov.paused_for_s, 1),
+                "requests_in_flight": prov.requests_in_flight,
+                "leases": prov.leases,
+                "max_concurrency": prov.max_concurrency,
+                # The limit every worker follows now (the adaptive window), and what bounds it.
+                "adaptive": prov.adaptive,
+                "concurrency_limit": prov.limit,
+                "concurrency_max": prov.ceiling,
+                "rate_limited": counts.get("rate_limited", 0),
+                "retries": counts.get("retries", 0),
+            }
+        )
+    return api.json_response(
+        {
+            "object": "sluice.cluster",
+            "now": snap.now,
+            "processes": processes,
+            "providers": providers,
+            "lines": {"completed": snap.lines.get("completed", 0), "failed": snap.lines.get("failed", 0)},
+            "running_batches": {"total": len(snap.batches), "yours": sum(1 for b in snap.batches if b.owner == owner)},
+            # What one batch may hold here: `sluice submit` splits bigger jobs into batches that fit.
+            "limits": {
+                "max_batch_lines": settings.max_batch_lines,
+                "max_batch_file_bytes": settings.max_batch_file_bytes,
+                "max_file_bytes": settings.max_file_bytes,
+            },
+        }
+    )
 
 
 async def history(request: web.Request) -> web.Response:
@@ -114,15 +136,24 @@ async def history(request: web.Request) -> web.Response:
         try:
             minutes = int(raw)
         except ValueError:
-            raise bad_request(f"Invalid 'minutes': expected an integer, got '{raw[:64]}'.", param="minutes",
-                              code="invalid_type") from None
+            raise bad_request(
+                f"Invalid 'minutes': expected an integer, got '{raw[:64]}'.", param="minutes", code="invalid_type"
+            ) from None
         if not 1 <= minutes <= HISTORY_MAX_MINUTES:
-            raise bad_request(f"Invalid 'minutes': {minutes}. It must be between 1 and {HISTORY_MAX_MINUTES}.",
-                              param="minutes", code="invalid_value")
+            raise bad_request(
+                f"Invalid 'minutes': {minutes}. It must be between 1 and {HISTORY_MAX_MINUTES}.",
+                param="minutes",
+                code="invalid_value",
+            )
     settings = request.app[appkeys.SETTINGS]
-    return api.json_response(await counters.read_history(
-        request.app[appkeys.REDIS], now=time.time(), minutes=minutes,
-        providers=tuple(p.name for p in settings.providers)))
+    return api.json_response(
+        await counters.read_history(
+            request.app[appkeys.REDIS],
+            now=time.time(),
+            minutes=minutes,
+            providers=tuple(p.name for p in settings.providers),
+        )
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -53,8 +53,14 @@ MAX_JSON_BODY = 1024 * 1024  # the app's client_max_size for JSON bodies
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 FILE_PURPOSES = UPLOAD_PURPOSES + ("assistants_output", "batch_output", "fine-tune-results")
 BATCH_ENDPOINTS = (
-    "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations",
-    "/v1/images/generations", "/v1/images/edits", "/v1/videos",
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
 )
 CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after")
 REQUIRED_LINE_KEYS = {"custom_id", "method", "url", "body"}
@@ -67,8 +73,12 @@ OTHER_FILE = "<<user-data-file-id>>"
 GOOD_BATCH = "<<good-batch-id>>"
 
 COMMON_SETTINGS = dict(
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
     deadline=None,
     database=None,
 )
@@ -93,10 +103,17 @@ def _routing_defaults() -> dict[str, Any]:
 class Harness:
     def __init__(self, root: Path, **overrides: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.settings = Settings(**{
-            **DEFAULT_SETTINGS, **_routing_defaults(), "max_batch_file_bytes": BATCH_LIMIT,
-            "max_file_bytes": FILE_LIMIT, "max_batch_lines": MAX_LINES, "data_dir": root, **overrides,
-        })
+        self.settings = Settings(
+            **{
+                **DEFAULT_SETTINGS,
+                **_routing_defaults(),
+                "max_batch_file_bytes": BATCH_LIMIT,
+                "max_file_bytes": FILE_LIMIT,
+                "max_batch_lines": MAX_LINES,
+                "data_dir": root,
+                **overrides,
+            }
+        )
         self.storage = GatedStorage(root)
         redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
         app = create_app(self.settings, redis=redis, storage=self.storage)
@@ -156,8 +173,10 @@ class Harness:
             if batch["status"] != "validating":
                 return batch
             if self.loop.time() > deadline:
-                raise AssertionError(f"batch {batch_id} still 'validating' after {VALIDATION_TIMEOUT_S}s "
-                                     f"(the validator hangs or crashed): {batch}")
+                raise AssertionError(
+                    f"batch {batch_id} still 'validating' after {VALIDATION_TIMEOUT_S}s "
+                    f"(the validator hangs or crashed): {batch}"
+                )
             await asyncio.sleep(0.01)
 
     async def check_intact(self) -> None:
@@ -187,8 +206,9 @@ class Harness:
 # Oracles
 
 
-def assert_client_error(resp: Response, statuses: set[int] | frozenset[int] = frozenset({400}), *,
-                        params: set | None = None) -> dict:
+def assert_client_error(
+    resp: Response, statuses: set[int] | frozenset[int] = frozenset({400}), *, params: set | None = None
+) -> dict:
     """A 4xx in ``statuses`` with the exact OpenAI envelope; ``params`` limits ``error.param``."""
     assert resp.status < 500, f"server error {resp.status}: {resp.body[:500]!r}"
     assert resp.status in statuses, f"expected one of {sorted(statuses)}, got {resp.status}: {resp.body[:500]!r}"
@@ -205,7 +225,7 @@ def _blank(raw: bytes) -> bool:
 
 def _physical_lines(content: bytes) -> list[bytes]:
     if content.startswith(BOM):
-        content = content[len(BOM):]
+        content = content[len(BOM) :]
     lines = content.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -288,8 +308,13 @@ async def assert_validation_outcome(h: Harness, content: bytes, batch: dict) -> 
 
 TEXT = st.characters(exclude_categories=("Cs",))
 SAFE_TEXT = st.characters(exclude_categories=("Cs", "Cc"))
-json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-                | st.floats(allow_nan=False, allow_infinity=False) | st.text(TEXT, max_size=16))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(TEXT, max_size=16)
+)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(TEXT, max_size=8), inner, max_size=4),
@@ -302,5 +327,3 @@ def deep(depth: int, kind: str = "[") -> str:
     if kind == "[":
         return "[" * depth + "]" * depth
     return '{"a":' * depth + "1" + "}" * depth
-
-

@@ -73,17 +73,46 @@ def create_verdict(body: Any) -> str:
 
 
 create_values = {
-    "input_file_id": st.sampled_from([GOOD_FILE, GOOD_FILE, OTHER_FILE, GOOD_BATCH, "", "file-" + "0" * 24, None, 5,
-                                      [], "../file", "file-\x00"]) | st.text(TEXT, max_size=30) | huge_strings,
-    "endpoint": st.sampled_from(BATCH_ENDPOINTS + (CHAT, CHAT, "", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS",
-                                                   None, 7)) | st.text(TEXT, max_size=20),
+    "input_file_id": st.sampled_from(
+        [GOOD_FILE, GOOD_FILE, OTHER_FILE, GOOD_BATCH, "", "file-" + "0" * 24, None, 5, [], "../file", "file-\x00"]
+    )
+    | st.text(TEXT, max_size=30)
+    | huge_strings,
+    "endpoint": st.sampled_from(
+        BATCH_ENDPOINTS + (CHAT, CHAT, "", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS", None, 7)
+    )
+    | st.text(TEXT, max_size=20),
     "completion_window": st.sampled_from(["24h", "24h", "24h", "1h", "24H", "", None, 24, "24h "]),
-    "metadata": st.none() | st.dictionaries(st.text(TEXT, max_size=70), st.text(TEXT, max_size=20) | json_values,
-                                            max_size=18) | json_values,
-    "output_expires_after": st.none() | st.fixed_dictionaries(
-        {"anchor": st.sampled_from(["created_at", "created_at", "now", None, 1]),
-         "seconds": st.sampled_from([3600, 7200, 2592000, 3599, 2592001, 0, -1, "3600", 3600.0, 3600.5, True,
-                                     None, [], 10**30, "1e999", "x"])}) | json_values,
+    "metadata": st.none()
+    | st.dictionaries(st.text(TEXT, max_size=70), st.text(TEXT, max_size=20) | json_values, max_size=18)
+    | json_values,
+    "output_expires_after": st.none()
+    | st.fixed_dictionaries(
+        {
+            "anchor": st.sampled_from(["created_at", "created_at", "now", None, 1]),
+            "seconds": st.sampled_from(
+                [
+                    3600,
+                    7200,
+                    2592000,
+                    3599,
+                    2592001,
+                    0,
+                    -1,
+                    "3600",
+                    3600.0,
+                    3600.5,
+                    True,
+                    None,
+                    [],
+                    10**30,
+                    "1e999",
+                    "x",
+                ]
+            ),
+        }
+    )
+    | json_values,
 }
 
 
@@ -102,10 +131,19 @@ def near_valid_create(draw) -> dict:
 
 
 random_objects = st.dictionaries(st.sampled_from(CREATE_FIELDS) | st.text(TEXT, max_size=20), json_values, max_size=6)
-json_content_types = st.sampled_from(["application/json", "application/json", "application/json; charset=utf-8",
-                                      "application/vnd.openai+json", None])
-bad_content_types = st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                     "application/jsonl", "application/octet-stream", "text/json"])
+json_content_types = st.sampled_from(
+    ["application/json", "application/json", "application/json; charset=utf-8", "application/vnd.openai+json", None]
+)
+bad_content_types = st.sampled_from(
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "application/jsonl",
+        "application/octet-stream",
+        "text/json",
+    ]
+)
 
 
 @dataclass
@@ -120,8 +158,12 @@ create_cases = st.one_of(
     st.builds(CreateCase, json_content_types, random_objects),
     st.builds(CreateCase, json_content_types, json_values),
     st.builds(CreateCase, bad_content_types, near_valid_create()),
-    st.builds(CreateCase, json_content_types | bad_content_types | st.text(string.ascii_letters + "/+;=-", max_size=30),
-              st.none(), st.binary(max_size=300)),
+    st.builds(
+        CreateCase,
+        json_content_types | bad_content_types | st.text(string.ascii_letters + "/+;=-", max_size=30),
+        st.none(),
+        st.binary(max_size=300),
+    ),
 )
 _valid_create = {"input_file_id": GOOD_FILE, "endpoint": CHAT, "completion_window": "24h"}
 
@@ -148,8 +190,19 @@ def test_create_batch_garbage_bodies(h, case):
         verdict = create_verdict(case.json_body)
     ct = case.content_type
     if ct is not None and ct.split(";")[0].strip() not in ("application/json", "application/vnd.openai+json"):
-        verdict = "bad" if ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                  "application/jsonl", "application/octet-stream", "text/json") else "either"
+        verdict = (
+            "bad"
+            if ct
+            in (
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data",
+                "application/jsonl",
+                "application/octet-stream",
+                "text/json",
+            )
+            else "either"
+        )
     verdict_before_size = verdict
     if len(payload) > MAX_JSON_BODY:
         verdict = "bad"
@@ -186,5 +239,3 @@ def test_create_batch_garbage_bodies(h, case):
             assert [(e["code"], e["line"]) for e in done["errors"]["data"]] == [("invalid_url", 1), ("invalid_url", 2)]
 
     h.example(body)
-
-

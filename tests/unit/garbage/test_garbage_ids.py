@@ -22,20 +22,60 @@ from .harness import (
 # 5. Ids with path characters in every by-id route
 
 
-nasty_ids = st.sampled_from([
-    "..", "../", "../../etc/passwd", "%2e%2e%2f", "%2e%2e%2fbatches", "..%2f..%2f", "%2E%2E/%2E%2E/", "\x00",
-    "file-\x00", "a\x00b", "file-" + "0" * 24 + "\x00", "%00", "file-../../x", "batch_../x", ".", "./", "~",
-    "\u202efile", "😀" * 50, "a" * 4000, " ", "\t", "\r\n", "%", "%%", "%zz", "?", "#", "?after=x", "#frag", ";",
-    "\\..\\..\\", "C:\\Windows", "file-٠١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦٧٨٩٠١٢٣", "FILE-" + "0" * 24, "file-" + "0" * 25,
-    "batch_" + "0" * 24 + "/..", "data/files", "..%00", "%c0%ae%c0%ae/", "cancel", "content",
-])
+nasty_ids = st.sampled_from(
+    [
+        "..",
+        "../",
+        "../../etc/passwd",
+        "%2e%2e%2f",
+        "%2e%2e%2fbatches",
+        "..%2f..%2f",
+        "%2E%2E/%2E%2E/",
+        "\x00",
+        "file-\x00",
+        "a\x00b",
+        "file-" + "0" * 24 + "\x00",
+        "%00",
+        "file-../../x",
+        "batch_../x",
+        ".",
+        "./",
+        "~",
+        "\u202efile",
+        "😀" * 50,
+        "a" * 4000,
+        " ",
+        "\t",
+        "\r\n",
+        "%",
+        "%%",
+        "%zz",
+        "?",
+        "#",
+        "?after=x",
+        "#frag",
+        ";",
+        "\\..\\..\\",
+        "C:\\Windows",
+        "file-٠١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦٧٨٩٠١٢٣",
+        "FILE-" + "0" * 24,
+        "file-" + "0" * 25,
+        "batch_" + "0" * 24 + "/..",
+        "data/files",
+        "..%00",
+        "%c0%ae%c0%ae/",
+        "cancel",
+        "content",
+    ]
+)
 any_ids = st.one_of(
     nasty_ids,
     st.text(TEXT, min_size=1, max_size=200),
     st.integers(256, 4000).map(lambda n: "z" * n),
     st.from_regex(r"\A(file-|batch_)[0-9a-f]{24}\Z"),
-    st.lists(st.sampled_from(["..", ".", "%2e%2e", "x", "%2f", "/", "files", "batches", "v1"]), min_size=1,
-             max_size=6).map("/".join),
+    st.lists(
+        st.sampled_from(["..", ".", "%2e%2e", "x", "%2f", "/", "files", "batches", "v1"]), min_size=1, max_size=6
+    ).map("/".join),
 )
 
 
@@ -80,12 +120,18 @@ def test_ids_with_path_characters(h, object_id, raw):
 
 def test_overlong_id_gets_error_envelope(h):
     """A 10,000-character id (a request line over aiohttp's 8190-byte limit) still gets the OpenAI envelope."""
-    routes = [("GET", "/v1/files/{}"), ("GET", "/v1/files/{}/content"), ("DELETE", "/v1/files/{}"),
-              ("GET", "/v1/batches/{}"), ("POST", "/v1/batches/{}/cancel")]
+    routes = [
+        ("GET", "/v1/files/{}"),
+        ("GET", "/v1/files/{}/content"),
+        ("DELETE", "/v1/files/{}"),
+        ("GET", "/v1/batches/{}"),
+        ("POST", "/v1/batches/{}/cancel"),
+    ]
 
     async def body():
-        answers = [await h.api.request(method, URL(template.format("z" * 10_000), encoded=True))
-                   for method, template in routes]
+        answers = [
+            await h.api.request(method, URL(template.format("z" * 10_000), encoded=True)) for method, template in routes
+        ]
         problems = []
         for (method, template), resp in zip(routes, answers):
             try:
@@ -95,5 +141,3 @@ def test_overlong_id_gets_error_envelope(h):
         assert not problems, "\n".join(problems)
 
     h.example(body)
-
-

@@ -55,8 +55,12 @@ class JsonlCase:
 
 
 def _req(cid: str, content: str = "hi", **body_extra: Any) -> dict:
-    return {"custom_id": cid, "method": "POST", "url": CHAT,
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": content}], **body_extra}}
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": content}], **body_extra},
+    }
 
 
 def _enc(obj: Any) -> bytes:
@@ -89,8 +93,9 @@ def valid_request(draw, cid: str) -> dict:
 
 @st.composite
 def encoded(draw, obj: Any) -> bytes:
-    text = json.dumps(obj, ensure_ascii=draw(st.booleans()),
-                      separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    text = json.dumps(
+        obj, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    )
     return (draw(st.sampled_from(["", " ", "\t"])) + text + draw(st.sampled_from(["", " ", "\t"]))).encode()
 
 
@@ -101,11 +106,34 @@ def _nonblank_garbage(b: bytes) -> bool:
 @st.composite
 def row_for(draw, index: int, first_cid: str) -> Row:
     cid = f"{draw(st.text(TEXT, max_size=12))}#{index}"
-    kind = draw(st.sampled_from([
-        "valid", "valid", "valid", "blank", "duplicate", "bad_field", "bad_field", "missing", "bad_body",
-        "random_object", "not_object", "text", "bytes", "invalid_utf8", "nan", "trailing", "truncated",
-        "either_stream", "either_dupkey", "either_deep", "either_surrogate", "either_extra",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "valid",
+                "valid",
+                "valid",
+                "blank",
+                "duplicate",
+                "bad_field",
+                "bad_field",
+                "missing",
+                "bad_body",
+                "random_object",
+                "not_object",
+                "text",
+                "bytes",
+                "invalid_utf8",
+                "nan",
+                "trailing",
+                "truncated",
+                "either_stream",
+                "either_dupkey",
+                "either_deep",
+                "either_surrogate",
+                "either_extra",
+            ]
+        )
+    )
     if kind == "valid":
         return Row(draw(encoded(draw(valid_request(cid)))), "valid")
     if kind == "blank":
@@ -135,8 +163,11 @@ def row_for(draw, index: int, first_cid: str) -> Row:
         code = "streaming_unsupported" if name == "stream" else None
         return Row(draw(encoded(req)), "bad", code, f"body.{name}", f"body.{name}={value!r}")
     if kind == "random_object":
-        obj = draw(st.dictionaries(st.text(TEXT, max_size=10), json_values, max_size=5)
-                   .filter(lambda d: not REQUIRED_LINE_KEYS <= d.keys()))
+        obj = draw(
+            st.dictionaries(st.text(TEXT, max_size=10), json_values, max_size=5).filter(
+                lambda d: not REQUIRED_LINE_KEYS <= d.keys()
+            )
+        )
         return Row(draw(encoded(obj)), "bad", what=kind)
     if kind == "not_object":
         value = draw(json_values.filter(lambda v: not isinstance(v, dict)))
@@ -170,8 +201,10 @@ def row_for(draw, index: int, first_cid: str) -> Row:
         return Row(_enc(_req(cid, stream=draw(st.sampled_from(EITHER_STREAM)))), "either", what=kind)
     if kind == "either_dupkey":
         second = draw(st.sampled_from([json.dumps(cid + "b"), "5", "null"]))
-        text = (f'{{"custom_id": {json.dumps(cid)}, "custom_id": {second}, "method": "POST", '
-                f'"url": {json.dumps(CHAT)}, "body": {json.dumps(_req(cid)["body"])}}}')
+        text = (
+            f'{{"custom_id": {json.dumps(cid)}, "custom_id": {second}, "method": "POST", '
+            f'"url": {json.dumps(CHAT)}, "body": {json.dumps(_req(cid)["body"])}}}'
+        )
         return Row(text.encode(), "either", what=kind)
     if kind == "either_deep":
         depth = draw(st.integers(1, 60))
@@ -206,25 +239,59 @@ def _bad(obj: Any, code: str | None = None, param: str | None = None) -> Row:
 
 @settings(max_examples=80, **COMMON_SETTINGS)
 @given(case=jsonl_cases())
-@example(case=JsonlCase([  # the named garbage, with a BOM, CRLF, blank lines and no final newline
-    _v("a"), Row(b"", "blank"), Row(b"   ", "blank"),
-    _bad({**_req("b"), "custom_id": 5}, None, "custom_id"),
-    _bad({**_req("c"), "method": None}, None, "method"),
-    _bad({**_req("d"), "url": []}, "invalid_url", "url"),
-    _bad({**_req("e"), "body": "x"}, None, "body"),
-    _bad(_req("f") | {"body": {"model": 3, "messages": []}}, None, "body.model"),
-    Row(_enc(_req("g", stream="yes")), "either"),
-    Row(b'{"custom_id": "h", "custom_id": "h2", "method": "POST", "url": "/v1/chat/completions", '
-        b'"body": {"model": "gpt-4o-mini"}}', "either"),
-    _bad([1, 2, 3], "invalid_json_line"), _bad(None, "invalid_json_line"), _bad("str", "invalid_json_line"),
-    Row(deep(10_000).encode(), "bad", "invalid_json_line"),
-    _v("i"),
-], eols=[b"\r\n"] * 14 + [b""], bom=True))
-@example(case=JsonlCase([_v("a"), Row(b'{"custom_id": "x\xff", "method": "POST", "url": "/v1/chat/completions", '
-                                      b'"body": {"model": "gpt-4o-mini"}}', "bad", "invalid_json_line")]))
-@example(case=JsonlCase([_v("a"), Row(b'{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", '
-                                      b'"body": {"model": "gpt-4o-mini", "user": "\xff"}}', "bad",
-                                      "invalid_json_line")]))
+@example(
+    case=JsonlCase(
+        [  # the named garbage, with a BOM, CRLF, blank lines and no final newline
+            _v("a"),
+            Row(b"", "blank"),
+            Row(b"   ", "blank"),
+            _bad({**_req("b"), "custom_id": 5}, None, "custom_id"),
+            _bad({**_req("c"), "method": None}, None, "method"),
+            _bad({**_req("d"), "url": []}, "invalid_url", "url"),
+            _bad({**_req("e"), "body": "x"}, None, "body"),
+            _bad(_req("f") | {"body": {"model": 3, "messages": []}}, None, "body.model"),
+            Row(_enc(_req("g", stream="yes")), "either"),
+            Row(
+                b'{"custom_id": "h", "custom_id": "h2", "method": "POST", "url": "/v1/chat/completions", '
+                b'"body": {"model": "gpt-4o-mini"}}',
+                "either",
+            ),
+            _bad([1, 2, 3], "invalid_json_line"),
+            _bad(None, "invalid_json_line"),
+            _bad("str", "invalid_json_line"),
+            Row(deep(10_000).encode(), "bad", "invalid_json_line"),
+            _v("i"),
+        ],
+        eols=[b"\r\n"] * 14 + [b""],
+        bom=True,
+    )
+)
+@example(
+    case=JsonlCase(
+        [
+            _v("a"),
+            Row(
+                b'{"custom_id": "x\xff", "method": "POST", "url": "/v1/chat/completions", '
+                b'"body": {"model": "gpt-4o-mini"}}',
+                "bad",
+                "invalid_json_line",
+            ),
+        ]
+    )
+)
+@example(
+    case=JsonlCase(
+        [
+            _v("a"),
+            Row(
+                b'{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", '
+                b'"body": {"model": "gpt-4o-mini", "user": "\xff"}}',
+                "bad",
+                "invalid_json_line",
+            ),
+        ]
+    )
+)
 @example(case=JsonlCase([_v("a"), Row(_enc(_req("b"))[:-2] + b', "x": ' + deep(10_000).encode() + b"}}", "either")]))
 def test_jsonl_lines_are_reported_by_line_number(h, case):
     """Mixed valid and garbage lines: ``failed`` with one error per bad line (1-based), else ``in_progress``."""

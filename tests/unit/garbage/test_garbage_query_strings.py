@@ -40,14 +40,50 @@ class RawValue:
 limit_values = st.one_of(
     st.integers(-(10**30), 10**30).map(str),
     st.integers(-5, 120).map(str),
-    st.sampled_from(["", "0", "-1", "1", "2", "100", "101", "10000", "10001", "1e3", "0x10", " 5", "5 ", "+5", "1_0",
-                     "٣", "9" * 5000, "NaN", "inf", "\x00", "1.5", "١٠"]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "1",
+            "2",
+            "100",
+            "101",
+            "10000",
+            "10001",
+            "1e3",
+            "0x10",
+            " 5",
+            "5 ",
+            "+5",
+            "1_0",
+            "٣",
+            "9" * 5000,
+            "NaN",
+            "inf",
+            "\x00",
+            "1.5",
+            "١٠",
+        ]
+    ),
     st.text(TEXT, max_size=12),
     st.binary(max_size=8).map(RawValue),
 )
 after_values = st.one_of(
-    st.sampled_from(["", GOOD_FILE, OTHER_FILE, GOOD_BATCH, "file-" + "0" * 24, "batch_" + "f" * 24, "file-",
-                     "../x", "%00", "file-" + "0" * 23 + "g"]),
+    st.sampled_from(
+        [
+            "",
+            GOOD_FILE,
+            OTHER_FILE,
+            GOOD_BATCH,
+            "file-" + "0" * 24,
+            "batch_" + "f" * 24,
+            "file-",
+            "../x",
+            "%00",
+            "file-" + "0" * 23 + "g",
+        ]
+    ),
     st.from_regex(r"\A(file-|batch_)[0-9a-f]{24}\Z"),
     st.text(TEXT, max_size=40),
     st.binary(max_size=8).map(RawValue),
@@ -68,8 +104,9 @@ def list_queries(draw) -> tuple[str, dict[str, Any]]:
         q["order"] = draw(order_values)
     if draw(st.booleans()):
         q["purpose"] = draw(purpose_values)
-    for k, v in draw(st.dictionaries(st.text(TEXT, min_size=1, max_size=10), st.text(TEXT, max_size=10),
-                                     max_size=2)).items():
+    for k, v in draw(
+        st.dictionaries(st.text(TEXT, min_size=1, max_size=10), st.text(TEXT, max_size=10), max_size=2)
+    ).items():
         q.setdefault(k, v)
     return path, q
 
@@ -171,9 +208,7 @@ def test_list_query_garbage(h, query):
         else:
             return  # an unknown id-shaped cursor: which page follows it is the server's choice
         limit = int(texts.get("limit") or (10000 if is_files else 20))
-        assert data == full[start:start + limit], "the page does not follow the cursor and limit"
+        assert data == full[start : start + limit], "the page does not follow the cursor and limit"
         assert page["has_more"] == (len(full) > start + limit)
 
     h.example(body)
-
-

@@ -56,6 +56,7 @@ def _text_variants(rows: list[bytes]) -> st.SearchStrategy[bytes]:
         if draw(st.booleans()):
             content = BOM + content
         return content
+
     return build()
 
 
@@ -70,8 +71,20 @@ upload_contents = st.one_of(
 )
 upload_purposes = st.one_of(
     st.sampled_from(UPLOAD_PURPOSES),
-    st.sampled_from(["", "BATCH", "batch ", " batch", "batch_output", "fine_tune", "assistants_output",
-                     "batch\x00", "bätch", "batch\r\nX-Injected: 1"]),
+    st.sampled_from(
+        [
+            "",
+            "BATCH",
+            "batch ",
+            " batch",
+            "batch_output",
+            "fine_tune",
+            "assistants_output",
+            "batch\x00",
+            "bätch",
+            "batch\r\nX-Injected: 1",
+        ]
+    ),
     st.text(TEXT, max_size=40),
 )
 upload_filenames = st.text(SAFE_TEXT.filter(lambda c: c not in '"\\'), max_size=60)
@@ -146,8 +159,9 @@ class RawUpload:
     describe: str = ""
 
 
-def _part(name: str | None, value: bytes, *, filename: str | None = None, ctype: str | None = None,
-          disposition: bool = True) -> bytes:
+def _part(
+    name: str | None, value: bytes, *, filename: str | None = None, ctype: str | None = None, disposition: bool = True
+) -> bytes:
     headers = []
     if disposition:
         d = "form-data"
@@ -166,21 +180,40 @@ BOUNDARY_CHARS = string.ascii_letters + string.digits + "'()+_,-./:=?"
 
 @st.composite
 def raw_uploads(draw) -> RawUpload:
-    boundary = draw(st.sampled_from(["XyZ", "----formdata-b0und4ry", "a" * 70])
-                    | st.text(BOUNDARY_CHARS, min_size=1, max_size=40).filter(lambda b: not b.endswith(" ")))
+    boundary = draw(
+        st.sampled_from(["XyZ", "----formdata-b0und4ry", "a" * 70])
+        | st.text(BOUNDARY_CHARS, min_size=1, max_size=40).filter(lambda b: not b.endswith(" "))
+    )
     parts: list[tuple[str, bytes]] = []  # (field name or "", encoded part)
-    specs = draw(st.lists(st.sampled_from(["purpose", "file", "file", "random", "anchor", "noname",
-                                           "nodisposition", "nested", "bad-utf8-purpose"]), max_size=4))
+    specs = draw(
+        st.lists(
+            st.sampled_from(
+                ["purpose", "file", "file", "random", "anchor", "noname", "nodisposition", "nested", "bad-utf8-purpose"]
+            ),
+            max_size=4,
+        )
+    )
     for spec in specs:
         if spec == "purpose":
             value = draw(st.sampled_from(UPLOAD_PURPOSES) | st.text(TEXT, max_size=20))
             parts.append(("purpose", _part("purpose", value.encode())))
         elif spec == "file":
             value = draw(st.binary(max_size=120) | st.sampled_from([b'{"custom_id":"a"}\n', b"\r\n--XyZ\r\n"]))
-            ctype = draw(st.sampled_from([None, "application/octet-stream", "application/json", "text/plain",
-                                          "multipart/mixed; boundary=inner", "image/png"]))
-            parts.append(("file", _part("file", value, filename=draw(st.sampled_from(["a.jsonl", "", "../../x"])),
-                                        ctype=ctype)))
+            ctype = draw(
+                st.sampled_from(
+                    [
+                        None,
+                        "application/octet-stream",
+                        "application/json",
+                        "text/plain",
+                        "multipart/mixed; boundary=inner",
+                        "image/png",
+                    ]
+                )
+            )
+            parts.append(
+                ("file", _part("file", value, filename=draw(st.sampled_from(["a.jsonl", "", "../../x"])), ctype=ctype))
+            )
         elif spec == "random":
             name = draw(st.text(SAFE_TEXT.filter(lambda c: c != '"'), max_size=20))
             parts.append((name, _part(name, draw(st.binary(max_size=40)))))
@@ -209,8 +242,23 @@ def raw_uploads(draw) -> RawUpload:
         body += draw(st.binary(min_size=1, max_size=20))
     elif mutation == "no-crlf":
         body = body.replace(b"\r\n", b"\n")
-    header_kind = draw(st.sampled_from(["ok", "ok", "quoted", "no-boundary", "other-boundary", "mixed",
-                                        "json", "text", "urlencoded", "none", "random"]))
+    header_kind = draw(
+        st.sampled_from(
+            [
+                "ok",
+                "ok",
+                "quoted",
+                "no-boundary",
+                "other-boundary",
+                "mixed",
+                "json",
+                "text",
+                "urlencoded",
+                "none",
+                "random",
+            ]
+        )
+    )
     content_type = {
         "ok": f"multipart/form-data; boundary={boundary}",
         "quoted": f'multipart/form-data; boundary="{boundary}"',
@@ -240,40 +288,79 @@ def raw_uploads(draw) -> RawUpload:
             except UnicodeDecodeError:
                 pass
     simple = all(n in ("purpose", "file") for n in names) and "nested" not in specs
-    well_formed = (mutation in ("none", "garbage-tail") and header_kind in ("ok", "quoted") and simple
-                   and len(body) >= complete)
-    return RawUpload(content_type, body, file_body, purposes, well_formed,
-                     describe=f"specs={specs} mutation={mutation} header={header_kind}")
+    well_formed = (
+        mutation in ("none", "garbage-tail") and header_kind in ("ok", "quoted") and simple and len(body) >= complete
+    )
+    return RawUpload(
+        content_type,
+        body,
+        file_body,
+        purposes,
+        well_formed,
+        describe=f"specs={specs} mutation={mutation} header={header_kind}",
+    )
 
 
 non_multipart = st.builds(
     lambda ct, body: RawUpload(ct, body, None, [], False, describe="non-multipart"),
-    st.sampled_from([None, "application/json", "text/plain", "application/x-www-form-urlencoded",
-                     "application/octet-stream", "multipart", "multipart/form-data; boundary=",
-                     "application/jsonl"]),
+    st.sampled_from(
+        [
+            None,
+            "application/json",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/octet-stream",
+            "multipart",
+            "multipart/form-data; boundary=",
+            "application/jsonl",
+        ]
+    ),
     st.binary(max_size=200) | st.sampled_from([b"purpose=batch&file=abc", b'{"purpose":"batch","file":"x"}', b""]),
 )
 
 
 @settings(max_examples=150, **COMMON_SETTINGS)
 @given(upload=st.one_of(raw_uploads(), non_multipart))
-@example(upload=RawUpload("multipart/form-data; boundary=XX",
-                          b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX\r\n'
-                          b'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
-                          + json.dumps(line("a")).encode() + b"\n\r\n--X", None, ["batch"], False, "truncated"))
+@example(
+    upload=RawUpload(
+        "multipart/form-data; boundary=XX",
+        b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX\r\n'
+        b'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        + json.dumps(line("a")).encode()
+        + b"\n\r\n--X",
+        None,
+        ["batch"],
+        False,
+        "truncated",
+    )
+)
 @example(upload=RawUpload("text/plain", b"purpose=batch", None, [], False, "text body"))
 @example(upload=RawUpload(None, b"", None, [], False, "empty body, no content type"))
-@example(upload=RawUpload("multipart/form-data; boundary=XyZ", b"--XyZ\r\nC", None, [], False,
-                          "truncated inside the first part's headers"))
-@example(upload=RawUpload("multipart/form-data; boundary=XyZ",
-                          b"--XyZ\r\nnot a header line\r\n\r\nbatch\r\n--XyZ--\r\n", None, [], False,
-                          "a part header line without a colon"))
+@example(
+    upload=RawUpload(
+        "multipart/form-data; boundary=XyZ", b"--XyZ\r\nC", None, [], False, "truncated inside the first part's headers"
+    )
+)
+@example(
+    upload=RawUpload(
+        "multipart/form-data; boundary=XyZ",
+        b"--XyZ\r\nnot a header line\r\n\r\nbatch\r\n--XyZ--\r\n",
+        None,
+        [],
+        False,
+        "a part header line without a colon",
+    )
+)
 def test_upload_malformed_multipart(h, upload):
     """A hand-made request body: a correct upload of exactly the sent file part, or a clear 4xx."""
     note(upload.describe)
-    must_succeed = (upload.well_formed and upload.file_body is not None and len(upload.purposes) == 1
-                    and upload.purposes[0] in UPLOAD_PURPOSES
-                    and (upload.purposes[0] != "batch" or first_line_verdict(upload.file_body) == "object"))
+    must_succeed = (
+        upload.well_formed
+        and upload.file_body is not None
+        and len(upload.purposes) == 1
+        and upload.purposes[0] in UPLOAD_PURPOSES
+        and (upload.purposes[0] != "batch" or first_line_verdict(upload.file_body) == "object")
+    )
 
     async def body():
         before = h.storage.stored_files()
@@ -293,9 +380,8 @@ def test_upload_malformed_multipart(h, upload):
         assert f["purpose"] in upload.purposes, f
         got = await h.api.request("GET", f"/v1/files/{f['id']}/content")
         assert got.status == 200 and got.body == upload.file_body, (
-            f"stored {got.body[:100]!r}, but the file part was {upload.file_body[:100]!r}")
+            f"stored {got.body[:100]!r}, but the file part was {upload.file_body[:100]!r}"
+        )
         assert f["bytes"] == len(upload.file_body)
 
     h.example(body)
-
-
