@@ -16,7 +16,9 @@ exactly once whoever records it.
 Crash safety, by step:
 
 * upload: ``upload_at`` is recorded before the upload. A holder finding it set looks for the
-  file among the provider's files (its name names the batch and part) before uploading again.
+  file among the provider's files (its name names the batch and part) before uploading again,
+  and keeps looking for ``UPLOAD_SETTLE_S`` after the upload began (the provider may still be
+  storing what a killed holder sent).
 * create: ``intent_at`` is recorded before ``POST /v1/batches``, whose ``metadata`` names the
   Sluice batch and part. A holder finding an intent without a provider batch id lists the
   provider's batches (newest first, back to the intent) and adopts the one it finds; only
@@ -74,6 +76,10 @@ UPLOAD_CHUNK = 256 * 1024
 LIST_LIMIT = 100
 # When looking for a provider batch created before a crash, list back to this long before the intent.
 RECONCILE_MARGIN_S = 600
+# An upload begun before a crash and not found among the provider's files is looked for again every
+# UPLOAD_RECHECK_S until UPLOAD_SETTLE_S after it began; only then is the part uploaded anew.
+UPLOAD_SETTLE_S = 30
+UPLOAD_RECHECK_S = 2.0
 PROVIDER_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _F = BatchField
 _BATCH_FIELDS = (_F.STATUS, _F.ABORT, _F.OWNER, _F.ENDPOINT, _F.COMPLETION_WINDOW, _F.INPUT_KEY, _F.PROVIDER, _F.BYOK)
@@ -585,6 +591,13 @@ class Delegator:
             if found:
                 step.log.info("delegate_file_found", file=found)
                 await self._write(step, state="uploaded", file=found)
+                return
+            # A provider may still be storing the body a killed holder sent it in full: look again a
+            # little later, rather than upload a second copy the moment the lease changes hands.
+            since_s = store.now() - int(step.f["upload_at"])
+            if since_s < UPLOAD_SETTLE_S:
+                step.log.info("delegate_upload_unsettled", since_s=since_s)
+                await self._write(step, delay_s=UPLOAD_RECHECK_S)
                 return
         else:
             await self._write(step, upload_at=store.now())

@@ -12,7 +12,7 @@ from service.core.connections import Script, connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-_INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+_INCR = Script(keys=("counter",), args=("by",), source="return redis.call('INCRBY', KEYS.counter, ARGV.by)")
 
 
 async def test_auto_on_a_single_redis_is_the_single_client_for_one_info(redis_server):
@@ -26,7 +26,7 @@ async def test_auto_on_a_single_redis_is_the_single_client_for_one_info(redis_se
         pipe.incr("n", 2)
         pipe.time()
         assert (await pipe.execute())[:2] == [None, 2]
-        assert await _INCR(r, ["n"], [3]) == 5
+        assert await _INCR(r, counter="n", by=3) == 5
         assert [k async for k in r.scan_iter(match="n")] == [b"n"]
         assert type(r.resolved) is aioredis.Redis
         assert r.get.__self__ is r.resolved  # later calls go straight to it
@@ -55,11 +55,11 @@ async def test_auto_on_a_cluster(redis_cluster):
         keys = [f"k{i}" for i in range(24)]
         assert len({redis_cluster.master_of_key(k).port for k in keys}) == 3
         for k in keys:
-            assert await _INCR(r, [k], [1]) == 1  # EVALSHA routed by its key; NOSCRIPT -> EVAL
+            assert await _INCR(r, counter=k, by=1) == 1  # EVALSHA routed by its key; NOSCRIPT -> EVAL
         # Scripts and TIME on a non-transactional pipeline spanning every master.
         pipe = r.pipeline(transaction=False)
         for k in keys:
-            _INCR.queue(pipe, [k], [1])
+            _INCR.queue(pipe, counter=k, by=1)
         pipe.time()
         replies = await pipe.execute()
         assert replies[:-1] == [2] * len(keys) and len(replies[-1]) == 2
@@ -67,7 +67,7 @@ async def test_auto_on_a_cluster(redis_cluster):
         await _INCR.load(r)
         redis_cluster.reset_stats()
         for k in keys:
-            assert await _INCR(r, [k], [1]) == 3
+            assert await _INCR(r, counter=k, by=1) == 3
         stats = redis_cluster.commandstats()
         assert sum(s.get("evalsha", {}).get("calls", 0) for s in stats.values()) == len(keys)
         assert not any("eval" in s for s in stats.values()), stats
