@@ -84,6 +84,6 @@ async def test_auto_on_a_cluster(redis_cluster):
         # A failover: the client follows the slots to the promoted replica; scripts are reloaded.
         victim = redis_cluster.master_of_key("k0")
         redis_cluster.failover(redis_cluster.replica_of(victim))
-        assert await _INCR(r, ["k0"], [1]) == 4
+        assert await _INCR(r, counter="k0", by=1) == 4
     finally:
         await r.aclose()
