@@ -227,6 +227,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "chaos: kills, pauses or restarts processes while batches run (-m chaos)")
 
 
+# The modules that take longest, longest first (from --durations): they start first, so that under
+# --dist loadfile no worker is left running one of them alone at the end. Order only.
+_SLOW_FIRST = (
+    "test_client_cli.py",
+    "test_pause.py",
+    "test_delegate.py",
+    "test_chaos.py",
+    "test_bench_smoke.py",
+    "test_lost_replies.py",
+    "test_exact_counters.py",
+    "test_quotas_and_tokens.py",
+    "test_readme.py",
+    "test_up.py",
+    "test_resilience.py",
+    "test_failover.py",
+    "test_dashboard.py",
+    "test_redis_cluster_connect.py",
+    "test_redis_cluster.py",
+    "test_deploy.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
+
+
 def _runners_of(item: pytest.Item) -> list[ProcessRunner]:
     found: list[ProcessRunner] = []
     for value in getattr(item, "funcargs", {}).values():

@@ -283,10 +283,9 @@ def raw_uploads(draw) -> RawUpload:
     purposes = []
     for n, p in parts:
         if n == "purpose":
-            try:
-                purposes.append(p.split(b"\r\n\r\n", 1)[1].decode())
-            except UnicodeDecodeError:
-                pass
+            # A value that is not UTF-8 still counts as a purpose field (the service reads and refuses
+            # it); decoded with U+FFFD, it never equals a valid purpose.
+            purposes.append(p.split(b"\r\n\r\n", 1)[1].decode(errors="replace"))
     simple = all(n in ("purpose", "file") for n in names) and "nested" not in specs
     well_formed = (
         mutation in ("none", "garbage-tail") and header_kind in ("ok", "quoted") and simple and len(body) >= complete
