@@ -8,7 +8,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from email.message import Message
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from .waiting import wait_until
 
 
 @dataclass
@@ -96,3 +98,18 @@ def assert_error_envelope(
     if code is not ...:
         assert err["code"] == code, f"expected code {code!r}, got {err!r}"
     return err
+
+
+def wait_for_200(
+    url: str, *, what: str, timeout: float, check: Callable[[], None], request_timeout: float = 2.0
+) -> None:
+    """Poll ``GET url`` until it answers 200 (a process coming up); ``what`` names it in a timeout,
+    ``check`` aborts the wait when the process died. Refused connections count as "not yet"."""
+    wait_until(
+        lambda: http_request("GET", url, timeout=request_timeout).status == 200,
+        timeout=timeout,
+        interval=0.1,
+        message=f"{what} to answer GET {url} with 200",
+        ignore=(OSError,),
+        check=check,
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .env import STARTUP_TIMEOUT_S, sluice_cmd
-from .http import http_request
+from .http import http_request, wait_for_200
 from .ports import free_port
 from .processes import ManagedProcess, ProcessRunner
 from .waiting import wait_until
@@ -121,12 +121,10 @@ class MockServer:
         assert res.status == 200, f"mock {self.name} release answered {res.status}: {res.body[:300]!r}"
 
     def wait_ready(self, runner: "ProcessRunner") -> None:
-        wait_until(
-            lambda: http_request("GET", f"{self.url}/_mock/stats", timeout=2).status == 200,
+        wait_for_200(
+            f"{self.url}/_mock/stats",
+            what=f"mock provider {self.name}",
             timeout=STARTUP_TIMEOUT_S,
-            interval=0.1,
-            message=f"mock provider {self.name} on port {self.port} to answer GET /_mock/stats",
-            ignore=(OSError,),
             check=runner.check_alive,
         )
 

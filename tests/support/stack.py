@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import processes
 from .env import STARTUP_TIMEOUT_S, base_env, sluice_cmd
-from .http import HttpResult, assert_error_envelope, http_request
+from .http import HttpResult, assert_error_envelope, http_request, wait_for_200
 from .lines import CHAT_URL, chat_line, parse_jsonl, to_jsonl
 from .mocks import MockServer, MockSpec, mock_spec, start_mock
 from .ports import free_port
@@ -108,25 +108,11 @@ class Stack:
         return self.runner.start(name or role, sluice_cmd(role), env=env)
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        wait_until(
-            lambda: http_request("GET", f"{self.base_url}/healthz", timeout=2).status == 200,
-            timeout=timeout,
-            interval=0.1,
-            message=f"web on port {self.port} to answer GET /healthz with 200",
-            ignore=(OSError,),
-            check=self.check_alive,
-        )
+        wait_for_200(f"{self.base_url}/healthz", what="web", timeout=timeout, check=self.check_alive)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Wait until ``GET /readyz`` answers 200 (the web process reaches Redis and its storage)."""
-        wait_until(
-            lambda: http_request("GET", f"{self.base_url}/readyz", timeout=5).status == 200,
-            timeout=timeout,
-            interval=0.1,
-            message=f"web on port {self.port} to answer GET /readyz with 200",
-            ignore=(OSError,),
-            check=self.check_alive,
-        )
+        wait_for_200(f"{self.base_url}/readyz", what="web", timeout=timeout, check=self.check_alive, request_timeout=5)
 
     # ---- SDK
 

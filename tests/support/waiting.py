@@ -27,6 +27,31 @@ def _describe(predicate: Callable[..., Any], message: str | Callable[[], str] | 
     return getattr(predicate, "__name__", repr(predicate))
 
 
+class _Attempts:
+    """What a wait has seen so far, and its deadline: one bookkeeping for the sync and async waits."""
+
+    def __init__(self, predicate: Callable[..., Any], timeout: float, message: str | Callable[[], str] | None):
+        self.predicate, self.timeout, self.message = predicate, timeout, message
+        self.deadline = time.monotonic() + timeout
+        self.last: Any = None
+        self.last_exc: BaseException | None = None
+
+    def got(self, value: Any) -> bool:
+        """Note a value the predicate returned; True when it ends the wait."""
+        self.last, self.last_exc = value, None
+        return bool(value)
+
+    def failed(self, exc: BaseException) -> None:
+        self.last_exc = exc
+
+    def raise_if_late(self) -> None:
+        if time.monotonic() >= self.deadline:
+            seen = f"last error {self.last_exc!r}" if self.last_exc is not None else f"last value {self.last!r}"
+            raise WaitTimeout(
+                f"timed out after {self.timeout:.1f}s waiting for {_describe(self.predicate, self.message)} ({seen})"
+            )
+
+
 def wait_until(
     predicate: Callable[[], Any],
     *,
@@ -43,22 +68,16 @@ def wait_until(
     (for instance when a process died). On timeout raises :class:`WaitTimeout` naming ``message``
     (a string, or a callable evaluated then) and the last value or exception seen.
     """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    last_exc: BaseException | None = None
+    attempts = _Attempts(predicate, timeout, message)
     while True:
         if check is not None:
             check()
         try:
-            last = predicate()
-            last_exc = None
-            if last:
-                return last
+            if attempts.got(predicate()):
+                return attempts.last
         except ignore as exc:
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            seen = f"last error {last_exc!r}" if last_exc is not None else f"last value {last!r}"
-            raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {_describe(predicate, message)} ({seen})")
+            attempts.failed(exc)
+        attempts.raise_if_late()
         time.sleep(interval)
 
 
@@ -72,22 +91,15 @@ async def async_wait_until(
     check: Callable[[], None] | None = None,
 ) -> Any:
     """Async twin of :func:`wait_until`; ``predicate`` may be sync or return an awaitable."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    last_exc: BaseException | None = None
+    attempts = _Attempts(predicate, timeout, message)
     while True:
         if check is not None:
             check()
         try:
-            last = predicate()
-            if inspect.isawaitable(last):
-                last = await last
-            last_exc = None
-            if last:
-                return last
+            value = predicate()
+            if attempts.got(await value if inspect.isawaitable(value) else value):
+                return attempts.last
         except ignore as exc:
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            seen = f"last error {last_exc!r}" if last_exc is not None else f"last value {last!r}"
-            raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {_describe(predicate, message)} ({seen})")
+            attempts.failed(exc)
+        attempts.raise_if_late()
         await asyncio.sleep(interval)
