@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from service.core import keys
 from tests.support.mocks import MockSpec
 from tests.support.stack import StackFactory
 
@@ -40,7 +41,7 @@ from .scenarios import BenchError, write_batch_file
 
 WORKERS = 2
 WORKER_CONCURRENCY = 64
-WINDOW_KEY = "sluice:provider:default:window"
+WINDOW_KEY = keys.provider_window("default")
 SAMPLE_S = 0.1
 
 

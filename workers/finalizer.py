@@ -520,7 +520,7 @@ class Finalizer:
             return None
         if not fixed:
             # A stale finalizer drawing a number here only wastes it: the id is fixed below, fenced.
-            fresh_id, fresh_seq = await store.new_id(self.redis, "file-")
+            fresh_id, fresh_seq = await store.new_id(self.redis, "file-", shard=keys.shard_of(h.id))
             _, value = await leases.execute(
                 self.redis,
                 lease,

@@ -1,10 +1,49 @@
 """Every Redis key Sluice uses, in one place.
 
-Keys that belong to one batch carry the batch id in a hash tag (``{batch_...}``) so that the
-Lua scripts touching several of them stay within one cluster slot.
+Every key carries a hash tag (``{...}``) naming what it belongs to, so that each Lua script and
+transaction touches one Redis Cluster slot (docs/cluster-design.md):
+
+- a **shard** (one of ``SHARDS``): a batch's and a file's keys, and what is indexed or counted with
+  them. A file or batch id's last hex digit is its shard (``shard_of``); a batch takes its input
+  file's shard and its result files take the batch's, so they share a slot;
+- an **owner** (an API token's quota counters, op records and lists): ``{<owner>}``;
+- a **provider** (its rate and concurrency limits): ``{<provider>}``;
+- a few small global groups (``{procs}``, ``{tokens}``, ``{owners}``, a chore's lease).
+
+On a single Redis the tags are just part of the names: one layout, one code path.
 """
 
 PREFIX = "sluice"
+
+# Hash tags whose cluster slots are evenly spaced over the slot range (service/devtools/shard_tags.py
+# prints them; tests/unit/test_shard_tags.py checks them), so any contiguous split of the slots over
+# M masters gives them out evenly (5/6/5 over 3). The number is fixed by the key names: changing it
+# is a migration.
+SHARD_TAGS = (
+    "smj1", "segi", "s4et", "s4a4", "s85k", "se2c", "s4tv", "s4p6",
+    "sgao", "sol7", "s6g2", "s6cr", "sg4e", "sv25", "s628", "s66x",
+)  # fmt: skip
+SHARDS = len(SHARD_TAGS)
+_HEX = "0123456789abcdef"
+
+
+def shard_of(object_id: str) -> int:
+    """The shard of a file or batch id: its last hex digit (the random part of every id Sluice makes).
+
+    Anything else (a client's malformed id, looked up only to answer 404) still maps to a shard.
+    """
+    last = object_id[-1:].lower()
+    return _HEX.index(last) if last and last in _HEX else sum(object_id.encode()) % SHARDS
+
+
+def shard_digit(shard: int) -> str:
+    """The last hex digit of the ids made for ``shard`` (see ``shard_of``)."""
+    return _HEX[shard]
+
+
+def _in_shard(object_id: str) -> str:
+    return f"{PREFIX}:{{{SHARD_TAGS[shard_of(object_id)]}}}"
+
 
 # Consumer group of the workers on every batch's lines stream.
 WORKER_GROUP = "workers"
@@ -24,6 +63,49 @@ PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 # Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
 DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
 
+
+def _shard(shard: int) -> str:
+    return f"{PREFIX}:{{{SHARD_TAGS[shard]}}}"
+
+
+# Per-shard forms of the indexes above, in the slot of the batches and files they list (a batch is
+# in its own shard's sets only), so the scripts that move a batch or a file between them stay in one
+# slot. Readers go over every shard (``range(SHARDS)``).
+def active_batches(shard: int) -> str:
+    """Ids of the shard's batches whose lines workers may read (in_progress and not aborting)."""
+    return f"{_shard(shard)}:batches:active"
+
+
+def live_batches(shard: int) -> str:
+    """Ids of the shard's batches the finalizers watch (between validation and a terminal state)."""
+    return f"{_shard(shard)}:batches:live"
+
+
+def feeding_batches(shard: int) -> str:
+    """Ids of the shard's batches whose lines a web process is still feeding into their stream."""
+    return f"{_shard(shard)}:batches:feeding"
+
+
+def pending_validation(shard: int) -> str:
+    """The shard's batches waiting for validation, scored by when a web process may next claim them."""
+    return f"{_shard(shard)}:batches:validating"
+
+
+def delegated_batches(shard: int) -> str:
+    """The shard's batches with lines handed to a provider's own Batch API, not settled yet."""
+    return f"{_shard(shard)}:batches:delegated"
+
+
+def webhooks_due(shard: int) -> str:
+    """The shard's completion webhooks to send: batch ids scored by their next attempt (s)."""
+    return f"{_shard(shard)}:webhooks:due"
+
+
+def file_expiry(shard: int) -> str:
+    """The shard's files with an expiry, scored by expires_at."""
+    return f"{_shard(shard)}:files:expiry"
+
+
 # Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
 # with a webhook URL is added by the script that moves it to a terminal state (store.transition);
 # the finalizer holding the "webhooks" chore lease sends what is due (service/core/webhooks.py)
@@ -34,21 +116,19 @@ WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 FILE_EXPIRY = f"{PREFIX}:files:expiry"
 
 # Managed API tokens: SHA-256 digest -> record, and name -> digest.
-TOKENS = f"{PREFIX}:tokens"
-TOKEN_NAMES = f"{PREFIX}:tokens:names"
+TOKENS = f"{PREFIX}:{{tokens}}:tokens"
+TOKEN_NAMES = f"{PREFIX}:{{tokens}}:names"
 
-# Monotonic counter giving every lease its fencing token (service/core/leases.py).
-LEASE_SEQ = f"{PREFIX}:seq:leases"
 
 # Finalizers at work, scored by their last tick (ms): the live batches are shared among them.
 FINALIZERS = f"{PREFIX}:finalizers"
 
 # Lease of the process auditing every owner's usage counters (store.audit_usage); one at a time.
-USAGE_AUDIT_LOCK = f"{PREFIX}:usage:audit:lock"
+USAGE_AUDIT_LOCK = f"{PREFIX}:{{owners}}:lease:audit"
 
 # Heartbeats: names of the web, worker and finalizer processes, scored by their last beat (Redis
 # time, s). These keys expire unless heartbeats keep them (service/core/heartbeat.py).
-PROCESSES = f"{PREFIX}:processes"
+PROCESSES = f"{PREFIX}:{{procs}}:processes"
 
 # Cluster-wide counters, moved by the script that records results (store._RECORD), exactly once
 # per line (service/core/counters.py): lines by outcome; upstream retries, 429s and pauses
@@ -73,7 +153,7 @@ def history(minute: int) -> str:
 
 def process(name: str) -> str:
     """Hash a process publishes with each heartbeat (role, host, pid, state, in-flight, ...)."""
-    return f"{PREFIX}:process:{name}"
+    return f"{PREFIX}:{{procs}}:process:{name}"
 
 
 def usage_day(day: str) -> str:
@@ -83,12 +163,12 @@ def usage_day(day: str) -> str:
 
 def file(file_id: str) -> str:
     """Hash with a file's metadata."""
-    return f"{PREFIX}:file:{file_id}"
+    return f"{_in_shard(file_id)}:file:{file_id}"
 
 
 def file_refs(file_id: str) -> str:
     """Set of unfinished batches reading this file; its content outlives a delete until empty."""
-    return f"{PREFIX}:file:{file_id}:refs"
+    return f"{_in_shard(file_id)}:file:{file_id}:refs"
 
 
 def file_tombstone(file_id: str) -> str:
@@ -97,12 +177,12 @@ def file_tombstone(file_id: str) -> str:
     A delete that redis-py re-sends after a lost reply finds its own operation id here and still
     answers "deleted"; any other delete of the same file answers "not found".
     """
-    return f"{PREFIX}:file:{file_id}:deleted"
+    return f"{_in_shard(file_id)}:file:{file_id}:deleted"
 
 
 def owner_files(owner: str, purpose: str | None = None) -> str:
     """Sorted set of an owner's file ids (all, or of one purpose), scored by creation sequence."""
-    base = f"{PREFIX}:owner:{owner}:files"
+    base = f"{PREFIX}:owner:{{{owner}}}:files"
     return base if purpose is None else f"{base}:{purpose}"
 
 
@@ -112,16 +192,17 @@ def owner_usage(owner: str) -> str:
     Its ``rev`` field counts the scripts that moved it, so the audit can tell it apart from a copy
     read a moment earlier even when the counters came back to the same values.
     """
-    return f"{PREFIX}:owner:{owner}:usage"
+    return f"{PREFIX}:owner:{{{owner}}}:usage"
 
 
 # SCAN pattern matching every owner's usage hash (the audit walks them).
+# (Redis's glob treats braces as plain characters.)
 OWNER_USAGE_PATTERN = owner_usage("*")
 
 
 def owner_of_usage(key: str) -> str:
     """The owner id inside an ``owner_usage`` key."""
-    return key.split(":")[-2]
+    return key.split(":")[-2].strip("{}")
 
 
 def owner_op(owner: str, op_id: str) -> str:
@@ -130,94 +211,107 @@ def owner_op(owner: str, op_id: str) -> str:
     A script that finds it returns it instead of applying the operation again: redis-py re-sends
     a command whose reply was lost, and the second run must change nothing.
     """
-    return f"{PREFIX}:owner:{owner}:op:{op_id}"
+    return f"{PREFIX}:owner:{{{owner}}}:op:{op_id}"
 
 
 def owner_batches(owner: str) -> str:
     """Sorted set of an owner's batch ids, scored by creation sequence."""
-    return f"{PREFIX}:owner:{owner}:batches"
+    return f"{PREFIX}:owner:{{{owner}}}:batches"
 
 
 def batch(batch_id: str) -> str:
     """Hash with a batch's state, timestamps and counters."""
-    return f"{PREFIX}:{{{batch_id}}}:batch"
+    return f"{_in_shard(batch_id)}:batch:{batch_id}"
 
 
 def lines(batch_id: str) -> str:
     """Stream of the batch's request lines, read by the worker group."""
-    return f"{PREFIX}:{{{batch_id}}}:lines"
+    return f"{_in_shard(batch_id)}:lines:{batch_id}"
 
 
 def results(batch_id: str) -> str:
     """Stream of recorded results, drained by the finalizer into the output and error files."""
-    return f"{PREFIX}:{{{batch_id}}}:results"
+    return f"{_in_shard(batch_id)}:results:{batch_id}"
 
 
 def feeder(batch_id: str) -> str:
     """Lease naming the web process that feeds this batch's stream (expires if it dies)."""
-    return f"{PREFIX}:{{{batch_id}}}:feeder"
+    return f"{_in_shard(batch_id)}:feeder:{batch_id}"
 
 
 def validator(batch_id: str) -> str:
     """Lease naming the web process that validates and starts this batch."""
-    return f"{PREFIX}:{{{batch_id}}}:validator"
+    return f"{_in_shard(batch_id)}:validator:{batch_id}"
 
 
 def finalizer(batch_id: str) -> str:
     """Lease naming the finalizer that drains this batch's results and ends it."""
-    return f"{PREFIX}:{{{batch_id}}}:finalizer"
+    return f"{_in_shard(batch_id)}:finalizer:{batch_id}"
 
 
 def housekeeping(chore: str) -> str:
     """Lease of a cluster-wide chore that one finalizer at a time runs ("sweep", "webhooks")."""
-    return f"{PREFIX}:lease:{chore}"
+    return f"{PREFIX}:{{chore:{chore}}}:lease"
 
 
 def done(batch_id: str) -> str:
     """Bitmap: bit i is set once line i has a recorded result (the exactly-once guard)."""
-    return f"{PREFIX}:{{{batch_id}}}:done"
+    return f"{_in_shard(batch_id)}:done:{batch_id}"
 
 
 def delegation(batch_id: str) -> str:
     """Hash of the batch's provider batches ("parts"): ``n``, then ``<part>:<field>`` (plan, state, ids, fence)."""
-    return f"{PREFIX}:{{{batch_id}}}:deleg"
+    return f"{_in_shard(batch_id)}:deleg:{batch_id}"
 
 
 def part_lease(batch_id: str, part: int) -> str:
     """Lease naming the finalizer process working on one provider batch of a batch right now."""
-    return f"{PREFIX}:{{{batch_id}}}:deleg:{part}:lease"
+    return f"{_in_shard(batch_id)}:deleg-lease:{batch_id}:{part}"
+
+
+def lease_seq(lease: str) -> str:
+    """The counter giving the fencing tokens of ``lease`` (service/core/leases.py), in the lease's slot.
+
+    Fencing needs each lease's tokens to grow, not one global order, so the counter lives beside
+    the lease: it shares the lease key's hash tag, or, for a key without one, takes the whole key as
+    its tag (which is how Redis Cluster places such a key). It never expires.
+    """
+    start = lease.find("{")
+    end = lease.find("}", start + 1) if start != -1 else -1
+    tag = lease[start + 1 : end] if end > start + 1 else lease
+    return f"{PREFIX}:{{{tag}}}:seq:leases"
 
 
 def batch_id_of(key: str) -> str:
-    """The batch id inside a per-batch key (the part between the braces)."""
-    return key.split("{", 1)[1].split("}", 1)[0]
+    """The batch id inside a per-batch key that ends in it (``batch``, ``lines``, ``validator``, ...)."""
+    return key.rsplit(":", 1)[1]
 
 
 def provider_inflight(name: str) -> str:
     """Sorted set of a provider's requests in flight (leases scored by expiry, ms)."""
-    return f"{PREFIX}:provider:{name}:inflight"
+    return f"{PREFIX}:provider:{{{name}}}:inflight"
 
 
 def provider_bucket(name: str) -> str:
     """Hash with a provider's RPM/TPM token buckets."""
-    return f"{PREFIX}:provider:{name}:bucket"
+    return f"{PREFIX}:provider:{{{name}}}:bucket"
 
 
 def provider_op(name: str, op_id: str) -> str:
     """Marks one admission to a provider without a concurrency lease (a rate token taken), for re-runs."""
-    return f"{PREFIX}:provider:{name}:op:{op_id}"
+    return f"{PREFIX}:provider:{{{name}}}:op:{op_id}"
 
 
 def provider_window(name: str) -> str:
     """Hash of a provider's adaptive concurrency window (workers/limits.py): ``w`` (the window),
     ``ss`` (the slow-start threshold), ``wmax`` (the window at the last cut) and ``cut`` (when, ms).
     """
-    return f"{PREFIX}:provider:{name}:window"
+    return f"{PREFIX}:provider:{{{name}}}:window"
 
 
 def provider_pause(name: str) -> str:
     """Until when (ms) a provider is paused after a 429; lives on through the ramp-up."""
-    return f"{PREFIX}:provider:{name}:paused"
+    return f"{PREFIX}:provider:{{{name}}}:paused"
 
 
 def work_keys(batch_id: str) -> tuple[str, ...]:

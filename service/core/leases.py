@@ -1,8 +1,8 @@
 """Leases with fencing tokens: the one primitive every role that holds a lease or lock uses.
 
 A lease is a Redis key holding ``"<token> <holder>"`` with a TTL. Taking a free lease draws a new
-token from one monotonic counter (``INCR keys.LEASE_SEQ``), so a later holder always has a
-larger token than an earlier one. A TTL alone does not stop a holder that was paused (a GC pause,
+token from the lease's own monotonic counter (``INCR keys.lease_seq(lease)``, in the lease's slot),
+so a later holder always has a larger token than an earlier one. A TTL alone does not stop a holder that was paused (a GC pause,
 a frozen VM, SIGSTOP) from resuming and writing after another process took over: so every Redis
 write a holder makes runs in a script that first checks, atomically, that the lease key still
 holds the holder's value. A stale holder's write is refused with a ``FENCED`` error reply, which
@@ -182,7 +182,7 @@ async def take(r: Redis, key: str, holder: str, ttl_ms: int) -> Lease | None:
 
     If ``holder`` already has it, its TTL is renewed and the same token comes back.
     """
-    value = await _TAKE(r, lease=key, counter=keys.LEASE_SEQ, holder=holder, ttl_ms=ttl_ms)
+    value = await _TAKE(r, lease=key, counter=keys.lease_seq(key), holder=holder, ttl_ms=ttl_ms)
     return Lease.parse(key, value) if value else None
 
 
@@ -191,7 +191,7 @@ async def take_many(r: Redis, lease_keys: Sequence[str], holder: str, ttl_ms: in
     for attempt in (1, 2):
         pipe = r.pipeline(transaction=False)
         for key in lease_keys:
-            _TAKE.queue(pipe, lease=key, counter=keys.LEASE_SEQ, holder=holder, ttl_ms=ttl_ms)
+            _TAKE.queue(pipe, lease=key, counter=keys.lease_seq(key), holder=holder, ttl_ms=ttl_ms)
         try:
             values = await pipe.execute()
             break

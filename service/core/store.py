@@ -51,10 +51,17 @@ def owner_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-async def new_id(r: Redis, prefix: str) -> tuple[str, int]:
-    """A fresh ``file-``/``batch_`` id and its sequence number."""
+async def new_id(r: Redis, prefix: str, *, shard: int | None = None) -> tuple[str, int]:
+    """A fresh ``file-``/``batch_`` id and its sequence number.
+
+    Its last hex digit is its shard (``keys.shard_of``): random, so new files spread over the shards,
+    unless ``shard`` is given (a batch goes to its input file's shard, a result file to its batch's).
+    """
     seq = await r.incr(keys.SEQ)
-    return f"{prefix}{seq:012x}{secrets.token_hex(6)}", seq
+    tail = secrets.token_hex(6)
+    if shard is not None:
+        tail = tail[:-1] + keys.shard_digit(shard)
+    return f"{prefix}{seq:012x}{tail}", seq
 
 
 def seq_of(object_id: str) -> int | None:

@@ -674,7 +674,8 @@ async def record_batch(
     settings, r = request.app[appkeys.SETTINGS], request.app[appkeys.REDIS]
     owner, quotas = request[appkeys.OWNER], request[appkeys.QUOTAS]
     lines = file.lines
-    batch_id, seq = await store.new_id(r, "batch_")
+    # In its input file's shard: the file's refs and the batch's keys share a slot.
+    batch_id, seq = await store.new_id(r, "batch_", shard=keys.shard_of(file.id))
     # Reserving the quota and recording the batch are one step: no failure can come in between. The
     # batch id is the operation's id (see store.settle).
     create = functools.partial(

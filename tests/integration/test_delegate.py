@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from service.core import keys
 from tests.conftest import http_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -321,7 +322,7 @@ def test_finalizer_killed_mid_download(dstack, wait_until):
     _, created = dstack.submit(list(rows.values()), client=client)
     r = dstack.redis.client()
     try:
-        done_key = f"sluice:{{{created.id}}}:done"
+        done_key = keys.done(created.id)
         wait_until(
             lambda: 0 < r.bitcount(done_key) < n,
             timeout=60,

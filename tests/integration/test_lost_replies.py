@@ -20,6 +20,7 @@ import uuid
 import openai
 import pytest
 
+from service.core import keys
 from tests.support.lost_reply import LostReplyProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -93,7 +94,7 @@ def _quota_code(exc: openai.RateLimitError) -> str:
 def _usage(stack, owner: str) -> dict[str, int]:
     r = stack.redis.client()
     try:
-        h = r.hgetall(f"sluice:owner:{owner}:usage")
+        h = r.hgetall(keys.owner_usage(owner))
     finally:
         r.close()
     return {name: int(h.get(name.encode(), 0)) for name in ("active_batches", "enqueued_lines", "stored_bytes")}
@@ -103,7 +104,7 @@ def _all_released(stack, batch_ids: list[str]) -> list[tuple[str, str]]:
     """The batches (and their status) whose quota has not been given back yet: no ``released`` flag."""
     r = stack.redis.client()
     try:
-        found = [(b, r.hmget(f"sluice:{{{b}}}:batch", "released", "status")) for b in batch_ids]
+        found = [(b, r.hmget(keys.batch(b), "released", "status")) for b in batch_ids]
     finally:
         r.close()
     return [(b, (status or b"").decode()) for b, (released, status) in found if released is None]
@@ -295,9 +296,9 @@ def test_audit_repairs_planted_drift(stack_factory, wait_until):
     # Drift as a lost reply re-run by the old scripts left it: a leaked batch slot, lines, bytes.
     r = stack.redis.client()
     try:
-        r.hincrby(f"sluice:owner:{owner}:usage", "active_batches", MAX_ACTIVE)
-        r.hincrby(f"sluice:owner:{owner}:usage", "enqueued_lines", 7)
-        r.hincrby(f"sluice:owner:{owner}:usage", "stored_bytes", -50_000)
+        r.hincrby(keys.owner_usage(owner), "active_batches", MAX_ACTIVE)
+        r.hincrby(keys.owner_usage(owner), "enqueued_lines", 7)
+        r.hincrby(keys.owner_usage(owner), "stored_bytes", -50_000)
     finally:
         r.close()
     wait_until(

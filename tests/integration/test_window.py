@@ -9,13 +9,11 @@ from collections import Counter
 
 import pytest
 
+from service.core import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 WINDOW = 100
-
-
-def _batch_key(batch_id: str, part: str) -> str:
-    return f"sluice:{{{batch_id}}}:{part}"
 
 
 class StreamWatcher:
@@ -23,7 +21,7 @@ class StreamWatcher:
 
     def __init__(self, stack, batch_id: str) -> None:
         self.client = stack.redis.client()
-        self.key = _batch_key(batch_id, "lines")
+        self.key = keys.lines(batch_id)
         self.lengths: list[int] = []
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -40,7 +38,7 @@ class StreamWatcher:
 
 
 def _feed_index(stack, batch_id: str) -> int:
-    return int(stack.redis.client().hget(_batch_key(batch_id, "batch"), "feed_index") or 0)
+    return int(stack.redis.client().hget(keys.batch(batch_id), "feed_index") or 0)
 
 
 def _run_watched(stack, rows: list[dict]) -> tuple[object, list[int]]:

@@ -21,7 +21,7 @@ from service.core.leases import LeaseLost
 from service.core.records import FileRecord
 from service.core.storage import LocalStorage
 
-LEASE = "sluice:{batch_x}:finalizer"
+LEASE = keys.finalizer("batch_x")
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def test_take_renew_drop(r):
     assert await leases.take(r, LEASE, "b", 10_000) is None  # held
     # The holder taking it again (a re-sent call) keeps its token: no second INCR.
     assert await leases.take(r, LEASE, "a", 10_000) == first
-    assert int(await r.get(keys.LEASE_SEQ)) == first.token
+    assert int(await r.get(keys.lease_seq(LEASE))) == first.token
     assert await leases.renew(r, first, 10_000) and await leases.renew(r, first, 10_000)
     await leases.drop(r, first)
     await leases.drop(r, first)
@@ -65,10 +65,11 @@ async def test_an_expired_lease_is_never_renewed_back(r):
 
 
 async def test_take_many(r):
-    other = await leases.take(r, "sluice:{b2}:finalizer", "b", 10_000)
-    got = await leases.take_many(r, ["sluice:{b1}:finalizer", "sluice:{b2}:finalizer"], "a", 10_000)
+    other = await leases.take(r, keys.finalizer("b2"), "b", 10_000)
+    got = await leases.take_many(r, [keys.finalizer("b1"), keys.finalizer("b2")], "a", 10_000)
     assert got[0] is not None and got[0].holder == "a" and got[1] is None
-    assert got[0].token > other.token
+    # Each lease draws from its own slot's counter: tokens order one lease's holders, not all leases.
+    assert other is not None and got[0].token == int(await r.get(keys.lease_seq(keys.finalizer("b1"))))
 
 
 async def test_a_stale_holders_writes_are_refused(r):
@@ -104,7 +105,7 @@ async def test_fenced_store_writes(r):
     await r.hset(keys.owner_usage("o"), mapping={"active_batches": 1, "enqueued_lines": 3})
     lease = await leases.take(r, keys.finalizer(batch_id), "a", 10_000)
     await _stolen(r, lease)
-    before = {k: await r.dump(k) for k in await r.keys("*") if k != keys.LEASE_SEQ.encode()}
+    before = {k: await r.dump(k) for k in await r.keys("*") if k != keys.lease_seq(keys.finalizer(batch_id)).encode()}
 
     with pytest.raises(LeaseLost):
         await store.transition(r, batch_id, allowed=["in_progress"], fields={"status": "finalizing"}, lease=lease)
@@ -125,7 +126,7 @@ async def test_fenced_store_writes(r):
         )
     with pytest.raises(LeaseLost):
         await store.release(r, None, await store.get_batch_record(r, batch_id), lease=lease)
-    after = {k: await r.dump(k) for k in await r.keys("*") if k != keys.LEASE_SEQ.encode()}
+    after = {k: await r.dump(k) for k in await r.keys("*") if k != keys.lease_seq(keys.finalizer(batch_id)).encode()}
     assert after == before
 
 
@@ -207,7 +208,7 @@ async def test_a_re_sent_take_or_renew_is_harmless(proxied):
     lease = await leases.take(r, LEASE, "a", 10_000)
     assert proxy.dropped == 1, "the reply was not dropped: nothing was re-sent"
     assert lease is not None and await r.get(LEASE) == lease.value.encode()
-    assert int(await r.get(keys.LEASE_SEQ)) == lease.token == 2, "the re-sent take drew a second token"
+    assert int(await r.get(keys.lease_seq(lease.key))) == lease.token == 1, "the re-sent take drew a second token"
     proxy.arm(b"EVALSHA")
     assert await leases.renew(r, lease, 10_000)
     assert proxy.dropped == 2
