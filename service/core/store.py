@@ -7,6 +7,8 @@ sees the same state; file *contents* live in ``storage``.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
 import re
 import secrets
 import time
@@ -51,16 +53,21 @@ def owner_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
+# New files take the shards in turn, from a random start in each process: a few dozen uploads already
+# spread evenly over the shards (and so over a cluster's masters), where random picks would not.
+_NEXT_SHARD = itertools.count(random.randrange(keys.SHARDS))
+
+
 async def new_id(r: Redis, prefix: str, *, shard: int | None = None) -> tuple[str, int]:
     """A fresh ``file-``/``batch_`` id and its sequence number.
 
-    Its last hex digit is its shard (``keys.shard_of``): random, so new files spread over the shards,
-    unless ``shard`` is given (a batch goes to its input file's shard, a result file to its batch's).
+    Its last hex digit is its shard (``keys.shard_of``): the next in this process's turn, unless
+    ``shard`` is given (a batch goes to its input file's shard, a result file to its batch's).
     """
     seq = await r.incr(keys.SEQ)
-    tail = secrets.token_hex(6)
-    if shard is not None:
-        tail = tail[:-1] + keys.shard_digit(shard)
+    if shard is None:
+        shard = next(_NEXT_SHARD) % keys.SHARDS
+    tail = secrets.token_hex(6)[:-1] + keys.shard_digit(shard)
     return f"{prefix}{seq:012x}{tail}", seq
 
 
