@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import inspect
 import re
 import time
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence, TypedDict, cast
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence, TypedDict, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -181,9 +182,9 @@ def connect(settings: Settings, *, max_connections: int = 64) -> Redis:
     (``SLUICE_REDIS_CLUSTER``) says which client: ``off`` the single-Redis client below, ``on`` a
     ``RedisCluster`` that discovers every node from the one REDIS_URL names, ``auto`` (the default)
     asks that node (``INFO cluster``) with the first command and then uses the right one for good
-    (:class:`_Detecting`). The single-Redis client's pool waits for a free connection instead of
-    raising when exhausted; a cluster client has ``max_connections`` per node and raises
-    ``MaxConnectionsError`` (a ``ConnectionError``) past them instead.
+    (:class:`_Detecting`). ``max_connections`` bounds the commands the client has in flight: past
+    it, a command waits for one to finish instead of failing, on a single Redis (its pool) as on a
+    cluster (:class:`_Cluster`), where it is also the most connections to any one node.
     """
     if settings.redis_cluster == "on":
         return cast(Redis, _cluster_client(settings.redis_url, max_connections))
@@ -215,7 +216,10 @@ def _options(url: str, max_connections: int) -> dict[str, Any]:
 def _single_client(url: str, max_connections: int) -> Redis:
     pool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **_options(url, max_connections))
     # No decode_responses: every reply is bytes, which is what the Redis protocol above promises.
-    return cast(Redis, aioredis.Redis(connection_pool=pool))
+    # from_pool: the client owns the pool, so aclose() closes its connections (a client built with
+    # Redis(connection_pool=...) leaves them open, e.g. the one that asked INFO before a cluster
+    # client replaced it).
+    return cast(Redis, aioredis.Redis.from_pool(pool))
 
 
 class _ClusterPipeline(ClusterPipeline):
@@ -235,9 +239,58 @@ class _ClusterPipeline(ClusterPipeline):
         self.execute_command("TIME")
         return self
 
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        """Send the queued commands once the client has a turn free (:class:`_Cluster`)."""
+        client = cast(_Cluster, self.cluster_client)
+        return await client.in_turn(lambda: super(_ClusterPipeline, self).execute(raise_on_error, allow_redirections))
+
+
+_T = TypeVar("_T")
+
+# The cluster client whose turn the running task (and the tasks it starts) holds: redis-py's
+# pipeline sends a redirected command again through the client's execute_command, which must not
+# wait for a second turn while holding the first (all turns held that way would never be given back).
+_HOLDING: contextvars.ContextVar[object | None] = contextvars.ContextVar("sluice_cluster_turn", default=None)
+
 
 class _Cluster(aioredis.RedisCluster):
-    """``redis.asyncio.RedisCluster`` whose pipelines take EVALSHA and TIME (:class:`_ClusterPipeline`)."""
+    """``redis.asyncio.RedisCluster`` whose pipelines take EVALSHA and TIME (:class:`_ClusterPipeline`),
+    and whose commands wait for a free connection instead of failing when ``max_connections`` are busy.
+
+    redis-py's cluster client keeps ``max_connections`` connections per node and raises
+    ``MaxConnectionsError`` (a ``ConnectionError``, which Sluice's loops take for an outage) when a
+    command finds them all busy. Here a command or pipeline first takes one of ``max_connections``
+    turns of the whole client (a semaphore, first come first served) and gives it back when its
+    reply is in. A command or pipeline uses at most one connection of each node at a time (a
+    pipeline one per node it reaches, concurrently), so no node ever has more than
+    ``max_connections`` in use and acquiring one does not fail. The price: one client has at most
+    ``max_connections`` commands in flight over the whole cluster, as on a single Redis, not that
+    many per node.
+
+    Left as redis-py has them: a connection that was marked for reconnect just as its command
+    ended goes back to its node after a background disconnect, and a command taking the turn in
+    that window still meets ``MaxConnectionsError`` (only after a connection error or a topology
+    change); and the node REDIS_URL names has one connection more, redis-py's first contact with
+    it, kept apart to ask for the slot map again.
+    """
+
+    def __init__(self, *, max_connections: int = 100, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections, **kwargs)
+        self._turns = asyncio.Semaphore(max_connections)
+
+    async def in_turn(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``call()`` holding one of the client's turns (at once if this task holds one already)."""
+        if _HOLDING.get() is self:
+            return await call()
+        async with self._turns:
+            token = _HOLDING.set(self)
+            try:
+                return await call()
+            finally:
+                _HOLDING.reset(token)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.in_turn(lambda: super(_Cluster, self).execute_command(*args, **kwargs))
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
