@@ -236,6 +236,7 @@ def pytest_configure(config):
 # --dist loadfile no worker is left running one of them alone at the end. Order only.
 _SLOW_FIRST = (
     "test_client_cli.py",
+    "test_cluster_e2e.py",
     "test_pause.py",
     "test_delegate.py",
     "test_chaos.py",

@@ -63,6 +63,7 @@ def default_redis() -> str:
 class NotASingleRedis(AssertionError):
     """A test reached for the single redis-server of a stack that runs on a Redis Cluster."""
 
+
 _DEFAULT = object()
 
 
