@@ -33,8 +33,9 @@ CEILING_FORMULA = (
     "lines/s per Redis core = 1 / (CPU s per line on the busiest master); "
     "cluster ceiling = masters x lines/s per Redis core (batches spread evenly)"
 )
-# Commands the harness itself sends to the nodes while it measures, not Sluice's.
-HARNESS_COMMANDS = ("info", "config|", "cluster|")
+# Commands the harness itself sends to the nodes while it measures (a connection's HELLO and CLIENT
+# SETINFO, then INFO or CONFIG RESETSTAT), and the replicas' REPLCONF acks: not Sluice's.
+HARNESS_COMMANDS = ("info", "hello", "client|", "config|", "cluster|", "replconf")
 
 
 def _cpu_seconds(cluster: RedisClusterServers) -> dict[str, float]:

@@ -5,11 +5,12 @@ Redis commands spread over the masters while 32 batches run; a chaos run (Sluice
 SIGKILLed and a master failed over mid-batch); and a batch that lives through a coordinated
 ``CLUSTER FAILOVER`` and a SIGKILLed master. Every batch must end with each custom_id exactly once
 across its output and error files. Nothing here reads a Redis key by name: the only Redis calls
-are the cluster fixture's own (roles, DBSIZE, INFO commandstats, CONFIG RESETSTAT).
+are the cluster fixture's own (roles, INFO commandstats, CONFIG RESETSTAT, failovers, a kill).
 
 Lines that must still be in flight when the test acts wait at the mock's gates (``mock_hold``) until
 the test releases them, so no step depends on how fast the machine is. The failover test runs last:
-the master it kills leaves one master without a replica.
+the master it kills leaves one master without a replica. It picks its targets by INFO commandstats
+(the master serving most of Sluice's commands while its one batch runs), not by key names.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ ACCEPTED_ERROR_CODES = {"poison_line"}
 SHARDS = 16
 BATCHES_PER_SHARD = 2
 MAX_UPLOADS = 400
-# What the cluster fixture itself sends to the masters while the test measures (reset_stats,
-# commandstats, roles): not Sluice's commands.
-FIXTURE_COMMANDS = ("info", "config|", "cluster|")
+# What the cluster fixture sends to the masters while the test measures (reset_stats, commandstats,
+# roles: a connection's HELLO and CLIENT SETINFO, then INFO or CONFIG RESETSTAT), and the replicas'
+# REPLCONF acks: not Sluice's commands.
+FIXTURE_COMMANDS = ("info", "hello", "client|", "config|", "cluster|", "replconf")
 CHAOS_LINES = int(os.environ.get("SLUICE_CLUSTER_CHAOS_LINES", "2000"))
 CHAOS_KILLS = 4
 CHAOS_ROLES = ("web", "worker", "worker", "finalizer")
@@ -143,9 +145,16 @@ def _assert_only_accepted_errors(errors: list[dict], context: str = "") -> None:
     assert not bad, f"{context}{len(bad)} unexpected error lines, e.g. {bad[:3]}"
 
 
-def _busiest_master(cluster):
-    """The master holding the most keys now (DBSIZE: counts only, no key names)."""
-    return max(cluster.masters(), key=lambda node: node.command("DBSIZE"))
+def _sluice_calls(commands: dict[str, dict[str, float]]) -> int:
+    return sum(int(v["calls"]) for cmd, v in commands.items() if not cmd.startswith(FIXTURE_COMMANDS))
+
+
+def _working_master(cluster):
+    """The master that served the most of Sluice's commands since the last ``reset_stats``: with one batch
+    running, the master of its shard (found without naming a key)."""
+    calls = {name: _sluice_calls(commands) for name, commands in cluster.commandstats().items()}
+    name = max(calls, key=lambda n: calls[n])
+    return next(node for node in cluster.masters() if node.name == name), calls
 
 
 # ----------------------------------------------------------------------------- the README flow
@@ -240,11 +249,9 @@ def test_commands_spread_over_the_masters(cstack, wait_until):
 
     not_completed = [_summary(b) for b in ended if b.status != "completed"]
     assert not not_completed, not_completed
-    calls = {
-        node: sum(v["calls"] for cmd, v in commands.items() if not cmd.startswith(FIXTURE_COMMANDS))
-        for node, commands in stats.items()
-    }
+    calls = {node: _sluice_calls(commands) for node, commands in stats.items()}
     total = sum(calls.values())
+    assert total > 0, f"no command of Sluice's reached the masters: {stats}"
     shares = {node: n / total for node, n in calls.items()}
     top = {
         node: sorted(((cmd, int(v["calls"])) for cmd, v in commands.items()), key=lambda kv: -kv[1])[:6]
@@ -327,20 +334,25 @@ def test_batch_survives_a_failover_and_a_killed_master(cstack, wait_until):
             messages[cid] = f"phase {phase} line {i}"
             extra = {"mock_hold": gate} if gate else {}
             rows.append(stack.chat_line(cid, messages[cid], mock_latency_ms=50, **extra))
+    cluster.reset_stats()
     _, batch = stack.submit(rows, client=client)
     mock = stack.mock()
 
+    # Each event hits the master doing the batch's work, just after the gate opens, so results are
+    # being recorded on it when it goes.
     mock.wait_held(gates[1], 16, timeout=120)
-    replica = cluster.replica_of(_busiest_master(cluster))
+    master, calls = _working_master(cluster)
+    replica = cluster.replica_of(master)
     mock.release(gates[1])
-    old = cluster.failover(replica)
-    print(f"failover: {replica.name} took over from {old.name} at {_progress(client, batch.id)} results")
+    cluster.failover(replica)
+    print(f"failover: {replica.name} took over from {master.name} (calls so far {calls})")
+    cluster.reset_stats()
 
     mock.wait_held(gates[2], 16, timeout=120)
-    victim = _busiest_master(cluster)
+    victim, calls = _working_master(cluster)
     mock.release(gates[2])
     killed, promoted = cluster.kill_master(victim)
-    print(f"killed master {killed.name}; {promoted.name} promoted at {_progress(client, batch.id)} results")
+    print(f"killed master {killed.name} (calls since the failover {calls}); {promoted.name} promoted")
 
     done = _wait_terminal(stack, client, batch.id, wait_until, timeout=150)
     assert done.status == "completed", _summary(done)
