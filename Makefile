@@ -11,7 +11,7 @@ STAMP_RUN := $(VENV)/.installed-run-$(SUM)
 STAMP_BENCH := $(VENV)/.installed-bench-$(SUM)
 STAMP_TEST := $(VENV)/.installed-test-$(SUM)
 
-.PHONY: run test lint format bench install redis-server chromium clean
+.PHONY: run test test-cluster lint format bench install redis-server chromium clean
 
 # Running needs the package and the embedded extra only (no test, browser or plotting packages).
 run: $(STAMP_RUN)
@@ -27,6 +27,20 @@ run: $(STAMP_RUN)
 TEST_WORKERS ?= 4
 test: lint redis-server chromium
 	$(BIN)/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(CLUSTER_SWITCH) $(BIN)/pytest -q $(CLUSTER_IN_TEST)
+
+# The end-to-end modules (the OpenAI SDK against a whole stack) with every stack that does not ask
+# for a single Redis on a local Redis Cluster (3 masters, a replica each), plus the cluster's own
+# tests; tests marked single_redis skip themselves under the switch. About 2 minutes on 2 cores.
+# `make test` runs the suite (test_cluster_e2e.py and test_redis_cluster.py included) and then
+# CLUSTER_IN_TEST, the SDK's end-to-end module, under the switch: one more cluster, ~30 s.
+CLUSTER_SWITCH := SLUICE_TEST_REDIS=cluster
+CLUSTER_E2E ?= tests/integration/test_end_to_end.py tests/integration/test_files.py \
+	tests/integration/test_pagination.py tests/integration/test_cancel.py tests/integration/test_api_errors.py
+CLUSTER_IN_TEST ?= tests/integration/test_end_to_end.py
+CLUSTER_TESTS ?= tests/integration/test_cluster_e2e.py tests/test_redis_cluster.py
+test-cluster: $(STAMP_TEST) redis-server
+	$(CLUSTER_SWITCH) $(BIN)/pytest -n 2 --dist loadfile $(CLUSTER_E2E) $(CLUSTER_TESTS)
 
 # ruff, then mypy (configured in setup.cfg's [mypy] sections; it takes no paths here).
 # ruff's options live here, since ruff reads no setup.cfg and pyproject.toml holds only the build
@@ -62,7 +76,8 @@ lint: $(STAMP_TEST)
 format: $(STAMP_TEST)
 	$(BIN)/ruff format $(RUFF_OPTS) $(FORMAT_PATHS)
 
-# Every benchmark scenario on a fresh local stack; BENCH_ARGS passes options (e.g. --smoke).
+# Every benchmark scenario on a fresh local stack (the cluster scenario on a local 3-master Redis
+# Cluster); BENCH_ARGS passes options (e.g. --smoke, --scenario cluster).
 bench: $(STAMP_BENCH) redis-server
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -57,6 +57,7 @@ async def run_one(
     try:
         stack = factory.start(
             name="aimd",
+            redis="single",  # it reads its Redis directly
             workers=WORKERS,
             worker_concurrency=WORKER_CONCURRENCY,
             tokens=(TOKEN,),

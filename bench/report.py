@@ -156,17 +156,28 @@ def render_scenario(result: dict[str, Any]) -> str:
     title = (
         f"=== {result['name']}: {cfg['lines']:,} lines ({_fmt(cfg['file_mb'])} MB), mock latency "
         f"{cfg['mock_latency_ms']:g} ms, {'/'.join(map(str, cfg['workers']))} worker(s) x "
-        f"{cfg['worker_concurrency']}, reference x {cfg['reference_concurrency']} ==="
+        f"{cfg['worker_concurrency']}, "
+        + (
+            "on a local Redis Cluster ==="
+            if cfg.get("redis") == "cluster"
+            else f"reference x {cfg['reference_concurrency']} ==="
+        )
     )
     runs, ref = result["sluice_runs"], result.get("reference")
     parts = [title]
-    if runs:
+    if result["config"].get("redis") == "cluster":
+        from .cluster import render
+
+        for run in runs:
+            parts.extend(render(run))
+    elif runs:
         header = ["", *(r["label"] for r in runs)] + (["reference"] if ref else [])
         parts.append(format_table(header, _metric_rows(runs, ref)))
     if result.get("error"):
         return "\n".join([*parts, f"FAILED: {result['error']}"])
     ratio_text = ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items() if v is not None)
-    parts.append(f"ratios Sluice/reference: {ratio_text}")
+    if ratio_text:
+        parts.append(f"ratios Sluice/reference: {ratio_text}")
     parts.append("targets:")
     for t in result["targets"]:
         parts.append(

@@ -78,6 +78,7 @@ def start_stack(factory: StackFactory, scenario: Scenario, workers: int, log_dir
         tokens=(TOKEN,),
         mock=MockSpec(latency_ms=scenario.latency_ms),
         upstream_suffix="/v1",
+        redis=scenario.redis,
         stop_grace=STOP_GRACE_S,
         log_dir=log_dir,
         env={"SLUICE_LOG_LEVEL": "warning", "SLUICE_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S), **EXTRA_ENV},
@@ -86,7 +87,10 @@ def start_stack(factory: StackFactory, scenario: Scenario, workers: int, log_dir
     measured = {"web": stack.process("web")}
     measured.update({f"worker-{i}": stack.process(f"worker-{i}") for i in range(1, workers + 1)})
     measured["finalizer"] = stack.process("finalizer")
-    measured["redis-server"] = stack.redis.process
+    if stack.cluster is not None:
+        measured.update({f"redis-{node.port}": node.process for node in stack.cluster.nodes})
+    else:
+        measured["redis-server"] = stack.redis.process
     return BenchStack(stack, measured, stack.mock().process)
 
 
@@ -457,6 +461,14 @@ async def run_scenario(scenario: Scenario, result: dict[str, Any], workdir: Path
     input_path = workdir / f"{scenario.name}.jsonl"
     file_bytes = write_batch_file(input_path, scenario.lines, scenario.line_bytes)
     result["config"] = _config(scenario, file_bytes)
+    if scenario.redis == "cluster":
+        from .cluster import run_cluster
+
+        # Redis per node is the measurement; the reference (no Redis at all) adds nothing here.
+        result["sluice_runs"].append(await run_cluster(scenario, input_path, file_bytes, workdir, log_dir))
+        result["ratios"] = {}
+        result["targets"] = scenario.targets(result)
+        return
     for workers in scenario.worker_counts:
         label = f"{workers}w"
         run = await run_sluice(scenario, workers, input_path, file_bytes, workdir / label, log_dir / label)
@@ -476,6 +488,7 @@ def _config(scenario: Scenario, file_bytes: int | None) -> dict[str, Any]:
         "worker_concurrency": scenario.worker_concurrency,
         "reference_concurrency": scenario.reference_concurrency,
         "line_bytes": scenario.line_bytes,
+        "redis": scenario.redis,
     }
 
 

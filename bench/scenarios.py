@@ -37,6 +37,7 @@ class Scenario:
     targets: Callable[[dict[str, Any]], list[dict[str, Any]]]
     line_bytes: int | None = None  # pad every line to about this size
     settle: bool = True  # wait for every process to go idle before timing (see sampling.wait_settled)
+    redis: str = "single"  # "cluster": a local 3-master Redis Cluster, measured per node (bench/cluster.py)
 
 
 def check(target: str, measured: float | None, op: str, threshold: float, unit: str = "") -> dict[str, Any]:
@@ -80,6 +81,10 @@ def _scaling_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [check("lines/s 2 workers vs 1 worker", result["ratios"].get("scaling"), ">=", 1.8, "x")]
 
 
+def _no_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return []
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -87,6 +92,18 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("overhead", "no provider latency: Sluice's own cost", 50_000, 0, (2,), 32, 64, _overhead_targets),
         Scenario("bigfile", "~4 KB lines, ~190 MB file", 50_000, 0, (2,), 32, 64, _bigfile_targets, line_bytes=4000),
         Scenario("scaling", "1 worker, then 2 workers", 12_800, 200, (1, 2), 64, 128, _scaling_targets),
+        # A measurement without targets: Redis CPU per line per node and the ceiling it implies.
+        Scenario(
+            "cluster",
+            "3-master Redis Cluster: Redis CPU per line per node",
+            20_000,
+            0,
+            (2,),
+            32,
+            64,
+            _no_targets,
+            redis="cluster",
+        ),
     )
 }
 

@@ -21,6 +21,9 @@ Fixtures
 ``s3_bucket``          a fresh, empty bucket on it for one test (:class:`S3Bucket`); ``s3_bucket.env`` is the
                        environment that points Sluice processes at it.
 
+``SLUICE_TEST_REDIS=cluster`` runs every stack that does not ask for a single Redis on a local Redis
+Cluster (``make test-cluster``), and skips the tests marked ``single_redis``.
+
 When a test fails, the tail of the logs of every process it used is attached to its report. When the
 session ends, any process it started that is still alive (found by the run marker every started
 process inherits) is killed, and the session fails.
@@ -64,10 +67,12 @@ from tests.support.redis_cluster import RedisClusterServers, start_cluster
 from tests.support.redis_server import RedisServer, start_redis
 from tests.support.stack import (
     TERMINAL_STATUSES,
+    TEST_REDIS_ENV,
     TOKENS,
     UPSTREAM_API_KEY,
     Stack,
     StackFactory,
+    default_redis,
 )
 from tests.support.waiting import WaitTimeout, async_wait_until, wait_until
 
@@ -231,6 +236,7 @@ def pytest_configure(config):
 # --dist loadfile no worker is left running one of them alone at the end. Order only.
 _SLOW_FIRST = (
     "test_client_cli.py",
+    "test_cluster_e2e.py",
     "test_pause.py",
     "test_delegate.py",
     "test_chaos.py",
@@ -252,6 +258,13 @@ _SLOW_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
+    if default_redis() == "cluster":
+        skip = pytest.mark.skip(
+            reason=f"{TEST_REDIS_ENV}=cluster: this test needs its stack's single redis-server (marker single_redis)"
+        )
+        for item in items:
+            if item.get_closest_marker("single_redis"):
+                item.add_marker(skip)
 
 
 def _runners_of(item: pytest.Item) -> list[ProcessRunner]:

@@ -17,7 +17,7 @@ import pytest
 from tests.support.processes import ProcessRunner, fail_if_died
 from tests.support.waiting import wait_until
 
-SCENARIOS = {"latency", "overhead", "bigfile", "scaling"}
+SCENARIOS = {"latency", "overhead", "bigfile", "scaling", "cluster"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_BOUND_S = 900
 
@@ -77,6 +77,9 @@ def test_json_has_every_scenario_with_throughput_and_cpu(smoke_run):
     assert set(by_name) == SCENARIOS
     for name, scenario in by_name.items():
         assert "error" not in scenario, f"{name}: {scenario.get('error')}"
+        if name == "cluster":
+            _check_cluster(scenario)
+            continue
         assert scenario["reference"]["lines_per_s"] > 0, name
         assert scenario["reference"]["cpu"]["seconds"] >= 0, name
         assert scenario["targets"] and all(isinstance(t["pass"], bool) for t in scenario["targets"]), name
@@ -92,6 +95,23 @@ def test_json_has_every_scenario_with_throughput_and_cpu(smoke_run):
             for proc_name, rss in run["rss_mb"].items():
                 assert rss["hwm"] and rss["hwm"] > 0, f"{name} {proc_name}: {rss}"
     assert [r["workers"] for r in by_name["scaling"]["sluice_runs"]] == [1, 2]
+
+
+def _check_cluster(scenario: dict) -> None:
+    """The cluster scenario: no reference, Redis CPU per line per node, shares and the ceiling."""
+    assert scenario["reference"] is None and scenario["targets"] == []
+    (run,) = scenario["sluice_runs"]
+    assert run["lines_per_s"] > 0 and run["output"]["output_lines"] == scenario["config"]["lines"]
+    nodes = run["redis_nodes"]
+    assert len(nodes) == 6, nodes
+    masters = {n: v for n, v in nodes.items() if v["role"] == "master"}
+    assert len(masters) == 3, nodes
+    assert abs(sum(v["share"] for v in masters.values()) - 1) < 0.01, masters
+    assert all(v["cpu_us_per_line"] >= 0 for v in nodes.values()), nodes
+    ceiling = run["ceiling"]
+    assert ceiling["busiest_master"] in masters and ceiling["masters"] == 3, ceiling
+    assert ceiling["cluster_lines_per_s_balanced"] == pytest.approx(3 * ceiling["lines_per_s_per_redis_core"], rel=0.01)
+    assert set(run["cpu"]) == {"web", "worker-1", "worker-2", "finalizer", "total"}, sorted(run["cpu"])
 
 
 def test_png_chart_is_written(smoke_run):

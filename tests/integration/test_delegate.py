@@ -312,6 +312,7 @@ def test_finalizer_killed_after_create_before_recording_the_id(dstack, wait_unti
     assert len([r for r in _log(dstack) if r["method"] == "POST" and r["path"] == "/v1/batches"]) == 1
 
 
+@pytest.mark.single_redis
 def test_finalizer_killed_mid_download(dstack, wait_until):
     client = dstack.client()
     dstack.reset_mocks()

@@ -128,6 +128,7 @@ def _cpu_s(pid: int) -> float:
 
 
 # ----------------------------------------------------------------------------- exact deletes
+@pytest.mark.single_redis
 def test_racing_deletes_exactly_one_200_and_usage_to_the_byte(estack):
     r = estack.redis.client()
     owner = store.owner_of(estack.token)
@@ -323,6 +324,7 @@ def test_stalled_upload_is_aborted_and_its_partial_file_removed(estack, wait_unt
 
 
 # ----------------------------------------------------------------------------- leftovers
+@pytest.mark.single_redis
 def test_tmp_orphans_of_a_killed_upload_are_removed_at_start_up(stack_factory, wait_until):
     stack = stack_factory.start(
         name="orphans", workers=0, finalizer=False, env={"SLUICE_BODY_IDLE_TIMEOUT_S": str(TIMEOUT_S)}

@@ -193,6 +193,7 @@ def test_sse_unknown_batch_is_404(wstack):
     wstack.assert_error(res, 401)
 
 
+@pytest.mark.single_redis
 def test_webhook_retried_until_accepted(wstack, receiver, wait_until):
     client = wstack.client()
     run = uuid.uuid4().hex[:8]

@@ -51,6 +51,7 @@ def test_a_line_that_keeps_killing_workers_ends_as_poison(stack_factory, wait_un
     assert stack.mock_stats()["requests"] == 2
 
 
+@pytest.mark.single_redis
 def test_finalizers_share_the_batches_and_take_over_from_a_dead_one(stack_factory, wait_until):
     stack = stack_factory.start(name="finalizers", workers=1, worker_concurrency=2, env={"SLUICE_LEASE_S": "2"})
     first = stack.process("finalizer")

@@ -333,6 +333,7 @@ def _byok_field(stack, batch_id: str):
         r.close()
 
 
+@pytest.mark.single_redis
 def test_byok_key_is_used_for_its_batch_only_and_never_kept(stack_factory, wait_until):
     stack = stack_factory.start(
         name="byok",
@@ -429,6 +430,7 @@ def test_byok_key_is_used_for_its_batch_only_and_never_kept(stack_factory, wait_
     assert stack.logs_containing(P1_KEY) == [], "the configured provider key appears in a process log"
 
 
+@pytest.mark.single_redis
 def test_byok_and_provider_header_errors(stack_factory):
     stack = stack_factory.start(
         name="byok-errors",

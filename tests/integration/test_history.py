@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.single_redis, pytest.mark.timeout(180)]
 
 ROLES = ("web", "worker", "finalizer")
 

@@ -23,7 +23,7 @@ import pytest
 from service.core import keys
 from tests.support.lost_reply import LostReplyProxy
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.single_redis, pytest.mark.timeout(600)]
 
 TOKEN = "lost-reply-tok"
 SIZE = 2000  # bytes of every input file

@@ -37,6 +37,7 @@ def _get(fams: dict[str, list], family: str, sample: str | None = None, **labels
     return 0.0
 
 
+@pytest.mark.single_redis
 def test_metrics_status_heartbeats_and_readiness(stack_factory, wait_until):
     # The running batch below holds its lines at the mock's gate: it stays running while observed.
     stack = stack_factory.start(

@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 from service.core import keys, leases
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.single_redis, pytest.mark.chaos, pytest.mark.timeout(300)]
 
 LEASE_ENV = {"SLUICE_LEASE_S": "2"}  # every lease (finalizer, feeder, validator) lasts 2 s
 

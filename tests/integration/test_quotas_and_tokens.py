@@ -169,6 +169,7 @@ def test_enqueued_lines_quota(qstack):
 # 7. sluice tokens create / list / revoke
 
 
+@pytest.mark.single_redis
 def test_tokens_cli(qstack, wait_until):
     stack = qstack
     name = f"team-{uuid.uuid4().hex[:6]}"

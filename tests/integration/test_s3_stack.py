@@ -122,6 +122,7 @@ def _torn_append(s3_bucket, key: str, offset: int) -> None:
     asyncio.run(go())
 
 
+@pytest.mark.single_redis
 def test_finalizer_killed_mid_drain_on_s3_keeps_exactly_once(stack_factory, s3_bucket, wait_until, monkeypatch):
     for name, value in s3_bucket.env.items():
         if name.startswith("AWS_"):

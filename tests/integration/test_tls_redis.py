@@ -186,7 +186,7 @@ def tls(tmp_path_factory):
         stack = Stack(
             name="tls",
             runner=runner,
-            redis=server,
+            redis_server=server,
             port=web_port,
             mock_port=mock.port,
             data_dir=data_dir,

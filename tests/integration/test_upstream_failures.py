@@ -118,6 +118,7 @@ def test_unreachable_provider(stack_factory, free_port):
         assert line["response"] is None and line["error"]["code"] == "upstream_connection_error", line
 
 
+@pytest.mark.single_redis
 def test_expiry(stack_factory, wait_until):
     # The first lines are answered at once, well inside the window; the others wait at the mock's
     # gate until the window has closed, so they certainly cannot finish in time.

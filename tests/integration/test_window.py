@@ -11,7 +11,7 @@ import pytest
 
 from service.core import keys
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.single_redis, pytest.mark.timeout(180)]
 
 WINDOW = 100
 

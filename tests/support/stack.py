@@ -7,6 +7,15 @@ Multi-host stacks: ``stack_factory.start(separate_data_dirs=True, env=s3_bucket.
 process (and every one :meth:`Stack.spawn` starts) its own ``SLUICE_DATA_DIR`` under the stack's data dir,
 as separate hosts would have: they share only Redis and the object store.
 
+Redis Cluster stacks: ``stack_factory.start(redis="cluster")`` starts a local cluster (3 masters with a
+replica each, :func:`start_cluster`) instead of a single ``redis-server`` and points ``REDIS_URL`` at one
+of its nodes; :attr:`Stack.cluster` then has its helpers (``kill_master``, ``failover``,
+``commandstats``). ``SLUICE_TEST_REDIS=cluster`` in the environment makes that the default of every
+stack that does not ask for a single Redis (``redis="single"``, ``redis_aof`` or ``redis_via``), so the
+end-to-end tests run unchanged on a cluster (``make test-cluster``). Tests that need the single server
+itself (keys read by name, a restart, a proxy, TLS) carry the marker ``single_redis``, which skips them
+under that switch; :attr:`Stack.redis` on a cluster stack fails and says so.
+
 Multi-provider stacks: ``stack_factory.start(upstream=False, extra_mocks={"p1": {"record": True}},
 config_toml=...)`` starts more mock providers and writes ``config_toml`` (a :class:`string.Template`:
 ``${mock_url}`` is the default mock, ``${p1_url}`` the mock called ``p1``) to a file named by
@@ -17,6 +26,7 @@ config_toml=...)`` starts more mock providers and writes ``config_toml`` (a :cla
 
 from __future__ import annotations
 
+import os
 import string
 import subprocess
 from dataclasses import dataclass, field
@@ -30,12 +40,29 @@ from .lines import CHAT_URL, chat_line, parse_jsonl, to_jsonl
 from .mocks import MockServer, MockSpec, mock_spec, start_mock
 from .ports import free_port
 from .processes import ROOT, ManagedProcess, ProcessDied, ProcessRunner, fail_if_died
+from .redis_cluster import RedisClusterServers, start_cluster
 from .redis_server import RedisServer, start_redis
 from .waiting import WaitTimeout, wait_until
 
 TOKENS = ("tok-a", "tok-b")
 UPSTREAM_API_KEY = "upstream-secret"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+# Which Redis the stacks get when a test does not say: "single" (a redis-server) or "cluster".
+TEST_REDIS_ENV = "SLUICE_TEST_REDIS"
+REDIS_KINDS = ("single", "cluster")
+
+
+def default_redis() -> str:
+    """The kind of Redis a stack gets unless it asks (``SLUICE_TEST_REDIS``, default ``single``)."""
+    kind = os.environ.get(TEST_REDIS_ENV, "").strip().lower() or "single"
+    if kind not in REDIS_KINDS:
+        raise ValueError(f"{TEST_REDIS_ENV}={kind!r}: expected one of {', '.join(REDIS_KINDS)}")
+    return kind
+
+
+class NotASingleRedis(AssertionError):
+    """A test reached for the single redis-server of a stack that runs on a Redis Cluster."""
+
 
 _DEFAULT = object()
 
@@ -44,12 +71,14 @@ _DEFAULT = object()
 class Stack:
     """Redis + mock provider + web + workers + finalizer, all real processes.
 
-    ``base_url`` is the web root (bare paths), ``api_url`` the same with ``/v1``.
+    ``base_url`` is the web root (bare paths), ``api_url`` the same with ``/v1``. A stack runs on
+    either a single ``redis-server`` (``redis_server``; :attr:`redis`) or a local Redis Cluster
+    (:attr:`cluster`).
     """
 
     name: str
     runner: ProcessRunner
-    redis: RedisServer
+    redis_server: RedisServer | None
     port: int
     mock_port: int
     data_dir: Path
@@ -58,6 +87,7 @@ class Stack:
     mocks: dict[str, MockServer] = field(default_factory=dict)
     config_path: Path | None = None
     separate_data_dirs: bool = False
+    cluster: RedisClusterServers | None = None
     _clients: list[Any] = field(default_factory=list, repr=False)
 
     # Pure helpers, reachable from tests through the fixture.
@@ -65,6 +95,21 @@ class Stack:
     to_jsonl = staticmethod(to_jsonl)
     parse_jsonl = staticmethod(parse_jsonl)
     assert_error = staticmethod(assert_error_envelope)
+
+    @property
+    def redis(self) -> RedisServer:
+        """The stack's single ``redis-server``; a cluster stack has none (see :attr:`cluster`)."""
+        if self.redis_server is None:
+            raise NotASingleRedis(
+                f"stack {self.name!r} runs on a Redis Cluster ({TEST_REDIS_ENV}=cluster or redis='cluster'): "
+                "a test that reads Redis keys by name or needs the single server must carry "
+                "@pytest.mark.single_redis (skipped under the switch) or start its stack with redis='single'"
+            )
+        return self.redis_server
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.cluster is not None
 
     @property
     def base_url(self) -> str:
@@ -309,6 +354,7 @@ class StackFactory:
         config_toml: str | None = None,
         separate_data_dirs: bool = False,
         redis_via: Callable[[RedisServer], str] | None = None,
+        redis: str | None = None,
         stop_grace: float = processes.STOP_GRACE_S,
         log_dir: Path | None = None,
     ) -> Stack:
@@ -326,6 +372,9 @@ class StackFactory:
         ``redis_via`` is given the stack's :class:`RedisServer` once it runs and returns the URL the Sluice
         processes use instead of the server's own (a proxy in front of it, say); :attr:`Stack.redis`
         still talks to the server directly.
+        ``redis`` is ``"single"`` (a ``redis-server``) or ``"cluster"`` (a local cluster, 3 masters with a
+        replica each; :attr:`Stack.cluster`); by default ``SLUICE_TEST_REDIS`` decides, except that
+        ``redis_aof`` and ``redis_via`` ask for a single server.
         ``stop_grace`` is how long the processes get between SIGTERM and SIGKILL when the stack stops;
         ``log_dir`` is where their logs go (default ``<stack>/logs``).
         """
@@ -338,11 +387,24 @@ class StackFactory:
         for mock_name in extra_specs:
             if mock_name == "default" or not mock_name.isidentifier():
                 raise ValueError(f"bad extra mock name {mock_name!r}: an identifier other than 'default'")
+        if redis is None:
+            redis = "single" if redis_aof or redis_via is not None else default_redis()
+        if redis not in REDIS_KINDS:
+            raise ValueError(f"redis={redis!r}: expected one of {', '.join(REDIS_KINDS)}")
+        if redis == "cluster" and (redis_aof or redis_via is not None):
+            raise ValueError("redis_aof and redis_via apply to a single redis-server, not to redis='cluster'")
         name = name or f"stack{len(self.stacks) + 1}"
         root = self.base_dir / name
         runner = ProcessRunner(log_dir or root / "logs", grace=stop_grace)
         try:
-            redis_server = start_redis(runner, root / "redis", appendonly=redis_aof)
+            redis_server: RedisServer | None = None
+            cluster: RedisClusterServers | None = None
+            if redis == "cluster":
+                cluster = start_cluster(runner, root / "cluster")
+                redis_url = cluster.url
+            else:
+                redis_server = start_redis(runner, root / "redis", appendonly=redis_aof)
+                redis_url = redis_via(redis_server) if redis_via is not None else redis_server.url
             data_dir = root / "data"
             data_dir.mkdir(parents=True, exist_ok=True)
             env0 = base_env()
@@ -354,7 +416,7 @@ class StackFactory:
 
             sluice_env = {
                 **env0,
-                "REDIS_URL": redis_via(redis_server) if redis_via is not None else redis_server.url,
+                "REDIS_URL": redis_url,
                 "SLUICE_DATA_DIR": str(data_dir),
                 "SLUICE_API_TOKENS": ",".join(tokens),
                 "SLUICE_WORKER_CONCURRENCY": str(worker_concurrency),
@@ -389,7 +451,8 @@ class StackFactory:
             stack = Stack(
                 name=name,
                 runner=runner,
-                redis=redis_server,
+                redis_server=redis_server,
+                cluster=cluster,
                 port=web_port,
                 mock_port=mock_port,
                 data_dir=data_dir,
