@@ -263,6 +263,8 @@ return 1
 """,
 )
 _FOLD_SCRIPTS = (_FOLD_TAKE, _FOLD_PUT, _FOLD_DONE)
+# Minutes per call of the shard steps: a day unfolded is many short scripts, not one long stall of Redis.
+_FOLD_CHUNK = 60
 
 
 def _s(v: bytes | str) -> str:
@@ -291,24 +293,24 @@ async def _execute(r: Redis, build: Callable[[Pipeline], None]) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-async def fold_history(r: Redis, *, now: float) -> int:
-    """Fold every shard's minutes that ended at least ``FOLD_AFTER_S`` before ``now`` into the
-    minutes' totals (``keys.history_total``); return how many shard minutes were folded.
+async def fold_history(r: Redis, *, now: float, since: float = 0) -> int:
+    """Fold every shard's minutes from ``since`` that ended at least ``FOLD_AFTER_S`` before
+    ``now`` into the minutes' totals (``keys.history_total``); return how many shard minutes were
+    folded.
 
     Exact and idempotent (see the fold scripts above): any process may run it at any time, any
-    number of times at once. ``read_history`` runs it first; a periodic caller keeps the first read
-    after a long quiet spell cheap.
+    number of times at once. ``read_history`` runs it first over its window; a periodic caller
+    keeps the first read after a long quiet spell cheap.
     """
     horizon = now - MINUTE_S - FOLD_AFTER_S
 
     def due(pipe: Pipeline) -> None:
-        # An index holds the minutes not folded yet: the last few, unless nobody read for a while.
         for s in range(keys.SHARDS):
-            pipe.zrange(keys.history_index(s), 0, -1)
+            pipe.zrangebyscore(keys.history_index(s), since, horizon)
 
     todo: dict[int, list[int]] = {}
     for s, listed in enumerate(await _execute(r, due)):
-        ms = [m for m in map(int, map(_s, listed)) if m <= horizon]
+        ms = [int(_s(m)) for m in listed]
         if ms:
             todo[s] = ms
     if not todo:
@@ -317,11 +319,16 @@ async def fold_history(r: Redis, *, now: float) -> int:
 
     def take(pipe: Pipeline) -> None:
         for s, ms in todo.items():
-            _FOLD_TAKE.queue(pipe, index=keys.history_index(s), hashes=_pairs(ms, s), op=f"{s}.{op}", minutes=ms)
+            for i in range(0, len(ms), _FOLD_CHUNK):
+                chunk = ms[i : i + _FOLD_CHUNK]
+                _FOLD_TAKE.queue(
+                    pipe, index=keys.history_index(s), hashes=_pairs(chunk, s), op=f"{s}.{op}", minutes=chunk
+                )
 
     parts: dict[int, list[str | int]] = {}
     taken: dict[int, list[tuple[int, str]]] = {}
-    for s, replies in zip(todo, await _execute(r, take)):
+    calls = [s for s, ms in todo.items() for _ in range(0, len(ms), _FOLD_CHUNK)]
+    for s, replies in zip(calls, await _execute(r, take)):
         for minute, counts in replies:
             m, fields = int(_s(minute)), [_s(x) for x in counts]
             pairs = dict(zip(fields[::2], fields[1::2]))
@@ -335,12 +342,14 @@ async def fold_history(r: Redis, *, now: float) -> int:
 
     def clear(pipe: Pipeline) -> None:
         for s, folds in taken.items():
-            _FOLD_DONE.queue(
-                pipe,
-                index=keys.history_index(s),
-                hashes=_pairs([m for m, _ in folds], s),
-                parts=[x for fold in folds for x in fold],
-            )
+            for i in range(0, len(folds), _FOLD_CHUNK):
+                chunk = folds[i : i + _FOLD_CHUNK]
+                _FOLD_DONE.queue(
+                    pipe,
+                    index=keys.history_index(s),
+                    hashes=_pairs([m for m, _ in chunk], s),
+                    parts=[x for fold in chunk for x in fold],
+                )
 
     await _execute(r, put)
     await _execute(r, clear)
@@ -380,9 +389,9 @@ async def read_history(
     without data; any other provider with data in the window is listed too (one removed from the
     configuration keeps its past).
     """
-    await fold_history(r, now=now)
     end = minute_of(now)
     starts = [end - MINUTE_S * i for i in range(minutes - 1, -1, -1)]
+    await fold_history(r, now=now, since=starts[0])
     horizon = now - MINUTE_S - FOLD_AFTER_S
     recent = [m for m in starts if m > horizon]
     pipe = r.pipeline(transaction=False)

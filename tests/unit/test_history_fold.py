@@ -148,3 +148,13 @@ async def test_the_current_minutes_are_summed_over_the_shards_unfolded(redis, mo
     history = await counters.read_history(redis, now=now, minutes=2)
     assert _sums(history) == (6, 3, 12, 6)
     assert not await redis.exists(keys.history_total(minute))
+
+
+async def test_a_read_folds_only_its_own_window(redis, monkeypatch):
+    now, minute = await _recorded(redis, monkeypatch)
+    later = now + 2 * 3600
+    assert _sums(await counters.read_history(redis, now=later, minutes=60)) == (0, 0, 0, 0)
+    assert await redis.zcard(keys.history_index(keys.shard_of(BATCHES[0]))) == 1  # left for a wider read
+    day = await counters.read_history(redis, now=later, minutes=1440)
+    assert _sums(day) == (6, 3, 12, 6)
+    assert await redis.zcard(keys.history_index(keys.shard_of(BATCHES[0]))) == 0
