@@ -130,6 +130,28 @@ def as_int(v: bytes | str | int | None) -> int:
         return 0
 
 
+# The counter hashes, one of each per shard (keys.metrics_*): the snapshot sums them.
+_COUNTERS = (keys.metrics_lines, keys.metrics_upstream, keys.metrics_latency, keys.metrics_tokens)
+
+
+def _summed(hashes: list[dict[bytes, bytes]]) -> dict[str, int | float]:
+    """Field by field sums of the shards' hashes of one counter (a latency sum in seconds is a float)."""
+    out: dict[str, int | float] = {}
+    for h in hashes:
+        for k, v in h.items():
+            raw = _s(v)
+            try:
+                n: int | float = int(raw)
+            except ValueError:
+                try:
+                    n = float(raw)
+                except ValueError:
+                    continue
+            name = _s(k)
+            out[name] = out.get(name, 0) + n
+    return out
+
+
 _F = BatchField
 _BATCH_FIELDS = (
     _F.OWNER,
@@ -150,11 +172,10 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     pipe.time()
     pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
     pipe.smembers(keys.LIVE_BATCHES)
-    pipe.hgetall(keys.METRICS_LINES)
-    pipe.hgetall(keys.METRICS_UPSTREAM)
-    pipe.hgetall(keys.METRICS_LATENCY)
-    pipe.hgetall(keys.METRICS_TOKENS)
-    (sec, usec), procs, live, lines, upstream, latency, tokens = await pipe.execute()
+    for shard in range(keys.SHARDS):
+        for counter in _COUNTERS:
+            pipe.hgetall(counter(shard))
+    (sec, usec), procs, live, *counters = await pipe.execute()
     now = sec + usec / 1e6
     now_ms = int(now * 1000)
     names = [(_s(n), float(score)) for n, score in procs]
@@ -253,8 +274,9 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
                 ceiling=ceiling,
             )
         )
-    snap.lines = {_s(k): as_int(v) for k, v in lines.items()}
-    snap.upstream = {_s(k): as_int(v) for k, v in upstream.items()}
-    snap.latency = {_s(k): _s(v) for k, v in latency.items()}
-    snap.tokens = {_s(k): as_int(v) for k, v in tokens.items()}
+    lines, upstream, latency, tokens = (_summed(counters[i :: len(_COUNTERS)]) for i in range(len(_COUNTERS)))
+    snap.lines = {k: int(v) for k, v in lines.items()}
+    snap.upstream = {k: int(v) for k, v in upstream.items()}
+    snap.latency = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in latency.items()}
+    snap.tokens = {k: int(v) for k, v in tokens.items()}
     return snap

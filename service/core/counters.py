@@ -24,22 +24,30 @@ A line with no provider (never sent: aborted, poison, provider not configured) h
 
 from __future__ import annotations
 
+import secrets
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from . import keys
-from .connections import Redis
+from .connections import Pipeline, Redis, Script
 
 # Upper bounds (seconds) of the upstream latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LE_LABELS = tuple(f"{b:g}" for b in LATENCY_BUCKETS)
 INF = "+Inf"
 
-# The history: one hash per minute (keys.history), kept this long.
+# The history: one hash per minute and shard (keys.history), kept this long.
 MINUTE_S = 60
 HISTORY_S = 24 * 3600
 # A minute's hash lives a little longer than the window, so the oldest minute served is whole.
 HISTORY_TTL_S = HISTORY_S + 2 * MINUTE_S
+# Readers fold a minute's shard hashes into one (keys.history_total) once it ended this long ago,
+# so that 24 h cost 1440 reads, not 1440 x 16. Far past the lost-reply re-sends of the minute's
+# last recordings: a late one (a caller paused for longer) is folded by a later read.
+FOLD_AFTER_S = 2 * MINUTE_S
 
 
 def minute_of(unix_s: float) -> int:
@@ -190,6 +198,182 @@ def _series(minutes: list[dict[str, int]], provider: str | None) -> dict[str, li
     return out
 
 
+# Folding one shard's minute into the minute's total is an outbox move across two slots: each step
+# is one script in one slot and safe to run twice, so a reader killed between them or a reply lost
+# and re-sent neither loses nor doubles a count, and readers folding at once do it once.
+# 1. On the shard: the minute's hash is renamed to its folding key and marked with an op id (or a
+#    fold already under way there is taken over); the counts are returned. A minute with neither
+#    hash leaves the shard's index.
+# 2. On the total: the counts are added unless the op's marker field ("@<op>") is there.
+# 3. On the shard: the folding key of that op goes; the minute leaves the index unless a late
+#    recording wrote its hash again (the next fold takes that).
+# Fields beginning with "@" are markers, not counts.
+_MARK = "@"
+_FOLD_TAKE = Script(
+    keys=("index", "*hashes"),
+    args=("op", "*minutes"),
+    source="""
+local out = {}
+for j = 2, #ARGV do
+  local h, f = KEYS[2 * j - 2], KEYS[2 * j - 1]
+  if redis.call('EXISTS', f) == 0 and redis.call('EXISTS', h) == 1 then
+    redis.call('RENAME', h, f)
+    redis.call('HSET', f, '@op', ARGV.op)
+  end
+  local counts = redis.call('HGETALL', f)
+  if #counts > 0 then
+    out[#out + 1] = {ARGV[j], counts}
+  else
+    redis.call('ZREM', KEYS.index, ARGV[j])
+  end
+end
+return out
+""",
+)
+# parts: per fold, its op, its number of fields, then field, count pairs.
+_FOLD_PUT = Script(
+    keys=("total",),
+    args=("expire_at", "*parts"),
+    source="""
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  if redis.call('HSETNX', KEYS.total, '@' .. ARGV[i], 1) == 1 then
+    for k = i + 2, i + 2 * n, 2 do redis.call('HINCRBY', KEYS.total, ARGV[k], ARGV[k + 1]) end
+  end
+  i = i + 2 + 2 * n
+end
+redis.call('EXPIREAT', KEYS.total, ARGV.expire_at)
+return 1
+""",
+)
+# parts: per minute, the minute and the op that folded it.
+_FOLD_DONE = Script(
+    keys=("index", "*hashes"),
+    args=("*parts",),
+    source="""
+for j = 1, #ARGV, 2 do
+  local h, f = KEYS[j + 1], KEYS[j + 2]
+  if redis.call('HGET', f, '@op') == ARGV[j + 1] then redis.call('DEL', f) end
+  if redis.call('EXISTS', h) == 0 and redis.call('EXISTS', f) == 0 then
+    redis.call('ZREM', KEYS.index, ARGV[j])
+  end
+end
+return 1
+""",
+)
+_FOLD_SCRIPTS = (_FOLD_TAKE, _FOLD_PUT, _FOLD_DONE)
+# Minutes per call of the shard steps: a day unfolded is many short scripts, not one long stall of Redis.
+_FOLD_CHUNK = 60
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _pairs(minutes: list[int], shard: int) -> list[str]:
+    out: list[str] = []
+    for m in minutes:
+        out += [keys.history(shard, m), keys.history_folding(shard, m)]
+    return out
+
+
+async def _execute(r: Redis, build: Callable[[Pipeline], None]) -> list[Any]:
+    # Every fold step is safe to run twice: after Redis forgot its scripts, load them and run all again.
+    for attempt in (1, 2):
+        pipe = r.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            for script in _FOLD_SCRIPTS:
+                await script.load(r)
+    raise AssertionError("unreachable")
+
+
+async def fold_history(r: Redis, *, now: float, since: float = 0) -> int:
+    """Fold every shard's minutes from ``since`` that ended at least ``FOLD_AFTER_S`` before
+    ``now`` into the minutes' totals (``keys.history_total``); return how many shard minutes were
+    folded.
+
+    Exact and idempotent (see the fold scripts above): any process may run it at any time, any
+    number of times at once. ``read_history`` runs it first over its window; a periodic caller
+    keeps the first read after a long quiet spell cheap.
+    """
+    horizon = now - MINUTE_S - FOLD_AFTER_S
+
+    def due(pipe: Pipeline) -> None:
+        for s in range(keys.SHARDS):
+            pipe.zrangebyscore(keys.history_index(s), since, horizon)
+
+    todo: dict[int, list[int]] = {}
+    for s, listed in enumerate(await _execute(r, due)):
+        ms = [int(_s(m)) for m in listed]
+        if ms:
+            todo[s] = ms
+    if not todo:
+        return 0
+    op = secrets.token_hex(6)
+
+    def take(pipe: Pipeline) -> None:
+        for s, ms in todo.items():
+            for i in range(0, len(ms), _FOLD_CHUNK):
+                chunk = ms[i : i + _FOLD_CHUNK]
+                _FOLD_TAKE.queue(
+                    pipe, index=keys.history_index(s), hashes=_pairs(chunk, s), op=f"{s}.{op}", minutes=chunk
+                )
+
+    parts: dict[int, list[str | int]] = {}
+    taken: dict[int, list[tuple[int, str]]] = {}
+    calls = [s for s, ms in todo.items() for _ in range(0, len(ms), _FOLD_CHUNK)]
+    for s, replies in zip(calls, await _execute(r, take)):
+        for minute, counts in replies:
+            m, fields = int(_s(minute)), [_s(x) for x in counts]
+            pairs = dict(zip(fields[::2], fields[1::2]))
+            fold_op = pairs.pop("@op", "")
+            parts.setdefault(m, []).extend([fold_op, len(pairs), *(x for kv in pairs.items() for x in kv)])
+            taken.setdefault(s, []).append((m, fold_op))
+
+    def put(pipe: Pipeline) -> None:
+        for m, p in parts.items():
+            _FOLD_PUT.queue(pipe, total=keys.history_total(m), expire_at=m + HISTORY_TTL_S, parts=p)
+
+    def clear(pipe: Pipeline) -> None:
+        for s, folds in taken.items():
+            for i in range(0, len(folds), _FOLD_CHUNK):
+                chunk = folds[i : i + _FOLD_CHUNK]
+                _FOLD_DONE.queue(
+                    pipe,
+                    index=keys.history_index(s),
+                    hashes=_pairs([m for m, _ in chunk], s),
+                    parts=[x for fold in chunk for x in fold],
+                )
+
+    await _execute(r, put)
+    await _execute(r, clear)
+    return sum(len(folds) for folds in taken.values())
+
+
+def _counts(h: dict[Any, Any]) -> dict[str, int]:
+    fields: dict[str, int] = {}
+    for k, v in h.items():
+        name = _s(k)
+        if name.startswith(_MARK):
+            continue
+        try:
+            fields[name] = int(v)
+        except ValueError:
+            continue
+    return fields
+
+
+def _add(into: dict[str, int], fields: dict[str, int]) -> None:
+    for k, v in fields.items():
+        into[k] = into.get(k, 0) + v
+
+
 async def read_history(
     r: Redis,
     *,
@@ -200,23 +384,35 @@ async def read_history(
     """The last ``minutes`` minutes of the history (the current, partial one last), as the JSON
     ``GET /v1/sluice/history`` serves: one array per series, aligned with ``minutes``.
 
-    ``providers`` (the configured ones) are listed even without data; any other provider with
-    data in the window is listed too (one removed from the configuration keeps its past).
+    Past minutes are folded first (``fold_history``) and read as one hash each; the last few
+    minutes are summed over the shards. ``providers`` (the configured ones) are listed even
+    without data; any other provider with data in the window is listed too (one removed from the
+    configuration keeps its past).
     """
     end = minute_of(now)
     starts = [end - MINUTE_S * i for i in range(minutes - 1, -1, -1)]
+    await fold_history(r, now=now, since=starts[0])
+    horizon = now - MINUTE_S - FOLD_AFTER_S
+    recent = [m for m in starts if m > horizon]
     pipe = r.pipeline(transaction=False)
     for start in starts:
-        pipe.hgetall(keys.history(start))
-    decoded = []
-    for h in await pipe.execute():
-        fields: dict[str, int] = {}
-        for k, v in h.items():
-            try:
-                fields[k.decode()] = int(v)
-            except ValueError:
-                continue
-        decoded.append(fields)
+        pipe.hgetall(keys.history_total(start))
+    for m in recent:
+        for s in range(keys.SHARDS):
+            pipe.hgetall(keys.history(s, m))
+            pipe.hgetall(keys.history_folding(s, m))
+    replies = iter(await pipe.execute())
+    totals = [next(replies) for _ in starts]
+    decoded = [_counts(h) for h in totals]
+    for m in recent:
+        i = starts.index(m)
+        folded = {_s(k) for k in totals[i] if _s(k).startswith(_MARK)}
+        for _ in range(keys.SHARDS):
+            _add(decoded[i], _counts(next(replies)))
+            folding = {_s(k): v for k, v in next(replies).items()}
+            # A fold of this minute under way (by a reader whose clock runs ahead): counted once.
+            if folding and _MARK + _s(folding.get("@op", "")) not in folded:
+                _add(decoded[i], _counts(folding))
     seen = {f.split("|", 1)[0] for fields in decoded for f in fields if "|" in f}
     return {
         "object": "sluice.history",

@@ -2,10 +2,10 @@
 
 Every process runs a :class:`Heartbeat`: every ``BEAT_S`` it writes, in one script call, the
 process's hash (``keys.process(name)``: role, host, pid, started_at, state, in-flight counts,
-...) and its score in ``keys.PROCESSES`` (the Redis time of the beat), and keeps the cluster
-counter hashes from expiring. The counters themselves are not carried by beats: the script that
-records each result moves them exactly once (service/core/counters.py). A process's
-:class:`Tally` holds only gauges (requests at each provider now), published with each beat.
+...) and its score in ``keys.PROCESSES`` (the Redis time of the beat). The cluster counters are
+not carried by beats: the script that records each result moves them exactly once, in its
+batch's shard (service/core/counters.py). A process's :class:`Tally` holds only gauges (requests
+at each provider now), published with each beat.
 
 A process that stops beating for ``STALE_AFTER_S`` is *stale* (dead, hung or cut off from
 Redis); it stays listed for ``PRUNE_AFTER_S`` and is then forgotten. A process that stops
@@ -37,23 +37,18 @@ STALE_AFTER_S = 3 * BEAT_S
 PRUNE_AFTER_S = 600
 ROLES = ("web", "worker", "finalizer")
 
-# The counter hashes expire unless beats keep them: they live as long as any process beats at
-# least once in this period (a reset after that is an ordinary counter reset to Prometheus).
-COUNTERS_TTL_S = 30 * 24 * 3600
-
-# counters are the counter hashes to keep alive; fields the process's (name, value) pairs.
+# fields are the process's (name, value) pairs.
 _BEAT = Script(
-    keys=("processes", "process", "*counters"),
-    args=("name", "prune_s", "counters_ttl_s", "*fields"),
+    keys=("processes", "process"),
+    args=("name", "prune_s", "*fields"),
     source="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', KEYS.process, 'seen_at', string.format('%.3f', now), unpack(ARGV, 4))
+redis.call('HSET', KEYS.process, 'seen_at', string.format('%.3f', now), unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS.process, ARGV.prune_s)
 redis.call('ZADD', KEYS.processes, now, ARGV.name)
 redis.call('ZREMRANGEBYSCORE', KEYS.processes, '-inf', now - tonumber(ARGV.prune_s))
 redis.call('EXPIRE', KEYS.processes, ARGV.prune_s)
-for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV.counters_ttl_s) end
 return 1
 """,
 )
@@ -126,10 +121,8 @@ class Heartbeat:
                 self.redis,
                 processes=keys.PROCESSES,
                 process=keys.process(self.name),
-                counters=[keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY],
                 name=self.name,
                 prune_s=PRUNE_AFTER_S,
-                counters_ttl_s=COUNTERS_TTL_S,
                 fields=flat,
             )
         except asyncio.CancelledError:

@@ -130,35 +130,66 @@ USAGE_AUDIT_LOCK = f"{PREFIX}:{{owners}}:lease:audit"
 # time, s). These keys expire unless heartbeats keep them (service/core/heartbeat.py).
 PROCESSES = f"{PREFIX}:{{procs}}:processes"
 
-# Cluster-wide counters, moved by the script that records results (store._RECORD), exactly once
-# per line (service/core/counters.py): lines by outcome; upstream retries, 429s and pauses
-# ("retries|<provider>", ...); upstream requests and their latency histogram by provider and
-# status ("<provider>|<status>|<le>" non-cumulative buckets, "...|count", "...|sum_us"; "...|sum"
-# in seconds from versions that folded counts in with heartbeats). Heartbeats keep them from
-# expiring.
-METRICS_LINES = f"{PREFIX}:metrics:lines"
-METRICS_UPSTREAM = f"{PREFIX}:metrics:upstream"
-METRICS_LATENCY = f"{PREFIX}:metrics:latency"
-# Tokens of successful lines, cluster-wide, by "<provider>|<model>|<kind>" (kind: requests, input,
-# cached, output, reasoning); counted exactly once per line by the script that records it.
-METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
 # How long a day of per-token usage (usage_day) is kept.
 USAGE_RETENTION_DAYS = 400
 
 
-def history(minute: int) -> str:
-    """Hash of the counts of one minute (its start, unix s), expiring after the history window."""
+# Cluster-wide counters, kept per shard and summed by their readers (service/core/cluster.py):
+# the script that records results (store._RECORD) moves the hashes of the batch's shard, exactly
+# once per line (service/core/counters.py). Lines by outcome; upstream retries, 429s and pauses
+# ("retries|<provider>", ...); upstream requests and their latency histogram by provider and
+# status ("<provider>|<status>|<le>" non-cumulative buckets, "...|count", "...|sum_us"). They never
+# expire: 16 shards x 4 hashes, with fields bounded by the providers, statuses and models, and a
+# shard's counters vanishing alone would look like a counter going backwards to Prometheus.
+def metrics_lines(shard: int) -> str:
+    """Hash of the shard's recorded lines by outcome."""
+    return f"{_shard(shard)}:metrics:lines"
+
+
+def metrics_upstream(shard: int) -> str:
+    """Hash of the shard's upstream retries, 429s and pauses by provider."""
+    return f"{_shard(shard)}:metrics:upstream"
+
+
+def metrics_latency(shard: int) -> str:
+    """Hash of the shard's upstream requests and latency histogram by provider and status."""
+    return f"{_shard(shard)}:metrics:latency"
+
+
+def metrics_tokens(shard: int) -> str:
+    """Hash of the shard's tokens of successful lines by ``<provider>|<model>|<kind>`` (kind: requests,
+    input, cached, output, reasoning)."""
+    return f"{_shard(shard)}:metrics:tokens"
+
+
+def history(shard: int, minute: int) -> str:
+    """Hash of the shard's counts of one minute (its start, unix s), expiring after the history window."""
+    return f"{_shard(shard)}:history:{minute}"
+
+
+def history_index(shard: int) -> str:
+    """Sorted set of the minutes (member and score) the shard has a history hash for, not yet folded."""
+    return f"{_shard(shard)}:history:index"
+
+
+def history_folding(shard: int, minute: int) -> str:
+    """The shard's counts of one minute taken by a fold under way (counters.fold_history), with its op id."""
+    return f"{_shard(shard)}:history:{minute}:folding"
+
+
+def history_total(minute: int) -> str:
+    """Hash of one minute's counts over every shard, folded from the shards' hashes once the minute is past."""
     return f"{PREFIX}:history:{minute}"
+
+
+def usage_day(shard: int, day: str) -> str:
+    """Hash of the shard's usage of one UTC day (``YYYY-MM-DD``): ``<owner>|<provider>|<model>|<kind>`` -> count."""
+    return f"{_shard(shard)}:usage:{day}"
 
 
 def process(name: str) -> str:
     """Hash a process publishes with each heartbeat (role, host, pid, state, in-flight, ...)."""
     return f"{PREFIX}:{{procs}}:process:{name}"
-
-
-def usage_day(day: str) -> str:
-    """Hash of one UTC day's (``YYYY-MM-DD``) usage: ``<owner>|<provider>|<model>|<kind>`` -> count."""
-    return f"{PREFIX}:usage:{day}"
 
 
 def file(file_id: str) -> str:

@@ -680,10 +680,12 @@ async def transition(
 # redelivery, the result goes to the results stream, the work entry is acknowledged and deleted,
 # and the lines newly recorded move, in the same step, the batch's counters, the cluster counters
 # and the current minute's history (service/core/counters.py), and the batch's, the day's and the
-# token counters' usage (service/core/usage.py): no count is lost or doubled, whatever dies.
+# token counters' usage (service/core/usage.py): no count is lost or doubled, whatever dies. Every
+# counter key is the batch's shard's, so the script touches one cluster slot; readers sum the shards.
 # lines holds (index, entry_id, outcome, result, shape, micros, usage) per line; usage is "" or
 # "<input> <cached> <output> <reasoning> <provider>|<model>". counters.LUA_EXPAND reads the counter
-# keys by their slots (3, 5 to 8).
+# keys by their slots (3, 5 to 8). The minute joins the shard's history index, which the history's
+# readers fold from (counters.fold_history), also when a paused caller writes a minute already folded.
 _RECORD = FencedScript(
     keys=(
         "done",
@@ -696,14 +698,15 @@ _RECORD = FencedScript(
         "history",
         "usage_day",
         "metrics_tokens",
+        "history_index",
     ),
-    args=("group", "history_ttl", "*records"),
+    args=("group", "history_ttl", "minute", "*records"),
     source=(
         """
 local recorded = 0
 local alive = redis.call('EXISTS', KEYS.results) == 1
 local shapes, sums, used = {}, {}, {}
-for i = 3, #ARGV, 7 do
+for i = 4, #ARGV, 7 do
   local entry = ARGV[i + 1]
   if entry ~= '' then
     redis.call('XACK', KEYS.lines, ARGV.group, entry)
@@ -762,12 +765,15 @@ if next(used) then
     end
   end
   redis.call('EXPIRE', KEYS.usage_day, USAGE_TTL_S)
-  redis.call('EXPIRE', KEYS.metrics_tokens, USAGE_TTL_S)
 end
 """
         + counters.LUA_EXPAND
         + """
 redis.call('EXPIRE', KEYS.history, ARGV.history_ttl)
+redis.call('ZADD', KEYS.history_index, ARGV.minute, ARGV.minute)
+-- Minutes whose hash expired unfolded (nobody read the history for a day) leave the index.
+redis.call('ZREMRANGEBYSCORE', KEYS.history_index, '-inf', '(' .. (tonumber(ARGV.minute) - tonumber(ARGV.history_ttl)))
+redis.call('EXPIRE', KEYS.history_index, ARGV.history_ttl)
 return recorded
 """
     ).replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)),
@@ -803,8 +809,10 @@ class _RecordCall(TypedDict):
     history: str
     usage_day: str
     metrics_tokens: str
+    history_index: str
     group: str
     history_ttl: int
+    minute: int
     records: list[Value]
 
 
@@ -816,19 +824,22 @@ def _record_call(batch_id: str, results: Iterable[Result], minute: int) -> _Reco
         shape, micros = (rest[-2], rest[-1]) if len(rest) >= 2 else counters.unsent(outcome)
         records += [index, entry_id, outcome, line, shape, micros, tokens]
     day = time.strftime("%Y-%m-%d", time.gmtime())
+    shard = keys.shard_of(batch_id)
     return _RecordCall(
         done=keys.done(batch_id),
         results=keys.results(batch_id),
         batch=keys.batch(batch_id),
         lines=keys.lines(batch_id),
-        metrics_lines=keys.METRICS_LINES,
-        metrics_upstream=keys.METRICS_UPSTREAM,
-        metrics_latency=keys.METRICS_LATENCY,
-        history=keys.history(minute),
-        usage_day=keys.usage_day(day),
-        metrics_tokens=keys.METRICS_TOKENS,
+        metrics_lines=keys.metrics_lines(shard),
+        metrics_upstream=keys.metrics_upstream(shard),
+        metrics_latency=keys.metrics_latency(shard),
+        history=keys.history(shard, minute),
+        usage_day=keys.usage_day(shard, day),
+        metrics_tokens=keys.metrics_tokens(shard),
+        history_index=keys.history_index(shard),
         group=keys.WORKER_GROUP,
         history_ttl=counters.HISTORY_TTL_S,
+        minute=minute,
         records=records,
     )
 

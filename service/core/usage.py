@@ -3,8 +3,8 @@
 A line's usage travels with its result to the script that records it (``store._RECORD``), which
 adds it to the batch (``usage_*`` fields: ``Batch.usage``), to the day's usage of the batch's
 token (``keys.usage_day``: ``GET /v1/sluice/usage``, ``sluice usage``) and to the cluster's
-counters (``keys.METRICS_TOKENS``: ``/metrics``), only when the line is newly recorded: a line
-delivered twice is counted once.
+counters (``keys.metrics_tokens``: ``/metrics``), both in the batch's shard, only when the line is
+newly recorded: a line delivered twice is counted once. Readers sum the shards.
 
 The response shapes: chat completions and completions (``prompt_tokens``, ``completion_tokens``,
 ``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``), responses
@@ -107,16 +107,37 @@ async def report(r: Redis, owner: str, days: int) -> tuple[list[UsageRow], str, 
     """An owner's usage over the last ``days`` UTC days (today included), newest day first."""
     end = datetime.now(timezone.utc).date()
     dates = [(end - timedelta(days=i)).isoformat() for i in range(days)]
+    # One HSCAN per shard and day, all in one pipeline; another round only for a hash that needs
+    # more than one page. HSCAN may return a field twice: a shard's field is set, not added.
+    found: dict[tuple[int, str], dict[str, int]] = {}
+    cursors = {(shard, date): 0 for date in dates for shard in range(keys.SHARDS)}
+    while cursors:
+        pipe = r.pipeline(transaction=False)
+        for (shard, date), cursor in cursors.items():
+            pipe.hscan(keys.usage_day(shard, date), cursor, match=f"{owner}|*", count=1000)
+        replies = await pipe.execute()
+        following: dict[tuple[int, str], int] = {}
+        for at, (cursor, fields) in zip(cursors, replies):
+            page = found.setdefault(at, {})
+            for field, value in fields.items():
+                try:
+                    page[field.decode()] = int(value)
+                except ValueError:
+                    continue
+            if int(cursor):
+                following[at] = int(cursor)
+        cursors = following
     rows: list[UsageRow] = []
     for date in dates:
         counts: dict[tuple[str, str], dict[str, int]] = {}
-        async for field, value in r.hscan_iter(keys.usage_day(date), match=f"{owner}|*", count=1000):
-            try:
-                _, provider, model, kind = field.decode().split("|")
-                amount = int(value)
-            except ValueError:
-                continue
-            counts.setdefault((provider, model), {})[kind] = amount
+        for shard in range(keys.SHARDS):
+            for field, amount in found.get((shard, date), {}).items():
+                try:
+                    _, provider, model, kind = field.split("|")
+                except ValueError:
+                    continue
+                n = counts.setdefault((provider, model), {})
+                n[kind] = n.get(kind, 0) + amount
         for (provider, model), n in sorted(counts.items()):
             get = n.get
             rows.append(

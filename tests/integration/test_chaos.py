@@ -26,6 +26,8 @@ ROLES = ("web", "worker", "worker", "finalizer")
 GLOBAL_KEYS = ("sluice:seq", "sluice:batches:", "sluice:owner:", "sluice:files:expiry")
 # Each lease's fencing counter lives on beside it (a shard's, a chore's): never reset, never expiring.
 LEASE_COUNTER = ":seq:leases"
+# The cluster counters (a shard's metrics hashes) never expire either.
+COUNTERS = ":metrics:"
 # What a line may legitimately end with in the error file under kills (transient faults retry).
 ACCEPTED_ERROR_CODES = {"poison_line"}
 
@@ -126,7 +128,10 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
         leftovers = [
             k.decode()
             for k in r.scan_iter("sluice:*")
-            if r.ttl(k) == -1 and not k.decode().startswith(GLOBAL_KEYS) and not k.decode().endswith(LEASE_COUNTER)
+            if r.ttl(k) == -1
+            and not k.decode().startswith(GLOBAL_KEYS)
+            and not k.decode().endswith(LEASE_COUNTER)
+            and COUNTERS not in k.decode()
         ]
         assert leftovers == [], f"seed {seed}: keys without expiry: {leftovers}"
         assert not [k for k in r.scan_iter(f"*{batch.id}*") if r.ttl(k) == -1], f"seed {seed}"

@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from service.core import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.single_redis, pytest.mark.timeout(180)]
 
 ROLES = ("web", "worker", "finalizer")
@@ -61,7 +63,11 @@ def test_history_counts_the_batches_and_survives_a_restart_of_every_process(stac
 
     r = stack.redis.client()
     try:
-        history_keys = list(r.scan_iter("sluice:history:*"))
+        # The batch's shard holds its minutes (listed in its index); every history key expires.
+        index = keys.history_index(keys.shard_of(created.id))
+        minutes = [int(m) for m in r.zrange(index, 0, -1)]
+        assert minutes and all(r.exists(keys.history(keys.shard_of(created.id), m)) for m in minutes)
+        history_keys = list(r.scan_iter("sluice:*history*"))
         assert history_keys and all(0 < r.ttl(k) <= 24 * 3600 + 120 for k in history_keys)
     finally:
         r.close()

@@ -60,7 +60,10 @@ async def _running_batch(redis, batch_id: str) -> None:
 
 
 async def test_recording_moves_exact_counters(redis):
+    # Two batches in two shards: the counters are the sums over the shards.
     await _running_batch(redis, "batch_a")
+    await _running_batch(redis, "batch_3")
+    assert keys.shard_of("batch_a") != keys.shard_of("batch_3")
     retried = Attempts("default")
     retried.add("500", 0.03)
     retried.add("429", 0.2)
@@ -74,24 +77,30 @@ async def test_recording_moves_exact_counters(redis):
         (2, "", "failed", b"{}", *fast.encode("failed")),
         (3, "", "failed", b"{}"),
     ]  # never sent: counts as a line only
-    assert await store.record_results(redis, "batch_a", results) == 4
+    assert await store.record_results(redis, "batch_a", results[:2]) == 2
+    assert await store.record_results(redis, "batch_3", results[2:]) == 2
     # Recorded again (a redelivery, or redis-py re-sending the script after a lost reply): no change.
-    assert await store.record_results(redis, "batch_a", results) == 0
-    await store.record_many(redis, {"batch_a": results[:2]})
+    assert await store.record_results(redis, "batch_a", results[:2]) == 0
+    await store.record_many(redis, {"batch_a": results[:2], "batch_3": results[2:]})
 
     beat_a = Heartbeat(redis, "w-a", "worker", fields=lambda: {"in_flight": 1, "concurrency": 8})
     beat_a.tally.started("default")
     beat_b = Heartbeat(redis, "w-b", "worker", fields=lambda: {"in_flight": 0, "concurrency": 8})
     web = Heartbeat(redis, "web-a", "web", fields=lambda: {"state": "serving", "in_flight": 3})
     assert await beat_a.beat() and await beat_b.beat() and await web.beat()
-    for key in (keys.PROCESSES, keys.process("w-a"), keys.METRICS_LINES, keys.METRICS_UPSTREAM, keys.METRICS_LATENCY):
+    for key in (keys.PROCESSES, keys.process("w-a")):
         assert await redis.ttl(key) > 0, f"{key} must expire unless heartbeats keep it"
+    # The counters never expire (a shard's vanishing alone would look like a counter going backwards).
+    for shard in (keys.shard_of("batch_a"), keys.shard_of("batch_3")):
+        for key in (keys.metrics_lines(shard), keys.metrics_latency(shard)):
+            assert await redis.ttl(key) == -1, key
 
     snap = await cluster.snapshot(redis, _settings())
     fams = _families(metrics.exposition(snap).decode())
     assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="completed") == 2
     assert _value(fams["sluice_lines"], "sluice_lines_total", outcome="failed") == 2
-    assert await redis.hmget(keys.batch("batch_a"), "completed", "failed") == [b"2", b"2"]
+    assert await redis.hmget(keys.batch("batch_a"), "completed", "failed") == [b"2", b"0"]
+    assert await redis.hmget(keys.batch("batch_3"), "completed", "failed") == [b"0", b"2"]
     hist = fams["sluice_upstream_request_duration_seconds"]
     name = "sluice_upstream_request_duration_seconds"
     assert _value(hist, name + "_count", provider="default", status="200") == 3
@@ -122,7 +131,7 @@ async def test_recording_moves_exact_counters(redis):
     # A batch that ended (its work keys deleted) records nothing, and counts nothing.
     await redis.delete(*keys.work_keys("batch_a"))
     assert await store.record_results(redis, "batch_a", [(5, "", "completed", b"{}", *fast.encode("completed"))]) == 0
-    assert await redis.hget(keys.METRICS_LINES, "completed") == b"2"
+    assert (await cluster.snapshot(redis, _settings())).lines == {"completed": 2, "failed": 2}
 
     # A clean stop leaves the list; a process that stops beating turns stale.
     await beat_a.close()

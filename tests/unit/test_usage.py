@@ -117,18 +117,17 @@ async def test_a_line_recorded_twice_counts_its_tokens_once():
         b.usage.output_tokens_details.reasoning_tokens,
         b.usage.total_tokens,
     ) == (11, 2, 6, 1, 17)
-    day_keys = [k.decode() for k in await r.keys("sluice:usage:*")]
-    assert len(day_keys) == 1
-    day = {k.decode(): int(v) for k, v in (await r.hgetall(day_keys[0])).items()}
-    assert day == {
-        "owner1|prov|model-x|input": 11,
-        "owner1|prov|model-x|cached": 2,
-        "owner1|prov|model-x|output": 6,
-        "owner1|prov|model-x|reasoning": 1,
-        "owner1|prov|model-x|requests": 2,
-    }
-    tokens = {k.decode(): int(v) for k, v in (await r.hgetall(keys.METRICS_TOKENS)).items()}
+    # The day's usage and the token counters live in the batch's shard; the report sums the shards.
+    shard = keys.shard_of("batch_u")
+    day_keys = await r.keys(keys.usage_day(shard, "*"))
+    assert len(day_keys) == 1 and await r.ttl(day_keys[0]) > 0
+    rows, _, _ = await usage.report(r, "owner1", 2)  # 2 days: the recording may have been just before midnight
+    assert [(u.provider, u.model, u.requests, u.input_tokens, u.output_tokens) for u in rows] == [
+        ("prov", "model-x", 2, 11, 6)
+    ]
+    assert (rows[0].input_tokens_details.cached_tokens, rows[0].output_tokens_details.reasoning_tokens) == (2, 1)
+    assert (await usage.report(r, "owner2", 2))[0] == []
+    tokens = {k.decode(): int(v) for k, v in (await r.hgetall(keys.metrics_tokens(shard))).items()}
     assert tokens["prov|model-x|input"] == 11 and tokens["prov|model-x|requests"] == 2
-    assert await r.ttl(day_keys[0]) > 0 and await r.ttl(keys.METRICS_TOKENS) > 0
     # The old four-field results (abort lines, poison lines) still record, without usage.
     assert await store.record_results(r, "batch_u", [(3, "", "failed", b'{"custom_id": "d"}')]) == 1
