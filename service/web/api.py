@@ -440,6 +440,7 @@ async def list_files(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
         desc=order == "desc",
+        pending=keys.owner_pending(owner),
     )
     return json_response(_page([store.file_from_record(rec) for rec in records], has_more))
 
@@ -806,6 +807,7 @@ async def list_batches(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
         desc=True,
+        pending=keys.owner_pending(request[appkeys.OWNER]),
     )
     return json_response(_page([store.batch_from_record(rec) for rec in records], has_more))
 
