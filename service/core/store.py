@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 from . import counters, keys, leases
 from .connections import Pipeline, Script, Value
 from .connections import Redis as Redis
-from .leases import FencedScript, Lease, LeaseLost, execute
+from .leases import FencedScript, Lease, LeaseLost
 from .records import BatchField, BatchRecord, FileField, FileRecord
 from .storage import Storage
 from .wire import (
@@ -623,13 +623,15 @@ async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str 
     )
 
 
+# A forgotten file's content is gone: its marker in the shard's expiry index goes too.
+_UNMARK = FencedScript(
+    keys=("file_expiry",), args=("marker",), source="redis.call('ZREM', KEYS.file_expiry, ARGV.marker)"
+)
+
+
 async def content_removed(r: Redis, marker: str, lease: Lease | None = None) -> None:
     """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
-    await execute(
-        r,
-        lease,
-        ("ZREM", keys.file_expiry(keys.shard_of(marker.split(" ")[0])), marker),
-    )
+    await _UNMARK(r, file_expiry=keys.file_expiry(keys.shard_of(marker.split(" ")[0])), marker=marker, lease=lease)
 
 
 R = TypeVar("R")
@@ -1143,6 +1145,18 @@ async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
+# A batch's claim on its input file goes (the file's keys share the batch's shard); returns the
+# claims left and whether the file's record still exists.
+_UNCLAIM = FencedScript(
+    keys=("refs", "file"),
+    args=("batch_id",),
+    source="""
+redis.call('SREM', KEYS.refs, ARGV.batch_id)
+return {redis.call('SCARD', KEYS.refs), redis.call('EXISTS', KEYS.file)}
+""",
+)
+
+
 async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
@@ -1162,12 +1176,8 @@ async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease 
     )
     if entry:
         await _complete(r, shard, entry, "release")
-    _, refs, exists = await execute(
-        r,
-        lease,
-        ("SREM", keys.file_refs(rec.input_file_id), rec.id),
-        ("SCARD", keys.file_refs(rec.input_file_id)),
-        ("EXISTS", keys.file(rec.input_file_id)),
+    refs, exists = await _UNCLAIM(
+        r, refs=keys.file_refs(rec.input_file_id), file=keys.file(rec.input_file_id), batch_id=rec.id, lease=lease
     )
     if refs == 0 and not exists:
         await storage.delete(rec.input_key)
