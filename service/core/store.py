@@ -199,14 +199,16 @@ async def _created(r: Redis, owner: str, object_id: str) -> None:
 
 
 # Settle an operation whose call failed, on the owner: record that it never ran (so a late copy of it
-# does nothing), unless it did run; answer what it answered ('' for a reservation made).
+# does nothing), unless it did run; answer what it answered ('' for a reservation made). A pending
+# note without its op (outlived by a day: the audit did not run) goes: the recount decides.
 _SETTLE = Script(
-    keys=("op",),
-    args=("op_ttl", "marker"),
+    keys=("op", "pending"),
+    args=("op_ttl", "marker", "object_id"),
     source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
+redis.call('HDEL', KEYS.pending, ARGV.object_id)
 return ARGV.marker
 """,
 )
@@ -251,7 +253,16 @@ async def settle(r: Redis, owner: str, op_id: str) -> str | None:
     for good on the shard (a late step 2 then writes nothing) and given back on the owner, once; a
     record already written keeps it. Safe to repeat, and to race with a late copy of the call.
     """
-    answer = _text(await _SETTLE(r, op=keys.owner_op(owner, op_id), op_ttl=OP_TTL_S, marker=_ABORTED))
+    answer = _text(
+        await _SETTLE(
+            r,
+            op=keys.owner_op(owner, op_id),
+            pending=keys.owner_pending(owner),
+            op_ttl=OP_TTL_S,
+            marker=_ABORTED,
+            object_id=op_id,
+        )
+    )
     if answer != "":
         return None if answer == _ABORTED else answer
     if _text(await _DECIDE(r, creation=keys.creation(op_id), op_ttl=OP_TTL_S)) == "created":

@@ -218,3 +218,27 @@ async def test_a_creation_under_way_is_not_listed_nor_pruned(r):
     await r.delete(keys.file(fid(1)))  # expired: pruned on the way
     assert await listed(10) == ([fid(3), fid(2)], False)
     assert await r.zscore(keys.owner_files(OWNER), fid(1)) is None
+
+
+async def test_a_result_file_given_up_by_the_audit_gets_a_new_id(r, tmp_path):
+    """A stale finalizer's charge for a result file was settled away: its successor draws another id."""
+    from service.core import leases
+    from service.core.config import Settings
+    from workers.finalizer import Finalizer
+
+    fin = Finalizer(Settings(data_dir=tmp_path), LocalStorage(tmp_path))
+    fin.redis = r
+    h = await new_batch(r, bid(1), 1)
+    given_up = fid(50)
+    await r.hset(
+        keys.batch(bid(1)), mapping={"fin_out_lines": 1, "fin_out_bytes": 40, "fin_out_file": f"{given_up}:50"}
+    )
+    await store._reserve(r, OWNER, given_up, 50, "batch_output", [("stored_bytes", 40, -1)])
+    assert await store.settle(r, OWNER, given_up) is None  # what the audit does with it after PENDING_STALE_S
+    lease = await leases.take(r, keys.finalizer(bid(1)), fin.name, 10_000)
+    h = BatchRecord.from_hash(await r.hgetall(keys.batch(bid(1))))
+    file_id = await fin._register_file(h, "out", lease)
+    assert file_id and file_id != given_up and keys.shard_of(file_id) == keys.shard_of(bid(1))
+    assert (await r.hget(keys.batch(bid(1)), "fin_out_file")).decode().startswith(file_id + ":")
+    assert await r.exists(keys.file(file_id)) == 1
+    assert (await usage(r))["stored_bytes"] == 40
