@@ -36,6 +36,7 @@ import contextlib
 import random
 import time
 
+import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
@@ -294,6 +295,9 @@ class Finalizer:
                 try:
                     if swept := await store.sweep_expired_files(self.redis, self.storage, lease=lease):
                         log.info("files_expired", files=swept)
+                    # Releases and forgets whose process died between their steps (store.replay_outbox).
+                    for shard in range(keys.SHARDS):
+                        await store.replay_outbox(self.redis, shard)
                 except LeaseLost as e:
                     self._let_go(lease, "fenced_write_refused", error=str(e))
                 finally:
@@ -352,7 +356,7 @@ class Finalizer:
             self.redis,
             lease,
             ("DEL", *others),
-            ("ZREM", keys.PENDING_VALIDATION, batch_id),
+            ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id),
             *(("SREM", s, batch_id) for s in (keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES)),
         )
         self.held.pop(batch_id, None)
@@ -497,7 +501,7 @@ class Finalizer:
         if not applied:
             return
         tracing.batch_finished(h, final, finishing_since)
-        await leases.execute(self.redis, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
+        await leases.execute(self.redis, lease, ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id))
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
         log.info(
@@ -512,6 +516,19 @@ class Finalizer:
 
     async def _register_file(self, h: BatchRecord, name: str, lease: Lease) -> str | None:
         """Create the output or error file record; the same id on every retry (exactly once)."""
+        try:
+            return await self._register_file_once(h, name, lease)
+        except store.Aborted:
+            # The usage audit gave this id's charge back: no finalizer recorded it for
+            # store.PENDING_STALE_S (a stale holder's charge, see store.create_file). Draw another.
+            if name == "out":
+                field, h = _F.FIN_OUT_FILE, msgspec.structs.replace(h, fin_out_file="")
+            else:
+                field, h = _F.FIN_ERR_FILE, msgspec.structs.replace(h, fin_err_file="")
+            await leases.execute(self.redis, lease, ("HDEL", keys.batch(h.id), field))
+            return await self._register_file_once(h, name, lease)
+
+    async def _register_file_once(self, h: BatchRecord, name: str, lease: Lease) -> str | None:
         if name == "out":
             lines, size, field, fixed = h.fin_out_lines, h.fin_out_bytes, _F.FIN_OUT_FILE, h.fin_out_file
         else:

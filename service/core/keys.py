@@ -57,9 +57,6 @@ ACTIVE_BATCHES = f"{PREFIX}:batches:active"
 LIVE_BATCHES = f"{PREFIX}:batches:live"
 # Batch ids whose lines a web process is still feeding into their stream, a window at a time.
 FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
-# Batch ids waiting for validation and publishing, scored by when a web process may next claim
-# them (a claim pushes the score past its validator lease).
-PENDING_VALIDATION = f"{PREFIX}:batches:validating"
 # Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
 DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
 
@@ -111,9 +108,6 @@ def file_expiry(shard: int) -> str:
 # the finalizer holding the "webhooks" chore lease sends what is due (service/core/webhooks.py)
 # and removes it once answered.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
-
-# Files with an expiry, scored by expires_at: the finalizer removes their content when due.
-FILE_EXPIRY = f"{PREFIX}:files:expiry"
 
 # Managed API tokens: SHA-256 digest -> record, and name -> digest.
 TOKENS = f"{PREFIX}:{{tokens}}:tokens"
@@ -192,6 +186,25 @@ def process(name: str) -> str:
     return f"{PREFIX}:{{procs}}:process:{name}"
 
 
+def outbox(shard: int) -> str:
+    """The shard's owner-side effects still to apply: ``"<op> <owner> <id> <purpose> <deltas>"`` scored by ms.
+
+    A release or a forget adds its entry in the script that makes it on the shard; the entry goes once
+    its deltas are applied on the owner (exactly once, under ``owner_op(owner, op)``). Entries left by
+    a process that died in between are replayed (``store.replay_outbox``).
+    """
+    return f"{_shard(shard)}:outbox"
+
+
+def creation(object_id: str) -> str:
+    """On the shard: whether a file's or batch's creation ran (``created``) or was given up (``aborted``).
+
+    The second step of a creation writes the record only if this is absent, and ``store.settle``
+    writes ``aborted`` only if it is absent: of a late creation and its settlement, exactly one wins.
+    """
+    return f"{_in_shard(object_id)}:op:{object_id}"
+
+
 def file(file_id: str) -> str:
     """Hash with a file's metadata."""
     return f"{_in_shard(file_id)}:file:{file_id}"
@@ -226,14 +239,19 @@ def owner_usage(owner: str) -> str:
     return f"{PREFIX}:owner:{{{owner}}}:usage"
 
 
-# SCAN pattern matching every owner's usage hash (the audit walks them).
-# (Redis's glob treats braces as plain characters.)
-OWNER_USAGE_PATTERN = owner_usage("*")
+# Every owner that ever reserved quota (the usage audit walks them instead of SCAN). Added to before
+# each reservation (SADD is idempotent); never shrinks.
+OWNERS = f"{PREFIX}:{{owners}}:all"
 
 
-def owner_of_usage(key: str) -> str:
-    """The owner id inside an ``owner_usage`` key."""
-    return key.split(":")[-2].strip("{}")
+def owner_pending(owner: str) -> str:
+    """Hash of an owner's creations reserved but not yet known to be recorded on their shard.
+
+    ``<file or batch id>`` -> ``"<ms> <deltas> <purpose>"`` (when reserved, what was reserved, e.g.
+    ``stored_bytes:700``, and a file's purpose or ``-``), written by the reservation and removed once
+    the record exists or the reservation was given back (service/core/store.py, ``settle``).
+    """
+    return f"{PREFIX}:owner:{{{owner}}}:pending"
 
 
 def owner_op(owner: str, op_id: str) -> str:

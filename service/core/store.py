@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError
 from . import counters, keys, leases
 from .connections import Pipeline, Script, Value
 from .connections import Redis as Redis
-from .leases import FencedScript, Lease, execute
+from .leases import FencedScript, Lease, LeaseLost
 from .records import BatchField, BatchRecord, FileField, FileRecord
 from .storage import Storage
 from .wire import (
@@ -83,7 +83,24 @@ def valid_id(object_id: str, prefix: str) -> bool:
     return m is not None and m.group(1) == prefix
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- owner <-> shard operations
+# An owner's quota counters and lists live in the owner's slot, files and batches in their shard's
+# (keys.py): an operation that meets both is two single-slot steps joined by an operation id
+# (docs/cluster-design.md, "Two-step operations").
+#
+# - Creating a file or batch: step 1 on the owner reserves the quota under ``owner_op(owner, id)``
+#   (the answer recorded: a re-run answers the same), adds the id to the owner's lists and notes the
+#   reservation in ``owner_pending``; step 2 on the shard writes the record unless ``creation(id)``
+#   says it was given up (``aborted``), and marks it ``created``; step 3 drops the pending note. The
+#   API answers after step 2. If a call fails for good, ``settle`` decides on the shard, atomically,
+#   "created" or "aborted", and in the second case gives the reservation back on the owner, once.
+#   A creator that dies between the steps leaves its pending note: the usage audit settles notes older
+#   than PENDING_STALE_S the same way.
+# - Giving quota back (a batch's release, a file's forget): step 1 on the shard is the one winner
+#   (the ``released`` flag, the tombstone) and adds ``"<op> <owner> <id> <purpose> <deltas>"`` to the
+#   shard's outbox in the same script; step 2 applies the deltas on the owner unless
+#   ``owner_op(owner, op)`` exists; step 3 removes the outbox entry. Entries left by a process that
+#   died between the steps are applied by ``replay_outbox``.
 class QuotaExceeded(Exception):
     """An operation was refused because it would take ``field`` of an owner's usage past its limit."""
 
@@ -92,39 +109,288 @@ class QuotaExceeded(Exception):
         self.field = field
 
 
+class Aborted(RuntimeError):
+    """A creation was settled as never made (``settle``) before this call of it could make it."""
+
+
 # Recorded as an operation's answer by ``settle``: the operation never ran and never will.
 _ABORTED = "!aborted"
 # How long an operation's answer is kept for a re-run: far beyond redis-py's retries of one call.
 OP_TTL_S = 24 * 3600
+# A creation reserved this long ago and still pending is taken for one whose creator died or stalled:
+# the usage audit settles it (its record, if not written yet, never will be). Far beyond any call.
+PENDING_STALE_S = 600
+# Outbox entries younger than this belong to a call still under way; older ones are replayed.
+OUTBOX_REPLAY_AFTER_S = 10.0
 
-# Record a file and charge its size to its owner, unless that passes the limit (< 0: none);
-# expires_at is '' for none, fields the record's (field, value) pairs. The answer ('' or 'stored_bytes') is recorded under the op key: a re-run returns it unchanged.
-_CREATE_FILE = FencedScript(
-    keys=("usage", "op", "file", "owner_files", "purpose_files", "file_expiry"),
-    args=("op_ttl", "file_id", "seq", "size", "limit", "expires_at", "expiry_member", "*fields"),
+# A reservation's deltas, ``field:delta`` pairs, as pending notes and outbox entries carry them.
+_DELTA_LUA = "string.gmatch(%s, '([%%w_]+):(%%-?%%d+)')"
+
+# Step 1 of a creation, on the owner: reserve every (field, delta, limit) triple unless one passes its
+# limit (< 0: none); the answer ('' or the field over its limit) is recorded under the op key.
+_RESERVE = Script(
+    keys=("usage", "op", "pending", "*indexes"),
+    args=("op_ttl", "object_id", "seq", "note", "*reserve"),
     source="""
 local prior = redis.call('GET', KEYS.op)
 if prior then return prior end
 local answer = ''
-local size = tonumber(ARGV.size)
-local limit = tonumber(ARGV.limit)
-if limit >= 0 and tonumber(redis.call('HGET', KEYS.usage, 'stored_bytes') or '0') + size > limit then
-  answer = 'stored_bytes'
-else
-  redis.call('HSET', KEYS.file, unpack(ARGV, 8))
-  redis.call('ZADD', KEYS.owner_files, ARGV.seq, ARGV.file_id)
-  redis.call('ZADD', KEYS.purpose_files, ARGV.seq, ARGV.file_id)
-  if redis.call('HSETNX', KEYS.file, 'charged', '1') == 1 then
-    redis.call('HINCRBY', KEYS.usage, 'stored_bytes', size)
-    redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+for i = 5, #ARGV, 3 do
+  local limit = tonumber(ARGV[i + 2])
+  if limit >= 0 and tonumber(redis.call('HGET', KEYS.usage, ARGV[i]) or '0') + tonumber(ARGV[i + 1]) > limit then
+    answer = ARGV[i]
+    break
   end
-  if ARGV.expires_at ~= '' then
-    redis.call('EXPIREAT', KEYS.file, ARGV.expires_at)
-    redis.call('ZADD', KEYS.file_expiry, ARGV.expires_at, ARGV.expiry_member)
-  end
+end
+if answer == '' then
+  for i = 5, #ARGV, 3 do redis.call('HINCRBY', KEYS.usage, ARGV[i], ARGV[i + 1]) end
+  redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+  for i = 4, #KEYS do redis.call('ZADD', KEYS[i], ARGV.seq, ARGV.object_id) end
+  redis.call('HSET', KEYS.pending, ARGV.object_id, ARGV.note)
 end
 redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
 return answer
+""",
+)
+
+
+def _owner_indexes(owner: str, object_id: str, purpose: str) -> list[str]:
+    """The owner's lists a file or batch id is in."""
+    if object_id.startswith("batch_"):
+        return [keys.owner_batches(owner)]
+    return [keys.owner_files(owner)] + ([keys.owner_files(owner, purpose)] if purpose != "-" else [])
+
+
+def _deltas(pairs: Iterable[tuple[str, int]]) -> str:
+    return ",".join(f"{field}:{delta}" for field, delta in pairs)
+
+
+async def _reserve(
+    r: Redis,
+    owner: str,
+    object_id: str,
+    seq: int,
+    purpose: str,
+    reserve: list[tuple[str, int, int]],
+) -> None:
+    """Step 1 of a creation: :class:`QuotaExceeded` if refused (now or by an earlier run of the same op)."""
+    await r.sadd(keys.OWNERS, owner)  # before the reservation, so the audit never misses an owner with usage
+    note = f"{int(time.time() * 1000)} {_deltas((f, d) for f, d, _ in reserve)} {purpose}"
+    flat: list[str | int] = []
+    for field, delta, limit in reserve:
+        flat += [field, delta, limit]
+    _raise_for(
+        _text(
+            await _RESERVE(
+                r,
+                usage=keys.owner_usage(owner),
+                op=keys.owner_op(owner, object_id),
+                pending=keys.owner_pending(owner),
+                indexes=_owner_indexes(owner, object_id, purpose),
+                op_ttl=OP_TTL_S,
+                object_id=object_id,
+                seq=seq,
+                note=note,
+                reserve=flat,
+            )
+        )
+    )
+
+
+async def _created(r: Redis, owner: str, object_id: str) -> None:
+    """Step 3 of a creation: its record exists, the reservation is no longer pending.
+
+    Not fenced: it only says what the shard already says (a failure leaves the note to the audit).
+    """
+    await r.hdel(keys.owner_pending(owner), object_id)
+
+
+# Settle an operation whose call failed, on the owner: record that it never ran (so a late copy of it
+# does nothing), unless it did run; answer what it answered ('' for a reservation made). A pending
+# note without its op (outlived by a day: the audit did not run) goes: the recount decides.
+_SETTLE = Script(
+    keys=("op", "pending"),
+    args=("op_ttl", "marker", "object_id"),
+    source="""
+local prior = redis.call('GET', KEYS.op)
+if prior then return prior end
+redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
+redis.call('HDEL', KEYS.pending, ARGV.object_id)
+return ARGV.marker
+""",
+)
+
+# On the shard: a reserved creation whose call failed was made ('created') or is given up now
+# ('aborted'), whichever came first; step 2 checks the same key, so the two never both win.
+_DECIDE = Script(
+    keys=("creation",),
+    args=("op_ttl",),
+    source="""
+local state = redis.call('GET', KEYS.creation)
+if state then return state end
+redis.call('SET', KEYS.creation, 'aborted', 'EX', ARGV.op_ttl)
+return 'aborted'
+""",
+)
+
+# On the owner: give an aborted creation's reservation back, once (the op moves from '' to aborted).
+_GIVE_BACK = Script(
+    keys=("usage", "op", "pending", "*indexes"),
+    args=("op_ttl", "object_id", "marker"),
+    source=f"""
+if redis.call('GET', KEYS.op) ~= '' then return 0 end
+local note = redis.call('HGET', KEYS.pending, ARGV.object_id)
+if note then
+  for field, delta in {_DELTA_LUA % "note"} do redis.call('HINCRBY', KEYS.usage, field, -tonumber(delta)) end
+  redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+end
+redis.call('HDEL', KEYS.pending, ARGV.object_id)
+for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV.object_id) end
+redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
+return 1
+""",
+)
+
+
+async def settle(r: Redis, owner: str, op_id: str) -> str | None:
+    """After a call of ``create_file``/``create_batch`` failed: None if it did not apply (and never
+    will), else its answer ("" when the object was created, else the field over its quota).
+
+    ``op_id`` is the file or batch id. A reservation whose record is not written yet is given up
+    for good on the shard (a late step 2 then writes nothing) and given back on the owner, once; a
+    record already written keeps it. Safe to repeat, and to race with a late copy of the call.
+    """
+    answer = _text(
+        await _SETTLE(
+            r,
+            op=keys.owner_op(owner, op_id),
+            pending=keys.owner_pending(owner),
+            op_ttl=OP_TTL_S,
+            marker=_ABORTED,
+            object_id=op_id,
+        )
+    )
+    if answer != "":
+        return None if answer == _ABORTED else answer
+    if _text(await _DECIDE(r, creation=keys.creation(op_id), op_ttl=OP_TTL_S)) == "created":
+        await _created(r, owner, op_id)
+        return ""
+    note = _text(await r.hget(keys.owner_pending(owner), op_id)) or "0 - -"
+    await _GIVE_BACK(
+        r,
+        usage=keys.owner_usage(owner),
+        op=keys.owner_op(owner, op_id),
+        pending=keys.owner_pending(owner),
+        indexes=_owner_indexes(owner, op_id, note.split(" ")[2]),
+        op_ttl=OP_TTL_S,
+        object_id=op_id,
+        marker=_ABORTED,
+    )
+    return None
+
+
+# Step 2 of a release or forget, on the owner: apply the deltas unless this op did already; drop the
+# id from the owner's lists (a forgotten file's).
+_APPLY = Script(
+    keys=("usage", "op", "*indexes"),
+    args=("op_ttl", "object_id", "deltas"),
+    source=f"""
+if redis.call('EXISTS', KEYS.op) == 1 then return 0 end
+for field, delta in {_DELTA_LUA % "ARGV.deltas"} do redis.call('HINCRBY', KEYS.usage, field, delta) end
+redis.call('HINCRBY', KEYS.usage, 'rev', 1)
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV.object_id) end
+redis.call('SET', KEYS.op, 'applied', 'EX', ARGV.op_ttl)
+return 1
+""",
+)
+
+
+class _Entry(msgspec.Struct, frozen=True):
+    """An outbox entry: ``"<op> <owner> <id> <purpose> <deltas>"``."""
+
+    op: str
+    owner: str
+    object_id: str
+    purpose: str
+    deltas: str
+
+    @classmethod
+    def parse(cls, text: str) -> "_Entry":
+        op, owner, object_id, purpose, deltas = text.split(" ")
+        return cls(op, owner, object_id, purpose, deltas)
+
+
+async def _apply_entry(r: Redis, shard: int, entry: str) -> None:
+    """Steps 2 and 3 of a release or forget whose step 1 left ``entry`` in the shard's outbox."""
+    e = _Entry.parse(entry)
+    await _APPLY(
+        r,
+        usage=keys.owner_usage(e.owner),
+        op=keys.owner_op(e.owner, e.op),
+        indexes=_owner_indexes(e.owner, e.object_id, e.purpose) if e.object_id.startswith("file-") else [],
+        op_ttl=OP_TTL_S,
+        object_id=e.object_id,
+        deltas=e.deltas,
+    )
+    # Not fenced: the entry's effect is applied, so removing it is right whoever does it.
+    await r.zrem(keys.outbox(shard), entry)
+
+
+async def _complete(r: Redis, shard: int, entry: str, what: str) -> None:
+    """``_apply_entry`` after a step 1 that won: what fails here is left to ``replay_outbox``."""
+    try:
+        await _apply_entry(r, shard, entry)
+    except Exception as e:  # the step that decides (the shard's) has happened: the rest can wait
+        log.warning("outbox_deferred", what=what, entry=entry, error=f"{type(e).__name__}: {e}")
+
+
+async def replay_outbox(
+    r: Redis,
+    shard: int,
+    older_than_s: float = OUTBOX_REPLAY_AFTER_S,
+    *,
+    limit: int = 100,
+) -> int:
+    """Apply the shard's outbox entries older than ``older_than_s`` (their process died between the
+    steps of a release or forget); return how many.
+
+    Safe to run anywhere, any number of times, concurrently with the calls themselves: each entry's
+    deltas apply once (``owner_op``). An entry older than the op keys' lifetime could be applied a
+    second time, so it is logged (``outbox_entry_abandoned``) and dropped: the usage audit recounts
+    what it stood for. Meant for the finalizer's sweep chore, for every shard.
+    """
+    now_ms = time.time() * 1000
+    outbox = keys.outbox(shard)
+    # Older than the op keys live: applying it again could apply it twice.
+    for raw in await r.zrangebyscore(outbox, "-inf", now_ms - (OP_TTL_S - 60) * 1000, start=0, num=limit):
+        log.error("outbox_entry_abandoned", shard=shard, entry=raw.decode())
+        await r.zrem(outbox, raw.decode())
+    replayed = 0
+    for raw in await r.zrangebyscore(outbox, "-inf", now_ms - older_than_s * 1000, start=0, num=limit):
+        await _apply_entry(r, shard, raw.decode())
+        log.info("outbox_replayed", shard=shard, entry=raw.decode())
+        replayed += 1
+    return replayed
+
+
+# ----------------------------------------------------------------------------- files
+# Step 2 of a file's creation, on its shard: write the record (with its expiry) unless the creation
+# was settled as given up; fields are the record's (field, value) pairs, expires_at '' for none.
+# A re-run (a re-sent call, the finalizer registering a result file again) writes nothing more.
+_CREATE_FILE = FencedScript(
+    keys=("creation", "file", "file_expiry"),
+    args=("op_ttl", "expires_at", "expiry_member", "*fields"),
+    source=f"""
+local state = redis.call('GET', KEYS.creation)
+if state == 'aborted' then return '{_ABORTED}' end
+if state then return '' end
+redis.call('HSET', KEYS.file, unpack(ARGV, 4))
+if ARGV.expires_at ~= '' then
+  redis.call('EXPIREAT', KEYS.file, ARGV.expires_at)
+  redis.call('ZADD', KEYS.file_expiry, ARGV.expires_at, ARGV.expiry_member)
+end
+redis.call('SET', KEYS.creation, 'created', 'EX', ARGV.op_ttl)
+return ''
 """,
 )
 
@@ -145,13 +411,23 @@ async def create_file(
     max_stored_bytes: int | None = None,
     lease: Lease | None = None,
 ) -> FileObject:
-    """Record a stored file's metadata, index it for its owner and charge its size, in one step.
+    """Charge a stored file's size to its owner and index it, then record its metadata (two steps,
+    see "owner <-> shard operations" above).
 
     With ``max_stored_bytes`` the file is refused (:class:`QuotaExceeded`) instead when the
     owner's stored bytes would pass it; result files have no limit (results are always kept).
     ``file_id`` is the operation's id: repeating the call (redis-py re-sending it after a lost
-    reply, the finalizer registering a result file again) changes nothing and answers the same.
-    With ``lease``, nothing is recorded unless it is still held (``LeaseLost``).
+    reply, the finalizer registering a result file again) changes nothing and answers the same; after
+    ``settle`` gave it up it raises :class:`Aborted`.
+
+    With ``lease`` (the finalizer's, for a result file), the record is written only while it is held
+    (``LeaseLost``). The charge, on the owner's slot, cannot be fenced by a lease of the batch's slot;
+    it is checked first (a holder known to be stale charges nothing) and otherwise safe as it is: the
+    file id is fixed on the batch under the lease before any charge, so every finalizer of the batch
+    charges the same operation, once; a stale holder whose charge lands after it lost the lease
+    charges what its successor charges (the same op) or, if no one ever writes the record, leaves a
+    pending reservation that the usage audit gives back after PENDING_STALE_S (and the successor
+    then draws a new id: :class:`Aborted`).
     """
     created = created_at or now()
     record: dict[str, str | int] = {
@@ -168,27 +444,23 @@ async def create_file(
     flat: list[str | int] = []
     for k, v in record.items():
         flat += [k, v]
-    answer = _text(
-        await _CREATE_FILE(
-            r,
-            usage=keys.owner_usage(owner),
-            op=keys.owner_op(owner, file_id),
-            file=keys.file(file_id),
-            owner_files=keys.owner_files(owner),
-            purpose_files=keys.owner_files(owner, purpose),
-            file_expiry=keys.FILE_EXPIRY,
-            op_ttl=OP_TTL_S,
-            file_id=file_id,
-            seq=seq,
-            size=size,
-            limit=-1 if max_stored_bytes is None else max_stored_bytes,
-            expires_at=expires_at or "",
-            expiry_member=expiry_member(file_id, storage_key, owner, size),
-            fields=flat,
-            lease=lease,
-        )
+    if lease is not None and _text(await r.get(lease.key)) != lease.value:
+        raise LeaseLost(f"{lease.key} is no longer held by {lease.value}")
+    limit = -1 if max_stored_bytes is None else max_stored_bytes
+    await _reserve(r, owner, file_id, seq, purpose, [("stored_bytes", size, limit)])
+    answer = await _CREATE_FILE(
+        r,
+        creation=keys.creation(file_id),
+        file=keys.file(file_id),
+        file_expiry=keys.file_expiry(keys.shard_of(file_id)),
+        op_ttl=OP_TTL_S,
+        expires_at=expires_at or "",
+        expiry_member=expiry_member(file_id, storage_key, owner, size),
+        fields=flat,
+        lease=lease,
     )
-    _raise_for(answer)
+    _raise_for(_text(answer))
+    await _created(r, owner, file_id)
     return file_from_record(FileRecord.from_hash(_as_hash(record)))
 
 
@@ -204,31 +476,9 @@ def _text(value: bytes | str | None) -> str | None:
 def _raise_for(answer: str | None) -> None:
     if answer == _ABORTED:
         # Only a late copy of a call already given up (and settled) can meet this.
-        raise RuntimeError("the operation was settled as never applied")
+        raise Aborted("the operation was settled as never applied")
     if answer:
         raise QuotaExceeded(answer)
-
-
-# Settle an operation whose call failed: record that it never ran (so a late copy of it does
-# nothing), unless it did run, then answer what it answered.
-_SETTLE = Script(
-    keys=("op",),
-    args=("op_ttl", "marker"),
-    source="""
-local prior = redis.call('GET', KEYS.op)
-if prior then return prior end
-redis.call('SET', KEYS.op, ARGV.marker, 'EX', ARGV.op_ttl)
-return ARGV.marker
-""",
-)
-
-
-async def settle(r: Redis, owner: str, op_id: str) -> str | None:
-    """After a call of ``create_file``/``create_batch`` failed: None if it did not apply (and never
-    will), else its answer ("" when the object was created, else the field over its quota).
-    """
-    answer = _text(await _SETTLE(r, op=keys.owner_op(owner, op_id), op_ttl=OP_TTL_S, marker=_ABORTED))
-    return None if answer == _ABORTED else answer
 
 
 def file_from_record(rec: FileRecord) -> FileObject:
@@ -255,7 +505,7 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> FileRecord | No
 
 
 def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
-    """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove it after its record expired."""
+    """The entry of a file in its shard's ``keys.file_expiry``: enough to remove it after its record expired."""
     return f"{file_id} {storage_key} {owner} {size}"
 
 
@@ -264,44 +514,56 @@ def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -
 # nothing.
 FILE_TOMBSTONE_S = 600
 
-# Forget a file, exactly once however often the call is repeated or raced: the record must belong
-# to the owner; it is deleted with its index and expiry entries, its bytes are given back, and a
-# tombstone names the operation that did it, so that a re-sent call (same op id) answers
-# "forgotten" again while every other one answers "not found". A record that has already expired
-# (its TTL) is forgotten through its expiry entry, which still carries its owner and size: whoever
-# removes that entry gives the bytes back. When no batch reads the content any more, a marker
-# (an expiry entry of size 0, due after the tombstone) is left for the expiry sweep: the caller
-# removes the content and then the marker, and if it dies in between the sweep does it.
-# indexes are the owner's to drop the id from; expiry_member is '' if none; size is for the
-# expired case. Returns {forgotten (0/1), batches still reading the content}.
+# Forget a file (step 1 on its shard), exactly once however often the call is repeated or raced: the
+# record must belong to the owner; it is deleted with its expiry entry, the bytes to give back go to
+# the shard's outbox (steps 2 and 3 apply them on the owner and drop the id from its lists), and a
+# tombstone holding that outbox entry names the operation that did it, so that a re-sent call (same
+# op id) answers "forgotten" again (with the entry, while it is still to apply) and every other one
+# answers "not found". A record that has already expired (its TTL) is forgotten through its expiry
+# entry, which still carries its owner and size: whoever removes that entry gives the bytes back.
+# When no batch reads the content any more, a marker (an expiry entry of size 0, due after the
+# tombstone) is left for the expiry sweep: the caller removes the content and then the marker, and if
+# it dies in between the sweep does it. expiry_member is '' if none; size and purpose are for the
+# expired case ('-': unknown). Returns {forgotten (0/1), batches still reading the content, the
+# outbox entry or ''}.
 _FORGET_FILE = FencedScript(
-    keys=("record", "tombstone", "usage", "file_expiry", "refs", "*indexes"),
-    args=("owner", "op_id", "tombstone_ttl", "expiry_member", "size", "file_id", "marker", "marker_due"),
+    keys=("record", "tombstone", "file_expiry", "refs", "outbox"),
+    args=(
+        "owner",
+        "op_id",
+        "tombstone_ttl",
+        "expiry_member",
+        "size",
+        "purpose",
+        "file_id",
+        "marker",
+        "marker_due",
+        "now_ms",
+    ),
     source="""
 local tomb = redis.call('GET', KEYS.tombstone)
 if tomb then
-  if tomb == ARGV.op_id then return {1, redis.call('SCARD', KEYS.refs)} end
-  return {0, 0}
+  if string.sub(tomb, 1, #ARGV.op_id + 1) ~= ARGV.op_id .. ' ' then return {0, 0, ''} end
+  if not redis.call('ZSCORE', KEYS.outbox, tomb) then tomb = '' end
+  return {1, redis.call('SCARD', KEYS.refs), tomb}
 end
 local owner = redis.call('HGET', KEYS.record, 'owner')
-local size
+local size, purpose = ARGV.size, ARGV.purpose
 if owner then
-  if owner ~= ARGV.owner then return {0, 0} end
+  if owner ~= ARGV.owner then return {0, 0, ''} end
   size = redis.call('HGET', KEYS.record, 'bytes')
+  purpose = redis.call('HGET', KEYS.record, 'purpose') or purpose
   redis.call('DEL', KEYS.record)
   if ARGV.expiry_member ~= '' then redis.call('ZREM', KEYS.file_expiry, ARGV.expiry_member) end
-elseif ARGV.expiry_member ~= '' and redis.call('ZREM', KEYS.file_expiry, ARGV.expiry_member) == 1 then
-  size = ARGV.size
-else
-  return {0, 0}
+elseif ARGV.expiry_member == '' or redis.call('ZREM', KEYS.file_expiry, ARGV.expiry_member) == 0 then
+  return {0, 0, ''}
 end
-redis.call('HINCRBY', KEYS.usage, 'stored_bytes', -tonumber(size))
-redis.call('HINCRBY', KEYS.usage, 'rev', 1)
-for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV.file_id) end
-redis.call('SET', KEYS.tombstone, ARGV.op_id, 'EX', ARGV.tombstone_ttl)
+local entry = ARGV.op_id .. ' ' .. ARGV.owner .. ' ' .. ARGV.file_id .. ' ' .. purpose .. ' stored_bytes:-' .. size
+redis.call('ZADD', KEYS.outbox, ARGV.now_ms, entry)
+redis.call('SET', KEYS.tombstone, entry, 'EX', ARGV.tombstone_ttl)
 local refs = redis.call('SCARD', KEYS.refs)
 if refs == 0 then redis.call('ZADD', KEYS.file_expiry, ARGV.marker_due, ARGV.marker) end
-return {1, refs}
+return {1, refs, entry}
 """,
 )
 
@@ -315,28 +577,32 @@ async def _forget_file(
     op_id: str,
     member: str,
     size: int | str,
-    indexes: list[str],
+    purpose: str,
     lease: Lease | None = None,
 ) -> tuple[bool, str | None]:
     marker = content_marker(file_id, storage_key, owner)
-    forgotten, refs = await _FORGET_FILE(
+    shard = keys.shard_of(file_id)
+    forgotten, refs, entry = await _FORGET_FILE(
         r,
         record=keys.file(file_id),
         tombstone=keys.file_tombstone(file_id),
-        usage=keys.owner_usage(owner),
-        file_expiry=keys.FILE_EXPIRY,
+        file_expiry=keys.file_expiry(shard),
         refs=keys.file_refs(file_id),
-        indexes=indexes,
+        outbox=keys.outbox(shard),
         owner=owner,
         op_id=op_id,
         tombstone_ttl=FILE_TOMBSTONE_S,
         expiry_member=member,
         size=size,
+        purpose=purpose,
         file_id=file_id,
         marker=marker,
         marker_due=now() + FILE_TOMBSTONE_S + 60,
+        now_ms=int(time.time() * 1000),
         lease=lease,
     )
+    if entry:
+        await _complete(r, shard, _text(entry) or "", "forget")
     return bool(forgotten), marker if forgotten and int(refs) == 0 else None
 
 
@@ -351,11 +617,13 @@ def new_op_id() -> str:
 
 
 async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str | None]:
-    """Delete the file whose record is ``rec`` for its owner, as operation ``op_id``, in one atomic step.
+    """Delete the file whose record is ``rec`` for its owner, as operation ``op_id``.
 
     Returns ``(deleted, marker)``. Of any number of concurrent deletes of one file (and the expiry
-    sweep) exactly one gets ``deleted`` and gives the bytes back; running the same ``op_id``
-    again (redis-py re-sending it after a lost reply) answers ``deleted`` again and changes
+    sweep) exactly one gets ``deleted`` and gives the bytes back, once, in the script that deletes
+    the record (on the file's shard) and a second step on the owner's counters (see "owner <-> shard
+    operations": should that step fail, the sweep's ``replay_outbox`` applies it); running the same
+    ``op_id`` again (redis-py re-sending it after a lost reply) answers ``deleted`` again and changes
     nothing. ``marker`` is set when no unfinished batch reads the content any more: the caller
     removes the content, then calls ``content_removed(marker)``; should it fail or die first, the
     expiry sweep removes the content later. Otherwise the last batch to end removes it (``release``).
@@ -369,13 +637,19 @@ async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str 
         op_id=op_id,
         member=member,
         size=rec.bytes,
-        indexes=[keys.owner_files(rec.owner), keys.owner_files(rec.owner, rec.purpose)],
+        purpose=rec.purpose,
     )
+
+
+# A forgotten file's content is gone: its marker in the shard's expiry index goes too.
+_UNMARK = FencedScript(
+    keys=("file_expiry",), args=("marker",), source="redis.call('ZREM', KEYS.file_expiry, ARGV.marker)"
+)
 
 
 async def content_removed(r: Redis, marker: str, lease: Lease | None = None) -> None:
     """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
-    await execute(r, lease, ("ZREM", keys.FILE_EXPIRY, marker))
+    await _UNMARK(r, file_expiry=keys.file_expiry(keys.shard_of(marker.split(" ")[0])), marker=marker, lease=lease)
 
 
 R = TypeVar("R")
@@ -390,60 +664,68 @@ async def page(
     after: str | None,
     limit: int,
     desc: bool,
+    pending: str | None = None,
 ) -> tuple[list[R], bool]:
     """One page of records from an owner index (each decoded with ``decode``, e.g.
     ``BatchRecord.from_hash``), after the cursor id, and whether more follow.
 
     Ids whose record has expired are pruned from the index on the way, so a page is never
-    short while more records follow (the SDK stops paging at the first empty page).
+    short while more records follow (the SDK stops paging at the first empty page). An id still in
+    ``pending`` (the owner's ``keys.owner_pending``: a creation whose record may not be written yet)
+    is left out of the page but kept in the index.
     """
     if after is None:
         lo, hi = "-inf", "+inf"
     else:
         seq = seq_of(after)
         lo, hi = (f"({seq}", "+inf") if not desc else ("-inf", f"({seq}")
+    found: list[R] = []
     while True:
+        want = limit + 1 - len(found)
         if desc:
-            raw_ids = await r.zrevrangebyscore(zkey, hi, lo, start=0, num=limit + 1)
+            raw = await r.zrevrangebyscore(zkey, hi, lo, start=0, num=want)
         else:
-            raw_ids = await r.zrangebyscore(zkey, lo, hi, start=0, num=limit + 1)
-        ids = [i.decode() for i in raw_ids]
+            raw = await r.zrangebyscore(zkey, lo, hi, start=0, num=want)
+        ids = [i.decode() for i in raw]
+        # Read before the records: an id no longer pending then had its record written (or its
+        # creation given up) already, so a record missing afterwards is gone for good.
+        in_flight = await r.hmget(pending, ids) if pending and ids else [None] * len(ids)
         pipe = r.pipeline(transaction=False)
-        for object_id in ids[:limit]:
+        for object_id in ids:
             pipe.hgetall(record_key(object_id))
-        records = await pipe.execute()
-        gone = [object_id for object_id, h in zip(ids, records) if not h]
-        if not gone:
-            return [decode(h) for h in records], len(ids) > limit
-        await r.zrem(zkey, *gone)
+        gone = []
+        for object_id, h, note in zip(ids, await pipe.execute(), in_flight):
+            if h:
+                found.append(decode(h))
+            elif note is None:
+                gone.append(object_id)
+        if gone:
+            await r.zrem(zkey, *gone)
+        last = seq_of(ids[-1]) if ids else None  # an index is scored by the ids' sequence numbers
+        if len(found) > limit or len(ids) < want or last is None:
+            return found[:limit], len(found) > limit
+        if desc:
+            hi = f"({last}"
+        else:
+            lo = f"({last}"
 
 
 # ----------------------------------------------------------------------------- batches
-# Reserve a batch's quota (one active batch, its lines) and record it, queued for validation, in
-# one step, unless a quota would be passed; fields are the record's (field, value) pairs. The answer ('' or the field over its limit) is recorded under the op key.
-_CREATE_BATCH = Script(
-    keys=("usage", "op", "batch", "owner_batches", "file_refs", "pending_validation"),
-    args=("op_ttl", "batch_id", "seq", "lines", "max_active", "max_enqueued", "*fields"),
-    source="""
-local prior = redis.call('GET', KEYS.op)
-if prior then return prior end
-local answer = ''
-local lines = tonumber(ARGV.lines)
-if tonumber(redis.call('HGET', KEYS.usage, 'active_batches') or '0') + 1 > tonumber(ARGV.max_active) then
-  answer = 'active_batches'
-elseif tonumber(redis.call('HGET', KEYS.usage, 'enqueued_lines') or '0') + lines > tonumber(ARGV.max_enqueued) then
-  answer = 'enqueued_lines'
-else
-  redis.call('HINCRBY', KEYS.usage, 'active_batches', 1)
-  redis.call('HINCRBY', KEYS.usage, 'enqueued_lines', lines)
-  redis.call('HINCRBY', KEYS.usage, 'rev', 1)
-  redis.call('HSET', KEYS.batch, unpack(ARGV, 7))
-  redis.call('ZADD', KEYS.owner_batches, ARGV.seq, ARGV.batch_id)
-  redis.call('SADD', KEYS.file_refs, ARGV.batch_id)
-  redis.call('ZADD', KEYS.pending_validation, 0, ARGV.batch_id)
-end
-redis.call('SET', KEYS.op, answer, 'EX', ARGV.op_ttl)
-return answer
+# Step 2 of a batch's creation, on its shard: write the record, queued for validation, and the
+# batch's claim on its input file, unless the creation was settled as given up; fields are the
+# record's (field, value) pairs. A re-run writes nothing more (the record may have moved on).
+_CREATE_BATCH = FencedScript(
+    keys=("creation", "batch", "file_refs", "pending_validation"),
+    args=("op_ttl", "batch_id", "*fields"),
+    source=f"""
+local state = redis.call('GET', KEYS.creation)
+if state == 'aborted' then return '{_ABORTED}' end
+if state then return '' end
+redis.call('HSET', KEYS.batch, unpack(ARGV, 3))
+redis.call('SADD', KEYS.file_refs, ARGV.batch_id)
+redis.call('ZADD', KEYS.pending_validation, 0, ARGV.batch_id)
+redis.call('SET', KEYS.creation, 'created', 'EX', ARGV.op_ttl)
+return ''
 """,
 )
 
@@ -470,12 +752,14 @@ async def create_batch(
     max_enqueued_lines: int,
     trace: dict[str, str] | None = None,
 ) -> BatchRecord:
-    """Reserve the owner's quota for a new batch and record it in ``validating``, queued for
-    validation, in one atomic step; :class:`QuotaExceeded` names the quota it would pass.
+    """Reserve the owner's quota for a new batch, then record it in ``validating``, queued for
+    validation (two steps, see "owner <-> shard operations"); :class:`QuotaExceeded` names the quota
+    it would pass.
 
     ``batch_id`` is the operation's id: a repeated call (redis-py re-sending it after a lost reply)
-    reserves nothing more and answers the same. There is no step between reserving and recording,
-    so no failure can leave a reservation without its batch; the reservation is given back by
+    reserves nothing more and answers the same. A call that fails between the steps leaves a
+    reservation that ``settle`` (the caller's, or the usage audit's for a creator that died) either
+    keeps, if the batch was recorded, or gives back, for good; the reservation is given back by
     :func:`release` when the batch ends. ``trace``: the batch's trace fields
     (``tracing.new_batch_fields``), when tracing is on.
     """
@@ -510,25 +794,29 @@ async def create_batch(
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    answer = _text(
-        await _CREATE_BATCH(
-            r,
-            usage=keys.owner_usage(owner),
-            op=keys.owner_op(owner, batch_id),
-            batch=keys.batch(batch_id),
-            owner_batches=keys.owner_batches(owner),
-            file_refs=keys.file_refs(input_file_id),
-            pending_validation=keys.PENDING_VALIDATION,
-            op_ttl=OP_TTL_S,
-            batch_id=batch_id,
-            seq=seq,
-            lines=reserved_lines,
-            max_active=max_active_batches,
-            max_enqueued=max_enqueued_lines,
-            fields=flat,
-        )
+    await _reserve(
+        r,
+        owner,
+        batch_id,
+        seq,
+        "-",
+        [
+            ("active_batches", 1, max_active_batches),
+            ("enqueued_lines", reserved_lines, max_enqueued_lines),
+        ],
     )
-    _raise_for(answer)
+    answer = await _CREATE_BATCH(
+        r,
+        creation=keys.creation(batch_id),
+        batch=keys.batch(batch_id),
+        file_refs=keys.file_refs(input_file_id),
+        pending_validation=keys.pending_validation(keys.shard_of(batch_id)),
+        op_ttl=OP_TTL_S,
+        batch_id=batch_id,
+        fields=flat,
+    )
+    _raise_for(_text(answer))
+    await _created(r, owner, batch_id)
     return BatchRecord.from_hash(_as_hash(fields))
 
 
@@ -886,26 +1174,54 @@ async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
             await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
 
 
+# A batch's claim on its input file goes (the file's keys share the batch's shard); returns the
+# claims left and whether the file's record still exists.
+_UNCLAIM = FencedScript(
+    keys=("refs", "file"),
+    args=("batch_id",),
+    source="""
+redis.call('SREM', KEYS.refs, ARGV.batch_id)
+return {redis.call('SCARD', KEYS.refs), redis.call('EXISTS', KEYS.file)}
+""",
+)
+
+
 async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease | None = None) -> None:
     """A batch reached a terminal state: give back its quota and its claim on the input file.
 
-    Safe to repeat. The content of an input file deleted while the batch ran is removed with
+    The quota goes back in two steps (see "owner <-> shard operations"): the ``released`` flag on
+    the batch, with an outbox entry, then the owner's counters (or ``replay_outbox``). Safe to repeat. The content of an input file deleted while the batch ran is removed with
     the last claim. With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    await _RELEASE_BATCH(r, batch=keys.batch(rec.id), usage=keys.owner_usage(rec.owner), lease=lease)
-    _, refs, exists = await execute(
-        r,
-        lease,
-        ("SREM", keys.file_refs(rec.input_file_id), rec.id),
-        ("SCARD", keys.file_refs(rec.input_file_id)),
-        ("EXISTS", keys.file(rec.input_file_id)),
+    shard = keys.shard_of(rec.id)
+    entry = _text(
+        await _RELEASE_BATCH(
+            r,
+            batch=keys.batch(rec.id),
+            outbox=keys.outbox(shard),
+            now_ms=int(time.time() * 1000),
+            lease=lease,
+        )
+    )
+    if entry:
+        await _complete(r, shard, entry, "release")
+    refs, exists = await _UNCLAIM(
+        r, refs=keys.file_refs(rec.input_file_id), file=keys.file(rec.input_file_id), batch_id=rec.id, lease=lease
     )
     if refs == 0 and not exists:
         await storage.delete(rec.input_key)
 
 
-async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, lease: Lease | None = None) -> int:
-    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
+async def sweep_expired_files(
+    r: Redis,
+    storage: Storage,
+    *,
+    limit: int = 100,
+    lease: Lease | None = None,
+    shards: Iterable[int] = range(keys.SHARDS),
+) -> int:
+    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it), up
+    to ``limit`` per shard of ``shards``.
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
     record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
@@ -914,34 +1230,36 @@ async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, l
     deleting the content of a file past its expiry is right whoever does it.
     """
     swept = 0
-    for raw in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now(), start=0, num=limit):
-        member = raw.decode()
-        file_id, storage_key, owner, size = member.split(" ")
-        indexes = [keys.owner_files(owner)]
-        purpose = await r.hget(keys.file(file_id), FileField.PURPOSE)  # None once the record expired on its own
-        if purpose:
-            indexes.append(keys.owner_files(owner, purpose.decode()))
-        forgotten, marker = await _forget_file(
-            r,
-            file_id=file_id,
-            storage_key=storage_key,
-            owner=owner,
-            op_id=f"expiry-{new_op_id()}",
-            member=member,
-            size=size,
-            indexes=indexes,
-            lease=lease,
-        )
-        if not forgotten:
-            continue  # a DELETE got there first and takes care of the content
-        swept += 1
-        if marker:
-            try:
-                await storage.delete(storage_key)
-            except Exception as e:
-                log.warning("file_content_delete_failed", file_id=file_id, error=f"{type(e).__name__}: {e}")
-                continue  # the marker stays: a later sweep tries again
-            await content_removed(r, marker, lease)
+    for shard in shards:
+        for raw in await r.zrangebyscore(keys.file_expiry(shard), "-inf", now(), start=0, num=limit):
+            member = raw.decode()
+            file_id, storage_key, owner, size = member.split(" ")
+            purpose = await r.hget(keys.file(file_id), FileField.PURPOSE)  # None once the record expired on its own
+            forgotten, marker = await _forget_file(
+                r,
+                file_id=file_id,
+                storage_key=storage_key,
+                owner=owner,
+                op_id=f"expiry-{new_op_id()}",
+                member=member,
+                size=size,
+                purpose=purpose.decode() if purpose else "-",
+                lease=lease,
+            )
+            if not forgotten:
+                continue  # a DELETE got there first and takes care of the content
+            swept += 1
+            if marker:
+                try:
+                    await storage.delete(storage_key)
+                except Exception as e:
+                    log.warning(
+                        "file_content_delete_failed",
+                        file_id=file_id,
+                        error=f"{type(e).__name__}: {e}",
+                    )
+                    continue  # the marker stays: a later sweep tries again
+                await content_removed(r, marker, lease)
     return swept
 
 
@@ -951,17 +1269,24 @@ async def usage(r: Redis, owner: str, name: str) -> int:
     return int(await r.hget(keys.owner_usage(owner), name) or 0)
 
 
-# Give a batch's quota back, once: the 'released' flag is set in the same step, and a record that
-# is gone (its retention ended) is not recreated.
+# Step 1 of giving a batch's quota back, on its shard, once: the 'released' flag is set and the
+# deltas go to the outbox in the same step; a record that is gone (its retention ended) is not
+# recreated. Returns the outbox entry while it is still to apply (a re-run returns it too, so that
+# whoever calls finishes the job), else ''.
 _RELEASE_BATCH = FencedScript(
-    keys=("batch", "usage"),
+    keys=("batch", "outbox"),
+    args=("now_ms",),
     source="""
-if redis.call('EXISTS', KEYS.batch) == 0 then return 0 end
-if redis.call('HSETNX', KEYS.batch, 'released', '1') == 0 then return 0 end
-redis.call('HINCRBY', KEYS.usage, 'active_batches', -1)
-redis.call('HINCRBY', KEYS.usage, 'enqueued_lines', -tonumber(redis.call('HGET', KEYS.batch, 'reserved_lines') or '0'))
-redis.call('HINCRBY', KEYS.usage, 'rev', 1)
-return 1
+if redis.call('EXISTS', KEYS.batch) == 0 then return '' end
+local id = redis.call('HGET', KEYS.batch, 'id') or ''
+local entry = 'release-' .. id .. ' ' .. (redis.call('HGET', KEYS.batch, 'owner') or '') .. ' ' .. id
+  .. ' - active_batches:-1,enqueued_lines:-' .. (redis.call('HGET', KEYS.batch, 'reserved_lines') or '0')
+if redis.call('HSETNX', KEYS.batch, 'released', '1') == 1 then
+  redis.call('ZADD', KEYS.outbox, ARGV.now_ms, entry)
+  return entry
+end
+if redis.call('ZSCORE', KEYS.outbox, entry) then return entry end
+return ''
 """,
 )
 
@@ -969,7 +1294,7 @@ return 1
 # ----------------------------------------------------------------------------- usage audit
 USAGE_FIELDS = ("active_batches", "enqueued_lines", "stored_bytes")
 AUDIT_LEASE_MS = 5 * 60 * 1000
-# A file record expires at the score of its FILE_EXPIRY entry, by Redis's clock: entries due up to
+# A file record expires at the score of its expiry entry, by Redis's clock: entries due up to
 # this far ahead are checked for a missing record, which covers any sane clock skew.
 _EXPIRY_SKEW_S = 600
 _CHUNK = 500
@@ -1003,21 +1328,24 @@ return answer
 async def audit_usage(r: Redis, storage: Storage, holder: str) -> int:
     """Recount every owner's usage from its records and repair counters that drifted.
 
-    Runs in one process at a time (``keys.USAGE_AUDIT_LOCK``, taken by ``holder``); returns how
-    many owners were repaired, each logged as ``usage_repaired`` with the counters before and
-    after. A batch that ended without giving its quota back is released on the way. A repair is
-    applied only if the owner's counters did not move while they were recounted (else it is left
-    to the next pass), so it never undoes a concurrent reservation.
+    Runs in one process at a time (``keys.USAGE_AUDIT_LOCK``, taken by ``holder``) and walks the
+    owners in ``keys.OWNERS``; returns how many owners were repaired, each logged as
+    ``usage_repaired`` with the counters before and after. A batch that ended without giving its
+    quota back is released on the way, and a creation pending for PENDING_STALE_S is settled
+    (``creation_settled``). A repair is applied only if the owner's counters did not move while they
+    were recounted (else it is left to the next pass), so it never undoes a concurrent reservation;
+    operations half done between an owner and a shard (a creation reserved but not recorded, a
+    release or forget not yet applied on the owner) are counted as the counters hold them.
     """
     lease = await leases.take(r, keys.USAGE_AUDIT_LOCK, holder, AUDIT_LEASE_MS)
     if lease is None:
         return 0
     repaired = 0
     try:
-        async for key in r.scan_iter(match=keys.OWNER_USAGE_PATTERN, count=1000):
+        async for owner in r.sscan_iter(keys.OWNERS, count=1000):
             if not await leases.renew(r, lease, AUDIT_LEASE_MS):
                 break  # another process took over (this one was paused past the lease)
-            repaired += await _audit_owner(r, storage, keys.owner_of_usage(key.decode()))
+            repaired += await _audit_owner(r, storage, owner.decode())
     finally:
         await leases.drop(r, lease)
     return repaired
@@ -1025,10 +1353,22 @@ async def audit_usage(r: Redis, storage: Storage, holder: str) -> int:
 
 async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
     for _ in range(_AUDIT_ATTEMPTS):
-        # Read first, recount after: any change in between moves 'rev' or a counter.
-        read = await r.hmget(keys.owner_usage(owner), *USAGE_FIELDS, "rev")
+        # Read first, recount after: any change on the owner's side in between moves 'rev' (the
+        # pending notes are read after the counters: one that appears in between moved 'rev').
+        pipe = r.pipeline(transaction=False)
+        pipe.hmget(keys.owner_usage(owner), *USAGE_FIELDS, "rev")
+        pipe.hgetall(keys.owner_pending(owner))
+        read, raw_pending = await pipe.execute()
         before = {name: int(v or 0) for name, v in zip(USAGE_FIELDS, read)}
-        counted, unreleased = await _recount(r, owner)
+        pending = {k.decode(): v.decode() for k, v in raw_pending.items()}
+        stale_before = (time.time() - PENDING_STALE_S) * 1000
+        stale = [object_id for object_id, note in pending.items() if int(note.split(" ")[0]) < stale_before]
+        if stale:
+            for object_id in stale:
+                answer = await settle(r, owner, object_id)
+                log.warning("creation_settled", owner=owner, id=object_id, created=answer == "")
+            continue
+        counted, unreleased = await _recount(r, owner, pending)
         if unreleased:
             for rec in unreleased:
                 await release(r, storage, rec)
@@ -1054,43 +1394,108 @@ async def _audit_owner(r: Redis, storage: Storage, owner: str) -> int:
     return 0
 
 
-async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchRecord]]:
+def _add(counted: dict[str, int], deltas: str, sign: int) -> None:
+    for pair in deltas.split(","):
+        field, _, delta = pair.partition(":")
+        if field in counted:
+            counted[field] += sign * int(delta)
+
+
+async def _recount(r: Redis, owner: str, pending: dict[str, str]) -> tuple[dict[str, int], list[BatchRecord]]:
     """What an owner's counters should be, from its records; and its ended, unreleased batches.
 
     active_batches and enqueued_lines: its batches not released yet (and their reserved_lines);
     stored_bytes: its file records, plus files whose record expired but whose bytes the sweep has
-    not given back yet (their FILE_EXPIRY entry is still there).
+    not given back yet (their expiry entry is still there). ``pending`` (the owner's pending notes,
+    read after its counters): a creation whose step 2 has not run counts what it reserved. A release
+    or forget whose step 1 ran (the record released or gone) but whose deltas are not applied on
+    the owner yet (in its shard's outbox, ``owner_op`` absent) counts as before it, unless the
+    record was counted already (its step 1 came after the record was read).
     """
     counted = dict.fromkeys(USAGE_FIELDS, 0)
     unreleased: list[BatchRecord] = []
+    seen: set[str] = set()  # ids whose record (or reservation) is in the recount
     F = BatchField
-    fields = (F.STATUS, F.RELEASED, F.RESERVED_LINES, F.ID, F.OWNER, F.INPUT_FILE_ID, F.INPUT_KEY)
+    fields = (
+        F.STATUS,
+        F.RELEASED,
+        F.RESERVED_LINES,
+        F.ID,
+        F.OWNER,
+        F.INPUT_FILE_ID,
+        F.INPUT_KEY,
+    )
+
+    def count_batch(batch_id: str, values: list[bytes | None]) -> None:
+        rec = BatchRecord.from_values(fields, values)
+        if not rec.status or rec.released:
+            return
+        if rec.status in TERMINAL_STATUSES:
+            unreleased.append(rec)
+        counted["active_batches"] += 1
+        counted["enqueued_lines"] += rec.reserved_lines
+        seen.add(batch_id)
+
+    def count_file(file_id: str, size: bytes | None) -> None:
+        if size is not None:
+            seen.add(file_id)
+            counted["stored_bytes"] += int(size)
+
+    # Pending creations: whether step 2 ran and the record, read at once (one slot, one MULTI).
+    for object_id, note in pending.items():
+        pipe = r.pipeline(transaction=True)
+        pipe.get(keys.creation(object_id))
+        if object_id.startswith("batch_"):
+            pipe.hmget(keys.batch(object_id), *fields)
+        else:
+            pipe.hget(keys.file(object_id), FileField.BYTES)
+        state, values = await pipe.execute()
+        if state != b"created":  # not recorded yet, or given up but not given back yet: reserved
+            _add(counted, note.split(" ")[1], 1)
+            seen.add(object_id)
+        elif object_id.startswith("batch_"):
+            count_batch(object_id, values)
+        else:
+            count_file(object_id, values)
+
     batch_ids = [b.decode() for b in await r.zrange(keys.owner_batches(owner), 0, -1)]
+    batch_ids = [b for b in batch_ids if b not in pending]
     for i in range(0, len(batch_ids), _CHUNK):
+        chunk = batch_ids[i : i + _CHUNK]
         pipe = r.pipeline(transaction=False)
-        for batch_id in batch_ids[i : i + _CHUNK]:
+        for batch_id in chunk:
             pipe.hmget(keys.batch(batch_id), *fields)
-        for values in await pipe.execute():
-            rec = BatchRecord.from_values(fields, values)
-            if not rec.status or rec.released:
-                continue
-            if rec.status in TERMINAL_STATUSES:
-                unreleased.append(rec)
-            counted["active_batches"] += 1
-            counted["enqueued_lines"] += rec.reserved_lines
-    found: set[str] = set()
+        for batch_id, values in zip(chunk, await pipe.execute()):
+            count_batch(batch_id, values)
     file_ids = [f.decode() for f in await r.zrange(keys.owner_files(owner), 0, -1)]
+    file_ids = [f for f in file_ids if f not in pending]
     for i in range(0, len(file_ids), _CHUNK):
         chunk = file_ids[i : i + _CHUNK]
         pipe = r.pipeline(transaction=False)
         for file_id in chunk:
             pipe.hget(keys.file(file_id), FileField.BYTES)
         for file_id, size in zip(chunk, await pipe.execute()):
-            if size is not None:
-                found.add(file_id)
+            count_file(file_id, size)
+
+    # Per shard, at once: expiry entries, then the outbox (a forget moves an entry from the first to
+    # the second in one step: read together, it is seen in one of them, never in both or neither).
+    due = now() + _EXPIRY_SKEW_S
+    unapplied: list[_Entry] = []
+    for shard in range(keys.SHARDS):
+        pipe = r.pipeline(transaction=True)
+        pipe.zrangebyscore(keys.file_expiry(shard), "-inf", due)
+        pipe.zrange(keys.outbox(shard), 0, -1)
+        expiring, outbox = await pipe.execute()
+        for member in expiring:
+            file_id, _, entry_owner, size = member.decode().split(" ")
+            if entry_owner == owner and file_id not in seen:
+                seen.add(file_id)
                 counted["stored_bytes"] += int(size)
-    for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now() + _EXPIRY_SKEW_S):
-        file_id, _, entry_owner, size = member.decode().split(" ")
-        if entry_owner == owner and file_id not in found:
-            counted["stored_bytes"] += int(size)
+        unapplied += [e for e in map(_Entry.parse, (m.decode() for m in outbox)) if e.owner == owner]
+    if unapplied:
+        applied = await r.mget([keys.owner_op(owner, e.op) for e in unapplied])
+        for e, done in zip(unapplied, applied):
+            if done is None and e.object_id not in seen:
+                seen.add(e.object_id)
+                _add(counted, e.deltas, -1)
     return counted, unreleased

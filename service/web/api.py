@@ -368,7 +368,7 @@ async def _finish_upload(
         verdict = stored.check.finish()
         if verdict:
             raise bad_request(verdict, param="file", code="invalid_file_format")
-    # The check while streaming saw usage as it was; this one, atomic with the record, counts
+    # The check while streaming saw usage as it was; this one, atomic with the reservation, counts
     # concurrent uploads too. The file id is the operation's id (see store.settle).
     record = functools.partial(
         store.create_file,
@@ -440,6 +440,7 @@ async def list_files(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
         desc=order == "desc",
+        pending=keys.owner_pending(owner),
     )
     return json_response(_page([store.file_from_record(rec) for rec in records], has_more))
 
@@ -676,8 +677,8 @@ async def record_batch(
     lines = file.lines
     # In its input file's shard: the file's refs and the batch's keys share a slot.
     batch_id, seq = await store.new_id(r, "batch_", shard=keys.shard_of(file.id))
-    # Reserving the quota and recording the batch are one step: no failure can come in between. The
-    # batch id is the operation's id (see store.settle).
+    # Reserving the quota and recording the batch are two steps joined by the batch id, the
+    # operation's id: a failure in between is settled (store.settle) into one outcome or the other.
     create = functools.partial(
         store.create_batch,
         r,
@@ -806,6 +807,7 @@ async def list_batches(request: web.Request) -> web.Response:
         after=after,
         limit=limit,
         desc=True,
+        pending=keys.owner_pending(request[appkeys.OWNER]),
     )
     return json_response(_page([store.batch_from_record(rec) for rec in records], has_more))
 

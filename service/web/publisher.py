@@ -1,7 +1,7 @@
 """Validation of new batches, run inside every web process.
 
-A new batch is queued in ``keys.PENDING_VALIDATION``. Any web process claims it by taking its
-validator lease (``keys.validator``, with a fencing token: ``service/core/leases.py``), validates
+A new batch is queued in its shard's ``keys.pending_validation``. Any web process claims it by taking
+its validator lease (``keys.validator``, with a fencing token: ``service/core/leases.py``), validates
 every line (nothing runs before the whole file is valid) and moves it to ``in_progress``, in the
 same step handing it to the feeders (``keys.FEEDING_BATCHES``), which publish its lines a window
 at a time (``feeder.py``). A process that takes over an expired lease redoes the validation; the
@@ -118,14 +118,19 @@ class Publisher:
     async def _claim(self) -> tuple[str, Lease] | None:
         """A due batch whose validator lease this process just took, or None."""
         now = time.time()
-        for raw in await self.r.zrangebyscore(keys.PENDING_VALIDATION, "-inf", now, start=0, num=CLAIM_LOOKAHEAD):
-            batch_id = raw.decode()
+        pipe = self.r.pipeline(transaction=False)
+        for shard in range(keys.SHARDS):
+            pipe.zrangebyscore(keys.pending_validation(shard), "-inf", now)
+        due = [raw.decode() for found in await pipe.execute() for raw in found][:CLAIM_LOOKAHEAD]
+        for batch_id in due:
             lease = await leases.take(self.r, keys.validator(batch_id), self.name, self.lease_ms)
             if lease is None:
                 continue  # a peer is validating it
             # Peers skip it while the lease lasts; if this process dies, it is due again then.
             await leases.execute(
-                self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX", now + self.lease_ms / 1000, batch_id)
+                self.r,
+                lease,
+                ("ZADD", keys.pending_validation(keys.shard_of(batch_id)), "XX", now + self.lease_ms / 1000, batch_id),
             )
             self.renew_at = time.monotonic() + self.lease_ms / 4000
             return batch_id, lease
@@ -139,7 +144,15 @@ class Publisher:
             log.warning("lease_lost", batch_id=batch_id, lease=lease.key, token=lease.token)
             raise LeaseLost(f"{lease.key} is no longer held by {lease.value}")
         await leases.execute(
-            self.r, lease, ("ZADD", keys.PENDING_VALIDATION, "XX", time.time() + self.lease_ms / 1000, batch_id)
+            self.r,
+            lease,
+            (
+                "ZADD",
+                keys.pending_validation(keys.shard_of(batch_id)),
+                "XX",
+                time.time() + self.lease_ms / 1000,
+                batch_id,
+            ),
         )
         self.renew_at = time.monotonic() + self.lease_ms / 4000
 
@@ -150,7 +163,7 @@ class Publisher:
         if h is None or h.status in TERMINAL_STATUSES:
             if h is not None:
                 await store.release(self.r, self.storage, h, lease=lease)  # an ending interrupted before its release
-            await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
+            await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id))
             return
         if h.status == "validating":
             started = time.monotonic()
@@ -172,7 +185,7 @@ class Publisher:
         elif h.status == "cancelling" and not h.in_progress_at:
             await self._cancel_unstarted(h, lease)
             return
-        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, batch_id))
+        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id))
 
     async def _validate(self, h: BatchRecord, lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
         """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input.
@@ -268,7 +281,7 @@ class Publisher:
             tracing.batch_finished(h, "failed")
         # Released before it leaves the queue: interrupted in between, the next claim releases it.
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h.id))
+        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(h.id)), h.id))
 
     async def _cancel_unstarted(self, h: BatchRecord, lease: Lease) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain (the
@@ -285,7 +298,7 @@ class Publisher:
         if applied:
             tracing.batch_finished(h, "cancelled")
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.PENDING_VALIDATION, h.id))
+        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(h.id)), h.id))
 
     async def _start(
         self,
@@ -346,7 +359,10 @@ class Publisher:
             # Ended meanwhile (its record expired or was deleted): the streams created above would
             # outlive the batch.
             await leases.execute(
-                self.r, lease, ("DEL", *_work_keys_but(lease)), ("ZREM", keys.PENDING_VALIDATION, batch_id)
+                self.r,
+                lease,
+                ("DEL", *_work_keys_but(lease)),
+                ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id),
             )
         return False
 

@@ -91,6 +91,7 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
         "evalsha": [(sha, 0)],
         "exists": [("p:k", "p:none")],
         "get": [("p:k",), ("p:none",)],
+        "hdel": [("p:h2", "none")],
         "hget": [("p:h", "a"), ("p:h", "none")],
         "hgetall": [("p:h",)],
         "hmget": [("p:h", ["a", "none"])],
@@ -99,6 +100,7 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
         "incr": [("p:n",)],
         "mget": [(["p:k", "p:none"],)],
         "ping": [()],
+        "sadd": [("p:set2", "x")],
         "script_load": [("return 2",)],
         "smembers": [("p:set",)],
         "srem": [("p:set", "y")],
@@ -111,7 +113,7 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
         "zrevrangebyscore": [("p:z", "+inf", "-inf", 0, 10)],
         "zrem": [("p:z", "m1")],
     }
-    iterators: dict[str, tuple[Any, ...]] = {"hscan_iter": ("p:h",), "scan_iter": ("p:*",)}
+    iterators: dict[str, tuple[Any, ...]] = {"hscan_iter": ("p:h",), "scan_iter": ("p:*",), "sscan_iter": ("p:set",)}
     assert set(_commands(Redis)) == {*calls, *iterators, "pipeline", "aclose"}, "a command this test does not run"
     try:
         for name, arg_lists in calls.items():
@@ -141,6 +143,7 @@ async def test_replies_have_the_types_the_protocol_gives_them(redis_server) -> N
             "xreadgroup": ("g", "c3", {"p:stream": "0"}, 1),
             "zcount": ("p:z", 0, "+inf"),
             "zrange": ("p:z", 0, -1, True),
+            "zrangebyscore": ("p:z", "-inf", "+inf"),
             "zrem": ("p:z", "none"),
             "evalsha": (sha, 0),
         }

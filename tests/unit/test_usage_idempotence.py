@@ -110,7 +110,7 @@ async def test_result_file_registered_again_is_charged_once(r):
     for _ in range(3):
         await new_file(r, fid(3), 50_000, limit=None, expires_at=store.now() + 3600)
     assert (await usage(r))["stored_bytes"] == 50_000
-    assert await r.zcard(keys.FILE_EXPIRY) == 1
+    assert await r.zcard(keys.file_expiry(keys.shard_of(fid(3)))) == 1
 
 
 async def test_delete_file_resent_gives_bytes_back_once(r):
@@ -131,7 +131,7 @@ async def test_expired_record_uncharged_once(r, tmp_path):
     await new_file(r, fid(1), 900, expires_at=store.now() + 3600)
     member = store.expiry_member(fid(1), fid(1), OWNER, 900)
     await r.delete(keys.file(fid(1)))  # its record expired
-    await r.zadd(keys.FILE_EXPIRY, {member: 1})  # and it is due
+    await r.zadd(keys.file_expiry(keys.shard_of(fid(1))), {member: 1})  # and it is due
     assert await store.sweep_expired_files(r, storage) == 1
     assert await store.sweep_expired_files(r, storage) == 0
     assert (await usage(r))["stored_bytes"] == 0
@@ -420,8 +420,8 @@ async def test_audit_does_not_undo_a_concurrent_reservation(r, tmp_path, monkeyp
     real = store._recount
     calls = []
 
-    async def recount_then_reserve(r_, owner):
-        counted = await real(r_, owner)
+    async def recount_then_reserve(r_, owner, *rest):
+        counted = await real(r_, owner, *rest)
         calls.append(counted)
         if len(calls) == 1:
             await new_batch(r, bid(2), 3)  # lands after the recount, before the repair
@@ -477,7 +477,7 @@ async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_pa
 
     await pub.process(bid(1), await leases.take(r, keys.validator(bid(1)), "web-1", 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
-    assert await r.zscore(keys.PENDING_VALIDATION, bid(1)) is None
+    assert await r.zscore(keys.pending_validation(keys.shard_of(bid(1))), bid(1)) is None
 
 
 class CancelMidCall:
