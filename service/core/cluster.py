@@ -149,16 +149,17 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     pipe = r.pipeline(transaction=False)
     pipe.time()
     pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
-    pipe.smembers(keys.LIVE_BATCHES)
     pipe.hgetall(keys.METRICS_LINES)
     pipe.hgetall(keys.METRICS_UPSTREAM)
     pipe.hgetall(keys.METRICS_LATENCY)
     pipe.hgetall(keys.METRICS_TOKENS)
-    (sec, usec), procs, live, lines, upstream, latency, tokens = await pipe.execute()
+    for shard in range(keys.SHARDS):
+        pipe.smembers(keys.live_batches(shard))
+    (sec, usec), procs, lines, upstream, latency, tokens, *live = await pipe.execute()
     now = sec + usec / 1e6
     now_ms = int(now * 1000)
     names = [(_s(n), float(score)) for n, score in procs]
-    batch_ids = sorted(_s(b) for b in live)
+    batch_ids = sorted({_s(b) for members in live for b in members})
 
     pipe = r.pipeline(transaction=False)
     for name, _ in names:

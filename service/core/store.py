@@ -21,6 +21,7 @@ from .connections import Pipeline, Script, Value
 from .connections import Redis as Redis
 from .leases import FencedScript, Lease, execute
 from .records import BatchField, BatchRecord, FileField, FileRecord
+from .shards import ShardKey
 from .storage import Storage
 from .wire import (
     TERMINAL_STATUSES,
@@ -248,7 +249,7 @@ async def get_file_record(r: Redis, owner: str, file_id: str) -> FileRecord | No
 
 
 def expiry_member(file_id: str, storage_key: str, owner: str, size: int | str) -> str:
-    """The entry of a file in ``keys.FILE_EXPIRY``: enough to remove it after its record expired."""
+    """The entry of a file in its shard's ``keys.file_expiry``: enough to remove it after its record expired."""
     return f"{file_id} {storage_key} {owner} {size}"
 
 
@@ -368,7 +369,7 @@ async def delete_file(r: Redis, rec: FileRecord, op_id: str) -> tuple[bool, str 
 
 async def content_removed(r: Redis, marker: str, lease: Lease | None = None) -> None:
     """The content a ``delete_file`` marker stands for is gone: the sweep need not remove it."""
-    await execute(r, lease, ("ZREM", keys.FILE_EXPIRY, marker))
+    await execute(r, lease, ("ZREM", keys.file_expiry(keys.shard_of(marker.split(" ", 1)[0])), marker))
 
 
 R = TypeVar("R")
@@ -628,8 +629,8 @@ async def transition(
     *,
     allowed: Iterable[str],
     fields: dict[str, str | int],
-    add_to: Iterable[str] = (),
-    remove_from: Iterable[str] = (),
+    add_to: Iterable[ShardKey] = (),
+    remove_from: Iterable[ShardKey] = (),
     expire_s: int = 0,
     delete: Iterable[str] = (),
     lease: Lease | None = None,
@@ -637,25 +638,28 @@ async def transition(
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
     Returns (applied, status before); applied is also True when the batch already has the
-    target status. ``add_to``/``remove_from`` are sets of batch ids
-    (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
-    ``expire_s`` > 0 gives the batch record its retention period (terminal states), and queues
-    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``; the keys in
-    ``delete`` go in the same step (the work keys of a batch that ends). With ``lease``, nothing
-    happens unless it is still held (``LeaseLost``).
+    target status. ``add_to``/``remove_from`` name per-shard sets of batch ids
+    (``keys.active_batches``, ``keys.live_batches``, ...): the batch's shard's are updated in the
+    same step; ``expire_s`` > 0 gives the batch record its retention period (terminal states),
+    and queues the batch's completion webhook, if it has one, in its shard's
+    ``keys.webhooks_due``; the keys in ``delete`` go in the same step (the work keys of a batch
+    that ends). With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    add_to, delete = list(add_to), list(delete)
+    shard = keys.shard_of(batch_id)
+    adds = [set_key(shard) for set_key in add_to]
+    removes = [set_key(shard) for set_key in remove_from]
+    delete = list(delete)
     applied, before = await _TRANSITION(
         r,
         batch=keys.batch(batch_id),
-        webhooks_due=keys.WEBHOOKS_DUE,
-        sets=[*add_to, *remove_from, *delete],
+        webhooks_due=keys.webhooks_due(shard),
+        sets=[*adds, *removes, *delete],
         batch_id=batch_id,
         allowed=",".join(allowed),
-        adds=len(add_to),
+        adds=len(adds),
         expire_s=expire_s,
         dels=len(delete),
         fields=flat,
@@ -886,17 +890,29 @@ async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease 
         await storage.delete(rec.input_key)
 
 
-async def sweep_expired_files(r: Redis, storage: Storage, *, limit: int = 100, lease: Lease | None = None) -> int:
-    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it).
+async def sweep_expired_files(
+    r: Redis, storage: Storage, *, shard: int | None = None, limit: int = 100, lease: Lease | None = None
+) -> int:
+    """Delete the files of ``shard`` (every shard when None) whose ``expires_at`` has passed (content
+    kept while a batch still reads it).
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
     record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
     removal failed or was cut short (their marker is due) is removed too. With ``lease`` (the
-    finalizers' "sweep" chore), every Redis write is refused once it is lost (``LeaseLost``);
-    deleting the content of a file past its expiry is right whoever does it.
+    finalizers' "sweep" chore of ``shard``), every Redis write is refused once it is lost
+    (``LeaseLost``); deleting the content of a file past its expiry is right whoever does it.
     """
+    if lease is not None and shard is None:
+        raise ValueError("a fenced sweep covers the shard of its lease: name it")
     swept = 0
-    for raw in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now(), start=0, num=limit):
+    for each in range(keys.SHARDS) if shard is None else [shard]:
+        swept += await _sweep_shard(r, storage, each, limit, lease)
+    return swept
+
+
+async def _sweep_shard(r: Redis, storage: Storage, shard: int, limit: int, lease: Lease | None) -> int:
+    swept = 0
+    for raw in await r.zrangebyscore(keys.file_expiry(shard), "-inf", now(), start=0, num=limit):
         member = raw.decode()
         file_id, storage_key, owner, size = member.split(" ")
         indexes = [keys.owner_files(owner)]
@@ -951,7 +967,7 @@ return 1
 # ----------------------------------------------------------------------------- usage audit
 USAGE_FIELDS = ("active_batches", "enqueued_lines", "stored_bytes")
 AUDIT_LEASE_MS = 5 * 60 * 1000
-# A file record expires at the score of its FILE_EXPIRY entry, by Redis's clock: entries due up to
+# A file record expires at the score of its file_expiry entry, by Redis's clock: entries due up to
 # this far ahead are checked for a missing record, which covers any sane clock skew.
 _EXPIRY_SKEW_S = 600
 _CHUNK = 500
@@ -1041,7 +1057,7 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchReco
 
     active_batches and enqueued_lines: its batches not released yet (and their reserved_lines);
     stored_bytes: its file records, plus files whose record expired but whose bytes the sweep has
-    not given back yet (their FILE_EXPIRY entry is still there).
+    not given back yet (their file_expiry entry is still there).
     """
     counted = dict.fromkeys(USAGE_FIELDS, 0)
     unreleased: list[BatchRecord] = []
@@ -1071,7 +1087,10 @@ async def _recount(r: Redis, owner: str) -> tuple[dict[str, int], list[BatchReco
             if size is not None:
                 found.add(file_id)
                 counted["stored_bytes"] += int(size)
-    for member in await r.zrangebyscore(keys.FILE_EXPIRY, "-inf", now() + _EXPIRY_SKEW_S):
+    pipe = r.pipeline(transaction=False)
+    for shard in range(keys.SHARDS):
+        pipe.zrangebyscore(keys.file_expiry(shard), "-inf", now() + _EXPIRY_SKEW_S)
+    for member in (m for reply in await pipe.execute() for m in reply):
         file_id, _, entry_owner, size = member.decode().split(" ")
         if entry_owner == owner and file_id not in found:
             counted["stored_bytes"] += int(size)
