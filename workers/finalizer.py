@@ -343,9 +343,11 @@ class Finalizer:
             return
         self.next_chore_check = now + CHORE_CHECK_S
         free = {s: keys.housekeeping("webhooks", s) for s in range(keys.SHARDS) if s not in held}
-        for shard, lease in await self._take_free(free, want):
+        taken = await self._take_free(free, want)
+        for shard, lease in taken:
             self.chores["webhooks", shard] = lease
-            log.info("chore_taken", chore="webhooks", shard=shard, token=lease.token)
+        if taken:
+            log.info("chore_taken", chore="webhooks", shards=sorted(shard for shard, _ in taken))
 
     async def _audit_usage(self) -> None:
         """Repair drifted usage counters (store.audit_usage), beside the ticks: it reads every owner."""

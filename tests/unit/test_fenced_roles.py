@@ -75,7 +75,7 @@ async def test_a_paused_validator_writes_nothing_for_a_batch_a_peer_holds(make_a
     h = await r.hgetall(keys.batch(batch["id"]))
     assert h[b"status"] == b"validating" and h[b"total"] == b"0", h
     assert not await r.exists(keys.lines(batch["id"])), "the resumed validator created the batch's streams"
-    assert await r.zscore(keys.PENDING_VALIDATION, batch["id"]) is not None
+    assert await r.zscore(keys.pending_validation(keys.shard_of(batch["id"])), batch["id"]) is not None
     # The peer dies without finishing: once its lease is gone, the batch is validated and started once.
     await leases.drop(r, peer)
     started = await api.wait_batch(batch["id"], timeout=10)

@@ -7,13 +7,17 @@ import asyncio
 
 import msgspec
 
-from service.core import keys, store
+from service.core import keys, shards, store
 from service.core.records import FileRecord
 from service.web.appkeys import REDIS as REDIS_KEY
 
 from .conftest import good_jsonl
 
 OWNER_A = store.owner_of("tok-a")
+
+
+def _expiry(file_id: str) -> str:
+    return keys.file_expiry(keys.shard_of(file_id))
 
 
 def redis_of(api):
@@ -47,8 +51,8 @@ async def test_lost_reply_rerun_of_the_delete_answers_deleted_again(api):
     assert await r.zscore(keys.owner_files(OWNER_A), f["id"]) is None
     assert await r.zscore(keys.owner_files(OWNER_A, "batch"), f["id"]) is None
     # Its expiry entry is gone; only the marker of its content is left, due after the tombstone.
-    assert await r.zrange(keys.FILE_EXPIRY, 0, -1) == [marker.encode()]
-    assert await r.zscore(keys.FILE_EXPIRY, marker) > store.now() + store.FILE_TOMBSTONE_S
+    assert await r.zrange(_expiry(f["id"]), 0, -1) == [marker.encode()]
+    assert await r.zscore(_expiry(f["id"]), marker) > store.now() + store.FILE_TOMBSTONE_S
     # The tombstone that makes the re-run exact is short-lived.
     assert 0 < await r.ttl(keys.file_tombstone(f["id"])) <= store.FILE_TOMBSTONE_S
 
@@ -82,7 +86,7 @@ async def test_expiry_sweep_and_delete_give_bytes_back_once(api):
     h = await _record(api, f["id"])  # what a DELETE read before the sweep ran
     # Its expiry is due now.
     member = store.expiry_member(h.id, h.storage_key, h.owner, h.bytes)
-    await r.zadd(keys.FILE_EXPIRY, {member: 1})
+    await r.zadd(_expiry(h.id), {member: 1})
     assert await store.sweep_expired_files(r, api.storage) == 1
     assert (await store.delete_file(r, h, "op-late"))[0] is False
     (await api.request("DELETE", f"/v1/files/{f['id']}")).error(404)
@@ -96,7 +100,7 @@ async def test_delete_before_the_sweep_leaves_it_nothing(api):
     f = await api.upload_ok(good_jsonl(2))
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
-    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
+    await r.zadd(_expiry(h.id), {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
     assert (await api.request("DELETE", f"/v1/files/{f['id']}")).ok()["deleted"] is True
     assert await store.sweep_expired_files(r, api.storage) == 0
     assert await _stored_bytes(api) == before - f["bytes"]
@@ -107,7 +111,7 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     f = await api.upload_ok(good_jsonl(2))
     before = await _stored_bytes(api)
     h = await _record(api, f["id"])
-    await r.zadd(keys.FILE_EXPIRY, {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
+    await r.zadd(_expiry(h.id), {store.expiry_member(h.id, h.storage_key, h.owner, h.bytes): 1})
     await r.delete(keys.file(f["id"]))  # what its TTL does at expires_at
 
     async def delete_like_the_handler():
@@ -124,15 +128,15 @@ async def test_record_expired_on_its_own_is_given_back_once(api):
     assert sum(results) == 1, results
     assert await _stored_bytes(api) == before - f["bytes"]
     assert api.storage.stored_files() == []
-    assert await r.zcard(keys.FILE_EXPIRY) == 0
+    assert await shards.count(r, keys.file_expiry, zset=True) == 0
 
 
 async def _time_passes(r, file_id: str) -> None:
     """What FILE_TOMBSTONE_S and more do: the tombstone expires and the content marker comes due."""
     await r.delete(keys.file_tombstone(file_id))
-    for member in await r.zrange(keys.FILE_EXPIRY, 0, -1):
+    for member in await r.zrange(_expiry(file_id), 0, -1):
         if member.decode().startswith(file_id + " "):
-            await r.zadd(keys.FILE_EXPIRY, {member: 1})
+            await r.zadd(_expiry(file_id), {member: 1})
 
 
 async def test_failed_content_delete_is_retried_by_the_sweep(api, monkeypatch):
@@ -155,7 +159,7 @@ async def test_failed_content_delete_is_retried_by_the_sweep(api, monkeypatch):
     await _time_passes(r, f["id"])
     assert await store.sweep_expired_files(r, api.storage) == 1
     assert api.storage.stored_files() == []
-    assert await r.zcard(keys.FILE_EXPIRY) == 0
+    assert await shards.count(r, keys.file_expiry, zset=True) == 0
     assert await _stored_bytes(api) == before - f["bytes"]  # given back once, by the DELETE
 
 
@@ -170,7 +174,7 @@ async def test_content_of_a_delete_cut_short_is_removed_by_the_sweep(api):
     await _time_passes(r, f["id"])
     assert await store.sweep_expired_files(r, api.storage) == 1
     assert api.storage.stored_files() == []
-    assert await r.zcard(keys.FILE_EXPIRY) == 0
+    assert await shards.count(r, keys.file_expiry, zset=True) == 0
     assert await _stored_bytes(api) == before - f["bytes"]
 
 
@@ -179,5 +183,5 @@ async def test_content_read_by_a_batch_gets_no_marker(api):
     f = await api.upload_ok(good_jsonl(2))
     await r.sadd(keys.file_refs(f["id"]), "batch_000000000001aaaaaaaaaaaa")  # an unfinished batch reads it
     assert await store.delete_file(r, await _record(api, f["id"]), "op-read") == (True, None)
-    assert await r.zcard(keys.FILE_EXPIRY) == 0  # the batch's release removes the content
+    assert await shards.count(r, keys.file_expiry, zset=True) == 0  # the batch's release removes the content
     assert api.storage.stored_files() == [f["id"]]

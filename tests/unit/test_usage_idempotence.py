@@ -77,7 +77,8 @@ def fid(n: int) -> str:
 
 
 def bid(n: int) -> str:
-    return f"batch_{n:012x}bbbbbbbbbbbb"
+    # In the shard of its input file (fid's last digit), as every batch is.
+    return f"batch_{n:012x}bbbbbbbbbbba"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ async def test_result_file_registered_again_is_charged_once(r):
     for _ in range(3):
         await new_file(r, fid(3), 50_000, limit=None, expires_at=store.now() + 3600)
     assert (await usage(r))["stored_bytes"] == 50_000
-    assert await r.zcard(keys.FILE_EXPIRY) == 1
+    assert await r.zcard(keys.file_expiry(keys.shard_of(fid(3)))) == 1
 
 
 async def test_delete_file_resent_gives_bytes_back_once(r):
@@ -131,7 +132,7 @@ async def test_expired_record_uncharged_once(r, tmp_path):
     await new_file(r, fid(1), 900, expires_at=store.now() + 3600)
     member = store.expiry_member(fid(1), fid(1), OWNER, 900)
     await r.delete(keys.file(fid(1)))  # its record expired
-    await r.zadd(keys.FILE_EXPIRY, {member: 1})  # and it is due
+    await r.zadd(keys.file_expiry(keys.shard_of(fid(1))), {member: 1})  # and it is due
     assert await store.sweep_expired_files(r, storage) == 1
     assert await store.sweep_expired_files(r, storage) == 0
     assert (await usage(r))["stored_bytes"] == 0
@@ -451,15 +452,15 @@ async def test_finalizer_releases_a_batch_whose_finish_was_interrupted(r, tmp_pa
         bid(1),
         allowed=["validating"],
         fields={"status": "completed"},
-        remove_from=[keys.ACTIVE_BATCHES],
+        remove_from=[keys.active_batches],
         expire_s=3600,
     )
-    await r.sadd(keys.LIVE_BATCHES, bid(1))
+    await r.sadd(keys.live_batches(keys.shard_of(bid(1))), bid(1))
     from service.core import leases
 
     await fin.advance(bid(1), await leases.take(r, keys.finalizer(bid(1)), fin.name, 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
-    assert await r.sismember(keys.LIVE_BATCHES, bid(1)) == 0
+    assert await r.sismember(keys.live_batches(keys.shard_of(bid(1))), bid(1)) == 0
 
 
 async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_path):
@@ -477,7 +478,7 @@ async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_pa
 
     await pub.process(bid(1), await leases.take(r, keys.validator(bid(1)), "web-1", 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
-    assert await r.zscore(keys.PENDING_VALIDATION, bid(1)) is None
+    assert await r.zscore(keys.pending_validation(keys.shard_of(bid(1))), bid(1)) is None
 
 
 class CancelMidCall:
