@@ -231,12 +231,13 @@ def _single_client(url: str, max_connections: int) -> Redis:
 
 
 class _ClusterPipeline(ClusterPipeline):
-    """redis-py's cluster pipeline with EVALSHA and TIME allowed again.
+    """redis-py's cluster pipeline with EVALSHA, TIME and MGET allowed again.
 
-    redis-py blocks both by name in cluster pipelines (``PIPELINE_BLOCKED_COMMANDS``), yet routes
-    them fine when queued as raw commands: EVALSHA by its first key (all its keys must share a
-    slot, as on the server), TIME to one node. Sluice queues scripts on pipelines
-    (:meth:`Script.queue`) and reads the time with other replies (heartbeats, the cluster view).
+    redis-py blocks them by name in cluster pipelines (``PIPELINE_BLOCKED_COMMANDS``), yet routes
+    them fine when queued as raw commands: EVALSHA and MGET by their first key (all their keys must
+    share a slot, as on the server), TIME to one node. Sluice queues scripts on pipelines
+    (:meth:`Script.queue`), reads the time with other replies (heartbeats, the cluster view) and
+    reads many leases with one MGET per slot (``shards.mget``).
     """
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> _ClusterPipeline:  # type: ignore[override]
@@ -245,6 +246,10 @@ class _ClusterPipeline(ClusterPipeline):
 
     def time(self) -> _ClusterPipeline:  # type: ignore[override]
         self.execute_command("TIME")
+        return self
+
+    def mget(self, keys: str | Sequence[str], *args: str) -> _ClusterPipeline:  # type: ignore[override]
+        self.execute_command("MGET", *([keys] if isinstance(keys, str) else keys), *args)
         return self
 
 
