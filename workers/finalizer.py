@@ -310,20 +310,24 @@ class Finalizer:
     async def _sweep(self) -> None:
         """Sweep the expired files of every shard whose "sweep" lease is free (a peer sweeps the others)."""
         order = list(range(keys.SHARDS))
-        random.shuffle(order)  # peers sweeping at the same time mostly start on different shards
-        swept = 0
-        for shard in order:
-            if self.stop.is_set():
-                break
-            lease = await leases.take(self.redis, keys.housekeeping("sweep", shard), self.name, self.lease_ms)
-            if lease is None:
-                continue
+        random.shuffle(order)  # peers sweeping at the same time mostly split the shards between them
+        taken = await leases.take_many(
+            self.redis, [keys.housekeeping("sweep", shard) for shard in order], self.name, self.lease_ms
+        )
+        mine = [(shard, lease) for shard, lease in zip(order, taken) if lease is not None]
+        for shard, lease in mine:
             self.chores["sweep", shard] = lease
-            try:
-                swept += await store.sweep_expired_files(self.redis, self.storage, shard=shard, lease=lease)
-            except LeaseLost as e:
-                self._let_go(lease, "fenced_write_refused", error=str(e))
-            finally:
+        swept = 0
+        try:
+            for shard, lease in mine:
+                if self.stop.is_set() or self.chores.get(("sweep", shard)) != lease:
+                    continue  # stopping, or lost meanwhile
+                try:
+                    swept += await store.sweep_expired_files(self.redis, self.storage, shard=shard, lease=lease)
+                except LeaseLost as e:
+                    self._let_go(lease, "fenced_write_refused", error=str(e))
+        finally:
+            for _, lease in mine:
                 self._let_go(lease)
                 await leases.drop(self.redis, lease)
         if swept:
@@ -333,7 +337,9 @@ class Finalizer:
         """Hold the "webhooks" leases of a fair share of the shards: shed extra ones, take free ones."""
         held = sorted(shard for chore, shard in self.chores if chore == "webhooks")
         share = -(-keys.SHARDS // self.finalizers)
-        for shard in held[share:]:
+        # Shed between passes: a pass under way would have its writes for a shed shard refused.
+        passing = self.webhooks.task is not None and not self.webhooks.task.done()
+        for shard in held[share:] if not passing else []:
             lease = self.chores.pop(("webhooks", shard))
             await leases.drop(self.redis, lease)
             log.info("chore_shed", chore="webhooks", shard=shard, share=share)
