@@ -2,7 +2,7 @@
 
 The web process that validates a batch plans its delegated lines into parts (service/core/delegation.py):
 each part becomes one provider batch. Every finalizer process runs a :class:`Delegator`, which
-moves the parts of every batch in ``keys.DELEGATED_BATCHES`` through
+moves the parts of every batch in a shard's ``keys.delegated_batches`` through
 
     planned --upload--> uploaded --create--> created --poll...--> (terminal at the provider) --collect--> settled
 
@@ -53,7 +53,7 @@ import structlog
 from redis.exceptions import NoScriptError, ResponseError
 from structlog.typing import FilteringBoundLogger
 
-from service.core import keys, leases, store, usage
+from service.core import keys, leases, shards, store, usage
 from service.core.config import Provider, Settings
 from service.core.connections import REDIS_DOWN, Outage, Value, connect
 from service.core.crypto import unseal
@@ -393,7 +393,7 @@ class Delegator:
 
     async def tick(self) -> None:
         """Start a step for every part that is due and whose lease this process gets."""
-        batch_ids = sorted(b.decode() for b in await self.r.smembers(keys.DELEGATED_BATCHES))
+        batch_ids = await shards.members(self.r, keys.delegated_batches)
         if not batch_ids:
             return
         pipe = self.r.pipeline(transaction=False)
@@ -409,7 +409,7 @@ class Delegator:
             h = BatchRecord.from_values(_BATCH_FIELDS, values)
             if not h.status or h.status in TERMINAL_STATUSES or not raw:
                 # Ended (its parts settled before it could) or gone: nothing to do here any more.
-                await self.r.srem(keys.DELEGATED_BATCHES, batch_id)
+                await self.r.srem(keys.delegated_batches(keys.shard_of(batch_id)), batch_id)
                 continue
             h.id = batch_id
             for part_no, f in sorted(_part_fields(raw).items()):
@@ -528,7 +528,7 @@ class Delegator:
         return _WriteCall(
             delegation=keys.delegation(step.batch_id),
             batch=keys.batch(step.batch_id),
-            delegated_batches=keys.DELEGATED_BATCHES,
+            delegated_batches=keys.delegated_batches(keys.shard_of(step.batch_id)),
             part=step.part_no,
             batch_id=step.batch_id,
             delay_ms="" if delay_s is None else int(delay_s * 1000),
@@ -835,7 +835,7 @@ class Delegator:
                 step.batch_id,
                 allowed=["in_progress"],
                 fields={_F.ABORT: "batch_expired"},
-                remove_from=[keys.ACTIVE_BATCHES],
+                remove_from=[keys.active_batches],
             )
         await self._delete_files(step, [step.f.get("file"), pbatch.get("output_file_id"), pbatch.get("error_file_id")])
         if step.f.get("reconciled"):

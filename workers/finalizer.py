@@ -23,10 +23,12 @@ Each tick, for every batch it holds:
 4. Once every line has a result, the files are registered and the batch reaches its terminal
    state (``completed``, ``cancelled`` or ``expired``), its work keys deleted in the same step.
 
-Chores that must run once at a time take a lease of their own: the expired-file sweep (every
-``SLUICE_SWEEP_INTERVAL_S``, with the usage audit) and the completion webhooks
-(service/core/webhooks.py), sent by whichever finalizer holds the "webhooks" lease, in a task of
-its own so they never hold finalization up.
+Chores that must run once at a time take a lease of their own, one per shard, in the slot of the
+shard's sets they cover (``keys.housekeeping``): the expired-file sweep (every
+``SLUICE_SWEEP_INTERVAL_S``, each shard whose lease is free, with the usage audit, which has a lease
+of its own) and the completion webhooks (service/core/webhooks.py), sent by whichever finalizers
+hold the shards' "webhooks" leases (each holds up to a fair share of the shards, as with batches),
+in a task of its own so they never hold finalization up.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import asyncio
 import contextlib
 import random
 import time
+from typing import TypeVar
 
 import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, leases, store, streams, tracing
+from service.core import keys, leases, shards, store, streams, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
@@ -60,11 +63,15 @@ from .delegate import Delegator
 log = structlog.get_logger("sluice.finalizer")
 
 TICK_S = 0.2
+# How often a finalizer below its share of the shards' webhook leases looks for free ones.
+CHORE_CHECK_S = 1.0
 DRAIN_COUNT = 2000
 ABORT_CHUNK = 500
 OUTPUT_TTL_S = 30 * 24 * 3600
 
 _F = BatchField
+# What a lease taken by Finalizer._take_free stands for: a batch id, a shard.
+_K = TypeVar("_K")
 # The order _DRAIN_READ reads them in.
 _DRAIN_FIELDS = (_F.FIN_CURSOR, _F.FIN_OUT_BYTES, _F.FIN_ERR_BYTES, _F.FIN_OUT_LINES, _F.FIN_ERR_LINES)
 _COMPLETED = Outcome.COMPLETED.encode()
@@ -143,7 +150,8 @@ class Finalizer:
         # out a Redis failover.
         self.lease_ms = int(min(10.0, settings.lease_s) * 1000)
         self.held: dict[str, Lease] = {}  # batch id -> its lease
-        self.chores: dict[str, Lease] = {}  # "sweep"/"webhooks" -> its lease
+        self.chores: dict[tuple[str, int], Lease] = {}  # ("sweep"/"webhooks", shard) -> its lease
+        self.next_chore_check = 0.0
         self.finalizers = 1
         self.next_sweep = 0.0
         self.audit: asyncio.Task[None] | None = None
@@ -217,11 +225,14 @@ class Finalizer:
         write made for it was refused; whatever that step was doing is dropped.
         """
         forgotten = False
-        for table in (self.held, self.chores):
-            for name, held in list(table.items()):
-                if held == lease:
-                    del table[name]
-                    forgotten = True
+        for batch_id, held in list(self.held.items()):
+            if held == lease:
+                del self.held[batch_id]
+                forgotten = True
+        for chore, held in list(self.chores.items()):
+            if held == lease:
+                del self.chores[chore]
+                forgotten = True
         if event and (forgotten or event == "fenced_write_refused"):
             log.warning(event, lease=lease.key, token=lease.token, **details)
 
@@ -243,16 +254,18 @@ class Finalizer:
         candidates = [b for b in live if b not in self.held]
         if want <= 0 or not candidates or self.stop.is_set():
             return
-        holders = await self.redis.mget([keys.finalizer(b) for b in candidates])
-        free = [b for b, holder in zip(candidates, holders) if holder is None]
-        random.shuffle(free)  # peers looking at the same free batches mostly pick different ones
+        for batch_id, taken in await self._take_free({b: keys.finalizer(b) for b in candidates}, want):
+            self.held[batch_id] = taken
+            log.info("batch_leased", batch_id=batch_id, token=taken.token)
+
+    async def _take_free(self, candidates: dict[_K, str], want: int) -> list[tuple[_K, Lease]]:
+        """Take up to ``want`` of the ``candidates`` leases (by what they stand for) that are free now."""
+        holders = await shards.mget(self.redis, list(candidates.values()))
+        free = [c for c, holder in zip(candidates, holders) if holder is None]
+        random.shuffle(free)  # peers looking at the same free leases mostly pick different ones
         free = free[:want]
-        for batch_id, taken in zip(
-            free, await leases.take_many(self.redis, [keys.finalizer(b) for b in free], self.name, self.lease_ms)
-        ):
-            if taken is not None:
-                self.held[batch_id] = taken
-                log.info("batch_leased", batch_id=batch_id, token=taken.token)
+        taken = await leases.take_many(self.redis, [candidates[c] for c in free], self.name, self.lease_ms)
+        return [(c, lease) for c, lease in zip(free, taken) if lease is not None]
 
     # ------------------------------------------------------------------ the tick
     async def step(self) -> float:
@@ -264,7 +277,7 @@ class Finalizer:
     async def tick(self) -> None:
         """Share the live batches out, advance the ones held, run the chores due."""
         await self._check_in()
-        live = sorted(b.decode() for b in await self.redis.smembers(keys.LIVE_BATCHES))
+        live = await shards.members(self.redis, keys.live_batches)
         self.live = len(live)
         await self._share(live)
         for batch_id, lease in list(self.held.items()):
@@ -289,28 +302,61 @@ class Finalizer:
             self.next_sweep = time.monotonic() + self.settings.sweep_interval_s
             if self.audit is None or self.audit.done():  # it takes its own lease (store.audit_usage)
                 self.audit = asyncio.create_task(self._audit_usage(), name="usage-audit")
-            lease = await leases.take(self.redis, keys.housekeeping("sweep"), self.name, self.lease_ms)
-            if lease is not None:  # else a peer is sweeping right now
-                self.chores["sweep"] = lease
+            await self._sweep()
+        await self._share_webhooks()
+        held = {shard: lease for (chore, shard), lease in self.chores.items() if chore == "webhooks"}
+        if held:
+            self.webhooks.start_pass(held)  # in a task of its own: never holds finalization up
+
+    async def _sweep(self) -> None:
+        """Sweep the expired files of every shard whose "sweep" lease is free (a peer sweeps the others)."""
+        order = list(range(keys.SHARDS))
+        random.shuffle(order)  # peers sweeping at the same time mostly split the shards between them
+        taken = await leases.take_many(
+            self.redis, [keys.housekeeping("sweep", shard) for shard in order], self.name, self.lease_ms
+        )
+        mine = [(shard, lease) for shard, lease in zip(order, taken) if lease is not None]
+        for shard, lease in mine:
+            self.chores["sweep", shard] = lease
+        swept = 0
+        try:
+            for shard, lease in mine:
+                if self.stop.is_set() or self.chores.get(("sweep", shard)) != lease:
+                    continue  # stopping, or lost meanwhile
                 try:
-                    if swept := await store.sweep_expired_files(self.redis, self.storage, lease=lease):
-                        log.info("files_expired", files=swept)
+                    swept += await store.sweep_expired_files(self.redis, self.storage, shard=shard, lease=lease)
                     # Releases and forgets whose process died between their steps (store.replay_outbox).
-                    for shard in range(keys.SHARDS):
-                        await store.replay_outbox(self.redis, shard)
+                    await store.replay_outbox(self.redis, shard)
                 except LeaseLost as e:
                     self._let_go(lease, "fenced_write_refused", error=str(e))
-                finally:
-                    self._let_go(lease)
-                    await leases.drop(self.redis, lease)
-        lease = self.chores.get("webhooks")
-        if lease is None:
-            lease = await leases.take(self.redis, keys.housekeeping("webhooks"), self.name, self.lease_ms)
-            if lease is None:
-                return
-            self.chores["webhooks"] = lease
-            log.info("chore_taken", chore="webhooks", token=lease.token)
-        self.webhooks.start_pass(lease)  # in a task of its own: never holds finalization up
+        finally:
+            for _, lease in mine:
+                self._let_go(lease)
+                await leases.drop(self.redis, lease)
+        if swept:
+            log.info("files_expired", files=swept)
+
+    async def _share_webhooks(self) -> None:
+        """Hold the "webhooks" leases of a fair share of the shards: shed extra ones, take free ones."""
+        held = sorted(shard for chore, shard in self.chores if chore == "webhooks")
+        share = -(-keys.SHARDS // self.finalizers)
+        # Shed between passes: a pass under way would have its writes for a shed shard refused.
+        passing = self.webhooks.task is not None and not self.webhooks.task.done()
+        for shard in held[share:] if not passing else []:
+            lease = self.chores.pop(("webhooks", shard))
+            await leases.drop(self.redis, lease)
+            log.info("chore_shed", chore="webhooks", shard=shard, share=share)
+        want = share - len(held)
+        now = time.monotonic()
+        if want <= 0 or now < self.next_chore_check:
+            return
+        self.next_chore_check = now + CHORE_CHECK_S
+        free = {s: keys.housekeeping("webhooks", s) for s in range(keys.SHARDS) if s not in held}
+        taken = await self._take_free(free, want)
+        for shard, lease in taken:
+            self.chores["webhooks", shard] = lease
+        if taken:
+            log.info("chore_taken", chore="webhooks", shards=sorted(shard for shard, _ in taken))
 
     async def _audit_usage(self) -> None:
         """Repair drifted usage counters (store.audit_usage), beside the ticks: it reads every owner."""
@@ -334,7 +380,7 @@ class Finalizer:
                 batch_id,
                 allowed=["in_progress"],
                 fields={_F.ABORT: "batch_expired"},
-                remove_from=[keys.ACTIVE_BATCHES],
+                remove_from=[keys.active_batches],
                 lease=lease,
             )
             log.info("batch_expiring", batch_id=batch_id)
@@ -352,12 +398,13 @@ class Finalizer:
         if h is not None:
             await store.release(self.redis, self.storage, h, lease=lease)
         others = [k for k in keys.work_keys(batch_id) if k != lease.key]
+        shard = keys.shard_of(batch_id)
         await leases.execute(
             self.redis,
             lease,
             ("DEL", *others),
-            ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id),
-            *(("SREM", s, batch_id) for s in (keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES)),
+            ("ZREM", keys.pending_validation(shard), batch_id),
+            *(("SREM", s(shard), batch_id) for s in (keys.live_batches, keys.active_batches, keys.feeding_batches)),
         )
         self.held.pop(batch_id, None)
         await leases.drop(self.redis, lease)
@@ -493,7 +540,7 @@ class Finalizer:
                 _F.OUTPUT_FILE_ID: file_ids["out"] or "",
                 _F.ERROR_FILE_ID: file_ids["err"] or "",
             },
-            remove_from=[keys.LIVE_BATCHES, keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES],
+            remove_from=[keys.live_batches, keys.active_batches, keys.feeding_batches],
             delete=[k for k in keys.work_keys(batch_id) if k != lease.key],
             expire_s=self.settings.retention_s,
             lease=lease,

@@ -31,7 +31,7 @@ import structlog
 from redis.exceptions import ResponseError
 from structlog.typing import FilteringBoundLogger
 
-from service.core import keys, store, streams, tracing
+from service.core import keys, shards, store, streams, tracing
 from service.core.config import Settings
 from service.core.connections import BLOCK_MS, REDIS_DOWN, Outage, Script, connect
 from service.core.counters import Attempts
@@ -263,10 +263,10 @@ class Worker:
         self.deadlines.forget(set(ids))
 
     async def _active(self) -> list[str]:
-        """The running batches (``keys.ACTIVE_BATCHES``), looked up at most every ``ACTIVE_REFRESH_S``."""
+        """The running batches (every shard's ``keys.active_batches``), looked up at most every ``ACTIVE_REFRESH_S``."""
         now = asyncio.get_running_loop().time()
         if now >= self.active_until:
-            self.active = sorted(b.decode() for b in await self.redis.smembers(keys.ACTIVE_BATCHES))
+            self.active = await shards.members(self.redis, keys.active_batches)
             self.active_until = now + ACTIVE_REFRESH_S
         return self.active
 
@@ -310,15 +310,16 @@ class Worker:
         checks for pending lines, so a line read before an abort is pending when it looks (and
         it waits), and one read after it is seen here as aborted and never sent.
         """
-        by_count: dict[int, list[str]] = {}
+        by_read: dict[tuple[int, int], list[str]] = {}
         for batch_id, count in plan.items():
-            by_count.setdefault(count, []).append(batch_id)
-        # XREADGROUP takes one COUNT for all its streams: one read per count. Only a lone read over
-        # every running batch may block: a blocked read would hold up the others in the pipeline, and
-        # waiting on some streams while others have lines would idle the worker.
-        block = BLOCK_MS if len(by_count) == 1 and len(plan) >= len(self.candidates) else None
+            by_read.setdefault((keys.shard_of(batch_id), count), []).append(batch_id)
+        # XREADGROUP takes one COUNT for all its streams, and on a cluster streams of one slot: one
+        # read per shard and count. Only a lone read over every running batch may block: a blocked
+        # read would hold up the others in the pipeline (on its node), and waiting on some streams
+        # while others have lines would idle the worker.
+        block = BLOCK_MS if len(by_read) == 1 and len(plan) >= len(self.candidates) else None
         pipe = self.redis.pipeline(transaction=False)
-        for count, batch_ids in by_count.items():
+        for (_, count), batch_ids in by_read.items():
             pipe.xreadgroup(
                 keys.WORKER_GROUP, self.name, {keys.lines(b): ">" for b in batch_ids}, count=count, block=block
             )
@@ -326,7 +327,7 @@ class Worker:
         for batch_id in batch_ids:
             pipe.hget(keys.batch(batch_id), BatchField.ABORT)
         replies = await pipe.execute(raise_on_error=False)
-        reads, reasons = replies[: len(by_count)], replies[len(by_count) :]
+        reads, reasons = replies[: len(by_read)], replies[len(by_read) :]
         lines: list[Line] = []
         got: dict[str, int] = {}
         for reply in reads:

@@ -171,15 +171,17 @@ async def snapshot(r: Redis, settings: Settings) -> Snapshot:
     pipe = r.pipeline(transaction=False)
     pipe.time()
     pipe.zrange(keys.PROCESSES, 0, -1, withscores=True)
-    pipe.smembers(keys.LIVE_BATCHES)
+    for shard in range(keys.SHARDS):
+        pipe.smembers(keys.live_batches(shard))
     for shard in range(keys.SHARDS):
         for counter in _COUNTERS:
             pipe.hgetall(counter(shard))
-    (sec, usec), procs, live, *counters = await pipe.execute()
+    (sec, usec), procs, *rest = await pipe.execute()
+    live, counters = rest[: keys.SHARDS], rest[keys.SHARDS :]
     now = sec + usec / 1e6
     now_ms = int(now * 1000)
     names = [(_s(n), float(score)) for n, score in procs]
-    batch_ids = sorted(_s(b) for b in live)
+    batch_ids = sorted({_s(b) for members in live for b in members})
 
     pipe = r.pipeline(transaction=False)
     for name, _ in names:

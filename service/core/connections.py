@@ -85,6 +85,8 @@ class Pipeline(Protocol):
     def hgetall(self, name: str) -> Pipeline: ...
     def hmget(self, name: str, keys: str | Sequence[str], *args: str) -> Pipeline: ...
     def hscan(self, name: str, cursor: int = 0, match: str | None = None, count: int | None = None) -> Pipeline: ...
+    def mget(self, keys: str | Sequence[str], *args: str) -> Pipeline: ...
+    def scard(self, name: str) -> Pipeline: ...
     def smembers(self, name: str) -> Pipeline: ...
     def time(self) -> Pipeline: ...
     def xlen(self, name: str) -> Pipeline: ...
@@ -98,9 +100,18 @@ class Pipeline(Protocol):
         count: int | None = None,
         block: int | None = None,
     ) -> Pipeline: ...
+    def zcard(self, name: str) -> Pipeline: ...
     def zcount(self, name: str, min: float | str, max: float | str) -> Pipeline: ...
     def zrange(self, name: str, start: int, end: int, withscores: bool = False) -> Pipeline: ...
-    def zrangebyscore(self, name: str, min: float | str, max: float | str) -> Pipeline: ...
+    def zrangebyscore(
+        self,
+        name: str,
+        min: float | str,
+        max: float | str,
+        start: int | None = None,
+        num: int | None = None,
+        withscores: bool = False,
+    ) -> Pipeline: ...
     def zrem(self, name: str, *values: str) -> Pipeline: ...
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
@@ -228,12 +239,13 @@ def _single_client(url: str, max_connections: int) -> Redis:
 
 
 class _ClusterPipeline(ClusterPipeline):
-    """redis-py's cluster pipeline with EVALSHA and TIME allowed again.
+    """redis-py's cluster pipeline with EVALSHA, TIME and MGET allowed again.
 
-    redis-py blocks both by name in cluster pipelines (``PIPELINE_BLOCKED_COMMANDS``), yet routes
-    them fine when queued as raw commands: EVALSHA by its first key (all its keys must share a
-    slot, as on the server), TIME to one node. Sluice queues scripts on pipelines
-    (:meth:`Script.queue`) and reads the time with other replies (heartbeats, the cluster view).
+    redis-py blocks them by name in cluster pipelines (``PIPELINE_BLOCKED_COMMANDS``), yet routes
+    them fine when queued as raw commands: EVALSHA and MGET by their first key (all their keys must
+    share a slot, as on the server), TIME to one node. Sluice queues scripts on pipelines
+    (:meth:`Script.queue`), reads the time with other replies (heartbeats, the cluster view) and
+    reads many leases with one MGET per slot (``shards.mget``).
     """
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Value) -> _ClusterPipeline:  # type: ignore[override]
@@ -242,6 +254,10 @@ class _ClusterPipeline(ClusterPipeline):
 
     def time(self) -> _ClusterPipeline:  # type: ignore[override]
         self.execute_command("TIME")
+        return self
+
+    def mget(self, keys: str | Sequence[str], *args: str) -> _ClusterPipeline:  # type: ignore[override]
+        self.execute_command("MGET", *([keys] if isinstance(keys, str) else keys), *args)
         return self
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:

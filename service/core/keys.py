@@ -51,23 +51,14 @@ WORKER_GROUP = "workers"
 # Monotonic counter giving every file and batch a sort position (created_at has 1 s resolution).
 SEQ = f"{PREFIX}:seq"
 
-# Batch ids whose lines workers may read (in_progress and not aborting).
-ACTIVE_BATCHES = f"{PREFIX}:batches:active"
-# Batch ids the finalizer watches (every batch between validation and a terminal state).
-LIVE_BATCHES = f"{PREFIX}:batches:live"
-# Batch ids whose lines a web process is still feeding into their stream, a window at a time.
-FEEDING_BATCHES = f"{PREFIX}:batches:feeding"
-# Batch ids with lines handed to a provider's own Batch API that are not settled yet (workers/delegate.py).
-DELEGATED_BATCHES = f"{PREFIX}:batches:delegated"
-
 
 def _shard(shard: int) -> str:
     return f"{PREFIX}:{{{SHARD_TAGS[shard]}}}"
 
 
-# Per-shard forms of the indexes above, in the slot of the batches and files they list (a batch is
-# in its own shard's sets only), so the scripts that move a batch or a file between them stay in one
-# slot. Readers go over every shard (``range(SHARDS)``).
+# The indexes of batches and files, one per shard, in the slot of the batches and files they list (a
+# batch is in its own shard's sets only), so the scripts that move a batch or a file between them
+# stay in one slot. Readers go over every shard (service/core/shards.py).
 def active_batches(shard: int) -> str:
     """Ids of the shard's batches whose lines workers may read (in_progress and not aborting)."""
     return f"{_shard(shard)}:batches:active"
@@ -84,7 +75,8 @@ def feeding_batches(shard: int) -> str:
 
 
 def pending_validation(shard: int) -> str:
-    """The shard's batches waiting for validation, scored by when a web process may next claim them."""
+    """The shard's batches waiting for validation, scored by when a web process may next claim them
+    (a claim pushes the score past its validator lease)."""
     return f"{_shard(shard)}:batches:validating"
 
 
@@ -94,20 +86,20 @@ def delegated_batches(shard: int) -> str:
 
 
 def webhooks_due(shard: int) -> str:
-    """The shard's completion webhooks to send: batch ids scored by their next attempt (s)."""
+    """The shard's completion webhooks to send: batch ids scored by their next attempt (s).
+
+    A batch with a webhook URL is added by the script that moves it to a terminal state
+    (store.transition); the finalizer holding the shard's "webhooks" chore lease sends what is due
+    (service/core/webhooks.py) and removes it once answered.
+    """
     return f"{_shard(shard)}:webhooks:due"
 
 
 def file_expiry(shard: int) -> str:
-    """The shard's files with an expiry, scored by expires_at."""
+    """The shard's files with an expiry, scored by expires_at: the finalizer holding the shard's
+    "sweep" chore lease removes them when due."""
     return f"{_shard(shard)}:files:expiry"
 
-
-# Completion webhooks to send: batch ids scored by the time of their next attempt (s). A batch
-# with a webhook URL is added by the script that moves it to a terminal state (store.transition);
-# the finalizer holding the "webhooks" chore lease sends what is due (service/core/webhooks.py)
-# and removes it once answered.
-WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 # Managed API tokens: SHA-256 digest -> record, and name -> digest.
 TOKENS = f"{PREFIX}:{{tokens}}:tokens"
@@ -298,9 +290,10 @@ def finalizer(batch_id: str) -> str:
     return f"{_in_shard(batch_id)}:finalizer:{batch_id}"
 
 
-def housekeeping(chore: str) -> str:
-    """Lease of a cluster-wide chore that one finalizer at a time runs ("sweep", "webhooks")."""
-    return f"{PREFIX}:{{chore:{chore}}}:lease"
+def housekeeping(chore: str, shard: int) -> str:
+    """Lease of a shard's chore ("sweep": its expired files; "webhooks": its due completion webhooks),
+    which one finalizer at a time runs, in the slot of the sets it covers."""
+    return f"{_shard(shard)}:lease:{chore}"
 
 
 def done(batch_id: str) -> str:

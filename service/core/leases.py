@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, ResponseError
 
 from . import keys
@@ -159,8 +160,9 @@ def _fenced(lease: Lease | None, keys: Sequence[str], args: Sequence[Value]) -> 
     return [fence_key, *keys], [lease.value if lease is not None else "", *args]
 
 
-# Each command comes as its number of words and then the words.
+# Each command comes as its number of words and then the words; KEYS are every key they name.
 _EXECUTE = FencedScript(
+    keys=("*touched",),
     args=("*commands",),
     source="""
 local replies = {}
@@ -231,14 +233,49 @@ async def drop(r: Redis, lease: Lease) -> None:
     await _DROP(r, lease=lease.key, value=lease.value)
 
 
+# The commands ``execute`` runs, by where their keys are: every word after the name, or the first
+# one only. A command outside both is refused: its keys could not be declared.
+_ALL_KEYS = frozenset({"DEL", "EXISTS", "UNLINK", "TOUCH"})
+_FIRST_KEY = frozenset(
+    {
+        "GET", "SET", "INCR", "EXPIRE", "PEXPIRE",
+        "HGET", "HSET", "HSETNX", "HDEL", "HINCRBY",
+        "SADD", "SREM", "SCARD", "SISMEMBER",
+        "ZADD", "ZREM", "ZSCORE", "ZCARD",
+    }
+)  # fmt: skip
+
+
+def command_keys(command: Sequence[Any]) -> list[str]:
+    """The keys a command given to :func:`execute` names; ValueError for a command it does not know."""
+    name = str(command[0]).upper()
+    if name in _ALL_KEYS:
+        return [str(k) for k in command[1:]]
+    if name in _FIRST_KEY:
+        return [str(command[1])]
+    raise ValueError(f"leases.execute cannot tell the keys of {name}: add it to _ALL_KEYS or _FIRST_KEY")
+
+
 async def execute(r: Redis, lease: Lease | None, *commands: Sequence[Any]) -> list[Any]:
     """Run ``commands`` (each a sequence of words, e.g. ``("HSET", key, field, value)``) atomically,
     only while ``lease`` is held; return their replies. Raises :class:`LeaseLost` otherwise.
+
+    Every key the commands name is declared to the script (a Redis Cluster routes the script by
+    them and refuses one that touches an undeclared key), and all must be in the slot of ``lease``
+    (of the first key when there is no lease): ValueError before anything is sent otherwise.
 
     For plain commands without logic between them; a write that needs logic gets a
     :class:`FencedScript` of its own.
     """
     words: list[Value] = []
+    touched: list[str] = []
     for command in commands:
         words += [len(command), *command]
-    return list(await _EXECUTE(r, lease=lease, commands=words))
+        touched += [k for k in command_keys(command) if k not in touched]
+    if not touched and lease is None:
+        return []
+    slot = key_slot((lease.key if lease is not None else touched[0]).encode())
+    if stray := [k for k in touched if key_slot(k.encode()) != slot]:
+        where = f"the slot of {lease.key}" if lease is not None else f"one slot with {touched[0]}"
+        raise ValueError(f"leases.execute: {stray} not in {where}")
+    return list(await _EXECUTE(r, lease=lease, touched=touched, commands=words))

@@ -23,6 +23,7 @@ from .connections import Pipeline, Script, Value
 from .connections import Redis as Redis
 from .leases import FencedScript, Lease, LeaseLost
 from .records import BatchField, BatchRecord, FileField, FileRecord
+from .shards import ShardKey
 from .storage import Storage
 from .wire import (
     TERMINAL_STATUSES,
@@ -923,8 +924,8 @@ async def transition(
     *,
     allowed: Iterable[str],
     fields: dict[str, str | int],
-    add_to: Iterable[str] = (),
-    remove_from: Iterable[str] = (),
+    add_to: Iterable[ShardKey] = (),
+    remove_from: Iterable[ShardKey] = (),
     expire_s: int = 0,
     delete: Iterable[str] = (),
     lease: Lease | None = None,
@@ -932,25 +933,28 @@ async def transition(
     """Atomically apply ``fields`` if the batch's status is in ``allowed``.
 
     Returns (applied, status before); applied is also True when the batch already has the
-    target status. ``add_to``/``remove_from`` are sets of batch ids
-    (``keys.ACTIVE_BATCHES``, ``keys.LIVE_BATCHES``, ...) updated in the same step;
-    ``expire_s`` > 0 gives the batch record its retention period (terminal states), and queues
-    the batch's completion webhook, if it has one, in ``keys.WEBHOOKS_DUE``; the keys in
-    ``delete`` go in the same step (the work keys of a batch that ends). With ``lease``, nothing
-    happens unless it is still held (``LeaseLost``).
+    target status. ``add_to``/``remove_from`` name per-shard sets of batch ids
+    (``keys.active_batches``, ``keys.live_batches``, ...): the batch's shard's are updated in the
+    same step; ``expire_s`` > 0 gives the batch record its retention period (terminal states),
+    and queues the batch's completion webhook, if it has one, in its shard's
+    ``keys.webhooks_due``; the keys in ``delete`` go in the same step (the work keys of a batch
+    that ends). With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
     flat: list[str | int] = []
     for k, v in fields.items():
         flat += [k, v]
-    add_to, delete = list(add_to), list(delete)
+    shard = keys.shard_of(batch_id)
+    adds = [set_key(shard) for set_key in add_to]
+    removes = [set_key(shard) for set_key in remove_from]
+    delete = list(delete)
     applied, before = await _TRANSITION(
         r,
         batch=keys.batch(batch_id),
-        webhooks_due=keys.WEBHOOKS_DUE,
-        sets=[*add_to, *remove_from, *delete],
+        webhooks_due=keys.webhooks_due(shard),
+        sets=[*adds, *removes, *delete],
         batch_id=batch_id,
         allowed=",".join(allowed),
-        adds=len(add_to),
+        adds=len(adds),
         expire_s=expire_s,
         dels=len(delete),
         fields=flat,
@@ -1213,53 +1217,56 @@ async def release(r: Redis, storage: Storage, rec: BatchRecord, *, lease: Lease 
 
 
 async def sweep_expired_files(
-    r: Redis,
-    storage: Storage,
-    *,
-    limit: int = 100,
-    lease: Lease | None = None,
-    shards: Iterable[int] = range(keys.SHARDS),
+    r: Redis, storage: Storage, *, shard: int | None = None, limit: int = 100, lease: Lease | None = None
 ) -> int:
-    """Delete files whose ``expires_at`` has passed (content kept while a batch still reads it), up
-    to ``limit`` per shard of ``shards``.
+    """Delete the files of ``shard`` (every shard when None) whose ``expires_at`` has passed (content
+    kept while a batch still reads it).
 
     Each file is forgotten by the same script as a DELETE, so a DELETE racing the sweep (or the
     record's own TTL) gives the bytes back once. The content of files forgotten earlier whose
     removal failed or was cut short (their marker is due) is removed too. With ``lease`` (the
-    finalizers' "sweep" chore), every Redis write is refused once it is lost (``LeaseLost``);
-    deleting the content of a file past its expiry is right whoever does it.
+    finalizers' "sweep" chore of ``shard``), every Redis write is refused once it is lost
+    (``LeaseLost``); deleting the content of a file past its expiry is right whoever does it.
     """
+    if lease is not None and shard is None:
+        raise ValueError("a fenced sweep covers the shard of its lease: name it")
     swept = 0
-    for shard in shards:
-        for raw in await r.zrangebyscore(keys.file_expiry(shard), "-inf", now(), start=0, num=limit):
-            member = raw.decode()
-            file_id, storage_key, owner, size = member.split(" ")
-            purpose = await r.hget(keys.file(file_id), FileField.PURPOSE)  # None once the record expired on its own
-            forgotten, marker = await _forget_file(
-                r,
-                file_id=file_id,
-                storage_key=storage_key,
-                owner=owner,
-                op_id=f"expiry-{new_op_id()}",
-                member=member,
-                size=size,
-                purpose=purpose.decode() if purpose else "-",
-                lease=lease,
-            )
-            if not forgotten:
-                continue  # a DELETE got there first and takes care of the content
-            swept += 1
-            if marker:
-                try:
-                    await storage.delete(storage_key)
-                except Exception as e:
-                    log.warning(
-                        "file_content_delete_failed",
-                        file_id=file_id,
-                        error=f"{type(e).__name__}: {e}",
-                    )
-                    continue  # the marker stays: a later sweep tries again
-                await content_removed(r, marker, lease)
+    for each in range(keys.SHARDS) if shard is None else [shard]:
+        swept += await _sweep_shard(r, storage, each, limit, lease)
+    return swept
+
+
+async def _sweep_shard(r: Redis, storage: Storage, shard: int, limit: int, lease: Lease | None) -> int:
+    swept = 0
+    for raw in await r.zrangebyscore(keys.file_expiry(shard), "-inf", now(), start=0, num=limit):
+        member = raw.decode()
+        file_id, storage_key, owner, size = member.split(" ")
+        purpose = await r.hget(keys.file(file_id), FileField.PURPOSE)  # None once the record expired on its own
+        forgotten, marker = await _forget_file(
+            r,
+            file_id=file_id,
+            storage_key=storage_key,
+            owner=owner,
+            op_id=f"expiry-{new_op_id()}",
+            member=member,
+            size=size,
+            purpose=purpose.decode() if purpose else "-",
+            lease=lease,
+        )
+        if not forgotten:
+            continue  # a DELETE got there first and takes care of the content
+        swept += 1
+        if marker:
+            try:
+                await storage.delete(storage_key)
+            except Exception as e:
+                log.warning(
+                    "file_content_delete_failed",
+                    file_id=file_id,
+                    error=f"{type(e).__name__}: {e}",
+                )
+                continue  # the marker stays: a later sweep tries again
+            await content_removed(r, marker, lease)
     return swept
 
 

@@ -2,11 +2,12 @@
 
 A client names the URL at creation (header ``x-sluice-webhook-url``); it is kept in the batch
 hash. The script that moves the batch to a terminal state (``store.transition``) adds the batch
-to ``keys.WEBHOOKS_DUE`` in the same step, so the delivery is queued exactly once and survives
-any process dying. The finalizer holding the "webhooks" chore lease sends what is due
-(:class:`WebhookSender`), in a task of its own so a slow receiver never holds finalization up, and
-removes the entry once a 2xx came back. Every write a pass makes is fenced by that lease: a
-finalizer paused mid-pass and resumed after a peer took the chore over records nothing more.
+to its shard's ``keys.webhooks_due`` in the same step, so the delivery is queued exactly once and
+survives any process dying. The finalizer holding a shard's "webhooks" chore lease sends what is
+due there (:class:`WebhookSender`), in a task of its own so a slow receiver never holds
+finalization up, and removes the entry once a 2xx came back. Every write a pass makes for a shard
+is fenced by that shard's lease: a finalizer paused mid-pass and resumed after a peer took the
+chore over records nothing more.
 Failures (network errors, timeouts, any other status) are retried with exponential backoff,
 ``webhook_backoff_s`` × 2^(attempt-1), up to ``webhook_max_attempts`` attempts: delivery is at
 least once, so receivers deduplicate on ``webhook-id``.
@@ -31,7 +32,7 @@ import hmac
 import ipaddress
 import socket
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 import structlog
@@ -40,7 +41,7 @@ from aiohttp.connector import AddrInfoType
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from . import keys, store
+from . import keys, shards, store
 from .config import Settings, webhook_key
 from .errors import bad_request
 from .leases import FencedScript, Lease, LeaseLost, execute
@@ -355,6 +356,10 @@ redis.call('ZREM', KEYS.webhooks_due, ARGV.batch_id)
 )
 
 
+def _key(lease: Lease | None) -> str:
+    return lease.key if lease is not None else ""
+
+
 def backoff(settings: Settings, attempt: int) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
     return settings.webhook_backoff_s * 2.0 ** (attempt - 1)
@@ -369,15 +374,14 @@ class WebhookSender:
         self.session: aiohttp.ClientSession | None = None
         self.resolver: PublicOnlyResolver | None = None
         self.task: asyncio.Task[int] | None = None
-        self.lease: Lease | None = None
 
-    def start_pass(self, lease: Lease | None = None) -> None:
-        """Start a delivery pass, fenced by ``lease``, unless the previous one is still under way."""
+    def start_pass(self, held: Mapping[int, Lease] | None = None) -> None:
+        """Start a delivery pass (see :meth:`run_pass`) unless the previous one is still under way."""
         if self.task is not None and not self.task.done():
             return
         if self.task is not None and not self.task.cancelled() and (e := self.task.exception()) is not None:
             log.warning("webhook_pass_failed", error=f"{type(e).__name__}: {e}")
-        self.task = asyncio.create_task(self.run_pass(lease), name="webhooks")
+        self.task = asyncio.create_task(self.run_pass(dict(held) if held is not None else None), name="webhooks")
 
     async def aclose(self) -> None:
         """Stop a pass under way (its deliveries stay queued and are retried) and close the session."""
@@ -389,28 +393,41 @@ class WebhookSender:
         if self.resolver is not None:
             await self.resolver.close()  # the connector does not close a resolver it was given
 
-    async def run_pass(self, lease: Lease | None = None) -> int:
-        """Send every webhook due now; return how many were attempted.
+    async def run_pass(self, held: Mapping[int, Lease] | None = None) -> int:
+        """Send every webhook due now in the shards of ``held`` (the "webhooks" lease held for each),
+        or in every shard, unfenced, when None; return how many were attempted.
 
-        With ``lease``, every write is refused once it is lost: the pass stops there, logging
-        ``fenced_write_refused``, and the holder of the lease now retries what is left.
+        Every write made for a shard is refused once its lease is lost: the pass stops sending for
+        that shard, logging ``fenced_write_refused``, and the lease's new holder retries what is left.
         """
-        self.lease = lease
-        try:
-            return await self._pass()
-        except LeaseLost as e:
-            log.warning("fenced_write_refused", lease=lease.key if lease else "", error=str(e))
-            return 0
-
-    async def _pass(self) -> int:
+        fences: dict[int, Lease | None] = dict(held) if held is not None else dict.fromkeys(range(keys.SHARDS))
         now = time.time()
-        due = [m.decode() for m in await self.r.zrangebyscore(keys.WEBHOOKS_DUE, "-inf", now, start=0, num=BATCH_SIZE)]
+        due = await shards.due(self.r, keys.webhooks_due, now, BATCH_SIZE, shards=list(fences))
         if not due:
             return 0
         # Claimed for the length of an attempt, so an overlapping pass (or a finalizer taking over)
         # does not send the same delivery at the same time; a dead sender's claim simply runs out.
         claimed_until = now + self.settings.webhook_timeout_s * 2 + 5
-        await execute(self.r, self.lease, *(("ZADD", keys.WEBHOOKS_DUE, "XX", claimed_until, b) for b in due))
+        by_shard: dict[int, list[str]] = {}
+        for batch_id, shard in due:
+            by_shard.setdefault(shard, []).append(batch_id)
+        claims = await asyncio.gather(
+            *(
+                execute(
+                    self.r, fences[shard], *(("ZADD", keys.webhooks_due(shard), "XX", claimed_until, b) for b in ids)
+                )
+                for shard, ids in by_shard.items()
+            ),
+            return_exceptions=True,
+        )
+        claimed: list[tuple[str, Lease | None]] = []
+        for (shard, ids), claim in zip(by_shard.items(), claims):
+            if isinstance(claim, LeaseLost):
+                log.warning("fenced_write_refused", lease=_key(fences[shard]), error=str(claim))
+            elif isinstance(claim, BaseException):
+                raise claim
+            else:
+                claimed += [(batch_id, fences[shard]) for batch_id in ids]
         if self.session is None:
             connector = None
             if not self.settings.webhook_allow_private:
@@ -421,24 +438,33 @@ class WebhookSender:
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s),
                 headers={"User-Agent": USER_AGENT},
             )
-        results = await asyncio.gather(*(self._deliver(batch_id) for batch_id in due), return_exceptions=True)
-        for batch_id, result in zip(due, results):
-            if isinstance(result, (asyncio.CancelledError, LeaseLost)):
+        results = await asyncio.gather(
+            *(self._deliver(batch_id, lease) for batch_id, lease in claimed), return_exceptions=True
+        )
+        refused: set[str] = set()
+        for (batch_id, lease), result in zip(claimed, results):
+            if isinstance(result, asyncio.CancelledError):
                 raise result
-            if isinstance(result, BaseException):
+            if isinstance(result, LeaseLost):
+                # Paused past the lease: its new holder retries this shard's deliveries.
+                if _key(lease) not in refused:
+                    refused.add(_key(lease))
+                    log.warning("fenced_write_refused", lease=_key(lease), error=str(result))
+            elif isinstance(result, BaseException):
                 # Its claim runs out and it is tried again (each try counts as an attempt).
                 log.error("webhook_error", batch_id=batch_id, error=f"{type(result).__name__}: {result}")
-        return len(due)
+        return len(claimed)
 
-    async def _deliver(self, batch_id: str) -> None:
+    async def _deliver(self, batch_id: str, lease: Lease | None) -> None:
+        due = keys.webhooks_due(keys.shard_of(batch_id))
         h = await store.get_batch_record(self.r, batch_id)
         if h is None or not h.webhook_url or h.status not in TERMINAL_STATUSES:
             # The record expired or was deleted meanwhile.
-            await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
+            await execute(self.r, lease, ("ZREM", due, batch_id))
             return
-        attempt = int(await _BUMP(self.r, batch=keys.batch(batch_id), counted=h.webhook_attempts, lease=self.lease))
+        attempt = int(await _BUMP(self.r, batch=keys.batch(batch_id), counted=h.webhook_attempts, lease=lease))
         if attempt == 0:
-            await execute(self.r, self.lease, ("ZREM", keys.WEBHOOKS_DUE, batch_id))
+            await execute(self.r, lease, ("ZREM", due, batch_id))
             return
         url, msg_id = h.webhook_url, message_id(batch_id)
         body = payload(h)
@@ -469,9 +495,10 @@ class WebhookSender:
                 await _DONE(
                     self.r,
                     batch=keys.batch(batch_id),
-                    webhooks_due=keys.WEBHOOKS_DUE,
+                    webhooks_due=due,
                     batch_id=batch_id,
                     state="refused",
+                    lease=lease,
                 )
                 bound.warning("webhook_refused", reason=str(refused))
                 return
@@ -480,23 +507,23 @@ class WebhookSender:
             await _DONE(
                 self.r,
                 batch=keys.batch(batch_id),
-                webhooks_due=keys.WEBHOOKS_DUE,
+                webhooks_due=due,
                 batch_id=batch_id,
                 state="delivered",
-                lease=self.lease,
+                lease=lease,
             )
             bound.info("webhook_delivered", **outcome)
         elif attempt >= self.settings.webhook_max_attempts:
             await _DONE(
                 self.r,
                 batch=keys.batch(batch_id),
-                webhooks_due=keys.WEBHOOKS_DUE,
+                webhooks_due=due,
                 batch_id=batch_id,
                 state="failed",
-                lease=self.lease,
+                lease=lease,
             )
             bound.warning("webhook_given_up", **outcome)
         else:
             wait = backoff(self.settings, attempt)
-            await execute(self.r, self.lease, ("ZADD", keys.WEBHOOKS_DUE, "XX", time.time() + wait, batch_id))
+            await execute(self.r, lease, ("ZADD", due, "XX", time.time() + wait, batch_id))
             bound.info("webhook_retrying", retry_in_s=round(wait, 3), **outcome)

@@ -825,7 +825,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
             BatchField.CANCELLING_AT: store.now(),
             BatchField.ABORT: "batch_cancelled",
         },
-        remove_from=[keys.ACTIVE_BATCHES],
+        remove_from=[keys.active_batches],
     )
     if not applied and before not in ("cancelling", "cancelled"):
         raise APIError(409, f"Cannot cancel a batch with status '{before}'.")

@@ -2,7 +2,7 @@
 
 Redis never holds a whole input file: it holds a *window* of each running batch's request lines
 (``Settings.window``: at most ``SLUICE_WINDOW_LINES`` lines and about ``SLUICE_WINDOW_BYTES``).
-Each tick, for every batch in ``keys.FEEDING_BATCHES`` whose lease this process holds, the
+Each tick, for every batch in a shard's ``keys.feeding_batches`` whose lease this process holds, the
 feeder tops the stream up once fewer than half a window of lines is outstanding (published
 without a result yet), reading on from the input file in storage.
 
@@ -30,7 +30,7 @@ from typing import AsyncGenerator
 
 import structlog
 
-from service.core import keys, leases, store, tracing
+from service.core import keys, leases, shards, store, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage
 from service.core.leases import FencedScript, Lease, LeaseLost
@@ -137,7 +137,7 @@ class Feeder:
 
     async def tick(self) -> None:
         """One pass: top up every batch this process feeds (or can take over)."""
-        feeding = {b.decode() for b in await self.r.smembers(keys.FEEDING_BATCHES)}
+        feeding = set(await shards.members(self.r, keys.feeding_batches))
         for batch_id in set(self.renew_at) - feeding:
             await self._forget(batch_id)
         now = time.monotonic()
@@ -191,7 +191,7 @@ class Feeder:
         lease = self.leases[batch_id]
         if h.status != "in_progress" or h.abort or index >= total:
             # Fully fed, aborting or ended: the finalizer records whatever was never published.
-            await leases.execute(self.r, lease, ("SREM", keys.FEEDING_BATCHES, batch_id))
+            await leases.execute(self.r, lease, ("SREM", keys.feeding_batches(keys.shard_of(batch_id)), batch_id))
             await self._let_go(batch_id)
             return
         window = h.feed_window

@@ -1,9 +1,10 @@
 """Validation of new batches, run inside every web process.
 
-A new batch is queued in its shard's ``keys.pending_validation``. Any web process claims it by taking
-its validator lease (``keys.validator``, with a fencing token: ``service/core/leases.py``), validates
+A new batch is queued in its shard's ``keys.pending_validation``; every web process looks at all
+the shards' queues (``service/core/shards.py``). Any web process claims a batch by taking its
+validator lease (``keys.validator``, with a fencing token: ``service/core/leases.py``), validates
 every line (nothing runs before the whole file is valid) and moves it to ``in_progress``, in the
-same step handing it to the feeders (``keys.FEEDING_BATCHES``), which publish its lines a window
+same step handing it to the feeders (``keys.feeding_batches``), which publish its lines a window
 at a time (``feeder.py``). A process that takes over an expired lease redoes the validation; the
 state change happens once, and every write is fenced by the lease: a validator paused past its
 lease and resumed writes nothing (``fenced_write_refused``) for a batch a peer took over.
@@ -21,7 +22,7 @@ from typing import AsyncGenerator
 import msgspec
 import structlog
 
-from service.core import keys, leases, store, tracing
+from service.core import keys, leases, shards, store, tracing
 from service.core.config import Provider, Settings
 from service.core.connections import Outage
 from service.core.delegation import Planner, encode_providers, write_plan
@@ -118,19 +119,13 @@ class Publisher:
     async def _claim(self) -> tuple[str, Lease] | None:
         """A due batch whose validator lease this process just took, or None."""
         now = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        for shard in range(keys.SHARDS):
-            pipe.zrangebyscore(keys.pending_validation(shard), "-inf", now)
-        due = [raw.decode() for found in await pipe.execute() for raw in found][:CLAIM_LOOKAHEAD]
-        for batch_id in due:
+        for batch_id, _ in await shards.due(self.r, keys.pending_validation, now, CLAIM_LOOKAHEAD):
             lease = await leases.take(self.r, keys.validator(batch_id), self.name, self.lease_ms)
             if lease is None:
                 continue  # a peer is validating it
             # Peers skip it while the lease lasts; if this process dies, it is due again then.
             await leases.execute(
-                self.r,
-                lease,
-                ("ZADD", keys.pending_validation(keys.shard_of(batch_id)), "XX", now + self.lease_ms / 1000, batch_id),
+                self.r, lease, ("ZADD", _pending(batch_id), "XX", now + self.lease_ms / 1000, batch_id)
             )
             self.renew_at = time.monotonic() + self.lease_ms / 4000
             return batch_id, lease
@@ -144,15 +139,7 @@ class Publisher:
             log.warning("lease_lost", batch_id=batch_id, lease=lease.key, token=lease.token)
             raise LeaseLost(f"{lease.key} is no longer held by {lease.value}")
         await leases.execute(
-            self.r,
-            lease,
-            (
-                "ZADD",
-                keys.pending_validation(keys.shard_of(batch_id)),
-                "XX",
-                time.time() + self.lease_ms / 1000,
-                batch_id,
-            ),
+            self.r, lease, ("ZADD", _pending(batch_id), "XX", time.time() + self.lease_ms / 1000, batch_id)
         )
         self.renew_at = time.monotonic() + self.lease_ms / 4000
 
@@ -163,7 +150,7 @@ class Publisher:
         if h is None or h.status in TERMINAL_STATUSES:
             if h is not None:
                 await store.release(self.r, self.storage, h, lease=lease)  # an ending interrupted before its release
-            await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id))
+            await leases.execute(self.r, lease, ("ZREM", _pending(batch_id), batch_id))
             return
         if h.status == "validating":
             started = time.monotonic()
@@ -185,7 +172,7 @@ class Publisher:
         elif h.status == "cancelling" and not h.in_progress_at:
             await self._cancel_unstarted(h, lease)
             return
-        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id))
+        await leases.execute(self.r, lease, ("ZREM", _pending(batch_id), batch_id))
 
     async def _validate(self, h: BatchRecord, lease: Lease) -> tuple[int, int, str, list[BatchError], Planner]:
         """(request lines, bytes up to the last one, first model, errors, delegation plan) of the batch's input.
@@ -281,7 +268,7 @@ class Publisher:
             tracing.batch_finished(h, "failed")
         # Released before it leaves the queue: interrupted in between, the next claim releases it.
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(h.id)), h.id))
+        await leases.execute(self.r, lease, ("ZREM", _pending(h.id), h.id))
 
     async def _cancel_unstarted(self, h: BatchRecord, lease: Lease) -> None:
         # Cancelled before any line was published: nothing ran, so there is nothing to drain (the
@@ -298,7 +285,7 @@ class Publisher:
         if applied:
             tracing.batch_finished(h, "cancelled")
         await store.release(self.r, self.storage, h, lease=lease)
-        await leases.execute(self.r, lease, ("ZREM", keys.pending_validation(keys.shard_of(h.id)), h.id))
+        await leases.execute(self.r, lease, ("ZREM", _pending(h.id), h.id))
 
     async def _start(
         self,
@@ -329,9 +316,9 @@ class Publisher:
         }
         # Lines for a provider's own Batch API are run by the finalizers (workers/delegate.py); the
         # workers and the feeder only see the batch if some of its lines are executed here.
-        add_to = [keys.LIVE_BATCHES]
+        add_to: list[shards.ShardKey] = [keys.live_batches]
         if planner.lines < total:
-            add_to += [keys.ACTIVE_BATCHES, keys.FEEDING_BATCHES]
+            add_to += [keys.active_batches, keys.feeding_batches]
         parts = planner.plan()
         if parts:
             await write_plan(self.r, batch_id, parts)
@@ -342,7 +329,7 @@ class Publisher:
                     F.DELEG_PROVIDERS: encode_providers(planner.providers),
                 }
             )
-            add_to.append(keys.DELEGATED_BATCHES)
+            add_to.append(keys.delegated_batches)
         applied, before = await store.transition(
             self.r,
             batch_id,
@@ -358,13 +345,13 @@ class Publisher:
         elif before in TERMINAL_STATUSES or not before:
             # Ended meanwhile (its record expired or was deleted): the streams created above would
             # outlive the batch.
-            await leases.execute(
-                self.r,
-                lease,
-                ("DEL", *_work_keys_but(lease)),
-                ("ZREM", keys.pending_validation(keys.shard_of(batch_id)), batch_id),
-            )
+            await leases.execute(self.r, lease, ("DEL", *_work_keys_but(lease)), ("ZREM", _pending(batch_id), batch_id))
         return False
+
+
+def _pending(batch_id: str) -> str:
+    """The validation queue of the batch's shard."""
+    return keys.pending_validation(keys.shard_of(batch_id))
 
 
 def _work_keys_but(lease: Lease) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 import uuid
@@ -23,7 +24,9 @@ LINES = int(os.environ.get("SLUICE_CHAOS_LINES", "5000"))
 KILLS = 6
 ROLES = ("web", "worker", "worker", "finalizer")
 # Keys that index many objects and so never expire; everything else must, once the batch ended.
-GLOBAL_KEYS = ("sluice:seq", "sluice:batches:", "sluice:owner:", "sluice:files:expiry")
+GLOBAL_KEYS = ("sluice:seq", "sluice:owner:")
+# ... and so do each shard's indexes of batches and files (``sluice:{<tag>}:batches:live``, ...).
+SHARD_INDEXES = re.compile(r"sluice:\{[^}]+\}:(batches:|files:expiry$|webhooks:due$)")
 # Each lease's fencing counter lives on beside it (a shard's, a chore's): never reset, never expiring.
 LEASE_COUNTER = ":seq:leases"
 # The cluster counters (a shard's metrics hashes) never expire either.
@@ -130,6 +133,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
             for k in r.scan_iter("sluice:*")
             if r.ttl(k) == -1
             and not k.decode().startswith(GLOBAL_KEYS)
+            and not SHARD_INDEXES.match(k.decode())
             and not k.decode().endswith(LEASE_COUNTER)
             and COUNTERS not in k.decode()
         ]

@@ -21,6 +21,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from service.core import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SECRET = "whsec_" + base64.b64encode(b"integration-webhook-secret-32byt").decode()
@@ -227,7 +229,7 @@ def test_webhook_retried_until_accepted(wstack, receiver, wait_until):
     due = wstack.redis.client()
     try:
         wait_until(
-            lambda: due.zscore("sluice:webhooks:due", created.id) is None,
+            lambda: due.zscore(keys.webhooks_due(keys.shard_of(created.id)), created.id) is None,
             timeout=10,
             message="the delivery to leave the queue",
         )

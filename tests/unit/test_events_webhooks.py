@@ -16,7 +16,7 @@ import time
 import pytest
 from aiohttp import web
 
-from service.core import keys, store
+from service.core import keys, shards, store
 from service.core.config import (
     ConfigError,
     Settings,
@@ -244,20 +244,20 @@ async def test_webhook_url_stored_and_queued_once_at_the_end(make_api):
     r = redis_of(api)
     assert await r.hget(keys.batch(created["id"]), "webhook_url") == b"https://example.com/hook?x=1"
     await api.wait_batch(created["id"])
-    assert await r.zcard(keys.WEBHOOKS_DUE) == 0  # not before the end
+    assert await shards.count(r, keys.webhooks_due, zset=True) == 0  # not before the end
     await _finish(r, created["id"])
-    assert await r.zrange(keys.WEBHOOKS_DUE, 0, -1) == [created["id"].encode()]
+    assert await r.zrange(keys.webhooks_due(keys.shard_of(created["id"])), 0, -1) == [created["id"].encode()]
     # Repeating the transition (a retried script) queues nothing more.
     assert (
         await store.transition(r, created["id"], allowed=["in_progress"], fields={"status": "completed"}, expire_s=3600)
     )[0]
-    assert await r.zcard(keys.WEBHOOKS_DUE) == 1
+    assert await shards.count(r, keys.webhooks_due, zset=True) == 1
 
 
 async def test_batch_without_webhook_is_not_queued(api):
     batch = await _running_batch(api)
     await _finish(redis_of(api), batch["id"])
-    assert await redis_of(api).zcard(keys.WEBHOOKS_DUE) == 0
+    assert await shards.count(redis_of(api), keys.webhooks_due, zset=True) == 0
 
 
 # ----------------------------------------------------------------------------- delivery
@@ -293,7 +293,7 @@ async def test_webhook_delivery_retries_then_succeeds(make_api, aiohttp_server):
 
         async def delivered():
             await sender.run_pass()
-            return len(got) >= 3 and await r.zcard(keys.WEBHOOKS_DUE) == 0
+            return len(got) >= 3 and await shards.count(r, keys.webhooks_due, zset=True) == 0
 
         await poll(delivered, timeout=30, interval=0.02, message="the third attempt to be accepted")
         assert await sender.run_pass() == 0
@@ -340,7 +340,7 @@ async def test_webhook_given_up_after_max_attempts(make_api):
 
         async def gone():
             await sender.run_pass()
-            return await r.zcard(keys.WEBHOOKS_DUE) == 0
+            return await shards.count(r, keys.webhooks_due, zset=True) == 0
 
         await poll(gone, timeout=30, interval=0.02, message="the webhook to be given up")
     finally:
@@ -376,11 +376,11 @@ def test_webhook_secret_settings():
 async def test_webhook_of_a_vanished_batch_is_dropped(make_api):
     api = await make_api(webhook_secret=SECRET)
     r = redis_of(api)
-    await r.zadd(keys.WEBHOOKS_DUE, {UNKNOWN_BATCH: 0})
+    await r.zadd(keys.webhooks_due(keys.shard_of(UNKNOWN_BATCH)), {UNKNOWN_BATCH: 0})
     sender = WebhookSender(r, api.settings)
     try:
         assert await sender.run_pass() == 1
     finally:
         await sender.aclose()
-    assert await r.zcard(keys.WEBHOOKS_DUE) == 0
+    assert await shards.count(r, keys.webhooks_due, zset=True) == 0
     assert await r.exists(keys.batch(UNKNOWN_BATCH)) == 0  # no stub record left behind

@@ -51,7 +51,7 @@ async def _running_batch(r, storage, batch_id: str, data: bytes, n: int, window:
         },
     )
     await r.xgroup_create(keys.lines(batch_id), keys.WORKER_GROUP, id="0", mkstream=True)
-    await r.sadd(keys.FEEDING_BATCHES, batch_id)
+    await r.sadd(keys.feeding_batches(keys.shard_of(batch_id)), batch_id)
 
 
 async def _finish_published(r, batch_id: str) -> None:

@@ -16,6 +16,10 @@ from .conftest import good_jsonl
 OWNER_A = store.owner_of("tok-a")
 
 
+def _expiry(file_id: str) -> str:
+    return keys.file_expiry(keys.shard_of(file_id))
+
+
 def redis_of(api):
     return api.client.app[REDIS_KEY]
 

@@ -22,6 +22,8 @@ from service.core.records import FileRecord
 from service.core.storage import LocalStorage
 
 LEASE = keys.finalizer("batch_x")
+# A key in the lease's slot, as every key a fenced write touches must be.
+K = LEASE + ":k"
 
 
 @pytest.fixture
@@ -74,17 +76,17 @@ async def test_take_many(r):
 
 async def test_a_stale_holders_writes_are_refused(r):
     lease = await leases.take(r, LEASE, "a", 10_000)
-    assert await leases.execute(r, lease, ("SET", "k", "mine"), ("GET", "k")) == [b"OK", b"mine"]
+    assert await leases.execute(r, lease, ("SET", K, "mine"), ("GET", K)) == [b"OK", b"mine"]
     peer = await _stolen(r, lease)
     with pytest.raises(LeaseLost, match="FENCED"):
-        await leases.execute(r, lease, ("SET", "k", "stale"))
-    assert await r.get("k") == b"mine"
-    await leases.execute(r, peer, ("SET", "k", "peer's"))
-    assert await r.get("k") == b"peer's"
+        await leases.execute(r, lease, ("SET", K, "stale"))
+    assert await r.get(K) == b"mine"
+    await leases.execute(r, peer, ("SET", K, "peer's"))
+    assert await r.get(K) == b"peer's"
     # The same stale lease stays refused even once the key is free again.
     await leases.drop(r, peer)
     with pytest.raises(LeaseLost):
-        await leases.execute(r, lease, ("SET", "k", "stale"))
+        await leases.execute(r, lease, ("SET", K, "stale"))
 
 
 async def test_fenced_store_writes(r):
@@ -218,22 +220,23 @@ async def test_a_re_sent_take_or_renew_is_harmless(proxied):
 async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
     proxy, r = proxied
     storage = LocalStorage(tmp_path)
-    for batch_id, owner in (("batch_w", "w"), ("batch_x", "o")):
+    for batch_id, owner in (("batch_w1", "w"), ("batch_x2", "o")):
         await r.hset(
             keys.batch(batch_id),
             mapping={
                 "id": batch_id,
                 "status": "in_progress",
                 "owner": owner,
-                "input_file_id": "file-in",
+                # In the batch's shard, as a batch's input file always is.
+                "input_file_id": f"file-in{batch_id[-1]}",
                 "input_key": "file-in",
                 "reserved_lines": 3,
             },
         )
         await r.hset(keys.owner_usage(owner), mapping={"active_batches": 1, "enqueued_lines": 3})
         await r.xadd(keys.results(batch_id), {streams.RESULT_LINE: "seed", streams.RESULT_OUTCOME: "completed"})
-    warm = await leases.take(r, keys.finalizer("batch_w"), "a", 10_000)
-    lease = await leases.take(r, keys.finalizer("batch_x"), "a", 10_000)
+    warm = await leases.take(r, keys.finalizer("batch_w1"), "a", 10_000)
+    lease = await leases.take(r, keys.finalizer("batch_x2"), "a", 10_000)
 
     async def file_out(file_id: str, owner: str, the_lease) -> None:
         await store.create_file(
@@ -250,11 +253,11 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
         )
 
     # Every script runs once first (on other keys), so that the armed calls run by EVALSHA.
-    await store.record_results(r, "batch_w", [(0, "", "completed", b"{}")], lease=warm)
-    await file_out("file-w", "w", warm)
-    await store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-w"))), store.new_op_id())
-    await store.transition(r, "batch_w", allowed=["in_progress"], fields={"status": "finalizing"}, lease=warm)
-    await store.release(r, storage, await store.get_batch_record(r, "batch_w"), lease=warm)
+    await store.record_results(r, "batch_w1", [(0, "", "completed", b"{}")], lease=warm)
+    await file_out("file-w1", "w", warm)
+    await store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-w1"))), store.new_op_id())
+    await store.transition(r, "batch_w1", allowed=["in_progress"], fields={"status": "finalizing"}, lease=warm)
+    await store.release(r, storage, await store.get_batch_record(r, "batch_w1"), lease=warm)
 
     async def once(call) -> None:
         proxy.arm(b"EVALSHA")
@@ -262,19 +265,19 @@ async def test_re_sent_fenced_writes_do_no_more_than_once(proxied, tmp_path):
         await call
         assert proxy.dropped == dropped + 1, "no reply was dropped: nothing was re-sent"
 
-    await once(store.record_results(r, "batch_x", [(0, "", "completed", b"{}")], lease=lease))
-    assert await r.hget(keys.batch("batch_x"), "completed") == b"1"
-    await once(file_out("file-out", "o", lease))
+    await once(store.record_results(r, "batch_x2", [(0, "", "completed", b"{}")], lease=lease))
+    assert await r.hget(keys.batch("batch_x2"), "completed") == b"1"
+    await once(file_out("file-out2", "o", lease))
     assert await store.usage(r, "o", "stored_bytes") == 10
-    await once(store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-out"))), store.new_op_id()))
+    await once(store.delete_file(r, FileRecord.from_hash(await r.hgetall(keys.file("file-out2"))), store.new_op_id()))
     assert await store.usage(r, "o", "stored_bytes") == 0, "the re-sent delete gave the bytes back twice"
     proxy.arm(b"EVALSHA")
     applied, _ = await store.transition(
-        r, "batch_x", allowed=["in_progress"], fields={"status": "finalizing"}, lease=lease
+        r, "batch_x2", allowed=["in_progress"], fields={"status": "finalizing"}, lease=lease
     )
     assert applied and proxy.dropped == 4, "the re-sent transition must still count as applied"
-    assert await r.hget(keys.batch("batch_x"), "status") == b"finalizing"
-    await once(store.release(r, storage, await store.get_batch_record(r, "batch_x"), lease=lease))
+    assert await r.hget(keys.batch("batch_x2"), "status") == b"finalizing"
+    await once(store.release(r, storage, await store.get_batch_record(r, "batch_x2"), lease=lease))
     assert await store.usage(r, "o", "active_batches") == 0
     assert await store.usage(r, "o", "enqueued_lines") == 0
 

@@ -149,6 +149,49 @@ async def test_fenced_script_without_a_lease_runs(r):
 
 
 async def test_execute_runs_plain_commands_under_a_lease(r):
-    lease = await leases.take(r, "lease-key", "me", 10_000)
-    ok, n, missing = await leases.execute(r, lease, ("SET", "a", "1"), ("INCR", "a"), ("GET", "missing"))
+    lease = await leases.take(r, "{t}lease", "me", 10_000)
+    ok, n, missing = await leases.execute(r, lease, ("SET", "{t}a", "1"), ("INCR", "{t}a"), ("GET", "{t}missing"))
     assert (ok, n) == (b"OK", 2) and not missing  # a nil reply is false in Lua: None or False here
+
+
+class _Recording:
+    """A client that records the EVALSHA calls made through it (on top of fakeredis)."""
+
+    def __init__(self, r) -> None:
+        self.r = r
+        self.calls: list[tuple] = []
+
+    async def evalsha(self, sha, numkeys, *keys_and_args):
+        self.calls.append((numkeys, *keys_and_args))
+        return await self.r.evalsha(sha, numkeys, *keys_and_args)
+
+    async def eval(self, source, numkeys, *keys_and_args):
+        self.calls.append((numkeys, *keys_and_args))
+        return await self.r.eval(source, numkeys, *keys_and_args)
+
+
+async def test_execute_declares_every_key_its_commands_name(r):
+    lease = await leases.take(r, "{t}lease", "me", 10_000)
+    client = _Recording(r)
+    await leases.execute(client, lease, ("DEL", "{t}a", "{t}b"), ("ZADD", "{t}z", 1, "m"), ("SREM", "{t}a", "m"))
+    numkeys, *rest = client.calls[-1]
+    assert rest[:numkeys] == ["{t}lease", "{t}a", "{t}b", "{t}z"]  # the fence, then each key once
+
+
+async def test_execute_without_a_lease_is_routed_by_its_first_key(r):
+    client = _Recording(r)
+    assert await leases.execute(client, None, ("SET", "{t}a", "1"), ("GET", "{t}a")) == [b"OK", b"1"]
+    numkeys, *rest = client.calls[-1]
+    assert rest[:numkeys] == ["{t}a", "{t}a"]  # no key "" (slot 0, anywhere on a cluster)
+    assert await leases.execute(client, None) == []
+
+
+async def test_execute_refuses_a_key_outside_the_slot_and_a_command_it_cannot_read(r):
+    lease = await leases.take(r, "{t}lease", "me", 10_000)
+    with pytest.raises(ValueError, match="not in the slot"):
+        await leases.execute(r, lease, ("SET", "{t}a", "1"), ("SET", "{u}a", "1"))
+    with pytest.raises(ValueError, match="one slot"):
+        await leases.execute(r, None, ("SET", "{t}a", "1"), ("SET", "{u}a", "1"))
+    with pytest.raises(ValueError, match="cannot tell the keys"):
+        await leases.execute(r, lease, ("EVAL", "return 1", "0"))
+    assert await r.exists("{t}a", "{u}a") == 0

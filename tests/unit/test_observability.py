@@ -171,7 +171,7 @@ async def test_batch_provider_and_finalizer_gauges(redis):
                 "in_progress_at": now_ms // 1000 - 10,
             },
         )
-        await redis.sadd(keys.LIVE_BATCHES, batch_id)
+        await redis.sadd(keys.live_batches(keys.shard_of(batch_id)), batch_id)
     await redis.xadd(keys.lines("batch_a"), {streams.LINE_CUSTOM_ID: "x"}, id="0-1")
     await redis.xgroup_create(keys.lines("batch_a"), keys.WORKER_GROUP, id="0")
     await redis.xreadgroup(keys.WORKER_GROUP, "w", {keys.lines("batch_a"): ">"})

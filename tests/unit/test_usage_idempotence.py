@@ -77,7 +77,8 @@ def fid(n: int) -> str:
 
 
 def bid(n: int) -> str:
-    return f"batch_{n:012x}bbbbbbbbbbbb"
+    # In the shard of its input file (fid's last digit), as every batch is.
+    return f"batch_{n:012x}bbbbbbbbbbba"
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,15 +452,15 @@ async def test_finalizer_releases_a_batch_whose_finish_was_interrupted(r, tmp_pa
         bid(1),
         allowed=["validating"],
         fields={"status": "completed"},
-        remove_from=[keys.ACTIVE_BATCHES],
+        remove_from=[keys.active_batches],
         expire_s=3600,
     )
-    await r.sadd(keys.LIVE_BATCHES, bid(1))
+    await r.sadd(keys.live_batches(keys.shard_of(bid(1))), bid(1))
     from service.core import leases
 
     await fin.advance(bid(1), await leases.take(r, keys.finalizer(bid(1)), fin.name, 10_000))
     assert await usage(r) == {"active_batches": 0, "enqueued_lines": 0, "stored_bytes": 0}
-    assert await r.sismember(keys.LIVE_BATCHES, bid(1)) == 0
+    assert await r.sismember(keys.live_batches(keys.shard_of(bid(1))), bid(1)) == 0
 
 
 async def test_publisher_releases_a_batch_whose_ending_was_interrupted(r, tmp_path):
