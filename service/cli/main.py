@@ -78,6 +78,15 @@ environment:
                          on stderr says which.
   SLUICE_CONFIG          its [quotas] are the defaults a new token's quotas start from
 """
+MIGRATE_ENV = """\
+environment:
+  REDIS_URL              the single Redis holding the old layout. When it is not set: the Redis of
+                         the `sluice up` stack ($SLUICE_DATA_DIR/stack.json), else
+                         redis://localhost:6379/0. A line on stderr says which.
+
+exit status: 0 done (or nothing to do), 1 Redis unreachable or keys left that could not be
+merged, 2 refused (a process beat in the last minute, or REDIS_URL names a cluster).
+"""
 MOCK_ENV = """\
 It reads no environment variable. A request line's body may carry "mock_status": 404 or
 "mock_latency_ms": 300 to force an answer; GET /_mock/stats shows what reached it.
@@ -189,6 +198,14 @@ def _status(args: argparse.Namespace) -> None:
         raise SystemExit(0) from None
 
 
+def _migrate_keys(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .migrate import run
+
+    raise SystemExit(asyncio.run(run(_admin_settings(), force=args.force, dry_run=args.dry_run)))
+
+
 def _command(
     sub: argparse._SubParsersAction, name: str, summary: str, description: str, epilog: str
 ) -> argparse.ArgumentParser:
@@ -289,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
         TOKENS_ENV,
     ).add_argument("name", help="the name given at creation")
     tokens.set_defaults(func=_tokens)
+    migrate = _command(
+        sub,
+        "migrate-keys",
+        "move a stopped deployment's Redis data to this version's key layout",
+        "Move the files, batches, managed tokens, owners' usage and counters of a deployment from the key "
+        "layout of the versions before Redis Cluster support to this version's, on one Redis, with every "
+        "Sluice process stopped. Safe to run twice and to interrupt and run again.",
+        MIGRATE_ENV,
+    )
+    migrate.add_argument("--dry-run", action="store_true", help="print what would move; change nothing")
+    migrate.add_argument(
+        "--force", action="store_true", help="run even though a process beat in the last minute (it is dead)"
+    )
+    migrate.set_defaults(func=_migrate_keys)
     mock = _command(
         sub,
         "mock-provider",

@@ -13,6 +13,9 @@ transaction touches one Redis Cluster slot (docs/cluster-design.md):
 On a single Redis the tags are just part of the names: one layout, one code path.
 """
 
+import re
+from collections.abc import Callable
+
 PREFIX = "sluice"
 
 # Hash tags whose cluster slots are evenly spaced over the slot range (service/devtools/shard_tags.py
@@ -367,3 +370,52 @@ def work_keys(batch_id: str) -> tuple[str, ...]:
         validator(batch_id),
         finalizer(batch_id),
     )
+
+
+# ----------------------------------------------------------------------------- the layout before the shards
+# The key names of the versions before the sharded layout, read only by `sluice migrate-keys`
+# (service/core/migrate.py), which moves a deployment's data from them to the names above.
+# Their batch keys carried the batch id as the hash tag (``sluice:{batch_...}:<what>``); every
+# other key had no tag.
+LEGACY_PATTERN = f"{PREFIX}:*"
+
+# Global sets -> the per-shard set each member (or the id at the head of a member) goes to.
+LEGACY_SHARDED_SETS: dict[str, Callable[[int], str]] = {
+    f"{PREFIX}:batches:active": active_batches,
+    f"{PREFIX}:batches:live": live_batches,
+    f"{PREFIX}:batches:feeding": feeding_batches,
+    f"{PREFIX}:batches:validating": pending_validation,
+    f"{PREFIX}:batches:delegated": delegated_batches,
+    f"{PREFIX}:webhooks:due": webhooks_due,
+    # Members are "<file_id> <storage_key> <owner> <size>".
+    f"{PREFIX}:files:expiry": file_expiry,
+}
+# Cluster counters -> the per-shard hash they are added to (shard 0's: readers sum the shards).
+LEGACY_METRICS: dict[str, Callable[[int], str]] = {
+    f"{PREFIX}:metrics:lines": metrics_lines,
+    f"{PREFIX}:metrics:upstream": metrics_upstream,
+    f"{PREFIX}:metrics:latency": metrics_latency,
+    f"{PREFIX}:metrics:tokens": metrics_tokens,
+}
+LEGACY_TOKENS = {f"{PREFIX}:tokens": TOKENS, f"{PREFIX}:tokens:names": TOKEN_NAMES}
+# The one fencing counter every lease drew from.
+LEGACY_LEASE_SEQ = f"{PREFIX}:seq:leases"
+# Keys of running processes only (heartbeats, leases, finalizers at work); gone with the processes.
+LEGACY_PROCESSES = f"{PREFIX}:processes"
+LEGACY_TRANSIENT = (LEGACY_PROCESSES, f"{PREFIX}:usage:audit:lock", FINALIZERS)
+# Keys the sharded layout reads under the same name: left where they are.
+LEGACY_KEPT = (SEQ,)
+LEGACY_PROCESS = re.compile(rf"^{PREFIX}:process:[^{{}}]+$")
+LEGACY_CHORE_LEASE = re.compile(rf"^{PREFIX}:lease:[^{{}}:]+$")
+LEGACY_PROVIDER = re.compile(rf"^{PREFIX}:provider:[^{{}}:]+:(inflight|bucket|window|paused|op:.+)$")
+# Its per-minute history hashes are the sharded layout's folded totals (``history_total``).
+LEGACY_HISTORY = re.compile(rf"^{PREFIX}:history:(?P<minute>\d+)$")
+LEGACY_USAGE_DAY = re.compile(rf"^{PREFIX}:usage:(?P<day>\d{{4}}-\d{{2}}-\d{{2}})$")
+LEGACY_FILE = re.compile(rf"^{PREFIX}:file:(?P<id>[^:{{}}]+)(?::(?P<what>refs|deleted))?$")
+LEGACY_OWNER = re.compile(
+    rf"^{PREFIX}:owner:(?P<owner>[^:{{}}]+):(?P<what>usage|batches|files(?::(?P<purpose>.+))?|op:(?P<op>.+))$"
+)
+LEGACY_BATCH = re.compile(
+    rf"^{PREFIX}:\{{(?P<id>batch_[^{{}}]+)\}}:"
+    r"(?P<what>batch|lines|results|done|deleg|feeder|validator|finalizer|deleg:(?P<part>\d+):lease)$"
+)
