@@ -76,7 +76,7 @@ return answer
 """,
 )
 
-# Moves the members given (``member``, index of its destination in ``dests`` pairs) that are still in
+# Moves the members given (``member``, shard pairs: the shard indexes ``dests``) that are still in
 # the old set or sorted set, with their scores; returns how many moved. The old key vanishes with its
 # last member.
 _SPLIT = Script(
@@ -86,7 +86,7 @@ _SPLIT = Script(
 local kind = redis.call('TYPE', KEYS.old)['ok']
 local moved = 0
 for i = 1, #ARGV, 2 do
-  local m, dest = ARGV[i], KEYS[tonumber(ARGV[i + 1]) + 1]
+  local m, dest = ARGV[i], KEYS[tonumber(ARGV[i + 1]) + 2]
   if kind == 'zset' then
     local score = redis.call('ZSCORE', KEYS.old, m)
     if score then

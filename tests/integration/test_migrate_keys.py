@@ -142,6 +142,7 @@ def test_a_deployment_of_the_old_layout_runs_on_after_migrate_keys(tmp_path: Pat
         after = _sums(r, {m: [getattr(keys, f"metrics_{m}")(s) for s in range(keys.SHARDS)] for m in OLD_METRICS})
         assert after == before
         assert int(r.get(keys.lease_seq(keys.finalizer(running.id)))) >= 1
+        assert r.sismember(keys.live_batches(keys.shard_of(running.id)), running.id)
 
         async def audit() -> int:
             ar = connect(Settings(redis_url=redis_server.url), max_connections=4)
