@@ -18,11 +18,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from service.core import keys, migrate
+from service.core import keys, migrate, store
 from service.core.config import Settings
 from service.core.connections import connect
 from service.core.storage import LocalStorage
-from service.core import store
 from tests.support import processes
 from tests.support.env import base_env, sluice_cmd
 from tests.support.http import wait_for_200
