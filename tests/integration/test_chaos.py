@@ -24,7 +24,8 @@ LINES = int(os.environ.get("SLUICE_CHAOS_LINES", "5000"))
 KILLS = 6
 ROLES = ("web", "worker", "worker", "finalizer")
 # Keys that index many objects and so never expire; everything else must, once the batch ended.
-GLOBAL_KEYS = ("sluice:seq", "sluice:owner:")
+# (the id counter, the owners' keys and the index of every owner the usage audit walks).
+GLOBAL_KEYS = ("sluice:seq", "sluice:owner:", "sluice:{owners}:all")
 # ... and so do each shard's indexes of batches and files (``sluice:{<tag>}:batches:live``, ...).
 SHARD_INDEXES = re.compile(r"sluice:\{[^}]+\}:(batches:|files:expiry$|webhooks:due$)")
 # Each lease's fencing counter lives on beside it (a shard's, a chore's): never reset, never expiring.
