@@ -170,9 +170,10 @@ class IdCounter:
         if raw.strip():
             self.ids[json.loads(raw)["custom_id"]] += 1
 
-    def verify(self, lines: int, what: str) -> None:
-        """Raise :class:`BenchError` unless ``req-1`` .. ``req-<lines>`` each appear exactly once."""
-        expected = {f"req-{n}" for n in range(1, lines + 1)}
+    def verify(self, lines: int, what: str, first: int = 1) -> None:
+        """Raise :class:`BenchError` unless ``req-<first>`` .. ``req-<first + lines - 1>`` each appear
+        exactly once."""
+        expected = {f"req-{n}" for n in range(first, first + lines)}
         missing = expected - self.ids.keys()
         extra = self.ids.keys() - expected
         dupes = [i for i, c in self.ids.items() if c > 1]
