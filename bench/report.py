@@ -205,7 +205,8 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot(t, done, label=f"{run['label']} ({run['lines_per_s']:,.0f} lines/s)")
         if result.get("error"):
             ax.text(0.5, 0.5, "FAILED", transform=ax.transAxes, ha="center", color="red", fontsize=16)
-        ax.set_xlabel("seconds since create (Sluice) / since start (reference)")
+        since = "the first upload" if result["config"].get("redis") == "cluster" else "create"
+        ax.set_xlabel(f"seconds since {since} (Sluice) / since start (reference)")
         ax.set_ylabel("completed lines")
         ax.grid(alpha=0.3)
         if series:

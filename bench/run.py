@@ -4,9 +4,9 @@ For every scenario it starts a fresh stack on loopback (its own ``redis-server``
 mock-provider``, ``sluice web``, N x ``sluice worker`` and ``sluice finalizer``), submits a
 generated batch through the public HTTP API exactly as a client would, and measures throughput,
 CPU, memory and Redis memory. Then it runs ``bench/reference.py`` (a plain asyncio client) on the
-same lines against a freshly started mock with the same latency. The ``cluster`` scenario runs on a
-local Redis Cluster instead and reports Redis CPU per line per node and the scale-out ceiling it
-implies (``bench/cluster.py``), without a reference run.
+same lines against a freshly started mock with the same latency. The ``cluster`` scenario runs a
+batch per shard on a local Redis Cluster instead and reports Redis CPU per node, the balance over
+the masters and the ceiling it implies (``bench/cluster.py``), without a reference run.
 
 Results: a table on stdout, ``<out>/bench-<UTC>.json`` and ``<out>/bench-<UTC>.png`` (one subplot
 per scenario), copied to ``latest.json`` / ``latest.png``. The exit status is 0 whatever the

@@ -216,8 +216,8 @@ async def poll_until_done(
     return timeline, batch
 
 
-async def verify_output(api: Api, batch: dict[str, Any], lines: int) -> dict[str, int]:
-    """Download the output file and check every custom_id is in it exactly once."""
+async def verify_output(api: Api, batch: dict[str, Any], lines: int, first: int = 1) -> dict[str, int]:
+    """Download the output file and check every custom_id (``req-<first>`` on) is in it exactly once."""
     counts = batch["request_counts"]
     if batch.get("error_file_id") or counts["failed"] or counts["completed"] != lines:
         raise BenchError(f"batch {batch['id']}: request_counts {counts}, error file {batch.get('error_file_id')}")
@@ -226,7 +226,7 @@ async def verify_output(api: Api, batch: dict[str, Any], lines: int) -> dict[str
     ids = IdCounter()
     async for line in api.lines(batch["output_file_id"]):
         ids.add(line)
-    ids.verify(lines, f"output file of {batch['id']}")
+    ids.verify(lines, f"output file of {batch['id']}", first)
     return {"output_lines": sum(ids.ids.values()), "error_lines": 0}
 
 

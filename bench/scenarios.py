@@ -92,10 +92,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("overhead", "no provider latency: Sluice's own cost", 50_000, 0, (2,), 32, 64, _overhead_targets),
         Scenario("bigfile", "~4 KB lines, ~190 MB file", 50_000, 0, (2,), 32, 64, _bigfile_targets, line_bytes=4000),
         Scenario("scaling", "1 worker, then 2 workers", 12_800, 200, (1, 2), 64, 128, _scaling_targets),
-        # A measurement without targets: Redis CPU per line per node and the ceiling it implies.
+        # A measurement without targets: 16 batches, one per shard; Redis CPU per node and the ceiling.
         Scenario(
             "cluster",
-            "3-master Redis Cluster: Redis CPU per line per node",
+            "3-master Redis Cluster, a batch per shard: Redis CPU per node",
             20_000,
             0,
             (2,),
@@ -170,9 +170,10 @@ class IdCounter:
         if raw.strip():
             self.ids[json.loads(raw)["custom_id"]] += 1
 
-    def verify(self, lines: int, what: str) -> None:
-        """Raise :class:`BenchError` unless ``req-1`` .. ``req-<lines>`` each appear exactly once."""
-        expected = {f"req-{n}" for n in range(1, lines + 1)}
+    def verify(self, lines: int, what: str, first: int = 1) -> None:
+        """Raise :class:`BenchError` unless ``req-<first>`` .. ``req-<first + lines - 1>`` each appear
+        exactly once."""
+        expected = {f"req-{n}" for n in range(first, first + lines)}
         missing = expected - self.ids.keys()
         extra = self.ids.keys() - expected
         dupes = [i for i, c in self.ids.items() if c > 1]

@@ -98,19 +98,29 @@ def test_json_has_every_scenario_with_throughput_and_cpu(smoke_run):
 
 
 def _check_cluster(scenario: dict) -> None:
-    """The cluster scenario: no reference, Redis CPU per line per node, shares and the ceiling."""
+    """The cluster scenario: no reference, a batch per shard, Redis CPU per node, shares and the ceiling."""
     assert scenario["reference"] is None and scenario["targets"] == []
     (run,) = scenario["sluice_runs"]
-    assert run["lines_per_s"] > 0 and run["output"]["output_lines"] == scenario["config"]["lines"]
+    lines = scenario["config"]["lines"]
+    assert run["lines_per_s"] > 0 and run["output"]["output_lines"] == lines
+    batches = run["batches"]
+    assert sorted(b["shard"] for b in batches) == list(range(16)), batches
+    assert sum(b["lines"] for b in batches) == lines, batches
+    assert all(b["completed_s"] <= run["e2e_s"] for b in batches), batches
     nodes = run["redis_nodes"]
     assert len(nodes) == 6, nodes
     masters = {n: v for n, v in nodes.items() if v["role"] == "master"}
     assert len(masters) == 3, nodes
+    assert sum(v["shards"] for v in masters.values()) == 16, masters
     assert abs(sum(v["share"] for v in masters.values()) - 1) < 0.01, masters
     assert all(v["cpu_us_per_line"] >= 0 for v in nodes.values()), nodes
     ceiling = run["ceiling"]
     assert ceiling["busiest_master"] in masters and ceiling["masters"] == 3, ceiling
-    assert ceiling["cluster_lines_per_s_balanced"] == pytest.approx(3 * ceiling["lines_per_s_per_redis_core"], rel=0.01)
+    assert ceiling["busiest_cpu_s"] == max(v["cpu_s"] for v in masters.values()), ceiling
+    # The busiest master's CPU is at least a third of all the masters', so the ceiling is at most
+    # three times the per-core rate (rounding aside).
+    per_core, whole = ceiling["lines_per_s_per_redis_core"], ceiling["cluster_ceiling_lines_per_s"]
+    assert per_core <= whole <= 3 * per_core * 1.01, ceiling
     assert set(run["cpu"]) == {"web", "worker-1", "worker-2", "finalizer", "total"}, sorted(run["cpu"])
 
 
