@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from bench.local_redis import private_redis
 from service.core import counters, keys, store, streams
 from service.core.connections import Redis
 from service.core.counters import Attempts
@@ -127,35 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.history_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    exe = shutil.which("redis-server")
-    if exe is None:
-        print("redis-server is missing", file=sys.stderr)
-        return 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="sluice-history-cost-")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("redis-server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
-        asyncio.run(_main(port, args.repeat))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with private_redis("sluice-history-cost-") as port:
+            asyncio.run(_main(port, args.repeat))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from bisect import bisect_left
 from typing import cast
 
 import redis.asyncio as aioredis
 
+from bench.local_redis import private_redis
 from service.core import keys, store, streams
 from service.core.connections import Pipeline, Redis, Script
 from service.core.counters import LATENCY_BUCKETS, Attempts
@@ -208,35 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-call", type=int, default=32, help="lines per script call (default 32)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    exe = shutil.which("redis-server")
-    if exe is None:
-        print("redis-server is missing", file=sys.stderr)
-        return 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="sluice-record-cost-")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print("redis-server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
-        asyncio.run(_main(args, port))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with private_redis("sluice-record-cost-") as port:
+            asyncio.run(_main(args, port))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

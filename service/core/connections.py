@@ -565,6 +565,32 @@ class Script:
         await r.script_load(self.source)
 
 
+class Loadable(Protocol):
+    """A script whose source can be loaded into Redis (``Script``, ``leases.FencedScript``)."""
+
+    async def load(self, r: Redis) -> None: ...
+
+
+async def run_scripts(r: Redis, build: Callable[[Pipeline], None], scripts: Sequence[Loadable]) -> list[Any]:
+    """Send a pipeline that ``build`` fills with calls of ``scripts`` (and plain commands); its replies.
+
+    A Redis that forgot its scripts (restarted, or a replica just promoted) answers NoScriptError:
+    the scripts are loaded and the whole pipeline is sent once more, so every call queued here must
+    be safe to run twice (as every Sluice script is).
+    """
+    for attempt in (1, 2):
+        pipe = r.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            for script in scripts:
+                await script.load(r)
+    raise AssertionError("unreachable")
+
+
 # What a lost or restarting Redis raises (BusyLoadingError while it replays its AOF is a
 # ConnectionError); every loop treats these as "wait and carry on".
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)

@@ -29,10 +29,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from . import keys
-from .connections import Pipeline, Redis, Script
+from .connections import Pipeline, Redis, Script, run_scripts
 
 # Upper bounds (seconds) of the upstream latency histogram; +Inf is implied.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -279,18 +277,8 @@ def _pairs(minutes: list[int], shard: int) -> list[str]:
 
 
 async def _execute(r: Redis, build: Callable[[Pipeline], None]) -> list[Any]:
-    # Every fold step is safe to run twice: after Redis forgot its scripts, load them and run all again.
-    for attempt in (1, 2):
-        pipe = r.pipeline(transaction=False)
-        build(pipe)
-        try:
-            return list(await pipe.execute())
-        except NoScriptError:
-            if attempt == 2:
-                raise
-            for script in _FOLD_SCRIPTS:
-                await script.load(r)
-    raise AssertionError("unreachable")
+    # Every fold step is safe to run twice (run_scripts may send them again).
+    return await run_scripts(r, build, _FOLD_SCRIPTS)
 
 
 async def fold_history(r: Redis, *, now: float, since: float = 0) -> int:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from . import keys
-from .connections import Param, Pipeline, Redis, Script, Value
+from .connections import Param, Pipeline, Redis, Script, Value, run_scripts
 
 FENCED = "FENCED"
 
@@ -190,17 +190,12 @@ async def take(r: Redis, key: str, holder: str, ttl_ms: int) -> Lease | None:
 
 async def take_many(r: Redis, lease_keys: Sequence[str], holder: str, ttl_ms: int) -> list[Lease | None]:
     """:func:`take` for several leases in one round trip."""
-    for attempt in (1, 2):
-        pipe = r.pipeline(transaction=False)
+
+    def build(pipe: Pipeline) -> None:
         for key in lease_keys:
             _TAKE.queue(pipe, lease=key, counter=keys.lease_seq(key), holder=holder, ttl_ms=ttl_ms)
-        try:
-            values = await pipe.execute()
-            break
-        except NoScriptError:
-            if attempt == 2:
-                raise
-            await _TAKE.load(r)  # Redis restarted and forgot its scripts; taking twice is harmless
+
+    values = await run_scripts(r, build, [_TAKE])  # taking twice is harmless
     return [Lease.parse(key, v) if v else None for key, v in zip(lease_keys, values)]
 
 
@@ -214,17 +209,12 @@ async def renew_many(r: Redis, held: Iterable[Lease], ttl_ms: int) -> list[Lease
     held = list(held)
     if not held:
         return []
-    for attempt in (1, 2):
-        pipe = r.pipeline(transaction=False)
+
+    def build(pipe: Pipeline) -> None:
         for lease in held:
             _RENEW.queue(pipe, lease=lease.key, value=lease.value, ttl_ms=ttl_ms)
-        try:
-            answers = await pipe.execute()
-            break
-        except NoScriptError:
-            if attempt == 2:
-                raise
-            await _RENEW.load(r)
+
+    answers = await run_scripts(r, build, [_RENEW])
     return [lease for lease, ok in zip(held, answers) if not ok]
 
 

@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from . import keys
-from .connections import Pipeline, Redis, Script
+from .connections import Pipeline, Redis, Script, run_scripts
 
 # A process whose heartbeat is this recent is taken for one still running.
 RECENT_S = 60
@@ -273,18 +271,8 @@ async def recent_processes(r: Redis) -> list[str]:
 
 
 async def _run_pipeline(r: Redis, build: Callable[[Pipeline], None]) -> list[Any]:
-    # Every call is safe to run twice: after Redis forgot its scripts, load them and send all again.
-    for attempt in (1, 2):
-        pipe = r.pipeline(transaction=False)
-        build(pipe)
-        try:
-            return list(await pipe.execute())
-        except NoScriptError:
-            if attempt == 2:
-                raise
-            for script in _SCRIPTS:
-                await script.load(r)
-    raise AssertionError("unreachable")
+    # Every call is safe to run twice (run_scripts may send them again).
+    return await run_scripts(r, build, _SCRIPTS)
 
 
 def _chunks(items: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:

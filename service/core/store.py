@@ -16,10 +16,9 @@ from typing import Callable, Iterable, TypedDict, TypeVar, cast
 
 import msgspec
 import structlog
-from redis.exceptions import NoScriptError
 
 from . import counters, keys, leases
-from .connections import Pipeline, Script, Value
+from .connections import Pipeline, Script, Value, run_scripts
 from .connections import Redis as Redis
 from .leases import FencedScript, Lease, LeaseLost
 from .records import BatchField, BatchRecord, FileField, FileRecord
@@ -1165,17 +1164,12 @@ def queue_record(pipe: Pipeline, batch_id: str, results: Iterable[Result]) -> No
 async def record_many(r: Redis, by_batch: dict[str, list[Result]]) -> None:
     """``record_results`` for several batches in one round trip."""
     minute = counters.minute_of(time.time())
-    for attempt in (1, 2):
-        pipe = r.pipeline(transaction=False)
+
+    def build(pipe: Pipeline) -> None:
         for batch_id, results in by_batch.items():
             _RECORD.queue(pipe, **_record_call(batch_id, results, minute))
-        try:
-            await pipe.execute()
-            return
-        except NoScriptError:
-            if attempt == 2:
-                raise
-            await _RECORD.load(r)  # Redis restarted and forgot its scripts; recording twice is harmless
+
+    await run_scripts(r, build, [_RECORD])  # recording twice is harmless
 
 
 # A batch's claim on its input file goes (the file's keys share the batch's shard); returns the
