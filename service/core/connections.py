@@ -224,7 +224,7 @@ class _LinearPacking:
 
     redis-py's own re-joins the whole buffer after every argument (quadratic in the command's size
     up to its 6,000-byte cutoff): a recording script carrying a few result lines spent about as long
-    packing as the rest of its client-side work. Same bytes on the wire (tests/unit/test_connections.py).
+    packing as the rest of its client-side work. Same bytes on the wire (tests/unit/test_redis_packing.py).
     """
 
     encoder: Any
@@ -245,6 +245,7 @@ class _LinearPacking:
         size = 0
         for arg in args:
             kind = type(arg)
+            view = False
             # The common kinds inline; anything else (floats, a bool to refuse) as redis-py encodes it.
             if kind is str:
                 arg = arg.encode(encoding, errors)
@@ -252,8 +253,9 @@ class _LinearPacking:
                 arg = b"%d" % arg
             elif kind is not bytes:
                 arg = encoder.encode(arg)
+                view = isinstance(arg, memoryview)
             length = len(arg)
-            if length > cutoff or isinstance(arg, memoryview):
+            if length > cutoff or view:
                 # A large value goes as its own piece, uncopied.
                 parts.append(b"$%d\r\n" % length)
                 output.append(b"".join(parts))
