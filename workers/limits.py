@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import random
 import secrets
@@ -412,12 +411,6 @@ async def release(
     return answer.window
 
 
-def _released(provider: str, done: asyncio.Future[None]) -> None:
-    if done.cancelled() or done.exception() is None or isinstance(done.exception(), REDIS_DOWN):
-        return  # Redis away: the lease expires by itself
-    log.error("lease_release_failed", provider=provider, error=repr(done.exception()))
-
-
 @dataclass
 class Ticket:
     """One request's passage through the limiter; ``outcome`` tells the window what the provider answered.
@@ -439,7 +432,7 @@ class _Queue:
 
     def __init__(self) -> None:
         self.waiting: deque[tuple[Ticket, asyncio.Future[None]]] = deque()
-        self.releasing: list[tuple[Ticket, asyncio.Future[None]]] = []
+        self.releasing: list[Ticket] = []  # nobody waits for a release: no future per lease
         self.released = asyncio.Event()  # a lease of this process is to be given back: a slot is free
         self.arrived = asyncio.Event()  # a request of this process started waiting
         self.task: asyncio.Task[None] | None = None
@@ -506,10 +499,8 @@ class Limiter:
 
     def _give_back(self, provider: Provider, ticket: Ticket) -> None:
         """Queue the ticket's lease to go back with the next call (nobody waits for it)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(functools.partial(_released, provider.name))
         queue = self._queue(provider)
-        queue.releasing.append((ticket, done))
+        queue.releasing.append(ticket)
         queue.released.set()
 
     async def _pump(self, provider: Provider, queue: _Queue) -> None:
@@ -520,8 +511,10 @@ class Limiter:
             queue.waiting = deque(w for w in queue.waiting if not w[1].done())
             if queue.releasing and not queue.waiting and not lingered:
                 queue.arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(queue.arrived.wait(), timeout=RELEASE_LINGER_S)
+                # asyncio.timeout, not wait_for: no task per wait (Python 3.11's wait_for makes one).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RELEASE_LINGER_S):
+                        await queue.arrived.wait()
                 lingered = True
                 continue
             lingered = False
@@ -534,25 +527,22 @@ class Limiter:
                 answer = await exchange(
                     self.redis,
                     provider,
-                    releases=[(t.holder, t.outcome, t.admitted_ms) for t, _ in releases],
+                    releases=[(t.holder, t.outcome, t.admitted_ms) for t in releases],
                     holders=[(t.holder, t.cost) for t, _ in batch],
                     lease_ms=self.lease_ms,
                     op_id=secrets.token_hex(8),
                     slots=await self._slots(),
                 )
             except Exception as e:
-                # Everyone in the call sees it (REDIS_DOWN: requests wait for Redis and come back).
-                for _, done in releases:
-                    if not done.done():
-                        done.set_exception(e)
+                # Every request in the call sees it (REDIS_DOWN: requests wait for Redis and come back);
+                # a lease not given back expires by itself.
+                if releases and not isinstance(e, REDIS_DOWN):
+                    log.error("lease_release_failed", provider=provider.name, leases=len(releases), error=repr(e))
                 for _ in batch:
                     _, waiter = queue.waiting.popleft()
                     if not waiter.done():
                         waiter.set_exception(e)
                 continue
-            for _, done in releases:
-                if not done.done():
-                    done.set_result(None)
             if answer.window is not None:
                 self.windows[provider.name] = answer.window
             now_ms = int(time.time() * 1000)
@@ -565,8 +555,9 @@ class Limiter:
                     self._give_back(provider, ticket)
             if answer.admitted < len(batch) and not queue.releasing:
                 wait = min(answer.wait_ms / 1000, MAX_POLL_S) + random.uniform(0, 0.005)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(queue.released.wait(), timeout=wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await queue.released.wait()
 
     async def _slots(self) -> int:
         """The live workers' request slots (looked up at most every heartbeat), at least this worker's."""

@@ -218,7 +218,8 @@ class Worker:
                 if left <= 0:
                     break
                 try:
-                    await asyncio.wait_for(self.freed.wait(), timeout=left)
+                    async with asyncio.timeout(left):  # no task per wait, unlike wait_for
+                        await self.freed.wait()
                 except TimeoutError:
                     break
             free = concurrency - len(self.inflight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -491,7 +492,15 @@ class Settings:
 
     def provider(self, name: str) -> Provider | None:
         """The configured provider called ``name``."""
-        return next((p for p in self.providers if p.name == name), None)
+        return self._providers_by_name.get(name)
+
+    @functools.cached_property
+    def _providers_by_name(self) -> dict[str, Provider]:
+        # Looked up twice per request line by the workers. The first of a repeated name wins, as a scan would.
+        by_name: dict[str, Provider] = {}
+        for p in self.providers:
+            by_name.setdefault(p.name, p)
+        return by_name
 
     def provider_for(self, model: str, chosen: str = "") -> Provider | None:
         """The provider a line goes to: the batch's chosen one (x-sluice-provider), else by model."""
