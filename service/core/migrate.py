@@ -264,6 +264,16 @@ async def plan(r: Redis) -> Plan:
     return found
 
 
+async def legacy_layout_found(r: Redis) -> bool:
+    """Whether this Redis still holds data under the names of the layout before the shards.
+
+    One EXISTS over the old global keys (every deployment that ran has some: the batch and file
+    indexes, the counters, the managed tokens), so a process can say at start-up that
+    ``sluice migrate-keys`` is due, where the new names would show an empty deployment.
+    """
+    return bool(await r.exists(*keys.LEGACY_SHARDED_SETS, *keys.LEGACY_METRICS, *keys.LEGACY_TOKENS))
+
+
 async def recent_processes(r: Redis) -> list[str]:
     """Names of the processes (either layout's heartbeats) seen in the last ``RECENT_S`` seconds."""
     names = await _RECENT(r, processes=[keys.LEGACY_PROCESSES, keys.PROCESSES], recent_s=RECENT_S)

@@ -10,9 +10,9 @@ from typing import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from service.core import store
+from service.core import migrate, store
 from service.core.config import Settings
-from service.core.connections import REDIS_DOWN, Outage, connect
+from service.core.connections import REDIS_DOWN, Outage, Redis, connect
 from service.core.errors import APIError
 from service.core.heartbeat import Heartbeat
 from service.core.lifecycle import process_name, run_until_signal
@@ -213,6 +213,20 @@ class StorageCheck:
         self.ok_until = now + self.cache_s
 
 
+async def _warn_if_legacy(r: Redis) -> None:
+    """Say once, at start-up, when Redis holds data of the layout before the shards (not moved yet)."""
+    try:
+        found = await migrate.legacy_layout_found(r)
+    except REDIS_DOWN:
+        return  # the loops report the outage; the next start looks again
+    if found:
+        log.warning(
+            "legacy_key_layout",
+            hint="this Redis holds files, batches or tokens of a version before the sharded key layout, "
+            "which this version does not see: stop every Sluice process and run `sluice migrate-keys`",
+        )
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Redis answers and storage answers (see :class:`StorageCheck`): the process can serve requests."""
     checks: dict[str, str] = {}
@@ -284,6 +298,7 @@ def create_app(
             asyncio.create_task(app[appkeys.PUBLISHER].run(stop), name="publisher"),
             asyncio.create_task(feeder.run(stop), name="feeder"),
             asyncio.create_task(edge.sweep_orphans(app[appkeys.STORAGE], settings, stop), name="orphans"),
+            asyncio.create_task(_warn_if_legacy(app[appkeys.REDIS]), name="legacy-check"),
         ]
         yield
         stop.set()

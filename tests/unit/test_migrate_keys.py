@@ -83,12 +83,15 @@ async def _migrate(r: Any) -> migrate.Report:
 
 
 async def test_every_old_key_moves_to_the_sharded_layout(r: Any) -> None:
+    assert not await migrate.legacy_layout_found(r)
     await _old_layout(r)
+    assert await migrate.legacy_layout_found(r), "a web process would not warn that a migration is due"
     await r.hset(keys.metrics_lines(0), "completed", 2)  # the new version already counted here
     report = await _migrate(r)
     assert not report.conflicts
     left = sorted(k.decode() for k in await r.keys("sluice:*") if b"{" not in k)
     assert left == ["sluice:history:1735776000", "sluice:seq"]
+    assert not await migrate.legacy_layout_found(r)
     assert (await r.hgetall(keys.file(FILE)))[b"owner"] == OWNER.encode()
     assert await r.smembers(keys.file_refs(FILE)) == {BATCH.encode()}
     assert (await r.xinfo_groups(keys.lines(BATCH)))[0]["name"] == keys.WORKER_GROUP.encode()
