@@ -264,10 +264,10 @@ def command_shares(
 
 
 def commands_per_line(
-    stats: dict[str, dict[str, dict[str, float]]], lines: int, top: int = TOP_COMMANDS
+    stats: dict[str, dict[str, dict[str, float]]], lines: int, top: int | None = TOP_COMMANDS
 ) -> dict[str, float]:
     """Sluice's calls per line by command, summed over the masters (harness commands left out): the
-    ``top`` commands with the most, then ``other`` and ``total``."""
+    ``top`` commands with the most (every one with None), then ``other`` and ``total``."""
     calls: dict[str, int] = {}
     for commands in stats.values():
         for cmd, v in commands.items():
@@ -275,7 +275,7 @@ def commands_per_line(
                 calls[cmd] = calls.get(cmd, 0) + int(v["calls"])
     ranked = sorted(calls.items(), key=lambda kv: (-kv[1], kv[0]))
     out = {cmd: round(n / lines, 3) for cmd, n in ranked[:top]}
-    out["other"] = round(sum(n for _, n in ranked[top:]) / lines, 3)
+    out["other"] = round(sum(n for _, n in ranked[len(out) :]) / lines, 3)
     out["total"] = round(sum(calls.values()) / lines, 3)
     return out
 
@@ -387,6 +387,7 @@ async def run_cluster(
         "rss_mb": {n: v for n, v in rss.report().items() if n in sluice_procs},
         "redis_nodes": nodes,
         "redis_calls_per_line": commands_per_line(stats, lines),
+        "redis_calls_per_line_all": commands_per_line(stats, lines, top=None),
         "ceiling": ceiling(masters_cpu_s, lines),
         "output": {
             "output_lines": sum(o["output_lines"] for o in outputs),
