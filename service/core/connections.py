@@ -323,7 +323,7 @@ class _Cluster(aioredis.RedisCluster):
             streams = args[at + 1 :] if at is not None else ()
             slots = {self.keyslot(k) for k in streams[: len(streams) // 2]}
             if len(slots) != 1:
-                raise RedisClusterException(f"{command} streams must share one slot: {streams!r}")
+                raise RedisClusterException(f"{command} - all keys must map to the same key slot")
             return slots.pop()
         return int(await super()._determine_slot(command, *args))
 
