@@ -36,6 +36,7 @@ import aiohttp
 from service.core import keys
 from tests.support.processes import ProcessRunner
 from tests.support.redis_cluster import RedisClusterServers
+from tests.support.redis_server import RedisServer
 from tests.support.stack import StackFactory
 
 from . import runs
@@ -55,6 +56,8 @@ SPREAD_POLL_S = 0.5
 # A web process gives its files the shards in turn, so a part rarely needs a second upload; this
 # only bounds a stack that keeps answering with taken shards.
 MAX_UPLOADS_PER_PART = 4 * keys.SHARDS
+# Commands listed by name in the per-line breakdown; the rest are summed as ``other``.
+TOP_COMMANDS = 10
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,59 @@ def _counts(batch: dict[str, Any]) -> tuple[int, int]:
     return counts.get("completed", 0) + counts.get("failed", 0), counts.get("failed", 0)
 
 
-def _cpu_seconds(cluster: RedisClusterServers) -> dict[str, float]:
+@dataclass
+class SingleServer:
+    """A single ``redis-server`` seen as a cluster of one master, so the spread runs measure it alike."""
+
+    server: RedisServer
+
+    @dataclass(frozen=True)
+    class Node:
+        server: RedisServer
+
+        @property
+        def name(self) -> str:
+            return f"127.0.0.1:{self.server.port}"
+
+        def info(self, section: str) -> dict[str, Any]:
+            client = self.server.client()
+            try:
+                return dict(client.info(section))
+            finally:
+                client.close()
+
+    def alive(self) -> list[Node]:
+        return [self.Node(self.server)]
+
+    def masters(self) -> list[Node]:
+        return self.alive()
+
+    def node(self, port: int) -> Node:
+        return self.Node(self.server)
+
+    def roles(self) -> dict[int, str]:
+        return {self.server.port: "master"}
+
+    def master_of_key(self, key: str) -> Node:
+        return self.Node(self.server)
+
+    def commandstats(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``INFO commandstats`` as :meth:`RedisClusterServers.commandstats` gives it."""
+        node = self.Node(self.server)
+        return {node.name: {n.removeprefix("cmdstat_"): v for n, v in node.info("commandstats").items()}}
+
+    def reset_stats(self) -> None:
+        client = self.server.client()
+        try:
+            client.config_resetstat()
+        finally:
+            client.close()
+
+
+Servers = RedisClusterServers | SingleServer
+
+
+def _cpu_seconds(cluster: Servers) -> dict[str, float]:
     """``used_cpu_sys + used_cpu_user`` of every live node, by node name."""
     out = {}
     for node in cluster.alive():
@@ -184,11 +239,11 @@ def _cpu_seconds(cluster: RedisClusterServers) -> dict[str, float]:
     return out
 
 
-def _roles(cluster: RedisClusterServers) -> dict[str, str]:
+def _roles(cluster: Servers) -> dict[str, str]:
     return {cluster.node(port).name: role for port, role in cluster.roles().items()}
 
 
-def _shards_by_master(cluster: RedisClusterServers) -> dict[str, list[int]]:
+def _shards_by_master(cluster: Servers) -> dict[str, list[int]]:
     """The shards each master serves (by the slot of a shard's key)."""
     out: dict[str, list[int]] = {}
     for shard in range(keys.SHARDS):
@@ -206,6 +261,23 @@ def command_shares(
     }
     total = sum(calls.values())
     return {node: {"calls": n, "share": round(n / total, 4) if total else 0.0} for node, n in calls.items()}
+
+
+def commands_per_line(
+    stats: dict[str, dict[str, dict[str, float]]], lines: int, top: int | None = TOP_COMMANDS
+) -> dict[str, float]:
+    """Sluice's calls per line by command, summed over the masters (harness commands left out): the
+    ``top`` commands with the most (every one with None), then ``other`` and ``total``."""
+    calls: dict[str, int] = {}
+    for commands in stats.values():
+        for cmd, v in commands.items():
+            if not cmd.startswith(HARNESS_COMMANDS):
+                calls[cmd] = calls.get(cmd, 0) + int(v["calls"])
+    ranked = sorted(calls.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = {cmd: round(n / lines, 3) for cmd, n in ranked[:top]}
+    out["other"] = round(sum(n for _, n in ranked[len(out) :]) / lines, 3)
+    out["total"] = round(sum(calls.values()) / lines, 3)
+    return out
 
 
 def ceiling(masters_cpu_s: dict[str, float], lines: int) -> dict[str, Any]:
@@ -230,12 +302,11 @@ async def run_cluster(
 ) -> dict[str, Any]:
     """One Sluice run on a fresh cluster-backed stack, a batch per shard; returns its measurements."""
     workers = scenario.worker_counts[-1]
-    parts = write_parts(input_path, workdir, keys.SHARDS)
+    parts = write_parts(input_path, workdir, scenario.batches)
     factory = StackFactory(workdir)
     try:
         bench = runs.start_stack(factory, scenario, workers, log_dir)
-        cluster = bench.stack.cluster
-        assert cluster is not None  # the scenario asked for one
+        cluster: Servers = bench.stack.cluster if bench.stack.cluster is not None else SingleServer(bench.stack.redis)
         settled = await wait_settled(bench.measured, bench.procs.check_alive) if scenario.settle else None
         shards_by_master = await asyncio.to_thread(_shards_by_master, cluster)
         rss = RssSampler(bench.measured)
@@ -284,7 +355,8 @@ async def run_cluster(
     e2e_s = timeline.last("completed")
     assert e2e_s is not None  # run_batches returns once every batch completed
     return {
-        "label": f"Sluice {workers}w, cluster",
+        "label": f"Sluice {workers}w, {scenario.redis}",
+        "redis": scenario.redis,
         "workers": workers,
         "worker_concurrency": scenario.worker_concurrency,
         "settled_before_start": settled,
@@ -314,6 +386,8 @@ async def run_cluster(
         "cpu": runs.per_1000(cpu, lines),
         "rss_mb": {n: v for n, v in rss.report().items() if n in sluice_procs},
         "redis_nodes": nodes,
+        "redis_calls_per_line": commands_per_line(stats, lines),
+        "redis_calls_per_line_all": commands_per_line(stats, lines, top=None),
         "ceiling": ceiling(masters_cpu_s, lines),
         "output": {
             "output_lines": sum(o["output_lines"] for o in outputs),
@@ -349,6 +423,8 @@ def render(run: dict[str, Any]) -> list[str]:
     ]
     c = run["ceiling"]
     busiest_share = c["busiest_share_of_masters_cpu"]
+    per_line = run.get("redis_calls_per_line", {})
+    breakdown = ", ".join(f"{cmd} {n:.2f}" for cmd, n in per_line.items() if cmd != "total")
     return [
         f"{run['label']}: {run['lines']:,} lines in {len(run['batches'])} batches (one per shard), "
         f"{run['e2e_s']:.2f} s from the first upload to the last batch completed "
@@ -361,4 +437,9 @@ def render(run: dict[str, Any]) -> list[str]:
         f"  busiest master {c['busiest_master']}: {c['busiest_cpu_s']:.3f} CPU s"
         + ("" if busiest_share is None else f" ({busiest_share:.1%} of the masters')")
         + f" -> cluster ceiling {c['cluster_ceiling_lines_per_s']} lines/s",
+        *(
+            [f"Redis calls/line {per_line['total']:.2f} (masters, script calls included): {breakdown}"]
+            if per_line
+            else []
+        ),
     ]

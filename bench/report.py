@@ -158,14 +158,15 @@ def render_scenario(result: dict[str, Any]) -> str:
         f"{cfg['mock_latency_ms']:g} ms, {'/'.join(map(str, cfg['workers']))} worker(s) x "
         f"{cfg['worker_concurrency']}, "
         + (
-            "on a local Redis Cluster ==="
-            if cfg.get("redis") == "cluster"
+            f"{cfg['batches']} batch(es) on "
+            + ("a local Redis Cluster ===" if cfg.get("redis") == "cluster" else "a single Redis ===")
+            if cfg.get("batches")
             else f"reference x {cfg['reference_concurrency']} ==="
         )
     )
     runs, ref = result["sluice_runs"], result.get("reference")
     parts = [title]
-    if result["config"].get("redis") == "cluster":
+    if result["config"].get("batches"):
         from .cluster import render
 
         for run in runs:
@@ -205,7 +206,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot(t, done, label=f"{run['label']} ({run['lines_per_s']:,.0f} lines/s)")
         if result.get("error"):
             ax.text(0.5, 0.5, "FAILED", transform=ax.transAxes, ha="center", color="red", fontsize=16)
-        since = "the first upload" if result["config"].get("redis") == "cluster" else "create"
+        since = "the first upload" if result["config"].get("batches") else "create"
         ax.set_xlabel(f"seconds since {since} (Sluice) / since start (reference)")
         ax.set_ylabel("completed lines")
         ax.grid(alpha=0.3)

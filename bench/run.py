@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny scenarios that finish in well under a minute")
     parser.add_argument("--lines", type=int, help="override every scenario's line count")
+    parser.add_argument(
+        "--batches", type=int, help="split the cluster and spread scenarios' lines over this many batches (1-16)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs under OUT/logs-<timestamp>")
     parser.add_argument(
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.names = [n.strip() for item in (args.scenario or ["all"]) for n in item.split(",") if n.strip()]
     if args.lines is not None and args.lines < 1:
         parser.error("--lines must be >= 1")
+    if args.batches is not None and not 1 <= args.batches <= 16:
+        parser.error("--batches must be 1..16")
     return args
 
 
@@ -155,7 +160,7 @@ def host_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 unless a run broke (targets never change the exit status)."""
     args = parse_args(argv)
-    scenarios = select_scenarios(args.names, smoke=args.smoke, lines=args.lines)
+    scenarios = select_scenarios(args.names, smoke=args.smoke, lines=args.lines, batches=args.batches)
     # Every process started from here on carries this run's marker: whatever outlives its stack
     # (it should not) is found and killed at the end.
     run_id = processes.begin_run()

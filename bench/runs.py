@@ -461,7 +461,7 @@ async def run_scenario(scenario: Scenario, result: dict[str, Any], workdir: Path
     input_path = workdir / f"{scenario.name}.jsonl"
     file_bytes = write_batch_file(input_path, scenario.lines, scenario.line_bytes)
     result["config"] = _config(scenario, file_bytes)
-    if scenario.redis == "cluster":
+    if scenario.batches:
         from .cluster import run_cluster
 
         # Redis per node is the measurement; the reference (no Redis at all) adds nothing here.
@@ -489,6 +489,7 @@ def _config(scenario: Scenario, file_bytes: int | None) -> dict[str, Any]:
         "reference_concurrency": scenario.reference_concurrency,
         "line_bytes": scenario.line_bytes,
         "redis": scenario.redis,
+        "batches": scenario.batches,
     }
 
 

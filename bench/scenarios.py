@@ -38,6 +38,9 @@ class Scenario:
     line_bytes: int | None = None  # pad every line to about this size
     settle: bool = True  # wait for every process to go idle before timing (see sampling.wait_settled)
     redis: str = "single"  # "cluster": a local 3-master Redis Cluster, measured per node (bench/cluster.py)
+    # > 0: the lines split over this many batches, each in a shard of its own, measured per Redis node
+    # (bench/cluster.py); 0: one batch against the reference script (bench/runs.py).
+    batches: int = 0
 
 
 def check(target: str, measured: float | None, op: str, threshold: float, unit: str = "") -> dict[str, Any]:
@@ -103,6 +106,19 @@ SCENARIOS: dict[str, Scenario] = {
             64,
             _no_targets,
             redis="cluster",
+            batches=16,
+        ),
+        # The same spread on a single Redis: what many batches cost apart from the cluster.
+        Scenario(
+            "spread",
+            "single Redis, a batch per shard: Redis calls per line",
+            20_000,
+            0,
+            (2,),
+            32,
+            64,
+            _no_targets,
+            batches=16,
         ),
     )
 }
@@ -119,7 +135,9 @@ def smoke_variant(scenario: Scenario) -> Scenario:
     return dataclasses.replace(scenario, lines=lines, latency_ms=latency, settle=False)
 
 
-def select_scenarios(names: Iterable[str], *, smoke: bool, lines: int | None) -> list[Scenario]:
+def select_scenarios(
+    names: Iterable[str], *, smoke: bool, lines: int | None, batches: int | None = None
+) -> list[Scenario]:
     """Scenarios named on the command line (``all`` for every one), in the canonical order."""
     wanted: set[str] = set()
     for name in names:
@@ -132,6 +150,8 @@ def select_scenarios(names: Iterable[str], *, smoke: bool, lines: int | None) ->
         chosen = [smoke_variant(s) for s in chosen]
     if lines is not None:
         chosen = [dataclasses.replace(s, lines=lines) for s in chosen]
+    if batches is not None:
+        chosen = [dataclasses.replace(s, batches=batches) if s.batches else s for s in chosen]
     return chosen
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cluster import CEILING_FORMULA, ceiling, command_shares, render, split_lines, write_parts
+from bench.cluster import (
+    CEILING_FORMULA,
+    ceiling,
+    command_shares,
+    commands_per_line,
+    render,
+    split_lines,
+    write_parts,
+)
 from bench.scenarios import write_batch_file
 
 
@@ -41,6 +49,26 @@ def test_command_shares_leave_the_harness_commands_out():
     shares = command_shares(stats)
     assert {n: v["calls"] for n, v in shares.items()} == {"a": 100, "b": 100, "c": 100}
     assert [v["share"] for v in shares.values()] == pytest.approx([1 / 3] * 3, abs=1e-3)
+
+
+def test_commands_per_line_sums_the_masters_and_keeps_the_top_ones():
+    stats = {
+        "a": {"hincrby": {"calls": 300}, "xadd": {"calls": 200}, "info": {"calls": 900}},
+        "b": {"hincrby": {"calls": 100}, "smembers": {"calls": 50}, "hello": {"calls": 3}},
+    }
+    assert commands_per_line(stats, 100, top=2) == {
+        "hincrby": 4.0,
+        "xadd": 2.0,
+        "other": 0.5,
+        "total": 6.5,
+    }
+    assert commands_per_line(stats, 100, top=None) == {
+        "hincrby": 4.0,
+        "xadd": 2.0,
+        "smembers": 0.5,
+        "other": 0.0,
+        "total": 6.5,
+    }
 
 
 def test_ceiling_divides_the_lines_by_all_masters_and_by_the_busiest_masters_cpu_seconds():

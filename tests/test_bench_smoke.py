@@ -17,7 +17,7 @@ import pytest
 from tests.support.processes import ProcessRunner, fail_if_died
 from tests.support.waiting import wait_until
 
-SCENARIOS = {"latency", "overhead", "bigfile", "scaling", "cluster"}
+SCENARIOS = {"latency", "overhead", "bigfile", "scaling", "cluster", "spread"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_BOUND_S = 900
 
@@ -80,6 +80,9 @@ def test_json_has_every_scenario_with_throughput_and_cpu(smoke_run):
         if name == "cluster":
             _check_cluster(scenario)
             continue
+        if name == "spread":
+            _check_spread(scenario)
+            continue
         assert scenario["reference"]["lines_per_s"] > 0, name
         assert scenario["reference"]["cpu"]["seconds"] >= 0, name
         assert scenario["targets"] and all(isinstance(t["pass"], bool) for t in scenario["targets"]), name
@@ -122,6 +125,20 @@ def _check_cluster(scenario: dict) -> None:
     per_core, whole = ceiling["lines_per_s_per_redis_core"], ceiling["cluster_ceiling_lines_per_s"]
     assert per_core <= whole <= 3 * per_core * 1.01, ceiling
     assert set(run["cpu"]) == {"web", "worker-1", "worker-2", "finalizer", "total"}, sorted(run["cpu"])
+
+
+def _check_spread(scenario: dict) -> None:
+    """The spread scenario: the cluster scenario's 16 batches on one Redis, its calls per line by command."""
+    assert scenario["reference"] is None and scenario["targets"] == []
+    (run,) = scenario["sluice_runs"]
+    lines = scenario["config"]["lines"]
+    assert run["output"]["output_lines"] == lines and run["redis"] == "single"
+    assert sorted(b["shard"] for b in run["batches"]) == list(range(16)), run["batches"]
+    ((_, node),) = run["redis_nodes"].items()
+    assert node["role"] == "master" and node["shards"] == 16 and node["share"] == 1.0, node
+    per_line, every = run["redis_calls_per_line"], run["redis_calls_per_line_all"]
+    assert len(per_line) <= 12 and per_line["total"] == every["total"] > 0, per_line
+    assert every["xadd"] >= 2, every  # each line's request and its result, at least
 
 
 def test_png_chart_is_written(smoke_run):

@@ -378,6 +378,20 @@ class _Cluster(aioredis.RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return await self.in_turn(lambda: super(_Cluster, self).execute_command(*args, **kwargs))
 
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # redis-py asks a node (COMMAND GETKEYS, one more call and round trip) for the keys of
+        # commands whose keys move, XREADGROUP among them: a worker's reads, one per shard, would
+        # each cost two. Their keys are the first half of what follows STREAMS.
+        if str(command).upper() in ("XREADGROUP", "XREAD"):
+            words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+            at = next((i for i, w in enumerate(words) if w.upper() == "STREAMS"), None)
+            streams = args[at + 1 :] if at is not None else ()
+            slots = {self.keyslot(k) for k in streams[: len(streams) // 2]}
+            if len(slots) != 1:
+                raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+            return slots.pop()
+        return int(await super()._determine_slot(command, *args))
+
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")

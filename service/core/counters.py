@@ -104,7 +104,9 @@ def unsent(outcome: str) -> tuple[str, str]:
 # The part of the recording script (store._RECORD) that expands the shapes counted for the lines
 # newly recorded (``shapes``: shape -> lines, ``sums``: shape -> latency sums per attempt) into
 # HINCRBYs: one per distinct field and call. KEYS: 3 batch hash, 5 lines, 6 upstream, 7 latency
-# counter hashes, 8 the current minute's history hash.
+# counter hashes, 8 the current minute's history hash. ``fresh[k]`` is true when an increment of
+# KEYS[k] came back equal to itself: always so for a hash the call created (its every field is new),
+# so the caller gives a TTL to such a hash only (a field is new at times in an old hash too: harmless).
 LUA_EXPAND = """
 local add = {[3] = {}, [5] = {}, [6] = {}, [7] = {}, [8] = {}}
 local function bump(k, field, n)
@@ -143,8 +145,12 @@ for shape, n in pairs(shapes) do
     if k > 1 then bump(6, 'retries|' .. provider, n * (k - 1)) end
   end
 end
+local fresh = {}
 for k, t in pairs(add) do
-  for field, n in pairs(t) do redis.call('HINCRBY', KEYS[k], field, string.format('%d', n)) end
+  for field, n in pairs(t) do
+    local by = string.format('%d', n)
+    if redis.call('HINCRBY', KEYS[k], field, by) == tonumber(by) then fresh[k] = true end
+  end
 end
 """
 

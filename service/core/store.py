@@ -1044,27 +1044,34 @@ end
 if recorded == 0 then return 0 end
 if next(used) then
   local owner = redis.call('HGET', KEYS.batch, 'owner') or ''
+  local day_fresh = false
   for model, t in pairs(used) do
     for k, kind in ipairs({'input', 'cached', 'output', 'reasoning', 'requests'}) do
       local n = t[k]
       if n > 0 then
         n = string.format('%d', n)
         if k < 5 then redis.call('HINCRBY', KEYS.batch, 'usage_' .. kind, n) end
-        redis.call('HINCRBY', KEYS.usage_day, owner .. '|' .. model .. '|' .. kind, n)
+        if redis.call('HINCRBY', KEYS.usage_day, owner .. '|' .. model .. '|' .. kind, n) == tonumber(n) then
+          day_fresh = true
+        end
         redis.call('HINCRBY', KEYS.metrics_tokens, model .. '|' .. kind, n)
       end
     end
   end
-  redis.call('EXPIRE', KEYS.usage_day, USAGE_TTL_S)
+  -- The day's hash gets its TTL when a call creates it (a new field: see counters.LUA_EXPAND).
+  if day_fresh then redis.call('EXPIRE', KEYS.usage_day, USAGE_TTL_S) end
 end
 """
         + counters.LUA_EXPAND
         + """
-redis.call('EXPIRE', KEYS.history, ARGV.history_ttl)
-redis.call('ZADD', KEYS.history_index, ARGV.minute, ARGV.minute)
--- Minutes whose hash expired unfolded (nobody read the history for a day) leave the index.
-redis.call('ZREMRANGEBYSCORE', KEYS.history_index, '-inf', '(' .. (tonumber(ARGV.minute) - tonumber(ARGV.history_ttl)))
-redis.call('EXPIRE', KEYS.history_index, ARGV.history_ttl)
+-- TTLs and the index are kept up when a call creates the minute's hash or adds the minute to the
+-- index, not on every call (four calls of the thirty or so a call makes whatever its lines).
+if fresh[8] then redis.call('EXPIRE', KEYS.history, ARGV.history_ttl) end
+if redis.call('ZADD', KEYS.history_index, ARGV.minute, ARGV.minute) == 1 then
+  -- Minutes whose hash expired unfolded (nobody read the history for a day) leave the index.
+  redis.call('ZREMRANGEBYSCORE', KEYS.history_index, '-inf', '(' .. (tonumber(ARGV.minute) - tonumber(ARGV.history_ttl)))
+  redis.call('EXPIRE', KEYS.history_index, ARGV.history_ttl)
+end
 return recorded
 """
     ).replace("USAGE_TTL_S", str(keys.USAGE_RETENTION_DAYS * 86400)),

@@ -43,6 +43,10 @@ from service.core.wire import BatchError
 log = structlog.get_logger("sluice.feeder")
 
 TICK_S = 0.05
+# The shards' feeding sets (16 SMEMBERS) are read this often, and whenever ``wake`` is set (this
+# process started a batch): reading them every tick cost 320 calls/s per web process, busy or idle.
+# Batches held are topped up every tick regardless; this only delays taking over a peer's batch.
+LOOK_S = 0.5
 # Lines per script call: one call holds Redis for a moment only, even with 4 KB lines.
 CHUNK = 500
 # A batch whose feeding failed (say, its input file is damaged) is left alone this long, so
@@ -97,6 +101,19 @@ _FIELDS = (
 SKIP_CHUNK = 20 * CHUNK
 
 
+class _Wake(asyncio.Event):
+    """The feeder's wake-up (the publisher sets it on starting a batch): ends the wait between
+    ticks, and has the next tick read the feeding sets at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.look = True
+
+    def set(self) -> None:
+        self.look = True
+        super().set()
+
+
 @dataclass
 class _Cursor:
     """An open read of a batch's input file, positioned at byte ``offset`` (the next line)."""
@@ -113,7 +130,9 @@ class Feeder:
         self.storage = storage
         self.settings = settings
         self.name = name
-        self.wake = asyncio.Event()
+        self.wake = _Wake()
+        self.feeding: set[str] = set()
+        self.look_at = 0.0  # when (monotonic) to read the feeding sets again
         self.cursors: dict[str, _Cursor] = {}
         self.leases: dict[str, Lease] = {}  # batch id -> the feeder lease held
         self.renew_at: dict[str, float] = {}  # batch id -> when (monotonic) to renew its lease
@@ -137,10 +156,14 @@ class Feeder:
 
     async def tick(self) -> None:
         """One pass: top up every batch this process feeds (or can take over)."""
-        feeding = set(await shards.members(self.r, keys.feeding_batches))
+        now = time.monotonic()
+        if self.wake.look or now >= self.look_at:
+            self.wake.look = False
+            self.feeding = set(await shards.members(self.r, keys.feeding_batches))
+            self.look_at = now + LOOK_S
+        feeding = self.feeding
         for batch_id in set(self.renew_at) - feeding:
             await self._forget(batch_id)
-        now = time.monotonic()
         self.resting = {b: until for b, until in self.resting.items() if until > now}
         mine = [b for b in sorted(feeding - set(self.resting)) if await self._hold(b)]
         if not mine:
@@ -192,6 +215,7 @@ class Feeder:
         if h.status != "in_progress" or h.abort or index >= total:
             # Fully fed, aborting or ended: the finalizer records whatever was never published.
             await leases.execute(self.r, lease, ("SREM", keys.feeding_batches(keys.shard_of(batch_id)), batch_id))
+            self.feeding.discard(batch_id)
             await self._let_go(batch_id)
             return
         window = h.feed_window

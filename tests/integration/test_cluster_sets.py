@@ -20,6 +20,7 @@ from service.core.webhooks import WebhookSender
 from service.web.feeder import _FEED
 from service.web.publisher import _CREATE_GROUPS
 from workers.finalizer import Finalizer
+from workers.scheduling import TURN_LINES
 from workers.worker import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -111,7 +112,7 @@ async def test_batches_of_every_shard_on_a_cluster(redis_cluster, tmp_path):
         # The worker reads every batch's lines: one XREADGROUP per shard (and count), none blocking.
         worker = Worker(settings)
         worker.redis = r
-        plan = await worker._pick_streams(LINES * keys.SHARDS)
+        plan = await worker._pick_streams(TURN_LINES * keys.SHARDS)  # a turn for every batch
         assert sorted(plan) == ids
         lines, aborts, blocked = await worker._read(plan)
         assert sorted((line.batch_id, line.index) for line in lines) == [(b, i) for b in ids for i in range(LINES)]

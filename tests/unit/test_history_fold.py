@@ -85,6 +85,23 @@ async def test_past_minutes_fold_into_one_hash_each_and_read_the_same(redis, mon
     assert await counters.read_history(redis, now=later, minutes=15) == folded
 
 
+async def test_every_key_a_recording_creates_expires_and_later_calls_leave_it_so(redis, monkeypatch):
+    now, minute = await _recorded(redis, monkeypatch)
+    shard = keys.shard_of("batch_7")
+    await _record(redis, "batch_7", 10, 3)  # the same minute again: hash and index exist already
+    assert 0 < await redis.ttl(keys.history(shard, minute)) <= counters.HISTORY_TTL_S
+    assert 0 < await redis.ttl(keys.history_index(shard)) <= counters.HISTORY_TTL_S
+    assert await redis.zrange(keys.history_index(shard), 0, -1) == [str(minute).encode()]
+    # The next minute joins the index, and minutes older than the history leave it.
+    stale = minute - counters.HISTORY_TTL_S - 60
+    await redis.zadd(keys.history_index(shard), {str(stale): stale})
+    monkeypatch.setattr(store, "time", _Clock(now + 60))
+    await _record(redis, "batch_7", 20, 1)
+    nxt = counters.minute_of(now + 60)
+    assert await redis.zrange(keys.history_index(shard), 0, -1) == [str(minute).encode(), str(nxt).encode()]
+    assert 0 < await redis.ttl(keys.history(shard, nxt)) <= counters.HISTORY_TTL_S
+
+
 async def test_a_recording_paused_past_the_fold_is_folded_by_the_next_read(redis, monkeypatch):
     now, minute = await _recorded(redis, monkeypatch)
     later = now + 10 * 60
@@ -93,6 +110,8 @@ async def test_a_recording_paused_past_the_fold_is_folded_by_the_next_read(redis
     # A worker that took its minute, then stood still for ten minutes, records into it now.
     await _record(redis, "batch_0", 10, 2)
     assert await redis.exists(keys.history(keys.shard_of("batch_0"), minute))
+    # The hash it wrote again expires like any minute's (the call that creates a hash gives it its TTL).
+    assert 0 < await redis.ttl(keys.history(keys.shard_of("batch_0"), minute)) <= counters.HISTORY_TTL_S
     after = await counters.read_history(redis, now=later, minutes=15)
     assert _sums(after) == (8, 4, 16, 8)
     assert after["total"]["completed"][after["minutes"].index(minute)] == 8

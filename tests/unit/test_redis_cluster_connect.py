@@ -47,6 +47,28 @@ async def test_on_builds_a_cluster_client_with_the_same_tls_password_and_timeout
         await r.aclose()
 
 
+async def test_stream_reads_are_routed_without_asking_a_node_for_their_keys():
+    # XREADGROUP's keys move, so redis-py would ask a node (COMMAND GETKEYS) for every read; the
+    # client at 127.0.0.1:1 has no node to ask, so an answer here is worked out locally.
+    from redis.crc import key_slot
+    from redis.exceptions import RedisClusterException
+
+    from service.core import keys
+
+    r = connect(Settings(redis_url="redis://127.0.0.1:1/0", redis_cluster="on"))
+    shard = keys.shard_of("batch_0000000000000000000000000000000a")
+    a, b = keys.lines("batch_0000000000000000000000000000000a"), keys.lines("batch_1000000000000000000000000000000a")
+    try:
+        args = ("GROUP", "g", "me", "COUNT", 3, "BLOCK", 10, "STREAMS", a, b, ">", ">")
+        assert await r._determine_slot("XREADGROUP", *args) == key_slot(keys.active_batches(shard).encode())
+        assert await r._determine_slot("XREAD", "COUNT", 1, "STREAMS", a.encode(), "0") == key_slot(a.encode())
+        other = keys.lines("batch_0000000000000000000000000000000b")
+        with pytest.raises(RedisClusterException, match="same key slot"):
+            await r._determine_slot("XREADGROUP", "GROUP", "g", "me", "STREAMS", a, other, ">", ">")
+    finally:
+        await r.aclose()
+
+
 def test_a_cluster_has_one_database():
     from redis.exceptions import RedisClusterException
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from workers.scheduling import Candidate, Deadlines, Scheduler, weight
+from workers.scheduling import TURN_LINES, Candidate, Deadlines, Scheduler, weight
 
 
 def _run(scheduler: Scheduler, candidates: list[Candidate], reads: int, *, free: int = 1, now: float = 0.0) -> Counter:
@@ -25,8 +25,21 @@ def test_one_tokens_batches_share_4_2_1():
     c = [Candidate("h", "A", 4, 1e9), Candidate("n", "A", 2, 1e9), Candidate("l", "A", 1, 1e9)]
     got = _run(Scheduler(), c, 700)
     assert (got["h"], got["n"], got["l"]) == (400, 200, 100)
-    got = _run(Scheduler(), c, 70, free=10)  # several lines per read: the same shares
-    assert (got["h"], got["n"], got["l"]) == (400, 200, 100)
+    got = _run(Scheduler(), c, 70, free=10)  # several lines per read: the same shares, to within a turn
+    assert sum(got.values()) == 700
+    assert all(abs(got[b] - want) <= TURN_LINES for b, want in (("h", 400), ("n", 200), ("l", 100))), got
+
+
+def test_a_read_takes_a_few_batches_a_turn_each():
+    # A turn gives a batch several lines, so one read's results reach few batches (one record call each).
+    c = [Candidate(f"b{i:02d}", "A", 2, 1e9) for i in range(16)]
+    s = Scheduler()
+    plan = s.plan(c, 2 * TURN_LINES, 0.0)
+    assert len(plan) == 2 and set(plan.values()) == {TURN_LINES}
+    s.charge(plan, c, 0.0)
+    got = _run(s, c, 63, free=2 * TURN_LINES)
+    assert set(got) == {x.batch_id for x in c}  # every batch has its turns, in rotation
+    assert max(got.values()) - min(got.values()) <= TURN_LINES, got
 
 
 def test_tokens_share_equally_whatever_their_priorities():
