@@ -100,6 +100,11 @@ async def test_a_batch_from_upload_to_its_webhook_stays_in_one_slot_per_call(mak
         )
     ).ok()
     assert (await api.wait_batch(batch["id"]))["status"] == "in_progress"
+
+    async def fed() -> bool:  # the feeder finds new batches within its scan interval, not at once
+        return any(name == "feed" for name, _ in calls)
+
+    await poll(fed, timeout=30, message="the feeder to publish the batch's lines")
     assert (await api.cancel(batch["id"])).ok()["status"] == "cancelling"
 
     fin = finalizer.Finalizer(api.settings, api.storage)
