@@ -43,7 +43,7 @@ import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
-from service.core import keys, leases, shards, store, streams, tracing
+from service.core import counters, keys, leases, shards, store, streams, tracing
 from service.core.config import Settings
 from service.core.connections import REDIS_DOWN, Outage, Script, connect
 from service.core.heartbeat import Heartbeat, Tally
@@ -335,6 +335,10 @@ class Finalizer:
                 await leases.drop(self.redis, lease)
         if swept:
             log.info("files_expired", files=swept)
+        if mine:
+            # Keep the history folded as it goes (idempotent, any number of finalizers at once), so the
+            # first 24 h read after a quiet day does not fold the whole day (counters.fold_history).
+            await counters.fold_history(self.redis, now=time.time(), since=time.time() - counters.HISTORY_TTL_S)
 
     async def _share_webhooks(self) -> None:
         """Hold the "webhooks" leases of a fair share of the shards: shed extra ones, take free ones."""

@@ -177,3 +177,20 @@ async def test_a_read_folds_only_its_own_window(redis, monkeypatch):
     day = await counters.read_history(redis, now=later, minutes=1440)
     assert _sums(day) == (6, 3, 12, 6)
     assert await redis.zcard(keys.history_index(keys.shard_of(BATCHES[0]))) == 0
+
+
+async def test_the_finalizers_sweep_keeps_the_history_folded(redis, monkeypatch, tmp_path):
+    from service.core.config import Settings
+    from service.core.storage import LocalStorage
+    from workers.finalizer import Finalizer
+
+    monkeypatch.setattr(store, "time", _Clock(time.time() - 10 * 60))  # recorded ten minutes ago
+    for n, batch_id in enumerate(BATCHES, 1):
+        await _running_batch(redis, batch_id)
+        await _record(redis, batch_id, 0, n)
+    minute = counters.minute_of(store.time.time())
+    fin = Finalizer(Settings(data_dir=tmp_path), LocalStorage(tmp_path))
+    fin.redis = redis
+    await fin._sweep()
+    assert not [s for s in range(keys.SHARDS) if await redis.zcard(keys.history_index(s))], "nothing was folded"
+    assert int((await redis.hgetall(keys.history_total(minute)))[b"completed"]) == 6
