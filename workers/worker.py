@@ -52,8 +52,12 @@ log = structlog.get_logger("sluice.worker")
 
 # Also how soon an idle worker notices a new batch.
 IDLE_WAIT_S = 0.1
-# How stale the worker's view of the running batches may be (new batches are noticed within it).
+# How stale the worker's view of the running batches may be (new batches are noticed within it):
+# short while it knows of none, so a first batch starts at once; longer while it has batches to
+# work on, since the view is 16 reads (one per shard) and a busy worker gains little from a
+# newcomer noticed sooner (one that ended meanwhile only answers NOGROUP).
 ACTIVE_REFRESH_S = 0.1
+ACTIVE_REFRESH_BUSY_S = 0.5
 # How long a stopping worker waits for its last results to reach Redis.
 RECORD_SETTLE_S = 5.0
 POISON_CODE = "poison_line"
@@ -264,11 +268,12 @@ class Worker:
         self.deadlines.forget(set(ids))
 
     async def _active(self) -> list[str]:
-        """The running batches (every shard's ``keys.active_batches``), looked up at most every ``ACTIVE_REFRESH_S``."""
+        """The running batches (every shard's ``keys.active_batches``), looked up at most every
+        ``ACTIVE_REFRESH_S`` (``ACTIVE_REFRESH_BUSY_S`` while there are some)."""
         now = asyncio.get_running_loop().time()
         if now >= self.active_until:
             self.active = await shards.members(self.redis, keys.active_batches)
-            self.active_until = now + ACTIVE_REFRESH_S
+            self.active_until = now + (ACTIVE_REFRESH_BUSY_S if self.active else ACTIVE_REFRESH_S)
         return self.active
 
     async def _load_batches(self, batch_ids: list[str]) -> None:
