@@ -45,17 +45,6 @@ def _progress(client, batch_id: str) -> int | None:
     return counts.completed + counts.failed
 
 
-def _kill_and_replace(stack, role: str) -> None:
-    victims = [p for p in stack.processes if p.name.split("-")[0] == role and p.alive and not p.stopping]
-    victim = victims[0]
-    victim.stopping = True
-    victim.signal(signal.SIGKILL)
-    victim.popen.wait(timeout=10)
-    stack.spawn(role)
-    if role == "web":
-        stack.wait_healthy()
-
-
 def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     seed = int(os.environ.get("SLUICE_CHAOS_SEED", str(int(time.time() * 1000) % 1_000_000)))
     rng = random.Random(seed)
@@ -85,7 +74,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
     _, batch = stack.submit(rows, client=client)
 
     # The first victim is the web process while it validates and feeds the lines.
-    _kill_and_replace(stack, "web")
+    stack.kill_and_replace("web")
     schedule = sorted(rng.uniform(0.05, 0.85) for _ in range(KILLS))
     redis_at = rng.randrange(KILLS)
     for i, fraction in enumerate(schedule):
@@ -98,7 +87,7 @@ def test_batch_survives_kills_and_a_redis_restart(stack_factory, wait_until):
         )
         if i == redis_at:
             stack.redis.restart(sig=signal.SIGKILL)
-        _kill_and_replace(stack, rng.choice(ROLES))
+        stack.kill_and_replace(rng.choice(ROLES))
 
     done = wait_until(
         lambda: (

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 import uuid
 from collections import Counter
@@ -268,17 +267,6 @@ def test_commands_spread_over_the_masters(cstack, wait_until):
 # ----------------------------------------------------------------------------- chaos
 
 
-def _kill_and_replace(stack, role: str) -> None:
-    victims = [p for p in stack.processes if p.name.split("-")[0] == role and p.alive and not p.stopping]
-    victim = victims[0]
-    victim.stopping = True
-    victim.signal(signal.SIGKILL)
-    victim.popen.wait(timeout=10)
-    stack.spawn(role)
-    if role == "web":
-        stack.wait_healthy()
-
-
 def test_chaos_kills_and_a_failover_keep_exactly_once(cstack, wait_until):
     stack, client, cluster = cstack, cstack.client(timeout=10), cstack.cluster
     seed = int(os.environ.get("SLUICE_CHAOS_SEED", str(int(time.time() * 1000) % 1_000_000)))
@@ -293,7 +281,7 @@ def test_chaos_kills_and_a_failover_keep_exactly_once(cstack, wait_until):
     rows = [stack.chat_line(cid, msg, mock_latency_ms=20, **faults.get(cid, {})) for cid, msg in messages.items()]
     _, batch = stack.submit(rows, client=client)
 
-    _kill_and_replace(stack, "web")  # while it validates and feeds
+    stack.kill_and_replace("web")  # while it validates and feeds
     schedule = sorted(rng.uniform(0.05, 0.85) for _ in range(CHAOS_KILLS))
     failover_at = rng.randrange(CHAOS_KILLS)
     for i, fraction in enumerate(schedule):
@@ -307,7 +295,7 @@ def test_chaos_kills_and_a_failover_keep_exactly_once(cstack, wait_until):
         if i == failover_at:
             master = rng.choice(cluster.masters())
             cluster.failover(cluster.replica_of(master))
-        _kill_and_replace(stack, rng.choice(CHAOS_ROLES))
+        stack.kill_and_replace(rng.choice(CHAOS_ROLES))
 
     done = _wait_terminal(stack, client, batch.id, wait_until, what=f"(seed {seed}) ")
     assert done.status == "completed", f"seed {seed}: {_summary(done)}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 import uuid
 
@@ -31,19 +30,6 @@ def _retrieve(client, batch_id: str):
         return client.batches.retrieve(batch_id)
     except (openai.APIConnectionError, openai.InternalServerError):
         return None  # the web process is down for a moment
-
-
-def _kill_and_replace(stack, role: str) -> None:
-    if role == "redis":
-        stack.redis.restart(sig=signal.SIGKILL)
-        return
-    victim = next(p for p in stack.processes if p.name.split("-")[0] == role and p.alive and not p.stopping)
-    victim.stopping = True
-    victim.signal(signal.SIGKILL)
-    victim.popen.wait(timeout=10)
-    stack.spawn(role)
-    if role == "web":
-        stack.wait_healthy()
 
 
 def _metrics(stack) -> dict[tuple, float]:
@@ -95,7 +81,7 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
     running = (a.id, b.id)
     total = 2500
 
-    _kill_and_replace(stack, "web")
+    stack.kill_and_replace("web")
 
     def c_started() -> bool:
         batch = _retrieve(client, c.id)
@@ -120,7 +106,7 @@ def test_counters_stay_exact_when_every_role_is_killed(stack_factory, wait_until
         wait_until(
             progress, timeout=120, interval=0.1, message=f"{target} results (seed {seed})", check=stack.check_alive
         )
-        _kill_and_replace(stack, role)
+        stack.kill_and_replace(role)
 
     finals = {}
     for batch_id in (a.id, b.id, c.id):

@@ -27,6 +27,7 @@ config_toml=...)`` starts more mock providers and writes ``config_toml`` (a :cla
 from __future__ import annotations
 
 import os
+import signal
 import string
 import subprocess
 from dataclasses import dataclass, field
@@ -151,6 +152,22 @@ class Stack:
         if self.separate_data_dirs:
             env["SLUICE_DATA_DIR"] = str(_own_data_dir(self.data_dir, f"{name or role}-{len(self.processes) + 1}"))
         return self.runner.start(name or role, sluice_cmd(role), env=env)
+
+    def kill_and_replace(self, role: str) -> None:
+        """SIGKILL the first live process of ``role`` and start a fresh one (a web one: until healthy).
+
+        ``"redis"`` SIGKILLs the stack's single ``redis-server`` and restarts it on the same port.
+        """
+        if role == "redis":
+            self.redis.restart(sig=signal.SIGKILL)
+            return
+        victim = next(p for p in self.processes if p.name.split("-")[0] == role and p.alive and not p.stopping)
+        victim.stopping = True
+        victim.signal(signal.SIGKILL)
+        victim.popen.wait(timeout=10)
+        self.spawn(role)
+        if role == "web":
+            self.wait_healthy()
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         wait_for_200(f"{self.base_url}/healthz", what="web", timeout=timeout, check=self.check_alive)
