@@ -489,9 +489,6 @@ class Finalizer:
                 _F.FIN_OUT_LINES: counts["out"],
                 _F.FIN_ERR_LINES: counts["err"],
             }
-            flat_update: list[str | int] = []
-            for k, v in update.items():
-                flat_update += [k, v]
             await _DRAIN_COMMIT(
                 self.redis,
                 batch=keys.batch(batch_id),
@@ -499,7 +496,7 @@ class Finalizer:
                 cursor_from=cursor,
                 cursor_to=last,
                 keep_from=_next_id(last),
-                fields=flat_update,
+                fields=update,
                 lease=lease,
             )
             h.fin_cursor, h.fin_out_bytes, h.fin_err_bytes = last, offsets["out"], offsets["err"]

@@ -521,8 +521,9 @@ class _DeferredPipeline:
         return list(await pipe.execute(raise_on_error=raise_on_error))
 
 
-# What a script's named parameter takes: one value, or a sequence of them for a variadic tail.
-Param = Value | Sequence[Value]
+# What a script's named parameter takes: one value, or for a variadic tail a sequence of values or a
+# mapping (sent as its field, value pairs, in order: what HSET and the record fields want).
+Param = Value | Sequence[Value] | Mapping[str, Value]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -531,7 +532,8 @@ class Signature:
     """The names a script declares for its KEYS and its ARGV, and how a call's keywords fill them.
 
     Each of ``keys`` and ``args`` lists names in slot order; the last one may be ``"*name"``, a
-    variadic tail that takes a sequence of values and fills the slots after the fixed ones.
+    variadic tail that takes a sequence of values (or, for ARGV, a mapping, spread into its field,
+    value pairs) and fills the slots after the fixed ones.
     """
 
     def __init__(self, keys: Sequence[str], args: Sequence[str]) -> None:
@@ -588,6 +590,8 @@ def _split(names: Sequence[str], what: str) -> tuple[tuple[str, ...], str]:
 
 def _tail(params: Mapping[str, Param], name: str) -> Sequence[Value]:
     value = params[name]
+    if isinstance(value, Mapping):
+        return [item for pair in value.items() for item in pair]
     # A str is a sequence too: taken for a tail, it would spread into one slot per character.
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"variadic {name!r} takes a sequence, not {type(value).__name__}")

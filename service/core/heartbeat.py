@@ -109,13 +109,11 @@ class Heartbeat:
 
     async def beat(self) -> bool:
         """Publish now; False when Redis does not answer."""
-        flat: list[str | int | float] = []
-        for k, v in {
+        fields = {
             **self.static,
             **(self.fields() if self.fields else {}),
             **{f"requests:{p}": n for p, n in self.tally.requests_in_flight.items()},
-        }.items():
-            flat += [k, v]
+        }
         try:
             await _BEAT(
                 self.redis,
@@ -123,7 +121,7 @@ class Heartbeat:
                 process=keys.process(self.name),
                 name=self.name,
                 prune_s=PRUNE_AFTER_S,
-                fields=flat,
+                fields=fields,
             )
         except asyncio.CancelledError:
             raise

@@ -441,9 +441,6 @@ async def create_file(
         FileField.EXPIRES_AT: expires_at or "",
         FileField.LINES: lines,
     }
-    flat: list[str | int] = []
-    for k, v in record.items():
-        flat += [k, v]
     if lease is not None and _text(await r.get(lease.key)) != lease.value:
         raise LeaseLost(f"{lease.key} is no longer held by {lease.value}")
     limit = -1 if max_stored_bytes is None else max_stored_bytes
@@ -456,7 +453,7 @@ async def create_file(
         op_ttl=OP_TTL_S,
         expires_at=expires_at or "",
         expiry_member=expiry_member(file_id, storage_key, owner, size),
-        fields=flat,
+        fields=record,
         lease=lease,
     )
     _raise_for(_text(answer))
@@ -791,9 +788,6 @@ async def create_batch(
         fields[F.BYOK_USED] = 1
     if webhook_url:
         fields[F.WEBHOOK_URL] = webhook_url
-    flat: list[str | int] = []
-    for k, v in fields.items():
-        flat += [k, v]
     await _reserve(
         r,
         owner,
@@ -813,7 +807,7 @@ async def create_batch(
         pending_validation=keys.pending_validation(keys.shard_of(batch_id)),
         op_ttl=OP_TTL_S,
         batch_id=batch_id,
-        fields=flat,
+        fields=fields,
     )
     _raise_for(_text(answer))
     await _created(r, owner, batch_id)
@@ -939,9 +933,6 @@ async def transition(
     ``keys.webhooks_due``; the keys in ``delete`` go in the same step (the work keys of a batch
     that ends). With ``lease``, nothing happens unless it is still held (``LeaseLost``).
     """
-    flat: list[str | int] = []
-    for k, v in fields.items():
-        flat += [k, v]
     shard = keys.shard_of(batch_id)
     adds = [set_key(shard) for set_key in add_to]
     removes = [set_key(shard) for set_key in remove_from]
@@ -956,7 +947,7 @@ async def transition(
         adds=len(adds),
         expire_s=expire_s,
         dels=len(delete),
-        fields=flat,
+        fields=fields,
         lease=lease,
     )
     before = before.decode() if isinstance(before, bytes) else str(before)

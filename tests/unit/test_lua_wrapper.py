@@ -56,6 +56,11 @@ async def test_keywords_fill_their_slots_whatever_their_order(r):
     assert got == [b"k1", b"k2", b"x", b"2", [b"k3"], [b"t1", b"t2"], 3, 4]
 
 
+async def test_a_mapping_fills_a_tail_with_its_field_value_pairs(r):
+    got = await _ECHO(r, first="k1", second="k2", a=1, b=2, rest=[], tail={"status": "done", "n": 3})
+    assert got == [b"k1", b"k2", b"1", b"2", [], [b"status", b"done", b"n", b"3"], 2, 6]
+
+
 async def test_empty_variadic_tails(r):
     got = await _ECHO(r, first="k1", second="k2", a=1, b=2, rest=[], tail=())
     assert got == [b"k1", b"k2", b"1", b"2", [], [], 2, 2]
